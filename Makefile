@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`. See README.md, "Installing".
+PYTHON ?= python3
+VENV   ?= .venv
+PIP    := $(VENV)/bin/pip
+# constraints.txt pins the exact versions this repository is tested with: resolving the full stack
+# without it can backtrack for many minutes (aiobotocore pins botocore to a narrow range).
+INSTALL := $(PIP) install --constraint constraints.txt
+
+.PHONY: install install-test demo test clean
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cliploop needs Python >= 3.11 (set PYTHON=...)"'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(INSTALL) --editable .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(INSTALL) --editable '.[test]'
+	@touch $@
+
+demo: install
+	$(VENV)/bin/cliploop demo
+
+test: install-test
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cliploop .pytest_cache

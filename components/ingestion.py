@@ -1,0 +1,330 @@
+"""Ingest a task drop into the workspace: stage → validate → accept (DVC + git) or quarantine.
+
+The drop is read once: every listed image is hashed, probed and packed into shards in a staging
+folder on the workspace's disk. Only a valid task moves into ``data/tasks/<task_id>/`` (one rename),
+after which ``data/`` is re-added to DVC, ``data.dvc`` is committed and pushed. An invalid task is
+moved to ``.cliploop/quarantine/<task_id>/`` with its report; ``data/``, ``data.dvc``, the git history
+and the other ledger entries are untouched.
+
+Re-running is safe at every point: the same payload is a no-op; a crash after the rename is finished
+on the next run (the ledger still says ``ingested``); a changed payload under an accepted id is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components import ledger as ledger_mod, storage, versioning
+from components.config import Config
+from components.ledger import Ledger, TaskRecord
+from components.shards import ShardWriter, StoredTask, read_index, write_index
+from components.tasks import DropError, open_drop, read_metadata
+from components.validation import (Report, TaskContext, content_digest, report_for_drop_error, scan_images,
+                                   validate)
+
+class IngestRefused(RuntimeError):
+    """The drop conflicts with what the ledger already holds; nothing was changed."""
+
+
+@dataclass
+class Outcome:
+    task_id: str
+    status: str  # accepted | quarantined | unchanged | resumed
+    state: str
+    message: str
+    report_path: str | None = None
+    record: TaskRecord | None = None
+    report: Report | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.state not in ("quarantined",)
+
+
+def workspace_paths(config: Config) -> dict[str, Path]:
+    ws = config.workspace_path
+    state = ws / versioning.STATE_DIR
+    return {"ws": ws, "state": state, "ledger": state / "ledger.sqlite", "staging": state / "staging",
+            "quarantine": state / "quarantine", "tasks": ws / versioning.DATA_DIR / "tasks"}
+
+
+def open_ledger(config: Config) -> Ledger:
+    return Ledger(workspace_paths(config)["ledger"])
+
+
+def remote_spec(config: Config) -> versioning.RemoteSpec:
+    url = config.dvc.remote
+    url = config.location(url) if url else versioning.default_remote(config.workspace_path)
+    return versioning.RemoteSpec(url=url, name=config.dvc.remote_name,
+                                 endpoint_url=config.s3.endpoint_url, region=config.s3.region)
+
+
+def ensure_workspace(config: Config) -> list[str]:
+    return versioning.init_workspace(config.workspace_path, remote_spec(config))
+
+
+def s3_settings(config: Config) -> storage.S3Settings:
+    return storage.S3Settings(endpoint_url=config.s3.endpoint_url, region=config.s3.region)
+
+
+# ---- ingest --------------------------------------------------------------------------------------
+
+
+def ingest(location: str, config: Config) -> Outcome:
+    paths = workspace_paths(config)
+    if not (paths["ws"] / ".dvc").exists() or not (paths["ws"] / "data.dvc").exists():
+        ensure_workspace(config)
+    source = open_drop(config.location(location), s3_settings(config))
+    checked_at = ledger_mod.now()
+    paths["staging"].mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="stage-", dir=paths["staging"]))
+    try:
+        with open_ledger(config) as ledger:
+            return _ingest(source, config, ledger, staging, paths, checked_at)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[str, Path], checked_at: str) -> Outcome:
+    try:
+        spec, manifest, spec_bytes, manifest_bytes = read_metadata(source)
+    except DropError as exc:
+        task_id = _fallback_task_id(source)
+        report = report_for_drop_error(task_id, source.location, exc, checked_at)
+        return _quarantine(task_id, None, source, report, staging, ledger, paths, config,
+                           digest=storage.sha256_bytes(str(exc).encode()))
+
+    task_id = spec.task_id
+    shard_dir = staging / "task" / "shards"
+    writer = ShardWriter(shard_dir, config.shards.target_mb * 1024 * 1024)
+    facts = scan_images(source, manifest, config.validation, sink=writer.add)
+    located = writer.close()
+    digest = content_digest(spec_bytes, manifest_bytes, facts)
+
+    existing = ledger.get(task_id)
+    if existing is not None:
+        if existing.content_digest == digest:
+            if existing.state == "ingested":  # a crash interrupted the last run: finish it
+                return _resume(existing, config, ledger, paths)
+            return Outcome(task_id, "unchanged", existing.state,
+                           f"task {task_id} was already ingested with this exact content (state: {existing.state}); "
+                           f"nothing to do", existing.report, existing)
+        if existing.state != "quarantined":
+            raise IngestRefused(
+                f"task {task_id} is already in the ledger (state {existing.state}) with different content "
+                f"(recorded digest {existing.content_digest[:12]}…, this drop {digest[:12]}…). A task's data is never "
+                f"overwritten: drop the new data under a new task id.")
+
+    ctx = TaskContext(known_classes=ledger.known_classes(spec.dataset, exclude_task=task_id),
+                      seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id))
+    task_dir = staging / "task"
+    validation_dir = task_dir / "validation"
+    report = validate(spec, manifest, facts, config.validation, ctx, source=source.location, checked_at=checked_at,
+                      digest=digest, docs_dir=validation_dir / "data_docs")
+    fields = dict(content_digest=digest, source=source.location, scenario=spec.scenario, dataset=spec.dataset,
+                  domain=spec.domain, classes=spec.class_names,
+                  n_train=report.stats.get("train"), n_test=report.stats.get("test"))
+    if not report.success:
+        return _quarantine(task_id, spec_bytes, source, report, staging, ledger, paths, config, digest=digest,
+                           manifest_bytes=manifest_bytes, fields=fields)
+
+    # Valid: lay the task out, record it as ingested, then move it into data/ in one rename.
+    storage.atomic_write_bytes(task_dir / "task.yaml", spec_bytes)
+    storage.atomic_write_bytes(task_dir / "manifest.csv", manifest_bytes)
+    write_index(task_dir / "index.csv", _index_rows(facts, located))
+    config.write_resolved(validation_dir)
+    final_dir = paths["tasks"] / task_id
+    report.data_docs = _relocate(report.data_docs, task_dir, final_dir)
+    report_path = final_dir / "validation" / "report.json"
+    report.save(validation_dir / "report.json")
+
+    expect = [None] if existing is None else ["quarantined"]
+    record = ledger.transition(task_id, "ingested", expect=expect, detail={"source": source.location},
+                               report=str(report_path), attempts=(existing.attempts + 1) if existing else 1, **fields)
+    if final_dir.exists():
+        # Left by a crash before the ledger was written, or by hand: never trust it, replace it.
+        shutil.rmtree(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(task_dir, final_dir)
+    return _finish_accept(record, config, ledger, paths, facts)
+
+
+def _resume(record: TaskRecord, config: Config, ledger: Ledger, paths: dict[str, Path]) -> Outcome:
+    final_dir = paths["tasks"] / record.task_id
+    if not final_dir.is_dir():
+        # The crash came before the rename: the staged copy is gone, so ingest again from scratch.
+        raise IngestRefused(f"task {record.task_id} is half-ingested and its staged data is gone; "
+                            f"run `cliploop ingest` on the drop again after `cliploop forget {record.task_id}`")
+    facts_from_index = [(row["sha256"], row["split"]) for row in read_index(final_dir / "index.csv")]
+    outcome = _finish_accept(record, config, ledger, paths, None, digests=facts_from_index)
+    outcome.status = "resumed"
+    return outcome
+
+
+def _finish_accept(record: TaskRecord, config: Config, ledger: Ledger, paths: dict[str, Path], facts,
+                   digests: list[tuple[str, str]] | None = None) -> Outcome:
+    ws = paths["ws"]
+    versioning.configure_remote(ws, remote_spec(config))
+    data_md5 = versioning.track_data(ws)
+    task_md5 = versioning.task_md5(ws, record.task_id, data_md5)
+    commit = versioning.commit(ws, f"cliploop: ingest task {record.task_id} (dvc {task_md5})",
+                               ["data.dvc", ".gitignore", ".dvc/config"])
+    if config.dvc.push:
+        versioning.push(ws)
+    if digests is None:
+        digests = [(f.sha256, f.split) for f in facts if f.sha256 and f.split]
+    ledger.record_images(record.task_id, digests)
+    record = ledger.transition(record.task_id, "validated", expect=["ingested"],
+                               detail={"dvc_md5": task_md5, "workspace_commit": commit, "data_md5": data_md5},
+                               dvc_md5=task_md5, workspace_commit=commit)
+    return Outcome(record.task_id, "accepted", record.state,
+                   f"task {record.task_id} accepted: {record.n_train} train / {record.n_test} test images, "
+                   f"{len(record.classes)} classes; DVC hash {task_md5}; commit {commit[:12] if commit else '?'}"
+                   + ("; pushed to the DVC remote" if config.dvc.push else ""),
+                   record.report, record)
+
+
+def _quarantine(task_id: str, spec_bytes: bytes | None, source, report: Report, staging: Path, ledger: Ledger,
+                paths: dict[str, Path], config: Config, digest: str, manifest_bytes: bytes | None = None,
+                fields: dict | None = None) -> Outcome:
+    existing = ledger.get(task_id)
+    if existing is not None and existing.state != "quarantined":
+        raise IngestRefused(
+            f"task {task_id} is already in the ledger (state {existing.state}); this drop under the same id is invalid "
+            f"and was not ingested:\n{report.summary()}")
+    if existing is not None and existing.content_digest == digest:
+        return Outcome(task_id, "unchanged", "quarantined",
+                       f"task {task_id} was already quarantined with this exact content; report: {existing.report}",
+                       existing.report, existing)
+    target = paths["quarantine"] / task_id
+    task_dir = staging / "task"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(task_dir / "shards", ignore_errors=True)  # only the metadata and the report are kept
+    if spec_bytes is not None:
+        storage.atomic_write_bytes(task_dir / "task.yaml", spec_bytes)
+    if manifest_bytes is not None:
+        storage.atomic_write_bytes(task_dir / "manifest.csv", manifest_bytes)
+    config.write_resolved(task_dir / "validation")
+    report.data_docs = _relocate(report.data_docs, task_dir, target)
+    report.save(task_dir / "validation" / "report.json")
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(task_dir, target)
+    report_path = str(target / "validation" / "report.json")
+    fields = dict(fields or {}, content_digest=digest, source=source.location)
+    failed = ", ".join(r.rule for r in report.failed_rules)
+    if existing is None:
+        ledger.transition(task_id, "ingested", expect=[None], detail={"source": source.location}, report=report_path,
+                          **fields)
+    else:
+        ledger.transition(task_id, "ingested", expect=["quarantined"], detail={"source": source.location},
+                          report=report_path, attempts=existing.attempts + 1, **fields)
+    record = ledger.transition(task_id, "quarantined", expect=["ingested"], detail={"failed_rules": failed},
+                               reason=f"failed: {failed}")
+    return Outcome(task_id, "quarantined", "quarantined", report.summary(), report_path, record, report)
+
+
+def _relocate(path: str | None, old_root: Path, new_root: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return str(new_root / Path(path).relative_to(old_root))
+    except ValueError:
+        return path
+
+
+def _fallback_task_id(source) -> str:
+    from components.tasks import TASK_ID_RE
+
+    name = source.folder_name.lower()
+    return name if TASK_ID_RE.match(name) else "unidentified-" + storage.sha256_bytes(source.location.encode())[:12]
+
+
+def _index_rows(facts, located) -> list[dict]:
+    from components.validation import SUFFIX
+
+    rows = []
+    for f in facts:
+        where = located[f"{f.sha256}{SUFFIX[f.format]}"]
+        rows.append({"path": f.path, "label": f.label, "split": f.split, "domain": f.domain, "sha256": f.sha256,
+                     "shard": where.shard, "offset": where.offset, "size": where.size, "format": f.format,
+                     "width": f.width, "height": f.height})
+    return rows
+
+
+# ---- validate without ingesting -----------------------------------------------------------------
+
+
+def validate_location(location: str, config: Config, report_dir: Path | None = None) -> Report:
+    """Validate a drop (folder or s3:// prefix) against the workspace's ledger without changing anything."""
+    return _validate_source(open_drop(config.location(location), s3_settings(config)), config, report_dir)
+
+
+def validate_task(task_id: str, config: Config, report_dir: Path | None = None) -> Report:
+    """Re-validate a known task: an accepted one from its stored shards, a quarantined one from its drop."""
+    with open_ledger(config) as ledger:
+        record = ledger.get(task_id)
+    if record is None:
+        raise FileNotFoundError(f"no task {task_id!r} in the ledger of {config.workspace_path} (see `cliploop status`)")
+    stored = workspace_paths(config)["tasks"] / task_id
+    if record.state != "quarantined" and (stored / "index.csv").exists():
+        source = StoredTask(stored)
+        try:
+            return _validate_source(source, config, report_dir)
+        finally:
+            source.close()
+    if not record.source:
+        raise FileNotFoundError(f"task {task_id}: the ledger has no source location to re-read")
+    return _validate_source(open_drop(record.source, s3_settings(config)), config, report_dir)
+
+
+def _validate_source(source, config: Config, report_dir: Path | None) -> Report:
+    checked_at = ledger_mod.now()
+    try:
+        spec, manifest, spec_bytes, manifest_bytes = read_metadata(source)
+    except DropError as exc:
+        report = report_for_drop_error(_fallback_task_id(source), source.location, exc, checked_at)
+    else:
+        facts = scan_images(source, manifest, config.validation)
+        digest = content_digest(spec_bytes, manifest_bytes, facts)
+        ctx = TaskContext()
+        if workspace_paths(config)["ledger"].exists():
+            with open_ledger(config) as ledger:
+                ctx = TaskContext(known_classes=ledger.known_classes(spec.dataset, exclude_task=spec.task_id),
+                                  seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256],
+                                                                   exclude_task=spec.task_id))
+        docs = (report_dir / "data_docs") if report_dir else None
+        report = validate(spec, manifest, facts, config.validation, ctx, source=source.location,
+                          checked_at=checked_at, digest=digest, docs_dir=docs)
+    if report_dir:
+        config.write_resolved(report_dir)
+        report.save(report_dir / "report.json")
+    return report
+
+
+def task_location(task_id: str, config: Config) -> str:
+    """Where a known task's data lies now: its accepted folder, or its quarantine folder."""
+    paths = workspace_paths(config)
+    for candidate in (paths["tasks"] / task_id, paths["quarantine"] / task_id):
+        if (candidate / "task.yaml").exists():
+            return str(candidate)
+    raise FileNotFoundError(f"no task {task_id} in {paths['ws']} (neither accepted nor quarantined)")
+
+
+def status(config: Config) -> list[dict]:
+    paths = workspace_paths(config)
+    if not paths["ledger"].exists():
+        return []
+    with open_ledger(config) as ledger:
+        return [r.to_dict() for r in ledger.all()]
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,187 @@
+"""A task's images packed into a few plain tar files, read back by offset.
+
+Why shards: DVC pushes and pulls of many small files are slow at scale, and a few large files read
+sequentially feed an encoder far faster than one open() per image. Tar keeps the shards inspectable
+with standard tools. Members are named by content digest, so an image listed twice is stored once.
+Headers carry no time, owner or mode information, so the same images give byte-identical shards,
+and re-ingesting the same task reproduces the same DVC hash.
+
+Shards are never extracted (``extractall`` on outside data is unsafe): a reader seeks to the offset
+recorded in the task's index and reads exactly ``size`` bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_PATTERN = "shard-{:05d}.tar"
+
+
+@dataclass(frozen=True)
+class Located:
+    shard: str
+    offset: int
+    size: int
+
+
+class ShardWriter:
+    """Append images to shards of about ``target_bytes`` each; ``close()`` returns where each digest lives."""
+
+    def __init__(self, folder: Path, target_bytes: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.target_bytes = target_bytes
+        self._index = 0
+        self._tar: tarfile.TarFile | None = None
+        self._written = 0
+        self._members: dict[str, str] = {}  # member name -> shard file name
+        self._names: list[str] = []
+
+    def _open_next(self) -> None:
+        self._finish_current()
+        name = SHARD_PATTERN.format(self._index)
+        self._index += 1
+        self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
+        self._written = 0
+        self._names.append(name)
+
+    def _finish_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            path = self.folder / self._names[-1]
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            self._tar = None
+
+    def add(self, sha256: str, suffix: str, data: bytes) -> str:
+        """Store ``data`` (whose digest is ``sha256``) once; returns the member name."""
+        member = f"{sha256}{suffix}"
+        if member in self._members:
+            return member
+        if self._tar is None or (self._written and self._written + len(data) > self.target_bytes):
+            self._open_next()
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self._written += len(data)
+        self._members[member] = self._names[-1]
+        return member
+
+    def close(self) -> dict[str, Located]:
+        """Finish the last shard and return ``member name -> (shard, offset, size)``."""
+        self._finish_current()
+        located: dict[str, Located] = {}
+        for name in self._names:
+            with tarfile.open(self.folder / name, "r") as tar:
+                for info in tar.getmembers():
+                    located[info.name] = Located(name, info.offset_data, info.size)
+        return located
+
+
+class ShardReader:
+    """Random access to shard members by (shard, offset, size); keeps file handles open."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._handles: dict[str, object] = {}
+
+    def read(self, where: Located, expected_sha256: str | None = None) -> bytes:
+        handle = self._handles.get(where.shard)
+        if handle is None:
+            handle = open(self.folder / where.shard, "rb")
+            self._handles[where.shard] = handle
+        handle.seek(where.offset)
+        data = handle.read(where.size)
+        if len(data) != where.size:
+            raise IOError(f"{where.shard}: short read at offset {where.offset} (the shard is truncated)")
+        if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+            raise IOError(f"{where.shard}: content at offset {where.offset} does not match its sha256 (corrupt shard)")
+        return data
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- a stored task: index.csv + shards ---------------------------------------------------------------
+
+INDEX_COLUMNS = ("path", "label", "split", "domain", "sha256", "shard", "offset", "size", "format", "width", "height")
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    """index.csv: one row per manifest row, with where its bytes live."""
+    import csv
+
+    from components.storage import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in INDEX_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_index(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["offset"], row["size"] = int(row["offset"]), int(row["size"])
+        row["domain"] = row["domain"] or None
+    return rows
+
+
+class StoredTask:
+    """A task as stored in the workspace (``data/tasks/<id>/``), readable like a drop.
+
+    Implements the ``DropSource`` protocol, so a stored task can be re-validated exactly as a drop is.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.location = str(self.folder)
+        self.folder_name = self.folder.name
+        self.rows = read_index(self.folder / "index.csv")
+        self._by_path = {row["path"]: row for row in self.rows}
+        self._reader = ShardReader(self.folder / "shards")
+
+    def read(self, relpath: str, max_bytes: int) -> bytes:
+        if relpath in ("task.yaml", "manifest.csv"):
+            return (self.folder / relpath).read_bytes()
+        row = self._by_path.get(relpath)
+        if row is None:
+            raise FileNotFoundError(relpath)
+        if row["size"] > max_bytes:
+            raise OSError(f"{row['size']} bytes, over the limit of {max_bytes}")
+        return self._reader.read(Located(row["shard"], row["offset"], row["size"]), expected_sha256=row["sha256"])
+
+    def read_row(self, row: dict, verify: bool = False) -> bytes:
+        return self._reader.read(Located(row["shard"], row["offset"], row["size"]),
+                                 expected_sha256=row["sha256"] if verify else None)
+
+    def exists(self, relpath: str) -> bool:
+        return relpath in ("task.yaml", "manifest.csv") or relpath in self._by_path
+
+    def list_files(self) -> list[str]:
+        return ["manifest.csv", "task.yaml", *sorted(self._by_path)]
+
+    def close(self) -> None:
+        self._reader.close()

@@ -1,0 +1,239 @@
+"""Local and S3 storage: URIs, atomic writes, checksummed downloads.
+
+Credentials, region and endpoint come from the usual AWS configuration (environment variables such as
+``AWS_ACCESS_KEY_ID``/``AWS_ENDPOINT_URL``, ``~/.aws/config``, instance roles); cliploop's config may add an
+endpoint URL and a region, never credentials. Nothing here logs a credential or a presigned URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed in a way the caller should report as is."""
+
+
+class ChecksumMismatch(StorageError):
+    pass
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str  # no leading slash; "" for the bucket root
+
+    @classmethod
+    def parse(cls, uri: str) -> "S3Uri":
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        rest = uri[len("s3://"):]
+        bucket, _, key = rest.partition("/")
+        if len(bucket) < 3:
+            raise ValueError(f"bad S3 bucket name in {uri!r}")
+        return cls(bucket, key)
+
+    def join(self, *parts: str) -> "S3Uri":
+        key = self.key
+        for part in parts:
+            part = part.strip("/")
+            if not part:
+                continue
+            key = f"{key.rstrip('/')}/{part}" if key else part
+        return S3Uri(self.bucket, key)
+
+    def as_prefix(self) -> "S3Uri":
+        return self if (not self.key or self.key.endswith("/")) else S3Uri(self.bucket, self.key + "/")
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return isinstance(uri, str) and uri.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Non-secret S3 settings from cliploop's config; None means "from the AWS configuration"."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+def s3_client(settings: S3Settings | None = None):
+    """A boto3 S3 client. boto3 is imported here so that local-only work never pays for it."""
+    import boto3
+    from botocore.config import Config
+
+    settings = settings or S3Settings()
+    kwargs = {"config": Config(retries={"max_attempts": 5, "mode": "standard"})}
+    if settings.endpoint_url:
+        kwargs["endpoint_url"] = settings.endpoint_url
+    if settings.region:
+        kwargs["region_name"] = settings.region
+    return boto3.session.Session().client("s3", **kwargs)
+
+
+def list_keys(uri: S3Uri, client) -> Iterator[tuple[str, int]]:
+    """(key, size) of every object under a prefix."""
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=uri.bucket, Prefix=uri.as_prefix().key if uri.key else ""):
+        for obj in page.get("Contents", []):
+            yield obj["Key"], int(obj["Size"])
+
+
+def list_prefixes(uri: S3Uri, client) -> list[str]:
+    """The immediate "sub-folders" of a prefix (their names, without slashes)."""
+    prefix = uri.as_prefix().key if uri.key else ""
+    names: list[str] = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix, Delimiter="/"):
+        for common in page.get("CommonPrefixes", []):
+            names.append(common["Prefix"][len(prefix):].rstrip("/"))
+    return sorted(names)
+
+
+def get_bytes(uri: S3Uri, client, max_bytes: int | None = None) -> bytes:
+    """Read an object whole, refusing objects larger than ``max_bytes`` before reading them."""
+    try:
+        head = client.head_object(Bucket=uri.bucket, Key=uri.key)
+    except Exception as exc:  # botocore ClientError: 404/403
+        raise StorageError(f"cannot read {uri}: {_client_error_text(exc)}") from exc
+    size = int(head["ContentLength"])
+    if max_bytes is not None and size > max_bytes:
+        raise StorageError(f"{uri} is {size} bytes, over the limit of {max_bytes}")
+    body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
+    try:
+        return body.read()
+    finally:
+        body.close()
+
+
+def put_file(path: Path, uri: S3Uri, client) -> None:
+    client.upload_file(str(path), uri.bucket, uri.key)
+
+
+def _client_error_text(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        return f"{err.get('Code', '?')} {err.get('Message', '')}".strip()
+    return str(exc)
+
+
+# ---- local files ---------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give ordinary permissions
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def download(uri: str, cache_dir: Path, expected_sha256: str | None = None,
+             settings: S3Settings | None = None, client=None) -> Path:
+    """Fetch an ``s3://`` object into a content cache and verify it.
+
+    The cache file is named by the object's SHA-256, so two URIs with the same content share it and a
+    cached file is re-verified by name. With ``expected_sha256`` a mismatch is an error and nothing is
+    cached; without it, a ``<key>.sha256`` sidecar object is used when present.
+    """
+    s3 = S3Uri.parse(uri)
+    client = client or s3_client(settings)
+    if expected_sha256 is None:
+        try:
+            sidecar = get_bytes(S3Uri(s3.bucket, s3.key + ".sha256"), client, max_bytes=1024)
+            expected_sha256 = sidecar.decode("ascii").split()[0].strip().lower()
+        except StorageError:
+            expected_sha256 = None
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if expected_sha256:
+        cached = cache_dir / f"{expected_sha256}{Path(s3.key).suffix}"
+        if cached.exists() and sha256_file(cached) == expected_sha256:
+            return cached
+    fd, tmp = tempfile.mkstemp(prefix=".download.", dir=cache_dir)
+    os.close(fd)
+    try:
+        try:
+            client.download_file(s3.bucket, s3.key, tmp)
+        except Exception as exc:
+            raise StorageError(f"cannot download {uri}: {_client_error_text(exc)}") from exc
+        actual = sha256_file(Path(tmp))
+        if expected_sha256 and actual != expected_sha256:
+            raise ChecksumMismatch(
+                f"{uri}: sha256 is {actual}, expected {expected_sha256}; the object is corrupt or was replaced")
+        final = cache_dir / f"{actual}{Path(s3.key).suffix}"
+        os.replace(tmp, final)
+        return final
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def open_local_no_follow(root: Path, relpath: str) -> BinaryIO:
+    """Open ``root/relpath`` for reading, refusing any symlink on the way (the target could be anywhere)."""
+    current = Path(root)
+    parts = Path(relpath).parts
+    for i, part in enumerate(parts):
+        current = current / part
+        if current.is_symlink():
+            raise PermissionError(f"{relpath}: '{'/'.join(parts[: i + 1])}' is a symbolic link")
+    fd = os.open(current, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    return os.fdopen(fd, "rb")

@@ -1,0 +1,245 @@
+"""The workspace's versioning: git for metadata, DVC for the task data under ``data/``.
+
+``data/`` is one DVC output (the workspace's ``data.dvc``); a task's own DVC hash is the hash DVC
+gives its folder ``data/tasks/<task_id>`` (the md5 of the sorted JSON listing of its files' md5s), read
+from the cached ``.dir`` object, so it can be checked against ``dvc add`` of that folder alone.
+
+DVC and git run as subprocesses: DVC's Python API keeps global state (logging, locks, caches) that
+a long-lived worker process should not inherit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from components import storage
+
+DATA_DIR = "data"
+STATE_DIR = ".cliploop"
+WORKSPACE_GITIGNORE = ["/.cliploop/"]
+
+
+class VersioningError(RuntimeError):
+    """git or DVC failed; the message carries the command and its output."""
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.setdefault("DVC_NO_ANALYTICS", "1")
+    full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    if check and proc.returncode != 0:
+        shown = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
+        raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n{(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def dvc(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], ws, check=check)
+
+
+def git(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
+    # A workspace may be created by a service account with no git identity: give commits one.
+    ident = []
+    if not _git_identity(ws):
+        ident = ["-c", "user.name=cliploop", "-c", "user.email=cliploop@localhost"]
+    return _run(["git", *ident, *args], ws, check=check)
+
+
+def _git_identity(ws: Path) -> bool:
+    if os.environ.get("GIT_AUTHOR_NAME") and os.environ.get("GIT_AUTHOR_EMAIL"):
+        return True
+    proc = subprocess.run(["git", "config", "user.email"], cwd=ws, capture_output=True, text=True)
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    url: str  # folder or s3:// URI
+    name: str = "storage"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+def default_remote(ws: Path) -> str:
+    return str(Path(ws) / STATE_DIR / "dvc-remote")
+
+
+def init_workspace(ws: Path, remote: RemoteSpec) -> list[str]:
+    """Make ``ws`` a cliploop workspace (idempotent). Returns what was done, for the user."""
+    ws = Path(ws)
+    ws.mkdir(parents=True, exist_ok=True)
+    done: list[str] = []
+    if not (ws / ".git").exists():
+        git(["init", "-q"], ws)
+        done.append("git repository initialised")
+    if not (ws / ".dvc").exists():
+        dvc(["init", "-q"], ws)
+        dvc(["config", "core.autostage", "false"], ws)
+        done.append("DVC initialised")
+    gitignore = ws / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    missing = [entry for entry in WORKSPACE_GITIGNORE if entry not in lines]
+    if missing:
+        storage.atomic_write_text(gitignore, "\n".join(lines + missing) + "\n")
+    (ws / DATA_DIR / "tasks").mkdir(parents=True, exist_ok=True)
+    done += configure_remote(ws, remote)
+    if not (ws / "data.dvc").exists():
+        track_data(ws)
+        done.append("data/ tracked by DVC (data.dvc)")
+    commit(ws, "cliploop: initialise workspace", [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data.dvc"])
+    return done
+
+
+def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
+    """Point the workspace's default DVC remote at ``remote`` (idempotent)."""
+    ws = Path(ws).resolve()
+    url = remote.url
+    if not storage.is_s3(url):
+        target = Path(url).resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        # DVC stores local remote paths relative to .dvc/; a remote inside the workspace stays relative,
+        # so a moved or cloned workspace keeps working and no machine path is committed.
+        url = os.path.relpath(target, ws / ".dvc") if target.is_relative_to(ws) else str(target)
+    current = _dvc_config(ws).get(f'remote "{remote.name}"', {})
+    done: list[str] = []
+    if current.get("url") != url:
+        dvc(["remote", "add", "--force", "--default", remote.name, url], ws)
+        done.append(f"DVC remote '{remote.name}' -> {url}")
+    if storage.is_s3(url):
+        # Endpoint and region are per-machine settings: keep them out of the committed .dvc/config.
+        local = _dvc_config(ws, local=True).get(f'remote "{remote.name}"', {})
+        for key, value in (("endpointurl", remote.endpoint_url), ("region", remote.region)):
+            if value and local.get(key) != value:
+                dvc(["remote", "modify", "--local", remote.name, key, value], ws)
+    return done
+
+
+def _dvc_config(ws: Path, local: bool = False) -> dict[str, dict[str, str]]:
+    import configparser
+
+    path = Path(ws) / ".dvc" / ("config.local" if local else "config")
+    parser = configparser.ConfigParser()
+    if path.exists():
+        parser.read(path)
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def track_data(ws: Path) -> str:
+    """``dvc add data`` and return the new md5 of data/ (with its .dir suffix stripped)."""
+    dvc(["add", "-q", DATA_DIR], ws)
+    return data_md5(ws)
+
+
+def data_md5(ws: Path) -> str:
+    meta = yaml.safe_load((Path(ws) / "data.dvc").read_text())
+    return meta["outs"][0]["md5"].removesuffix(".dir")
+
+
+def _dir_entries(ws: Path, md5: str) -> list[dict[str, str]]:
+    path = Path(ws) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / (md5[2:] + ".dir")
+    if not path.exists():
+        raise VersioningError(f"DVC cache has no directory listing {md5}.dir (run `dvc pull` in {ws})")
+    return json.loads(path.read_text())
+
+
+def dir_md5(entries: list[dict[str, str]]) -> str:
+    """DVC's directory hash of a listing of ``{"md5", "relpath"}`` entries."""
+    ordered = sorted(entries, key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(ordered, sort_keys=True).encode()).hexdigest()
+
+
+def task_entries(ws: Path, task_id: str, md5: str | None = None) -> list[dict[str, str]]:
+    prefix = f"tasks/{task_id}/"
+    entries = _dir_entries(ws, md5 or data_md5(ws))
+    return [{"md5": e["md5"], "relpath": e["relpath"][len(prefix):]} for e in entries if e["relpath"].startswith(prefix)]
+
+
+def task_md5(ws: Path, task_id: str, md5: str | None = None) -> str:
+    entries = task_entries(ws, task_id, md5)
+    if not entries:
+        raise VersioningError(f"task {task_id} is not in the DVC-tracked data of {ws}")
+    return dir_md5(entries)
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(storage.CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Verification:
+    task_id: str
+    expected: str
+    actual: str | None
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_task(ws: Path, task_id: str, expected_md5: str) -> Verification:
+    """Re-hash the task's files on disk and compare with the DVC hash recorded for it.
+
+    The files' md5s are recomputed from their bytes (DVC's own status may trust cached stat info),
+    and the folder hash is recomputed from them.
+    """
+    folder = Path(ws) / DATA_DIR / "tasks" / task_id
+    problems: list[str] = []
+    if not folder.is_dir():
+        return Verification(task_id, expected_md5, None, [f"{folder} is missing (try `dvc pull`)"])
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        entries.append({"md5": file_md5(path), "relpath": path.relative_to(folder).as_posix()})
+    actual = dir_md5(entries)
+    if actual != expected_md5:
+        recorded = {}
+        try:
+            recorded = {e["relpath"]: e["md5"] for e in task_entries(ws, task_id)}
+        except VersioningError:
+            pass
+        on_disk = {e["relpath"]: e["md5"] for e in entries}
+        for rel in sorted(set(recorded) | set(on_disk)):
+            if recorded.get(rel) != on_disk.get(rel):
+                state = "missing" if rel not in on_disk else "unexpected" if rel not in recorded else "changed"
+                problems.append(f"data/tasks/{task_id}/{rel}: {state}")
+        problems.insert(0, f"task {task_id}: files hash to {actual}, recorded DVC hash is {expected_md5}")
+    return Verification(task_id, expected_md5, actual, problems)
+
+
+def commit(ws: Path, message: str, paths: list[str]) -> str:
+    """Commit exactly ``paths`` (nothing else the user has staged) and return HEAD. No-op when unchanged."""
+    present = [p for p in paths if (Path(ws) / p).exists()]
+    git(["add", "--", *present], ws)
+    staged = git(["diff", "--cached", "--name-only", "--", *present], ws).stdout.strip()
+    if staged:
+        git(["commit", "-q", "-m", message, "--", *present], ws)
+    return head(ws)
+
+
+def head(ws: Path) -> str | None:
+    proc = git(["rev-parse", "HEAD"], ws, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def push(ws: Path) -> None:
+    dvc(["push", "-q"], ws)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,294 @@
+"""The ``cliploop`` command. Thin: parses arguments, resolves the config once, calls ``components``.
+
+Exit codes: 0 success; 1 a task was quarantined / validation failed / verification failed;
+2 usage or configuration error; 3 refused (a changed payload under a known task id);
+4 an external tool failed (git, DVC, storage): safe to re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_REFUSED, EXIT_EXTERNAL = 0, 1, 2, 3, 4
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="config file (default: $CLIPLOOP_CONFIG or ./cliploop.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set validation.max_pixels=1000000 (repeatable)")
+    p.add_argument("--workspace", "-w", metavar="DIR", help="shortcut for --set workspace=DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliploop", description=(
+        "Continual learning for CLIP models: ingest and validate task drops, learn them without forgetting, "
+        "and promote reviewed, traceable model versions."))
+    parser.add_argument("--version", action="version", version=f"cliploop {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a commented cliploop.yaml and prepare a workspace (git + DVC)")
+    p.add_argument("dir", nargs="?", default=".", help="workspace folder (default: .)")
+    p.add_argument("--remote", help="DVC remote: a folder or s3://bucket/prefix (default: local .cliploop/dvc-remote)")
+    p.add_argument("--drop-zone", help="drop zone folder or s3:// prefix (default: incoming/)")
+
+    p = sub.add_parser("ingest", help="ingest a task drop (folder or s3:// prefix), or every new task of a drop zone")
+    p.add_argument("location", nargs="?", help="task folder, s3://bucket/prefix/, or a drop zone (default: drop_zone)")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _add_config_args(p)
+
+    p = sub.add_parser("validate", help="validate a task by id (re-check) or a drop by location (dry run)")
+    p.add_argument("target", help="task id, task folder or s3:// prefix")
+    p.add_argument("--report-dir", help="write report.json, data docs and the resolved config here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_config_args(p)
+
+    p = sub.add_parser("status", help="every task with its state and report")
+    p.add_argument("--json", action="store_true")
+    _add_config_args(p)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    _add_config_args(p)
+
+    p = sub.add_parser("metrics", help="recompute every continual-learning metric from an accuracy-matrix file")
+    p.add_argument("matrix", help="accuracy_matrix.json (rows: after step i; columns: task j; null = not evaluated)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="run cliploop end to end on the embedded demo (no servers needed)")
+    p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
+    p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cliploop")
+    except Exception:
+        return "unknown"
+
+
+def _config(args: argparse.Namespace, base: dict | None = None):
+    from components.config import load_config
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "workspace", None):
+        overrides.append(f"workspace={Path(args.workspace).resolve()}")
+    return load_config(getattr(args, "config", None), overrides, base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    from components.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"cliploop: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cliploop: interrupted; re-running the same command is safe", file=sys.stderr)
+        return 130
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from components import ingestion
+    from components.config import CONFIG_FILENAME, default_config_yaml, load_config
+
+    ws = Path(args.dir).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    cfg_path = ws / CONFIG_FILENAME
+    if not cfg_path.exists():
+        text = default_config_yaml()
+        if args.drop_zone:
+            text = text.replace("drop_zone: incoming", f"drop_zone: {json.dumps(args.drop_zone)}")
+        if args.remote:
+            text = text.replace("  remote: null", f"  remote: {json.dumps(args.remote)}", 1)
+        cfg_path.write_text(text)
+        print(f"wrote {cfg_path}")
+    else:
+        print(f"kept the existing {cfg_path}")
+    config = load_config(cfg_path)
+    if not config.drop_zone.startswith("s3://"):
+        config.path(config.drop_zone).mkdir(parents=True, exist_ok=True)
+    try:
+        done = ingestion.ensure_workspace(config)
+    except Exception as exc:
+        return _external_error(exc)
+    for line in done or ["workspace already initialised"]:
+        print(f"  {line}")
+    print(f"workspace ready: {config.workspace_path}\n  drop tasks into: {config.location(config.drop_zone)}\n"
+          f"  then run: cliploop ingest")
+    return EXIT_OK
+
+
+def _external_error(exc: Exception) -> int:
+    print(f"cliploop: {exc}\n(nothing was lost; fix the cause and re-run the same command)", file=sys.stderr)
+    return EXIT_EXTERNAL
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from components import ingestion, tasks
+    from components.storage import StorageError
+    from components.versioning import VersioningError
+
+    config = _config(args)
+    location = config.location(args.location) if args.location else config.location(config.drop_zone)
+    try:
+        locations = _task_locations(location, config)
+    except tasks.DropError as exc:
+        print(f"cliploop: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not locations:
+        print(f"no task drops found in {location}")
+        return EXIT_OK
+    worst = EXIT_OK
+    outcomes = []
+    for loc in locations:
+        try:
+            outcome = ingestion.ingest(loc, config)
+        except ingestion.IngestRefused as exc:
+            print(f"REFUSED {loc}: {exc}", file=sys.stderr)
+            worst = max(worst, EXIT_REFUSED)
+            outcomes.append({"location": loc, "status": "refused", "message": str(exc)})
+            continue
+        except (VersioningError, StorageError, OSError) as exc:
+            worst = max(worst, _external_error(exc))
+            outcomes.append({"location": loc, "status": "error", "message": str(exc)})
+            continue
+        outcomes.append({"location": loc, "task_id": outcome.task_id, "status": outcome.status,
+                         "state": outcome.state, "report": outcome.report_path, "message": outcome.message})
+        if not args.json:
+            print(outcome.message if outcome.status != "quarantined" else
+                  f"QUARANTINED {outcome.task_id}:\n{outcome.message}\n  report: {outcome.report_path}")
+        if outcome.status == "quarantined":
+            worst = max(worst, EXIT_INVALID)
+    if args.json:
+        print(json.dumps(outcomes, indent=2))
+    return worst
+
+
+def _task_locations(location: str, config) -> list[str]:
+    """A task drop is ingested as is; a drop zone (no task.yaml at its root) yields its task drops."""
+    from components import ingestion, storage, tasks
+
+    if storage.is_s3(location):
+        source = tasks.S3Drop(location, ingestion.s3_settings(config))
+        if source.exists("task.yaml"):
+            return [location]
+        return tasks.discover(location, ingestion.s3_settings(config))
+    path = Path(location)
+    if not path.is_dir():
+        raise tasks.DropError("drop-exists", f"{location}: no such folder")
+    if (path / "task.yaml").exists() or (path / "manifest.csv").exists():
+        return [str(path)]
+    return tasks.discover(str(path))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from components import ingestion, storage
+
+    config = _config(args)
+    report_dir = Path(args.report_dir).resolve() if args.report_dir else None
+    target = args.target
+    try:
+        if storage.is_s3(target) or Path(target).exists():
+            report = ingestion.validate_location(target, config, report_dir)
+        else:
+            report = ingestion.validate_task(target, config, report_dir)
+    except FileNotFoundError as exc:
+        print(f"cliploop: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    if report_dir and not args.json:
+        print(f"report: {report_dir / 'report.json'}")
+    return EXIT_OK if report.success else EXIT_INVALID
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from components import ingestion
+
+    config = _config(args)
+    rows = ingestion.status(config)
+    if args.json:
+        print(json.dumps({"workspace": str(config.workspace_path), "tasks": rows}, indent=2, default=str))
+        return EXIT_OK
+    if not rows:
+        print(f"no tasks in {config.workspace_path} yet (cliploop ingest PATH)")
+        return EXIT_OK
+    print(_table([[r["task_id"], r["state"], r["scenario"] or "", str(len(r["classes"])),
+                   f"{r['n_train'] or 0}/{r['n_test'] or 0}", (r["dvc_md5"] or "")[:12], r["updated_at"],
+                   _short(r["report"], config.workspace_path)] for r in rows],
+                 ["task", "state", "scenario", "classes", "train/test", "dvc", "updated", "report"]))
+    return EXIT_OK
+
+
+def _short(path: str | None, root: Path) -> str:
+    if not path:
+        return ""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(_config(args).to_yaml(), end="")
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from components import metrics
+
+    return metrics.main([args.matrix] + (["--json"] if args.json else []))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from components import demo, ingestion
+    from components.config import load_config
+
+    root = Path(args.dir).resolve()
+    started = time.perf_counter()
+    drop_zone = root / "incoming"
+    demo.build_drop_zone(drop_zone, include_bad=not args.no_bad_task)
+    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}"],
+                         env={}, cwd=root)
+    ingestion.ensure_workspace(config)
+    results = []
+    for loc in _task_locations(str(drop_zone), config):
+        outcome = ingestion.ingest(loc, config)
+        results.append(outcome)
+        print(f"[{outcome.status:>11}] {outcome.task_id}: {outcome.message.splitlines()[0]}")
+    elapsed = time.perf_counter() - started
+    rows = ingestion.status(config)
+    print()
+    print(_table([[r["task_id"], r["state"], r["scenario"] or "", f"{r['n_train'] or 0}/{r['n_test'] or 0}",
+                   (r["dvc_md5"] or "")[:12]] for r in rows], ["task", "state", "scenario", "train/test", "dvc"]))
+    print(f"\ndemo finished in {elapsed:.1f} s. Workspace: {config.workspace_path}\n"
+          f"  .venv/bin/cliploop status -w {config.workspace_path}\n"
+          f"  reports of quarantined tasks: {config.workspace_path / '.cliploop' / 'quarantine'}")
+    accepted = sum(1 for r in rows if r["state"] != "quarantined")
+    return EXIT_OK if accepted >= 3 else EXIT_INVALID
+
+
+COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,
+            "config": cmd_config, "metrics": cmd_metrics, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Shared fixtures: isolated homes for every tool, and a real S3-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+S3_KEY = "testing"
+S3_REGION = "us-east-1"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's real config, caches or cloud credentials."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("CLIPLOOP_CACHE", str(home / ".cache" / "cliploop"))
+    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("PREFECT_HOME", str(home / ".prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "cliploop-test")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "test@cliploop.invalid")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "cliploop-test")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@cliploop.invalid")
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "CLIPLOOP__")) or name == "CLIPLOOP_CONFIG":
+            monkeypatch.delenv(name, raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 protocol server (moto's standalone server) in its own process on 127.0.0.1.
+
+    moto is an S3-compatible server, not AWS: it is the S3 server that installs from the package
+    registries reachable here (MinIO does not), and it speaks the same HTTP protocol to boto3, s3fs and DVC.
+    """
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """AWS settings pointing at the local server, through the standard AWS environment variables."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", S3_REGION)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    return s3_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_env, request):
+    """A fresh, empty bucket on the local server."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_env, region_name=S3_REGION)
+    name = "b-" + "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{os.getpid() % 10000}-{int(time.time() * 1000) % 100000}"
+    client.create_bucket(Bucket=name)
+    yield name
