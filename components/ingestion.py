@@ -51,7 +51,8 @@ def workspace_paths(config: Config) -> dict[str, Path]:
     ws = config.workspace_path
     state = ws / versioning.STATE_DIR
     return {"ws": ws, "state": state, "ledger": state / "ledger.sqlite", "staging": state / "staging",
-            "quarantine": state / "quarantine", "tasks": ws / versioning.DATA_DIR / "tasks"}
+            "quarantine": state / "quarantine", "tasks": ws / versioning.DATA_DIR / "tasks",
+            "reports": ws / versioning.DATA_DIR / "reports"}
 
 
 def open_ledger(config: Config) -> Ledger:
@@ -108,25 +109,25 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
     digest = content_digest(spec_bytes, manifest_bytes, facts)
 
     existing = ledger.get(task_id)
-    if existing is not None:
-        if existing.content_digest == digest:
-            if existing.state == "ingested":  # a crash interrupted the last run: finish it
-                return _resume(existing, config, ledger, paths)
+    if existing is not None and existing.content_digest == digest:
+        if existing.state == "ingested" and (paths["tasks"] / task_id / "index.csv").exists():
+            return _resume(existing, config, ledger, paths)  # a crash interrupted the last run: finish it
+        if existing.state != "ingested":
             return Outcome(task_id, "unchanged", existing.state,
                            f"task {task_id} was already ingested with this exact content (state: {existing.state}); "
                            f"nothing to do", existing.report, existing)
-        if existing.state != "quarantined":
-            raise IngestRefused(
-                f"task {task_id} is already in the ledger (state {existing.state}) with different content "
-                f"(recorded digest {existing.content_digest[:12]}…, this drop {digest[:12]}…). A task's data is never "
-                f"overwritten: drop the new data under a new task id.")
+    elif existing is not None and existing.state != "quarantined":
+        raise IngestRefused(
+            f"task {task_id} is already in the ledger (state {existing.state}) with different content "
+            f"(recorded digest {existing.content_digest[:12]}…, this drop {digest[:12]}…). A task's data is never "
+            f"overwritten: drop the new data under a new task id.")
 
     ctx = TaskContext(known_classes=ledger.known_classes(spec.dataset, exclude_task=task_id),
                       seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id))
     task_dir = staging / "task"
-    validation_dir = task_dir / "validation"
+    reports_dir = staging / "reports"
     report = validate(spec, manifest, facts, config.validation, ctx, source=source.location, checked_at=checked_at,
-                      digest=digest, docs_dir=validation_dir / "data_docs")
+                      digest=digest, docs_dir=reports_dir / "data_docs")
     fields = dict(content_digest=digest, source=source.location, scenario=spec.scenario, dataset=spec.dataset,
                   domain=spec.domain, classes=spec.class_names,
                   n_train=report.stats.get("train"), n_test=report.stats.get("test"))
@@ -134,35 +135,37 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
         return _quarantine(task_id, spec_bytes, source, report, staging, ledger, paths, config, digest=digest,
                            manifest_bytes=manifest_bytes, fields=fields)
 
-    # Valid: lay the task out, record it as ingested, then move it into data/ in one rename.
+    # Valid. data/tasks/<id>/ holds only the task's content, so its DVC hash depends on nothing else;
+    # the report, data docs and resolved config go to data/reports/<id>/, versioned in the same commit.
     storage.atomic_write_bytes(task_dir / "task.yaml", spec_bytes)
     storage.atomic_write_bytes(task_dir / "manifest.csv", manifest_bytes)
     write_index(task_dir / "index.csv", _index_rows(facts, located))
-    config.write_resolved(validation_dir)
-    final_dir = paths["tasks"] / task_id
-    report.data_docs = _relocate(report.data_docs, task_dir, final_dir)
-    report_path = final_dir / "validation" / "report.json"
-    report.save(validation_dir / "report.json")
+    config.write_resolved(reports_dir)
+    final_dir, final_reports = paths["tasks"] / task_id, paths["reports"] / task_id
+    report.data_docs = _relocate(report.data_docs, reports_dir, final_reports)
+    report.save(reports_dir / "report.json")
 
-    expect = [None] if existing is None else ["quarantined"]
-    record = ledger.transition(task_id, "ingested", expect=expect, detail={"source": source.location},
-                               report=str(report_path), attempts=(existing.attempts + 1) if existing else 1, **fields)
-    if final_dir.exists():
-        # Left by a crash before the ledger was written, or by hand: never trust it, replace it.
-        shutil.rmtree(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(task_dir, final_dir)
+    # Reports first, task last: the task folder's presence means "complete". Leftovers of a crash before
+    # the ledger entry was written are replaced, never trusted.
+    for staged, final in ((reports_dir, final_reports), (task_dir, final_dir)):
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+    if existing is not None and existing.state == "ingested":
+        # Recorded, but its folder vanished (removed by hand after a crash): laid out again from the drop.
+        record = ledger.update(task_id, report=str(final_reports / "report.json"), **fields)
+    else:
+        record = ledger.transition(task_id, "ingested", expect=[None] if existing is None else ["quarantined"],
+                                   detail={"source": source.location}, report=str(final_reports / "report.json"),
+                                   attempts=(existing.attempts + 1) if existing else 1, **fields)
     return _finish_accept(record, config, ledger, paths, facts)
 
 
 def _resume(record: TaskRecord, config: Config, ledger: Ledger, paths: dict[str, Path]) -> Outcome:
     final_dir = paths["tasks"] / record.task_id
-    if not final_dir.is_dir():
-        # The crash came before the rename: the staged copy is gone, so ingest again from scratch.
-        raise IngestRefused(f"task {record.task_id} is half-ingested and its staged data is gone; "
-                            f"run `cliploop ingest` on the drop again after `cliploop forget {record.task_id}`")
-    facts_from_index = [(row["sha256"], row["split"]) for row in read_index(final_dir / "index.csv")]
-    outcome = _finish_accept(record, config, ledger, paths, None, digests=facts_from_index)
+    digests = [(row["sha256"], row["split"]) for row in read_index(final_dir / "index.csv")]
+    outcome = _finish_accept(record, config, ledger, paths, None, digests=digests)
     outcome.status = "resumed"
     return outcome
 
@@ -203,20 +206,22 @@ def _quarantine(task_id: str, spec_bytes: bytes | None, source, report: Report, 
                        f"task {task_id} was already quarantined with this exact content; report: {existing.report}",
                        existing.report, existing)
     target = paths["quarantine"] / task_id
-    task_dir = staging / "task"
-    task_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(task_dir / "shards", ignore_errors=True)  # only the metadata and the report are kept
+    kept = staging / "quarantined"
+    kept.mkdir(parents=True, exist_ok=True)
     if spec_bytes is not None:
-        storage.atomic_write_bytes(task_dir / "task.yaml", spec_bytes)
+        storage.atomic_write_bytes(kept / "task.yaml", spec_bytes)
     if manifest_bytes is not None:
-        storage.atomic_write_bytes(task_dir / "manifest.csv", manifest_bytes)
-    config.write_resolved(task_dir / "validation")
-    report.data_docs = _relocate(report.data_docs, task_dir, target)
-    report.save(task_dir / "validation" / "report.json")
+        storage.atomic_write_bytes(kept / "manifest.csv", manifest_bytes)
+    reports_dir = staging / "reports"  # where validation left the data docs
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(reports_dir, kept / "validation")
+    config.write_resolved(kept / "validation")
+    report.data_docs = _relocate(report.data_docs, reports_dir, target / "validation")
+    report.save(kept / "validation" / "report.json")
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(task_dir, target)
+    os.replace(kept, target)
     report_path = str(target / "validation" / "report.json")
     fields = dict(fields or {}, content_digest=digest, source=source.location)
     failed = ", ".join(r.rule for r in report.failed_rules)

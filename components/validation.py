@@ -66,6 +66,48 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """Width and height from the file header alone (no decoding), or None if the header is unreadable.
+
+    Lets the pixel limit be enforced before any decoder sees the file.
+    """
+    try:
+        if fmt == "PNG":
+            if data[12:16] != b"IHDR":
+                return None
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if fmt == "JPEG":
+            i = 2
+            while i + 9 < len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                    i += 2
+                    continue
+                length = int.from_bytes(data[i + 2:i + 4], "big")
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                    return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+                i += 2 + length
+            return None
+        if fmt == "WEBP":
+            kind = data[12:16]
+            if kind == b"VP8X":
+                return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+            if kind == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+            if kind == b"VP8 ":
+                return (int.from_bytes(data[26:28], "little") & 0x3FFF,
+                        int.from_bytes(data[28:30], "little") & 0x3FFF)
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
 @dataclass
 class ImageProbe:
     format: str | None
@@ -82,6 +124,9 @@ def probe_image(data: bytes, allowed: list[str], max_pixels: int) -> ImageProbe:
     if fmt not in allowed:
         # Not handed to Pillow at all: a TIFF or EPS named .jpg must not reach its plugin.
         return ImageProbe(fmt or "unknown")
+    size = header_size(data, fmt)
+    if size is not None and size[0] * size[1] > max_pixels:
+        return ImageProbe(fmt, size[0], size[1])  # over the limit: reported by pixel-limit, never decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -111,10 +111,15 @@ def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
         target.mkdir(parents=True, exist_ok=True)
         # DVC stores local remote paths relative to .dvc/; a remote inside the workspace stays relative,
         # so a moved or cloned workspace keeps working and no machine path is committed.
-        url = os.path.relpath(target, ws / ".dvc") if target.is_relative_to(ws) else str(target)
+        # (`dvc remote add` takes a path relative to the cwd and stores it relative to .dvc/.)
+        inside = target.is_relative_to(ws)
+        url = os.path.relpath(target, ws) if inside else str(target)
+        stored = os.path.relpath(target, ws / ".dvc") if inside else str(target)
+    else:
+        stored = url
     current = _dvc_config(ws).get(f'remote "{remote.name}"', {})
     done: list[str] = []
-    if current.get("url") != url:
+    if current.get("url") != stored:
         dvc(["remote", "add", "--force", "--default", remote.name, url], ws)
         done.append(f"DVC remote '{remote.name}' -> {url}")
     if storage.is_s3(url):

@@ -122,6 +122,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         config.path(config.drop_zone).mkdir(parents=True, exist_ok=True)
     try:
         done = ingestion.ensure_workspace(config)
+        if cfg_path.parent == config.workspace_path:  # the config is part of the workspace's history
+            from components.versioning import commit
+
+            commit(config.workspace_path, "cliploop: configuration", [cfg_path.name])
     except Exception as exc:
         return _external_error(exc)
     for line in done or ["workspace already initialised"]:
