@@ -65,6 +65,29 @@ class ShardConfig(Section):
     target_mb: int = Field(256, gt=0, description="target size of one shard file in MiB (a task is stored as a few shards)")
 
 
+class ModelConfig(Section):
+    name: str = Field("ViT-B-16", description="open_clip model name, or one of cliploop's small configs (cliploop-tiny, cliploop-minilm-tiny)")
+    pretrained: str | None = Field("openai", description="open_clip pretrained tag (needs the network once); null = none")
+    checkpoint: str | None = Field(None, description="weights file instead of a tag: a local .safetensors/.pt path or an s3:// URI")
+    sha256: str | None = Field(None, description="expected SHA-256 of the checkpoint (verified before loading)")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-weights"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16-weights casts the frozen model (pool building and evaluation only)")
+
+
+class MethodConfig(Section):
+    name: str = Field("lvp", description="continual-learning method (see `cliploop methods`)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the method's own settings (validated by the method)")
+
+
+class EvaluationConfig(Section):
+    batch_size: int = Field(128, gt=0, description="images per batch when encoding")
+    workers: int | None = Field(None, ge=0, description="DataLoader worker processes; null = 0 on CPU, up to 8 on CUDA")
+    templates: str = Field("lvp", description="prompt templates for class text embeddings: lvp, single or ensemble")
+    zero_shot_set: str | None = Field(None, description="a task drop never trained on, evaluated after every step (zero-shot retention)")
+    future_tasks: bool = Field(True, description="when the task sequence is known (cliploop learn), also evaluate tasks not learned yet (transfer)")
+    seed: int = Field(0, description="seed for anything random in learning and evaluation")
+
+
 class Config(Section):
     workspace: str = Field(".", description="the workspace: a git + DVC repository holding data/, data.dvc and .cliploop/")
     drop_zone: str = Field("incoming", description="where new tasks arrive: a folder of task folders, or an s3:// prefix")
@@ -72,6 +95,9 @@ class Config(Section):
     dvc: DvcConfig = Field(default_factory=DvcConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     # Where relative paths in this config are anchored (the config file's folder, or the cwd). Not a key.
     _base_dir: Path = Path(".")

@@ -93,8 +93,12 @@ class ShardReader:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
 
     def read(self, where: Located, expected_sha256: str | None = None) -> bytes:
+        if self._pid != os.getpid():
+            # A forked DataLoader worker must not share the parent's file offsets: reopen here.
+            self._handles, self._pid = {}, os.getpid()
         handle = self._handles.get(where.shard)
         if handle is None:
             handle = open(self.folder / where.shard, "rb")

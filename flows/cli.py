@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("matrix", help="accuracy_matrix.json (rows: after step i; columns: task j; null = not evaluated)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("learn", help="run a method over task drops in the given order (no Prefect/MLflow/DVC/S3)")
+    p.add_argument("tasks", nargs="+", help="task drops or stored task folders, in learning order")
+    p.add_argument("--method", "-m", help="method name (default: method.name from the config; see `cliploop methods`)")
+    p.add_argument("--out", help="output folder (default: runs/learn-<time>)")
+    p.add_argument("--json", action="store_true", help="print the accuracy matrix and metrics as JSON")
+    _add_config_args(p)
+
+    sub.add_parser("methods", help="the registered continual-learning methods, one line each")
+
     p = sub.add_parser("demo", help="run cliploop end to end on the embedded demo (no servers needed)")
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
@@ -262,6 +271,24 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return metrics.main([args.matrix] + (["--json"] if args.json else []))
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from components import learn
+
+    if args.workspace:
+        args.overrides = list(args.overrides) + [f"workspace={Path(args.workspace).resolve()}"]
+    return learn.run_cli(args)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from components.methods import available_methods
+
+    methods = available_methods()
+    width = max(map(len, methods))
+    for name, summary in methods.items():
+        print(f"{name:<{width}}  {summary}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from components import demo, ingestion
     from components.config import load_config
@@ -291,7 +318,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,
-            "config": cmd_config, "metrics": cmd_metrics, "demo": cmd_demo}
+            "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods,
+            "demo": cmd_demo}
 
 
 if __name__ == "__main__":

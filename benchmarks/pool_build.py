@@ -1,0 +1,171 @@
+"""Pool-building throughput from stored shards vs the bare image encoder, in one run, as JSON.
+
+    .venv/bin/python benchmarks/pool_build.py                      # small model on CPU (defaults)
+    .venv/bin/python benchmarks/pool_build.py --model ViT-B-16 --side 256 --images 8192 --batch 512 \
+        --device cuda --precision bf16                              # on a GPU machine
+
+Measured, on the same model, device and precision:
+  ``bare_encoder``   images/s of the encoder alone on a batch already preprocessed and on the device;
+  ``pool_build``     images/s of cliploop's pool building from a stored task (shards → decode →
+                     preprocess in DataLoader workers → encode → per-class sums), end to end;
+  ``plain_fp32``     images/s of open_clip's plain fp32 loop on the same batch (the baseline the
+                     encoder is compared with).
+Ratios: ``pool_vs_encoder`` (target ≥ 0.90) and ``encoder_vs_plain_fp32`` (target ≥ 2.2 on a GPU).
+The stored task is synthetic JPEGs of ``--side`` pixels (real digits drawn large, with noise) packed into
+shards exactly as ingestion stores them; no network, no DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_stored_task(folder: Path, n: int, side: int, quality: int = 90) -> Path:
+    """A stored task (task.yaml, index.csv, shards) of ``n`` JPEGs, as ingestion would write it."""
+    import yaml
+    from PIL import Image
+
+    from components.demo import NAMES, _digits
+    from components.shards import ShardWriter, write_index
+    from components.storage import sha256_bytes
+
+    images, targets = _digits()
+    rng = np.random.default_rng(0)
+    task = folder / "bench"
+    (task / "shards").mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(task / "shards", 256 << 20)
+    rows = []
+    for i in range(n):
+        k = i % len(images)
+        ink = np.kron(images[k] / 16.0, np.ones((side // 8 + 1, side // 8 + 1)))[:side, :side]
+        pixels = np.clip(255 - ink[..., None] * 200 + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=quality)
+        data = buf.getvalue()
+        sha = sha256_bytes(data)
+        writer.add(sha, ".jpg", data)
+        rows.append({"path": f"img/{i:06d}.jpg", "label": NAMES[int(targets[k])], "split": "train", "sha256": sha,
+                     "format": "JPEG", "width": side, "height": side})
+    located = writer.close()
+    for row in rows:
+        where = located[row["sha256"] + ".jpg"]
+        row.update(shard=where.shard, offset=where.offset, size=where.size)
+    write_index(task / "index.csv", rows)
+    spec = {"task_id": "bench", "scenario": "class-incremental", "dataset": "bench", "classes": NAMES}
+    (task / "task.yaml").write_text(yaml.safe_dump(spec))
+    (task / "manifest.csv").write_text("path,label,split\n" + "".join(f"{r['path']},{r['label']},train\n" for r in rows))
+    return task
+
+
+def timed(fn, repeat: int) -> float:
+    """Best-of-``repeat`` wall time (first call is a warm-up and is not counted)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    from components.config import load_config
+    from components.data import load_task
+    from components.learn import context_for
+    from components.methods.lvp import build_pool
+    from components.models import encode_batch, load_backbone
+    from components.pools import PoolConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cliploop-tiny")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--side", type=int, default=64, help="stored image side in pixels")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: auto)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    overrides = [f"model.name={args.model}", f"model.pretrained={args.pretrained or 'null'}",
+                 f"model.device={args.device}", f"model.precision={args.precision}",
+                 f"evaluation.batch_size={args.batch}"]
+    if args.workers is not None:
+        overrides.append(f"evaluation.workers={args.workers}")
+    config = load_config(overrides=overrides, env={})
+    torch.manual_seed(0)
+    backbone = load_backbone(config.model)
+    ctx = context_for(config, backbone)
+    with tempfile.TemporaryDirectory() as tmp:
+        task = load_task(make_stored_task(Path(tmp), args.images, args.side))
+        settings = PoolConfig()
+
+        # One preprocessed batch, already on the device: what the encoder alone can do.
+        dataset = task.dataset_for("train", backbone.preprocess)
+        batch = torch.stack([dataset[i][0] for i in range(min(args.batch, len(dataset)))])
+        n_batches = max(1, args.images // len(batch))
+
+        def bare():
+            for _ in range(n_batches):
+                encode_batch(backbone, batch)
+
+        model = backbone.model
+        device_batch = batch.to(backbone.device)
+
+        @torch.inference_mode()
+        def plain_fp32():
+            for _ in range(n_batches):
+                model.encode_image(device_batch.float())
+
+        def pool():
+            build_pool(task, ctx, settings)
+
+        encoder_s = timed(bare, args.repeat)
+        pool_s = timed(pool, args.repeat)
+        restore = {p: p.dtype for p in model.parameters()}
+        model.float()
+        plain_s = timed(plain_fp32, args.repeat)
+        for p, dtype in restore.items():
+            p.data = p.data.to(dtype)
+        encoder = n_batches * len(batch) / encoder_s
+        pool_rate = args.images / pool_s
+        plain = n_batches * len(batch) / plain_s
+        task.source.close()
+    result = {
+        "benchmark": "pool_build",
+        "model": args.model, "device": str(backbone.device), "precision": str(backbone.autocast_dtype or "fp32"),
+        "images": args.images, "image_side": args.side, "batch": args.batch, "workers": ctx.workers,
+        "repeat": args.repeat, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "machine": platform.machine(),
+        "img_per_s": {"pool_build": round(pool_rate, 1), "bare_encoder": round(encoder, 1),
+                      "plain_fp32": round(plain, 1)},
+        "ratios": {"pool_vs_encoder": round(pool_rate / encoder, 3), "encoder_vs_plain_fp32": round(encoder / plain, 3)},
+        "targets": {"pool_vs_encoder": 0.90, "encoder_vs_plain_fp32": 2.2},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

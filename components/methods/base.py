@@ -1,0 +1,95 @@
+"""The method contract (contracts.md, "Method contract").
+
+A method sees the learner state and one task, and returns the new learner state; it can also score
+images against any set of classes. Its hooks::
+
+    begin_task(state, task, ctx)              set up: teachers, frozen parts, cached outputs, pools
+    training_step(batch) -> {name: loss}      summed for backward by the shared trainer; each term logged
+    after_backward()                          e.g. gradient projection, before the optimizer step
+    end_task() -> LearnerState                per-task state out
+    scores(state, images, classes, ctx)       logits [N, len(classes)] over the given class keys
+
+The shared trainer owns the loop, devices, precision, checkpoints, logging, timing and progress.
+Method code imports no prefect, mlflow or boto3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class MethodError(RuntimeError):
+    pass
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Context:
+    """What the shared machinery hands a method: the backbone, and how to turn images into tensors."""
+
+    backbone: Any  # components.models.Backbone
+    batch_size: int = 64
+    workers: int = 0
+    templates: str = "lvp"  # name of the prompt template set for class text embeddings
+    seed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)  # timings and counters the method wants reported
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.backbone.device)
+
+    def image_embeddings(self, task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised fp32 embeddings (on CPU) and labels of a task split, in manifest order."""
+        from components.data import make_loader
+        from components.models import encode_batch
+
+        dataset = task.dataset_for(split, self.backbone.preprocess)
+        feats, labels = [], []
+        for images, batch_labels in make_loader(dataset, self.batch_size, self.workers):
+            feats.append(encode_batch(self.backbone, images))
+            labels.append(batch_labels)
+        if not feats:
+            return torch.zeros(0, self.backbone.embed_dim), torch.zeros(0, dtype=torch.long)
+        return torch.cat(feats), torch.cat(labels)
+
+    def text_embeddings(self, class_names: Iterable[str]) -> torch.Tensor:
+        from components.prompts import class_text_embeddings, get_templates
+
+        return class_text_embeddings(self.backbone, list(class_names), get_templates(self.templates))
+
+
+class Method:
+    """Base class; subclasses are registered with ``@register_method(name)``."""
+
+    name: ClassVar[str] = "?"
+    summary: ClassVar[str] = ""
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    trains: ClassVar[bool] = True  # False: the trainer runs no optimisation loop (e.g. LVP, zero-shot)
+
+    def __init__(self, settings: BaseModel | dict[str, Any] | None = None):
+        if settings is None or isinstance(settings, dict):
+            settings = self.Settings.model_validate(settings or {})
+        self.settings = settings
+
+    def begin_task(self, state, task, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def training_step(self, batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} has no training loop")
+
+    def after_backward(self) -> None:
+        return None
+
+    def end_task(self):
+        raise NotImplementedError
+
+    def scores(self, state, images: torch.Tensor, class_keys: list[str], class_names: dict[str, str],
+               ctx: Context) -> torch.Tensor:
+        raise NotImplementedError

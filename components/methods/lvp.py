@@ -1,0 +1,107 @@
+"""LVP-CLIP (methods.md §1): a frozen CLIP whose classes are represented by label vectors built from
+training-image embeddings. A task adds the vectors of its own classes and touches nothing else, so
+tasks can be learned in any order, or in parallel, with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from components.methods import register_method
+from components.methods.base import Context, Method
+from components.pools import PoolConfig, TaskPool, build_task_pool, merge, train_head
+
+
+def build_pool(task, ctx: Context, cfg: PoolConfig) -> TaskPool:
+    """The task's pool, from that task's training images alone (the pipeline's build_pool step)."""
+    started = time.perf_counter()
+    embeddings, labels = ctx.image_embeddings(task, "train")
+    elapsed = time.perf_counter() - started
+    ctx.info["pool_images"] = int(len(labels))
+    ctx.info["pool_img_per_s"] = len(labels) / elapsed if elapsed > 0 else None
+    text = ctx.text_embeddings(task.class_names)
+    backbone = ctx.backbone
+    meta = {"backbone": backbone.reference, "preprocess": repr(backbone.preprocess), "prompt_templates": ctx.templates,
+            "metric": cfg.metric, "variant": cfg.variant, "task": task.summary()}
+    return build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta)
+
+
+@register_method("lvp")
+class LVP(Method):
+    summary = "LVP-CLIP: frozen CLIP, per-task label-vector pools of image embeddings (order-invariant, parallel)"
+    Settings = PoolConfig
+    trains = False
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self._merged_cache: tuple[tuple[str, ...], object] | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def begin_task(self, state, task, ctx: Context, pool: TaskPool | None = None) -> None:
+        self._state, self._task = state, task
+        self._pool = pool if pool is not None else build_pool(task, ctx, self.settings)
+
+    def end_task(self):
+        state, task = self._state, self._task
+        state.pools[task.task_id] = self._pool
+        state.add_classes(task.task_id, task.dataset, list(zip(task.class_keys, task.class_names)))
+        state.tasks.append(task.summary())
+        state.method_settings = self.settings.model_dump(mode="json")
+        self._merged_cache = None
+        return state
+
+    def merged(self, state):
+        key = tuple(sorted(state.pools))
+        if self._merged_cache is None or self._merged_cache[0] != key:
+            merged = merge(list(state.pools.values()), self.settings)
+            if self.settings.variant == "lvp-c":
+                train_head(merged, self.settings)
+            self._merged_cache = (key, merged)
+        return self._merged_cache[1]
+
+    def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
+        from components.models import encode_batch
+
+        embeddings = encode_batch(ctx.backbone, images)
+        fallback = self._fallback_text([k for k in class_keys if k not in state.class_index()], class_names, ctx)
+        if not state.pools:
+            return embeddings @ torch.stack([fallback[k] for k in class_keys]).T
+        return self.merged(state).scores(embeddings, class_keys, fallback_text=fallback)
+
+    def _fallback_text(self, keys, class_names, ctx: Context) -> dict[str, torch.Tensor]:
+        """Classes no task has taught yet are scored zero-shot by their text embedding (LVP-T)."""
+        missing = [k for k in keys if k not in self._text_cache]
+        if missing:
+            for key, vector in zip(missing, ctx.text_embeddings([class_names[k] for k in missing])):
+                self._text_cache[key] = vector
+        return {k: self._text_cache[k] for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m components.methods.lvp TASK --out DIR``: build one task's pool in its own process."""
+    import argparse
+
+    from components.config import load_config
+    from components.data import load_task
+    from components.learn import context_for
+    from components.models import load_backbone
+
+    parser = argparse.ArgumentParser(prog="python -m components.methods.lvp", description=main.__doc__)
+    parser.add_argument("task", help="a stored task folder or a task drop")
+    parser.add_argument("--out", required=True, help="folder for <task_id>.safetensors and <task_id>.json")
+    parser.add_argument("--config", "-c")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    ctx = context_for(config, load_backbone(config.model))
+    pool = build_pool(load_task(args.task), ctx, PoolConfig.model_validate(config.method.settings))
+    files = pool.save(args.out)
+    print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": ctx.info.get("pool_img_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

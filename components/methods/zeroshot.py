@@ -1,0 +1,41 @@
+"""Zero-shot CLIP (methods.md §8): the frozen model and class-prompt text embeddings, no training.
+
+Never forgets; its plasticity is bounded by the zero-shot accuracy. The reference every method is
+compared with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from components.methods import register_method
+from components.methods.base import Context, Method
+
+
+@register_method("zeroshot")
+class ZeroShot(Method):
+    summary = "Zero-shot CLIP: frozen model, text embeddings of class prompts; no training (the reference)"
+    trains = False
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def begin_task(self, state, task, ctx: Context) -> None:
+        self._state, self._task = state, task
+
+    def end_task(self):
+        state, task = self._state, self._task
+        state.add_classes(task.task_id, task.dataset, list(zip(task.class_keys, task.class_names)))
+        state.tasks.append(task.summary())
+        return state
+
+    def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
+        from components.models import encode_batch
+
+        missing = [k for k in class_keys if k not in self._text_cache]
+        if missing:
+            for key, vector in zip(missing, ctx.text_embeddings([class_names[k] for k in missing])):
+                self._text_cache[key] = vector
+        text = torch.stack([self._text_cache[k] for k in class_keys])
+        return encode_batch(ctx.backbone, images) @ text.T
