@@ -138,8 +138,8 @@ def base_split() -> tuple[list[bytes], list[int]]:
 
 BASE_MODEL = "cliploop-minilm-tiny"
 BASE_PROMPT = "a photo of the handwritten digit {}"
-BASE_RECIPE = {"model": BASE_MODEL, "prompt": BASE_PROMPT, "epochs": 8, "lr": 2e-3, "batch": 50, "seed": 0,
-               "data": "sklearn load_digits, base split", "version": 1}
+BASE_RECIPE = {"model": BASE_MODEL, "prompt": BASE_PROMPT, "epochs": 40, "lr": 2e-3, "batch": 50, "seed": 0,
+               "data": "sklearn load_digits, base split", "version": 2}
 
 
 def base_model_path(cache_dir: Path) -> Path:
@@ -175,7 +175,10 @@ def build_base_model(cache_dir: Path, progress=print) -> Path:
     data, labels = base_split()
     images = torch.stack([preprocess(_decode(b)) for b in data])
     targets = torch.tensor(labels)
-    tokens = tokenizer([BASE_PROMPT.format(n) for n in NAMES])
+    with torch.no_grad():  # the frozen transformer's pooled output is the same every step: compute it once
+        tokens = tokenizer([BASE_PROMPT.format(n) for n in NAMES])
+        mask = (tokens != model.text.config.pad_token_id).long()
+        pooled = model.text.pooler(model.text.transformer(input_ids=tokens, attention_mask=mask), mask)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=BASE_RECIPE["lr"], weight_decay=0.05)
     generator = torch.Generator().manual_seed(BASE_RECIPE["seed"])
@@ -186,14 +189,14 @@ def build_base_model(cache_dir: Path, progress=print) -> Path:
         for start in range(0, len(order), BASE_RECIPE["batch"]):
             idx = order[start:start + BASE_RECIPE["batch"]]
             image_features = torch.nn.functional.normalize(model.encode_image(images[idx]), dim=-1)
-            text_features = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+            text_features = torch.nn.functional.normalize(model.text.proj(pooled), dim=-1)
             logits = model.logit_scale.exp() * image_features @ text_features.T
             loss = torch.nn.functional.cross_entropy(logits, targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
-        if progress:
+            total += loss.item() * len(idx)
+        if progress and (epoch + 1) % 5 == 0:
             progress(f"  base model warm-up: epoch {epoch + 1}/{BASE_RECIPE['epochs']}, loss {total / len(order):.3f}")
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,10 @@ Device and precision: ``auto`` picks CUDA when present, with bf16 autocast there
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -244,8 +246,9 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     reference: dict[str, Any] = {"name": name}
     tag = model_cfg.pretrained if not model_cfg.checkpoint and weights is None else None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True)
+        with _quiet_loaders():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True)
     except RuntimeError as exc:
         raise CheckpointError(f"cannot create {name} with pretrained={tag!r}: {str(exc).splitlines()[0]}") from None
     if tag:
@@ -264,6 +267,32 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=device,
                     autocast_dtype=autocast_dtype, embed_dim=embed_dim, reference=reference,
                     weights_dtype=weights_dtype)
+
+
+@contextlib.contextmanager
+def _quiet_loaders():
+    """open_clip warns "initialized randomly" before cliploop loads the real weights, and transformers
+    prints a load report for the text tower's unused pooler: both are noise here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        transformers = None
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if transformers is not None:
+            transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
 
 
 # ---- encoding -----------------------------------------------------------------------------------------

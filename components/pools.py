@@ -105,14 +105,25 @@ def kmeans_l1(points: torch.Tensor, k: int, iters: int, generator: torch.Generat
     return centroids
 
 
+def _training_mode():
+    """Gradients on, even when called from evaluation code running under inference mode."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 def train_it_scalars(embeddings: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, image: torch.Tensor,
                      cfg: PoolConfig) -> torch.Tensor:
     """LVP-IT: per-class (a_c, b_c) of ``u_c = a_c t_c + b_c i_c``, trained on one task's embeddings. [C, 2]."""
-    a = torch.full((len(text),), cfg.it_text_init, requires_grad=True)
-    b = torch.full((len(text),), cfg.it_image_init, requires_grad=True)
-    optimizer = torch.optim.SGD([a, b], lr=cfg.it_lr)
-    text, image = text.float(), image.float()
-    with torch.enable_grad():
+    with _training_mode():
+        # Clones: inputs made under inference mode cannot take part in autograd.
+        embeddings, labels, text, image = (t.clone() for t in (embeddings.float(), labels, text.float(), image.float()))
+        a = torch.full((len(text),), cfg.it_text_init, requires_grad=True)
+        b = torch.full((len(text),), cfg.it_image_init, requires_grad=True)
+        optimizer = torch.optim.SGD([a, b], lr=cfg.it_lr)
         for _ in range(cfg.it_epochs):
             for start in range(0, len(labels), cfg.it_batch):  # no shuffling, as in the official code
                 e = embeddings[start:start + cfg.it_batch]
@@ -130,11 +141,12 @@ def train_it_scalars(embeddings: torch.Tensor, labels: torch.Tensor, text: torch
 
 def train_linear_head(vectors: torch.Tensor, targets: torch.Tensor, n_classes: int, cfg: PoolConfig) -> torch.nn.Linear:
     """LVP-C: ``W e + b`` trained with Adam on pool vectors, batch = number of classes, in a fixed order."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = torch.nn.Linear(vectors.shape[1], n_classes)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.c_lr)
-    with torch.enable_grad():
+    with _training_mode():
+        vectors, targets = vectors.float().clone(), targets.clone()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            head = torch.nn.Linear(vectors.shape[1], n_classes)
+        optimizer = torch.optim.Adam(head.parameters(), lr=cfg.c_lr)
         for _ in range(cfg.c_epochs):
             for start in range(0, len(targets), n_classes):
                 loss = torch.nn.functional.cross_entropy(head(vectors[start:start + n_classes]),

@@ -64,6 +64,20 @@ class TaskSpec(BaseModel):
     dataset: str = Field(min_length=1, max_length=200)
     domain: str | None = None
     classes: list[ClassSpec] = Field(min_length=1)
+    # Optional prompt templates for this dataset's class names ("{}" = the class name), e.g. MTIL's
+    # per-dataset CLIP templates; used when evaluation.templates is "task".
+    prompts: list[str] | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _templates(cls, value):
+        if value is not None:
+            if not value:
+                raise ValueError("prompts is empty; leave it out to use the configured templates")
+            for template in value:
+                if template.count("{}") != 1:
+                    raise ValueError(f"prompt template {template!r} must contain '{{}}' exactly once")
+        return value
 
     @field_validator("task_id")
     @classmethod

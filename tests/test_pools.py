@@ -1,0 +1,162 @@
+"""LVP-CLIP pools (methods.md §1) on hand-made embeddings: the mathematics, order invariance, persistence."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from components.pools import (MergedPool, PoolConfig, PoolError, TaskPool, build_task_pool, class_sums, kmeans_l1,
+                              merge, per_class_max, similarity, train_head, train_it_scalars)
+
+D = 8
+META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}
+
+
+def _unit(*rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def _random_task(task_id, keys, n_per_class, seed, cfg=PoolConfig()):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(len(keys), D, generator=g), dim=-1)
+    labels = torch.arange(len(keys)).repeat_interleave(n_per_class)
+    e = torch.nn.functional.normalize(centres[labels] + 0.3 * torch.randn(len(labels), D, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(len(keys), D, generator=g), dim=-1)
+    return build_task_pool(task_id, e, labels, keys, [k.split("/")[1] for k in keys], text, cfg, META), e, labels
+
+
+def test_class_sums_and_means_are_exact():
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    sums, counts = class_sums(e, torch.tensor([0, 0, 1]), 3)
+    assert sums.dtype == torch.float64 and sums.tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    assert counts.tolist() == [2, 1, 0]
+
+
+def test_similarity_and_per_class_max():
+    e = _unit([1.0, 0.0])
+    v = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    cos = similarity(e, v, "cosine")
+    assert torch.allclose(cos, torch.tensor([[1.0, 0.0, 2 ** -0.5]]))  # vectors need not be normalised
+    assert torch.allclose(similarity(e, v, "l1"), torch.tensor([[-1.0, -2.0, -1.0]]))
+    best = per_class_max(cos, torch.tensor([0, 1, 1]), 3)
+    assert best[0, 0] == 1.0 and best[0, 1] == pytest.approx(2 ** -0.5) and best[0, 2] == float("-inf")
+
+
+def test_mean_pool_of_domain_tasks_is_bit_identical_in_any_order():
+    """Three tasks share classes (domain-incremental): every merge order gives the same bits."""
+    keys = ["d/cat", "d/dog", "d/emu"]
+    pools = [_random_task(f"t{i}", keys if i else keys[:2], 5 + i, seed=i)[0] for i in range(3)]
+    merged = [merge(list(order), PoolConfig()) for order in itertools.permutations(pools)]
+    for m in merged[1:]:
+        assert m.class_keys == merged[0].class_keys
+        assert torch.equal(m.vectors, merged[0].vectors) and torch.equal(m.entry_class, merged[0].entry_class)
+    # The mean is over every image of the class, whichever task brought it.
+    total = sum(p.sums[0] for p in pools) / sum(int(p.counts[0]) for p in pools)
+    assert torch.equal(merged[0].vectors[0], total.float())
+
+
+def test_lvp_t_is_zero_shot_text_and_lvp_i_uses_images():
+    pool, e, labels = _random_task("t", ["d/a", "d/b"], 6, seed=3)
+    text_only = merge([pool], PoolConfig(variant="lvp-t"))
+    assert torch.allclose(text_only.scores(e), e @ pool.text.T, atol=1e-6)
+    images = merge([pool], PoolConfig())
+    assert torch.allclose(images.vectors, pool.image_means())
+    accuracy = (images.scores(e).argmax(1) == labels).float().mean()
+    assert accuracy > 0.9
+
+
+def test_bank_is_one_nearest_neighbour_and_cluster_keeps_k_centroids():
+    cfg = PoolConfig(mode="bank")
+    pool, e, labels = _random_task("t", ["d/a", "d/b", "d/c"], 7, seed=4, cfg=cfg)
+    merged = merge([pool], cfg)
+    assert len(merged.vectors) == len(e)
+    assert torch.equal(merged.scores(e).argmax(1), labels)  # every training point is its own nearest entry
+
+    cfg = PoolConfig(mode="cluster", clusters=3)
+    pool, e, labels = _random_task("t", ["d/a", "d/b"], 7, seed=5, cfg=cfg)
+    assert pool.centroids.shape == (6, D) and pool.centroid_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    again, _, _ = _random_task("t", ["d/a", "d/b"], 7, seed=5, cfg=cfg)
+    assert torch.equal(again.centroids, pool.centroids)  # seeded initialisation
+
+
+def test_kmeans_l1_finds_separated_groups():
+    points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 10.0], [10.1, 10.0]])
+    centroids = kmeans_l1(points, 2, 10, torch.Generator().manual_seed(0))
+    assert sorted(c[0].item() for c in centroids) == pytest.approx([0.05, 10.05])
+
+
+def test_lvp_it_scalars_start_at_the_code_defaults_and_learn():
+    pool, e, labels = _random_task("t", ["d/a", "d/b", "d/c"], 10, seed=6)
+    untrained = train_it_scalars(e, labels, pool.text, pool.image_means(), PoolConfig(it_epochs=0))
+    assert untrained.tolist() == [[0.5, 1.0]] * 3
+    cfg = PoolConfig(it_epochs=50, it_lr=0.05)
+
+    def loss(ab):
+        u = ab[:, :1] * pool.text + ab[:, 1:] * pool.image_means()
+        return torch.nn.functional.cross_entropy(-torch.cdist(e, u, p=1), labels)
+
+    trained = train_it_scalars(e, labels, pool.text, pool.image_means(), cfg)
+    assert loss(trained) < loss(untrained)
+    # The official code's double softmax squashes the gradient: the scalars move much less.
+    double = train_it_scalars(e, labels, pool.text, pool.image_means(), cfg.model_copy(update={"it_double_softmax": True}))
+    assert (double - untrained).abs().sum() < (trained - untrained).abs().sum()
+
+
+def test_lvp_it_entries_and_lvp_c_head():
+    cfg = PoolConfig(variant="lvp-it", it_epochs=2)
+    pool, e, labels = _random_task("t", ["d/a", "d/b"], 6, seed=7, cfg=cfg)
+    merged = merge([pool], cfg)
+    expected = pool.it_ab[:, :1] * pool.text + pool.it_ab[:, 1:] * pool.image_means()
+    assert torch.allclose(merged.vectors, expected)
+
+    cfg_c = PoolConfig(variant="lvp-c", it_epochs=2)
+    pool_c, e, labels = _random_task("t", ["d/a", "d/b"], 6, seed=7, cfg=cfg_c)
+    head_pool = train_head(merge([pool_c], cfg_c), cfg_c)
+    assert isinstance(head_pool.head, torch.nn.Linear)
+    assert torch.equal(head_pool.head(head_pool.vectors).argmax(1), head_pool.entry_class)  # fits its training set
+    assert torch.equal(head_pool.scores(e), head_pool.head(e))
+    twice = train_head(merge([pool_c], cfg_c), cfg_c)
+    assert torch.equal(twice.head.weight, head_pool.head.weight)  # seeded: the same head every time
+
+
+def test_classes_outside_the_pool_use_the_text_fallback():
+    pool, e, _ = _random_task("t", ["d/a"], 4, seed=8)
+    merged = merge([pool], PoolConfig())
+    other = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(1)), dim=0)
+    scores = merged.scores(e, ["d/a", "d/z"], fallback_text={"d/z": other})
+    assert torch.allclose(scores[:, 1], e @ other)
+    with pytest.raises(PoolError, match="no text fallback"):
+        merged.scores(e, ["d/a", "d/unknown"])
+
+
+def test_save_load_round_trip_and_tamper_detection(tmp_path):
+    pool, _, _ = _random_task("t-1", ["d/a", "d/b"], 4, seed=9, cfg=PoolConfig(mode="bank"))
+    files = pool.save(tmp_path)
+    assert set(files) == {"t-1.safetensors", "t-1.json"}
+    loaded = TaskPool.load(tmp_path, "t-1")
+    assert torch.equal(loaded.sums, pool.sums) and torch.equal(loaded.bank, pool.bank)
+    assert loaded.class_keys == pool.class_keys and loaded.meta == pool.meta
+    assert pool.save(tmp_path / "again") == files  # same pool, same bytes
+    blob = tmp_path / "t-1.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(PoolError, match="does not match"):
+        TaskPool.load(tmp_path, "t-1")
+
+
+def test_merge_refuses_pools_from_different_backbones_and_bad_settings():
+    a, _, _ = _random_task("a", ["d/a"], 3, seed=1)
+    b, _, _ = _random_task("b", ["d/b"], 3, seed=2)
+    b.meta = {**b.meta, "backbone": {"name": "other"}}
+    with pytest.raises(PoolError, match="different backbone"):
+        merge([a, b], PoolConfig())
+    with pytest.raises(PoolError, match="no bank"):
+        merge([a], PoolConfig(mode="bank"))
+    with pytest.raises(ValueError, match="needs mode 'mean'"):
+        PoolConfig(variant="lvp-it", mode="bank")
+    with pytest.raises(ValueError):
+        PoolConfig(colour="red")
+    assert isinstance(merge([a], PoolConfig()), MergedPool)
