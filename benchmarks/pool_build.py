@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         task.source.close()
     result = {
         "benchmark": "pool_build",
-        "model": args.model, "device": str(backbone.device), "precision": str(backbone.autocast_dtype or "fp32"),
+        "model": args.model, "device": str(backbone.device), "precision": args.precision, "autocast": str(backbone.autocast_dtype), "weights_dtype": str(backbone.weights_dtype),
         "images": args.images, "image_side": args.side, "batch": args.batch, "workers": ctx.workers,
         "repeat": args.repeat, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "machine": platform.machine(),

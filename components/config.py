@@ -82,7 +82,7 @@ class MethodConfig(Section):
 class EvaluationConfig(Section):
     batch_size: int = Field(128, gt=0, description="images per batch when encoding")
     workers: int | None = Field(None, ge=0, description="DataLoader worker processes; null = 0 on CPU, up to 8 on CUDA")
-    templates: str = Field("lvp", description="prompt templates for class text embeddings: lvp, single or ensemble")
+    templates: str = Field("lvp", description="prompt templates for class text embeddings: lvp, single, ensemble, simple, task (each task.yaml's prompts) or a template with {}")
     zero_shot_set: str | None = Field(None, description="a task drop never trained on, evaluated after every step (zero-shot retention)")
     future_tasks: bool = Field(True, description="when the task sequence is known (cliploop learn), also evaluate tasks not learned yet (transfer)")
     seed: int = Field(0, description="seed for anything random in learning and evaluation")

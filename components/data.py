@@ -35,6 +35,7 @@ class TaskData:
     train: list[tuple[Any, int]] = field(default_factory=list)  # (reference to the image, class index)
     test: list[tuple[Any, int]] = field(default_factory=list)
     location: str = ""
+    prompts: list[str] | None = None  # the dataset's own prompt templates, from task.yaml
 
     def split(self, name: str) -> list[tuple[Any, int]]:
         return {"train": self.train, "test": self.test}[name]
@@ -60,7 +61,7 @@ def load_task(location: str | Path, source: DropSource | None = None) -> TaskDat
     keys = [class_key(spec.dataset, c.name) for c in spec.classes]
     by_name = {c.name: i for i, c in enumerate(spec.classes)}
     data = TaskData(spec.task_id, spec.scenario, spec.dataset, spec.domain, keys, spec.class_names, source,
-                    location=location)
+                    location=location, prompts=spec.prompts)
     if isinstance(source, StoredTask):
         rows = [(row, row["label"], row["split"]) for row in source.rows]
     else:

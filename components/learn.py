@@ -113,6 +113,9 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     torch.manual_seed(config.evaluation.seed)
     tasks = [load_task(loc) for loc in locations]
     zero_shot = load_task(config.location(config.evaluation.zero_shot_set)) if config.evaluation.zero_shot_set else None
+    for task in tasks + ([zero_shot] if zero_shot else []):
+        if task.prompts:
+            ctx.task_prompts.setdefault(task.dataset, task.prompts)
     state = LearnerState(method=method.name, backbone=backbone.reference)
 
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ every accuracy):
 - ``ensemble``: CLIP's 80 ImageNet templates; embeddings are averaged after normalisation, then
   renormalised (as ZSCL's evaluation does);
 - ``simple``: open_clip's 7-template subset of the ensemble;
+- ``task``: each dataset's own templates from its ``task.yaml`` ``prompts`` (e.g. MTIL's), else ``ensemble``;
 - any other string containing ``{}`` is used as a single template (e.g. a dataset-specific one).
 """
 
@@ -37,6 +38,11 @@ def get_templates(name: str) -> list[Template]:
         return [_fmt(name)]
     raise ValueError(f"unknown prompt template set {name!r}: use lvp, single, ensemble, simple, "
                      "or a template containing {}")
+
+
+def task_templates(prompts: list[str] | None) -> list[Template]:
+    """A task's own prompts (task.yaml ``prompts``); without them, CLIP's ensemble."""
+    return [_fmt(p) for p in prompts] if prompts else get_templates("ensemble")
 
 
 def clean_class_name(name: str) -> str:

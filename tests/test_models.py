@@ -12,7 +12,7 @@ import torch
 from components.config import ModelConfig
 from components.models import (CheckpointError, encode_batch, load_backbone, pick_precision, register_builtin_configs,
                                save_weights)
-from components.prompts import class_text_embeddings, get_templates
+from components.prompts import class_text_embeddings, get_templates, task_templates
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,8 @@ def test_prompt_templates_and_text_embeddings(tiny_weights):
     assert [t("dog") for t in get_templates("single")] == ["a photo of a dog."]
     assert len(get_templates("ensemble")) == 80
     assert [t("x") for t in get_templates("a sketch of a {}")] == ["a sketch of a x"]
+    assert [t("x") for t in task_templates(["a {} texture.", "a photo of a {}."])] == ["a x texture.", "a photo of a x."]
+    assert len(task_templates(None)) == 80  # a task without prompts: CLIP's ensemble
     with pytest.raises(ValueError, match="unknown prompt template"):
         get_templates("nope")
     backbone = load_backbone(_cfg(checkpoint=str(path), sha256=sha))

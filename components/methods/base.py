@@ -37,7 +37,8 @@ class Context:
     backbone: Any  # components.models.Backbone
     batch_size: int = 64
     workers: int = 0
-    templates: str = "lvp"  # name of the prompt template set for class text embeddings
+    templates: str = "lvp"  # prompt template set for class text embeddings ("task": each dataset's own prompts)
+    task_prompts: dict[str, list[str]] = field(default_factory=dict)  # dataset -> templates from task.yaml
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # timings and counters the method wants reported
 
@@ -59,10 +60,25 @@ class Context:
             return torch.zeros(0, self.backbone.embed_dim), torch.zeros(0, dtype=torch.long)
         return torch.cat(feats), torch.cat(labels)
 
-    def text_embeddings(self, class_names: Iterable[str]) -> torch.Tensor:
-        from components.prompts import class_text_embeddings, get_templates
+    def text_embeddings(self, class_names: Iterable[str], dataset: str | None = None) -> torch.Tensor:
+        """Normalised text embeddings of class names, with the dataset's own prompts when templates is "task"."""
+        from components.prompts import class_text_embeddings, get_templates, task_templates
 
-        return class_text_embeddings(self.backbone, list(class_names), get_templates(self.templates))
+        if self.templates == "task":
+            templates = task_templates(self.task_prompts.get(dataset or ""))
+        else:
+            templates = get_templates(self.templates)
+        return class_text_embeddings(self.backbone, list(class_names), templates)
+
+    def key_text_embeddings(self, keys: list[str], class_names: dict[str, str]) -> torch.Tensor:
+        """Text embeddings of class keys ("<dataset>/<name>"), grouped by dataset for the prompts."""
+        out = torch.zeros(len(keys), self.backbone.embed_dim)
+        by_dataset: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_dataset.setdefault(key.split("/", 1)[0], []).append(i)
+        for dataset, rows in by_dataset.items():
+            out[rows] = self.text_embeddings([class_names[keys[i]] for i in rows], dataset)
+        return out
 
 
 class Method:

@@ -22,9 +22,11 @@ def build_pool(task, ctx: Context, cfg: PoolConfig) -> TaskPool:
     elapsed = time.perf_counter() - started
     ctx.info["pool_images"] = int(len(labels))
     ctx.info["pool_img_per_s"] = len(labels) / elapsed if elapsed > 0 else None
-    text = ctx.text_embeddings(task.class_names)
+    text = ctx.text_embeddings(task.class_names, task.dataset)
     backbone = ctx.backbone
-    meta = {"backbone": backbone.reference, "preprocess": repr(backbone.preprocess), "prompt_templates": ctx.templates,
+    prompts = ctx.task_prompts.get(task.dataset) if ctx.templates == "task" else None
+    meta = {"backbone": backbone.reference, "preprocess": repr(backbone.preprocess),
+            "prompt_templates": prompts or ctx.templates,
             "metric": cfg.metric, "variant": cfg.variant, "task": task.summary()}
     return build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta)
 
@@ -75,7 +77,7 @@ class LVP(Method):
         """Classes no task has taught yet are scored zero-shot by their text embedding (LVP-T)."""
         missing = [k for k in keys if k not in self._text_cache]
         if missing:
-            for key, vector in zip(missing, ctx.text_embeddings([class_names[k] for k in missing])):
+            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
                 self._text_cache[key] = vector
         return {k: self._text_cache[k] for k in keys}
 

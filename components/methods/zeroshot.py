@@ -35,7 +35,7 @@ class ZeroShot(Method):
 
         missing = [k for k in class_keys if k not in self._text_cache]
         if missing:
-            for key, vector in zip(missing, ctx.text_embeddings([class_names[k] for k in missing])):
+            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
                 self._text_cache[key] = vector
         text = torch.stack([self._text_cache[k] for k in class_keys])
         return encode_batch(ctx.backbone, images) @ text.T
