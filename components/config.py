@@ -254,4 +254,5 @@ def _emit(model: BaseModel, lines: list[str], indent: int) -> None:
         if field.description:
             lines.append(f"{pad}# {field.description}")
         dumped = yaml.safe_dump({name: value}, default_flow_style=True, sort_keys=False).strip()
-        lines.append(f"{pad}{dumped.strip('{}')}")
+        # Flow style wraps the pair in braces: remove only those (a value may be "{}" itself).
+        lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")

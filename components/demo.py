@@ -158,7 +158,7 @@ def build_base_model(cache_dir: Path, progress=print) -> Path:
     """
     import torch
 
-    from components.models import register_builtin_configs, save_weights
+    from components.models import quiet_loaders, register_builtin_configs, save_weights
 
     path = base_model_path(cache_dir)
     if path.exists():
@@ -167,7 +167,8 @@ def build_base_model(cache_dir: Path, progress=print) -> Path:
 
     register_builtin_configs()
     torch.manual_seed(BASE_RECIPE["seed"])
-    model, _, preprocess = open_clip.create_model_and_transforms(BASE_MODEL, pretrained=None)
+    with quiet_loaders():
+        model, _, preprocess = open_clip.create_model_and_transforms(BASE_MODEL, pretrained=None)
     tokenizer = open_clip.get_tokenizer(BASE_MODEL)
     for name, param in model.named_parameters():
         # The pretrained text transformer stays as shipped; its projection and the image tower learn.
@@ -202,6 +203,15 @@ def build_base_model(cache_dir: Path, progress=print) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model, path)
     return path
+
+
+def model_overrides(cache_dir: Path, progress=print) -> list[str]:
+    """Config overrides that point cliploop at the demo's base model (built on first use)."""
+    from components.storage import sha256_file
+
+    path = build_base_model(cache_dir, progress=progress)
+    return [f"model.name={BASE_MODEL}", "model.pretrained=null", f"model.checkpoint={path}",
+            f"model.sha256={sha256_file(path)}", f"evaluation.templates={BASE_PROMPT}"]
 
 
 def _decode(data: bytes):

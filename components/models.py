@@ -246,7 +246,7 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     reference: dict[str, Any] = {"name": name}
     tag = model_cfg.pretrained if not model_cfg.checkpoint and weights is None else None
     try:
-        with _quiet_loaders():
+        with quiet_loaders():
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True)
     except RuntimeError as exc:
@@ -270,7 +270,7 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
 
 
 @contextlib.contextmanager
-def _quiet_loaders():
+def quiet_loaders():
     """open_clip warns "initialized randomly" before cliploop loads the real weights, and transformers
     prints a load report for the text tower's unused pooler: both are noise here."""
     root = logging.getLogger()

@@ -10,8 +10,9 @@ bit-identical whatever order the tasks arrived or were built in.
 Variants (``PoolConfig.variant``):
 
 - ``lvp-t``: text vectors ``t_c`` only (zero-shot CLIP with the pool's prompts);
-- ``lvp-i``: image vectors; mean mode: ``i_c = sum_c / count_c`` over every task that taught ``c``
-  (not renormalised; cosine makes that harmless);
+- ``lvp-i``: image vectors; mean mode: one ``i_{c,dom} = sum / count`` per class and domain, over every
+  task that taught ``c`` in that domain (a domain-incremental task appends entries for its domain; not
+  renormalised, cosine makes that harmless);
 - ``lvp-it``: ``u = a_c t_c + b_c i_c`` per (class, task), the scalars trained on the task's own
   embeddings with cross-entropy on ``-||e - u||_1`` (single softmax; ``it_double_softmax`` reproduces
   the official code, which feeds a softmax into CrossEntropyLoss);
@@ -169,6 +170,7 @@ class TaskPool:
     text: torch.Tensor  # [C, d] fp32, normalised
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)  # backbone, preprocess, prompts, metric, task
+    domain: str | None = None  # the task's domain: mean-mode entries are per (class, domain)
     bank: torch.Tensor | None = None  # [N, d] fp32 (bank mode)
     bank_labels: torch.Tensor | None = None  # [N] index into class_keys
     centroids: torch.Tensor | None = None  # [K, d] (cluster mode)
@@ -201,7 +203,7 @@ class TaskPool:
         save_file(self.tensors(), str(tmp))
         tmp.replace(tensor_path)
         digest = storage.sha256_file(tensor_path)
-        doc = {"format": FORMAT, "task_id": self.task_id, "class_keys": self.class_keys,
+        doc = {"format": FORMAT, "task_id": self.task_id, "domain": self.domain, "class_keys": self.class_keys,
                "class_names": self.class_names, "dim": self.dim, "config": self.config, "meta": self.meta,
                "tensors_sha256": digest}
         storage.atomic_write_text(folder / f"{self.task_id}.json", json.dumps(doc, indent=2, sort_keys=True, default=str))
@@ -224,12 +226,12 @@ class TaskPool:
         return cls(task_id=doc["task_id"], class_keys=doc["class_keys"], class_names=doc["class_names"],
                    sums=t["sums"], counts=t["counts"], text=t["text"], config=doc["config"], meta=doc["meta"],
                    bank=t.get("bank"), bank_labels=t.get("bank_labels"), centroids=t.get("centroids"),
-                   centroid_labels=t.get("centroid_labels"), it_ab=t.get("it_ab"))
+                   centroid_labels=t.get("centroid_labels"), it_ab=t.get("it_ab"), domain=doc.get("domain"))
 
 
 def build_task_pool(task_id: str, embeddings: torch.Tensor, labels: torch.Tensor, class_keys: list[str],
                     class_names: list[str], text: torch.Tensor, cfg: PoolConfig,
-                    meta: dict[str, Any] | None = None) -> TaskPool:
+                    meta: dict[str, Any] | None = None, domain: str | None = None) -> TaskPool:
     """A task's pool from its training embeddings ([N, d], normalised) and labels (indices into class_keys)."""
     embeddings = embeddings.float().cpu()
     labels = labels.long().cpu()
@@ -237,7 +239,7 @@ def build_task_pool(task_id: str, embeddings: torch.Tensor, labels: torch.Tensor
         raise PoolError(f"{task_id}: {len(embeddings)} embeddings but {len(labels)} labels")
     sums, counts = class_sums(embeddings, labels, len(class_keys))
     pool = TaskPool(task_id, list(class_keys), list(class_names), sums, counts, text.float().cpu().contiguous(),
-                    cfg.model_dump(mode="json"), dict(meta or {}))
+                    cfg.model_dump(mode="json"), dict(meta or {}), domain)
     if cfg.mode == "bank":
         pool.bank, pool.bank_labels = embeddings.clone(), labels.clone()
     elif cfg.mode == "cluster":
@@ -316,15 +318,21 @@ def merge(pools: list[TaskPool], cfg: PoolConfig) -> MergedPool:
                 keys.append(key)
                 names.append(name)
     dim = pools[0].dim
-    sums = torch.zeros(len(keys), dim, dtype=torch.float64)
-    counts = torch.zeros(len(keys), dtype=torch.int64)
+    # Mean-mode image entries: one per (class, domain), in order of first appearance.
+    groups: dict[tuple[str, str | None], int] = {}
+    for pool in pools:
+        for key in pool.class_keys:
+            groups.setdefault((key, pool.domain), len(groups))
+    sums = torch.zeros(len(groups), dim, dtype=torch.float64)
+    counts = torch.zeros(len(groups), dtype=torch.int64)
     text = torch.zeros(len(keys), dim)
     have_text = torch.zeros(len(keys), dtype=torch.bool)
     vectors, owners = [], []
     for pool in pools:
         index = torch.tensor([position[k] for k in pool.class_keys], dtype=torch.long)
-        sums.index_add_(0, index, pool.sums)
-        counts.index_add_(0, index, pool.counts)
+        group = torch.tensor([groups[(k, pool.domain)] for k in pool.class_keys], dtype=torch.long)
+        sums.index_add_(0, group, pool.sums)
+        counts.index_add_(0, group, pool.counts)
         new = ~have_text[index]
         text[index[new]] = pool.text[new]
         have_text[index] = True
@@ -350,7 +358,8 @@ def merge(pools: list[TaskPool], cfg: PoolConfig) -> MergedPool:
     elif cfg.variant == "lvp-i" and cfg.mode == "mean":
         taught = counts > 0
         means = (sums / counts.clamp(min=1)[:, None]).float()
-        vectors, owners = [means[taught]], [torch.arange(len(keys))[taught]]
+        group_class = torch.tensor([position[key] for key, _ in groups], dtype=torch.long)
+        vectors, owners = [means[taught]], [group_class[taught]]
     return MergedPool(keys, names, torch.cat(vectors).float().contiguous(), torch.cat(owners), text, cfg,
                       [p.task_id for p in pools])
 

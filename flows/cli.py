@@ -305,16 +305,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         outcome = ingestion.ingest(loc, config)
         results.append(outcome)
         print(f"[{outcome.status:>11}] {outcome.task_id}: {outcome.message.splitlines()[0]}")
-    elapsed = time.perf_counter() - started
     rows = ingestion.status(config)
     print()
     print(_table([[r["task_id"], r["state"], r["scenario"] or "", f"{r['n_train'] or 0}/{r['n_test'] or 0}",
                    (r["dvc_md5"] or "")[:12]] for r in rows], ["task", "state", "scenario", "train/test", "dvc"]))
+    accepted = [r["task_id"] for r in rows if r["state"] != "quarantined"]
+    if len(accepted) < 3:
+        return EXIT_INVALID
+
+    # Learn the accepted tasks in arrival order with LVP-CLIP on the demo's base model.
+    from components.learn import learn
+    from components.metrics import format_table
+    from components.models import cache_dir
+
+    print("\nbase model: tiny image tower + pretrained MiniLM text tower (built once, then cached)")
+    overrides = demo.model_overrides(cache_dir() / "demo", progress=print)
+    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *overrides],
+                         env={}, cwd=root)
+    out = config.workspace_path / "runs" / "demo-lvp"
+    stored = [str(config.workspace_path / "data" / "tasks" / t) for t in accepted]
+    result = learn(stored, config, "lvp", out_dir=out, progress=print)
+    print()
+    print(format_table(result.matrix, result.metrics))
+    elapsed = time.perf_counter() - started
     print(f"\ndemo finished in {elapsed:.1f} s. Workspace: {config.workspace_path}\n"
           f"  .venv/bin/cliploop status -w {config.workspace_path}\n"
+          f"  .venv/bin/cliploop metrics {out / 'eval' / 'accuracy_matrix.json'}\n"
+          f"  figures: {out / 'eval' / 'heatmap.png'}, {out / 'eval' / 'curves.png'}\n"
           f"  reports of quarantined tasks: {config.workspace_path / '.cliploop' / 'quarantine'}")
-    accepted = sum(1 for r in rows if r["state"] != "quarantined")
-    return EXIT_OK if accepted >= 3 else EXIT_INVALID
+    return EXIT_OK
 
 
 COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,

@@ -18,13 +18,14 @@ def _unit(*rows):
     return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
 
 
-def _random_task(task_id, keys, n_per_class, seed, cfg=PoolConfig()):
+def _random_task(task_id, keys, n_per_class, seed, cfg=PoolConfig(), domain=None):
     g = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(len(keys), D, generator=g), dim=-1)
     labels = torch.arange(len(keys)).repeat_interleave(n_per_class)
     e = torch.nn.functional.normalize(centres[labels] + 0.3 * torch.randn(len(labels), D, generator=g), dim=-1)
     text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(len(keys), D, generator=g), dim=-1)
-    return build_task_pool(task_id, e, labels, keys, [k.split("/")[1] for k in keys], text, cfg, META), e, labels
+    pool = build_task_pool(task_id, e, labels, keys, [k.split("/")[1] for k in keys], text, cfg, META, domain=domain)
+    return pool, e, labels
 
 
 def test_class_sums_and_means_are_exact():
@@ -55,6 +56,20 @@ def test_mean_pool_of_domain_tasks_is_bit_identical_in_any_order():
     # The mean is over every image of the class, whichever task brought it.
     total = sum(p.sums[0] for p in pools) / sum(int(p.counts[0]) for p in pools)
     assert torch.equal(merged[0].vectors[0], total.float())
+
+
+def test_a_new_domain_adds_entries_for_known_classes():
+    """Domain-incremental: mean-mode entries are per (class, domain); the same domain twice is one mean."""
+    keys = ["d/cat", "d/dog"]
+    paper, _, _ = _random_task("a", keys, 4, seed=1, domain="paper")
+    more_paper, _, _ = _random_task("b", keys, 3, seed=2, domain="paper")
+    chalk, _, _ = _random_task("c", keys, 5, seed=3, domain="chalk")
+    merged = merge([chalk, paper, more_paper], PoolConfig())
+    assert merged.entry_class.tolist() == [0, 1, 0, 1]  # (cat, paper), (dog, paper), (cat, chalk), (dog, chalk)
+    assert torch.equal(merged.vectors[0], ((paper.sums[0] + more_paper.sums[0]) / 7).float())
+    assert torch.equal(merged.vectors[2], (chalk.sums[0] / 5).float())
+    for order in itertools.permutations([paper, more_paper, chalk]):
+        assert torch.equal(merge(list(order), PoolConfig()).vectors, merged.vectors)
 
 
 def test_lvp_t_is_zero_shot_text_and_lvp_i_uses_images():

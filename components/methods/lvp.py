@@ -28,7 +28,8 @@ def build_pool(task, ctx: Context, cfg: PoolConfig) -> TaskPool:
     meta = {"backbone": backbone.reference, "preprocess": repr(backbone.preprocess),
             "prompt_templates": prompts or ctx.templates,
             "metric": cfg.metric, "variant": cfg.variant, "task": task.summary()}
-    return build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta)
+    return build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta,
+                           domain=task.domain)
 
 
 @register_method("lvp")
