@@ -154,14 +154,21 @@ def test_learner_state_round_trip_and_integrity(tmp_path, tiny_checkpoint, drops
 def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_use(tmp_path, tiny_checkpoint, drops,
                                                                                     capsys):
     out = tmp_path / "run"
+    held_out = make_task(tmp_path, "held-out", ["yak", "ant", "bee"], dataset="other", train=1, test=3)
     argv = ["learn", "--method", "lvp", str(drops[0]), str(drops[1]), "--out", str(out), "--json"]
-    for item in _overrides(tiny_checkpoint):
+    for item in _overrides(tiny_checkpoint, f"evaluation.zero_shot_set={held_out}"):
         argv += ["--set", item]
     assert main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     matrix = payload["accuracy_matrix"]
     assert matrix["tasks"] == ["t-a", "t-b"] and len(matrix["matrix"]) == 2 and len(matrix["initial"]) == 2
     assert set(payload["metrics"]) >= {"cl.avg_incremental", "cl.last", "cl.forgetting", "cl.bwt", "mtil.transfer"}
+    # The held-out set is scored before and after every step (never trained on): zero-shot retention.
+    zero_shot = matrix["zero_shot"]
+    assert zero_shot["name"] == "held-out" and len(zero_shot["after"]) == 2
+    assert payload["metrics"]["zs.retention_abs"] == pytest.approx(zero_shot["after"][-1] - zero_shot["initial"],
+                                                                   abs=1e-5)
+    assert payload["metrics"]["zs.retention_abs"] == 0.0  # LVP freezes CLIP: an unseen dataset scores as before
     for rel in ("eval/accuracy_matrix.json", "eval/heatmap.png", "eval/curves.png", "config.resolved.yaml",
                 "state/manifest.json"):
         assert (out / rel).is_file(), rel
