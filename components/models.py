@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,11 +98,15 @@ def register_builtin_configs() -> None:
         return
     import open_clip
 
-    # open_clip reads configs from folders; write the package-resolved copies to a private one.
+    # open_clip reads configs from folders; write the package-resolved copies to a private one. It keeps
+    # what it read in memory (later rescans only add), so the folder can go at once.
     target = Path(tempfile.mkdtemp(prefix="cliploop-model-configs-"))
-    for path in CONFIG_DIR.glob("*.json"):
-        (target / path.name).write_text(json.dumps(_resolve(json.loads(path.read_text()))))
-    open_clip.add_model_config(target)
+    try:
+        for path in CONFIG_DIR.glob("*.json"):
+            (target / path.name).write_text(json.dumps(_resolve(json.loads(path.read_text()))))
+        open_clip.add_model_config(target)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
     _registered = target
 
 
