@@ -88,6 +88,15 @@ class EvaluationConfig(Section):
     seed: int = Field(0, description="seed for anything random in learning and evaluation")
 
 
+class GateConfig(Section):
+    max_forgetting: float | None = Field(None, ge=0, description="fail when cl.forgetting (points, higher is worse) exceeds this; null = no rule")
+    min_zero_shot_retention: float | None = Field(None, ge=0, description="fail when zs.retention_rel (after / before on the held-out set) is below this, e.g. 0.95")
+    min_new_task_accuracy: float | None = Field(None, ge=0, le=100, description="fail when the new task's accuracy (%) is below this")
+    min_last_accuracy: float | None = Field(None, ge=0, le=100, description="fail when cl.last (accuracy over all learned tasks, %) is below this")
+    max_drop_vs_champion: float | None = Field(None, ge=0, description="fail when any task the champion knows is more than this many points worse")
+    on_missing: Literal["fail", "skip"] = Field("fail", description="a rule whose metric could not be measured: fail the gate, or skip the rule")
+
+
 class Config(Section):
     workspace: str = Field(".", description="the workspace: a git + DVC repository holding data/, data.dvc and .cliploop/")
     drop_zone: str = Field("incoming", description="where new tasks arrive: a folder of task folders, or an s3:// prefix")
@@ -98,6 +107,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     # Where relative paths in this config are anchored (the config file's folder, or the cwd). Not a key.
     _base_dir: Path = Path(".")
