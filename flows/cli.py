@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="the registered continual-learning methods, one line each")
 
+    p = sub.add_parser("scenario", help="benchmark scenarios: list | show NAME | convert NAME --root R --out O",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("demo", help="run cliploop end to end on the embedded demo (no servers needed)")
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
@@ -289,6 +293,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_scenario(args: argparse.Namespace) -> int:
+    from components import scenario
+
+    return scenario.main(args.rest or ["--help"])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from components import demo, ingestion
     from components.config import load_config
@@ -337,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,
-            "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods,
+            "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods, "scenario": cmd_scenario,
             "demo": cmd_demo}
 
 
