@@ -222,6 +222,9 @@ def fetch_checkpoint(location: str, expected_sha256: str | None = None,
                      s3_settings: storage.S3Settings | None = None) -> Path:
     """A local path for a checkpoint: as is, or downloaded from ``s3://`` into the cache (verified)."""
     if storage.is_s3(location):
+        if not location.endswith(".safetensors"):
+            # From storage only safetensors (checksummed) is read: torch.load's weights_only has had bypasses.
+            raise CheckpointError(f"{location}: checkpoints from object storage must be .safetensors files")
         try:
             return storage.download(location, cache_dir() / "weights", expected_sha256, settings=s3_settings)
         except storage.ChecksumMismatch as exc:

@@ -117,6 +117,8 @@ def test_s3_uri_is_downloaded_verified_and_cached(tiny_weights, s3_bucket, tmp_p
     client.put_object(Bucket=s3_bucket, Key="models/other.safetensors.sha256", Body=sha.encode())
     with pytest.raises(CheckpointError, match="corrupt or was replaced"):
         load_backbone(_cfg(checkpoint=f"s3://{s3_bucket}/models/other.safetensors"))
+    with pytest.raises(CheckpointError, match="must be .safetensors"):
+        load_backbone(_cfg(checkpoint=f"s3://{s3_bucket}/models/tiny.pt"))
     with pytest.raises(CheckpointError, match="cannot fetch"):
         load_backbone(_cfg(checkpoint=f"s3://{s3_bucket}/models/missing.safetensors"))
 
