@@ -1,0 +1,205 @@
+"""The MLflow side: one run per continual update, one registered model version per run, and the aliases
+``challenger``, ``champion`` and ``previous-champion`` (contracts.md, "MLflow").
+
+MLflow's registry has two races this module absorbs (reliability.md): a version number is
+``MAX(version)+1`` with a few retries, and moving an alias is an unconditional upsert. So every
+registration and every alias move happens under one file lock per registered model, and registration
+is idempotent: a version carries a ``cliploop.run_key`` tag (a digest of parent version, task, data and
+config) and a second registration with the same key returns the existing version.
+
+Nothing is unpickled: a version's source is the run's ``state/`` folder (safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+TAG = "cliploop."
+ALIASES = ("champion", "challenger", "previous-champion")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def run_key(parent_version: int | None, task_id: str, dvc_md5: str | None, config_sha256: str) -> str:
+    doc = json.dumps({"parent": parent_version, "task": task_id, "dvc_md5": dvc_md5, "config": config_sha256},
+                     sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Registry:
+    tracking_uri: str
+    model_name: str = "cliploop"
+    experiment: str = "cliploop"
+    artifact_root: str | None = None
+    lock_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        if self.lock_dir is None:
+            self.lock_dir = Path(os.environ.get("CLIPLOOP_CACHE") or Path.home() / ".cache" / "cliploop") / "locks"
+
+    # ---- locking ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One writer at a time per registered model (registrations and alias moves)."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(f"{self.tracking_uri}|{self.model_name}".encode()).hexdigest()[:16]
+        with open(self.lock_dir / f"registry-{digest}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ---- runs ------------------------------------------------------------------------------------------
+
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        except Exception:  # created meanwhile by another process
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def log_update(self, out_dir: Path, task_id: str, metrics: dict[str, float | None],
+                   final_row: dict[str, float | None], params: dict[str, Any], tags: dict[str, str],
+                   extra_artifacts: dict[str, Path] | None = None) -> str:
+        """A finished MLflow run holding one update's results; returns its run id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = self.client.create_run(self.experiment_id(), run_name=f"update-{task_id}",
+                                     tags={TAG + k: str(v) for k, v in tags.items()})
+        run_id = run.info.run_id
+        try:
+            values = {k: v for k, v in metrics.items() if v is not None}
+            values.update({f"acc.{t}": v for t, v in final_row.items() if v is not None})
+            stamp = int(run.info.start_time)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in sorted(values.items())])
+            flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+            for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=flat[start:start + 100])
+            for sub in ("state", "eval"):
+                if (Path(out_dir) / sub).is_dir():
+                    self.client.log_artifacts(run_id, str(Path(out_dir) / sub), sub)
+            resolved = Path(out_dir) / "config.resolved.yaml"
+            if resolved.is_file():
+                self.client.log_artifact(run_id, str(resolved))
+            for dest, path in (extra_artifacts or {}).items():
+                if Path(path).is_dir():
+                    self.client.log_artifacts(run_id, str(path), dest)
+                elif Path(path).is_file():
+                    self.client.log_artifact(run_id, str(path), dest)
+            self.client.set_tag(run_id, TAG + "task_id", task_id)
+            self.client.set_terminated(run_id, "FINISHED")
+        except Exception:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        return run_id
+
+    # ---- versions --------------------------------------------------------------------------------------
+
+    def find_version(self, key: str):
+        versions = self.client.search_model_versions(f"name = '{self.model_name}' and tag.`{TAG}run_key` = '{key}'")
+        return min(versions, key=lambda v: int(v.version)) if versions else None
+
+    def register(self, run_id: str, key: str, tags: dict[str, str]) -> int:
+        """The run's state as a new model version with alias ``challenger``; idempotent by ``key``."""
+        with self.locked():
+            existing = self.find_version(key)
+            if existing is not None:
+                return int(existing.version)
+            try:
+                self.client.get_registered_model(self.model_name)
+            except Exception:
+                self.client.create_registered_model(self.model_name, description="cliploop continual-learning chain")
+            run = self.client.get_run(run_id)
+            version = self.client.create_model_version(self.model_name, f"{run.info.artifact_uri}/state", run_id,
+                                                       tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()})
+            self.client.set_registered_model_alias(self.model_name, "challenger", version.version)
+            return int(version.version)
+
+    def set_tags(self, version: int, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), TAG + k, str(v))
+
+    def version_tags(self, version: int) -> dict[str, str]:
+        mv = self.client.get_model_version(self.model_name, str(version))
+        return {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
+
+    def alias(self, name: str) -> int | None:
+        try:
+            return int(self.client.get_model_version_by_alias(self.model_name, name).version)
+        except Exception:
+            return None
+
+    def resolve(self, ref: str | int) -> int:
+        """A version number, or an alias (``champion``, ``challenger``, ``previous-champion``)."""
+        if isinstance(ref, int) or str(ref).isdigit():
+            version = int(ref)
+            self.client.get_model_version(self.model_name, str(version))  # raises when absent
+            return version
+        found = self.alias(str(ref))
+        if found is None:
+            raise RegistryError(f"no model version holds alias {ref!r} in {self.model_name!r}")
+        return found
+
+    # ---- promotion -------------------------------------------------------------------------------------
+
+    def promote(self, version: int, reviewer: str, note: str = "") -> int | None:
+        """``version`` becomes champion; the old champion becomes previous-champion. Returns the old one."""
+        with self.locked():
+            old = self.alias("champion")
+            if old == version:
+                return old
+            if old is not None:
+                self.client.set_registered_model_alias(self.model_name, "previous-champion", str(old))
+            self.client.set_registered_model_alias(self.model_name, "champion", str(version))
+            if self.alias("challenger") == version:
+                self.client.delete_registered_model_alias(self.model_name, "challenger")
+            self.set_tags(version, {"review": "approved", "reviewer": reviewer, "review_note": note})
+            return old
+
+    def reject(self, version: int, reviewer: str, reason: str) -> None:
+        with self.locked():
+            if self.alias("champion") == version:
+                raise RegistryError(f"version {version} is the champion; use rollback to replace it")
+            if self.alias("challenger") == version:
+                self.client.delete_registered_model_alias(self.model_name, "challenger")
+            self.set_tags(version, {"review": "rejected", "reviewer": reviewer, "review_note": reason})
+
+    def rollback(self, reviewer: str, note: str = "") -> tuple[int, int]:
+        """previous-champion becomes champion again; returns (restored, demoted)."""
+        with self.locked():
+            previous, current = self.alias("previous-champion"), self.alias("champion")
+            if previous is None or current is None:
+                raise RegistryError("nothing to roll back to: no previous-champion alias")
+            self.client.set_registered_model_alias(self.model_name, "champion", str(previous))
+            self.client.delete_registered_model_alias(self.model_name, "previous-champion")
+            self.set_tags(current, {"review": "rolled-back", "reviewer": reviewer, "review_note": note})
+            return previous, current
+
+    def download_state(self, version: int, dest: Path) -> Path:
+        """The version's learner-state bundle in ``dest`` (callers load it with checksums verified)."""
+        import mlflow
+
+        mv = self.client.get_model_version(self.model_name, str(version))
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dest),
+                                                        tracking_uri=self.tracking_uri))
