@@ -1,0 +1,108 @@
+"""Lineage: from any model version back through its parents to the first task (contracts.md, "Lineage record").
+
+Every link comes from what was recorded when the version was made (its ``cliploop.*`` tags and MLflow
+run) and from the task ledger (validation result and report). ``verify`` re-hashes each task's
+DVC-tracked files on disk and compares them with the DVC hash the version recorded: any changed,
+missing or extra byte makes the record ``verified: false`` with the file named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.registry import Registry, RegistryError
+
+
+class LineageError(RuntimeError):
+    pass
+
+
+def _validation(ledger_record, workspace: Path) -> dict[str, Any]:
+    if ledger_record is None:
+        return {"success": None, "report": None}
+    report = ledger_record.report
+    success = None
+    if report:
+        path = Path(report) if Path(report).is_absolute() else workspace / report
+        try:
+            success = bool(json.loads(path.read_text()).get("success"))
+        except (OSError, json.JSONDecodeError):
+            success = None
+    return {"success": success, "report": report, "state": ledger_record.state}
+
+
+def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: bool = False) -> dict[str, Any]:
+    """The lineage record of ``ref`` (a version number or an alias)."""
+    from components.ledger import Ledger
+    from components.versioning import verify_task
+
+    try:
+        version = registry.resolve(ref)
+    except RegistryError as exc:
+        raise LineageError(str(exc)) from None
+    except Exception as exc:  # MLflow's "not found"
+        raise LineageError(f"model {registry.model_name!r} has no version {ref!r}: {exc}") from None
+    aliases = {name: registry.alias(name) for name in ("champion", "challenger", "previous-champion")}
+    ledger_path = Path(workspace) / ".cliploop" / "ledger.sqlite"
+    ledger = Ledger(ledger_path) if ledger_path.is_file() else None
+    chain: list[dict[str, Any]] = []
+    problems: list[str] = []
+    seen: set[int] = set()
+    current: int | None = version
+    base = None
+    try:
+        while current is not None:
+            if current in seen:
+                raise LineageError(f"version {current} is its own ancestor: the parent tags form a cycle")
+            seen.add(current)
+            tags = registry.version_tags(current)
+            mv = registry.client.get_model_version(registry.model_name, str(current))
+            task_id = tags.get("task_id")
+            record = ledger.get(task_id) if ledger and task_id else None
+            parent = int(tags["parent_version"]) if tags.get("parent_version", "").isdigit() else None
+            entry = {
+                "version": current, "parent_version": parent, "method": tags.get("method"),
+                "task": {"id": task_id, "scenario": record.scenario if record else tags.get("scenario"),
+                         "content_digest": tags.get("content_digest") or (record.content_digest if record else None),
+                         "dvc_md5": tags.get("dvc_md5"), "workspace_commit": tags.get("workspace_commit"),
+                         "validation": _validation(record, Path(workspace))},
+                "config_sha256": tags.get("config_sha256"), "code_version": tags.get("code_version"),
+                "flow_run_id": tags.get("flow_run_id"), "mlflow_run_id": mv.run_id,
+                "gate": {"verdict": tags.get("gate"), "reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else []},
+                "review": {"decision": tags.get("review"), "reviewer": tags.get("reviewer"),
+                           "note": tags.get("review_note"), "at": tags.get("review_at")},
+            }
+            if verify:
+                if not task_id or not tags.get("dvc_md5"):
+                    problems.append(f"version {current}: no task id or DVC hash recorded")
+                else:
+                    check = verify_task(Path(workspace), task_id, tags["dvc_md5"])
+                    entry["task"]["verified"] = check.ok
+                    problems.extend(check.problems)
+            if base is None and tags.get("backbone"):
+                base = json.loads(tags["backbone"])
+            chain.append(entry)
+            current = parent
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return {"model": {"name": registry.model_name, "version": version,
+                      "aliases": sorted(a for a, v in aliases.items() if v == version)},
+            "base": base, "chain": chain, "verified": (not problems) if verify else None, "problems": problems}
+
+
+def format_lineage(record: dict[str, Any]) -> str:
+    m = record["model"]
+    lines = [f"{m['name']} version {m['version']}" + (f" ({', '.join(m['aliases'])})" if m["aliases"] else "")]
+    for link in record["chain"]:
+        task = link["task"]
+        ok = {True: "verified", False: "MISMATCH", None: ""}[task.get("verified")]
+        lines.append(f"  v{link['version']} <- parent {link['parent_version'] or '-'}: task {task['id']} "
+                     f"dvc {str(task['dvc_md5'])[:12]} commit {str(task['workspace_commit'])[:10]} "
+                     f"method {link['method']} gate {link['gate']['verdict'] or '-'} "
+                     f"review {link['review']['decision'] or '-'} {ok}".rstrip())
+    if record["verified"] is not None:
+        lines.append("verified: yes" if record["verified"] else "verified: NO\n  " + "\n  ".join(record["problems"]))
+    return "\n".join(lines)
