@@ -97,6 +97,13 @@ class GateConfig(Section):
     on_missing: Literal["fail", "skip"] = Field("fail", description="a rule whose metric could not be measured: fail the gate, or skip the rule")
 
 
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI; null = sqlite:///<workspace>/.cliploop/mlflow.db")
+    artifact_root: str | None = Field(None, description="artifact location for new experiments (e.g. s3://bucket/mlflow); null = <workspace>/.cliploop/mlartifacts")
+    registered_model: str = Field("cliploop", description="registered model name (aliases champion, challenger, previous-champion)")
+    experiment: str = Field("cliploop", description="MLflow experiment of the update runs")
+
+
 class Config(Section):
     workspace: str = Field(".", description="the workspace: a git + DVC repository holding data/, data.dvc and .cliploop/")
     drop_zone: str = Field("incoming", description="where new tasks arrive: a folder of task folders, or an s3:// prefix")
@@ -108,6 +115,7 @@ class Config(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     # Where relative paths in this config are anchored (the config file's folder, or the cwd). Not a key.
     _base_dir: Path = Path(".")

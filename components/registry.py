@@ -29,6 +29,16 @@ class RegistryError(RuntimeError):
     pass
 
 
+def from_config(config) -> "Registry":
+    """The registry a configuration names (MLflow on a SQLite file in the workspace by default)."""
+    ws = config.workspace_path
+    uri = config.mlflow.tracking_uri or f"sqlite:///{ws / '.cliploop' / 'mlflow.db'}"
+    root = config.mlflow.artifact_root or (ws / ".cliploop" / "mlartifacts").as_uri()
+    (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
+    return Registry(tracking_uri=uri, model_name=config.mlflow.registered_model, experiment=config.mlflow.experiment,
+                    artifact_root=root, lock_dir=ws / ".cliploop" / "locks")
+
+
 def run_key(parent_version: int | None, task_id: str, dvc_md5: str | None, config_sha256: str) -> str:
     doc = json.dumps({"parent": parent_version, "task": task_id, "dvc_md5": dvc_md5, "config": config_sha256},
                      sort_keys=True)

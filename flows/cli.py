@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="the registered continual-learning methods, one line each")
 
+    p = sub.add_parser("lineage", help="a model version's chain back to its data, checks, code and config")
+    p.add_argument("ref", help="a version number, champion, challenger or previous-champion")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="re-hash every task's DVC-tracked data; exit 1 on a mismatch")
+    _add_config_args(p)
+
     p = sub.add_parser("scenario", help="benchmark scenarios: list | show NAME | convert NAME --root R --out O",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -293,6 +299,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from components.lineage import LineageError, build_lineage, format_lineage
+    from components.registry import from_config
+
+    config = _config(args)
+    try:
+        record = build_lineage(from_config(config), args.ref, config.workspace_path, verify=args.verify)
+    except LineageError as exc:
+        print(f"cliploop lineage: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(record, indent=2) if args.json else format_lineage(record))
+    return EXIT_INVALID if record["verified"] is False else EXIT_OK
+
+
 def cmd_scenario(args: argparse.Namespace) -> int:
     from components import scenario
 
@@ -347,7 +367,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,
-            "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods, "scenario": cmd_scenario,
+            "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods, "scenario": cmd_scenario, "lineage": cmd_lineage,
             "demo": cmd_demo}
 
 

@@ -56,3 +56,24 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
 
     with pytest.raises(LineageError, match="no model version holds alias"):
         build_lineage(registry, "challenger", ws)
+
+
+def test_cli_lineage_uses_the_configured_registry(tmp_path, capsys):
+    from components.registry import from_config
+    from flows.cli import main
+
+    ws = tmp_path / "ws"
+    cfg = load_config(overrides=[f"workspace={ws}"], env={}, cwd=tmp_path)
+    registry = from_config(cfg)
+    out = tmp_path / "out"
+    LearnerState(method="lvp", backbone={"name": "cliploop-tiny"}).save(out / "state")
+    version = registry.register(registry.log_update(out, "t-x", {}, {}, {}, {}), "k", {"task_id": "t-x"})
+    assert main(["lineage", "challenger", "-w", str(ws), "--json"]) == 0
+    import json
+
+    record = json.loads(capsys.readouterr().out)
+    assert record["model"]["version"] == version and record["chain"][0]["task"]["id"] == "t-x"
+    # Recorded without a DVC hash: --verify cannot vouch for it and says so with a non-zero exit.
+    assert main(["lineage", str(version), "-w", str(ws), "--verify"]) == 1
+    assert "no task id or DVC hash recorded" in capsys.readouterr().out
+    assert main(["lineage", "champion", "-w", str(ws)]) == 2
