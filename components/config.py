@@ -104,6 +104,21 @@ class MlflowConfig(Section):
     experiment: str = Field("cliploop", description="MLflow experiment of the update runs")
 
 
+class ApprovalConfig(Section):
+    auto_promote: bool = Field(False, description="promote a version that passes the gate without waiting for a reviewer")
+    timeout_s: int = Field(3600, ge=0, description="how long the flow waits for a reviewer's decision; after it the version stays challenger (review: timed-out); 0 = do not wait")
+
+
+class OrchestrationConfig(Section):
+    schedule_cron: str = Field("0 2 * * *", description="cron expression of the nightly deployment")
+    timezone: str = Field("UTC", description="IANA time zone of the cron schedule (explicit: a schedule without one drifts with DST)")
+    cpu_pool: str = Field("cpu", description="Prefect work pool of the orchestrating nightly flow")
+    gpu_pool: str | None = Field(None, description="Prefect work pool for pool building, training and evaluation; null = run them in-process (the embedded default)")
+    gpu_timeout_s: int = Field(6 * 3600, gt=0, description="longest wait for one GPU step's flow run")
+    retries: int = Field(3, ge=0, description="retries of a step that failed on a transient storage or registry error")
+    retry_delay_s: float = Field(2.0, ge=0, description="first retry delay in seconds (doubles with each retry, with jitter)")
+
+
 class Config(Section):
     workspace: str = Field(".", description="the workspace: a git + DVC repository holding data/, data.dvc and .cliploop/")
     drop_zone: str = Field("incoming", description="where new tasks arrive: a folder of task folders, or an s3:// prefix")
@@ -116,6 +131,8 @@ class Config(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     # Where relative paths in this config are anchored (the config file's folder, or the cwd). Not a key.
     _base_dir: Path = Path(".")
@@ -140,6 +157,17 @@ class Config(Section):
         """Digest of the resolved config (stable key order) for lineage records."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def portable(self) -> dict[str, Any]:
+        """The resolved config as plain data with absolute paths: what crosses to another process or worker."""
+        doc = self.model_dump(mode="json")
+        doc["workspace"] = str(self.workspace_path)
+        doc["drop_zone"] = self.location(self.drop_zone)
+        for section, key in (("dvc", "remote"), ("evaluation", "zero_shot_set"), ("model", "checkpoint")):
+            value = doc[section][key]
+            if value and "://" not in value:
+                doc[section][key] = str(self.path(value))
+        return doc
 
     def write_resolved(self, folder: Path) -> Path:
         from components.storage import atomic_write_text
@@ -236,6 +264,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except ValidationError as exc:
         raise ConfigError(_explain(exc, file_path)) from None
     config._base_dir = file_path.parent if file_path else (cwd or Path.cwd()).resolve()
+    return config
+
+
+def config_from_doc(doc: Mapping[str, Any]) -> Config:
+    """A config sent as data by :meth:`Config.portable` (its paths are absolute already)."""
+    try:
+        config = Config.model_validate(dict(doc))
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, None)) from None
+    config._base_dir = Path(config.workspace).resolve() if Path(config.workspace).is_absolute() else Path.cwd()
     return config
 
 

@@ -63,8 +63,11 @@ def evaluate_gate(cfg: GateConfig, metrics: dict[str, float | None], final_row: 
         else:
             checks.append(Check(name, bool(ok(value, threshold)), value, threshold, detail))
 
-    rule("max_forgetting", metrics.get("cl.forgetting"), cfg.max_forgetting, lambda v, t: v <= t,
-         "cl.forgetting must be at most the threshold")
+    if len(final_row) > 1 or metrics.get("cl.forgetting") is not None:
+        rule("max_forgetting", metrics.get("cl.forgetting"), cfg.max_forgetting, lambda v, t: v <= t,
+             "cl.forgetting must be at most the threshold")
+    elif cfg.max_forgetting is not None:  # the first task of a chain: nothing learned before it to forget
+        checks.append(Check("max_forgetting", None, None, cfg.max_forgetting, "first task: no earlier task to forget"))
     rule("min_zero_shot_retention", metrics.get("zs.retention_rel"), cfg.min_zero_shot_retention,
          lambda v, t: v >= t, "zs.retention_rel must be at least the threshold")
     rule("min_new_task_accuracy", final_row.get(new_task), cfg.min_new_task_accuracy, lambda v, t: v >= t,

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components import ledger as ledger_mod, storage, versioning
+from components import ledger as ledger_mod, storage, tasks, versioning
 from components.config import Config
 from components.ledger import Ledger, TaskRecord
 from components.shards import ShardWriter, StoredTask, read_index, write_index
@@ -312,6 +312,21 @@ def _validate_source(source, config: Config, report_dir: Path | None) -> Report:
         config.write_resolved(report_dir)
         report.save(report_dir / "report.json")
     return report
+
+
+def drop_locations(location: str, config: Config) -> list[str]:
+    """A task drop is itself; a drop zone (no task.yaml at its root) yields its task drops, in name order."""
+    if storage.is_s3(location):
+        source = tasks.S3Drop(location, s3_settings(config))
+        if source.exists("task.yaml"):
+            return [location]
+        return tasks.discover(location, s3_settings(config))
+    path = Path(location)
+    if not path.is_dir():
+        raise tasks.DropError("drop-exists", f"{location}: no such folder")
+    if (path / "task.yaml").exists() or (path / "manifest.csv").exists():
+        return [str(path)]
+    return tasks.discover(str(path))
 
 
 def task_location(task_id: str, config: Config) -> str:

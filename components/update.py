@@ -43,8 +43,12 @@ def stored_task_locator(config: Config) -> Callable[[str], str]:
 
 
 def learn_next(task_location: str, config: Config, parent=None, locate: Callable[[str], str] | None = None,
-               out_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> UpdateResult:
-    """Learn one task on top of ``parent`` (a LearnerState, or None for the first task)."""
+               out_dir: Path | None = None, progress: Callable[[str], None] | None = None,
+               pools: dict[str, str] | None = None) -> UpdateResult:
+    """Learn one task on top of ``parent`` (a LearnerState, or None for the first task).
+
+    ``pools``: task id -> folder of a label-vector pool built beforehand (the pipeline's build_pool step).
+    """
     from components.data import load_task
     from components.evaluation import accuracy
     from components.learn import context_for, make_method, write_outputs
@@ -65,6 +69,7 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
         check_backbone(parent.backbone, base.reference, "the parent model")
     backbone = base if parent is None or parent.weights is None else load_backbone(config.model, weights=parent.weights)
     ctx = context_for(config, backbone)
+    ctx.prebuilt_pools.update(pools or {})
     base_ctx = context_for(config, base)
     torch.manual_seed(config.evaluation.seed)
 

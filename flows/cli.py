@@ -76,6 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
+    p = sub.add_parser("nightly", help="run one night now: reconcile, ingest the drop zone, learn new tasks, gate, review")
+    p.add_argument("--json", action="store_true")
+    _add_config_args(p)
+
+    p = sub.add_parser("approve", help="promote a version to champion (resumes its paused flow run, if any)")
+    p.add_argument("version", help="a version number or challenger")
+    p.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
+    p.add_argument("--note", default="")
+    p.add_argument("--override-gate", action="store_true", help="approve a version that failed the gate")
+    _add_config_args(p)
+
+    p = sub.add_parser("reject", help="reject a challenger version (resumes its paused flow run, if any)")
+    p.add_argument("version", help="a version number or challenger")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
+    _add_config_args(p)
+
+    p = sub.add_parser("rollback", help="make previous-champion the champion again")
+    p.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
+    p.add_argument("--note", default="")
+    _add_config_args(p)
+
+    p = sub.add_parser("requeue", help="learn a rejected task again next night")
+    p.add_argument("task_id")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="run cliploop end to end on the embedded demo (no servers needed)")
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
@@ -201,20 +227,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _task_locations(location: str, config) -> list[str]:
-    """A task drop is ingested as is; a drop zone (no task.yaml at its root) yields its task drops."""
-    from components import ingestion, storage, tasks
+    from components.ingestion import drop_locations
 
-    if storage.is_s3(location):
-        source = tasks.S3Drop(location, ingestion.s3_settings(config))
-        if source.exists("task.yaml"):
-            return [location]
-        return tasks.discover(location, ingestion.s3_settings(config))
-    path = Path(location)
-    if not path.is_dir():
-        raise tasks.DropError("drop-exists", f"{location}: no such folder")
-    if (path / "task.yaml").exists() or (path / "manifest.csv").exists():
-        return [str(path)]
-    return tasks.discover(str(path))
+    return drop_locations(location, config)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -319,56 +334,205 @@ def cmd_scenario(args: argparse.Namespace) -> int:
     return scenario.main(args.rest or ["--help"])
 
 
+def _reviewer(args) -> str:
+    import getpass
+
+    return args.reviewer or getpass.getuser()
+
+
+def _review(args: argparse.Namespace, decision: str, note: str) -> int:
+    from components import pipeline
+    from components.registry import RegistryError, from_config
+
+    config = _config(args)
+    registry = from_config(config)
+    try:
+        version = registry.resolve(args.version)
+        was_pending = registry.version_tags(version).get("review") == "pending"
+        result = pipeline.decide(config, version, decision, _reviewer(args), note,
+                                 override_gate=getattr(args, "override_gate", False))
+    except (RegistryError, pipeline.PipelineError) as exc:
+        print(f"cliploop {decision}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    resumed: list[str] = []
+    if was_pending:
+        from flows.update import resume_waiting
+
+        try:
+            resumed = resume_waiting(version, decision, _reviewer(args), note)
+        except Exception as exc:  # no Prefect API reachable: the decision stands; the paused run times out
+            print(f"cliploop {decision}: decision recorded, but no paused flow run could be resumed ({exc})",
+                  file=sys.stderr)
+    verb = "promoted to champion" if decision == "approve" else "rejected"
+    print(f"version {version} {verb}" + ("" if result["changed"] else " (already)") +
+          (f"; previous champion v{result['previous']} kept as previous-champion" if result.get("previous") else "") +
+          (f"; resumed flow run(s) {', '.join(resumed)}" if resumed else ""))
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _review(args, "approve", args.note)
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    return _review(args, "reject", args.reason)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from components import pipeline
+    from components.registry import RegistryError
+
+    config = _config(args)
+    try:
+        result = pipeline.rollback(config, _reviewer(args), args.note)
+    except RegistryError as exc:
+        print(f"cliploop rollback: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"champion is v{result['restored']} again (v{result['demoted']} demoted)")
+    for line in result["ledger"]:
+        print(f"  ledger: {line}")
+    return EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from components import pipeline
+
+    try:
+        pipeline.requeue(_config(args), args.task_id)
+    except pipeline.PipelineError as exc:
+        print(f"cliploop requeue: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"task {args.task_id} will be learned again next night")
+    return EXIT_OK
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from components import pipeline
+    from flows.nightly import NightFailed, run_night
+
+    config = _config(args)
+    try:
+        summary = run_night(config)
+    except pipeline.ChainBusy as exc:
+        print(f"cliploop nightly: {exc}", file=sys.stderr)
+        return EXIT_OK
+    except NightFailed as exc:
+        summary, code = exc.summary, EXIT_EXTERNAL
+    else:
+        code = EXIT_OK
+    print(json.dumps(summary, indent=2, default=str) if args.json else _night_text(summary))
+    return code
+
+
+def _night_text(summary: dict) -> str:
+    lines = []
+    for line in summary["reconciled"]:
+        lines.append(f"reconciled  {line}")
+    for item in summary["ingested"]:
+        lines.append(f"{item['status']:>11} {item['task_id'] or item['location']}: {item['message'].splitlines()[0]}")
+    rows = [[u["task_id"], str(u.get("version", "")), u.get("gate", ""), u["outcome"],
+             _fmt((u.get("metrics") or {}).get("cl.last")), _fmt((u.get("metrics") or {}).get("cl.forgetting"))]
+            for u in summary["updates"]]
+    if rows:
+        lines += ["", _table(rows, ["task", "version", "gate", "outcome", "cl.last", "forgetting"])]
+    if summary.get("stopped"):
+        lines.append(f"\nchain stopped: {summary['stopped']}")
+    elif not rows:
+        lines.append("nothing new to learn")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own summary
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
+    import logging
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     from components import demo, ingestion
     from components.config import load_config
+    from components.models import cache_dir
+    from flows.nightly import NightFailed, run_night
 
     root = Path(args.dir).resolve()
     started = time.perf_counter()
     drop_zone = root / "incoming"
     demo.build_drop_zone(drop_zone, include_bad=not args.no_bad_task)
-    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}"],
-                         env={}, cwd=root)
-    ingestion.ensure_workspace(config)
-    results = []
-    for loc in _task_locations(str(drop_zone), config):
-        outcome = ingestion.ingest(loc, config)
-        results.append(outcome)
-        print(f"[{outcome.status:>11}] {outcome.task_id}: {outcome.message.splitlines()[0]}")
-    rows = ingestion.status(config)
-    print()
-    print(_table([[r["task_id"], r["state"], r["scenario"] or "", f"{r['n_train'] or 0}/{r['n_test'] or 0}",
-                   (r["dvc_md5"] or "")[:12]] for r in rows], ["task", "state", "scenario", "train/test", "dvc"]))
-    accepted = [r["task_id"] for r in rows if r["state"] != "quarantined"]
-    if len(accepted) < 3:
-        return EXIT_INVALID
-
-    # Learn the accepted tasks in arrival order with LVP-CLIP on the demo's base model.
-    from components.learn import learn
-    from components.metrics import format_table
-    from components.models import cache_dir
-
-    print("\nbase model: tiny image tower + pretrained MiniLM text tower (built once, then cached)")
+    print(f"demo drop zone: {drop_zone} (three digit tasks and one broken one)")
+    print("base model: tiny image tower + pretrained MiniLM text tower (built once, then cached)")
     overrides = demo.model_overrides(cache_dir() / "demo", progress=print)
-    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *overrides],
-                         env={}, cwd=root)
-    out = config.workspace_path / "runs" / "demo-lvp"
-    stored = [str(config.workspace_path / "data" / "tasks" / t) for t in accepted]
-    result = learn(stored, config, "lvp", out_dir=out, progress=print)
-    print()
-    print(format_table(result.matrix, result.metrics))
+    # The nightly flow on the embedded default: Prefect without a server, MLflow on SQLite, DVC local remote.
+    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *overrides,
+                                    *DEMO_POLICY], env={}, cwd=root)
+    ingestion.ensure_workspace(config)
+    print("\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
+          "-> gate -> promote\n(the demo promotes by rule, approval.auto_promote=true; a reviewer uses "
+          "`cliploop approve`)\n")
+    night_started = time.perf_counter()
+    try:
+        summary = run_night(config)
+    except NightFailed as exc:
+        summary = exc.summary
+    night = time.perf_counter() - night_started
+    print(_night_text(summary))
+    rows = ingestion.status(config)
+    print("\ntask ledger:")
+    print(_table([[r["task_id"], r["state"], r["scenario"] or "", f"{r['n_train'] or 0}/{r['n_test'] or 0}",
+                   (r["dvc_md5"] or "")[:12], r.get("model_version") or ""] for r in rows],
+                 ["task", "state", "scenario", "train/test", "dvc", "version"]))
+    ingest_s = sum(float(i.get("seconds") or 0) for i in summary["ingested"])
+    learn_s = sum(float(p.get("seconds") or 0) for p in summary["pools"] if not p.get("cached"))
+    learn_s += sum(float((u.get("timings") or {}).get("total_s") or 0) for u in summary["updates"])
+    register_s = sum(float(u.get("register_s") or 0) for u in summary["updates"])
+    print(_registry_text(config))
     elapsed = time.perf_counter() - started
-    print(f"\ndemo finished in {elapsed:.1f} s. Workspace: {config.workspace_path}\n"
-          f"  .venv/bin/cliploop status -w {config.workspace_path}\n"
-          f"  .venv/bin/cliploop metrics {out / 'eval' / 'accuracy_matrix.json'}\n"
-          f"  figures: {out / 'eval' / 'heatmap.png'}, {out / 'eval' / 'curves.png'}\n"
-          f"  reports of quarantined tasks: {config.workspace_path / '.cliploop' / 'quarantine'}")
-    return EXIT_OK
+    ws = config.workspace_path
+    print(f"\ndemo finished in {elapsed:.1f} s. The night took {night:.1f} s: ingestion + validation + DVC "
+          f"{ingest_s:.1f} s, pools + training + evaluation {learn_s:.1f} s, MLflow run + model + version "
+          f"{register_s:.1f} s, orchestration (Prefect's temporary server, flow and task runs) "
+          f"{night - ingest_s - learn_s - register_s:.1f} s.\n"
+          f"  .venv/bin/cliploop status -w {ws}\n"
+          f"  .venv/bin/cliploop lineage champion -w {ws} --verify\n"
+          f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{ws / '.cliploop' / 'mlflow.db'} "
+          f"--port 5000   (then http://127.0.0.1:5000)\n"
+          f"  Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200; the demo's runs are there)\n"
+          f"  reports of quarantined tasks: {ws / '.cliploop' / 'quarantine'}")
+    return EXIT_OK if not summary.get("stopped") or "awaiting" in summary["stopped"] else EXIT_INVALID
+
+
+# The demo's promotion policy: gate rules a reviewer would set, and promotion by rule so the demo needs no one.
+DEMO_POLICY = ["approval.auto_promote=true", "gate.max_forgetting=10", "gate.min_new_task_accuracy=25"]
+
+
+def _registry_text(config) -> str:
+    from components.registry import from_config
+
+    registry = from_config(config)
+    try:
+        versions = registry.client.search_model_versions(f"name = '{registry.model_name}'")
+    except Exception:
+        return ""
+    aliases = {v: a for a in ("champion", "challenger", "previous-champion") if (v := registry.alias(a)) is not None}
+    rows = []
+    for mv in sorted(versions, key=lambda m: int(m.version)):
+        tags = registry.version_tags(int(mv.version))
+        rows.append([mv.version, tags.get("task_id", ""), tags.get("parent_version", "") or "base",
+                     tags.get("gate", ""), tags.get("review", ""), aliases.get(int(mv.version), "")])
+    if not rows:
+        return ""
+    return f"\nMLflow registry, model {registry.model_name!r}:\n" + _table(
+        rows, ["version", "task", "parent", "gate", "review", "alias"])
 
 
 COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,
             "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods, "scenario": cmd_scenario, "lineage": cmd_lineage,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "nightly": cmd_nightly, "approve": cmd_approve, "reject": cmd_reject,
+            "rollback": cmd_rollback, "requeue": cmd_requeue}
 
 
 if __name__ == "__main__":

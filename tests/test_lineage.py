@@ -27,6 +27,7 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
     for task_id, record in records.items():
         out = tmp_path / f"out-{task_id}"
         LearnerState(method="lvp", backbone={"name": "cliploop-tiny"}).save(out / "state")
+        cfg.write_resolved(out)
         run_id = registry.log_update(out, task_id, {}, {}, {}, {})
         tags = {"task_id": task_id, "parent_version": parent or "", "method": "lvp", "dvc_md5": record.dvc_md5,
                 "workspace_commit": record.workspace_commit, "config_sha256": "c" * 64, "gate": "pass"}
@@ -67,6 +68,7 @@ def test_cli_lineage_uses_the_configured_registry(tmp_path, capsys):
     registry = from_config(cfg)
     out = tmp_path / "out"
     LearnerState(method="lvp", backbone={"name": "cliploop-tiny"}).save(out / "state")
+    cfg.write_resolved(out)
     version = registry.register(registry.log_update(out, "t-x", {}, {}, {}, {}), "k", {"task_id": "t-x"})
     assert main(["lineage", "challenger", "-w", str(ws), "--json"]) == 0
     import json

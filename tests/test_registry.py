@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from components.config import load_config
 from components.registry import Registry, RegistryError, run_key
 from components.state import LearnerState
 
@@ -24,6 +25,8 @@ def _update(tmp_path, name):
     state.save(out / "state")
     (out / "eval").mkdir()
     (out / "eval" / "accuracy_matrix.json").write_text('{"tasks": ["%s"], "matrix": [[50.0]]}' % name)
+    load_config(overrides=["model.name=cliploop-tiny", "model.pretrained=null", "method.name=zeroshot"],
+                env={}, cwd=tmp_path).write_resolved(out)
     return out
 
 

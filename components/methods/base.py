@@ -41,6 +41,7 @@ class Context:
     task_prompts: dict[str, list[str]] = field(default_factory=dict)  # dataset -> templates from task.yaml
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # timings and counters the method wants reported
+    prebuilt_pools: dict[str, str] = field(default_factory=dict)  # task id -> folder of a pool built elsewhere
 
     @property
     def device(self) -> torch.device:

@@ -45,7 +45,24 @@ class LVP(Method):
 
     def begin_task(self, state, task, ctx: Context, pool: TaskPool | None = None) -> None:
         self._state, self._task = state, task
+        if pool is None and task.task_id in ctx.prebuilt_pools:
+            pool = self.prebuilt(task, ctx)
         self._pool = pool if pool is not None else build_pool(task, ctx, self.settings)
+
+    def prebuilt(self, task, ctx: Context) -> TaskPool:
+        """A pool built by the pipeline's build_pool step (maybe on another worker): checked before use."""
+        from components.pools import PoolError
+
+        pool = TaskPool.load(ctx.prebuilt_pools[task.task_id], task.task_id)
+        expected = {"config": self.settings.model_dump(mode="json"), "backbone": ctx.backbone.reference,
+                    "classes": task.class_keys, "task": task.summary()}
+        found = {"config": pool.config, "backbone": pool.meta.get("backbone"), "classes": pool.class_keys,
+                 "task": pool.meta.get("task")}
+        for name in expected:
+            if json.dumps(expected[name], sort_keys=True, default=str) != json.dumps(found[name], sort_keys=True, default=str):
+                raise PoolError(f"prebuilt pool of {task.task_id} in {ctx.prebuilt_pools[task.task_id]}: its {name} "
+                                f"does not match this run's (built with other settings or another model)")
+        return pool
 
     def end_task(self):
         state, task = self._state, self._task

@@ -1,0 +1,568 @@
+"""The nightly pipeline's steps as plain functions: the Prefect flows in ``flows/`` only wrap these.
+
+Every step takes the resolved config and JSON-able arguments and returns a JSON-able dict, so a step
+can run in-process or as a flow run on another worker (arguments and results cross as data and
+storage paths, never as Python objects). Steps are idempotent, so a rerun after a crash redoes nothing
+that finished:
+
+- ``build_pool`` and ``run_update`` write into content-addressed folders (the key is a digest of their
+  inputs) and mark completion last with ``result.json``; a rerun that finds it returns it (a cache
+  keyed by input digests, persisted as JSON, never pickle);
+- ``register_update`` finds the run and the version logged for the same key before logging another;
+- ``decide`` applies a review decision that was already applied as a no-op.
+
+Consistency rules (contracts.md, "A task's life in the ledger"):
+
+- the ledger moves ``validated|failed -> learning -> learned -> promoted|rejected``; a failure anywhere
+  moves ``learning -> failed`` with the reason, and the champion alias is only ever moved by
+  ``decide``/``rollback`` under the registry lock;
+- ``reconcile`` runs first every night and makes the ledger agree with the registry: an alias moved by
+  hand in the MLflow UI is honoured (the champion's chain is the truth), a rollback rejects the tasks it
+  removed, a ``learning`` entry left by a dead process (we hold the chain lock, so nobody else is
+  learning) becomes ``failed``;
+- one nightly run per chain at a time: ``chain_lock`` is an OS file lock, released by the kernel when its
+  process dies, so a crashed or killed run never blocks the next night (no zombie locks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from components import storage
+from components.config import Config
+from components.ledger import Ledger, TaskRecord
+
+REVIEWER_GATE = "cliploop-gate"
+REVIEWER_AUTO = "cliploop-auto-promote"
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+class ChainBusy(PipelineError):
+    """Another run holds this chain (one nightly run per registered model at a time)."""
+
+
+# ---- plumbing -----------------------------------------------------------------------------------------------
+
+
+def _ledger(config: Config) -> Ledger:
+    from components.ingestion import open_ledger
+
+    return open_ledger(config)
+
+
+def _registry(config: Config):
+    from components.registry import from_config
+
+    return from_config(config)
+
+
+def _runtime(config: Config) -> Path:
+    path = config.workspace_path / ".cliploop"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def code_version() -> str:
+    """The cliploop version, plus the git commit of the code when it runs from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("cliploop")
+    except PackageNotFoundError:
+        release = "unknown"
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{release}+g{commit}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return release
+
+
+def _digest(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def chain_lock(config: Config) -> Iterator[None]:
+    """Hold the chain of ``mlflow.registered_model`` for one run; raises ChainBusy when another run holds it."""
+    locks = _runtime(config) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"chain-{config.mlflow.registered_model}.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ChainBusy(f"the chain {config.mlflow.registered_model!r} is being updated by {holder}; "
+                            f"this run leaves it alone (lock: {path})") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry with backoff: storage and registry hiccups, not bad data or bugs."""
+    import sqlite3
+
+    names = {type(e).__name__ for e in _causes(exc)}
+    if names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                "ConnectionClosedError", "TimeoutError", "BrokenPipeError", "ConnectionResetError", "StorageError"}:
+        return True
+    for e in _causes(exc):
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            return True
+        if type(e).__name__ == "MlflowException" and ("database is locked" in str(e) or "TEMPORARILY_UNAVAILABLE" in str(e)):
+            return True
+    return False
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+# ---- discover and ingest ------------------------------------------------------------------------------------
+
+
+def discover(config: Config) -> list[str]:
+    """Task drops in the drop zone, in name (arrival) order; an absent local drop zone has none."""
+    from components.ingestion import drop_locations
+
+    zone = config.location(config.drop_zone)
+    if not storage.is_s3(zone) and not Path(zone).is_dir():
+        return []
+    return drop_locations(zone, config)
+
+
+def ingest(location: str, config: Config) -> dict[str, Any]:
+    from components.ingestion import IngestRefused, ingest as ingest_drop
+
+    started = time.perf_counter()
+    try:
+        outcome = ingest_drop(location, config)
+    except IngestRefused as exc:
+        return {"location": location, "task_id": None, "status": "refused", "state": None, "message": str(exc),
+                "seconds": round(time.perf_counter() - started, 3)}
+    return {"location": location, "task_id": outcome.task_id, "status": outcome.status, "state": outcome.state,
+            "report": outcome.report_path, "message": outcome.message,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ---- the chain ----------------------------------------------------------------------------------------------
+
+
+def chain_tasks(registry, version: int | None) -> list[str]:
+    """Task ids learned along a version's chain (its parent tags), oldest first."""
+    out, seen = [], set()
+    while version is not None and version not in seen:
+        seen.add(version)
+        tags = registry.version_tags(version)
+        out.append(tags.get("task_id"))
+        parent = tags.get("parent_version", "")
+        version = int(parent) if str(parent).isdigit() else None
+    return [t for t in reversed(out) if t]
+
+
+def reconcile(config: Config) -> list[str]:
+    """Make the ledger agree with the registry before a night starts; returns what changed, one line each."""
+    registry = _registry(config)
+    champion = registry.alias("champion")
+    in_chain = set(chain_tasks(registry, champion))
+    changes = []
+    with _ledger(config) as ledger:
+        for record in ledger.all():
+            if record.state == "learning":
+                ledger.transition(record.task_id, "failed", expect=["learning"], reason="interrupted: the run "
+                                  "learning it stopped without finishing (process or machine died)",
+                                  detail={"by": "reconcile"})
+                changes.append(f"{record.task_id}: learning -> failed (interrupted run)")
+            elif record.state == "learned" and record.task_id in in_chain:
+                ledger.transition(record.task_id, "promoted", expect=["learned"],
+                                  detail={"by": "reconcile", "why": f"champion v{champion} contains it"})
+                changes.append(f"{record.task_id}: learned -> promoted (champion v{champion} was set in the registry)")
+            elif record.state == "learned" and record.model_version:
+                tags = _tags_or_none(registry, record.model_version)
+                review = (tags or {}).get("review")
+                parent = (tags or {}).get("parent_version", "")
+                if review in ("rejected", "rolled-back"):
+                    ledger.transition(record.task_id, "rejected", expect=["learned"], reason=tags.get("review_note"),
+                                      detail={"by": "reconcile"})
+                    changes.append(f"{record.task_id}: learned -> rejected (review of v{record.model_version})")
+                elif tags is None or parent != (str(champion) if champion is not None else ""):
+                    # Learned on top of a model that is no longer the champion: learn it again on the new one.
+                    if tags is not None and review in ("pending", "timed-out"):
+                        registry.set_tags(int(record.model_version), {"review": "superseded"})
+                        with registry.locked():
+                            if registry.alias("challenger") == int(record.model_version):
+                                registry.client.delete_registered_model_alias(registry.model_name, "challenger")
+                    ledger.transition(record.task_id, "validated", expect=["learned"],
+                                      reason=f"re-queued: v{record.model_version} was learned on v{parent or 'base'}, "
+                                             f"the champion is now v{champion}", detail={"by": "reconcile"})
+                    changes.append(f"{record.task_id}: learned -> validated (champion moved; learn it again)")
+            elif record.state == "promoted" and record.task_id not in in_chain:
+                ledger.transition(record.task_id, "rejected", expect=["promoted"],
+                                  reason=f"rolled back: champion v{champion} does not contain it",
+                                  detail={"by": "reconcile"})
+                changes.append(f"{record.task_id}: promoted -> rejected (not in champion v{champion}'s chain)")
+    return changes
+
+
+def _tags_or_none(registry, version) -> dict[str, str] | None:
+    try:
+        return registry.version_tags(int(version))
+    except Exception:  # the version was deleted in the registry
+        return None
+
+
+def awaiting_review(config: Config) -> list[dict[str, Any]]:
+    """Learned tasks whose version still waits for a reviewer and still extends the champion."""
+    registry = _registry(config)
+    champion = registry.alias("champion")
+    out = []
+    with _ledger(config) as ledger:
+        for record in ledger.all():
+            if record.state != "learned" or not record.model_version:
+                continue
+            tags = _tags_or_none(registry, record.model_version) or {}
+            if tags.get("parent_version", "") == (str(champion) if champion is not None else ""):
+                out.append({"task_id": record.task_id, "version": int(record.model_version),
+                            "gate": tags.get("gate"), "review": tags.get("review")})
+    return out
+
+
+def pending_tasks(config: Config) -> list[str]:
+    """Tasks to learn tonight, in arrival order: validated ones, and failed ones (tried again)."""
+    with _ledger(config) as ledger:
+        return [r.task_id for r in sorted(ledger.all(), key=lambda r: r.seq) if r.state in ("validated", "failed")]
+
+
+def head(config: Config) -> dict[str, Any]:
+    """The version the next update starts from (the champion, whoever set it) and its tasks."""
+    registry = _registry(config)
+    champion = registry.alias("champion")
+    return {"version": champion, "tasks": chain_tasks(registry, champion)}
+
+
+def parent_state(config: Config, version: int | None):
+    """The learner state of ``version`` (downloaded once into the workspace, checksums verified on load)."""
+    from components.state import LearnerState
+
+    if version is None:
+        return None
+    folder = _runtime(config) / "states" / f"v{version}"
+    if not (folder / "state" / "manifest.json").is_file():
+        tmp = folder.with_name(f".v{version}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _registry(config).download_state(version, tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    return LearnerState.load(folder / "state")
+
+
+# ---- build_pool ---------------------------------------------------------------------------------------------
+
+
+def _record(config: Config, task_id: str) -> TaskRecord:
+    with _ledger(config) as ledger:
+        record = ledger.get(task_id)
+    if record is None:
+        raise PipelineError(f"task {task_id!r} is not in the ledger (ingest it first)")
+    return record
+
+
+def pool_key(config: Config, record: TaskRecord) -> str:
+    return _digest({"task": record.task_id, "dvc_md5": record.dvc_md5, "content": record.content_digest,
+                    "model": config.model.model_dump(mode="json"), "method": config.method.model_dump(mode="json"),
+                    "templates": config.evaluation.templates})
+
+
+def builds_pools(config: Config) -> bool:
+    """Pools are built as their own step when the method keeps the encoder frozen (LVP)."""
+    return config.method.name == "lvp"
+
+
+def build_pool(config: Config, task_id: str) -> dict[str, Any]:
+    """One task's label-vector pool from the base encoder, in a folder keyed by its inputs' digest."""
+    from components.data import load_task
+    from components.learn import context_for
+    from components.methods.lvp import build_pool as build_task_pool
+    from components.models import load_backbone
+    from components.pools import PoolConfig, TaskPool
+
+    record = _record(config, task_id)
+    key = pool_key(config, record)
+    folder = _runtime(config) / "pools" / key
+    done = folder / "result.json"
+    if done.is_file():
+        TaskPool.load(folder, task_id)  # verifies the checksum: a damaged cache entry is rebuilt
+        return json.loads(done.read_text()) | {"cached": True}
+    started = time.perf_counter()
+    backbone = load_backbone(config.model)
+    ctx = context_for(config, backbone)
+    task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
+    if task.prompts:
+        ctx.task_prompts.setdefault(task.dataset, task.prompts)
+    pool = build_task_pool(task, ctx, PoolConfig.model_validate(config.method.settings))
+    pool.save(folder)
+    result = {"task_id": task_id, "key": key, "pool_dir": str(folder), "img_per_s": ctx.info.get("pool_img_per_s"),
+              "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename, "pid": os.getpid()}
+    storage.atomic_write_text(done, json.dumps(result, indent=2))
+    return result | {"cached": False}
+
+
+# ---- train + evaluate ---------------------------------------------------------------------------------------
+
+
+def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
+    from components.registry import run_key
+
+    record = _record(config, task_id)
+    return run_key(parent_version, task_id, record.dvc_md5, config.sha256())
+
+
+def start_learning(config: Config, task_id: str) -> dict[str, Any]:
+    with _ledger(config) as ledger:
+        record = ledger.get(task_id)
+        if record is None:
+            raise PipelineError(f"task {task_id!r} is not in the ledger")
+        if record.state not in ("validated", "failed"):
+            raise PipelineError(f"task {task_id} is {record.state}, not waiting to be learned")
+        attempts = record.attempts + 1 if record.state == "failed" else record.attempts
+        ledger.transition(task_id, "learning", expect=[record.state], attempts=attempts, reason=None)
+    return {"task_id": task_id, "attempts": attempts}
+
+
+def mark_failed(config: Config, task_id: str, reason: str) -> None:
+    with _ledger(config) as ledger:
+        record = ledger.get(task_id)
+        if record is not None and record.state == "learning":
+            ledger.transition(task_id, "failed", expect=["learning"], reason=reason[:2000])
+
+
+def run_update(config: Config, task_id: str, parent_version: int | None,
+               pools: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete)."""
+    from components.state import LearnerState
+    from components.update import learn_next
+
+    key = update_key(config, task_id, parent_version)
+    out = _runtime(config) / "runs" / key
+    done = out / "result.json"
+    if done.is_file():
+        LearnerState.load(out / "state")  # verifies every checksum of the cached state
+        return json.loads(done.read_text()) | {"cached": True}
+    tmp = out.with_name(f".{key}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    parent = parent_state(config, parent_version)
+    result = learn_next(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
+                        pools=pools)
+    final = result.matrix.matrix[-1]
+    doc = {"task_id": task_id, "run_key": key, "parent_version": parent_version, "out_dir": str(out),
+           "metrics": result.metrics, "final_row": dict(zip(result.matrix.tasks, final)),
+           "timings": result.timings, "method": config.method.name, "config_sha256": config.sha256()}
+    storage.atomic_write_text(tmp / "result.json", json.dumps(doc, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return doc | {"cached": False}
+
+
+# ---- register + gate ----------------------------------------------------------------------------------------
+
+
+def register_update(config: Config, update: dict[str, Any], flow_run_id: str | None = None) -> dict[str, Any]:
+    """An MLflow run and a model version (alias challenger) for a finished update; idempotent by its key."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    started = time.perf_counter()
+    registry = _registry(config)
+    task_id, key = update["task_id"], update["run_key"]
+    record = _record(config, task_id)
+    existing = registry.find_version(key)
+    if existing is not None:
+        version, run_id = int(existing.version), existing.run_id
+    else:
+        run = registry.find_run(key)
+        tags = {"task_id": task_id, "method": config.method.name, "run_key": key,
+                "parent_version": "" if update["parent_version"] is None else str(update["parent_version"]),
+                "dvc_md5": record.dvc_md5 or "", "workspace_commit": record.workspace_commit or "",
+                "config_sha256": config.sha256(), "code_version": code_version(), "flow_run_id": flow_run_id or "",
+                "scenario": record.scenario or "", "content_digest": record.content_digest}
+        if run is None:
+            out = Path(update["out_dir"])
+            extra = {}
+            if record.report and Path(record.report).exists():
+                extra["validation"] = Path(record.report)
+            params = _flatten(config.model_dump(mode="json"))
+            params.update({f"timing.{k}": v for k, v in update.get("timings", {}).items()})
+            metrics = dict(update["metrics"])
+            timings = update.get("timings", {})
+            if timings.get("pool_img_per_s"):
+                metrics["perf.pool_img_per_s"] = timings["pool_img_per_s"]
+            run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
+            source = json.dumps({"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
+                                 "workspace": str(config.workspace_path), "commit": record.workspace_commit})
+            datasets = [DatasetInput(Dataset(name=task_id, digest=(record.dvc_md5 or record.content_digest)[:36],
+                                             source_type="dvc", source=source),
+                                     tags=[InputTag("mlflow.data.context", "train")])]
+            registry.client.log_inputs(run_id, datasets=datasets)
+        else:
+            run_id = run.info.run_id
+        version = registry.register(run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"})
+    with _ledger(config) as ledger:
+        current = ledger.get(task_id)
+        if current.state == "learning":
+            ledger.transition(task_id, "learned", expect=["learning"], model_version=str(version))
+        elif current.model_version != str(version):
+            ledger.update(task_id, model_version=str(version))
+    return {"task_id": task_id, "version": version, "run_id": run_id, "run_key": key,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def champion_row(registry, exclude: int | None = None) -> dict[str, float] | None:
+    """The champion's accuracy per task (its run's ``acc.<task>`` metrics)."""
+    champion = registry.alias("champion")
+    if champion is None or champion == exclude:
+        return None
+    mv = registry.client.get_model_version(registry.model_name, str(champion))
+    metrics = registry.client.get_run(mv.run_id).data.metrics
+    return {k[len("acc."):]: v for k, v in metrics.items() if k.startswith("acc.")}
+
+
+def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str, Any]:
+    """The gate's verdict as version tags; a failing version is rejected (its task can be re-queued)."""
+    from components.gate import evaluate_gate
+
+    registry = _registry(config)
+    verdict = evaluate_gate(config.gate, update["metrics"], update["final_row"], update["task_id"],
+                            champion_row(registry, exclude=version))
+    registry.set_tags(version, {"gate": verdict.verdict, "gate_reasons": json.dumps(verdict.reasons)})
+    doc = verdict.to_dict() | {"version": version, "markdown": verdict.markdown(f"Promotion gate, version {version}")}
+    if not verdict.passed:
+        decide(config, version, "reject", REVIEWER_GATE, "; ".join(verdict.reasons))
+    return doc
+
+
+# ---- review -------------------------------------------------------------------------------------------------
+
+
+def decide(config: Config, version: int, decision: str, reviewer: str, note: str = "",
+           override_gate: bool = False) -> dict[str, Any]:
+    """Apply a review decision (``approve`` or ``reject``) to a version and its task; a repeat is a no-op."""
+    from components.registry import RegistryError
+
+    if decision not in ("approve", "reject"):
+        raise PipelineError(f"unknown decision {decision!r} (approve or reject)")
+    if not reviewer:
+        raise PipelineError("a decision needs a reviewer name")
+    registry = _registry(config)
+    tags = _tags_or_none(registry, version)
+    if tags is None:
+        raise PipelineError(f"model {registry.model_name!r} has no version {version}")
+    task_id = tags.get("task_id")
+    champion = registry.alias("champion")
+    if decision == "approve":
+        if champion == version:
+            return {"version": version, "decision": "approve", "changed": False, "previous": None}
+        if tags.get("gate") == "fail" and not override_gate:
+            raise PipelineError(f"version {version} failed the gate ({tags.get('gate_reasons')}); "
+                                f"approve it anyway with --override-gate")
+        parent = tags.get("parent_version", "")
+        if parent != (str(champion) if champion is not None else ""):
+            raise PipelineError(f"version {version} was learned on top of v{parent or ' (base model)'} but the "
+                                f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
+                                f"drop what the champion learned since. The next night learns task {task_id} again "
+                                f"on the champion (or run `cliploop requeue {task_id}`).")
+        previous = registry.promote(version, reviewer, note)
+        registry.set_tags(version, {"review_at": _now()})
+        _ledger_after_review(config, task_id, version, "promoted", note)
+        return {"version": version, "decision": "approve", "changed": True, "previous": previous}
+    if tags.get("review") == "rejected":
+        return {"version": version, "decision": "reject", "changed": False}
+    try:
+        registry.reject(version, reviewer, note)
+    except RegistryError as exc:
+        raise PipelineError(str(exc)) from None
+    registry.set_tags(version, {"review_at": _now()})
+    _ledger_after_review(config, task_id, version, "rejected", note)
+    return {"version": version, "decision": "reject", "changed": True}
+
+
+def _now() -> str:
+    from components.ledger import now
+
+    return now()
+
+
+def _ledger_after_review(config: Config, task_id: str | None, version: int, to_state: str, note: str) -> None:
+    if not task_id:
+        return
+    with _ledger(config) as ledger:
+        record = ledger.get(task_id)
+        if record is not None and record.state == "learned" and record.model_version == str(version):
+            ledger.transition(task_id, to_state, expect=["learned"], reason=note or None,
+                              detail={"version": version})
+
+
+def review_timed_out(config: Config, version: int) -> bool:
+    """No decision came in time: the version stays challenger, tagged ``timed-out``. False if decided meanwhile."""
+    registry = _registry(config)
+    if (registry.version_tags(version).get("review") or "pending") != "pending":
+        return False
+    registry.set_tags(version, {"review": "timed-out"})
+    return True
+
+
+def rollback(config: Config, reviewer: str, note: str = "") -> dict[str, Any]:
+    """previous-champion becomes champion again; the tasks only the demoted version knew become rejected."""
+    registry = _registry(config)
+    restored, demoted = registry.rollback(reviewer, note)
+    registry.set_tags(demoted, {"review_at": _now()})
+    changes = reconcile(config)
+    return {"restored": restored, "demoted": demoted, "ledger": changes}
+
+
+def requeue(config: Config, task_id: str) -> dict[str, Any]:
+    """A rejected task (or a learned one whose version went stale) is learned again next night."""
+    with _ledger(config) as ledger:
+        record = ledger.get(task_id)
+        if record is None:
+            raise PipelineError(f"task {task_id!r} is not in the ledger")
+        if record.state not in ("rejected", "learned"):
+            raise PipelineError(f"task {task_id} is {record.state}; only rejected or learned tasks can be re-queued")
+        ledger.transition(task_id, "validated", expect=[record.state], reason="re-queued by an operator")
+    return {"task_id": task_id, "state": "validated"}

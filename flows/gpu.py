@@ -1,0 +1,85 @@
+"""The GPU steps (pool building; training + evaluation) as flows of their own, so they can be deployments
+on the ``gpu`` work pool while the orchestrating flow stays on ``cpu`` (Prefect routes flow runs, not
+tasks, to work pools).
+
+``dispatch`` runs a step in-process when ``orchestration.gpu_pool`` is null (the embedded default) and as
+a deployment run otherwise. Either way the arguments are plain data (the portable config, ids) and the
+result is read back from the step's content-addressed folder in the workspace: artifacts cross as storage
+paths, never as Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from components import pipeline
+from components.config import Config, config_from_doc
+
+BUILD_POOL = "cliploop-build-pool"
+TRAIN_EVALUATE = "cliploop-train-evaluate"
+
+
+@flow(name=BUILD_POOL, flow_run_name="pool-{task_id}", persist_result=False)
+def build_pool_flow(config: dict[str, Any], task_id: str) -> dict[str, Any]:
+    """One task's label-vector pool from the frozen encoder (independent of every other task)."""
+    return pipeline.build_pool(config_from_doc(config), task_id)
+
+
+@flow(name=TRAIN_EVALUATE, flow_run_name="train-{task_id}", persist_result=False)
+def train_evaluate_flow(config: dict[str, Any], task_id: str, parent_version: int | None = None,
+                        pools: dict[str, str] | None = None) -> dict[str, Any]:
+    """One continual step (train + evaluate) on top of ``parent_version``."""
+    return pipeline.run_update(config_from_doc(config), task_id, parent_version, pools)
+
+
+def deployment_name(flow_name: str, config: Config) -> str:
+    return f"{flow_name}/{config.orchestration.gpu_pool}"
+
+
+def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run several calls of one GPU step, concurrently on the pool's workers when there is a pool."""
+    local = {BUILD_POOL: pipeline.build_pool, TRAIN_EVALUATE: pipeline.run_update}[flow_name]
+    if not config.orchestration.gpu_pool:
+        return [local(config, **call) for call in calls]
+    from prefect.deployments import run_deployment
+
+    doc = config.portable()
+    started = [run_deployment(deployment_name(flow_name, config), parameters={"config": doc, **call}, timeout=0,
+                              tags=["cliploop", flow_name]) for call in calls]
+    return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
+
+
+def dispatch(config: Config, flow_name: str, **call: Any) -> dict[str, Any]:
+    return dispatch_many(config, flow_name, [call])[0]
+
+
+def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import wait_for_flow_run
+
+    finished = wait_for_flow_run(run.id, timeout=config.orchestration.gpu_timeout_s, poll_interval=1,
+                                 log_states=False)
+    if not finished.state or not finished.state.is_completed():
+        state = finished.state.name if finished.state else "unknown"
+        message = finished.state.message if finished.state else ""
+        raise pipeline.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) ended {state}: {message}")
+    path = _result_path(config, flow_name, call)
+    if not path.is_file():
+        raise pipeline.PipelineError(f"{flow_name} run {run.id} completed but wrote no {path} "
+                                     f"(is the workspace shared with the worker?)")
+    with get_client(sync_client=True) as client:
+        worker_run = client.read_flow_run(run.id)
+    return json.loads(path.read_text()) | {"flow_run_id": str(run.id), "cached": False,
+                                           "work_pool": worker_run.work_pool_name}
+
+
+def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:
+    runtime = config.workspace_path / ".cliploop"
+    if flow_name == BUILD_POOL:
+        record = pipeline._record(config, call["task_id"])
+        return runtime / "pools" / pipeline.pool_key(config, record) / "result.json"
+    return runtime / "runs" / pipeline.update_key(config, call["task_id"], call.get("parent_version")) / "result.json"

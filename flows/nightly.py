@@ -1,0 +1,81 @@
+"""``nightly``: the scheduled deployment. Reconcile the ledger with the registry, ingest what arrived in
+the drop zone, build the new tasks' pools (in parallel on the ``gpu`` pool when there is one), then learn
+the tasks one at a time in arrival order, each on top of the champion the previous one left.
+
+The chain stops at the first task that does not end promoted (awaiting review, rejected or failed): the
+next task must build on a reviewed champion, so it waits for the next night. Quarantined tasks never
+enter the chain. One nightly run per chain at a time (``pipeline.chain_lock``): a second one exits at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from components import pipeline
+from components.config import config_from_doc, load_config
+from flows import gpu
+from flows.update import await_review, continual_update, step
+
+
+class NightFailed(pipeline.PipelineError):
+    """A task of the night failed; the summary is attached."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+@flow(name="cliploop-nightly", persist_result=False)
+def nightly(config_path: str | None = None, overrides: list[str] | None = None,
+            config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One night. ``config`` (portable, from another process) wins over ``config_path`` + ``overrides``."""
+    cfg = config_from_doc(config) if config else load_config(config_path, overrides or [])
+    doc = cfg.portable()
+    log = get_run_logger()
+    summary: dict[str, Any] = {"reconciled": [], "ingested": [], "pools": [], "updates": [], "stopped": None}
+    with pipeline.chain_lock(cfg):
+        summary["reconciled"] = step(pipeline.reconcile, cfg)(cfg)
+        for line in summary["reconciled"]:
+            log.info("reconciled: %s", line)
+        ingest = step(pipeline.ingest, cfg)
+        for location in step(pipeline.discover, cfg)(cfg):
+            outcome = ingest(location, cfg)
+            summary["ingested"].append(outcome)
+            if outcome["status"] in ("quarantined", "refused"):
+                log.warning("%s %s: %s", outcome["status"].upper(), outcome["task_id"] or location,
+                            outcome["message"].splitlines()[0])
+        for waiting in pipeline.awaiting_review(cfg):
+            if waiting["gate"] != "pass":
+                continue
+            outcome = await_review(cfg, waiting["version"], waiting["task_id"])
+            summary["updates"].append({"task_id": waiting["task_id"], "version": waiting["version"],
+                                       "gate": waiting["gate"], "outcome": outcome, "resumed_review": True})
+            if outcome != "promoted":
+                summary["stopped"] = f"version {waiting['version']} ({waiting['task_id']}) is {outcome}"
+                return summary
+        todo = step(pipeline.pending_tasks, cfg)(cfg)
+        pools: dict[str, str] = {}
+        if todo and pipeline.builds_pools(cfg):
+            built = gpu.dispatch_many(cfg, gpu.BUILD_POOL, [{"task_id": t} for t in todo])
+            summary["pools"] = built
+            pools = {b["task_id"]: b["pool_dir"] for b in built}
+        for task_id in todo:
+            try:
+                result = continual_update(task_id, doc, pools)
+            except Exception as exc:
+                summary["updates"].append({"task_id": task_id, "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                summary["stopped"] = f"task {task_id} failed: {exc}"
+                raise NightFailed(summary["stopped"], summary) from exc
+            summary["updates"].append(result)
+            if result["outcome"] != "promoted":
+                summary["stopped"] = f"version {result['version']} ({task_id}) is {result['outcome']}"
+                log.info("stopping the chain: %s; later tasks wait for the next night", summary["stopped"])
+                break
+    return summary
+
+
+def run_night(config, **flow_options) -> dict[str, Any]:
+    """Run one night in this process (no server needed); a failed task raises NightFailed with the summary."""
+    return nightly.with_options(**flow_options)(config=config.portable()) if flow_options else nightly(config=config.portable())
