@@ -214,14 +214,6 @@ def test_demo_drop_zone_is_deterministic_and_meaningful(tmp_path):
     assert [c["name"] for c in specs[0]["classes"]] == ["zero", "one", "two", "three", "four"]
 
 
-def test_cli_demo_accepts_three_tasks_and_quarantines_the_broken_one(tmp_path, capsys):
-    assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    for task in ("digits-0-4", "digits-5-9", "digits-chalk"):
-        assert f"[   accepted] {task}" in out
-    assert "[quarantined] digits-mislabeled" in out
-
-
 def test_module_entry_point_runs_without_the_console_script(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "-w", str(tmp_path)],
                           capture_output=True, text=True)

@@ -1,0 +1,313 @@
+"""The nightly and continual_update flows on the embedded default: real Prefect (its test harness: a
+temporary local API), real MLflow on a SQLite file, real DVC with a local remote, real Great Expectations.
+
+Each test drives whole nights: a clean night, a quarantined task and a failing gate, a crash in training
+and its rerun, a reviewer approving / rejecting / not answering / rolling back, and an alias moved by hand.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+import time
+
+import pytest
+
+from components import ingestion, pipeline
+from components.config import load_config
+from components.ledger import Ledger
+from components.registry import from_config
+from flows.nightly import NightFailed, run_night
+from tests.drops import make_task
+from tests.test_learn import _overrides, tiny_checkpoint  # noqa: F401  (shared fixture)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect API for the module (starting one costs seconds)."""
+    import os
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _cfg(tmp_path, ckpt, *extra):
+    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", f"drop_zone={tmp_path / 'incoming'}",
+                                 *_overrides(ckpt, "orchestration.retry_delay_s=0", *extra)], env={}, cwd=tmp_path)
+    ingestion.ensure_workspace(cfg)
+    return cfg
+
+
+def _drop(tmp_path, task_id, classes, **kw):
+    return make_task(tmp_path / "incoming", task_id, classes, train=3, test=2, **kw)
+
+
+def _states(cfg) -> dict[str, str]:
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        return {r.task_id: r.state for r in ledger.all()}
+
+
+def _versions(registry) -> list[int]:
+    return sorted(int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'"))
+
+
+def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
+    import mlflow
+    import pandas as pd
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100")
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    _drop(tmp_path, "t-b", ["emu", "owl"])
+    summary = run_night(cfg)
+
+    assert [u["outcome"] for u in summary["updates"]] == ["promoted", "promoted"]
+    assert [p["task_id"] for p in summary["pools"]] == ["t-a", "t-b"]
+    assert _states(cfg) == {"t-a": "promoted", "t-b": "promoted"}
+    registry = from_config(cfg)
+    assert _versions(registry) == [1, 2]
+    assert registry.alias("champion") == 2 and registry.alias("previous-champion") == 1
+    tags = registry.version_tags(2)
+    assert tags["parent_version"] == "1" and tags["task_id"] == "t-b" and tags["gate"] == "pass"
+    assert tags["review"] == "approved" and tags["flow_run_id"] and tags["code_version"]
+
+    # The MLflow run: metrics per task and for the chain, the resolved config, the task data as a DVC dataset.
+    run = registry.client.get_run(registry.client.get_model_version("cliploop", "2").run_id)
+    assert {"acc.t-a", "acc.t-b", "cl.last", "cl.forgetting"} <= set(run.data.metrics)
+    assert run.data.params["method.name"] == "lvp"
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        md5 = ledger.get("t-b").dvc_md5
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [md5]
+    artifacts = {a.path for a in registry.client.list_artifacts(run.info.run_id)}
+    assert {"eval", "config.resolved.yaml", "validation"} <= artifacts
+
+    # The version loads as a pyfunc and predicts one of the learned labels per image.
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    mlflow.set_registry_uri(registry.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/cliploop@champion")
+    images = sorted((tmp_path / "incoming" / "t-a" / "img").glob("*.png"))[:4]
+    predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    assert len(predicted) == 4 and set(predicted["label"]) <= {"cat", "dog", "emu", "owl"}
+    assert predicted["score"].between(0, 1).all()
+
+    # Lineage of the champion verifies; a second night finds nothing to do and registers nothing.
+    from components.lineage import build_lineage
+
+    record = build_lineage(registry, "champion", cfg.workspace_path, verify=True)
+    assert record["verified"] is True and [c["task"]["id"] for c in record["chain"]] == ["t-b", "t-a"]
+    again = run_night(cfg)
+    assert again["updates"] == [] and _versions(registry) == [1, 2]
+    assert {i["status"] for i in again["ingested"]} == {"unchanged"}
+
+
+def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, tiny_checkpoint):  # noqa: F811
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    run_night(cfg)
+    registry = from_config(cfg)
+    assert registry.alias("champion") == 1
+
+    bad = _drop(tmp_path, "t-bad", ["emu", "owl"])
+    (bad / "manifest.csv").write_text((bad / "manifest.csv").read_text() + "img/missing.png,emu,train\n")
+    summary = run_night(cfg)
+    assert [i["status"] for i in summary["ingested"] if i["task_id"] == "t-bad"] == ["quarantined"]
+    assert summary["updates"] == [] and _versions(registry) == [1] and registry.alias("champion") == 1
+    assert _states(cfg)["t-bad"] == "quarantined"
+    assert (cfg.workspace_path / ".cliploop" / "quarantine" / "t-bad").is_dir()
+
+    # A gate rule that cannot be met: the version is registered, tagged fail, rejected; champion untouched.
+    strict = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.min_zero_shot_retention=0.9")
+    _drop(tmp_path, "t-c", ["emu", "owl"], salt="c")
+    summary = run_night(strict)
+    (update,) = summary["updates"]
+    assert update["gate"] == "fail" and update["outcome"] == "rejected"
+    assert "min_zero_shot_retention" in update["reasons"][0]
+    tags = registry.version_tags(update["version"])
+    assert tags["gate"] == "fail" and tags["review"] == "rejected" and tags["reviewer"] == pipeline.REVIEWER_GATE
+    assert json.loads(tags["gate_reasons"]) == update["reasons"]
+    assert registry.alias("champion") == 1 and registry.alias("challenger") is None
+    assert _states(strict)["t-c"] == "rejected"
+
+
+def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+    import components.registry
+    import components.update
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    real_learn = components.update.learn_next
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    monkeypatch.setattr(components.update, "learn_next", crash)
+    with pytest.raises(NightFailed) as failed:
+        run_night(cfg)
+    assert "illegal memory access" in failed.value.summary["stopped"]
+    registry = from_config(cfg)
+    assert _versions(registry) == [] and registry.alias("champion") is None
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        record = ledger.get("t-a")
+    assert record.state == "failed" and "illegal memory access" in record.reason
+
+    # The next attempt dies after the MLflow run is logged, before the version exists.
+    monkeypatch.setattr(components.update, "learn_next", real_learn)
+    real_register = components.registry.Registry.register
+
+    def die_registering(self, *args, **kwargs):
+        raise RuntimeError("killed while registering (injected)")
+
+    monkeypatch.setattr(components.registry.Registry, "register", die_registering)
+    with pytest.raises(NightFailed):
+        run_night(cfg)
+    assert _versions(registry) == [] and _states(cfg)["t-a"] == "failed"
+    monkeypatch.setattr(components.registry.Registry, "register", real_register)
+
+    # A process that died mid-learning leaves the entry in `learning`: the next night reclaims it.
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        ledger.transition("t-a", "learning", expect=["failed"])
+    summary = run_night(cfg)
+    assert any("interrupted" in line for line in summary["reconciled"])
+    assert summary["updates"][0]["outcome"] == "promoted" and summary["updates"][0]["cached"] is True
+    assert _versions(registry) == [1] and registry.alias("champion") == 1
+    runs = registry.client.search_runs([registry.experiment_id()])
+    assert len(runs) == 1  # the run logged before the crash was reused, not logged twice
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        assert ledger.get("t-a").attempts == 3
+
+
+def _in_background(fn):
+    """Run ``fn`` in a thread that sees this test's Prefect settings (they live in context variables)."""
+    ctx = contextvars.copy_context()
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = ctx.run(fn)
+        except BaseException as exc:  # surfaced by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _wait_for_pause(registry, version: int, timeout: float = 120) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(flow_run_filter=flt):
+                if run.state.state_details.pause_key == f"review-{version}":
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"no flow run paused for version {version}")
+
+
+def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):  # noqa: F811
+    from flows.cli import main
+    from flows.update import resume_waiting
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=120")
+    registry = from_config(cfg)
+    ws = ["-w", str(cfg.workspace_path), "--set", f"model.checkpoint={tiny_checkpoint[0]}",
+          "--set", f"model.sha256={tiny_checkpoint[1]}", "--set", "model.name=cliploop-tiny",
+          "--set", "model.pretrained=null"]
+
+    # Night 1: the flow pauses for a reviewer; `cliploop approve` decides and resumes it.
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    night, result = _in_background(lambda: run_night(cfg))
+    _wait_for_pause(registry, 1)
+    assert registry.version_tags(1)["review"] == "pending" and registry.alias("challenger") == 1
+    assert main(["approve", "1", "--reviewer", "rita", "--note", "looks right", *ws]) == 0
+    night.join(120)
+    assert result["value"]["updates"][0]["outcome"] == "promoted"
+    assert registry.alias("champion") == 1 and registry.version_tags(1)["reviewer"] == "rita"
+    assert _states(cfg)["t-a"] == "promoted"
+
+    # Night 2: the reviewer rejects through the paused run's input (as in the Prefect UI).
+    _drop(tmp_path, "t-b", ["emu", "owl"])
+    night, result = _in_background(lambda: run_night(cfg))
+    _wait_for_pause(registry, 2)
+    assert len(resume_waiting(2, "reject", "sam", "forgets cats")) == 1
+    night.join(120)
+    assert result["value"]["updates"][0]["outcome"] == "rejected"
+    assert registry.alias("champion") == 1 and registry.version_tags(2)["review_note"] == "forgets cats"
+    assert _states(cfg)["t-b"] == "rejected"
+
+    # Night 3: nobody answers; the version stays challenger, tagged timed-out; the ledger waits.
+    quick = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=3")
+    _drop(tmp_path, "t-c", ["yak", "elk"])
+    summary = run_night(quick)
+    assert summary["updates"][0]["outcome"] == "awaiting-review"
+    assert registry.alias("challenger") == 3 and registry.version_tags(3)["review"] == "timed-out"
+    assert _states(cfg)["t-c"] == "learned" and registry.alias("champion") == 1
+
+    # Approved later from the shell; then rolled back: v1 is champion again and t-c leaves the chain.
+    assert main(["approve", "challenger", "--reviewer", "rita", *ws]) == 0
+    assert registry.alias("champion") == 3 and registry.alias("previous-champion") == 1
+    assert main(["rollback", "--reviewer", "rita", "--note", "bad in production", *ws]) == 0
+    assert registry.alias("champion") == 1 and registry.version_tags(3)["review"] == "rolled-back"
+    assert _states(cfg)["t-c"] == "rejected"
+    assert main(["requeue", "t-b", *ws]) == 0 and _states(cfg)["t-b"] == "validated"
+
+
+def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):  # noqa: F811
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0")
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    summary = run_night(cfg)
+    assert summary["updates"][0]["outcome"] == "awaiting-review" and _states(cfg)["t-a"] == "learned"
+    registry = from_config(cfg)
+    assert registry.alias("champion") is None
+
+    # A reviewer sets the alias in the MLflow UI (a plain alias write, no cliploop involved).
+    registry.client.set_registered_model_alias("cliploop", "champion", "1")
+    _drop(tmp_path, "t-b", ["emu", "owl"])
+    summary = run_night(cfg)
+    assert any("t-a: learned -> promoted" in line for line in summary["reconciled"])
+    assert _states(cfg)["t-a"] == "promoted"
+    (update,) = summary["updates"]
+    assert update["task_id"] == "t-b" and update["parent_version"] == 1
+    assert registry.version_tags(update["version"])["parent_version"] == "1"
+
+
+def test_one_night_per_chain_at_a_time(tmp_path, tiny_checkpoint):  # noqa: F811
+    cfg = _cfg(tmp_path, tiny_checkpoint)
+    with pipeline.chain_lock(cfg):
+        with pytest.raises(pipeline.ChainBusy, match="being updated by pid"):
+            run_night(cfg)
+    with pipeline.chain_lock(cfg):  # released: taken again at once
+        pass
+
+
+def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys):
+    """`cliploop demo` end to end (its base model is built here: ~10 s), then the auditor's check."""
+    from flows.cli import main
+
+    assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "quarantined digits-mislabeled" in out and "orchestration" in out
+    ws = tmp_path / "demo" / "workspace"
+    cfg = load_config(overrides=[f"workspace={ws}"], env={}, cwd=tmp_path)
+    assert _states(cfg) == {"digits-0-4": "promoted", "digits-5-9": "promoted", "digits-chalk": "promoted",
+                            "digits-mislabeled": "quarantined"}
+    assert main(["lineage", "champion", "-w", str(ws), "--json", "--verify"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [c["task"]["id"] for c in record["chain"]] == ["digits-chalk", "digits-5-9", "digits-0-4"]
+    assert all(c["task"]["dvc_md5"] for c in record["chain"]) and record["verified"] is True
+
+    shard = sorted((ws / "data" / "tasks" / "digits-5-9").rglob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert main(["lineage", "champion", "-w", str(ws), "--json", "--verify"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert record["verified"] is False
