@@ -330,7 +330,8 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
     pool = build_task_pool(task, ctx, PoolConfig.model_validate(config.method.settings))
     pool.save(folder)
     result = {"task_id": task_id, "key": key, "pool_dir": str(folder), "img_per_s": ctx.info.get("pool_img_per_s"),
-              "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename, "pid": os.getpid()}
+              "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename, "pid": os.getpid(),
+              "parent_pid": os.getppid()}
     storage.atomic_write_text(done, json.dumps(result, indent=2))
     return result | {"cached": False}
 

@@ -56,7 +56,9 @@ def from_config(config) -> "Registry":
     """The registry a configuration names (MLflow on a SQLite file in the workspace by default)."""
     ws = config.workspace_path
     uri = config.mlflow.tracking_uri or f"sqlite:///{ws / '.cliploop' / 'mlflow.db'}"
-    root = config.mlflow.artifact_root or (ws / ".cliploop" / "mlartifacts").as_uri()
+    # With a tracking server, the server's own artifact destination is the default (e.g. S3 behind it).
+    root = config.mlflow.artifact_root or (None if config.mlflow.tracking_uri else
+                                           (ws / ".cliploop" / "mlartifacts").as_uri())
     (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
     return Registry(tracking_uri=uri, model_name=config.mlflow.registered_model, experiment=config.mlflow.experiment,
                     artifact_root=root, lock_dir=ws / ".cliploop" / "locks")

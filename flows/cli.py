@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_id")
     _add_config_args(p)
 
+    p = sub.add_parser("deploy", help="register the nightly and GPU deployments (infra/prefect.yaml) on a Prefect server")
+    p.add_argument("--api-url", help="Prefect API URL (default: $PREFECT_API_URL)")
+    _add_config_args(p)
+
+    p = sub.add_parser("stack", help="a local Prefect server, MLflow server and S3-compatible store on 127.0.0.1")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--json", action="store_true")
+    for name, port in (("s3", 9000), ("mlflow", 5000), ("prefect", 4200)):
+        p.add_argument(f"--port-{name}", type=int, default=None, help=f"port of the {name} service (default {port})")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="run cliploop end to end on the embedded demo (no servers needed)")
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
@@ -446,6 +457,57 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import DeployError, deploy
+
+    config = _config(args)
+    try:
+        values = deploy(config, args.api_url)
+    except DeployError as exc:
+        print(f"cliploop deploy: {exc}", file=sys.stderr)
+        return EXIT_EXTERNAL
+    gpu = config.orchestration.gpu_pool
+    print(f"deployed: cliploop-nightly/nightly on pool {values['CLIPLOOP_CPU_POOL']!r}, schedule "
+          f"{values['CLIPLOOP_CRON']!r} ({values['CLIPLOOP_TIMEZONE']}); cliploop-build-pool/{values['CLIPLOOP_GPU_POOL']} "
+          f"and cliploop-train-evaluate/{values['CLIPLOOP_GPU_POOL']} on pool {values['CLIPLOOP_GPU_POOL']!r}\n"
+          f"config: {values['CLIPLOOP_CONFIG']}\n"
+          f"start workers:  prefect worker start --pool {values['CLIPLOOP_CPU_POOL']}   and   "
+          f"prefect worker start --pool {values['CLIPLOOP_GPU_POOL']} (on GPU machines)"
+          + ("" if gpu else "\nnote: orchestration.gpu_pool is null, so the nightly flow runs GPU steps in-process; "
+             "set it to use the GPU deployments"))
+    return EXIT_OK
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from infra.stack import Stack, StackError
+
+    config = _config(args)
+    stack = Stack(config.workspace_path / ".cliploop" / "stack")
+    try:
+        if args.action == "up":
+            ports = {n: getattr(args, f"port_{n}") for n in ("s3", "mlflow", "prefect") if getattr(args, f"port_{n}")}
+            state = stack.up(ports, progress=(lambda m: None) if args.json else print)
+            if args.json:
+                print(json.dumps(state, indent=2))
+            else:
+                print(f"\nthe stack is up. Use it from a shell:  source {state['env_file']}\n"
+                      f"  Prefect UI: {state['services']['prefect']['url']}   MLflow UI: {state['services']['mlflow']['url']}")
+            return EXIT_OK
+        if args.action == "down":
+            stack.down()
+            return EXIT_OK
+    except StackError as exc:
+        print(f"cliploop stack: {exc}", file=sys.stderr)
+        return EXIT_EXTERNAL
+    rows = stack.status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table([[r["service"], r["state"], str(r.get("pid", "")), r.get("url", ""), r.get("log", "")] for r in rows],
+                     ["service", "state", "pid", "url", "log"]))
+    return EXIT_OK if all(r["state"] == "healthy" for r in rows) else EXIT_INVALID
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
@@ -532,7 +594,7 @@ def _registry_text(config) -> str:
 COMMANDS = {"init": cmd_init, "ingest": cmd_ingest, "validate": cmd_validate, "status": cmd_status,
             "config": cmd_config, "metrics": cmd_metrics, "learn": cmd_learn, "methods": cmd_methods, "scenario": cmd_scenario, "lineage": cmd_lineage,
             "demo": cmd_demo, "nightly": cmd_nightly, "approve": cmd_approve, "reject": cmd_reject,
-            "rollback": cmd_rollback, "requeue": cmd_requeue}
+            "rollback": cmd_rollback, "requeue": cmd_requeue, "deploy": cmd_deploy, "stack": cmd_stack}
 
 
 if __name__ == "__main__":

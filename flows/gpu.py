@@ -11,6 +11,7 @@ paths, never as Python objects.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,18 @@ def dispatch(config: Config, flow_name: str, **call: Any) -> dict[str, Any]:
 
 def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
-    from prefect.flow_runs import wait_for_flow_run
 
-    finished = wait_for_flow_run(run.id, timeout=config.orchestration.gpu_timeout_s, poll_interval=1,
-                                 log_states=False)
-    if not finished.state or not finished.state.is_completed():
+    deadline = time.monotonic() + config.orchestration.gpu_timeout_s
+    with get_client(sync_client=True) as client:
+        finished = client.read_flow_run(run.id)
+        while not (finished.state and finished.state.is_final()):
+            if time.monotonic() > deadline:
+                raise pipeline.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) did not finish within "
+                                             f"{config.orchestration.gpu_timeout_s} s (is a worker serving pool "
+                                             f"{config.orchestration.gpu_pool!r}?)")
+            time.sleep(1)
+            finished = client.read_flow_run(run.id)
+    if not finished.state.is_completed():
         state = finished.state.name if finished.state else "unknown"
         message = finished.state.message if finished.state else ""
         raise pipeline.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) ended {state}: {message}")
@@ -71,10 +79,7 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
     if not path.is_file():
         raise pipeline.PipelineError(f"{flow_name} run {run.id} completed but wrote no {path} "
                                      f"(is the workspace shared with the worker?)")
-    with get_client(sync_client=True) as client:
-        worker_run = client.read_flow_run(run.id)
-    return json.loads(path.read_text()) | {"flow_run_id": str(run.id), "cached": False,
-                                           "work_pool": worker_run.work_pool_name}
+    return json.loads(path.read_text()) | {"flow_run_id": str(run.id), "work_pool": finished.work_pool_name}
 
 
 def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:

@@ -1,0 +1,231 @@
+"""The local stack on 127.0.0.1: a Prefect server, an MLflow server (SQLite backend, artifacts in S3) and an
+S3-compatible object store, for trying the server setup on one machine (`cliploop stack up|down|status`).
+
+State lives in ``<workspace>/.cliploop/stack/``: ``stack.json`` (pids, ports, URLs), ``logs/<service>.log``
+and ``env`` (the variables that point cliploop, Prefect, MLflow and boto3 at the stack; ``source`` it).
+``up`` is idempotent: services already running and healthy are left alone. The object store is moto's
+S3-compatible server (in memory: what it holds is gone after ``down``); point ``s3.endpoint_url`` at a
+real S3 or MinIO for anything that must last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}
+BUCKET = "cliploop"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "cliploop", "AWS_SECRET_ACCESS_KEY": "cliploop-local",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stack:
+    root: Path  # <workspace>/.cliploop/stack
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "stack.json"
+
+    def read(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+
+    def write(self, state: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_file)
+
+    # ---- services --------------------------------------------------------------------------------------
+
+    def _command(self, name: str, port: int, ports: dict[str, int]) -> list[str]:
+        bin_dir = Path(sys.executable).parent
+        if name == "s3":
+            return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        if name == "mlflow":
+            return [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
+        return [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+    def env(self, ports: dict[str, int]) -> dict[str, str]:
+        """What a shell, a worker or cliploop needs to use the stack."""
+        s3 = f"http://127.0.0.1:{ports['s3']}"
+        return {"PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+                "CLIPLOOP__MLFLOW__TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+                "MLFLOW_S3_ENDPOINT_URL": s3, "AWS_ENDPOINT_URL": s3, "CLIPLOOP__S3__ENDPOINT_URL": s3,
+                **S3_CREDENTIALS}
+
+    def _service_env(self, name: str, ports: dict[str, int]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(S3_CREDENTIALS)
+        if name == "mlflow":
+            env["MLFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{ports['s3']}"
+        if name == "prefect":
+            env["PREFECT_HOME"] = str(self.root / "prefect")
+            env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+            env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
+        return env
+
+    def up(self, ports: dict[str, int] | None = None, timeout: float = 120, progress=print) -> dict[str, Any]:
+        try:
+            import moto  # noqa: F401
+        except ImportError:
+            raise StackError("the local object store needs moto's server: pip install 'moto[server]' "
+                             "(or `pip install -e .[stack]`)") from None
+        state = self.read()
+        wanted = {**DEFAULT_PORTS, **(state.get("ports") or {}), **(ports or {})}
+        services = state.get("services", {})
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        for name in ("s3", "mlflow", "prefect"):  # MLflow's artifact root lives in S3: the store comes first
+            found = services.get(name)
+            if found and _alive(found["pid"]) and _healthy(found["url"] + HEALTH[name]):
+                progress(f"{name}: already running (pid {found['pid']}, {found['url']})")
+                continue
+            port = wanted[name]
+            if _port_busy(port):
+                raise StackError(f"{name}: port {port} on 127.0.0.1 is taken by another program; "
+                                 f"choose another with --port-{name}")
+            log = open(self.root / "logs" / f"{name}.log", "ab")
+            proc = subprocess.Popen(self._command(name, port, wanted), stdout=log, stderr=subprocess.STDOUT,
+                                    env=self._service_env(name, wanted), start_new_session=True, cwd=self.root)
+            url = f"http://127.0.0.1:{port}"
+            services[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
+            self.write({"ports": wanted, "services": services})
+            _wait_healthy(name, url + HEALTH[name], proc, timeout, self.root / "logs" / f"{name}.log")
+            progress(f"{name}: started (pid {proc.pid}, {url})")
+            if name == "s3":
+                self._make_bucket(url)
+        self._work_pools(wanted, progress)
+        env = self.env(wanted)
+        (self.root / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+        state = {"ports": wanted, "services": services, "env_file": str(self.root / "env")}
+        self.write(state)
+        return state
+
+    def _make_bucket(self, url: str) -> None:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                              aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if BUCKET not in existing:
+            client.create_bucket(Bucket=BUCKET)
+
+    def _work_pools(self, ports: dict[str, int], progress) -> None:
+        """Process work pools ``cpu`` and ``gpu`` (``--overwrite`` keeps a second ``up`` harmless)."""
+        env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api"}
+        prefect = str(Path(sys.executable).parent / "prefect")
+        for pool in ("cpu", "gpu"):
+            found = subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True, text=True)
+            if found.returncode == 0:
+                continue
+            made = subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env,
+                                  capture_output=True, text=True)
+            if made.returncode != 0:
+                raise StackError(f"could not create work pool {pool}: {made.stdout}{made.stderr}")
+            progress(f"prefect: work pool {pool!r} (process) created")
+
+    def status(self) -> list[dict[str, Any]]:
+        state = self.read()
+        rows = []
+        for name in ("s3", "mlflow", "prefect"):
+            found = (state.get("services") or {}).get(name)
+            if not found:
+                rows.append({"service": name, "state": "not started"})
+                continue
+            alive = _alive(found["pid"])
+            healthy = alive and _healthy(found["url"] + HEALTH[name])
+            rows.append({"service": name, "state": "healthy" if healthy else ("unhealthy" if alive else "stopped"),
+                         "pid": found["pid"], "url": found["url"], "log": found["log"]})
+        return rows
+
+    def down(self, timeout: float = 20, progress=print) -> None:
+        state = self.read()
+        for name in ("prefect", "mlflow", "s3"):
+            found = (state.get("services") or {}).get(name)
+            if not found or not _alive(found["pid"]):
+                continue
+            _stop(found["pid"], timeout)
+            progress(f"{name}: stopped (pid {found['pid']})")
+        if self.state_file.exists():
+            self.write({"ports": state.get("ports", {}), "services": {}})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return 200 <= response.status < 500
+    except Exception:
+        return False
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_healthy(name: str, url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}:\n"
+                             + _tail(log))
+        if _healthy(url):
+            return
+        time.sleep(0.3)
+    raise StackError(f"{name} did not become healthy at {url} within {timeout:.0f} s; see {log}:\n" + _tail(log))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _stop(pid: int, timeout: float) -> None:
+    """SIGTERM the service's process group (servers spawn children), then SIGKILL what is left."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

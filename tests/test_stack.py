@@ -1,0 +1,104 @@
+"""The server setup on one machine: `cliploop stack up` starts a real Prefect server, a real MLflow server
+(SQLite backend, artifacts in S3) and an S3-compatible store (moto's server) on 127.0.0.1; `cliploop deploy`
+registers the deployments; two process workers serve the `gpu` pool; a night's two pool builds run on
+different workers, training runs there too, and the registry and the lineage are checked at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from components import ingestion
+from components.config import load_config
+from components.lineage import build_lineage
+from components.registry import from_config
+from flows.cli import main
+from tests.drops import make_task
+from tests.test_learn import _overrides, tiny_checkpoint  # noqa: F401  (shared fixture)
+
+pytestmark = pytest.mark.stack
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deploy
+    from flows.nightly import run_night
+    from infra.stack import Stack
+
+    ws = tmp_path / "ws"
+    ports = {name: _free_port() for name in ("s3", "mlflow", "prefect")}
+    flags = ["-w", str(ws)] + [x for name, port in ports.items() for x in (f"--port-{name}", str(port))]
+    stack = Stack(ws / ".cliploop" / "stack")
+    workers: list[subprocess.Popen] = []
+    service_pids: list[int] = []
+    try:
+        assert main(["stack", "up", *flags]) == 0
+        assert main(["stack", "up", *flags]) == 0  # a second `up` is harmless
+        assert main(["stack", "status", "-w", str(ws)]) == 0
+        service_pids = [row["pid"] for row in stack.status()]
+        env = stack.env(ports)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        cfg = load_config(overrides=[f"workspace={ws}", f"drop_zone={tmp_path / 'incoming'}",
+                                     *_overrides(tiny_checkpoint, "orchestration.gpu_pool=gpu",
+                                                 "orchestration.retry_delay_s=0", "approval.auto_promote=true",
+                                                 f"mlflow.tracking_uri={env['MLFLOW_TRACKING_URI']}")],
+                          env={}, cwd=tmp_path)
+        ingestion.ensure_workspace(cfg)
+        deploy(cfg, env["PREFECT_API_URL"])
+
+        worker_env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                      "PREFECT_HOME": str(tmp_path / "worker-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        prefect = str(Path(sys.executable).parent / "prefect")
+        for name in ("gpu-worker-1", "gpu-worker-2"):
+            log = open(tmp_path / f"{name}.log", "wb")
+            workers.append(subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--name", name,
+                                             "--limit", "1"], env=worker_env, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(3)
+        assert all(w.poll() is None for w in workers), "a worker died at start"
+
+        make_task(tmp_path / "incoming", "t-a", ["cat", "dog"], train=3, test=2)
+        make_task(tmp_path / "incoming", "t-b", ["emu", "owl"], train=3, test=2)
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            summary = run_night(cfg)
+
+        assert [p["work_pool"] for p in summary["pools"]] == ["gpu", "gpu"]
+        assert {p["parent_pid"] for p in summary["pools"]} == {w.pid for w in workers}, (
+            "the two pool builds should run on the two workers")
+        assert [u["outcome"] for u in summary["updates"]] == ["promoted", "promoted"]
+        registry = from_config(cfg)
+        assert registry.tracking_uri.startswith("http://127.0.0.1")
+        assert registry.alias("champion") == 2 and registry.version_tags(2)["parent_version"] == "1"
+        record = build_lineage(registry, "champion", ws, verify=True)
+        assert record["verified"] is True and [c["task"]["id"] for c in record["chain"]] == ["t-b", "t-a"]
+        assert all(c["flow_run_id"] for c in record["chain"])
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        stack.down(progress=lambda m: None)
+    assert len(service_pids) == 3 and not any(_alive(pid) for pid in service_pids)
+    assert main(["stack", "status", "-w", str(ws)]) == 1  # nothing healthy any more
+
+
+def _alive(pid: int) -> bool:
+    from infra.stack import _alive as alive
+
+    return alive(pid)
