@@ -382,6 +382,7 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     parent = parent_state(config, parent_version)
     result = learn_next(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
                         pools=pools)
+    result.timings["peak_mem_mb"] = _peak_memory_mb()
     final = result.matrix.matrix[-1]
     doc = {"task_id": task_id, "run_key": key, "parent_version": parent_version, "out_dir": str(out),
            "metrics": result.metrics, "final_row": dict(zip(result.matrix.tasks, final)),
@@ -390,6 +391,17 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return doc | {"cached": False}
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory of this process when it used CUDA, else its peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # ---- register + gate ----------------------------------------------------------------------------------------
@@ -424,6 +436,8 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             timings = update.get("timings", {})
             if timings.get("pool_img_per_s"):
                 metrics["perf.pool_img_per_s"] = timings["pool_img_per_s"]
+            if timings.get("peak_mem_mb"):
+                metrics["perf.peak_mem_mb"] = timings["peak_mem_mb"]
             run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
             source = json.dumps({"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
                                  "workspace": str(config.workspace_path), "commit": record.workspace_commit})
@@ -434,6 +448,7 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
         else:
             run_id = run.info.run_id
         version = registry.register(run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"})
+        _log_lineage(config, registry, version, run_id)
     with _ledger(config) as ledger:
         current = ledger.get(task_id)
         if current.state == "learning":
@@ -442,6 +457,14 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             ledger.update(task_id, model_version=str(version))
     return {"task_id": task_id, "version": version, "run_id": run_id, "run_key": key,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _log_lineage(config: Config, registry, version: int, run_id: str) -> None:
+    """The version's lineage record as the run's ``lineage.json`` (what an auditor reads in the MLflow UI)."""
+    from components.lineage import build_lineage
+
+    record = build_lineage(registry, version, config.workspace_path, verify=False)
+    registry.client.log_text(run_id, json.dumps(record, indent=2, default=str), "lineage.json")
 
 
 def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:

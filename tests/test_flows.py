@@ -83,7 +83,8 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
         md5 = ledger.get("t-b").dvc_md5
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [md5]
     artifacts = {a.path for a in registry.client.list_artifacts(run.info.run_id)}
-    assert {"eval", "config.resolved.yaml", "validation"} <= artifacts
+    assert {"eval", "config.resolved.yaml", "validation", "lineage.json"} <= artifacts
+    assert "perf.peak_mem_mb" in run.data.metrics
 
     # The version loads as a pyfunc and predicts one of the learned labels per image.
     mlflow.set_tracking_uri(registry.tracking_uri)
@@ -311,3 +312,36 @@ def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys):
     assert main(["lineage", "champion", "-w", str(ws), "--json", "--verify"]) == 1
     record = json.loads(capsys.readouterr().out)
     assert record["verified"] is False
+
+
+def test_steps_retry_transient_errors_only(tmp_path, tiny_checkpoint):  # noqa: F811
+    """A storage hiccup is retried (with backoff); a bug or bad data is not."""
+    from botocore.exceptions import EndpointConnectionError
+    from prefect import flow
+
+    from flows.update import step
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2")
+    calls = {"flaky": 0, "broken": 0}
+
+    def flaky(config):
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        return "ok"
+
+    def broken(config):
+        calls["broken"] += 1
+        raise ValueError("label 'ten' is not declared")
+
+    @flow
+    def night():
+        first = step(flaky, cfg)(cfg)
+        try:
+            step(broken, cfg)(cfg)
+        except ValueError:
+            return first
+        raise AssertionError("the broken step did not fail")
+
+    assert night() == "ok" and calls == {"flaky": 3, "broken": 1}
+    assert pipeline.is_transient(RuntimeError("wrapped")) is False
