@@ -46,8 +46,11 @@ def context_for(config: Config, backbone) -> "Context":
     workers = config.evaluation.workers
     if workers is None:
         workers = min(8, torch.get_num_threads()) if str(backbone.device).startswith("cuda") else 0
+    from components.models import load_backbone
+
     return Context(backbone=backbone, batch_size=config.evaluation.batch_size, workers=workers,
-                   templates=config.evaluation.templates, seed=config.evaluation.seed)
+                   templates=config.evaluation.templates, seed=config.evaluation.seed,
+                   load_base=lambda: load_backbone(config.model), resolve=config.location)
 
 
 def make_method(config: Config, name: str | None = None):
@@ -110,8 +113,11 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     if backbone is None:
         backbone = load_backbone(config.model)
     ctx = context_for(config, backbone)
+    ctx.progress = progress
     torch.manual_seed(config.evaluation.seed)
     tasks = [load_task(loc) for loc in locations]
+    by_id = {t.task_id: t for t in tasks}
+    ctx.locate_task = lambda task_id: by_id[task_id]
     zero_shot = load_task(config.location(config.evaluation.zero_shot_set)) if config.evaluation.zero_shot_set else None
     for task in tasks + ([zero_shot] if zero_shot else []):
         if task.prompts:

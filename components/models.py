@@ -49,6 +49,7 @@ class Backbone:
     embed_dim: int
     reference: dict[str, Any] = field(default_factory=dict)  # {name, pretrained | path | uri, sha256}
     weights_dtype: torch.dtype = torch.float32
+    preprocess_train: Callable | None = None  # open_clip's training transform (random resized crop)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -255,7 +256,7 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     tag = model_cfg.pretrained if not model_cfg.checkpoint and weights is None else None
     try:
         with quiet_loaders():
-            model, _, preprocess = open_clip.create_model_and_transforms(
+            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True)
     except RuntimeError as exc:
         raise CheckpointError(f"cannot create {name} with pretrained={tag!r}: {str(exc).splitlines()[0]}") from None
@@ -274,7 +275,7 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     embed_dim = int(open_clip.get_model_config(name)["embed_dim"])
     return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=device,
                     autocast_dtype=autocast_dtype, embed_dim=embed_dim, reference=reference,
-                    weights_dtype=weights_dtype)
+                    weights_dtype=weights_dtype, preprocess_train=preprocess_train)
 
 
 @contextlib.contextmanager

@@ -438,6 +438,8 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
                 metrics["perf.pool_img_per_s"] = timings["pool_img_per_s"]
             if timings.get("peak_mem_mb"):
                 metrics["perf.peak_mem_mb"] = timings["peak_mem_mb"]
+            if timings.get("train_step_ms"):
+                metrics["perf.train_step_ms"] = timings["train_step_ms"]
             run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
             source = json.dumps({"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
                                  "workspace": str(config.workspace_path), "commit": record.workspace_commit})

@@ -5,7 +5,8 @@ state/
   manifest.json                 format, method, backbone reference, class table, tasks, files {path: sha256}
   backbone.safetensors          only when the method changed the weights
   pools/<task_id>.safetensors   LVP pools (+ pools/<task_id>.json)
-  method/tensors.safetensors    the method's own tensors; method/settings.json its settings
+  method/tensors.safetensors    the method's own tensors; method/settings.json its settings;
+                                method/state.json its per-task state that is not tensors (e.g. exemplar ids)
   history.json                  the accuracy matrix so far (so the next task appends a row)
 ```
 Safetensors and JSON only: nothing is unpickled. Loading verifies every file's SHA-256 and refuses a
@@ -53,6 +54,7 @@ class LearnerState:
     pools: dict[str, Any] = field(default_factory=dict)  # task_id -> pools.TaskPool
     method_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     method_settings: dict[str, Any] = field(default_factory=dict)
+    method_meta: dict[str, Any] = field(default_factory=dict)  # JSON half of the method's per-task state
     history: dict[str, Any] = field(default_factory=dict)  # accuracy matrix so far (metrics.AccuracyMatrix dict)
 
     # ---- class table -----------------------------------------------------------------------------
@@ -98,6 +100,10 @@ class LearnerState:
                 (tmp / "method").mkdir(exist_ok=True)
                 storage.atomic_write_text(tmp / "method" / "settings.json",
                                           json.dumps(self.method_settings, indent=2, sort_keys=True, default=str))
+            if self.method_meta:
+                (tmp / "method").mkdir(exist_ok=True)
+                storage.atomic_write_text(tmp / "method" / "state.json",
+                                          json.dumps(self.method_meta, indent=2, sort_keys=True, default=str))
             storage.atomic_write_text(tmp / "history.json", json.dumps(self.history, indent=2, default=str))
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 files[path.relative_to(tmp).as_posix()] = storage.sha256_file(path)
@@ -129,10 +135,11 @@ class LearnerState:
         method_dir = folder / "method"
         tensors = load_file(str(method_dir / "tensors.safetensors")) if "method/tensors.safetensors" in manifest["files"] else {}
         settings = json.loads((method_dir / "settings.json").read_text()) if "method/settings.json" in manifest["files"] else {}
+        meta = json.loads((method_dir / "state.json").read_text()) if "method/state.json" in manifest["files"] else {}
         history = json.loads((folder / "history.json").read_text()) if "history.json" in manifest["files"] else {}
         return cls(method=manifest["method"], backbone=manifest["backbone"],
                    classes=[ClassEntry(**c) for c in manifest["classes"]], tasks=manifest["tasks"], weights=weights,
-                   pools=pools, method_tensors=tensors, method_settings=settings, history=history)
+                   pools=pools, method_tensors=tensors, method_settings=settings, method_meta=meta, history=history)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -70,6 +70,10 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
     backbone = base if parent is None or parent.weights is None else load_backbone(config.model, weights=parent.weights)
     ctx = context_for(config, backbone)
     ctx.prebuilt_pools.update(pools or {})
+    ctx.locate_task = lambda task_id: load_task(locate(task_id))
+    ctx.progress = progress
+    if out_dir is not None:
+        ctx.checkpoint_dir = Path(out_dir) / "checkpoints"  # a rerun of a crashed update resumes training here
     base_ctx = context_for(config, base)
     torch.manual_seed(config.evaluation.seed)
 
@@ -107,8 +111,9 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
         fit(method, task, ctx, config)
     state = method.end_task()
     timings["learn_s"] = time.perf_counter() - t0
-    if "pool_img_per_s" in ctx.info and ctx.info["pool_img_per_s"] is not None:
-        timings["pool_img_per_s"] = ctx.info["pool_img_per_s"]
+    for key in ("pool_img_per_s", "train_step_ms"):
+        if ctx.info.get(key) is not None:
+            timings[key] = ctx.info[key]
 
     t0 = time.perf_counter()
     say(f"evaluating {len(seen) + 1} task(s)")

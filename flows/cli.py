@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the accuracy matrix and metrics as JSON")
     _add_config_args(p)
 
-    sub.add_parser("methods", help="the registered continual-learning methods, one line each")
+    p = sub.add_parser("methods", help="the registered continual-learning methods, one line each; with a name, its settings")
+    p.add_argument("name", nargs="?", help="show this method's settings, defaults and what they mean")
+    p.add_argument("--json", action="store_true", help="the settings' defaults as JSON (for method.settings)")
 
     p = sub.add_parser("lineage", help="a model version's chain back to its data, checks, code and config")
     p.add_argument("ref", help="a version number, champion, challenger or previous-champion")
@@ -318,6 +320,23 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from components.methods import available_methods
 
+    from components.methods import MethodError, get_method
+
+    if args.name:
+        try:
+            cls = get_method(args.name)
+        except MethodError as exc:
+            print(f"cliploop methods: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        defaults = cls.Settings().model_dump(mode="json")
+        if args.json:
+            print(json.dumps(defaults, indent=2))
+            return EXIT_OK
+        print(f"{args.name}: {cls.summary}\n\nsettings (method.settings.<key>; defaults from the official code where one exists):")
+        for key, field in cls.Settings.model_fields.items():
+            note = f"  # {field.description}" if field.description else ""
+            print(f"  {key}: {json.dumps(defaults[key])}{note}")
+        return EXIT_OK
     methods = available_methods()
     width = max(map(len, methods))
     for name, summary in methods.items():

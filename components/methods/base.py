@@ -4,12 +4,16 @@ A method sees the learner state and one task, and returns the new learner state;
 images against any set of classes. Its hooks::
 
     begin_task(state, task, ctx)              set up: teachers, frozen parts, cached outputs, pools
+    trainable_parameters() -> [(name, p)]     what the optimizer updates this task
+    before_step(step)                         e.g. CTP's momentum update, ZSCL's weight ensemble
     training_step(batch) -> {name: loss}      summed for backward by the shared trainer; each term logged
-    after_backward()                          e.g. gradient projection, before the optimizer step
+    after_backward()                          e.g. GNSP's gradient projection, before the optimizer step
+    after_step(step)                          e.g. GNSP's projection of the whole update (ablation)
     end_task() -> LearnerState                per-task state out
     scores(state, images, classes, ctx)       logits [N, len(classes)] over the given class keys
 
-The shared trainer owns the loop, devices, precision, checkpoints, logging, timing and progress.
+The shared trainer (components.trainer) owns the loop, devices, precision, optimizer and schedule, and
+runs the callbacks for checkpoints, logging, timing and progress.
 Method code imports no prefect, mlflow or boto3.
 """
 
@@ -42,6 +46,29 @@ class Context:
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # timings and counters the method wants reported
     prebuilt_pools: dict[str, str] = field(default_factory=dict)  # task id -> folder of a pool built elsewhere
+    load_base: Any = None  # () -> Backbone: the configured base model, untouched by learning (teachers)
+    locate_task: Any = None  # task id -> TaskData of a learned task (replay memory, pool rebuilds)
+    resolve: Any = None  # a configured location ("demo:...", relative path) -> a loadable one
+    progress: Any = None  # str -> None: where the trainer reports progress
+    checkpoint_dir: Any = None  # folder for resumable training checkpoints (None: no checkpoints)
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    def base_backbone(self):
+        """The base model (the teacher of ZSCL and GNSP), loaded once."""
+        if "_base" not in self.__dict__:
+            if self.load_base is None:
+                raise MethodError("this method needs the base model but the context cannot load it")
+            self.__dict__["_base"] = self.load_base()
+        return self.__dict__["_base"]
+
+    def task(self, task_id: str):
+        if self.locate_task is None:
+            raise MethodError(f"task {task_id} is needed again (replay or pool rebuild) but the context cannot locate "
+                              "learned tasks")
+        return self.locate_task(task_id)
 
     @property
     def device(self) -> torch.device:
@@ -98,10 +125,26 @@ class Method:
     def begin_task(self, state, task, ctx: Context) -> None:
         raise NotImplementedError
 
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        raise NotImplementedError(f"{self.name} has no training loop")
+
+    def train_dataset(self):
+        """The dataset the trainer iterates this task (a replay memory mixes old samples in)."""
+        raise NotImplementedError(f"{self.name} has no training loop")
+
+    def before_step(self, step: int) -> None:
+        return None
+
     def training_step(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self.name} has no training loop")
 
     def after_backward(self) -> None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        return None
+
+    def after_fit(self) -> None:
         return None
 
     def end_task(self):

@@ -1,0 +1,174 @@
+"""CVM, continual visual mapping (methods.md §3.1, our reference design; no official code exists).
+
+A small visual model (the configured backbone's image tower) and a linear map P are trained so that
+normalize(P g(x)) lands on its class's concept: the normalised embedding of the class prompt by a frozen
+language model. Concepts are computed once, when a class first appears, and never change, so old classes'
+targets cannot drift. The loss is cross-entropy over scaled cosines against every concept seen so far.
+
+The language model defaults to the backbone's own text tower (then P starts as the identity and the
+first step starts from zero-shot CLIP); any Hugging Face sentence-embedding model folder can be plugged
+in (``language_model: /path`` or ``package:<module>/<folder>``), mean-pooled and normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from components.methods import register_method
+from components.methods.base import Context, MethodError
+from components.methods.tuning import TunedCLIP, TuneSettings, normalize
+
+# ---- mathematics (pure) ----------------------------------------------------------------------------------
+
+
+def concept_logits(mapped: torch.Tensor, concepts: torch.Tensor, tau: float) -> torch.Tensor:
+    """cos(normalize(mapped), concept_k) / tau for every concept row."""
+    return normalize(mapped.float()) @ normalize(concepts.float()).T / tau
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states where the attention mask is 1 (sentence-embedding pooling)."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
+
+# ---- typed state -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptTable:
+    """The frozen concepts (one normalised row per class key) and the visual-to-concept map P."""
+
+    keys: list[str]
+    concepts: torch.Tensor  # [len(keys), d_lm]
+    projection: torch.Tensor  # [d_lm, d_visual]
+
+    def to_bundle(self, state) -> None:
+        state.method_tensors["cvm.concepts"] = self.concepts.detach().cpu().contiguous()
+        state.method_tensors["cvm.projection"] = self.projection.detach().cpu().contiguous()
+        state.method_meta["cvm.concept_keys"] = list(self.keys)
+
+    @classmethod
+    def from_bundle(cls, state) -> "ConceptTable | None":
+        if "cvm.projection" not in state.method_tensors:
+            return None
+        return cls(list(state.method_meta.get("cvm.concept_keys", [])), state.method_tensors["cvm.concepts"],
+                   state.method_tensors["cvm.projection"])
+
+
+class ConceptEncoder:
+    """The frozen language model: class prompts -> normalised concept vectors (CPU, fp32)."""
+
+    def __init__(self, spec: str, backbone):
+        self.spec, self.backbone = spec, backbone
+        if spec == "backbone":
+            self.dim = backbone.embed_dim
+            return
+        from transformers import AutoModel, AutoTokenizer
+
+        from components.models import quiet_loaders, resolve_package_path
+
+        path = resolve_package_path(spec) if spec.startswith("package:") else spec
+        try:
+            with quiet_loaders():
+                self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        except OSError as exc:
+            raise MethodError(f"cvm: cannot load the language model {spec!r}: {exc}") from None
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.spec == "backbone":
+            from components.models import encode_texts
+
+            return encode_texts(self.backbone, texts)
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        hidden = self.model(**batch).last_hidden_state
+        return F.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+
+
+# ---- the method ---------------------------------------------------------------------------------------------
+
+
+class CVMSettings(TuneSettings):
+    language_model: str = Field("backbone", description="frozen concept space: the backbone's text tower, or a Hugging Face model folder / package:<module>/<folder>")
+    prompt: str = Field("a photo of a {}", description="how a class name is put to the language model")
+    tau: float = Field(0.07, gt=0)
+    loss_classes: Literal["task", "seen"] = Field("seen")
+    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+@register_method("cvm")
+class CVM(TunedCLIP):
+    summary = "CVM: a small visual model mapped into a frozen language model's concept space (fixed concept table)"
+    Settings = CVMSettings
+
+    def encoder(self, ctx: Context) -> ConceptEncoder:
+        if self.__dict__.get("_encoder") is None:
+            self._encoder = ConceptEncoder(self.settings.language_model, ctx.backbone)
+        return self._encoder
+
+    def prompt_for(self, name: str) -> str:
+        from components.prompts import clean_class_name
+
+        return self.settings.prompt.format(clean_class_name(name))
+
+    def select_trainable(self):
+        return [(n, p) for n, p in self.model.named_parameters() if n.startswith("visual.")]
+
+    def setup(self) -> None:
+        encoder = self.encoder(self.ctx)
+        table = ConceptTable.from_bundle(self.state)
+        if table is None:
+            d_visual = self.ctx.backbone.embed_dim
+            if encoder.spec == "backbone":
+                projection = torch.eye(d_visual)  # start from zero-shot CLIP
+            else:
+                projection = torch.empty(encoder.dim, d_visual)
+                torch.nn.init.orthogonal_(projection, generator=torch.Generator().manual_seed(self.ctx.seed))
+            table = ConceptTable([], torch.zeros(0, encoder.dim), projection)
+        new = [k for k in self.label_keys if k not in table.keys]
+        if new:  # appended once, never updated: old classes' targets cannot drift
+            rows = encoder([self.prompt_for(self.class_names[k]) for k in new])
+            table = ConceptTable(table.keys + new, torch.cat([table.concepts, rows]), table.projection)
+        self.table = table
+        self.projection = torch.nn.Parameter(table.projection.clone().to(self.device))
+        index = {k: i for i, k in enumerate(table.keys)}
+        self.targets = table.concepts[[index[k] for k in self.label_keys]].to(self.device)
+
+    def trainable_parameters(self):
+        return self.trainable + [("cvm.projection", self.projection)]
+
+    def training_step(self, batch):
+        images, labels = batch
+        mapped = self.model.encode_image(images).float() @ self.projection.T
+        return {"ce": F.cross_entropy(concept_logits(mapped, self.targets, self.settings.tau), labels,
+                                      label_smoothing=self.settings.label_smoothing)}
+
+    def export(self, state) -> None:
+        ConceptTable(self.table.keys, self.table.concepts, self.projection.detach().cpu()).to_bundle(state)
+        self._scores_cache = {}
+
+    def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
+        from components.models import encode_batch
+
+        table = ConceptTable.from_bundle(state)
+        if table is None:  # nothing learned yet: zero-shot CLIP
+            return super().scores(state, images, class_keys, class_names, ctx)
+        cache = self.__dict__.setdefault("_concept_cache", {})
+        known = dict(zip(table.keys, table.concepts))
+        missing = [k for k in class_keys if k not in known and k not in cache]
+        if missing:  # classes no task has taught: their concept, computed the same way, for zero-shot scoring
+            for key, row in zip(missing, self.encoder(ctx)([self.prompt_for(class_names[k]) for k in missing])):
+                cache[key] = row
+        concepts = torch.stack([known[k] if k in known else cache[k] for k in class_keys])
+        mapped = encode_batch(ctx.backbone, images) @ table.projection.T
+        return normalize(mapped) @ normalize(concepts).T

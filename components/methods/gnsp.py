@@ -1,0 +1,277 @@
+"""GNSP (methods.md §5, §9 notes 1-9): gradient null-space projection, contrastive distillation (CD)
+and modality-alignment preservation (MAP).
+
+After each task, the inputs of the image tower's MLP layers (``c_fc``, ``c_proj`` of every block) and of
+``visual.proj`` are summarised as uncentred Gram matrices over the task's training set, each batch
+normalised by its Frobenius norm, the task's sum renormalised, and added to the running sum of earlier
+tasks. From the second task on, only those matrices train, and each gradient is projected onto the
+directions that carry less than rho (0.15) of the sum of singular values: an update there barely moves
+the layer's outputs on old tasks' inputs. CD and MAP on a reference set keep the base model's image-text
+alignment.
+
+Two documented choices:
+
+- ``project: gradient`` (default, as the official code) projects the gradient and then lets AdamW
+  step; AdamW's per-element scaling rotates the step slightly out of the null space.
+  ``project: update`` projects the whole optimizer step instead (Adam-NSCL style), so the update stays
+  exactly in the null space.
+- The first task trains both towers in full (no old task to protect); later tasks only the 2L+1
+  image-tower matrices, so the text tower keeps its first-task state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from components.methods import register_method
+from components.methods.base import MethodError
+from components.methods.finetune import FineTune, FineTuneSettings
+from components.methods.tuning import normalize, reference_for, soft_ce_distill, visual_blocks
+
+GRAM_PREFIX = "gnsp.gram."
+
+# ---- mathematics (pure) ----------------------------------------------------------------------------------
+
+
+def gram_update(running: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:
+    """Add one batch's Gram matrix X^T X (rows = input vectors), divided by its Frobenius norm, in fp32."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    gram = x.T @ x
+    norm = torch.linalg.matrix_norm(gram)
+    if norm > 0:
+        gram = gram / norm
+    return gram if running is None else running + gram
+
+
+def frobenius_normalised(matrix: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.matrix_norm(matrix)
+    return matrix / norm if norm > 0 else matrix
+
+
+def accumulate(previous: torch.Tensor | None, task_gram: torch.Tensor, renormalise_previous: bool) -> torch.Tensor:
+    """Running sum over tasks of Frobenius-normalised task Grams.
+
+    The official code renormalises the old sum before adding only for ``visual.proj``
+    (``renormalise_previous``); the MLP layers simply add, so every task has equal mass.
+    """
+    current = frobenius_normalised(task_gram)
+    if previous is None:
+        return current
+    return (frobenius_normalised(previous) if renormalise_previous else previous) + current
+
+
+def protected_rank(singular_values: torch.Tensor, rho: float) -> int:
+    """Smallest k with sum(S[k:]) / sum(S) < rho (S descending, plain values, strict <).
+
+    The first k directions carry more than 1 - rho of the spectral mass and are protected. An all-zero
+    matrix protects nothing (k = 0).
+    """
+    total = singular_values.sum()
+    if total <= 0:
+        return 0
+    tail = singular_values.flip(0).cumsum(0).flip(0) / total  # tail[k] = sum(S[k:]) / sum(S)
+    below = (tail < rho).nonzero()
+    return int(below[0]) if len(below) else len(singular_values)
+
+
+def null_space(gram: torch.Tensor, rho: float) -> tuple[torch.Tensor, int]:
+    """Orthonormal basis V0 (columns) of the unprotected directions of a symmetric PSD Gram, and k."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)  # eigh is ascending
+    k = protected_rank(values, rho)
+    return vectors[:, k:].to(gram.dtype), k
+
+
+def projector(gram: torch.Tensor, rho: float) -> tuple[torch.Tensor, int]:
+    """P = V0 V0^T, the orthogonal projector onto the null space; and the protected rank k."""
+    basis, k = null_space(gram, rho)
+    return basis @ basis.T, k
+
+
+def project(grad: torch.Tensor, proj: torch.Tensor, inputs_last: bool) -> torch.Tensor:
+    """Project a weight's gradient (or update) on the input side.
+
+    ``inputs_last``: the weight is stored (out, in) like nn.Linear, so G <- G P; else (in, out) like
+    ``visual.proj``, so G <- P G.
+    """
+    return grad @ proj.T if inputs_last else proj @ grad
+
+
+def map_targets(caption_index: torch.Tensor) -> torch.Tensor:
+    """MAP soft targets: rows share their mass among the batch's items with the same caption."""
+    same = (caption_index.unsqueeze(0) == caption_index.unsqueeze(1)).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def cd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Contrastive distillation: soft-CE KD image->text plus text->image."""
+    return (soft_ce_distill(teacher_logits, student_logits, temperature)
+            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
+
+
+def map_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Soft-target CE both ways, with label smoothing on top of the soft targets."""
+    return (F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T.float(), targets.T, label_smoothing=label_smoothing))
+
+
+# ---- which matrices ---------------------------------------------------------------------------------------
+
+
+def protected_layers(model: torch.nn.Module) -> list[tuple[str, bool]]:
+    """(parameter name, inputs_last) of the projected matrices: 12x c_fc, 12x c_proj, visual.proj for ViT-B."""
+    names = []
+    for i, _ in enumerate(visual_blocks(model)):
+        prefix = f"visual.transformer.resblocks.{i}.mlp"
+        names += [(f"{prefix}.c_fc.weight", True), (f"{prefix}.c_proj.weight", True)]
+    if getattr(model.visual, "proj", None) is None:
+        raise MethodError("GNSP needs the image tower's output projection (visual.proj)")
+    names.append(("visual.proj", False))
+    return names
+
+
+@torch.no_grad()
+def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) -> dict[str, torch.Tensor]:
+    """One pass over a task: the per-task Gram sum of every protected layer's inputs (batch-normalised)."""
+    visual = model.visual
+    grams: dict[str, torch.Tensor | None] = {name: None for name, _ in protected_layers(model)}
+    hooks = []
+
+    def keep(name):
+        def hook(module, args):
+            grams[name] = gram_update(grams[name], args[0])
+        return hook
+
+    for i, block in enumerate(visual_blocks(model)):
+        prefix = f"visual.transformer.resblocks.{i}.mlp"
+        hooks.append(block.mlp.c_fc.register_forward_pre_hook(keep(f"{prefix}.c_fc.weight")))
+        hooks.append(block.mlp.c_proj.register_forward_pre_hook(keep(f"{prefix}.c_proj.weight")))
+
+    def pooled(module, args, output):
+        x = visual._global_pool(output)[0] if output.ndim == 3 else output  # the input of visual.proj
+        grams["visual.proj"] = gram_update(grams["visual.proj"], x)
+
+    hooks.append(visual.ln_post.register_forward_hook(pooled))
+    try:
+        for images, _ in batches:
+            with autocast():
+                model.encode_image(images.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: frobenius_normalised(g) for name, g in grams.items() if g is not None}
+
+
+# ---- the method ---------------------------------------------------------------------------------------------
+
+
+class GNSPSettings(FineTuneSettings):
+    rho: float = Field(0.15, gt=0, lt=1, description="tail fraction of the singular-value sum left unprotected")
+    project: Literal["gradient", "update"] = Field("gradient", description="project the gradient before AdamW (official) or the whole step")
+    cd_weight: float = Field(1.0, ge=0)
+    map_weight: float = Field(0.75, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    reference_set: str | None = Field(None, description="task drop or stored task for CD and MAP (official: 1000 ImageNet train images); null = the current task's images")
+    reference_size: int = Field(1000, ge=1)
+    reference_batch_size: int = Field(64, ge=1)
+    reference_seed: int = Field(42)
+    gram_batch_size: int = Field(16, ge=1)
+
+
+@register_method("gnsp")
+class GNSP(FineTune):
+    summary = "GNSP: gradients projected onto the null space of old tasks' features + contrastive distillation + MAP"
+    Settings = GNSPSettings
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        return {k[len(GRAM_PREFIX):]: v for k, v in self.state.method_tensors.items() if k.startswith(GRAM_PREFIX)}
+
+    def select_trainable(self):
+        grams = self.grams()
+        if not grams:
+            return super().select_trainable()  # first task: both towers in full
+        params = dict(self.model.named_parameters())
+        return [(name, params[name]) for name, _ in protected_layers(self.model)]
+
+    def setup(self) -> None:
+        grams = self.grams()
+        self.projectors: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.ctx.info["gnsp_protected_rank"] = {}
+        for name, inputs_last in (protected_layers(self.model) if grams else []):
+            if name not in grams:
+                raise MethodError(f"GNSP state has no Gram matrix for {name} (made by another model?)")
+            proj, k = projector(grams[name].to(self.device), self.settings.rho)
+            self.projectors[name] = (proj, inputs_last)
+            self.ctx.info["gnsp_protected_rank"][name] = k
+            if k == len(proj):
+                self.ctx.say(f"  gnsp: {name} has an empty null space (every direction protected): it will not move")
+        base = self.ctx.base_backbone()
+        self.reference = reference_for(self.settings, self.task, self.ctx)
+        with torch.no_grad(), base.autocast():
+            self.ref_teacher_image = torch.cat([normalize(base.model.encode_image(c.to(self.device)).float())
+                                                for c in self.reference.images.split(256)])
+            self.ref_teacher_text = normalize(base.model.encode_text(
+                base.tokenizer(self.reference.distinct).to(self.device)).float())
+        self.ref_tokens = self.tokenize(self.reference.distinct)
+        self._ref_text = None
+
+    def reference_text(self) -> torch.Tensor:
+        if self.text_trains:
+            return self.encode_text(self.ref_tokens)
+        if self._ref_text is None:
+            with torch.no_grad():
+                self._ref_text = self.encode_text(self.ref_tokens)
+        return self._ref_text
+
+    def training_step(self, batch):
+        images, labels = batch
+        ce, _, _ = self.task_loss(images, labels)
+        rows = self.reference.next_rows()
+        caps = self.reference.caption_index[rows].to(self.device)
+        rows = rows.to(self.device)
+        student = self.scale * self.encode_image(self.reference.images[rows.cpu()].to(self.device)) @ self.reference_text()[caps].T
+        teacher = self.scale * self.ref_teacher_image[rows] @ self.ref_teacher_text[caps].T
+        s = self.settings
+        return {"ce": ce, "cd": s.cd_weight * cd_loss(teacher, student, s.temperature),
+                "map": s.map_weight * map_loss(student, map_targets(caps), s.label_smoothing)}
+
+    def after_backward(self) -> None:
+        if not self.projectors:
+            return
+        params = dict(self.trainable)
+        if self.settings.project == "update":
+            self._before = {n: params[n].detach().clone() for n in self.projectors}
+            return
+        for name, (proj, inputs_last) in self.projectors.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.copy_(project(grad.float(), proj, inputs_last).to(grad.dtype))
+
+    def after_step(self, step: int) -> None:
+        if self.settings.project != "update" or not self.projectors:
+            return
+        params = dict(self.trainable)
+        with torch.no_grad():
+            for name, (proj, inputs_last) in self.projectors.items():
+                before = self._before[name]
+                params[name].copy_(before + project((params[name] - before).float(), proj, inputs_last).to(before.dtype))
+
+    def after_fit(self) -> None:
+        self.projectors = {}  # up to ~0.5 GB for ViT-B/16: free them with the task
+        del self.reference
+
+    def export(self, state) -> None:
+        """This task's Grams from the final model, added to the running sums in the state."""
+        from components.data import make_loader
+
+        dataset = self.task.dataset_for("train", self.ctx.backbone.preprocess_train or self.ctx.backbone.preprocess)
+        loader = make_loader(dataset, self.settings.gram_batch_size, self.ctx.workers)
+        current = task_grams(self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False))
+        previous = self.grams()
+        for name, gram in current.items():
+            state.method_tensors[GRAM_PREFIX + name] = accumulate(
+                previous.get(name), gram.cpu(), renormalise_previous=(name == "visual.proj"))

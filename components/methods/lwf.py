@@ -1,0 +1,48 @@
+"""LwF for CLIP (methods.md §8, as in ZSCL's MTIL code): fine-tune both towers on the task while
+distilling the model the task started from, on the current task's images: image->text and
+text->image logits against the task's class prompts, soft cross-entropy at temperature 2.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from components.methods import register_method
+from components.methods.finetune import FineTune, FineTuneSettings
+from components.methods.tuning import frozen_copy, soft_ce_distill
+
+
+class LwFSettings(FineTuneSettings):
+    temperature: float = Field(2.0, gt=0)
+    distill_weight: float = Field(1.0, ge=0)
+
+
+def lwf_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Distillation in both directions of an image x class logit matrix."""
+    return (soft_ce_distill(teacher_logits, student_logits, temperature)
+            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
+
+
+@register_method("lwf")
+class LwF(FineTune):
+    summary = "LwF: fine-tuning plus distillation of the previous model's image-text logits on current images"
+    Settings = LwFSettings
+
+    def setup(self) -> None:
+        self.teacher = frozen_copy(self.model)
+        with torch.no_grad():
+            self.teacher_text = self.encode_text(self.label_tokens, self.teacher)
+
+    def training_step(self, batch):
+        images, labels = batch
+        ce, features, text = self.task_loss(images, labels)
+        with torch.no_grad():
+            teacher_logits = self.scale * self.encode_image(images, self.teacher) @ self.teacher_text.T
+        student_logits = self.scale * features @ text.T
+        return {"ce": ce, "lwf": self.settings.distill_weight * lwf_loss(teacher_logits, student_logits,
+                                                                        self.settings.temperature)}
+
+    def end_task(self):
+        del self.teacher
+        return super().end_task()

@@ -1,0 +1,336 @@
+"""What the CLIP fine-tuning methods share: which parameters train, class prompts, the label space,
+the replay memory, the fine-tuned weights in the learner state, and scoring with the text classifier
+(or with label-vector pools rebuilt from the fine-tuned encoder).
+
+Also the loss functions several methods use, as pure functions of tensors. This module registers no
+method itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from components.methods.base import Context, Method, MethodError
+from components.pools import PoolConfig
+from components.trainer import TrainSettings
+
+# ---- losses (pure) ------------------------------------------------------------------------------------
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def soft_ce_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD_T: per row, cross-entropy of softmax(teacher/T) against log-softmax(student/T), row mean, times T².
+
+    Equals KL(teacher || student) times T² plus the teacher's entropy (constant for the student).
+    """
+    t = temperature
+    target = (teacher_logits.float() / t).softmax(dim=-1)
+    return -(target * (student_logits.float() / t).log_softmax(dim=-1)).sum(dim=-1).mean() * t * t
+
+
+def kl_batchmean(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(target/T) || softmax(student/T)) summed over classes, averaged over rows."""
+    target = (target_logits.float() / temperature).log_softmax(dim=-1)
+    student = (student_logits.float() / temperature).log_softmax(dim=-1)
+    return (target.exp() * (target - student)).sum(dim=-1).mean()
+
+
+def symmetric_info_nce(image: torch.Tensor, text: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """CLIP's contrastive loss: mean of image->text and text->image cross-entropy, targets on the diagonal."""
+    logits = scale * image @ text.T
+    target = torch.arange(len(image), device=image.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    twin = copy.deepcopy(model).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+# ---- herding (replay memory) ----------------------------------------------------------------------------
+
+
+def herding(features: torch.Tensor, count: int) -> list[int]:
+    """iCaRL herding: greedily pick samples whose running mean stays closest to the class mean.
+
+    ``features`` are L2-normalised rows of one class; returns up to ``count`` distinct row indices.
+    """
+    n = len(features)
+    count = min(count, n)
+    mean = features.mean(dim=0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mean)
+    available = torch.ones(n, dtype=torch.bool)
+    for k in range(1, count + 1):
+        candidates = (running.unsqueeze(0) + features) / k
+        distance = (mean.unsqueeze(0) - candidates).norm(dim=1)
+        distance[~available] = float("inf")
+        pick = int(distance.argmin())
+        chosen.append(pick)
+        available[pick] = False
+        running += features[pick]
+    return chosen
+
+
+# ---- datasets ----------------------------------------------------------------------------------------------
+
+
+class Relabelled(torch.utils.data.Dataset):
+    """A task split with its labels mapped into the method's label space (indices of label_keys)."""
+
+    def __init__(self, dataset, mapping: list[int], rows: list[int] | None = None):
+        self.dataset, self.mapping = dataset, mapping
+        self.rows = rows if rows is not None else list(range(len(dataset)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[self.rows[index]]
+        return image, self.mapping[label]
+
+
+# ---- reference set (ZSCL, GNSP) ---------------------------------------------------------------------------
+
+
+class ReferenceSet:
+    """Images and captions kept apart from the task stream, to hold on to the base model's alignment.
+
+    The official codes use 1000 ImageNet train images ("a photo of a {class}"); here it is any task drop
+    or stored task (``reference_set``), its first ``size`` training images in manifest order. Without
+    one, the current task's own training images stand in [ours]. Images are preprocessed once, without
+    augmentation, so the base model's outputs on them are computed once per task, not every step.
+    """
+
+    def __init__(self, task, ctx: Context, size: int, batch_size: int, seed: int):
+        from components.data import make_loader
+        from components.prompts import clean_class_name
+
+        dataset = task.dataset_for("train", ctx.backbone.preprocess)
+        rows = list(range(len(dataset)))
+        if len(rows) > size:
+            rows = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+        subset = torch.utils.data.Subset(dataset, rows)
+        images, labels = [], []
+        for x, y in make_loader(subset, 256, ctx.workers):
+            images.append(x)
+            labels.append(y)
+        if not images:
+            raise MethodError(f"reference set {task.task_id} has no training images")
+        self.images = torch.cat(images).to(ctx.backbone.weights_dtype)
+        captions = [f"a photo of a {clean_class_name(task.class_names[int(y)])}" for y in torch.cat(labels)]
+        self.distinct = sorted(set(captions))
+        self.caption_index = torch.tensor([self.distinct.index(c) for c in captions])
+        self.batch_size, self.cursor = batch_size, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def next_rows(self) -> torch.Tensor:
+        """The next batch of row indices, in order, wrapping around (no shuffling, as in the GNSP code)."""
+        n = len(self.images)
+        rows = torch.arange(self.cursor, self.cursor + min(self.batch_size, n)) % n
+        self.cursor = int(rows[-1] + 1) % n
+        return rows
+
+
+def reference_for(settings, task, ctx: Context) -> ReferenceSet:
+    from components.data import load_task
+
+    if settings.reference_set:
+        location = ctx.resolve(settings.reference_set) if ctx.resolve else settings.reference_set
+        source = load_task(location)
+    else:
+        source = task
+    return ReferenceSet(source, ctx, settings.reference_size, settings.reference_batch_size, settings.reference_seed)
+
+
+# ---- the shared base ------------------------------------------------------------------------------------
+
+
+class TuneSettings(TrainSettings):
+    loss_classes: Literal["task", "seen"] = Field(
+        "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far")
+    memory_per_class: int = Field(0, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks")
+    classifier: Literal["text", "pool"] = Field(
+        "text", description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
+
+
+def visual_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    try:
+        return list(model.visual.transformer.resblocks)
+    except AttributeError:
+        raise MethodError("this method needs a ViT image tower (open_clip VisionTransformer); "
+                          f"{type(getattr(model, 'visual', model)).__name__} is not one") from None
+
+
+class TunedCLIP(Method):
+    """Base of the methods that fine-tune CLIP's weights. Subclasses choose what trains and the loss."""
+
+    Settings = TuneSettings
+
+    # ---- hooks a subclass overrides --------------------------------------------------------------------
+
+    def select_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every parameter but the (frozen) logit scale."""
+        return [(n, p) for n, p in self.model.named_parameters() if n != "logit_scale"]
+
+    def setup(self) -> None:
+        """Teachers, cached outputs and method state, once the task's label space is known."""
+
+    def export(self, state) -> None:
+        """Per-task method state into ``state.method_tensors`` / ``state.method_meta``."""
+
+    # ---- contract ---------------------------------------------------------------------------------------
+
+    def begin_task(self, state, task, ctx: Context) -> None:
+        self.state, self.task, self.ctx = state, task, ctx
+        self.model = ctx.backbone.model
+        self.device = torch.device(ctx.backbone.device)
+        self.task_index = len(state.tasks)  # 0 for the first task of the chain
+        names = {c.key: c.name for c in state.classes}
+        names.update(zip(task.class_keys, task.class_names))
+        self.class_names = names
+        seen = [c.key for c in state.classes] + [k for k in task.class_keys if k not in {c.key for c in state.classes}]
+        self.label_keys = list(task.class_keys) if self.settings.loss_classes == "task" else seen
+        if self.settings.memory_per_class and self.settings.loss_classes == "task" and state.method_meta.get("memory"):
+            self.label_keys = seen  # replayed samples of old classes need their classes in the loss
+        self.old_keys = [c.key for c in state.classes]
+        self.label_tokens = self.tokenize([self.train_prompt(k) for k in self.label_keys])
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.trainable = self.select_trainable()
+        for _, p in self.trainable:
+            p.requires_grad_(True)
+        self.text_trains = any(n.startswith(("transformer.", "token_embedding", "text.", "positional_embedding",
+                                             "ln_final", "text_projection")) for n, _ in self.trainable)
+        self.scale = self.model.logit_scale.exp().detach().float() if hasattr(self.model, "logit_scale") else torch.tensor(100.0)
+        self._frozen_text = None
+        self.model.train()
+        self.setup()
+
+    def trainable_parameters(self):
+        return self.trainable
+
+    def train_dataset(self):
+        backbone = self.ctx.backbone
+        transform = backbone.preprocess_train if self.settings.augment and backbone.preprocess_train else backbone.preprocess
+        index = {k: i for i, k in enumerate(self.label_keys)}
+        parts = [Relabelled(self.task.dataset_for("train", transform), [index[k] for k in self.task.class_keys])]
+        by_task: dict[str, list[int]] = {}
+        for item in self.state.method_meta.get("memory", []):
+            by_task.setdefault(item["task_id"], []).append(item["row"])
+        for task_id, rows in by_task.items():
+            old = self.ctx.task(task_id)
+            parts.append(Relabelled(old.dataset_for("train", transform), [index[k] for k in old.class_keys], rows))
+        return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+    def end_task(self):
+        state, task = self.state, self.task
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        state.weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state.add_classes(task.task_id, task.dataset, list(zip(task.class_keys, task.class_names)))
+        state.tasks.append(task.summary())
+        state.method_settings = self.settings.model_dump(mode="json")
+        if self.settings.memory_per_class:
+            state.method_meta["memory"] = state.method_meta.get("memory", []) + self.select_exemplars()
+        self.export(state)
+        if self.settings.classifier == "pool":
+            self.rebuild_pools(state)
+        self._scores_cache: dict[str, torch.Tensor] = {}
+        return state
+
+    # ---- text side ---------------------------------------------------------------------------------------
+
+    def train_prompt(self, key: str) -> str:
+        """The first template of the configured set, as the official codes train with one template."""
+        from components.prompts import clean_class_name, get_templates, task_templates
+
+        dataset = key.split("/", 1)[0]
+        ctx = self.ctx
+        templates = task_templates(ctx.task_prompts.get(dataset)) if ctx.templates == "task" else get_templates(ctx.templates)
+        return templates[0](clean_class_name(self.class_names[key]))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.ctx.backbone.tokenizer(texts).to(self.device)
+
+    def encode_text(self, tokens: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return normalize((model or self.model).encode_text(tokens).float())
+
+    def encode_image(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        return normalize((model or self.model).encode_image(images).float())
+
+    def class_text(self) -> torch.Tensor:
+        """Text embeddings of the label space: with gradient when the text tower trains, else computed once."""
+        if self.text_trains:
+            return self.encode_text(self.label_tokens)
+        if self._frozen_text is None:
+            with torch.no_grad():
+                self._frozen_text = self.encode_text(self.label_tokens)
+        return self._frozen_text
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def task_loss(self, images: torch.Tensor, labels: torch.Tensor):
+        """CE with label smoothing over the label space; also returns the image and class-text features."""
+        features, text = self.encode_image(images), self.class_text()
+        logits = self.scale * features @ text.T
+        return F.cross_entropy(logits, labels, label_smoothing=self.settings.label_smoothing), features, text
+
+    def training_step(self, batch):
+        images, labels = batch
+        return {"ce": self.task_loss(images, labels)[0]}
+
+    # ---- memory and pools -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def select_exemplars(self) -> list[dict]:
+        """Herding on the fine-tuned model's normalised image embeddings, per class of this task."""
+        features, labels = self.ctx.image_embeddings(self.task, "train")
+        chosen = []
+        for local, key in enumerate(self.task.class_keys):
+            rows = (labels == local).nonzero().flatten().tolist()
+            if rows:
+                for pick in herding(features[rows], self.settings.memory_per_class):
+                    chosen.append({"task_id": self.task.task_id, "row": rows[pick], "class_key": key})
+        return chosen
+
+    def rebuild_pools(self, state) -> None:
+        """Pools of every learned task from the fine-tuned encoder (old pools are stale once it changed)."""
+        from components.methods.lvp import build_pool
+
+        for summary in state.tasks:
+            tid = summary["task_id"]
+            task = self.task if tid == self.task.task_id else self.ctx.task(tid)
+            state.pools[tid] = build_pool(task, self.ctx, self.settings.pool)
+
+    # ---- prediction ----------------------------------------------------------------------------------------
+
+    def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
+        from components.models import encode_batch
+
+        cache = self.__dict__.setdefault("_scores_cache", {})
+        missing = [k for k in class_keys if k not in cache]
+        if missing:
+            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
+                cache[key] = vector
+        embeddings = encode_batch(ctx.backbone, images)
+        if self.settings.classifier == "pool" and state.pools:
+            from components.pools import merge
+
+            return merge(list(state.pools.values()), self.settings.pool).scores(
+                embeddings, class_keys, fallback_text={k: cache[k] for k in class_keys})
+        return embeddings @ torch.stack([cache[k] for k in class_keys]).T

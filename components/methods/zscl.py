@@ -1,0 +1,90 @@
+"""ZSCL (methods.md §6.3, §8): fine-tuning that keeps CLIP's zero-shot ability by distilling the base
+model's image-text logits on a reference set, an L2 pull towards the task's starting weights, and a
+running weight ensemble every 100 iterations that becomes the saved model.
+
+The distilled logits use the base model's text features on both sides (only the image tower feels the
+distillation). The base model's outputs on the reference set are computed once per task and cached.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from components.methods import register_method
+from components.methods.finetune import FineTune, FineTuneSettings
+from components.methods.tuning import reference_for, soft_ce_distill
+
+
+def l2_anchor(params: list[torch.Tensor], start: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over parameters of the squared distance to the task's starting weights."""
+    return sum(((p.float() - s.float()) ** 2).sum() for p, s in zip(params, start))
+
+
+def ensemble_update(average: list[torch.Tensor], current: list[torch.Tensor], merged: int) -> None:
+    """In place: average <- (merged * average + current) / (merged + 1)."""
+    for a, c in zip(average, current):
+        a.mul_(merged / (merged + 1)).add_(c.detach().to(a.dtype), alpha=1 / (merged + 1))
+
+
+def zscl_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD_T image->text plus KD_T text->image (methods.md §6.3)."""
+    return (soft_ce_distill(teacher_logits, student_logits, temperature)
+            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
+
+
+class ZSCLSettings(FineTuneSettings):
+    reference_set: str | None = Field(None, description="task drop or stored task whose images and class captions are the reference set; null = the current task's images")
+    reference_size: int = Field(1000, ge=1)
+    reference_batch_size: int = Field(64, ge=1)
+    reference_seed: int = Field(42)
+    temperature: float = Field(2.0, gt=0)
+    distill_weight: float = Field(1.0, ge=0)
+    l2_weight: float = Field(1.0, ge=0)
+    ensemble_every: int | None = Field(100, ge=1, description="merge into the weight ensemble every N iterations; null = off")
+
+
+@register_method("zscl")
+class ZSCL(FineTune):
+    summary = "ZSCL: distil the base CLIP on a reference set, L2 to the start weights, periodic weight ensemble"
+    Settings = ZSCLSettings
+
+    def setup(self) -> None:
+        from components.methods.tuning import normalize
+
+        base = self.ctx.base_backbone()
+        self.reference = reference_for(self.settings, self.task, self.ctx)
+        with torch.no_grad(), base.autocast():
+            rows = [normalize(base.model.encode_image(chunk.to(self.device)).float())
+                    for chunk in self.reference.images.split(256)]
+            self.ref_teacher_image = torch.cat(rows)
+            self.ref_text = normalize(base.model.encode_text(
+                base.tokenizer(self.reference.distinct).to(self.device)).float())
+        self.start = [p.detach().clone() for _, p in self.trainable]
+        self.average = [p.detach().clone() for _, p in self.trainable]
+        self.merged = 1  # the start weights count once in the ensemble
+
+    def before_step(self, step: int) -> None:
+        every = self.settings.ensemble_every
+        if every and step % every == 0:
+            with torch.no_grad():
+                ensemble_update(self.average, [p for _, p in self.trainable], self.merged)
+            self.merged += 1
+
+    def training_step(self, batch):
+        images, labels = batch
+        ce, _, _ = self.task_loss(images, labels)
+        rows = self.reference.next_rows()
+        student = self.encode_image(self.reference.images[rows].to(self.device))
+        teacher_logits = self.scale * self.ref_teacher_image[rows.to(self.device)] @ self.ref_text.T
+        student_logits = self.scale * student @ self.ref_text.T
+        return {"ce": ce,
+                "distill": self.settings.distill_weight * zscl_distill(teacher_logits, student_logits, self.settings.temperature),
+                "l2": self.settings.l2_weight * l2_anchor([p for _, p in self.trainable], self.start)}
+
+    def after_fit(self) -> None:
+        if self.settings.ensemble_every:
+            with torch.no_grad():
+                for (_, p), a in zip(self.trainable, self.average):
+                    p.copy_(a)
+        del self.start, self.average, self.reference
