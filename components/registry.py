@@ -127,6 +127,7 @@ class Registry:
             values.update({f"acc.{t}": v for t, v in final_row.items() if v is not None})
             stamp = int(run.info.start_time)
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in sorted(values.items())])
+            self._log_loss_curves(run_id, Path(out_dir) / "eval" / "training.json", stamp)
             flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
             for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(run_id, params=flat[start:start + 100])
@@ -152,6 +153,20 @@ class Registry:
             self.client.set_terminated(run_id, "FAILED")
             raise
         return run_id
+
+    def _log_loss_curves(self, run_id: str, report_path: Path, stamp: int) -> None:
+        """The trainer's per-step losses (eval/training.json) as metric histories ``train.<term>``."""
+        import json
+
+        from mlflow.entities import Metric
+
+        if not report_path.is_file():
+            return
+        rows = json.loads(report_path.read_text()).get("losses", [])
+        points = [Metric(f"train.{k}", float(v), stamp, int(row["step"]))
+                  for row in rows for k, v in row.items() if k != "step" and v is not None]
+        for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=points[start:start + 1000])
 
     def log_pyfunc(self, run_id: str, out_dir: Path, model_name: str) -> tuple[str, str]:
         """The update's learner state as a pyfunc model of the run; returns (model URI, model id)."""

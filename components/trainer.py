@@ -46,6 +46,17 @@ class TrainSettings(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = Field(True, description="train with open_clip's training transform (random resized crop)")
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    per_task: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings for one task, by task id or dataset name, e.g. {aircraft: {lr: 5e-5, iterations: 100}} (the official per-dataset schedules)")
+
+    def for_task(self, task_id: str, dataset: str) -> "TrainSettings":
+        """These settings with the task's own overrides applied (by task id, else by dataset name)."""
+        override = self.per_task.get(task_id) or self.per_task.get(dataset)
+        if not override:
+            return self
+        if "per_task" in override:
+            raise ValueError("per_task entries cannot nest per_task")
+        return type(self).model_validate({**self.model_dump(), **override})
 
 
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
@@ -218,6 +229,28 @@ def _batches(loader, seed_epoch):
         epoch += 1
 
 
+def optimization_step(method, optimizer, named, images, labels, ctx, step: int) -> dict[str, torch.Tensor]:
+    """One step: the method's hooks around forward, backward and the optimizer (also timed by benchmarks)."""
+    device = torch.device(ctx.backbone.device)
+    method.before_step(step)
+    images = images.to(device, dtype=ctx.backbone.weights_dtype, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    with ctx.backbone.autocast():
+        losses = method.training_step((images, labels))
+    loss = sum(v.float() for v in losses.values())
+    if not torch.isfinite(loss):
+        raise TrainError(f"{method.name}: loss is {loss.item()} at step {step + 1} "
+                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); lower the lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward()
+    if method.settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], method.settings.grad_clip)
+    optimizer.step()
+    method.after_step(step)
+    return losses
+
+
 def fit(method, task, ctx, config=None, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train ``method`` on ``task`` (after ``method.begin_task``); returns the run report.
 
@@ -264,22 +297,7 @@ def fit(method, task, ctx, config=None, callbacks: list[Callback] | None = None)
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * factor
         run.lr = settings.lr * factor
-        method.before_step(step)
-        images = images.to(device, dtype=ctx.backbone.weights_dtype, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with ctx.backbone.autocast():
-            losses = method.training_step((images, labels))
-        loss = sum(v.float() for v in losses.values())
-        if not torch.isfinite(loss):
-            raise TrainError(f"{method.name}: loss is {loss.item()} at step {step + 1} of task {task.task_id} "
-                             f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); lower the lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward()
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], settings.grad_clip)
-        optimizer.step()
-        method.after_step(step)
+        losses = optimization_step(method, optimizer, named, images, labels, ctx, step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

@@ -13,6 +13,7 @@ Nothing here imports Prefect, MLflow, DVC or boto3.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,10 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
     timings["total_s"] = time.perf_counter() - started
     if out_dir is not None:
         write_outputs(Path(out_dir), matrix, metrics, state, config, timings)
+        if ctx.info.get("train"):  # the trainer's report: per-step losses and lr, step time, memory
+            from components.storage import atomic_write_text
+
+            atomic_write_text(Path(out_dir) / "eval" / "training.json", json.dumps(ctx.info["train"], indent=2))
     return UpdateResult(state, matrix, metrics, task.task_id, timings, Path(out_dir) if out_dir else None)
 
 

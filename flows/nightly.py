@@ -29,9 +29,19 @@ class NightFailed(pipeline.PipelineError):
 
 @flow(name="cliploop-nightly", persist_result=False)
 def nightly(config_path: str | None = None, overrides: list[str] | None = None,
-            config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One night. ``config`` (portable, from another process) wins over ``config_path`` + ``overrides``."""
+            config: dict[str, Any] | None = None, method: str | None = None) -> dict[str, Any]:
+    """One night. ``config`` (portable, from another process) wins over ``config_path`` + ``overrides``.
+
+    ``method``: a registered method name (`cliploop methods`) instead of the config's ``method.name``.
+    """
+    if method is not None:
+        from components.methods import get_method
+
+        get_method(method)  # an unknown name fails here, naming the registered ones
+        overrides = [*(overrides or []), f"method.name={method}"]
     cfg = config_from_doc(config) if config else load_config(config_path, overrides or [])
+    if method is not None and config:
+        cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": method})})
     doc = cfg.portable()
     log = get_run_logger()
     summary: dict[str, Any] = {"reconciled": [], "ingested": [], "pools": [], "updates": [], "stopped": None}

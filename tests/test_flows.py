@@ -105,6 +105,40 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
     assert {i["status"] for i in again["ingested"]} == {"unchanged"}
 
 
+def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, tiny_checkpoint):  # noqa: F811
+    """GNSP through the whole pipeline: the second task starts from the first one's state as registered in
+    MLflow (fine-tuned weights and Gram matrices), the loss curves are run metrics, the version predicts."""
+    import mlflow
+    import pandas as pd
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100",
+               "method.name=gnsp", "method.settings.iterations=3", "method.settings.batch_size=4",
+               "method.settings.warmup_steps=0")
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    _drop(tmp_path, "t-b", ["emu", "owl"])
+    summary = run_night(cfg)
+    assert [u["outcome"] for u in summary["updates"]] == ["promoted", "promoted"]
+    assert summary["pools"] == []  # only LVP builds pools ahead of training
+
+    registry = from_config(cfg)
+    run = registry.client.get_run(registry.client.get_model_version("cliploop", "2").run_id)
+    assert run.data.params["method.name"] == "gnsp" and "perf.train_step_ms" in run.data.metrics
+    history = registry.client.get_metric_history(run.info.run_id, "train.ce")
+    assert [m.step for m in history] == [0, 1, 2]
+    from components.state import LearnerState
+
+    state = LearnerState.load(registry.download_state(2, tmp_path / "v2"))
+    assert state.method == "gnsp" and state.task_ids == ["t-a", "t-b"] and state.weights is not None
+    assert any(k.startswith("gnsp.gram.") for k in state.method_tensors)
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    mlflow.set_registry_uri(registry.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/cliploop@champion")
+    images = sorted((tmp_path / "incoming" / "t-b" / "img").glob("*.png"))[:3]
+    predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    assert len(predicted) == 3 and set(predicted["label"]) <= {"cat", "dog", "emu", "owl"}
+
+
 def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, tiny_checkpoint):  # noqa: F811
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
     _drop(tmp_path, "t-a", ["cat", "dog"])

@@ -27,3 +27,27 @@ def test_auto_precision_on_cuda_is_bf16_autocast_and_close_to_fp32(tmp_path):
     assert on_gpu.dtype == torch.float32 and on_gpu.device.type == "cpu"
     cosine = (on_gpu * on_cpu).sum(dim=1)
     assert cosine.min() > 0.99  # bf16 autocast changes bits, not meaning
+
+
+@pytest.mark.parametrize("name", ["finetune", "lwf", "wise-ft", "zscl", "sg", "gnsp", "ctp", "cvm"])
+def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_path):
+    """Two tiny tasks on the GPU (bf16 autocast, fp32 master weights): finite losses, weights moved."""
+    from components.config import load_config
+    from components.learn import learn
+    from tests.drops import make_task
+
+    import open_clip
+
+    register_builtin_configs()
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_weights(open_clip.create_model("cliploop-tiny", pretrained=None), path)
+    drops = [make_task(tmp_path, "t-a", ["cat", "dog"], train=4, test=2),
+             make_task(tmp_path, "t-b", ["emu", "owl"], train=4, test=2)]
+    config = load_config(overrides=[f"workspace={tmp_path / 'ws'}", "model.name=cliploop-tiny", "model.pretrained=null",
+                                    f"model.checkpoint={path}", f"method.name={name}", "method.settings.iterations=3",
+                                    "method.settings.batch_size=4", "method.settings.warmup_steps=0"],
+                         env={}, cwd=tmp_path)
+    result = learn([str(d) for d in drops], config, validate_first=False)
+    assert result.state.weights is not None and all(t.device.type == "cpu" for t in result.state.weights.values())
+    assert all(v is not None for v in result.matrix.matrix[-1])

@@ -253,3 +253,26 @@ def test_lr_schedule_warmup_then_cosine_and_a_warmup_longer_than_the_run():
     long = TrainSettings(lr=1.0, warmup_steps=100)
     assert lr_factor(99, 50, long) == pytest.approx(1.0) and lr_factor(9, 50, long) == pytest.approx(0.1)
     assert lr_factor(5, 6, TrainSettings(lr=1.0, schedule="constant")) == 1.0
+
+
+def test_per_task_settings_override_by_task_id_or_dataset():
+    from components.methods.gnsp import GNSPSettings
+
+    s = GNSPSettings(per_task={"aircraft": {"lr": 5e-5, "iterations": 100}, "t-7": {"rho": 0.2}})
+    assert s.for_task("mtili-01-aircraft", "aircraft").lr == 5e-5
+    assert s.for_task("mtili-01-aircraft", "aircraft").iterations == 100
+    assert s.for_task("t-7", "x").rho == 0.2 and s.for_task("t-7", "x").lr == s.lr
+    assert s.for_task("other", "cifar100") is s
+    with pytest.raises(ValueError):
+        GNSPSettings(per_task={"aircraft": {"lr": -1}}).for_task("a", "aircraft")
+
+
+def test_zscl_l2_gradient_added_after_backward_equals_autograd():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 2))
+    start = weight.detach().clone() - 0.5
+    (zscl.l2_anchor([weight], [start]) * 0.7).backward()
+    expected = weight.grad.clone()
+    weight.grad = torch.zeros_like(weight)
+    torch._foreach_add_([weight.grad], torch._foreach_sub([weight], [start]), alpha=2 * 0.7)
+    assert torch.allclose(weight.grad, expected)

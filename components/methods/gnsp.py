@@ -134,6 +134,16 @@ def protected_layers(model: torch.nn.Module) -> list[tuple[str, bool]]:
     return names
 
 
+def protected_layers_for_names(state_dict: dict) -> list[tuple[str, bool]]:
+    """The same list from a state dict's names (for code that has weights but no model)."""
+    blocks = sorted({int(k.split(".")[3]) for k in state_dict if k.startswith("visual.transformer.resblocks.")})
+    names = []
+    for i in blocks:
+        prefix = f"visual.transformer.resblocks.{i}.mlp"
+        names += [(f"{prefix}.c_fc.weight", True), (f"{prefix}.c_proj.weight", True)]
+    return names + [("visual.proj", False)]
+
+
 @torch.no_grad()
 def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) -> dict[str, torch.Tensor]:
     """One pass over a task: the per-task Gram sum of every protected layer's inputs (batch-normalised)."""
@@ -229,11 +239,15 @@ class GNSP(FineTune):
 
     def training_step(self, batch):
         images, labels = batch
-        ce, _, _ = self.task_loss(images, labels)
         rows = self.reference.next_rows()
         caps = self.reference.caption_index[rows].to(self.device)
+        # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
+        both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
+        features, ref_features = both[:len(images)], both[len(images):]
+        ce = F.cross_entropy(self.scale * features @ self.class_text().T, labels,
+                             label_smoothing=self.settings.label_smoothing)
         rows = rows.to(self.device)
-        student = self.scale * self.encode_image(self.reference.images[rows.cpu()].to(self.device)) @ self.reference_text()[caps].T
+        student = self.scale * ref_features @ self.reference_text()[caps].T
         teacher = self.scale * self.ref_teacher_image[rows] @ self.ref_teacher_text[caps].T
         s = self.settings
         return {"ce": ce, "cd": s.cd_weight * cd_loss(teacher, student, s.temperature),

@@ -144,7 +144,7 @@ class SG(TunedCLIP):
         losses = {"con": symmetric_info_nce(student, text[labels], self.scale),
                   "rl": self.settings.rl_weight * rl_loss(self.scale * student @ text.T, self.targets[:, labels].T,
                                                           self.settings.parity)}
-        if self.teacher_block is not None:
+        if self.teacher_block is not None and self.settings.kd_weight > 0:
             with torch.no_grad():
                 teacher = normalize(head_features(visual, tokens, [self.teacher_block]).float())
                 teacher_logits = adjust_teacher(self.scale * teacher @ text[:self.old_count].T,

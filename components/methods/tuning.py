@@ -196,6 +196,11 @@ class TunedCLIP(Method):
 
     def begin_task(self, state, task, ctx: Context) -> None:
         self.state, self.task, self.ctx = state, task, ctx
+        self.chain_settings = self.settings  # what the state records; this task may override some of it
+        try:
+            self.settings = self.settings.for_task(task.task_id, task.dataset)
+        except ValueError as exc:
+            raise MethodError(f"{self.name}: per_task settings for {task.task_id}: {exc}") from None
         self.model = ctx.backbone.model
         self.device = torch.device(ctx.backbone.device)
         self.task_index = len(state.tasks)  # 0 for the first task of the chain
@@ -244,13 +249,14 @@ class TunedCLIP(Method):
         state.weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         state.add_classes(task.task_id, task.dataset, list(zip(task.class_keys, task.class_names)))
         state.tasks.append(task.summary())
-        state.method_settings = self.settings.model_dump(mode="json")
+        state.method_settings = self.chain_settings.model_dump(mode="json")
         if self.settings.memory_per_class:
             state.method_meta["memory"] = state.method_meta.get("memory", []) + self.select_exemplars()
         self.export(state)
         if self.settings.classifier == "pool":
             self.rebuild_pools(state)
         self._scores_cache: dict[str, torch.Tensor] = {}
+        self.settings = self.chain_settings
         return state
 
     # ---- text side ---------------------------------------------------------------------------------------

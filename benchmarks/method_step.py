@@ -1,0 +1,170 @@
+"""Training-step time of every continual fine-tuning method against plain fine-tuning, in one run, as JSON.
+
+    .venv/bin/python benchmarks/method_step.py                     # small model on CPU (defaults)
+    .venv/bin/python benchmarks/method_step.py --model ViT-B-16 --pretrained openai --batch 128 \
+        --device cuda --precision bf16 --steps 30                  # on a GPU machine (weights cached)
+
+Every method is timed on the same model, batch, device and precision, in the regime of a *second*
+task (teachers, projections, queues and memories active): task 1 of the demo drop zone is taken as
+learned (the method's end-of-task state is built from it without training), then the method's
+``optimization_step`` (the shared trainer's own step: hooks, forward, backward, optimizer) is timed on one
+fixed batch of task 2. All methods are set up first, then stepped round robin (one step each per round),
+so a change in machine load hits them alike. Medians over ``--steps`` rounds after ``--warmup`` rounds.
+
+Baselines measured in the same run:
+  ``finetune``            plain fine-tuning of both towers (task loss only);
+  ``finetune+forward``    plain fine-tuning plus one no-grad forward of a frozen copy on the same batch
+                          (image batch and class prompts): the unavoidable cost of a teacher.
+Targets: methods without a teacher forward (gnsp, sg-rl, cvm) <= 1.10 x finetune; methods with one
+(lwf, sg = SG-RL + SG-KD, zscl, ctp) <= 1.10 x finetune+forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NO_TEACHER = ("gnsp", "sg-rl", "cvm")
+WITH_TEACHER = ("lwf", "sg", "zscl", "ctp")
+VARIANTS = {"sg-rl": ("sg", {"kd_weight": 0.0})}  # SG-RL alone: the same method without its distillation term
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _config(args, workspace: Path):
+    from components.config import load_config
+
+    overrides = [f"workspace={workspace}", f"model.name={args.model}", f"model.device={args.device}",
+                 f"model.precision={args.precision}", f"evaluation.batch_size={args.batch}"]
+    overrides.append(f"model.pretrained={args.pretrained}" if args.pretrained else "model.pretrained=null")
+    if args.checkpoint:
+        overrides.append(f"model.checkpoint={args.checkpoint}")
+    return load_config(overrides=overrides, env={}, cwd=workspace)
+
+
+def prepare(name: str, settings: dict, tasks, config, args, teacher_forward: bool = False):
+    """A method set up on task 2 (after task 1's end-of-task state), and a function doing one timed step."""
+    from components.data import make_loader
+    from components.learn import context_for
+    from components.methods import get_method
+    from components.models import load_backbone
+    from components.state import LearnerState
+    from components.trainer import make_optimizer, optimization_step
+
+    torch.manual_seed(0)
+    backbone = load_backbone(config.model)
+    ctx = context_for(config, backbone)
+    ctx.locate_task = {t.task_id: t for t in tasks}.get
+    fields = get_method(name).Settings.model_fields
+    if "reference_batch_size" in fields:  # the official codes draw reference batches as large as task batches
+        settings = {"reference_batch_size": args.batch, **settings}
+    method = get_method(name)({"batch_size": args.batch, "augment": False, **settings})
+    state = LearnerState(method=name, backbone=backbone.reference)
+    first, second = tasks
+    method.begin_task(state, first, ctx)  # task 1 "learned" without training: its end-of-task state only
+    state = method.end_task()
+    method.begin_task(state, second, ctx)
+    loader = make_loader(method.train_dataset(), args.batch, 0, shuffle=True, seed=0, drop_last=False)
+    images, labels = next(iter(loader))
+    named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
+    optimizer = make_optimizer([p for _, p in named], method.settings)
+    teacher = copy.deepcopy(backbone.model).eval().requires_grad_(False) if teacher_forward else None
+    device = backbone.device
+    counter = iter(range(10**9))
+
+    def step() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        optimization_step(method, optimizer, named, images, labels, ctx, next(counter))
+        if teacher is not None:
+            with torch.no_grad(), backbone.autocast():
+                teacher.encode_image(images.to(device, dtype=backbone.weights_dtype))
+                teacher.encode_text(method.label_tokens)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return step, {"batch": len(images), "trainable_params": sum(p.numel() for _, p in named)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cliploop-tiny")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (weights must be cached)")
+    parser.add_argument("--checkpoint", default=None, help="local weights file instead of a tag")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--methods", default=",".join(NO_TEACHER + WITH_TEACHER))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from components.data import load_task
+    from components.demo import build_drop_zone
+    from components.models import register_builtin_configs, save_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.model.startswith("cliploop-") and not args.checkpoint and not args.pretrained:
+            import open_clip
+
+            register_builtin_configs()
+            torch.manual_seed(0)  # fixed random weights: every method starts from the same model
+            args.checkpoint = str(tmp / "weights.safetensors")
+            save_weights(open_clip.create_model(args.model, pretrained=None), Path(args.checkpoint))
+        drops = build_drop_zone(tmp / "drops", include_bad=False)
+        tasks = [load_task(str(d)) for d in drops[:2]]
+        config = _config(args, tmp / "ws")
+        runners = {"finetune": prepare("finetune", {}, tasks, config, args),
+                   "finetune+forward": prepare("finetune", {}, tasks, config, args, teacher_forward=True)}
+        for name in [m for m in args.methods.split(",") if m]:
+            method, settings = VARIANTS.get(name, (name, {}))
+            runners[name] = prepare(method, settings, tasks, config, args)
+        # Round robin: one step of each method per round, so drift in machine load hits all alike.
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for round_ in range(args.warmup + args.steps):
+            for name, (step, _) in runners.items():
+                seconds = step()
+                if round_ >= args.warmup:
+                    times[name].append(seconds)
+        results = {name: {"median_ms": round(1000 * statistics.median(times[name]), 3), **info}
+                   for name, (_, info) in runners.items()}
+        if args.device.startswith("cuda"):
+            results["_peak_mem_mb_all_methods"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+    plain, with_forward = results["finetune"]["median_ms"], results["finetune+forward"]["median_ms"]
+    ratios = {}
+    for name, row in results.items():
+        if name in ("finetune", "finetune+forward") or name.startswith("_"):
+            continue
+        baseline, label = (plain, "finetune") if name in NO_TEACHER else (with_forward, "finetune+forward")
+        ratio = row["median_ms"] / baseline
+        ratios[name] = {"vs": label, "ratio": round(ratio, 3), "target": 1.10, "meets_target": ratio <= 1.10,
+                        "vs_finetune": round(row["median_ms"] / plain, 3)}
+    report = {"benchmark": "method_step", "model": args.model, "pretrained": args.pretrained, "device": args.device,
+              "precision": args.precision, "batch": args.batch, "steps": args.steps, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "machine": platform.machine(), "results": results, "ratios": ratios,
+              "finetune_plus_forward_vs_finetune": round(with_forward / plain, 3)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
