@@ -227,15 +227,9 @@ class GNSP(FineTune):
             self.ref_teacher_text = normalize(base.model.encode_text(
                 base.tokenizer(self.reference.distinct).to(self.device)).float())
         self.ref_tokens = self.tokenize(self.reference.distinct)
-        self._ref_text = None
 
     def reference_text(self) -> torch.Tensor:
-        if self.text_trains:
-            return self.encode_text(self.ref_tokens)
-        if self._ref_text is None:
-            with torch.no_grad():
-                self._ref_text = self.encode_text(self.ref_tokens)
-        return self._ref_text
+        return self.text_of(self.ref_tokens, "reference")
 
     def training_step(self, batch):
         images, labels = batch

@@ -221,7 +221,7 @@ class TunedCLIP(Method):
         self.text_trains = any(n.startswith(("transformer.", "token_embedding", "text.", "positional_embedding",
                                              "ln_final", "text_projection")) for n, _ in self.trainable)
         self.scale = self.model.logit_scale.exp().detach().float() if hasattr(self.model, "logit_scale") else torch.tensor(100.0)
-        self._frozen_text = None
+        self._frozen_text: dict[str, torch.Tensor] = {}
         self.model.train()
         self.setup()
 
@@ -279,14 +279,18 @@ class TunedCLIP(Method):
     def encode_image(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         return normalize((model or self.model).encode_image(images).float())
 
-    def class_text(self) -> torch.Tensor:
-        """Text embeddings of the label space: with gradient when the text tower trains, else computed once."""
+    def text_of(self, tokens: torch.Tensor, cache_key: str) -> torch.Tensor:
+        """Text embeddings: with gradient when the text tower trains, else computed once per task."""
         if self.text_trains:
-            return self.encode_text(self.label_tokens)
-        if self._frozen_text is None:
+            return self.encode_text(tokens)
+        if cache_key not in self._frozen_text:
             with torch.no_grad():
-                self._frozen_text = self.encode_text(self.label_tokens)
-        return self._frozen_text
+                self._frozen_text[cache_key] = self.encode_text(tokens)
+        return self._frozen_text[cache_key]
+
+    def class_text(self) -> torch.Tensor:
+        """Text embeddings of the label space's training prompts."""
+        return self.text_of(self.label_tokens, "labels")
 
     # ---- training -------------------------------------------------------------------------------------
 
