@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from components.config import Config, load_config
+from components.methods.base import context_for  # noqa: F401  (callers import it from here too)
 
 
 class LearnError(RuntimeError):
@@ -38,19 +39,6 @@ class LearnResult:
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy_matrix": self.matrix.to_dict(), "metrics": self.metrics,
                 "out_dir": str(self.out_dir) if self.out_dir else None, "timings": self.timings}
-
-
-def context_for(config: Config, backbone) -> "Context":
-    from components.methods.base import Context
-
-    workers = config.evaluation.workers
-    if workers is None:
-        workers = min(8, torch.get_num_threads()) if str(backbone.device).startswith("cuda") else 0
-    from components.models import load_backbone
-
-    return Context(backbone=backbone, batch_size=config.evaluation.batch_size, workers=workers,
-                   templates=config.evaluation.templates, seed=config.evaluation.seed,
-                   load_base=lambda: load_backbone(config.model), resolve=config.location)
 
 
 def make_method(config: Config, name: str | None = None):

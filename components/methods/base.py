@@ -153,3 +153,16 @@ class Method:
     def scores(self, state, images: torch.Tensor, class_keys: list[str], class_names: dict[str, str],
                ctx: Context) -> torch.Tensor:
         raise NotImplementedError
+
+
+def context_for(config, backbone) -> Context:
+    """The context of a configured run: batch size, workers, prompts and seed from ``config.evaluation``;
+    the base model (for teachers) and locations resolved as the config says."""
+    from components.models import load_backbone
+
+    workers = config.evaluation.workers
+    if workers is None:
+        workers = min(8, torch.get_num_threads()) if str(backbone.device).startswith("cuda") else 0
+    return Context(backbone=backbone, batch_size=config.evaluation.batch_size, workers=workers,
+                   templates=config.evaluation.templates, seed=config.evaluation.seed,
+                   load_base=lambda: load_backbone(config.model), resolve=config.location)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from components.methods import register_method
-from components.methods.base import Context, Method
+from components.methods.base import Context, Method, context_for
 from components.pools import PoolConfig, TaskPool, build_task_pool, merge, train_head
 
 
@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from components.config import load_config
     from components.data import load_task
-    from components.learn import context_for
     from components.models import load_backbone
 
     parser = argparse.ArgumentParser(prog="python -m components.methods.lvp", description=main.__doc__)
