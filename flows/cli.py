@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run cliploop end to end on the embedded demo (no servers needed)")
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
+    p.add_argument("--method", "-m", default="lvp", help="the method to learn the tasks with (see `cliploop methods`); "
+                   "other than lvp, the demo goes to <dir>-<method>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, e.g. method.settings.iterations=50")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -540,7 +544,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from components.models import cache_dir
     from flows.nightly import NightFailed, run_night
 
-    root = Path(args.dir).resolve()
+    from components.methods import MethodError, get_method
+
+    try:
+        get_method(args.method)
+    except MethodError as exc:
+        print(f"cliploop demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # A chain keeps one method: another method's demo gets its own workspace.
+    root = Path(args.dir if args.method == "lvp" else f"{args.dir}-{args.method}").resolve()
     started = time.perf_counter()
     drop_zone = root / "incoming"
     demo.build_drop_zone(drop_zone, include_bad=not args.no_bad_task)
@@ -549,7 +561,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = demo.model_overrides(cache_dir() / "demo", progress=print)
     # The nightly flow on the embedded default: Prefect without a server, MLflow on SQLite, DVC local remote.
     config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *overrides,
-                                    *DEMO_POLICY], env={}, cwd=root)
+                                    *DEMO_POLICY, f"method.name={args.method}", *args.overrides],
+                         env={}, cwd=root)
     ingestion.ensure_workspace(config)
     print("\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
           "-> gate -> promote\n(the demo promotes by rule, approval.auto_promote=true; a reviewer uses "

@@ -87,18 +87,19 @@ class ZSCL(FineTune):
                 "l2": self._l2_value()}
 
     def _l2_value(self) -> torch.Tensor:
-        # Its gradient, 2 * weight * (theta - theta_start), is added in after_backward with foreach ops:
-        # the same update as autograd through the sum, without a graph over every parameter.
+        # The distances are computed once per step, without a graph: their squared norms are the logged
+        # value, and 2 * weight * (theta - theta_start), the term's gradient, is added in after_backward.
+        # The same update as autograd through the sum, without a graph over every parameter.
         with torch.no_grad():
-            return self.settings.l2_weight * l2_anchor([p for _, p in self.trainable], self.start)
+            self._distance = torch._foreach_sub([p for _, p in self.trainable], self.start)
+            norms = torch._foreach_norm(self._distance)
+            return self.settings.l2_weight * torch.stack(norms).float().pow(2).sum()
 
     def after_backward(self) -> None:
         if not self.settings.l2_weight:
             return
-        pairs = [(p, s) for (_, p), s in zip(self.trainable, self.start) if p.grad is not None]
-        params, starts = [p for p, _ in pairs], [s for _, s in pairs]
-        torch._foreach_add_([p.grad for p in params], torch._foreach_sub(params, starts),
-                            alpha=2 * self.settings.l2_weight)
+        pairs = [(p.grad, d) for (_, p), d in zip(self.trainable, self._distance) if p.grad is not None]
+        torch._foreach_add_([g for g, _ in pairs], [d for _, d in pairs], alpha=2 * self.settings.l2_weight)
 
     def after_fit(self) -> None:
         if self.settings.ensemble_every:
