@@ -256,3 +256,23 @@ def test_cvm_can_map_into_a_separate_pretrained_language_model(tiny, tmp_path):
     similarity = concepts @ concepts.T  # rows: cat, dog, emu, owl
     assert similarity[0, 1] > similarity[0, 2] + 0.1  # real semantics: cat is nearer dog than emu
     assert torch.allclose(concepts.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_method_code_imports_no_platform_library():
+    """Methods and the trainer run without the platform: no prefect, mlflow or boto3 anywhere in them."""
+    import ast
+
+    files = sorted((REPO / "components" / "methods").glob("*.py")) + [REPO / "components" / "trainer.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in {"prefect", "mlflow", "boto3", "botocore"}, f"{path.name} imports {name}"
+
+
+def test_demo_refuses_an_unknown_method(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err and not (tmp_path / "demo-nope").exists()
