@@ -297,7 +297,10 @@ def fit(method, task, ctx, config=None, callbacks: list[Callback] | None = None)
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * factor
         run.lr = settings.lr * factor
-        losses = optimization_step(method, optimizer, named, images, labels, ctx, step)
+        try:
+            losses = optimization_step(method, optimizer, named, images, labels, ctx, step)
+        except TrainError as exc:
+            raise TrainError(f"task {task.task_id}: {exc}") from None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

@@ -276,3 +276,10 @@ def test_demo_refuses_an_unknown_method(tmp_path, capsys):
 
     assert main(["demo", "--dir", str(tmp_path / "demo"), "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err and not (tmp_path / "demo-nope").exists()
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error(tiny, tmp_path):
+    from components.trainer import TrainError
+
+    with pytest.raises(TrainError, match=r"task t-a: .*loss is (nan|inf).*lower the lr"):
+        _learn(tiny, tmp_path, "finetune", "lr=1e30", "optimizer=sgd")
