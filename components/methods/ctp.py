@@ -15,6 +15,8 @@ adapted to CLIP's two towers (the ALBEF fusion and MLM terms have no CLIP counte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -84,6 +86,36 @@ def topology_loss(image: torch.Tensor, text: torch.Tensor, ref_image: torch.Tens
     return cross, intra
 
 
+# ---- typed state ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Queues:
+    """The momentum feature queues (columns = entries) and the shared write position; never reset."""
+
+    image: torch.Tensor  # [embed_dim, queue_size]
+    text: torch.Tensor
+    pointer: int
+
+    @classmethod
+    def fresh(cls, dim: int, size: int, seed: int) -> "Queues":
+        generator = torch.Generator().manual_seed(seed)  # random unit vectors, as the official initialisation
+        return cls(F.normalize(torch.randn(dim, size, generator=generator), dim=0),
+                   F.normalize(torch.randn(dim, size, generator=generator), dim=0), 0)
+
+    def to_bundle(self, state) -> None:
+        state.method_tensors[QUEUE_IMAGE] = self.image.detach().cpu()
+        state.method_tensors[QUEUE_TEXT] = self.text.detach().cpu()
+        state.method_tensors[QUEUE_PTR] = torch.tensor(self.pointer, dtype=torch.int64)
+
+    @classmethod
+    def from_bundle(cls, state) -> "Queues | None":
+        tensors = state.method_tensors
+        if QUEUE_IMAGE not in tensors:
+            return None
+        return cls(tensors[QUEUE_IMAGE], tensors[QUEUE_TEXT], int(tensors[QUEUE_PTR]))
+
+
 # ---- the method ---------------------------------------------------------------------------------------------
 
 
@@ -110,16 +142,10 @@ class CTP(TunedCLIP):
 
     def setup(self) -> None:
         s, dim = self.settings, self.ctx.backbone.embed_dim
-        tensors = self.state.method_tensors
-        if QUEUE_IMAGE in tensors and tensors[QUEUE_IMAGE].shape == (dim, s.queue_size):
-            self.queue_image = tensors[QUEUE_IMAGE].to(self.device).clone()
-            self.queue_text = tensors[QUEUE_TEXT].to(self.device).clone()
-            self.pointer = int(tensors[QUEUE_PTR])
-        else:  # random unit vectors, as the official initialisation
-            generator = torch.Generator().manual_seed(self.ctx.seed)
-            self.queue_image = F.normalize(torch.randn(dim, s.queue_size, generator=generator), dim=0).to(self.device)
-            self.queue_text = F.normalize(torch.randn(dim, s.queue_size, generator=generator), dim=0).to(self.device)
-            self.pointer = 0
+        queues = Queues.from_bundle(self.state)
+        if queues is None or queues.image.shape != (dim, s.queue_size):
+            queues = Queues.fresh(dim, s.queue_size, self.ctx.seed)
+        self.queues = Queues(queues.image.to(self.device).clone(), queues.text.to(self.device).clone(), queues.pointer)
         self.momentum_model = frozen_copy(self.model)  # reset to the task's starting model
         self.reference = frozen_copy(self.model) if self.task_index > 0 else None
         names = [n for n, _ in self.trainable]
@@ -144,7 +170,7 @@ class CTP(TunedCLIP):
             m_image = self.encode_image(images, self.momentum_model)
             m_text = self.encode_text(self.label_tokens, self.momentum_model)[labels]
         losses = {"ita": symmetric_info_nce(image, text, 1 / s.tau),
-                  "cmc": s.cmc_weight * cmc_loss(image, text, m_image, m_text, self.queue_image, self.queue_text, s.tau)}
+                  "cmc": s.cmc_weight * cmc_loss(image, text, m_image, m_text, self.queues.image, self.queues.text, s.tau)}
         if self.reference is not None:
             with torch.no_grad():
                 r_image = self.encode_image(images, self.reference)
@@ -152,13 +178,11 @@ class CTP(TunedCLIP):
             cross, intra = topology_loss(image, text, r_image, r_text, s.tau)
             losses["tp_cross"] = s.tp_cross_weight * cross
             losses["tp_intra"] = s.tp_intra_weight * intra
-        start = self.pointer  # both queues advance together, after the loss as in the official code
-        self.pointer = enqueue(self.queue_image, start, m_image)
-        enqueue(self.queue_text, start, m_text)
+        start = self.queues.pointer  # both queues advance together, after the loss as in the official code
+        self.queues.pointer = enqueue(self.queues.image, start, m_image)
+        enqueue(self.queues.text, start, m_text)
         return losses
 
     def export(self, state) -> None:
-        state.method_tensors[QUEUE_IMAGE] = self.queue_image.detach().cpu()
-        state.method_tensors[QUEUE_TEXT] = self.queue_text.detach().cpu()
-        state.method_tensors[QUEUE_PTR] = torch.tensor(self.pointer, dtype=torch.int64)
+        self.queues.to_bundle(state)
         del self.momentum_model, self.reference, self._momentum, self._start, self._live

@@ -119,6 +119,20 @@ def map_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
             + F.cross_entropy(logits.T.float(), targets.T, label_smoothing=label_smoothing))
 
 
+# ---- typed state: the running Gram sums, one per projected matrix ------------------------------------------
+# Persisted, not the projectors (methods.md §9 note 6): P is recomputed from them at the start of a task.
+
+
+def gram_sums(state) -> dict[str, torch.Tensor]:
+    """Parameter name -> running Gram sum, from a learner state (empty before the first task ends)."""
+    return {k[len(GRAM_PREFIX):]: v for k, v in state.method_tensors.items() if k.startswith(GRAM_PREFIX)}
+
+
+def store_gram_sums(state, sums: dict[str, torch.Tensor]) -> None:
+    for name, gram in sums.items():
+        state.method_tensors[GRAM_PREFIX + name] = gram.float().contiguous()
+
+
 # ---- which matrices ---------------------------------------------------------------------------------------
 
 
@@ -198,7 +212,7 @@ class GNSP(FineTune):
     Settings = GNSPSettings
 
     def grams(self) -> dict[str, torch.Tensor]:
-        return {k[len(GRAM_PREFIX):]: v for k, v in self.state.method_tensors.items() if k.startswith(GRAM_PREFIX)}
+        return gram_sums(self.state)
 
     def select_trainable(self):
         grams = self.grams()
@@ -280,6 +294,5 @@ class GNSP(FineTune):
         loader = make_loader(dataset, self.settings.gram_batch_size, self.ctx.workers)
         current = task_grams(self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False))
         previous = self.grams()
-        for name, gram in current.items():
-            state.method_tensors[GRAM_PREFIX + name] = accumulate(
-                previous.get(name), gram.cpu(), renormalise_previous=(name == "visual.proj"))
+        store_gram_sums(state, {name: accumulate(previous.get(name), gram.cpu(), renormalise_previous=(name == "visual.proj"))
+                                for name, gram in current.items()})
