@@ -170,6 +170,8 @@ def save_checkpoint(folder: Path, run: "FitRun", next_step: int) -> None:
                 tensors[f"opt/{names[id(p)]}/{key}"] = value.detach().cpu().contiguous().clone()
             else:
                 moments.setdefault(names[id(p)], {})[key] = float(value)
+    for key, value in run.method.training_state().items():
+        tensors[f"method/{key}"] = value.detach().cpu().contiguous().clone()
     tmp = folder / ".checkpoint.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(folder / "checkpoint.safetensors")
@@ -199,6 +201,9 @@ def load_checkpoint(folder: Path, run: "FitRun") -> int:
             slot[key] = torch.tensor(value)
         if slot:
             run.optimizer.state[p] = slot
+    extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
+    if extra:
+        run.method.load_training_state(extra)
     return int(meta["next_step"])
 
 

@@ -198,14 +198,19 @@ def test_ctp_queues_persist_across_tasks_and_cvm_concepts_never_change(tiny, tmp
     assert torch.equal(cvm_two.state.method_tensors["cvm.concepts"][:2], cvm_one.method_tensors["cvm.concepts"])
 
 
-def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(tiny, tmp_path):
-    from components.methods.base import Context
+@pytest.mark.parametrize("name,extra", [("finetune", {}), ("zscl", {"ensemble_every": 2, "reference_batch_size": 3}),
+                                        ("ctp", {"queue_size": 8}), ("gnsp", {"reference_batch_size": 3})])
+def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
+        name, extra, tiny, tmp_path):
+    """The checkpoint carries the trainable weights, the optimizer moments and the method's own running state
+    (ZSCL's weight ensemble, CTP's momentum model and queues, the reference-set cursor)."""
     from components.models import load_backbone
     from components.trainer import Callback, fit
 
     config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
     task = load_task(str(tiny["drops"][0]))
-    settings = {"iterations": 4, "batch_size": 4, "warmup_steps": 0, "augment": False, "checkpoint_every": 1, "lr": 1e-3}
+    settings = {"iterations": 4, "batch_size": 4, "warmup_steps": 0, "augment": False, "checkpoint_every": 1,
+                "lr": 1e-3, **extra}
 
     def run(folder, crash_at=None):
         from components.state import LearnerState
@@ -213,8 +218,8 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
         backbone = load_backbone(config.model)
         ctx = context_for(config, backbone)
         ctx.checkpoint_dir = folder
-        method = get_method("finetune")(settings)
-        method.begin_task(LearnerState(method="finetune", backbone=backbone.reference), task, ctx)
+        method = get_method(name)(settings)
+        method.begin_task(LearnerState(method=name, backbone=backbone.reference), task, ctx)
 
         class Crash(Callback):
             def on_step_end(self, run, step, losses, seconds):
@@ -222,7 +227,8 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
                     raise RuntimeError("worker lost")
 
         report = fit(method, task, ctx, config, callbacks=[Crash()] if crash_at is not None else None)
-        return method.end_task().weights, report
+        state = method.end_task()
+        return {**state.weights, **state.method_tensors}, report
 
     straight, _ = run(tmp_path / "a")
     with pytest.raises(RuntimeError, match="worker lost"):

@@ -147,6 +147,15 @@ class Method:
     def after_fit(self) -> None:
         return None
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What the method changes during a task besides the trained weights and the optimizer (a running
+        average, a momentum model, queues, a data cursor): saved in training checkpoints so that a resumed
+        task goes on exactly where it stopped."""
+        return {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        return None
+
     def end_task(self):
         raise NotImplementedError
 

@@ -154,6 +154,20 @@ class CTP(TunedCLIP):
         self._momentum = [dict(self.momentum_model.named_parameters())[n] for n in names]
         self._start = [dict(self.reference.named_parameters())[n] for n in names] if self.reference is not None else None
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        state = {f"momentum/{i}": p for i, p in enumerate(self._momentum)}
+        state.update({"queue_image": self.queues.image, "queue_text": self.queues.text,
+                      "queue_ptr": torch.tensor(self.queues.pointer)})
+        return state
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self._momentum):
+                p.copy_(tensors[f"momentum/{i}"])
+            self.queues.image.copy_(tensors["queue_image"])
+            self.queues.text.copy_(tensors["queue_text"])
+        self.queues.pointer = int(tensors["queue_ptr"])
+
     def before_step(self, step: int) -> None:
         s = self.settings
         if self.reference is None:

@@ -290,7 +290,9 @@ class GNSP(FineTune):
         """This task's Grams from the final model, added to the running sums in the state."""
         from components.data import make_loader
 
-        dataset = self.task.dataset_for("train", self.ctx.backbone.preprocess_train or self.ctx.backbone.preprocess)
+        backbone = self.ctx.backbone
+        augment = self.settings.augment and backbone.preprocess_train is not None  # the official pass augments
+        dataset = self.task.dataset_for("train", backbone.preprocess_train if augment else backbone.preprocess)
         loader = make_loader(dataset, self.settings.gram_batch_size, self.ctx.workers)
         current = task_grams(self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False))
         previous = self.grams()

@@ -259,6 +259,17 @@ class TunedCLIP(Method):
         self.settings = self.chain_settings
         return state
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        reference = self.__dict__.get("reference")
+        if isinstance(reference, ReferenceSet):  # which reference batch comes next
+            return {"reference_cursor": torch.tensor(reference.cursor)}
+        return {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        reference = self.__dict__.get("reference")
+        if isinstance(reference, ReferenceSet) and "reference_cursor" in tensors:
+            reference.cursor = int(tensors["reference_cursor"])
+
     # ---- text side ---------------------------------------------------------------------------------------
 
     def train_prompt(self, key: str) -> str:

@@ -101,6 +101,19 @@ class ZSCL(FineTune):
         pairs = [(p.grad, d) for (_, p), d in zip(self.trainable, self._distance) if p.grad is not None]
         torch._foreach_add_([g for g, _ in pairs], [d for _, d in pairs], alpha=2 * self.settings.l2_weight)
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        state = super().training_state()
+        state.update({f"ensemble/{i}": a for i, a in enumerate(self.average)})
+        state["ensemble_merged"] = torch.tensor(self.merged)
+        return state
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_training_state(tensors)
+        with torch.no_grad():
+            for i, a in enumerate(self.average):
+                a.copy_(tensors[f"ensemble/{i}"])
+        self.merged = int(tensors["ensemble_merged"])
+
     def after_fit(self) -> None:
         if self.settings.ensemble_every:
             with torch.no_grad():
