@@ -51,7 +51,11 @@ def momentum_update(momentum: list[torch.Tensor], live: list[torch.Tensor], star
 
 @torch.no_grad()
 def enqueue(queue: torch.Tensor, pointer: int, keys: torch.Tensor) -> int:
-    """Write ``keys`` (rows) into the FIFO ``queue`` (columns = entries) at ``pointer``; returns the next one."""
+    """Write ``keys`` (rows) into the FIFO ``queue`` (columns = entries) at ``pointer``; returns the next one.
+
+    Writes wrap around the end, so any batch size works (the official code writes whole batches and so
+    asserts that the queue size is a multiple of the global batch; a task's last, smaller batch is fine here).
+    """
     size = queue.shape[1]
     keys = keys[-size:]
     positions = (pointer + torch.arange(len(keys))) % size
