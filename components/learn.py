@@ -117,6 +117,7 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     zs_initial = accuracy(method, state, zero_shot, ctx) if zero_shot else None
     timings["evaluate_s"] = time.perf_counter() - t0
     rows, zs_after = [], []
+    training: dict[str, dict] = {}  # the trainer's report per task: losses per step, step time
     timings["learn_s"] = 0.0
     for i, task in enumerate(tasks):
         say(f"[{i + 1}/{len(tasks)}] learning {task.task_id} ({len(task.train)} train images) with {method.name}")
@@ -125,7 +126,7 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
         if method.trains:
             from components.trainer import fit  # the shared training loop (continual fine-tuning methods)
 
-            fit(method, task, ctx, config)
+            training[task.task_id] = fit(method, task, ctx, config)
         state = method.end_task()
         timings["learn_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -146,6 +147,10 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     timings["total_s"] = time.perf_counter() - started
     if out_dir is not None:
         write_outputs(Path(out_dir), matrix, metrics, state, config, timings)
+        if training:
+            from components.storage import atomic_write_text
+
+            atomic_write_text(Path(out_dir) / "eval" / "training.json", json.dumps(training, indent=2))
     return LearnResult(matrix, metrics, Path(out_dir) if out_dir else None, state, timings)
 
 

@@ -71,8 +71,10 @@ def test_method_learns_two_tasks_and_a_fresh_process_predicts_the_same(name, tin
     assert [c.key for c in state.classes] == ["toy/cat", "toy/dog", "toy/emu", "toy/owl"]
     assert len(result.matrix.matrix) == 2 and all(v is not None for v in result.matrix.matrix[-1])
     trains = get_method(name).trains
-    if trains:  # the fine-tuned weights are in the bundle, as safetensors
+    if trains:  # the fine-tuned weights are in the bundle, as safetensors; the losses of every step are kept
         assert state.weights is not None and (tmp_path / "out" / "state" / "backbone.safetensors").is_file()
+        training = json.loads((tmp_path / "out" / "eval" / "training.json").read_text())
+        assert list(training) == ["t-a", "t-b"] and [r["step"] for r in training["t-b"]["losses"]] == [0, 1, 2]
     assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
 
     # In this process: the scores the run's model gives the test images of both tasks.
