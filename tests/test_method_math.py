@@ -276,3 +276,22 @@ def test_zscl_l2_gradient_added_after_backward_equals_autograd():
     weight.grad = torch.zeros_like(weight)
     torch._foreach_add_([weight.grad], torch._foreach_sub([weight], [start]), alpha=2 * 0.7)
     assert torch.allclose(weight.grad, expected)
+
+
+def test_reservoir_keeps_every_item_with_equal_probability():
+    import random
+
+    from components.methods.tuning import reservoir_update
+
+    memory, seen = reservoir_update([], 0, list(range(3)), capacity=5, rng=random.Random(0))
+    assert memory == [0, 1, 2] and seen == 3
+    counts = [0] * 20
+    for trial in range(2000):
+        rng = random.Random(trial)
+        memory, seen = reservoir_update([], 0, list(range(8)), 4, rng)  # two "tasks" of a stream
+        memory, seen = reservoir_update(memory, seen, list(range(8, 20)), 4, rng)
+        assert seen == 20 and len(memory) == 4 and len(set(memory)) == 4
+        for item in memory:
+            counts[item] += 1
+    # Each of the 20 items is kept with probability 4/20: 400 of 2000 expected (binomial sd ~18).
+    assert all(320 < c < 480 for c in counts), counts

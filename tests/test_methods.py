@@ -291,3 +291,13 @@ def test_a_diverging_loss_stops_training_with_a_clear_error(tiny, tmp_path):
 
     with pytest.raises(TrainError, match=r"task t-a: .*loss is (nan|inf).*lower the lr"):
         _learn(tiny, tmp_path, "finetune", "lr=1e30", "optimizer=sgd")
+
+
+def test_reservoir_replay_mixes_earlier_tasks_into_later_ones(tiny, tmp_path):
+    """CTP+ER: a reservoir over every training sample seen, its items trained again with the new task."""
+    result, _ = _learn(tiny, tmp_path, "ctp", "memory_per_class=0", "memory_size=3")
+    meta = result.state.method_meta
+    assert meta["reservoir_seen"] == 16 and len(meta["reservoir"]) == 3
+    assert {m["task_id"] for m in meta["reservoir"]} <= {"t-a", "t-b"}
+    # Task 2 trained on its 8 images plus the 3 kept from task 1 (batches 4, 4, 3): 12 + 11 queue entries.
+    assert int(result.state.method_tensors["ctp.queue_ptr"]) == 23

@@ -82,6 +82,21 @@ def herding(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
+def reservoir_update(memory: list, seen: int, items: list, capacity: int, rng) -> tuple[list, int]:
+    """Reservoir sampling (Vitter's algorithm R) over a stream: after it, every item seen so far is in the
+    memory with probability capacity / seen. ``rng`` is a random.Random; returns (memory, seen)."""
+    memory = list(memory)
+    for item in items:
+        if len(memory) < capacity:
+            memory.append(item)
+        else:
+            slot = rng.randint(0, seen)  # inclusive: seen + 1 candidates for this item
+            if slot < capacity:
+                memory[slot] = item
+        seen += 1
+    return memory, seen
+
+
 # ---- datasets ----------------------------------------------------------------------------------------------
 
 
@@ -162,6 +177,7 @@ class TuneSettings(TrainSettings):
     loss_classes: Literal["task", "seen"] = Field(
         "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far")
     memory_per_class: int = Field(0, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks")
+    memory_size: int = Field(0, ge=0, description="replay memory of this many training samples, reservoir-sampled over every task seen (CTP+ER: 10000), mixed into later tasks")
     classifier: Literal["text", "pool"] = Field(
         "text", description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
@@ -209,7 +225,7 @@ class TunedCLIP(Method):
         self.class_names = names
         seen = [c.key for c in state.classes] + [k for k in task.class_keys if k not in {c.key for c in state.classes}]
         self.label_keys = list(task.class_keys) if self.settings.loss_classes == "task" else seen
-        if self.settings.memory_per_class and self.settings.loss_classes == "task" and state.method_meta.get("memory"):
+        if self.settings.loss_classes == "task" and (state.method_meta.get("memory") or state.method_meta.get("reservoir")):
             self.label_keys = seen  # replayed samples of old classes need their classes in the loss
         self.old_keys = [c.key for c in state.classes]
         self.label_tokens = self.tokenize([self.train_prompt(k) for k in self.label_keys])
@@ -234,7 +250,7 @@ class TunedCLIP(Method):
         index = {k: i for i, k in enumerate(self.label_keys)}
         parts = [Relabelled(self.task.dataset_for("train", transform), [index[k] for k in self.task.class_keys])]
         by_task: dict[str, list[int]] = {}
-        for item in self.state.method_meta.get("memory", []):
+        for item in self.state.method_meta.get("memory", []) + self.state.method_meta.get("reservoir", []):
             by_task.setdefault(item["task_id"], []).append(item["row"])
         for task_id, rows in by_task.items():
             old = self.ctx.task(task_id)
@@ -252,6 +268,15 @@ class TunedCLIP(Method):
         state.method_settings = self.chain_settings.model_dump(mode="json")
         if self.settings.memory_per_class:
             state.method_meta["memory"] = state.method_meta.get("memory", []) + self.select_exemplars()
+        if self.settings.memory_size:
+            import random
+
+            items = [{"task_id": task.task_id, "row": row, "class_key": task.class_keys[label]}
+                     for row, (_, label) in enumerate(task.train)]
+            rng = random.Random(f"{self.ctx.seed}:{task.task_id}")  # reproducible, and independent of task order
+            state.method_meta["reservoir"], state.method_meta["reservoir_seen"] = reservoir_update(
+                state.method_meta.get("reservoir", []), state.method_meta.get("reservoir_seen", 0), items,
+                self.settings.memory_size, rng)
         self.export(state)
         if self.settings.classifier == "pool":
             self.rebuild_pools(state)
