@@ -234,14 +234,19 @@ def _batches(loader, seed_epoch):
         epoch += 1
 
 
-def optimization_step(method, optimizer, named, images, labels, ctx, step: int) -> dict[str, torch.Tensor]:
-    """One step: the method's hooks around forward, backward and the optimizer (also timed by benchmarks)."""
+def optimization_step(method, optimizer, named, images, labels, ctx, step: int,
+                      indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One step: the method's hooks around forward, backward and the optimizer (also timed by benchmarks).
+
+    The method's batch is (images, labels), plus the samples' dataset indices when the dataset gives them.
+    """
     device = torch.device(ctx.backbone.device)
     method.before_step(step)
     images = images.to(device, dtype=ctx.backbone.weights_dtype, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
+    batch = (images, labels) if indices is None else (images, labels, indices.to(device, non_blocking=True))
     with ctx.backbone.autocast():
-        losses = method.training_step((images, labels))
+        losses = method.training_step(batch)
     loss = sum(v.float() for v in losses.values())
     if not torch.isfinite(loss):
         raise TrainError(f"{method.name}: loss is {loss.item()} at step {step + 1} "
@@ -296,14 +301,15 @@ def fit(method, task, ctx, config=None, callbacks: list[Callback] | None = None)
     for _ in range(start):  # a resumed run sees the batches it would have seen
         next(batches)
     for step in range(start, total):
-        images, labels = next(batches)
+        images, labels, *rest = next(batches)
         t0 = time.perf_counter()
         factor = lr_factor(step, total, settings)
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * factor
         run.lr = settings.lr * factor
         try:
-            losses = optimization_step(method, optimizer, named, images, labels, ctx, step)
+            losses = optimization_step(method, optimizer, named, images, labels, ctx, step,
+                                       rest[0] if rest else None)
         except TrainError as exc:
             raise TrainError(f"task {task.task_id}: {exc}") from None
         if device.type == "cuda":

@@ -301,3 +301,24 @@ def test_reservoir_replay_mixes_earlier_tasks_into_later_ones(tiny, tmp_path):
     assert {m["task_id"] for m in meta["reservoir"]} <= {"t-a", "t-b"}
     # Task 2 trained on its 8 images plus the 3 kept from task 1 (batches 4, 4, 3): 12 + 11 queue entries.
     assert int(result.state.method_tensors["ctp.queue_ptr"]) == 23
+
+
+@pytest.mark.parametrize("name,switch", [("ctp", "cache_reference"), ("lwf", "cache_teacher")])
+def test_cached_teacher_features_train_exactly_as_recomputed_ones(name, switch, tiny, tmp_path):
+    """Without augmentation a frozen teacher's image features are computed once per task: same result.
+
+    Plain SGD, because Adam turns float-level noise in near-zero gradients (the topology loss starts at
+    zero) into full-size steps of either sign, which would hide what is compared here."""
+    common = ("augment=false", "optimizer=sgd", "lr=0.05")
+    cached, _ = _learn(tiny, tmp_path / "a", name, *common, f"{switch}=true")
+    recomputed, _ = _learn(tiny, tmp_path / "b", name, *common, f"{switch}=false")
+    a, b = cached.state.weights, recomputed.state.weights
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], load_weights_of(tiny)[k]) for k in a)  # it did train
+
+
+def load_weights_of(tiny):
+    from safetensors.torch import load_file
+
+    path = next(o.split("=", 1)[1] for o in tiny["overrides"] if o.startswith("model.checkpoint="))
+    return load_file(path)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from components.methods import register_method
-from components.methods.tuning import TunedCLIP, TuneSettings, frozen_copy, kl_batchmean, symmetric_info_nce
+from components.methods.tuning import (TunedCLIP, TuneSettings, cached_image_features, frozen_copy, kl_batchmean,
+                                       symmetric_info_nce)
 
 QUEUE_IMAGE, QUEUE_TEXT, QUEUE_PTR = "ctp.queue_image", "ctp.queue_text", "ctp.queue_ptr"
 SELF_MASK = -1000.0
@@ -137,6 +138,7 @@ class CTPSettings(TuneSettings):
     cmc_weight: float = Field(1.0, ge=0)
     tp_cross_weight: float = Field(1.0, ge=0)
     tp_intra_weight: float = Field(1.0, ge=0)
+    cache_reference: bool = Field(True, description="with augment false, compute the task-start model's image features once per task instead of every step (exact)")
 
 
 @register_method("ctp")
@@ -157,6 +159,14 @@ class CTP(TunedCLIP):
         self._live = [live[n] for n in names]
         self._momentum = [dict(self.momentum_model.named_parameters())[n] for n in names]
         self._start = [dict(self.reference.named_parameters())[n] for n in names] if self.reference is not None else None
+        self.reference_image = self.reference_text = None
+        if self.reference is not None:
+            # The task-start model is frozen: its caption features never change during the task, and neither
+            # do its image features when images are not augmented, so those are computed once (exactly).
+            with torch.no_grad():
+                self.reference_text = self.encode_text(self.label_tokens, self.reference)
+            if s.cache_reference and not s.augment:
+                self.reference_image = cached_image_features(self.reference, self.train_dataset(), self.ctx)
 
     def training_state(self) -> dict[str, torch.Tensor]:
         state = {f"momentum/{i}": p for i, p in enumerate(self._momentum)}
@@ -180,7 +190,7 @@ class CTP(TunedCLIP):
             momentum_update(self._momentum, self._live, self._start, s.momentum, s.alpha)
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         s = self.settings
         image = self.encode_image(images)
         text = self.class_text()[labels]
@@ -191,8 +201,11 @@ class CTP(TunedCLIP):
                   "cmc": s.cmc_weight * cmc_loss(image, text, m_image, m_text, self.queues.image, self.queues.text, s.tau)}
         if self.reference is not None:
             with torch.no_grad():
-                r_image = self.encode_image(images, self.reference)
-                r_text = self.encode_text(self.label_tokens, self.reference)[labels]
+                if self.reference_image is not None and len(batch) > 2:
+                    r_image = self.reference_image[batch[2]]
+                else:
+                    r_image = self.encode_image(images, self.reference)
+                r_text = self.reference_text[labels]
             cross, intra = topology_loss(image, text, r_image, r_text, s.tau)
             losses["tp_cross"] = s.tp_cross_weight * cross
             losses["tp_intra"] = s.tp_intra_weight * intra
@@ -203,4 +216,4 @@ class CTP(TunedCLIP):
 
     def export(self, state) -> None:
         self.queues.to_bundle(state)
-        del self.momentum_model, self.reference, self._momentum, self._start, self._live
+        del self.momentum_model, self.reference, self._momentum, self._start, self._live, self.reference_image

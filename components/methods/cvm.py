@@ -148,7 +148,7 @@ class CVM(TunedCLIP):
         return self.trainable + [("cvm.projection", self.projection)]
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         mapped = self.model.encode_image(images).float() @ self.projection.T
         return {"ce": F.cross_entropy(concept_logits(mapped, self.targets, self.settings.tau), labels,
                                       label_smoothing=self.settings.label_smoothing)}

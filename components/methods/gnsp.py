@@ -246,7 +246,7 @@ class GNSP(FineTune):
         return self.text_of(self.ref_tokens, "reference")
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         rows = self.reference.next_rows()
         caps = self.reference.caption_index[rows].to(self.device)
         # Task and reference images in one forward: one larger batch runs faster than two on a GPU.

@@ -10,12 +10,13 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.finetune import FineTune, FineTuneSettings
-from components.methods.tuning import frozen_copy, soft_ce_distill
+from components.methods.tuning import cached_image_features, frozen_copy, soft_ce_distill
 
 
 class LwFSettings(FineTuneSettings):
     temperature: float = Field(2.0, gt=0)
     distill_weight: float = Field(1.0, ge=0)
+    cache_teacher: bool = Field(True, description="with augment false, compute the teacher's image features once per task instead of every step (exact)")
 
 
 def lwf_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -33,16 +34,24 @@ class LwF(FineTune):
         self.teacher = frozen_copy(self.model)
         with torch.no_grad():
             self.teacher_text = self.encode_text(self.label_tokens, self.teacher)
+        # The teacher is frozen: without augmentation its image features are computed once per task (exact).
+        self.teacher_image = None
+        if self.settings.cache_teacher and not self.settings.augment:
+            self.teacher_image = cached_image_features(self.teacher, self.train_dataset(), self.ctx)
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         ce, features, text = self.task_loss(images, labels)
         with torch.no_grad():
-            teacher_logits = self.scale * self.encode_image(images, self.teacher) @ self.teacher_text.T
+            if self.teacher_image is not None and len(batch) > 2:
+                teacher_image = self.teacher_image[batch[2]]
+            else:
+                teacher_image = self.encode_image(images, self.teacher)
+            teacher_logits = self.scale * teacher_image @ self.teacher_text.T
         student_logits = self.scale * features @ text.T
         return {"ce": ce, "lwf": self.settings.distill_weight * lwf_loss(teacher_logits, student_logits,
                                                                         self.settings.temperature)}
 
     def end_task(self):
-        del self.teacher
+        del self.teacher, self.teacher_image
         return super().end_task()

@@ -135,7 +135,7 @@ class SG(TunedCLIP):
         self.blocks = len(visual_blocks(self.model))
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         visual = self.model.visual
         with torch.no_grad():
             tokens = trunk_features(visual, images, self.blocks - 1)

@@ -115,6 +115,33 @@ class Relabelled(torch.utils.data.Dataset):
         return image, self.mapping[label]
 
 
+class Indexed(torch.utils.data.Dataset):
+    """Samples as (image, label, index): the index lets a method look up per-sample outputs it cached."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+@torch.no_grad()
+def cached_image_features(model: torch.nn.Module, dataset, ctx: Context) -> torch.Tensor:
+    """Normalised image features of every sample of ``dataset`` (on the device), for a frozen model whose
+    outputs on a fixed image never change during the task. Exact only when the images are not augmented."""
+    from components.data import make_loader
+
+    backbone, rows = ctx.backbone, []
+    for batch in make_loader(dataset, ctx.batch_size, ctx.workers):
+        with backbone.autocast():
+            rows.append(normalize(model.encode_image(batch[0].to(backbone.device, backbone.weights_dtype)).float()))
+    return torch.cat(rows)
+
+
 # ---- reference set (ZSCL, GNSP) ---------------------------------------------------------------------------
 
 
@@ -255,7 +282,7 @@ class TunedCLIP(Method):
         for task_id, rows in by_task.items():
             old = self.ctx.task(task_id)
             parts.append(Relabelled(old.dataset_for("train", transform), [index[k] for k in old.class_keys], rows))
-        return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        return Indexed(parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts))
 
     def end_task(self):
         state, task = self.state, self.task
@@ -337,7 +364,7 @@ class TunedCLIP(Method):
         return F.cross_entropy(logits, labels, label_smoothing=self.settings.label_smoothing), features, text
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         return {"ce": self.task_loss(images, labels)[0]}
 
     # ---- memory and pools -----------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class ZSCL(FineTune):
             self.merged += 1
 
     def training_step(self, batch):
-        images, labels = batch
+        images, labels = batch[:2]
         rows = self.reference.next_rows()
         # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
         both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
