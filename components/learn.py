@@ -90,6 +90,7 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     from components.metrics import AccuracyMatrix, compute_all
     from components.models import load_backbone
     from components.state import LearnerState
+    from components.trainer import learn_task
 
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
@@ -122,12 +123,9 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     for i, task in enumerate(tasks):
         say(f"[{i + 1}/{len(tasks)}] learning {task.task_id} ({len(task.train)} train images) with {method.name}")
         t0 = time.perf_counter()
-        method.begin_task(state, task, ctx)
-        if method.trains:
-            from components.trainer import fit  # the shared training loop (continual fine-tuning methods)
-
-            training[task.task_id] = fit(method, task, ctx, config)
-        state = method.end_task()
+        state, report = learn_task(method, state, task, ctx)
+        if report is not None:
+            training[task.task_id] = report
         timings["learn_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         rows.append(evaluate_row(method, state, tasks, ctx, learned=i + 1, future=config.evaluation.future_tasks))

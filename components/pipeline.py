@@ -314,9 +314,8 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
     from components.models import load_backbone
     from components.pools import PoolConfig, TaskPool
 
-    record = _record(config, task_id)
-    key = pool_key(config, record)
-    folder = _runtime(config) / "pools" / key
+    folder = pool_dir(config, task_id)
+    key = folder.name
     done = folder / "result.json"
     if done.is_file():
         TaskPool.load(folder, task_id)  # verifies the checksum: a damaged cache entry is rebuilt
@@ -339,6 +338,16 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
 # ---- train + evaluate ---------------------------------------------------------------------------------------
 
 
+def pool_dir(config: Config, task_id: str) -> Path:
+    """Where a task's pool is built (its ``result.json`` marks it complete), keyed by the inputs' digest."""
+    return _runtime(config) / "pools" / pool_key(config, _record(config, task_id))
+
+
+def update_dir(config: Config, task_id: str, parent_version: int | None) -> Path:
+    """Where one update's results land (its ``result.json`` marks it complete), keyed by the inputs' digest."""
+    return _runtime(config) / "runs" / update_key(config, task_id, parent_version)
+
+
 def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
     from components.registry import run_key
 
@@ -346,16 +355,26 @@ def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
     return run_key(parent_version, task_id, record.dvc_md5, config.sha256())
 
 
-def start_learning(config: Config, task_id: str) -> dict[str, Any]:
+def _move(config: Config, task_id: str, allowed: tuple[str, ...], target: str, refusal: str,
+          fields=lambda record: {}) -> dict[str, Any]:
+    """Move a task from one of ``allowed`` states to ``target`` atomically, or say why it cannot.
+
+    ``fields``: the record -> the ledger fields to set with the transition (returned too)."""
     with _ledger(config) as ledger:
         record = ledger.get(task_id)
         if record is None:
             raise PipelineError(f"task {task_id!r} is not in the ledger")
-        if record.state not in ("validated", "failed"):
-            raise PipelineError(f"task {task_id} is {record.state}, not waiting to be learned")
-        attempts = record.attempts + 1 if record.state == "failed" else record.attempts
-        ledger.transition(task_id, "learning", expect=[record.state], attempts=attempts, reason=None)
-    return {"task_id": task_id, "attempts": attempts}
+        if record.state not in allowed:
+            raise PipelineError(f"task {task_id} is {record.state}; {refusal}")
+        values = fields(record)
+        ledger.transition(task_id, target, expect=[record.state], **values)
+    return values
+
+
+def start_learning(config: Config, task_id: str) -> dict[str, Any]:
+    values = _move(config, task_id, ("validated", "failed"), "learning", "it is not waiting to be learned",
+                   lambda r: {"attempts": r.attempts + 1 if r.state == "failed" else r.attempts, "reason": None})
+    return {"task_id": task_id, "attempts": values["attempts"]}
 
 
 def mark_failed(config: Config, task_id: str, reason: str) -> None:
@@ -371,8 +390,8 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     from components.state import LearnerState
     from components.update import learn_next
 
-    key = update_key(config, task_id, parent_version)
-    out = _runtime(config) / "runs" / key
+    out = update_dir(config, task_id, parent_version)
+    key = out.name
     done = out / "result.json"
     if done.is_file():
         LearnerState.load(out / "state")  # verifies every checksum of the cached state
@@ -380,8 +399,10 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     tmp = out.with_name(f".{key}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     parent = parent_state(config, parent_version)
+    # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
+    checkpoints = _runtime(config) / "checkpoints" / key
     result = learn_next(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
-                        pools=pools)
+                        pools=pools, checkpoint_dir=checkpoints)
     result.timings["peak_mem_mb"] = _peak_memory_mb()
     final = result.matrix.matrix[-1]
     doc = {"task_id": task_id, "run_key": key, "parent_version": parent_version, "out_dir": str(out),
@@ -390,6 +411,7 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     storage.atomic_write_text(tmp / "result.json", json.dumps(doc, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     return doc | {"cached": False}
 
 
@@ -564,6 +586,17 @@ def _ledger_after_review(config: Config, task_id: str | None, version: int, to_s
                               detail={"version": version})
 
 
+def review_requested(config: Config, version: int) -> None:
+    """The version waits for a reviewer (tagged ``pending``: a wait resumed on a later night finds it)."""
+    _registry(config).set_tags(version, {"review": "pending"})
+
+
+def review_outcome(config: Config, version: int) -> str:
+    """promoted | rejected | awaiting-review, from the version's review tag."""
+    review = _registry(config).version_tags(version).get("review")
+    return {"approved": "promoted", "rejected": "rejected"}.get(review, "awaiting-review")
+
+
 def review_timed_out(config: Config, version: int) -> bool:
     """No decision came in time: the version stays challenger, tagged ``timed-out``. False if decided meanwhile."""
     registry = _registry(config)
@@ -584,11 +617,6 @@ def rollback(config: Config, reviewer: str, note: str = "") -> dict[str, Any]:
 
 def requeue(config: Config, task_id: str) -> dict[str, Any]:
     """A rejected task (or a learned one whose version went stale) is learned again next night."""
-    with _ledger(config) as ledger:
-        record = ledger.get(task_id)
-        if record is None:
-            raise PipelineError(f"task {task_id!r} is not in the ledger")
-        if record.state not in ("rejected", "learned"):
-            raise PipelineError(f"task {task_id} is {record.state}; only rejected or learned tasks can be re-queued")
-        ledger.transition(task_id, "validated", expect=[record.state], reason="re-queued by an operator")
+    _move(config, task_id, ("rejected", "learned"), "validated", "only rejected or learned tasks can be re-queued",
+          lambda r: {"reason": "re-queued by an operator"})
     return {"task_id": task_id, "state": "validated"}

@@ -117,7 +117,7 @@ class Registry:
                    final_row: dict[str, float | None], params: dict[str, Any], tags: dict[str, str],
                    extra_artifacts: dict[str, Path] | None = None) -> str:
         """A finished MLflow run holding one update's results; returns its run id."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         run = self.client.create_run(self.experiment_id(), run_name=f"update-{task_id}",
                                      tags={TAG + k: str(v) for k, v in tags.items()})

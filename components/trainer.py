@@ -220,17 +220,12 @@ class FitRun:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _batches(loader, seed_epoch):
+def _batches(loader, seed: int):
+    """Endless batches; each epoch's order is seeded by (seed + epoch), so a resumed run sees the same ones."""
     epoch = 0
     while True:
-        if hasattr(loader.generator, "manual_seed"):
-            loader.generator.manual_seed(seed_epoch + epoch)  # the same order on a resumed run
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            return
+        loader.generator.manual_seed(seed + epoch)
+        yield from loader
         epoch += 1
 
 
@@ -261,7 +256,7 @@ def optimization_step(method, optimizer, named, images, labels, ctx, step: int,
     return losses
 
 
-def fit(method, task, ctx, config=None, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+def fit(method, task, ctx, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Train ``method`` on ``task`` (after ``method.begin_task``); returns the run report.
 
     The report (median step time, peak memory, losses) also goes to ``ctx.info["train"]``.
@@ -328,3 +323,12 @@ def fit(method, task, ctx, config=None, callbacks: list[Callback] | None = None)
     if "train_step_ms" in run.report:
         ctx.info["train_step_ms"] = run.report["train_step_ms"]
     return run.report
+
+
+def learn_task(method, state, task, ctx) -> tuple[Any, dict[str, Any] | None]:
+    """One task through a method's hooks: begin, the shared loop when the method trains, end.
+
+    Returns the new learner state and the training report (None for methods that do not train)."""
+    method.begin_task(state, task, ctx)
+    report = fit(method, task, ctx) if method.trains else None
+    return method.end_task(), report

@@ -45,10 +45,12 @@ def stored_task_locator(config: Config) -> Callable[[str], str]:
 
 def learn_next(task_location: str, config: Config, parent=None, locate: Callable[[str], str] | None = None,
                out_dir: Path | None = None, progress: Callable[[str], None] | None = None,
-               pools: dict[str, str] | None = None) -> UpdateResult:
+               pools: dict[str, str] | None = None, checkpoint_dir: Path | None = None) -> UpdateResult:
     """Learn one task on top of ``parent`` (a LearnerState, or None for the first task).
 
     ``pools``: task id -> folder of a label-vector pool built beforehand (the pipeline's build_pool step).
+    ``checkpoint_dir``: where training checkpoints go (``method.settings.checkpoint_every``); a call that
+    finds a matching checkpoint there resumes from it.
     """
     from components.data import load_task
     from components.evaluation import accuracy
@@ -56,6 +58,7 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
     from components.metrics import AccuracyMatrix, compute_all
     from components.models import load_backbone
     from components.state import LearnerState, check_backbone
+    from components.trainer import learn_task
 
     say = progress or (lambda message: None)
     locate = locate or stored_task_locator(config)
@@ -73,8 +76,7 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
     ctx.prebuilt_pools.update(pools or {})
     ctx.locate_task = lambda task_id: load_task(locate(task_id))
     ctx.progress = progress
-    if out_dir is not None:
-        ctx.checkpoint_dir = Path(out_dir) / "checkpoints"  # a rerun of a crashed update resumes training here
+    ctx.checkpoint_dir = checkpoint_dir
     base_ctx = context_for(config, base)
     torch.manual_seed(config.evaluation.seed)
 
@@ -105,12 +107,7 @@ def learn_next(task_location: str, config: Config, parent=None, locate: Callable
 
     say(f"learning {task.task_id} ({len(task.train)} train images) with {method.name}")
     t0 = time.perf_counter()
-    method.begin_task(state, task, ctx)
-    if method.trains:
-        from components.trainer import fit  # the shared training loop (continual fine-tuning methods)
-
-        fit(method, task, ctx, config)
-    state = method.end_task()
+    state, _ = learn_task(method, state, task, ctx)
     timings["learn_s"] = time.perf_counter() - t0
     for key in ("pool_img_per_s", "train_step_ms"):
         if ctx.info.get(key) is not None:

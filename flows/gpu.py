@@ -83,8 +83,6 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
 
 
 def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:
-    runtime = config.workspace_path / ".cliploop"
     if flow_name == BUILD_POOL:
-        record = pipeline._record(config, call["task_id"])
-        return runtime / "pools" / pipeline.pool_key(config, record) / "result.json"
-    return runtime / "runs" / pipeline.update_key(config, call["task_id"], call.get("parent_version")) / "result.json"
+        return pipeline.pool_dir(config, call["task_id"]) / "result.json"
+    return pipeline.update_dir(config, call["task_id"], call.get("parent_version")) / "result.json"

@@ -34,14 +34,13 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
 
     ``method``: a registered method name (`cliploop methods`) instead of the config's ``method.name``.
     """
-    if method is not None:
+    cfg = config_from_doc(config) if config else load_config(config_path, overrides or [])
+    if method is not None and method != cfg.method.name:
         from components.methods import get_method
 
         get_method(method)  # an unknown name fails here, naming the registered ones
-        overrides = [*(overrides or []), f"method.name={method}"]
-    cfg = config_from_doc(config) if config else load_config(config_path, overrides or [])
-    if method is not None and config:
-        cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": method})})
+        # The configured settings belong to the configured method: the chosen one starts from its defaults.
+        cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": method, "settings": {}})})
     doc = cfg.portable()
     log = get_run_logger()
     summary: dict[str, Any] = {"reconciled": [], "ingested": [], "pools": [], "updates": [], "stopped": None}

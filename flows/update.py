@@ -74,7 +74,7 @@ def await_review(config: Config, version: int, task_id: str) -> str:
                   f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
                   f"`cliploop lineage {version}` shows what it was made from."),
         description=f"approval request for version {version}")
-    pipeline._registry(config).set_tags(version, {"review": "pending"})  # a wait resumed on a later night
+    pipeline.review_requested(config, version)
     log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
     try:
         answer = pause_flow_run(wait_for_input=Review, timeout=config.approval.timeout_s, poll_interval=REVIEW_POLL_S,
@@ -84,14 +84,12 @@ def await_review(config: Config, version: int, task_id: str) -> str:
             log.warning("no review of version %s within %ss: it stays challenger", version, config.approval.timeout_s)
             return "awaiting-review"
         answer = None
-    tags = pipeline._registry(config).version_tags(version)
     if answer is not None:
         try:
             pipeline.decide(config, version, answer.decision, answer.reviewer, answer.note)
         except pipeline.PipelineError as exc:
             log.error("the review of version %s could not be applied: %s", version, exc)
-        tags = pipeline._registry(config).version_tags(version)
-    return {"approved": "promoted", "rejected": "rejected"}.get(tags.get("review"), "awaiting-review")
+    return pipeline.review_outcome(config, version)
 
 
 @flow(name="continual-update", flow_run_name="update-{task_id}", persist_result=False)

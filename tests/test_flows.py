@@ -215,6 +215,35 @@ def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, ti
         assert ledger.get("t-a").attempts == 3
 
 
+def test_a_crash_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+    import components.trainer
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "method.name=finetune",
+               "method.settings.iterations=4", "method.settings.batch_size=2", "method.settings.checkpoint_every=1",
+               "method.settings.warmup_steps=0")
+    _drop(tmp_path, "t-a", ["cat", "dog"])
+    real_step = components.trainer.optimization_step
+
+    def dies_at_step_2(method, optimizer, named, images, labels, ctx, step, indices=None):
+        if step == 2:
+            raise RuntimeError("worker lost (injected)")
+        return real_step(method, optimizer, named, images, labels, ctx, step, indices)
+
+    monkeypatch.setattr(components.trainer, "optimization_step", dies_at_step_2)
+    with pytest.raises(NightFailed):
+        run_night(cfg)
+    assert _states(cfg)["t-a"] == "failed"
+    assert list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("checkpoint.json"))
+
+    monkeypatch.setattr(components.trainer, "optimization_step", real_step)
+    summary = run_night(cfg)
+    assert summary["updates"][0]["outcome"] == "promoted"
+    run_dir = next((cfg.workspace_path / ".cliploop" / "runs").iterdir())
+    training = json.loads((run_dir / "eval" / "training.json").read_text())
+    assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
+    assert not list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("*"))  # cleared once complete
+
+
 def _in_background(fn):
     """Run ``fn`` in a thread that sees this test's Prefect settings (they live in context variables)."""
     ctx = contextvars.copy_context()
@@ -293,6 +322,10 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):  # noqa
     assert registry.alias("champion") == 1 and registry.version_tags(3)["review"] == "rolled-back"
     assert _states(cfg)["t-c"] == "rejected"
     assert main(["requeue", "t-b", *ws]) == 0 and _states(cfg)["t-b"] == "validated"
+    # A promoted task (the champion's) or an unknown one cannot be re-queued; the ledger stays as it was.
+    before = _states(cfg)
+    assert main(["requeue", "t-a", *ws]) == 1 and main(["requeue", "nope", *ws]) == 1
+    assert _states(cfg) == before
 
 
 def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):  # noqa: F811

@@ -97,7 +97,7 @@ def test_task_grams_hook_the_mlp_inputs_and_the_projection_input_of_a_vit():
     import open_clip
 
     from components.models import register_builtin_configs
-    from components.methods.sg import head_features, trunk_features
+    from components.methods.sg import trunk_features
 
     register_builtin_configs()
     torch.manual_seed(0)

@@ -228,7 +228,7 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
                 if step == crash_at:
                     raise RuntimeError("worker lost")
 
-        report = fit(method, task, ctx, config, callbacks=[Crash()] if crash_at is not None else None)
+        report = fit(method, task, ctx, callbacks=[Crash()] if crash_at is not None else None)
         state = method.end_task()
         return {**state.weights, **state.method_tensors}, report
 

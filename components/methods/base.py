@@ -88,15 +88,19 @@ class Context:
             return torch.zeros(0, self.backbone.embed_dim), torch.zeros(0, dtype=torch.long)
         return torch.cat(feats), torch.cat(labels)
 
-    def text_embeddings(self, class_names: Iterable[str], dataset: str | None = None) -> torch.Tensor:
-        """Normalised text embeddings of class names, with the dataset's own prompts when templates is "task"."""
-        from components.prompts import class_text_embeddings, get_templates, task_templates
+    def templates_for(self, dataset: str | None) -> list:
+        """The prompt templates of a dataset: its own (task.yaml) when templates is "task", else the configured set."""
+        from components.prompts import get_templates, task_templates
 
         if self.templates == "task":
-            templates = task_templates(self.task_prompts.get(dataset or ""))
-        else:
-            templates = get_templates(self.templates)
-        return class_text_embeddings(self.backbone, list(class_names), templates)
+            return task_templates(self.task_prompts.get(dataset or ""))
+        return get_templates(self.templates)
+
+    def text_embeddings(self, class_names: Iterable[str], dataset: str | None = None) -> torch.Tensor:
+        """Normalised text embeddings of class names, averaged over the dataset's templates."""
+        from components.prompts import class_text_embeddings
+
+        return class_text_embeddings(self.backbone, list(class_names), self.templates_for(dataset))
 
     def key_text_embeddings(self, keys: list[str], class_names: dict[str, str]) -> torch.Tensor:
         """Text embeddings of class keys ("<dataset>/<name>"), grouped by dataset for the prompts."""
@@ -124,6 +128,19 @@ class Method:
 
     def begin_task(self, state, task, ctx: Context) -> None:
         raise NotImplementedError
+
+    def key_text(self, keys: list[str], class_names: dict[str, str], ctx: Context) -> dict[str, torch.Tensor]:
+        """Prompt text embeddings of class keys, each computed once for the current weights
+        (a method that changes the weights calls ``forget_key_text`` when it does)."""
+        cache = self.__dict__.setdefault("_key_text", {})
+        missing = [k for k in keys if k not in cache]
+        if missing:
+            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
+                cache[key] = vector
+        return {k: cache[k] for k in keys}
+
+    def forget_key_text(self) -> None:
+        self.__dict__.pop("_key_text", None)
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         raise NotImplementedError(f"{self.name} has no training loop")

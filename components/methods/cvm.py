@@ -155,7 +155,6 @@ class CVM(TunedCLIP):
 
     def export(self, state) -> None:
         ConceptTable(self.table.keys, self.table.concepts, self.projection.detach().cpu()).to_bundle(state)
-        self._scores_cache = {}
 
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
         from components.models import encode_batch

@@ -30,7 +30,7 @@ from pydantic import Field
 from components.methods import register_method
 from components.methods.base import MethodError
 from components.methods.finetune import FineTune, FineTuneSettings
-from components.methods.tuning import normalize, reference_for, soft_ce_distill, visual_blocks
+from components.methods.tuning import image_text_distill, normalize, reference_for, visual_blocks
 
 GRAM_PREFIX = "gnsp.gram."
 
@@ -105,12 +105,6 @@ def map_targets(caption_index: torch.Tensor) -> torch.Tensor:
     """MAP soft targets: rows share their mass among the batch's items with the same caption."""
     same = (caption_index.unsqueeze(0) == caption_index.unsqueeze(1)).float()
     return same / same.sum(dim=1, keepdim=True)
-
-
-def cd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Contrastive distillation: soft-CE KD image->text plus text->image."""
-    return (soft_ce_distill(teacher_logits, student_logits, temperature)
-            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
 
 
 def map_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -258,7 +252,7 @@ class GNSP(FineTune):
         student = self.scale * ref_features @ self.reference_text()[caps].T
         teacher = self.scale * self.ref_teacher_image[rows] @ self.ref_teacher_text[caps].T
         s = self.settings
-        return {"ce": ce, "cd": s.cd_weight * cd_loss(teacher, student, s.temperature),
+        return {"ce": ce, "cd": s.cd_weight * image_text_distill(teacher, student, s.temperature),
                 "map": s.map_weight * map_loss(student, map_targets(caps), s.label_smoothing)}
 
     def after_backward(self) -> None:

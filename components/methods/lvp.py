@@ -41,7 +41,6 @@ class LVP(Method):
     def __init__(self, settings=None):
         super().__init__(settings)
         self._merged_cache: tuple[tuple[str, ...], object] | None = None
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     def begin_task(self, state, task, ctx: Context, pool: TaskPool | None = None) -> None:
         self._state, self._task = state, task
@@ -86,18 +85,12 @@ class LVP(Method):
         from components.models import encode_batch
 
         embeddings = encode_batch(ctx.backbone, images)
-        fallback = self._fallback_text([k for k in class_keys if k not in state.class_index()], class_names, ctx)
+        # Classes no task has taught yet are scored zero-shot by their text embedding (LVP-T).
+        fallback = self.key_text([k for k in class_keys if k not in state.class_index()], class_names, ctx)
         if not state.pools:
             return embeddings @ torch.stack([fallback[k] for k in class_keys]).T
         return self.merged(state).scores(embeddings, class_keys, fallback_text=fallback)
 
-    def _fallback_text(self, keys, class_names, ctx: Context) -> dict[str, torch.Tensor]:
-        """Classes no task has taught yet are scored zero-shot by their text embedding (LVP-T)."""
-        missing = [k for k in keys if k not in self._text_cache]
-        if missing:
-            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
-                self._text_cache[key] = vector
-        return {k: self._text_cache[k] for k in keys}
 
 
 def main(argv: list[str] | None = None) -> int:

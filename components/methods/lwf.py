@@ -10,19 +10,13 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.finetune import FineTune, FineTuneSettings
-from components.methods.tuning import cached_image_features, frozen_copy, soft_ce_distill
+from components.methods.tuning import cached_image_features, frozen_copy, image_text_distill
 
 
 class LwFSettings(FineTuneSettings):
     temperature: float = Field(2.0, gt=0)
     distill_weight: float = Field(1.0, ge=0)
     cache_teacher: bool = Field(True, description="with augment false, compute the teacher's image features once per task instead of every step (exact)")
-
-
-def lwf_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Distillation in both directions of an image x class logit matrix."""
-    return (soft_ce_distill(teacher_logits, student_logits, temperature)
-            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
 
 
 @register_method("lwf")
@@ -49,7 +43,7 @@ class LwF(FineTune):
                 teacher_image = self.encode_image(images, self.teacher)
             teacher_logits = self.scale * teacher_image @ self.teacher_text.T
         student_logits = self.scale * features @ text.T
-        return {"ce": ce, "lwf": self.settings.distill_weight * lwf_loss(teacher_logits, student_logits,
+        return {"ce": ce, "lwf": self.settings.distill_weight * image_text_distill(teacher_logits, student_logits,
                                                                         self.settings.temperature)}
 
     def end_task(self):

@@ -22,11 +22,11 @@ import copy
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from components.methods import register_method
-from components.methods.tuning import TunedCLIP, TuneSettings, normalize, symmetric_info_nce, visual_blocks
+from components.methods.tuning import (TunedCLIP, TuneSettings, kl_batchmean, normalize, symmetric_info_nce,
+                                       visual_blocks)
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
 
@@ -58,10 +58,7 @@ def adjust_teacher(teacher_logits: torch.Tensor, similarity: torch.Tensor) -> to
 
 def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * batch-mean KL(softmax_T(teacher) || softmax_T(student))."""
-    t = temperature
-    target = (teacher_logits.float() / t).log_softmax(dim=-1)
-    student = (student_logits.float() / t).log_softmax(dim=-1)
-    return t * t * (target.exp() * (target - student)).sum(dim=-1).mean()
+    return temperature * temperature * kl_batchmean(teacher_logits, student_logits, temperature)
 
 
 # ---- split forward: a frozen trunk shared by student and teacher ---------------------------------------

@@ -36,6 +36,13 @@ def soft_ce_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
     return -(target * (student_logits.float() / t).log_softmax(dim=-1)).sum(dim=-1).mean() * t * t
 
 
+def image_text_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD_T on an image x text logit matrix in both directions (image->text and text->image), as LwF's,
+    ZSCL's and GNSP's contrastive distillation use it (methods.md §5.2, §6.3, §8)."""
+    return (soft_ce_distill(teacher_logits, student_logits, temperature)
+            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
+
+
 def kl_batchmean(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(softmax(target/T) || softmax(student/T)) summed over classes, averaged over rows."""
     target = (target_logits.float() / temperature).log_softmax(dim=-1)
@@ -307,7 +314,8 @@ class TunedCLIP(Method):
         self.export(state)
         if self.settings.classifier == "pool":
             self.rebuild_pools(state)
-        self._scores_cache: dict[str, torch.Tensor] = {}
+        self.forget_key_text()  # the weights changed: class text and pools are scored afresh
+        self.__dict__.pop("_pool_scorer", None)
         self.settings = self.chain_settings
         return state
 
@@ -326,12 +334,9 @@ class TunedCLIP(Method):
 
     def train_prompt(self, key: str) -> str:
         """The first template of the configured set, as the official codes train with one template."""
-        from components.prompts import clean_class_name, get_templates, task_templates
+        from components.prompts import clean_class_name
 
-        dataset = key.split("/", 1)[0]
-        ctx = self.ctx
-        templates = task_templates(ctx.task_prompts.get(dataset)) if ctx.templates == "task" else get_templates(ctx.templates)
-        return templates[0](clean_class_name(self.class_names[key]))
+        return self.ctx.templates_for(key.split("/", 1)[0])[0](clean_class_name(self.class_names[key]))
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.ctx.backbone.tokenizer(texts).to(self.device)
@@ -395,15 +400,11 @@ class TunedCLIP(Method):
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
         from components.models import encode_batch
 
-        cache = self.__dict__.setdefault("_scores_cache", {})
-        missing = [k for k in class_keys if k not in cache]
-        if missing:
-            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
-                cache[key] = vector
-        embeddings = encode_batch(ctx.backbone, images)
         if self.settings.classifier == "pool" and state.pools:
-            from components.pools import merge
+            if "_pool_scorer" not in self.__dict__:  # LVP's own scoring, merged pools cached until they change
+                from components.methods.lvp import LVP
 
-            return merge(list(state.pools.values()), self.settings.pool).scores(
-                embeddings, class_keys, fallback_text={k: cache[k] for k in class_keys})
-        return embeddings @ torch.stack([cache[k] for k in class_keys]).T
+                self._pool_scorer = LVP(self.settings.pool)
+            return self._pool_scorer.scores(state, images, class_keys, class_names, ctx)
+        text = self.key_text(class_keys, class_names, ctx)
+        return encode_batch(ctx.backbone, images) @ torch.stack([text[k] for k in class_keys]).T

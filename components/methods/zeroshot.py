@@ -17,10 +17,6 @@ class ZeroShot(Method):
     summary = "Zero-shot CLIP: frozen model, text embeddings of class prompts; no training (the reference)"
     trains = False
 
-    def __init__(self, settings=None):
-        super().__init__(settings)
-        self._text_cache: dict[str, torch.Tensor] = {}
-
     def begin_task(self, state, task, ctx: Context) -> None:
         self._state, self._task = state, task
 
@@ -33,9 +29,5 @@ class ZeroShot(Method):
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
         from components.models import encode_batch
 
-        missing = [k for k in class_keys if k not in self._text_cache]
-        if missing:
-            for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
-                self._text_cache[key] = vector
-        text = torch.stack([self._text_cache[k] for k in class_keys])
-        return encode_batch(ctx.backbone, images) @ text.T
+        text = self.key_text(class_keys, class_names, ctx)
+        return encode_batch(ctx.backbone, images) @ torch.stack([text[k] for k in class_keys]).T

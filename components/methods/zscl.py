@@ -14,7 +14,7 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.finetune import FineTune, FineTuneSettings
-from components.methods.tuning import reference_for, soft_ce_distill
+from components.methods.tuning import image_text_distill, reference_for
 
 
 def l2_anchor(params: list[torch.Tensor], start: list[torch.Tensor]) -> torch.Tensor:
@@ -26,12 +26,6 @@ def ensemble_update(average: list[torch.Tensor], current: list[torch.Tensor], me
     """In place: average <- (merged * average + current) / (merged + 1)."""
     for a, c in zip(average, current):
         a.mul_(merged / (merged + 1)).add_(c.detach().to(a.dtype), alpha=1 / (merged + 1))
-
-
-def zscl_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KD_T image->text plus KD_T text->image (methods.md §6.3)."""
-    return (soft_ce_distill(teacher_logits, student_logits, temperature)
-            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
 
 
 class ZSCLSettings(FineTuneSettings):
@@ -83,7 +77,7 @@ class ZSCL(FineTune):
         teacher_logits = self.scale * self.ref_teacher_image[rows.to(self.device)] @ self.ref_text.T
         student_logits = self.scale * student @ self.ref_text.T
         return {"ce": ce,
-                "distill": self.settings.distill_weight * zscl_distill(teacher_logits, student_logits, self.settings.temperature),
+                "distill": self.settings.distill_weight * image_text_distill(teacher_logits, student_logits, self.settings.temperature),
                 "l2": self._l2_value()}
 
     def _l2_value(self) -> torch.Tensor:
