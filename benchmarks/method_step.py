@@ -9,7 +9,9 @@ task (teachers, projections, queues and memories active): task 1 of the demo dro
 learned (the method's end-of-task state is built from it without training), then the method's
 ``optimization_step`` (the shared trainer's own step: hooks, forward, backward, optimizer) is timed on one
 fixed batch of task 2. All methods are set up first, then stepped round robin (one step each per round),
-so a change in machine load hits them alike. Medians over ``--steps`` rounds after ``--warmup`` rounds.
+so a change in machine load hits them alike. Step times are medians over ``--steps`` rounds after
+``--warmup`` rounds; a ratio is the median of per-round ratios (a method's step over the baseline's step
+of the same round), with their interquartile range as ``ratio_iqr``.
 
 Baselines measured in the same run:
   ``finetune``            plain fine-tuning of both towers (task loss only);
@@ -114,6 +116,14 @@ def prepare(name: str, settings: dict, tasks, config, args, teacher_forwards: in
     return step, {"batch": len(images), "trainable_params": sum(p.numel() for _, p in named)}
 
 
+def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, list[float]]:
+    """Median and interquartile range of per-round ratios: each round's step against the baseline's step of
+    the same round, so that a slow patch of the machine (other processes, frequency changes) cancels out."""
+    per_round = sorted(t / b for t, b in zip(times, baseline))
+    quartiles = statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1 else per_round * 3
+    return round(statistics.median(per_round), 3), [round(quartiles[0], 3), round(quartiles[2], 3)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cliploop-tiny")
@@ -169,16 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     plain, with_forward = results["finetune"]["median_ms"], results["finetune+forward"]["median_ms"]
     ratios = {}
     floors = {"ctp": "finetune+2forwards", "ctp-recompute": "finetune+2forwards", "zscl": "finetune-2x-batch"}
-    for name, row in results.items():
-        if name.startswith(("finetune", "_")):
+    for name in runners:
+        if name.startswith("finetune"):
             continue
-        baseline, label = (plain, "finetune") if name in NO_TEACHER else (with_forward, "finetune+forward")
-        ratio = row["median_ms"] / baseline
-        ratios[name] = {"vs": label, "ratio": round(ratio, 3), "target": 1.10, "meets_target": ratio <= 1.10,
-                        "vs_finetune": round(row["median_ms"] / plain, 3)}
-        if name in floors and floors[name] in results:
+        label = "finetune" if name in NO_TEACHER else "finetune+forward"
+        ratio, spread = paired_ratio(times[name], times[label])
+        ratios[name] = {"vs": label, "ratio": ratio, "ratio_iqr": spread, "target": 1.10, "meets_target": ratio <= 1.10,
+                        "vs_finetune": paired_ratio(times[name], times["finetune"])[0]}
+        if name in floors and floors[name] in times:
             ratios[name]["floor"] = floors[name]
-            ratios[name]["vs_floor"] = round(row["median_ms"] / results[floors[name]]["median_ms"], 3)
+            ratios[name]["vs_floor"] = paired_ratio(times[name], times[floors[name]])[0]
     report = {"benchmark": "method_step", "model": args.model, "pretrained": args.pretrained, "device": args.device,
               "precision": args.precision, "batch": args.batch, "steps": args.steps, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.machine(), "results": results, "ratios": ratios,

@@ -1,0 +1,34 @@
+"""The benchmark scripts run and print the JSON their README section describes. Only their shape and
+bookkeeping are checked here: speed targets are read from their output, never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_method_step_reports_paired_ratios_for_every_requested_method():
+    report = _run("method_step.py", "--steps", "3", "--warmup", "1", "--methods", "gnsp,zscl,ctp-recompute")
+    assert set(report["results"]) == {"finetune", "finetune+forward", "finetune+2forwards", "finetune-2x-batch",
+                                      "gnsp", "zscl", "ctp-recompute"}
+    assert all(row["median_ms"] > 0 for row in report["results"].values())
+    gnsp, zscl, ctp = (report["ratios"][name] for name in ("gnsp", "zscl", "ctp-recompute"))
+    assert gnsp["vs"] == "finetune" and zscl["vs"] == ctp["vs"] == "finetune+forward"
+    for row in (gnsp, zscl, ctp):
+        low, high = row["ratio_iqr"]
+        assert 0 < low <= row["ratio"] <= high
+        assert row["meets_target"] == (row["ratio"] <= row["target"])
+    assert zscl["floor"] == "finetune-2x-batch" and ctp["floor"] == "finetune+2forwards"
+    # The doubled batch really is twice the images: the floor of ZSCL is not a relabelled baseline.
+    assert report["results"]["finetune-2x-batch"]["batch"] == 2 * report["results"]["finetune"]["batch"]
