@@ -32,3 +32,13 @@ def test_method_step_reports_paired_ratios_for_every_requested_method():
     assert zscl["floor"] == "finetune-2x-batch" and ctp["floor"] == "finetune+2forwards"
     # The doubled batch really is twice the images: the floor of ZSCL is not a relabelled baseline.
     assert report["results"]["finetune-2x-batch"]["batch"] == 2 * report["results"]["finetune"]["batch"]
+
+
+def test_pool_build_reports_throughput_and_ratios(tmp_path):
+    out = tmp_path / "pool.json"
+    report = _run("pool_build.py", "--images", "64", "--repeat", "1", "--out", str(out))
+    assert json.loads(out.read_text()) == report
+    assert report["images"] == 64 and report["device"] == "cpu"
+    rates = report["img_per_s"]
+    assert all(rates[k] > 0 for k in ("pool_build", "bare_encoder", "plain_fp32"))
+    assert report["ratios"]["pool_vs_encoder"] == round(rates["pool_build"] / rates["bare_encoder"], 3)
