@@ -29,7 +29,7 @@ def test_method_step_reports_paired_ratios_for_every_requested_method():
         low, high = row["ratio_iqr"]
         assert 0 < low <= row["ratio"] <= high
         assert row["meets_target"] == (row["ratio"] <= row["target"])
-    assert zscl["floor"] == "finetune-2x-batch" and ctp["floor"] == "finetune+2forwards"
+    assert zscl["floor"] == gnsp["floor"] == "finetune-2x-batch" and ctp["floor"] == "finetune+2forwards"
     # The doubled batch really is twice the images: the floor of ZSCL is not a relabelled baseline.
     assert report["results"]["finetune-2x-batch"]["batch"] == 2 * report["results"]["finetune"]["batch"]
 
