@@ -167,3 +167,18 @@ def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
     assert result.matrix.initial[0] > 60.0  # five classes: chance is 20%
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     assert result.state.backbone["sha256"] == digest
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "components" / "model_configs").glob("*.json")))
+def test_every_builtin_config_builds_and_embeds_at_its_own_size(name):
+    import open_clip
+
+    register_builtin_configs()
+    model = open_clip.create_model(name, pretrained=None).eval()
+    side = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    tokenizer = open_clip.get_tokenizer(name)
+    with torch.no_grad():
+        image = model.encode_image(torch.zeros(2, 3, side, side))
+        text = model.encode_text(tokenizer(["a photo of a cat", "a photo of a dog"]))
+    assert image.shape == text.shape == (2, open_clip.get_model_config(name)["embed_dim"])
+    assert torch.isfinite(image).all() and torch.isfinite(text).all()
