@@ -36,8 +36,9 @@ def momentum_update(momentum: list[torch.Tensor], live: list[torch.Tensor], star
                     m: float, alpha: float) -> None:
     """In place: momentum <- m * momentum + (1 - m) * (alpha * start + (1 - alpha) * live).
 
-    Without ``start`` (the first task) it is a plain EMA of the live model. The order of operations
-    (scale, add live, add start) follows the official code, for bit-level parity.
+    Without ``start`` (the first task) it is a plain EMA of the live model. The terms are added in the
+    official code's order (scaled momentum, live, start), in place: the result agrees with its out-of-place
+    expression to float rounding (a fused multiply-add may round once where it rounds twice), not bit for bit.
     """
     if len(momentum) != len(live) or (start is not None and len(start) != len(live)):
         raise ValueError("momentum, live and start models must have the same parameters in the same order")
