@@ -242,6 +242,32 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
     assert not (tmp_path / "b" / "t-a" / "checkpoint.json").exists()  # cleared once the task finished
 
 
+def test_zscl_ensembles_the_weights_after_steps_0_every_2_and_the_final_ones(tiny, tmp_path):
+    """The official loop merges after ``optimizer.step()`` at iterations 0, 100, ...; the final weights join."""
+    from components.models import load_backbone
+    from components.state import LearnerState
+    from components.trainer import Callback, fit
+
+    config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
+    task = load_task(str(tiny["drops"][0]))
+    backbone = load_backbone(config.model)
+    ctx = context_for(config, backbone)
+    method = get_method("zscl")({"iterations": 4, "batch_size": 4, "warmup_steps": 0, "augment": False, "lr": 1e-2,
+                                 "schedule": "constant", "ensemble_every": 2, "reference_batch_size": 3})
+    method.begin_task(LearnerState(method="zscl", backbone=backbone.reference), task, ctx)
+    name, param = method.trainable[0]
+    seen = [param.detach().clone()]  # the start weights
+
+    class Record(Callback):
+        def on_step_end(self, run, step, losses, seconds):
+            seen.append(param.detach().clone())  # after step `step`
+
+    fit(method, task, ctx, callbacks=[Record()])
+    assert len(seen) == 5 and not torch.equal(seen[1], seen[4])
+    expected = torch.stack([seen[0], seen[1], seen[3], seen[4]]).mean(0)  # start, after steps 0 and 2, final
+    assert torch.allclose(param.detach(), expected, atol=1e-6), name
+
+
 def test_reproduction_configs_load_and_their_method_settings_validate():
     from components.learn import make_method
 

@@ -2,6 +2,11 @@
 model's image-text logits on a reference set, an L2 pull towards the task's starting weights, and a
 running weight ensemble every 100 iterations that becomes the saved model.
 
+The ensemble takes the weights *after* the optimizer step of iterations 0, 100, 200, ... (as the official
+loop merges after ``optimizer.step()``), starting from the task's start weights, and the final weights
+join it once training ends. The official loop runs ``iterations + 1`` steps, the last with a learning
+rate of 0 under its cosine schedule, so its last merge is of the same final weights: the same sequence.
+
 The distilled logits use the base model's text features on both sides (only the image tower feels the
 distillation). The base model's outputs on the reference set are computed once per task and cached.
 """
@@ -58,13 +63,18 @@ class ZSCL(FineTune):
         self.start = [p.detach().clone() for _, p in self.trainable]
         self.average = [p.detach().clone() for _, p in self.trainable]
         self.merged = 1  # the start weights count once in the ensemble
+        self.final_merged = False
 
-    def before_step(self, step: int) -> None:
+    def after_step(self, step: int) -> None:
         every = self.settings.ensemble_every
-        if every and step % every == 0:
-            with torch.no_grad():
-                ensemble_update(self.average, [p for _, p in self.trainable], self.merged)
-            self.merged += 1
+        self.final_merged = bool(every) and step % every == 0
+        if self.final_merged:
+            self._merge()
+
+    def _merge(self) -> None:
+        with torch.no_grad():
+            ensemble_update(self.average, [p for _, p in self.trainable], self.merged)
+        self.merged += 1
 
     def training_step(self, batch):
         images, labels = batch[:2]
@@ -99,6 +109,7 @@ class ZSCL(FineTune):
         state = super().training_state()
         state.update({f"ensemble/{i}": a for i, a in enumerate(self.average)})
         state["ensemble_merged"] = torch.tensor(self.merged)
+        state["ensemble_final_merged"] = torch.tensor(int(self.final_merged))
         return state
 
     def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -107,9 +118,12 @@ class ZSCL(FineTune):
             for i, a in enumerate(self.average):
                 a.copy_(tensors[f"ensemble/{i}"])
         self.merged = int(tensors["ensemble_merged"])
+        self.final_merged = bool(int(tensors.get("ensemble_final_merged", torch.tensor(0))))
 
     def after_fit(self) -> None:
         if self.settings.ensemble_every:
+            if not self.final_merged:
+                self._merge()
             with torch.no_grad():
                 for (_, p), a in zip(self.trainable, self.average):
                     p.copy_(a)
