@@ -312,6 +312,16 @@ def test_demo_refuses_an_unknown_method(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err and not (tmp_path / "demo-nope").exists()
 
 
+def test_the_demo_shortens_only_iteration_schedules_the_user_did_not_choose():
+    from flows.cli import DEMO_ITERATIONS, demo_schedule
+
+    short = [f"method.settings.iterations={DEMO_ITERATIONS}"]
+    assert demo_schedule("zscl", []) == demo_schedule("gnsp", ["gate.max_forgetting=5"]) == short
+    assert demo_schedule("zscl", ["method.settings.iterations=1000"]) == []
+    assert demo_schedule("finetune", ["method.settings.epochs=2"]) == []
+    assert demo_schedule("ctp", []) == demo_schedule("lvp", []) == []  # epoch schedules, or no training
+
+
 def test_a_diverging_loss_stops_training_with_a_clear_error(tiny, tmp_path):
     from components.trainer import TrainError
 
