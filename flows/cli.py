@@ -539,9 +539,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own summary
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the champion's download is instant here
-    import logging
-
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    _quiet_library_logs()
     from components import demo, ingestion
     from components.config import load_config
     from components.models import cache_dir
@@ -605,6 +603,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"  Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200; the demo's runs are there)\n"
           f"  reports of quarantined tasks: {ws / '.cliploop' / 'quarantine'}")
     return EXIT_OK if not summary.get("stopped") or "awaiting" in summary["stopped"] else EXIT_INVALID
+
+
+def _quiet_library_logs() -> None:
+    """The demo prints its own summary: INFO lines of GX (whose modules set INFO on their own loggers at
+    import) and of MLflow's database setup would only bury it."""
+    import logging
+
+    import great_expectations  # noqa: F401  (its import sets those levels; override them after it)
+    import mlflow  # noqa: F401
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("great_expectations", "mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # The demo's promotion policy: gate rules a reviewer would set, and promotion by rule so the demo needs no one.
