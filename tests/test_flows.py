@@ -36,6 +36,19 @@ def prefect_api(tmp_path_factory):
         yield
 
 
+def _champion_predicts(registry, images):
+    """The champion loads as an MLflow pyfunc and names one of the learned labels for each image."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    mlflow.set_registry_uri(registry.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/cliploop@champion")
+    predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    assert len(predicted) == len(images) and set(predicted["label"]) <= {"cat", "dog", "emu", "owl"}
+    return predicted
+
+
 def _cfg(tmp_path, ckpt, *extra):
     cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", f"drop_zone={tmp_path / 'incoming'}",
                                  *_overrides(ckpt, "orchestration.retry_delay_s=0", *extra)], env={}, cwd=tmp_path)
@@ -57,9 +70,6 @@ def _versions(registry) -> list[int]:
 
 
 def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
-    import mlflow
-    import pandas as pd
-
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100")
     _drop(tmp_path, "t-a", ["cat", "dog"])
     _drop(tmp_path, "t-b", ["emu", "owl"])
@@ -87,12 +97,7 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
     assert "perf.peak_mem_mb" in run.data.metrics
 
     # The version loads as a pyfunc and predicts one of the learned labels per image.
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    mlflow.set_registry_uri(registry.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/cliploop@champion")
-    images = sorted((tmp_path / "incoming" / "t-a" / "img").glob("*.png"))[:4]
-    predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
-    assert len(predicted) == 4 and set(predicted["label"]) <= {"cat", "dog", "emu", "owl"}
+    predicted = _champion_predicts(registry, sorted((tmp_path / "incoming" / "t-a" / "img").glob("*.png"))[:4])
     assert predicted["score"].between(0, 1).all()
 
     # Lineage of the champion verifies; a second night finds nothing to do and registers nothing.
@@ -108,9 +113,6 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
 def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, tiny_checkpoint):  # noqa: F811
     """GNSP through the whole pipeline: the second task starts from the first one's state as registered in
     MLflow (fine-tuned weights and Gram matrices), the loss curves are run metrics, the version predicts."""
-    import mlflow
-    import pandas as pd
-
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100",
                "method.name=gnsp", "method.settings.iterations=3", "method.settings.batch_size=4",
                "method.settings.warmup_steps=0")
@@ -131,12 +133,7 @@ def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, ti
     assert state.method == "gnsp" and state.task_ids == ["t-a", "t-b"] and state.weights is not None
     assert any(k.startswith("gnsp.gram.") for k in state.method_tensors)
 
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    mlflow.set_registry_uri(registry.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/cliploop@champion")
-    images = sorted((tmp_path / "incoming" / "t-b" / "img").glob("*.png"))[:3]
-    predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
-    assert len(predicted) == 3 and set(predicted["label"]) <= {"cat", "dog", "emu", "owl"}
+    _champion_predicts(registry, sorted((tmp_path / "incoming" / "t-b" / "img").glob("*.png"))[:3])
 
 
 def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, tiny_checkpoint):  # noqa: F811
