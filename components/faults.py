@@ -1,0 +1,51 @@
+"""Fault injection for the fault suite (``tests/test_faults*.py``): inert unless ``CLIPLOOP_FAULT`` is set.
+
+``CLIPLOOP_FAULT`` holds comma-separated ``point:action`` pairs, e.g. ``after_register:kill``. The code
+calls ``fault_point("after_register")`` at the places a real crash would hurt; when the variable names
+that point, the action happens there, for real:
+
+- ``kill``: SIGKILL to this process (no cleanup, no finally blocks: a power cut);
+- ``term``: SIGTERM to this process (what a scheduler sends before it kills);
+- ``raise``: an ``InjectedFault`` exception (a bug at that point);
+- ``sleep=SECONDS``: a pause there (widens a race window for a test).
+
+The variable is read at each call, in this one place, so a test sets it for a child process only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ENV = "CLIPLOOP_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``fault_point`` for the ``raise`` action."""
+
+
+def _actions(point: str) -> list[str]:
+    spec = os.environ.get(ENV, "")
+    out = []
+    for item in spec.split(","):
+        name, _, action = item.strip().partition(":")
+        if name == point and action:
+            out.append(action)
+    return out
+
+
+def fault_point(point: str) -> None:
+    """Do what ``CLIPLOOP_FAULT`` asks at ``point``; nothing when it does not name it."""
+    for action in _actions(point):
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs between bytecodes; give it the chance before going on
+        elif action == "raise":
+            raise InjectedFault(f"fault injected at {point} ({ENV})")
+        elif action.startswith("sleep="):
+            time.sleep(float(action.split("=", 1)[1]))
+        else:
+            raise ValueError(f"{ENV}: unknown action {action!r} at {point!r} (kill, term, raise, sleep=S)")
