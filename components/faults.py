@@ -7,7 +7,8 @@ that point, the action happens there, for real:
 - ``kill``: SIGKILL to this process (no cleanup, no finally blocks: a power cut);
 - ``term``: SIGTERM to this process (what a scheduler sends before it kills);
 - ``raise``: an ``InjectedFault`` exception (a bug at that point);
-- ``sleep=SECONDS``: a pause there (widens a race window for a test).
+- ``sleep=SECONDS``: a pause there (widens a race window for a test);
+- ``mark=PATH``: create the file PATH (tells a test the process got there).
 
 The variable is read at each call, in this one place, so a test sets it for a child process only.
 """
@@ -47,5 +48,8 @@ def fault_point(point: str) -> None:
             raise InjectedFault(f"fault injected at {point} ({ENV})")
         elif action.startswith("sleep="):
             time.sleep(float(action.split("=", 1)[1]))
+        elif action.startswith("mark="):
+            with open(action.split("=", 1)[1], "w") as fh:
+                fh.write(str(os.getpid()))
         else:
-            raise ValueError(f"{ENV}: unknown action {action!r} at {point!r} (kill, term, raise, sleep=S)")
+            raise ValueError(f"{ENV}: unknown action {action!r} at {point!r} (kill, term, raise, sleep=S, mark=PATH)")

@@ -31,7 +31,7 @@ TRANSITIONS: dict[str | None, set[str]] = {
     "learning": {"learned", "failed"},
     "failed": {"learning"},
     "learned": {"promoted", "rejected", "learning", "validated"},
-    "rejected": {"learning", "validated"},
+    "rejected": {"learning", "validated", "promoted"},  # promoted: a gate-rejected version approved by override
     "promoted": {"learning", "rejected"},
 }
 ACCEPTED_STATES = ("validated", "learning", "learned", "promoted", "rejected", "failed")

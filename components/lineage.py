@@ -40,10 +40,8 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
 
     try:
         version = registry.resolve(ref)
-    except RegistryError as exc:
+    except RegistryError as exc:  # NotFound; an outage propagates as it is
         raise LineageError(str(exc)) from None
-    except Exception as exc:  # MLflow's "not found"
-        raise LineageError(f"model {registry.model_name!r} has no version {ref!r}: {exc}") from None
     aliases = {name: registry.alias(name) for name in ("champion", "challenger", "previous-champion")}
     ledger_path = Path(workspace) / ".cliploop" / "ledger.sqlite"
     ledger = Ledger(ledger_path) if ledger_path.is_file() else None
@@ -58,7 +56,7 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
                 raise LineageError(f"version {current} is its own ancestor: the parent tags form a cycle")
             seen.add(current)
             tags = registry.version_tags(current)
-            mv = registry.client.get_model_version(registry.model_name, str(current))
+            mv = registry.model_version(current)
             task_id = tags.get("task_id")
             record = ledger.get(task_id) if ledger and task_id else None
             parent = int(tags["parent_version"]) if tags.get("parent_version", "").isdigit() else None

@@ -127,14 +127,29 @@ def is_transient(exc: BaseException) -> bool:
 
     names = {type(e).__name__ for e in _causes(exc)}
     if names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                "ConnectionClosedError", "TimeoutError", "BrokenPipeError", "ConnectionResetError", "StorageError"}:
+                "ConnectionClosedError", "TimeoutError", "BrokenPipeError", "ConnectionResetError", "StorageError",
+                "MaxRetryError", "RetryError", "ProtocolError", "RemoteDisconnected"}:
         return True
     for e in _causes(exc):
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
             return True
-        if type(e).__name__ == "MlflowException" and ("database is locked" in str(e) or "TEMPORARILY_UNAVAILABLE" in str(e)):
+        if _mlflow_unavailable(e):
             return True
     return False
+
+
+def _mlflow_unavailable(exc: BaseException) -> bool:
+    """An MLflow error that says the tracking server could not answer now: refused or dropped connections,
+    5xx and 429 answers (after MLflow's own HTTP retries), a locked database. Not "not found", not a 4xx."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    if "database is locked" in str(exc) or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+        return True
+    came_over_http = isinstance(exc, RestException) or str(exc).startswith("API request to")
+    status = exc.get_http_status_code()
+    return came_over_http and (status >= 500 or status == 429)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -213,12 +228,11 @@ def reconcile(config: Config) -> list[str]:
                                       detail={"by": "reconcile"})
                     changes.append(f"{record.task_id}: learned -> rejected (review of v{record.model_version})")
                 elif tags is None or parent != (str(champion) if champion is not None else ""):
-                    # Learned on top of a model that is no longer the champion: learn it again on the new one.
-                    if tags is not None and review in ("pending", "timed-out"):
-                        registry.set_tags(int(record.model_version), {"review": "superseded"})
-                        with registry.locked():
-                            if registry.alias("challenger") == int(record.model_version):
-                                registry.client.delete_registered_model_alias(registry.model_name, "challenger")
+                    # Learned on top of a model that is no longer the champion: learn it again on the new one,
+                    # unless a reviewer decided on it (or the champion moved) since we read it.
+                    if tags is not None and review in ("pending", "timed-out") and not registry.supersede(
+                            int(record.model_version), {"review": review, "champion": champion}):
+                        continue
                     ledger.transition(record.task_id, "validated", expect=["learned"],
                                       reason=f"re-queued: v{record.model_version} was learned on v{parent or 'base'}, "
                                              f"the champion is now v{champion}", detail={"by": "reconcile"})
@@ -232,9 +246,13 @@ def reconcile(config: Config) -> list[str]:
 
 
 def _tags_or_none(registry, version) -> dict[str, str] | None:
+    """The version's tags; None only when it does not exist (deleted by hand). An outage raises: a night
+    must never read "the registry did not answer" as "the version is gone"."""
+    from components.registry import NotFound
+
     try:
         return registry.version_tags(int(version))
-    except Exception:  # the version was deleted in the registry
+    except NotFound:
         return None
 
 
@@ -506,7 +524,7 @@ def champion_row(registry, exclude: int | None = None) -> dict[str, float] | Non
     champion = registry.alias("champion")
     if champion is None or champion == exclude:
         return None
-    mv = registry.client.get_model_version(registry.model_name, str(champion))
+    mv = registry.model_version(champion)
     metrics = registry.client.get_run(mv.run_id).data.metrics
     return {k[len("acc."):]: v for k, v in metrics.items() if k.startswith("acc.")}
 
@@ -530,8 +548,13 @@ def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str
 
 def decide(config: Config, version: int, decision: str, reviewer: str, note: str = "",
            override_gate: bool = False) -> dict[str, Any]:
-    """Apply a review decision (``approve`` or ``reject``) to a version and its task; a repeat is a no-op."""
-    from components.registry import RegistryError
+    """Apply a review decision (``approve`` or ``reject``) to a version and its task; a repeat is a no-op.
+
+    The decision is made on what is read here and applied as a compare-and-set under the registry lock: if
+    another reviewer, the gate or a rollback changed the version's review or the champion in between, it
+    raises ``PipelineError`` saying so and changes nothing (two reviewers racing never both "win")."""
+    from components.faults import fault_point
+    from components.registry import DecisionConflict, RegistryError
 
     if decision not in ("approve", "reject"):
         raise PipelineError(f"unknown decision {decision!r} (approve or reject)")
@@ -541,28 +564,41 @@ def decide(config: Config, version: int, decision: str, reviewer: str, note: str
     tags = _tags_or_none(registry, version)
     if tags is None:
         raise PipelineError(f"model {registry.model_name!r} has no version {version}")
-    task_id = tags.get("task_id")
+    task_id, review = tags.get("task_id"), tags.get("review")
     champion = registry.alias("champion")
+    expect = {"review": review, "champion": champion}
     if decision == "approve":
         if champion == version:
             return {"version": version, "decision": "approve", "changed": False, "previous": None}
         if tags.get("gate") == "fail" and not override_gate:
             raise PipelineError(f"version {version} failed the gate ({tags.get('gate_reasons')}); "
                                 f"approve it anyway with --override-gate")
+        gate_only = review == "rejected" and tags.get("reviewer") == REVIEWER_GATE and override_gate
+        if review in ("rejected", "rolled-back", "superseded") and not gate_only:
+            raise PipelineError(f"version {version} was {review} by {tags.get('reviewer') or 'someone'}"
+                                f"{': ' + tags['review_note'] if tags.get('review_note') else ''}; it cannot be "
+                                f"approved. `cliploop requeue {task_id}` learns the task again on the champion.")
         parent = tags.get("parent_version", "")
         if parent != (str(champion) if champion is not None else ""):
             raise PipelineError(f"version {version} was learned on top of v{parent or ' (base model)'} but the "
                                 f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
                                 f"drop what the champion learned since. The next night learns task {task_id} again "
                                 f"on the champion (or run `cliploop requeue {task_id}`).")
-        previous = registry.promote(version, reviewer, note)
+        fault_point("after_decision_read")
+        try:
+            previous = registry.promote(version, reviewer, note, expect=expect)
+        except DecisionConflict as exc:
+            raise PipelineError(f"approval of version {version} lost a race: {exc}") from None
         registry.set_tags(version, {"review_at": _now()})
         _ledger_after_review(config, task_id, version, "promoted", note)
         return {"version": version, "decision": "approve", "changed": True, "previous": previous}
-    if tags.get("review") == "rejected":
+    if review == "rejected":
         return {"version": version, "decision": "reject", "changed": False}
+    fault_point("after_decision_read")
     try:
-        registry.reject(version, reviewer, note)
+        registry.reject(version, reviewer, note, expect=expect)
+    except DecisionConflict as exc:
+        raise PipelineError(f"rejection of version {version} lost a race: {exc}") from None
     except RegistryError as exc:
         raise PipelineError(str(exc)) from None
     registry.set_tags(version, {"review_at": _now()})
@@ -581,14 +617,16 @@ def _ledger_after_review(config: Config, task_id: str | None, version: int, to_s
         return
     with _ledger(config) as ledger:
         record = ledger.get(task_id)
-        if record is not None and record.state == "learned" and record.model_version == str(version):
-            ledger.transition(task_id, to_state, expect=["learned"], reason=note or None,
+        # A gate-rejected version approved with --override-gate moves its task from rejected.
+        sources = ["learned", "rejected"] if to_state == "promoted" else ["learned"]
+        if record is not None and record.state in sources and record.model_version == str(version):
+            ledger.transition(task_id, to_state, expect=sources, reason=note or None,
                               detail={"version": version})
 
 
 def review_requested(config: Config, version: int) -> None:
     """The version waits for a reviewer (tagged ``pending``: a wait resumed on a later night finds it)."""
-    _registry(config).set_tags(version, {"review": "pending"})
+    _registry(config).set_review_if(version, "pending", (None, "pending", "timed-out"))
 
 
 def review_outcome(config: Config, version: int) -> str:
@@ -599,17 +637,18 @@ def review_outcome(config: Config, version: int) -> str:
 
 def review_timed_out(config: Config, version: int) -> bool:
     """No decision came in time: the version stays challenger, tagged ``timed-out``. False if decided meanwhile."""
-    registry = _registry(config)
-    if (registry.version_tags(version).get("review") or "pending") != "pending":
-        return False
-    registry.set_tags(version, {"review": "timed-out"})
-    return True
+    return _registry(config).set_review_if(version, "timed-out", (None, "pending"))
 
 
-def rollback(config: Config, reviewer: str, note: str = "") -> dict[str, Any]:
+def rollback(config: Config, reviewer: str, note: str = "", expect_champion: int | None = None) -> dict[str, Any]:
     """previous-champion becomes champion again; the tasks only the demoted version knew become rejected."""
+    from components.registry import RegistryError
+
     registry = _registry(config)
-    restored, demoted = registry.rollback(reviewer, note)
+    try:
+        restored, demoted = registry.rollback(reviewer, note, expect_champion=expect_champion)
+    except RegistryError as exc:
+        raise PipelineError(str(exc)) from None
     registry.set_tags(demoted, {"review_at": _now()})
     changes = reconcile(config)
     return {"restored": restored, "demoted": demoted, "ledger": changes}

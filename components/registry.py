@@ -32,6 +32,25 @@ class RegistryError(RuntimeError):
     pass
 
 
+class NotFound(RegistryError):
+    """The registered model, the version or the alias does not exist. Every other registry error (a refused
+    connection, a 5xx) propagates as it is, to be retried: it says nothing about what exists."""
+
+
+class DecisionConflict(RegistryError):
+    """A review decision lost a race: the version's review or the champion changed after the decision read
+    them and before it held the registry lock. Nothing was changed."""
+
+
+def is_absent(exc: BaseException) -> bool:
+    """Whether an MLflow error means "no such model, version or alias" (and nothing else)."""
+    code = getattr(exc, "error_code", None)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    # MLflow answers a missing alias of an existing model with INVALID_PARAMETER_VALUE, "alias X not found."
+    return code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc) and "not found" in str(exc)
+
+
 _FLUENT = threading.Lock()  # mlflow's fluent API (log_model) uses a process-wide tracking URI
 
 
@@ -62,6 +81,10 @@ def from_config(config) -> "Registry":
     (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
     return Registry(tracking_uri=uri, model_name=config.mlflow.registered_model, experiment=config.mlflow.experiment,
                     artifact_root=root, lock_dir=ws / ".cliploop" / "locks")
+
+
+def _v(version: int | None) -> str:
+    return "unset" if version is None else f"v{version}"
 
 
 def run_key(parent_version: int | None, task_id: str, dvc_md5: str | None, config_sha256: str) -> str:
@@ -200,7 +223,9 @@ class Registry:
                 return int(existing.version)
             try:
                 self.client.get_registered_model(self.model_name)
-            except Exception:
+            except Exception as exc:
+                if not is_absent(exc):
+                    raise
                 self.client.create_registered_model(self.model_name, description="cliploop continual-learning chain")
             run = self.client.get_run(run_id)
             model_uri = run.data.tags.get(TAG + "model_uri")
@@ -216,32 +241,68 @@ class Registry:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name, str(version), TAG + k, str(v))
 
+    def model_version(self, version: int | str):
+        """The MLflow model version; ``NotFound`` when it does not exist, any other error as it is."""
+        try:
+            return self.client.get_model_version(self.model_name, str(version))
+        except Exception as exc:
+            if is_absent(exc):
+                raise NotFound(f"model {self.model_name!r} has no version {version}") from None
+            raise
+
     def version_tags(self, version: int) -> dict[str, str]:
-        mv = self.client.get_model_version(self.model_name, str(version))
+        mv = self.model_version(version)
         return {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
 
     def alias(self, name: str) -> int | None:
+        """The version holding alias ``name``; None only when nobody holds it (an outage raises)."""
         try:
             return int(self.client.get_model_version_by_alias(self.model_name, name).version)
-        except Exception:
-            return None
+        except Exception as exc:
+            if is_absent(exc):
+                return None
+            raise
 
     def resolve(self, ref: str | int) -> int:
         """A version number, or an alias (``champion``, ``challenger``, ``previous-champion``)."""
         if isinstance(ref, int) or str(ref).isdigit():
             version = int(ref)
-            self.client.get_model_version(self.model_name, str(version))  # raises when absent
+            self.model_version(version)
             return version
         found = self.alias(str(ref))
         if found is None:
-            raise RegistryError(f"no model version holds alias {ref!r} in {self.model_name!r}")
+            raise NotFound(f"no model version holds alias {ref!r} in {self.model_name!r}")
         return found
 
     # ---- promotion -------------------------------------------------------------------------------------
 
-    def promote(self, version: int, reviewer: str, note: str = "") -> int | None:
-        """``version`` becomes champion; the old champion becomes previous-champion. Returns the old one."""
+    def _expect(self, version: int, decision: str, expect: dict[str, Any] | None) -> None:
+        """Compare-and-set: what the decision was made on (``review`` tag, ``champion`` alias) still holds.
+
+        Called under the registry lock; a decision read outside it may be stale (another reviewer, a gate,
+        a rollback got there first), and MLflow's alias write is an unconditional upsert."""
+        if not expect:
+            return
+        if "review" in expect:
+            tags = self.version_tags(version)
+            if tags.get("review") != expect["review"]:
+                raise DecisionConflict(
+                    f"version {version} was {tags.get('review') or 'untagged'} by {tags.get('reviewer') or 'someone'} "
+                    f"while this {decision} waited (it was decided on review={expect['review'] or 'none'}): "
+                    f"nothing changed")
+        if "champion" in expect:
+            champion = self.alias("champion")
+            if champion != expect["champion"]:
+                raise DecisionConflict(
+                    f"the champion moved from {_v(expect['champion'])} to {_v(champion)} while this {decision} of "
+                    f"version {version} waited: nothing changed")
+
+    def promote(self, version: int, reviewer: str, note: str = "", expect: dict[str, Any] | None = None) -> int | None:
+        """``version`` becomes champion; the old champion becomes previous-champion. Returns the old one.
+
+        ``expect``: the ``review`` tag and ``champion`` the decision was made on; checked under the lock."""
         with self.locked():
+            self._expect(version, "approval", expect)
             old = self.alias("champion")
             if old == version:
                 return old
@@ -253,30 +314,57 @@ class Registry:
             self.set_tags(version, {"review": "approved", "reviewer": reviewer, "review_note": note})
             return old
 
-    def reject(self, version: int, reviewer: str, reason: str) -> None:
+    def reject(self, version: int, reviewer: str, reason: str, expect: dict[str, Any] | None = None) -> None:
         with self.locked():
+            self._expect(version, "rejection", expect)
             if self.alias("champion") == version:
                 raise RegistryError(f"version {version} is the champion; use rollback to replace it")
             if self.alias("challenger") == version:
                 self.client.delete_registered_model_alias(self.model_name, "challenger")
             self.set_tags(version, {"review": "rejected", "reviewer": reviewer, "review_note": reason})
 
-    def rollback(self, reviewer: str, note: str = "") -> tuple[int, int]:
-        """previous-champion becomes champion again; returns (restored, demoted)."""
+    def rollback(self, reviewer: str, note: str = "", expect_champion: int | None = None) -> tuple[int, int]:
+        """previous-champion becomes champion again; returns (restored, demoted).
+
+        ``expect_champion``: the champion the operator means to demote (refused if it moved meanwhile)."""
         with self.locked():
             previous, current = self.alias("previous-champion"), self.alias("champion")
             if previous is None or current is None:
                 raise RegistryError("nothing to roll back to: no previous-champion alias")
+            if expect_champion is not None and current != expect_champion:
+                raise DecisionConflict(f"the champion is {_v(current)}, not {_v(expect_champion)}: nothing rolled back")
             self.client.set_registered_model_alias(self.model_name, "champion", str(previous))
             self.client.delete_registered_model_alias(self.model_name, "previous-champion")
             self.set_tags(current, {"review": "rolled-back", "reviewer": reviewer, "review_note": note})
             return previous, current
 
+    def set_review_if(self, version: int, value: str, expect_review: tuple[str | None, ...]) -> bool:
+        """Tag the version's review ``value`` only if it is still one of ``expect_review`` (under the lock), so
+        bookkeeping (pending, timed-out) never overwrites a reviewer's decision made a moment before."""
+        with self.locked():
+            if self.version_tags(version).get("review") not in expect_review:
+                return False
+            self.set_tags(version, {"review": value})
+            return True
+
+    def supersede(self, version: int, expect: dict[str, Any]) -> bool:
+        """A waiting version whose parent is no longer the champion is tagged ``superseded`` and loses
+        ``challenger``; False (nothing changed) if its review or the champion moved meanwhile."""
+        with self.locked():
+            try:
+                self._expect(version, "supersede", expect)
+            except DecisionConflict:
+                return False
+            self.set_tags(version, {"review": "superseded"})
+            if self.alias("challenger") == version:
+                self.client.delete_registered_model_alias(self.model_name, "challenger")
+            return True
+
     def download_state(self, version: int, dest: Path) -> Path:
         """The version's learner-state bundle in ``dest`` (callers load it with checksums verified)."""
         import mlflow
 
-        mv = self.client.get_model_version(self.model_name, str(version))
+        mv = self.model_version(version)
         Path(dest).mkdir(parents=True, exist_ok=True)
         with _FLUENT:
             mlflow.set_registry_uri(self.tracking_uri)

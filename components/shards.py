@@ -22,6 +22,10 @@ from pathlib import Path
 SHARD_PATTERN = "shard-{:05d}.tar"
 
 
+class CorruptShard(IOError):
+    """Stored bytes that do not match the digest the index recorded for them (bit rot, a bad copy, tampering)."""
+
+
 @dataclass(frozen=True)
 class Located:
     shard: str
@@ -106,9 +110,10 @@ class ShardReader:
         handle.seek(where.offset)
         data = handle.read(where.size)
         if len(data) != where.size:
-            raise IOError(f"{where.shard}: short read at offset {where.offset} (the shard is truncated)")
+            raise CorruptShard(f"{where.shard}: short read at offset {where.offset} (the shard is truncated)")
         if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-            raise IOError(f"{where.shard}: content at offset {where.offset} does not match its sha256 (corrupt shard)")
+            raise CorruptShard(f"{where.shard}: content at offset {where.offset} does not match its sha256 "
+                               f"(corrupt shard)")
         return data
 
     def close(self) -> None:
@@ -177,9 +182,16 @@ class StoredTask:
             raise OSError(f"{row['size']} bytes, over the limit of {max_bytes}")
         return self._reader.read(Located(row["shard"], row["offset"], row["size"]), expected_sha256=row["sha256"])
 
-    def read_row(self, row: dict, verify: bool = False) -> bytes:
-        return self._reader.read(Located(row["shard"], row["offset"], row["size"]),
-                                 expected_sha256=row["sha256"] if verify else None)
+    def read_row(self, row: dict) -> bytes:
+        """One image's bytes, checked against the index's SHA-256 (hashing costs a fraction of decoding;
+        ``benchmarks/shard_read.py`` measures it): a flipped bit stops the step, it is never trained on."""
+        try:
+            return self._reader.read(Located(row["shard"], row["offset"], row["size"]), expected_sha256=row["sha256"])
+        except CorruptShard as exc:
+            raise CorruptShard(f"task {self.folder.name}: shards/{row['shard']}, row {row['path']!r} "
+                               f"({row['size']} bytes at offset {row['offset']}) does not match the SHA-256 in "
+                               f"index.csv: the stored data is damaged ({exc}). Restore it with `dvc pull` or "
+                               f"`dvc checkout` in the workspace, or re-ingest the task.") from None
 
     def exists(self, relpath: str) -> bool:
         return relpath in ("task.yaml", "manifest.csv") or relpath in self._by_path

@@ -100,3 +100,26 @@ def s3_bucket(s3_env, request):
     name = f"{name}-{os.getpid() % 10000}-{int(time.time() * 1000) % 100000}"
     client.create_bucket(Bucket=name)
     yield name
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Fixed random weights of the tiny model config, saved once per session as (path, sha256), so every
+    test and every child process loads the same model without a download."""
+    import open_clip
+    import torch
+
+    from components.models import register_builtin_configs, save_weights
+
+    register_builtin_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("cliploop-tiny", pretrained=None)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return path, save_weights(model, path)
+
+
+def tiny_overrides(ckpt, *extra) -> list[str]:
+    """Config overrides that point cliploop at the tiny checkpoint (small evaluation batches)."""
+    path, sha = ckpt
+    return ["model.name=cliploop-tiny", "model.pretrained=null", f"model.checkpoint={path}", f"model.sha256={sha}",
+            "evaluation.batch_size=16", *extra]

@@ -1,4 +1,4 @@
-"""Small, real task drops for tests: PNG images with distinct random pixels, a task.yaml and a manifest."""
+"""Small, real task drops for tests: PNG (or JPEG) images with distinct random pixels, a task.yaml and a manifest."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 
 
-def png_bytes(seed: int, side: int = 16) -> bytes:
+def png_bytes(seed: int, side: int = 16, fmt: str = "PNG") -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    Image.fromarray(pixels, "RGB").save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -26,7 +26,7 @@ def _seed(*parts) -> int:
 
 def make_task(root: Path, task_id: str, classes: list[str], *, scenario: str = "class-incremental",
               dataset: str = "toy", train: int = 3, test: int = 2, domain: str | None = None,
-              salt: str = "") -> Path:
+              salt: str = "", image_format: str = "png") -> Path:
     """Write a valid drop ``root/task_id`` and return its folder."""
     folder = Path(root) / task_id
     (folder / "img").mkdir(parents=True, exist_ok=True)
@@ -38,8 +38,9 @@ def make_task(root: Path, task_id: str, classes: list[str], *, scenario: str = "
     for name in classes:
         for split, count in (("train", train), ("test", test)):
             for i in range(count):
-                rel = f"img/{split}-{name.replace(' ', '_')}-{i}.png"
-                (folder / rel).write_bytes(png_bytes(_seed(task_id, name, split, i, salt)))
+                rel = f"img/{split}-{name.replace(' ', '_')}-{i}.{image_format}"
+                fmt = {"png": "PNG", "jpg": "JPEG"}[image_format]
+                (folder / rel).write_bytes(png_bytes(_seed(task_id, name, split, i, salt), fmt=fmt))
                 rows.append([rel, name, split])
     write_manifest(folder, rows)
     return folder

@@ -1,0 +1,256 @@
+"""The fault suite (``pytest -m faults``): each test injects one fault for real and checks what must hold.
+
+Faults are real: a second process racing on the registry (its timing widened with ``CLIPLOOP_FAULT``, see
+``components/faults.py`` and ``tests/README.md``), a tracking server that refuses connections or answers 503,
+a bit flipped in a stored shard on disk. Nothing of cliploop, MLflow or the ledger is mocked. The pipeline's
+steps are called directly (as the flows call them) where Prefect adds nothing to what is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from components import ingestion, pipeline
+from components.config import load_config
+from components.ledger import Ledger
+from components.registry import NotFound, from_config
+from tests.conftest import REPO, tiny_overrides
+from tests.drops import make_task
+
+pytestmark = pytest.mark.faults
+
+
+def _cfg(tmp_path, ckpt, *extra):
+    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", f"drop_zone={tmp_path / 'incoming'}",
+                                 *tiny_overrides(ckpt, "orchestration.retry_delay_s=0", "gate.max_forgetting=100",
+                                                 *extra)], env={}, cwd=tmp_path)
+    ingestion.ensure_workspace(cfg)
+    return cfg
+
+
+def _cli_args(cfg, ckpt) -> list[str]:
+    path, sha = ckpt
+    return ["-w", str(cfg.workspace_path), "--set", f"model.checkpoint={path}", "--set", f"model.sha256={sha}",
+            "--set", "model.name=cliploop-tiny", "--set", "model.pretrained=null"]
+
+
+def _ingest(cfg, tmp_path, task_id, classes, **kw) -> None:
+    make_task(tmp_path / "incoming", task_id, classes, train=3, test=2, **kw)
+    for location in pipeline.discover(cfg):
+        pipeline.ingest(location, cfg)
+
+
+def _learn(cfg, tmp_path, task_id, classes, **kw) -> int:
+    """Drop, ingest and learn one task with the pipeline's own steps; returns its version (gate passed)."""
+    _ingest(cfg, tmp_path, task_id, classes, **kw)
+    parent = pipeline.head(cfg)["version"]
+    pipeline.start_learning(cfg, task_id)
+    pools = {task_id: pipeline.build_pool(cfg, task_id)["pool_dir"]} if pipeline.builds_pools(cfg) else {}
+    update = pipeline.run_update(cfg, task_id, parent, pools)
+    version = pipeline.register_update(cfg, update)["version"]
+    assert pipeline.apply_gate(cfg, version, update)["verdict"] == "pass"
+    return version
+
+
+def _states(cfg) -> dict[str, str]:
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        return {r.task_id: r.state for r in ledger.all()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _with_tracking(cfg, uri: str):
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
+
+
+@contextlib.contextmanager
+def _overloaded_gateway():
+    """An HTTP server on 127.0.0.1 that answers every request ``503 Service Unavailable`` with an HTML body,
+    as a load balancer in front of an overloaded or restarting MLflow server does. Yields (url, hit counter)."""
+    hits = {"n": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _unavailable(self):
+            hits["n"] += 1
+            body = b"<html><body>503 Service Unavailable</body></html>"
+            self.send_response(503)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _unavailable
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---- defect 1: a reviewer's reject overridden by a concurrent approve ---------------------------------------
+
+
+def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_path, tiny_checkpoint):
+    """An approver is delayed between reading the version's review and taking the registry lock; a reject lands
+    in that window. The approve must fail (non-zero, "lost a race"), never promote the rejected version."""
+    cfg = _cfg(tmp_path, tiny_checkpoint)
+    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    pipeline.review_requested(cfg, version)
+    mark = tmp_path / "approver-read-the-state"
+    env = os.environ | {"CLIPLOOP_FAULT": f"after_decision_read:mark={mark},after_decision_read:sleep=4"}
+    approver = subprocess.Popen([sys.executable, "-m", "flows.cli", "approve", str(version), "--reviewer", "rita",
+                                 *_cli_args(cfg, tiny_checkpoint)], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not mark.exists() and approver.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), approver.communicate()[0]
+
+    assert pipeline.decide(cfg, version, "reject", "sam", "forgets cats")["changed"] is True
+    out, _ = approver.communicate(timeout=120)
+
+    assert approver.returncode != 0 and "lost a race" in out, out
+    registry = from_config(cfg)
+    assert registry.alias("champion") is None and registry.alias("challenger") is None
+    tags = registry.version_tags(version)
+    assert tags["review"] == "rejected" and tags["reviewer"] == "sam"
+    assert _states(cfg) == {"t-a": "rejected"}
+    # And a later approve of the rejected version is refused, naming the way back (requeue).
+    with pytest.raises(pipeline.PipelineError, match="requeue t-a"):
+        pipeline.decide(cfg, version, "approve", "rita")
+
+
+def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, tiny_checkpoint):
+    cfg = _cfg(tmp_path, tiny_checkpoint)
+    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    pipeline.review_requested(cfg, version)
+    pipeline.decide(cfg, version, "approve", "rita")
+    assert pipeline.review_timed_out(cfg, version) is False
+    pipeline.review_requested(cfg, version)  # a resumed wait on a later night
+    assert from_config(cfg).version_tags(version)["review"] == "approved"
+
+
+# ---- defect 2: a transient MLflow error read as "absent" -----------------------------------------------------
+
+
+def test_registry_reads_tell_absent_from_unreachable(tmp_path, tiny_checkpoint, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_checkpoint)
+    registry = from_config(cfg)
+    assert registry.alias("champion") is None  # no model registered yet: absent, not an error
+    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    assert registry.alias("previous-champion") is None
+    with pytest.raises(NotFound):
+        registry.version_tags(version + 10)
+    with pytest.raises(pipeline.PipelineError, match="no version 99"):
+        pipeline.decide(cfg, 99, "approve", "rita")
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = from_config(_with_tracking(cfg, f"http://127.0.0.1:{_free_port()}"))  # nobody listens there
+    with pytest.raises(Exception) as refused:
+        down.alias("champion")
+    assert not isinstance(refused.value, NotFound) and pipeline.is_transient(refused.value)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                   prefect_api):
+    """During an outage the nightly reconcile must not read "no champion" and reject every promoted task: the
+    error propagates, the step's retries fire, and the ledger is exactly as it was."""
+    from prefect import flow
+
+    from flows.update import step
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2")
+    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    pipeline.decide(cfg, version, "approve", "rita")
+    before = _states(cfg)
+    assert before == {"t-a": "promoted"}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own HTTP retries would take minutes
+
+    refused = _with_tracking(cfg, f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(Exception) as failed:
+        pipeline.reconcile(refused)
+    assert pipeline.is_transient(failed.value)
+    assert _states(cfg) == before
+
+    with _overloaded_gateway() as (url, hits):
+        overloaded = _with_tracking(cfg, url)
+
+        @flow
+        def night_start():
+            return step(pipeline.reconcile, overloaded)(overloaded)
+
+        with pytest.raises(Exception) as failed:
+            night_start()
+    assert pipeline.is_transient(failed.value)
+    assert hits["n"] == 3  # the first read of each of the three attempts (1 + 2 retries) got a 503
+    assert _states(cfg) == before
+
+    assert pipeline.reconcile(cfg) == [] and _states(cfg) == before  # MLflow back: nothing to change
+
+
+# ---- defect 3: shard bytes trained on without a check -------------------------------------------------------
+
+
+def _flip_a_bit_inside_an_image(cfg, task_id: str) -> dict:
+    from components.shards import read_index
+
+    folder = cfg.workspace_path / "data" / "tasks" / task_id
+    row = next(r for r in read_index(folder / "index.csv") if r["split"] == "train")
+    shard = folder / "shards" / row["shard"]
+    data = bytearray(shard.read_bytes())
+    data[row["offset"] + row["size"] - 8] ^= 0x10  # in the JPEG's entropy-coded data, before its end marker
+    os.chmod(shard, 0o644)
+    shard.write_bytes(bytes(data))
+    return row | {"damaged": bytes(data[row["offset"]:row["offset"] + row["size"]])}
+
+
+@pytest.mark.parametrize("method", ["finetune", "lvp"])
+def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp_path, tiny_checkpoint, method):
+    from components.data import decode_rgb
+    from components.shards import CorruptShard
+
+    extra = ["method.settings.iterations=2", "method.settings.batch_size=2",
+             "method.settings.warmup_steps=0"] if method == "finetune" else []
+    cfg = _cfg(tmp_path, tiny_checkpoint, f"method.name={method}", *extra)
+    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"], image_format="jpg")
+    row = _flip_a_bit_inside_an_image(cfg, "t-a")
+    decode_rgb(row["damaged"])  # the damaged JPEG still decodes: only the checksum can tell
+
+    pipeline.start_learning(cfg, "t-a")
+    with pytest.raises(CorruptShard) as corrupt:
+        pools = {"t-a": pipeline.build_pool(cfg, "t-a")["pool_dir"]} if pipeline.builds_pools(cfg) else {}
+        pipeline.run_update(cfg, "t-a", None, pools)
+    message = str(corrupt.value)
+    assert row["shard"] in message and row["path"] in message and "SHA-256" in message
+    assert not pipeline.is_transient(corrupt.value)  # retrying cannot fix damaged data
+    assert not list((cfg.workspace_path / ".cliploop" / "runs").glob("*/result.json"))
