@@ -1,0 +1,364 @@
+"""What each ``cliploop`` subcommand does with its parsed arguments: resolve the config, call
+``components`` (or ``flows``), print through :mod:`flows.console`, return an exit code.
+
+Exit codes: 0 success; 1 a task was quarantined / validation failed / verification failed;
+2 usage or configuration error; 3 refused (a changed payload under a known task id);
+4 an external tool failed (git, DVC, storage, the registry): safe to re-run.
+Errors that every command can meet (a bad config, an unknown version) are mapped in :mod:`flows.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_REFUSED, EXIT_EXTERNAL = 0, 1, 2, 3, 4
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
+    """The command's configuration: file, environment, ``--set`` and ``-w``, with its method checked."""
+    from components.config import load_config
+
+    overrides = list(getattr(args, "overrides", []) or []) + list(extra or [])
+    if getattr(args, "workspace", None):
+        overrides.append(f"workspace={Path(args.workspace).resolve()}")
+    config = load_config(getattr(args, "config", None), overrides)
+    check_method(config)
+    return config
+
+
+def check_method(config) -> None:
+    """An unknown method, or settings its method does not accept, is a configuration error found when the
+    config is resolved, not when a night reaches training. Raises ConfigError."""
+    from pydantic import ValidationError
+
+    from components.config import ConfigError, MethodConfig
+
+    if config.method == MethodConfig():
+        return  # the default method with its defaults is valid, and needs no import of the methods (torch)
+    from components.methods import MethodError, get_method
+
+    try:
+        cls = get_method(config.method.name)
+    except MethodError as exc:
+        raise ConfigError(f"method.name: {exc} (see `cliploop methods`)") from None
+    try:
+        cls.Settings.model_validate(config.method.settings)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(
+            f"method.settings.{'.'.join(map(str, e['loc']))}: "
+            f"{'not a setting of ' + cls.name if e['type'] == 'extra_forbidden' else e['msg']} "
+            f"(see `cliploop methods {cls.name}`)" for e in exc.errors())) from None
+
+
+def fail(command: str, message: object, code: int) -> int:
+    print(f"cliploop {command}: {message}", file=sys.stderr)
+    return code
+
+
+def external_error(exc: Exception) -> int:
+    print(f"cliploop: {exc}\n(nothing was lost; fix the cause and re-run the same command)", file=sys.stderr)
+    return EXIT_EXTERNAL
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from components import ingestion
+    from components.config import CONFIG_FILENAME, default_config_yaml, load_config
+
+    ws = Path(args.dir).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    cfg_path = ws / CONFIG_FILENAME
+    if not cfg_path.exists():
+        text = default_config_yaml()
+        if args.drop_zone:
+            text = text.replace("drop_zone: incoming", f"drop_zone: {json.dumps(args.drop_zone)}")
+        if args.remote:
+            text = text.replace("  remote: null", f"  remote: {json.dumps(args.remote)}", 1)
+        cfg_path.write_text(text)
+        print(f"wrote {cfg_path}")
+    else:
+        print(f"kept the existing {cfg_path}")
+    config = load_config(cfg_path)
+    if not config.drop_zone.startswith("s3://"):
+        config.path(config.drop_zone).mkdir(parents=True, exist_ok=True)
+    try:
+        done = ingestion.ensure_workspace(config)
+        if cfg_path.parent == config.workspace_path:  # the config is part of the workspace's history
+            from components.versioning import commit
+
+            commit(config.workspace_path, "cliploop: configuration", [cfg_path.name])
+    except Exception as exc:
+        return external_error(exc)
+    for line in done or ["workspace already initialised"]:
+        print(f"  {line}")
+    print(f"workspace ready: {config.workspace_path}\n  drop tasks into: {config.location(config.drop_zone)}\n"
+          f"  then run: cliploop ingest")
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from components import ingestion, tasks
+    from components.storage import StorageError
+    from components.versioning import VersioningError
+    from flows.console import ingest_line
+
+    config = resolve_config(args)
+    location = config.location(args.location) if args.location else config.location(config.drop_zone)
+    try:
+        locations = ingestion.drop_locations(location, config, warn=lambda m: print(f"cliploop: {m}", file=sys.stderr))
+    except tasks.DropError as exc:
+        return fail("ingest", exc, EXIT_USAGE)
+    if not locations:
+        print(f"no task drops found in {location}")
+        return EXIT_OK
+    worst = EXIT_OK
+    outcomes = []
+    for loc in locations:
+        try:
+            outcome = ingestion.ingest(loc, config)
+        except ingestion.IngestRefused as exc:
+            print(f"REFUSED {loc}: {exc}", file=sys.stderr)
+            worst = max(worst, EXIT_REFUSED)
+            outcomes.append({"location": loc, "status": "refused", "message": str(exc)})
+            continue
+        except (VersioningError, StorageError, OSError) as exc:
+            worst = max(worst, external_error(exc))
+            outcomes.append({"location": loc, "status": "error", "message": str(exc)})
+            continue
+        outcomes.append({"location": loc, "task_id": outcome.task_id, "status": outcome.status,
+                         "state": outcome.state, "report": outcome.report_path, "message": outcome.message})
+        if not args.json:
+            print(ingest_line(outcome))
+        if outcome.status == "quarantined":
+            worst = max(worst, EXIT_INVALID)
+    if args.json:
+        print(json.dumps(outcomes, indent=2))
+    return worst
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from components import ingestion, storage
+
+    config = resolve_config(args)
+    report_dir = Path(args.report_dir).resolve() if args.report_dir else None
+    target = args.target
+    try:
+        if storage.is_s3(target) or Path(target).exists():
+            report = ingestion.validate_location(target, config, report_dir)
+        else:
+            report = ingestion.validate_task(target, config, report_dir)
+    except FileNotFoundError as exc:
+        return fail("validate", exc, EXIT_USAGE)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    if report_dir and not args.json:
+        print(f"report: {report_dir / 'report.json'}")
+    return EXIT_OK if report.success else EXIT_INVALID
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from components import ingestion
+    from flows.console import status_text
+
+    config = resolve_config(args)
+    rows = ingestion.status(config)
+    if args.json:
+        print(json.dumps({"workspace": str(config.workspace_path), "tasks": rows}, indent=2, default=str))
+    elif not rows:
+        print(f"no tasks in {config.workspace_path} yet (cliploop ingest PATH)")
+    else:
+        print(status_text(rows, config.workspace_path))
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(resolve_config(args).to_yaml(), end="")
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from components import metrics
+
+    return metrics.main([args.matrix] + (["--json"] if args.json else []))
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from components import learn
+
+    # The method that will run (--method, else method.name) is checked with its settings before anything loads.
+    resolve_config(args, [f"method.name={args.method}"] if args.method else [])
+    if args.workspace:
+        args.overrides = list(args.overrides) + [f"workspace={Path(args.workspace).resolve()}"]
+    return learn.run_cli(args)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from components.methods import MethodError, available_methods, get_method
+    from flows.console import method_settings_text, methods_text
+
+    if not args.name:
+        print(methods_text(available_methods()))
+        return EXIT_OK
+    try:
+        cls = get_method(args.name)
+    except MethodError as exc:
+        return fail("methods", exc, EXIT_USAGE)
+    if args.json:
+        print(json.dumps(cls.Settings().model_dump(mode="json"), indent=2))
+    else:
+        print(method_settings_text(args.name, cls))
+    return EXIT_OK
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from components.lineage import LineageError, build_lineage, format_lineage
+    from components.registry import from_config
+
+    config = resolve_config(args)
+    try:
+        record = build_lineage(from_config(config), args.ref, config.workspace_path, verify=args.verify)
+    except LineageError as exc:
+        return fail("lineage", exc, EXIT_USAGE)
+    print(json.dumps(record, indent=2) if args.json else format_lineage(record))
+    return EXIT_INVALID if record["verified"] is False else EXIT_OK
+
+
+def cmd_scenario(args: argparse.Namespace) -> int:
+    from components import scenario
+    from flows.console import scenario_tasks_text, scenarios_text
+
+    try:
+        if args.action == "list":
+            print(scenarios_text(scenario.list_scenarios()))
+        elif args.action == "show":
+            print(scenario_tasks_text(scenario.load_scenario(args.name)))
+        else:
+            scenario.convert(scenario.load_scenario(args.name), Path(args.out), Path(args.root).expanduser(),
+                             args.download, args.limit_per_class, args.tasks.split(",") if args.tasks else None)
+    except scenario.ScenarioError as exc:
+        return fail("scenario", exc, EXIT_USAGE)
+    return EXIT_OK
+
+
+def _reviewer(args) -> str:
+    import getpass
+
+    return args.reviewer or getpass.getuser()
+
+
+def _review(args: argparse.Namespace, decision: str, note: str) -> int:
+    from components import pipeline
+    from components.registry import from_config
+    from flows.console import review_text
+
+    config = resolve_config(args)
+    registry = from_config(config)
+    # A version that does not exist and other registry errors are mapped by flows.cli (exit 2 or 4).
+    version = registry.resolve(args.version)
+    was_pending = registry.version_tags(version).get("review") == "pending"
+    result = pipeline.decide(config, version, decision, _reviewer(args), note,
+                             override_gate=getattr(args, "override_gate", False))
+    resumed: list[str] = []
+    if was_pending:
+        from flows.update import resume_waiting
+
+        try:
+            resumed = resume_waiting(version, decision, _reviewer(args), note)
+        except Exception as exc:  # no Prefect API reachable: the decision stands; the paused run times out
+            print(f"cliploop {decision}: decision recorded, but no paused flow run could be resumed ({exc})",
+                  file=sys.stderr)
+    print(review_text(version, decision, result, resumed))
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _review(args, "approve", args.note)
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    return _review(args, "reject", args.reason)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from components import pipeline
+    from flows.console import rollback_text
+
+    print(rollback_text(pipeline.rollback(resolve_config(args), _reviewer(args), args.note)))
+    return EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from components import pipeline
+
+    pipeline.requeue(resolve_config(args), args.task_id)
+    print(f"task {args.task_id} will be learned again next night")
+    return EXIT_OK
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from components import pipeline
+    from flows.console import night_text
+    from flows.nightly import NightFailed, run_night
+
+    config = resolve_config(args)
+    try:
+        summary = run_night(config)
+    except pipeline.ChainBusy as exc:
+        print(f"cliploop nightly: {exc}", file=sys.stderr)
+        return EXIT_OK
+    except NightFailed as exc:
+        summary, code = exc.summary, EXIT_EXTERNAL
+    else:
+        code = EXIT_OK
+    print(json.dumps(summary, indent=2, default=str) if args.json else night_text(summary))
+    return code
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.console import deploy_text
+    from flows.deploy import DeployError, deploy
+
+    config = resolve_config(args)
+    try:
+        values = deploy(config, args.api_url)
+    except DeployError as exc:
+        return fail("deploy", exc, EXIT_EXTERNAL)
+    print(deploy_text(values, config.orchestration.gpu_pool))
+    return EXIT_OK
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from flows.console import stack_status_text, stack_up_text
+    from infra.stack import Stack, StackError
+
+    config = resolve_config(args)
+    stack = Stack(config.workspace_path / ".cliploop" / "stack")
+    try:
+        if args.action == "up":
+            ports = {n: getattr(args, f"port_{n}") for n in ("s3", "mlflow", "prefect") if getattr(args, f"port_{n}")}
+            state = stack.up(ports, progress=(lambda m: None) if args.json else print)
+            print(json.dumps(state, indent=2) if args.json else stack_up_text(state))
+            return EXIT_OK
+        if args.action == "down":
+            stack.down()
+            return EXIT_OK
+    except StackError as exc:
+        return fail("stack", exc, EXIT_EXTERNAL)
+    rows = stack.status()
+    print(json.dumps(rows, indent=2) if args.json else stack_status_text(rows))
+    return EXIT_OK if all(r["state"] == "healthy" for r in rows) else EXIT_INVALID
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from components.methods import MethodError, get_method
+    from flows.console import demo_text
+    from flows.demo import run_demo
+
+    try:
+        get_method(args.method)
+    except MethodError as exc:
+        return fail("demo", exc, EXIT_USAGE)
+    run = run_demo(args.method, args.dir, not args.no_bad_task, args.overrides)
+    print(demo_text(run))
+    return EXIT_INVALID if run.chain_stopped else EXIT_OK

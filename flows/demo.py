@@ -1,0 +1,112 @@
+"""``cliploop demo``: the embedded demo's policy and its run (the nightly flow on the embedded default).
+
+The data and the base model come from :mod:`components.demo`; this module decides how the demo's night
+is configured (promotion by rule, gate rules, a short schedule) and runs it. What it prints at the end
+is :func:`flows.console.demo_text`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+# The demo's promotion policy: gate rules a reviewer would set, and promotion by rule so the demo needs no one.
+DEMO_POLICY = ["approval.auto_promote=true", "gate.max_forgetting=10", "gate.min_new_task_accuracy=25"]
+# The official schedules (1000 iterations a task) take minutes per task on a CPU; the demo's tasks have
+# 150-300 training images, which 60 iterations pass over many times.
+DEMO_ITERATIONS = 60
+
+
+def demo_schedule(method: str, user_overrides: list[str]) -> list[str]:
+    """The demo's shorter schedule for methods trained for a fixed number of iterations, unless the user
+    chose one (``--set method.settings.iterations=...`` or ``epochs``)."""
+    from components.methods import get_method
+
+    fields = get_method(method).Settings.model_fields
+    default = fields["iterations"].default if "iterations" in fields else None
+    chosen = any(o.split("=", 1)[0].strip() in ("method.settings.iterations", "method.settings.epochs")
+                 for o in user_overrides)
+    if default is None or default <= DEMO_ITERATIONS or chosen:
+        return []
+    return [f"method.settings.iterations={DEMO_ITERATIONS}"]
+
+
+def demo_root(folder: str, method: str) -> Path:
+    """A chain keeps one method: another method's demo gets its own folder."""
+    return Path(folder if method == "lvp" else f"{folder}-{method}").resolve()
+
+
+@dataclass
+class DemoRun:
+    summary: dict[str, Any]  # the night's summary (flows.nightly.run_night)
+    config: Any  # the resolved components.config.Config of the demo's workspace
+    ledger: list[dict]  # the task ledger's rows after the night
+    registry: str  # the registry view, rendered ("" when empty)
+    night_s: float
+    elapsed_s: float
+
+    @property
+    def chain_stopped(self) -> bool:
+        """The chain stopped before learning every task (a waiting reviewer does not count)."""
+        return bool(self.summary.get("stopped")) and "awaiting" not in self.summary["stopped"]
+
+
+def run_demo(method: str, folder: str, include_bad: bool, overrides: list[str],
+             say: Callable[[str], None] = print) -> DemoRun:
+    """Build the drop zone and the base model (cached), then run one night on them."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own summary
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the champion's download is instant here
+    quiet_library_logs()
+    from components import demo, ingestion
+    from components.config import load_config
+    from components.methods import get_method
+    from components.models import cache_dir
+    from flows.console import registry_text
+    from flows.nightly import NightFailed, run_night
+
+    root = demo_root(folder, method)
+    started = time.perf_counter()
+    drop_zone = root / "incoming"
+    demo.build_drop_zone(drop_zone, include_bad=include_bad)
+    say(f"demo drop zone: {drop_zone} (three digit tasks and one broken one)")
+    say("base model: tiny image tower + pretrained MiniLM text tower (built once, then cached)")
+    model = demo.model_overrides(cache_dir() / "demo", progress=say)
+    schedule = demo_schedule(method, overrides)
+    if schedule:
+        default = get_method(method).Settings.model_fields["iterations"].default
+        say(f"demo schedule: {DEMO_ITERATIONS} iterations per task instead of {method}'s {default} "
+            f"(--set method.settings.iterations={default} for the full one)")
+    # The nightly flow on the embedded default: Prefect without a server, MLflow on SQLite, DVC local remote.
+    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *model,
+                                    *DEMO_POLICY, f"method.name={method}", *schedule, *overrides],
+                         env={}, cwd=root)
+    ingestion.ensure_workspace(config)
+    say("\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
+        "-> gate -> promote\n(the demo promotes by rule, approval.auto_promote=true; a reviewer uses "
+        "`cliploop approve`)\n")
+    night_started = time.perf_counter()
+    try:
+        summary = run_night(config)
+    except NightFailed as exc:
+        summary = exc.summary
+    night = time.perf_counter() - night_started
+    ledger = ingestion.status(config)
+    registry = registry_text(config)
+    return DemoRun(summary, config, ledger, registry, night, time.perf_counter() - started)
+
+
+def quiet_library_logs() -> None:
+    """The demo prints its own summary: INFO lines of GX (whose modules set INFO on their own loggers at
+    import) and of MLflow's database setup would only bury it."""
+    import logging
+
+    import great_expectations  # noqa: F401  (its import sets those levels; override them after it)
+    import mlflow  # noqa: F401
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("great_expectations", "mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
