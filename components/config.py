@@ -238,9 +238,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     file_path = find_config_file(path, env, cwd)
     if file_path is not None:
         try:
-            loaded = yaml.safe_load(file_path.read_text()) or {}
+            text = file_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file_path}: cannot be read as a text file ({exc})") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{file_path}: not valid YAML: {exc}") from exc
+            raise ConfigError(_yaml_problem(file_path, text, exc)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file_path}: the top level must be a mapping of keys to values")
         tree = _deep_merge(tree, loaded)
@@ -265,6 +269,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(_explain(exc, file_path)) from None
     config._base_dir = file_path.parent if file_path else (cwd or Path.cwd()).resolve()
     return config
+
+
+def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """The parser's complaint as file, line, column and what is wrong, with the offending line quoted
+    (PyYAML's own message names "<unicode string>" instead of the file and spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    lines = text.splitlines()
+    quoted = f"\n  line {mark.line + 1}: {lines[mark.line]}" if mark.line < len(lines) else ""
+    return (f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+            + (f" ({context})" if context else "") + quoted)
 
 
 def config_from_doc(doc: Mapping[str, Any]) -> Config:

@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -161,14 +162,13 @@ def read_state_dict(path: Path, expected_sha256: str | None = None) -> dict[str,
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
     if suffix in (".pt", ".pth", ".bin"):
-        import pickle
-
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"checkpoint {path} holds more than tensors and is refused (only weights are "
-                                  f"loaded, never pickled objects): {str(exc).splitlines()[0]}") from None
+            raise pickled_checkpoint(path, exc) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            if "weights_only" in str(exc) or "Weights only" in str(exc):
+                raise pickled_checkpoint(path, exc) from None
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {str(exc).splitlines()[0]}") from None
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]  # training checkpoints wrap the weights
@@ -178,6 +178,18 @@ def read_state_dict(path: Path, expected_sha256: str | None = None) -> dict[str,
             loaded = {k[len("module."):]: v for k, v in loaded.items()}
         return loaded
     raise CheckpointError(f"checkpoint {path}: unsupported file type {suffix!r} (use {', '.join(WEIGHT_SUFFIXES)})")
+
+
+def pickled_checkpoint(where: object, exc: BaseException) -> CheckpointError:
+    """Our refusal of a checkpoint that ``torch.load(weights_only=True)`` refused. PyTorch's message goes on to
+    advise loading it with ``weights_only=False``, which would run the pickle's code: only the name of the
+    object it found is kept, never that advice."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    holds = f"a pickled {found.group(1)}" if found else "pickled objects"
+    return CheckpointError(f"checkpoint {where} is refused: it holds {holds}, not only tensors, and cliploop never "
+                           "unpickles objects; save the model's state dict as .safetensors and point at that")
 
 
 def apply_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -258,6 +270,8 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
         with quiet_loaders():
             model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True)
+    except pickle.UnpicklingError as exc:  # a pretrained file that is more than weights
+        raise pickled_checkpoint(tag, exc) from None
     except RuntimeError as exc:
         raise CheckpointError(f"cannot create {name} with pretrained={tag!r}: {str(exc).splitlines()[0]}") from None
     if tag:
