@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from components import ledger as ledger_mod, storage, tasks, versioning
 from components.config import Config
@@ -314,8 +315,10 @@ def _validate_source(source, config: Config, report_dir: Path | None) -> Report:
     return report
 
 
-def drop_locations(location: str, config: Config) -> list[str]:
-    """A task drop is itself; a drop zone (no task.yaml at its root) yields its task drops, in name order."""
+def drop_locations(location: str, config: Config, warn: Callable[[str], None] | None = None) -> list[str]:
+    """A task drop is itself; a drop zone (no task.yaml at its root) yields its task drops, in name order.
+
+    ``warn`` hears about entries that are not followed (symbolic links; see :func:`tasks.discover`)."""
     if storage.is_s3(location):
         source = tasks.S3Drop(location, s3_settings(config))
         if source.exists("task.yaml"):
@@ -326,7 +329,7 @@ def drop_locations(location: str, config: Config) -> list[str]:
         raise tasks.DropError("drop-exists", f"{location}: no such folder")
     if (path / "task.yaml").exists() or (path / "manifest.csv").exists():
         return [str(path)]
-    return tasks.discover(str(path))
+    return tasks.discover(str(path), warn=warn)
 
 
 def task_location(task_id: str, config: Config) -> str:

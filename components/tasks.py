@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -280,10 +281,13 @@ def open_drop(location: str, settings: storage.S3Settings | None = None) -> Drop
     return LocalDrop(root)
 
 
-def discover(drop_zone: str, settings: storage.S3Settings | None = None) -> list[str]:
+def discover(drop_zone: str, settings: storage.S3Settings | None = None,
+             warn: Callable[[str], None] | None = None) -> list[str]:
     """Locations of the task drops in a drop zone: sub-folders (or sub-prefixes) holding a task.yaml.
 
-    Sorted by name, which is the arrival order when task ids carry a date or a sequence number.
+    Sorted by name, which is the arrival order when task ids carry a date or a sequence number. A symbolic
+    link in a local drop zone is not followed (it could lead anywhere on the machine) and is reported
+    through ``warn`` (default: a warning on the ``cliploop`` logger), never skipped silently.
     """
     if storage.is_s3(drop_zone):
         client = storage.s3_client(settings)
@@ -298,8 +302,15 @@ def discover(drop_zone: str, settings: storage.S3Settings | None = None) -> list
     zone_path = Path(drop_zone)
     if not zone_path.is_dir():
         return []
-    return [str(p) for p in sorted(zone_path.iterdir())
-            if p.is_dir() and not p.is_symlink() and (p / "task.yaml").is_file()]
+    found = []
+    for p in sorted(zone_path.iterdir()):
+        if p.is_symlink():
+            (warn or logging.getLogger("cliploop").warning)(
+                f"{p}: skipped: a symbolic link in the drop zone is not followed (it may lead outside the zone); "
+                "move or copy the task folder into the drop zone")
+        elif p.is_dir() and (p / "task.yaml").is_file():
+            found.append(str(p))
+    return found
 
 
 def read_metadata(source: DropSource) -> tuple[TaskSpec, Manifest, bytes, bytes]:
