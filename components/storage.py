@@ -25,6 +25,33 @@ class ChecksumMismatch(StorageError):
     pass
 
 
+class StorageUnavailable(StorageError):
+    """The store gave no usable answer after the client's retries: connection refused or reset, a timeout,
+    a 5xx or a throttling error. Nothing is known about the object, so callers must not treat it as
+    absent or bad (no quarantine, no "missing"): the step ends as a storage failure and is re-run."""
+
+
+# Client errors that say "this object or request is wrong"; every other failure is the store's.
+_DEFINITE_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "403", "AccessDenied", "InvalidAccessKeyId",
+                   "SignatureDoesNotMatch", "InvalidBucketName", "InvalidRange", "400", "InvalidRequest"}
+
+
+def storage_error(exc: BaseException, what: str) -> StorageError:
+    """``exc`` (from boto3, botocore or the socket) as a StorageError saying what failed, or, when the store
+    could not answer, as a StorageUnavailable."""
+    if isinstance(exc, StorageError):
+        return exc
+    text = _client_error_text(exc)
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _DEFINITE_CODES or (400 <= status < 500 and status not in (408, 429)):
+            return StorageError(f"{what}: {text}")
+    return StorageUnavailable(f"{what}: the S3 store did not answer usably after retries ({type(exc).__name__}: "
+                              f"{text}); safe to re-run when the store is reachable")
+
+
 @dataclass(frozen=True)
 class S3Uri:
     bucket: str
@@ -62,32 +89,67 @@ def is_s3(uri: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class S3Settings:
-    """Non-secret S3 settings from cliploop's config; None means "from the AWS configuration"."""
+    """Non-secret S3 settings from cliploop's config; None means "from the AWS configuration".
+
+    Retries: ``max_attempts`` and ``retry_mode`` here, else the AWS configuration's (``AWS_MAX_ATTEMPTS``,
+    ``AWS_RETRY_MODE``, ``max_attempts``/``retry_mode`` in ``~/.aws/config``), else 5 attempts in
+    botocore's ``standard`` mode (which retries resets, timeouts, 5xx and throttling with backoff).
+    The timeouts bound a store that accepts connections and never answers.
+    """
 
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int | None = None
+    retry_mode: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_MODE = "standard"
+
+
+def retry_config(settings: S3Settings | None = None, botocore_session=None) -> dict:
+    """botocore's ``retries`` setting: cliploop's config first, then the AWS configuration, then our default.
+
+    An explicit ``retries`` in a client's Config hides the AWS configuration's, so it is resolved here.
+    """
+    settings = settings or S3Settings()
+    if botocore_session is None:
+        import botocore.session
+
+        botocore_session = botocore.session.get_session()
+    attempts = settings.max_attempts or botocore_session.get_config_variable("max_attempts")
+    mode = settings.retry_mode or botocore_session.get_config_variable("retry_mode")
+    return {"max_attempts": int(attempts or DEFAULT_MAX_ATTEMPTS), "mode": mode or DEFAULT_RETRY_MODE}
 
 
 def s3_client(settings: S3Settings | None = None):
     """A boto3 S3 client. boto3 is imported here so that local-only work never pays for it."""
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     settings = settings or S3Settings()
-    kwargs = {"config": Config(retries={"max_attempts": 5, "mode": "standard"})}
+    core = botocore.session.get_session()
+    kwargs = {"config": Config(retries=retry_config(settings, core), connect_timeout=settings.connect_timeout,
+                               read_timeout=settings.read_timeout)}
     if settings.endpoint_url:
         kwargs["endpoint_url"] = settings.endpoint_url
     if settings.region:
         kwargs["region_name"] = settings.region
-    return boto3.session.Session().client("s3", **kwargs)
+    return boto3.session.Session(botocore_session=core).client("s3", **kwargs)
 
 
 def list_keys(uri: S3Uri, client) -> Iterator[tuple[str, int]]:
     """(key, size) of every object under a prefix."""
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=uri.bucket, Prefix=uri.as_prefix().key if uri.key else ""):
-        for obj in page.get("Contents", []):
-            yield obj["Key"], int(obj["Size"])
+    try:
+        for page in paginator.paginate(Bucket=uri.bucket, Prefix=uri.as_prefix().key if uri.key else ""):
+            for obj in page.get("Contents", []):
+                yield obj["Key"], int(obj["Size"])
+    except Exception as exc:  # botocore and socket errors alike: classified, never a raw traceback
+        raise storage_error(exc, f"cannot list {uri}") from exc
 
 
 def list_prefixes(uri: S3Uri, client) -> list[str]:
@@ -95,9 +157,12 @@ def list_prefixes(uri: S3Uri, client) -> list[str]:
     prefix = uri.as_prefix().key if uri.key else ""
     names: list[str] = []
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix, Delimiter="/"):
-        for common in page.get("CommonPrefixes", []):
-            names.append(common["Prefix"][len(prefix):].rstrip("/"))
+    try:
+        for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.append(common["Prefix"][len(prefix):].rstrip("/"))
+    except Exception as exc:
+        raise storage_error(exc, f"cannot list {uri}") from exc
     return sorted(names)
 
 
@@ -105,20 +170,30 @@ def get_bytes(uri: S3Uri, client, max_bytes: int | None = None) -> bytes:
     """Read an object whole, refusing objects larger than ``max_bytes`` before reading them."""
     try:
         head = client.head_object(Bucket=uri.bucket, Key=uri.key)
-    except Exception as exc:  # botocore ClientError: 404/403
-        raise StorageError(f"cannot read {uri}: {_client_error_text(exc)}") from exc
+    except Exception as exc:  # 404/403 say so; a reset or a 5xx says nothing about the object
+        raise storage_error(exc, f"cannot read {uri}") from exc
     size = int(head["ContentLength"])
     if max_bytes is not None and size > max_bytes:
         raise StorageError(f"{uri} is {size} bytes, over the limit of {max_bytes}")
-    body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
     try:
-        return body.read()
-    finally:
-        body.close()
+        # The ETag pins the version whose size was checked; a replaced object fails with 412, not a mix.
+        body = client.get_object(Bucket=uri.bucket, Key=uri.key, IfMatch=head["ETag"])["Body"]
+        try:
+            data = body.read()
+        finally:
+            body.close()
+    except Exception as exc:  # a reset inside the body is a ResponseStreamingError or a socket error
+        raise storage_error(exc, f"cannot read {uri}") from exc
+    if len(data) != size:
+        raise StorageUnavailable(f"cannot read {uri}: got {len(data)} of {size} bytes")
+    return data
 
 
 def put_file(path: Path, uri: S3Uri, client) -> None:
-    client.upload_file(str(path), uri.bucket, uri.key)
+    try:
+        client.upload_file(str(path), uri.bucket, uri.key)
+    except Exception as exc:
+        raise storage_error(exc, f"cannot upload {path} to {uri}") from exc
 
 
 def _client_error_text(exc: Exception) -> str:
@@ -200,6 +275,8 @@ def download(uri: str, cache_dir: Path, expected_sha256: str | None = None,
         try:
             sidecar = get_bytes(S3Uri(s3.bucket, s3.key + ".sha256"), client, max_bytes=1024)
             expected_sha256 = sidecar.decode("ascii").split()[0].strip().lower()
+        except StorageUnavailable:
+            raise  # an unreachable store is not "no sidecar": the check must not be skipped silently
         except StorageError:
             expected_sha256 = None
     cache_dir = Path(cache_dir)
@@ -214,7 +291,7 @@ def download(uri: str, cache_dir: Path, expected_sha256: str | None = None,
         try:
             client.download_file(s3.bucket, s3.key, tmp)
         except Exception as exc:
-            raise StorageError(f"cannot download {uri}: {_client_error_text(exc)}") from exc
+            raise storage_error(exc, f"cannot download {uri}") from exc
         actual = sha256_file(Path(tmp))
         if expected_sha256 and actual != expected_sha256:
             raise ChecksumMismatch(
