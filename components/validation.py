@@ -45,7 +45,7 @@ RULES: dict[str, str] = {
     "label-declared": "every label is a class declared in task.yaml",
     "duplicate-rows": "each image path is listed once",
     "path-safe": "paths stay inside the task root (no '..', absolute paths or symbolic links)",
-    "image-readable": "every listed image exists and decodes completely",
+    "image-readable": "every listed image exists and decodes completely to one still picture",
     "image-format": "images are JPEG, PNG or WebP (by their content, not their name)",
     "pixel-limit": "images are within the pixel limit (decompression-bomb guard)",
     "image-min-side": "images are at least the minimum width and height",
@@ -134,6 +134,10 @@ def probe_image(data: bytes, allowed: list[str], max_pixels: int) -> ImageProbe:
                 width, height = im.size
                 if width * height > max_pixels:
                     return ImageProbe(fmt, width, height)  # over the limit: reported by pixel-limit, not decoded
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:  # which frame is the labelled picture is anyone's guess: refused, not guessed
+                    return ImageProbe(fmt, width, height, error=f"is animated ({frames} frames); a training image "
+                                                                "must be a single still picture")
                 im.load()
     except Image.DecompressionBombError as exc:
         return ImageProbe(fmt, error=f"refused by the decoder's pixel guard ({exc})")

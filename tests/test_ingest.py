@@ -218,3 +218,22 @@ def test_module_entry_point_runs_without_the_console_script(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "-w", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "no tasks" in proc.stdout
+
+
+def test_a_symlink_in_the_drop_zone_is_reported_and_not_followed(tmp_path, capsys, caplog):
+    """A link out of the drop zone could lead anywhere on the machine: it is not followed, and it is said."""
+    from components import tasks
+
+    ws, zone = tmp_path / "ws", tmp_path / "zone"
+    make_task(zone, "a-real", ["cat"])
+    elsewhere = make_task(tmp_path / "elsewhere", "b-linked", ["dog"])
+    (zone / "b-linked").symlink_to(elsewhere, target_is_directory=True)
+
+    assert main(["ingest", str(zone), "-w", str(ws)]) == 0
+    err = capsys.readouterr().err
+    assert f"{zone / 'b-linked'}: skipped: a symbolic link" in err
+    assert [r["task_id"] for r in ingestion.status(_config(ws))] == ["a-real"]
+    # The nightly flow's discovery (no one to print to) logs it as a warning instead.
+    with caplog.at_level("WARNING", logger="cliploop"):
+        assert tasks.discover(str(zone)) == [str(zone / "a-real")]
+    assert any("b-linked: skipped: a symbolic link" in r.getMessage() for r in caplog.records)

@@ -176,6 +176,19 @@ def _tiff(d: Path, ctx):
     ctx["row"] = "img/train-bird-1.png"
 
 
+def _animated(fmt: str, suffix: str):
+    """A three-frame animation: which frame would be the labelled picture?"""
+    def mutate(d: Path, ctx):
+        from PIL import Image
+
+        frames = [Image.new("RGB", (16, 16), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+        rel = f"img/animated.{suffix}"
+        frames[0].save(d / rel, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        append_rows(d, [[rel, "bird", "train"]])
+        ctx["row"] = rel
+    return mutate
+
+
 def _respec(**changes):
     def mutate(d: Path, ctx):
         spec = yaml.safe_load((d / "task.yaml").read_text())
@@ -213,6 +226,8 @@ CASES = {
     "train-test-leak": (_leak, "train-test-leak", ["{row}", "same image content as line"], []),
     "seen-in-earlier-task": (_seen_before, "seen-before", ["{row}", "already ingested in task toy-a"], []),
     "tiff-renamed": (_tiff, "image-format", ["{row}", "content is TIFF"], []),
+    "animated-webp": (_animated("WEBP", "webp"), "image-readable", ["{row}", "is animated (3 frames)"], []),
+    "animated-png": (_animated("PNG", "png"), "image-readable", ["{row}", "is animated (3 frames)"], []),
     "class-overlap": (_respec(classes=["bird", "cat"]), "scenario-classes", ["'cat'", "already learned in task toy-a"], []),
     "domain-class-mismatch": (_respec(scenario="domain-incremental", classes=["bird", "fish"]), "scenario-classes",
                               ["unknown to dataset 'toy': bird, fish", "lacks known class(es)"], []),
