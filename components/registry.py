@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from components.faults import fault_point
+
 TAG = "cliploop."
 ALIASES = ("champion", "challenger", "previous-champion")
 
@@ -81,6 +83,20 @@ def from_config(config) -> "Registry":
     (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
     return Registry(tracking_uri=uri, model_name=config.mlflow.registered_model, experiment=config.mlflow.experiment,
                     artifact_root=root, lock_dir=ws / ".cliploop" / "locks")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """An MLflow error that says the tracking server could not answer now: refused or dropped connections,
+    5xx and 429 answers (after MLflow's own HTTP retries), a locked database. Not "not found", not a 4xx."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    if "database is locked" in str(exc) or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+        return True
+    came_over_http = isinstance(exc, RestException) or str(exc).startswith("API request to")
+    status = exc.get_http_status_code()
+    return came_over_http and (status >= 500 or status == 429)
 
 
 def _v(version: int | None) -> str:
@@ -220,6 +236,7 @@ class Registry:
         with self.locked():
             existing = self.find_version(key)
             if existing is not None:
+                self._challenger_if_waiting(int(existing.version), existing.tags)
                 return int(existing.version)
             try:
                 self.client.get_registered_model(self.model_name)
@@ -234,8 +251,17 @@ class Registry:
             version = self.client.create_model_version(self.model_name, model_uri, run_id,
                                                        tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
                                                        model_id=run.data.tags.get(TAG + "model_id"))
+            fault_point("after_register")
             self.client.set_registered_model_alias(self.model_name, "challenger", version.version)
             return int(version.version)
+
+    def _challenger_if_waiting(self, version: int, tags: dict[str, str]) -> None:
+        """Registration and the ``challenger`` alias are one resumable step: a rerun that finds the version a
+        dead run registered (before it could set the alias) sets it, unless the version was decided since."""
+        if tags.get(TAG + "review") not in (None, "pending", "timed-out"):
+            return
+        if version not in (self.alias("champion"), self.alias("challenger")):
+            self.client.set_registered_model_alias(self.model_name, "challenger", str(version))
 
     def set_tags(self, version: int, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -373,6 +399,28 @@ class Registry:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/artifacts/state",
                                                              dst_path=str(dest), tracking_uri=self.tracking_uri))
         return local
+
+    def log_task_dataset(self, run_id: str, name: str, digest: str, source: dict[str, Any]) -> None:
+        """The task's data as the run's training dataset input (DVC hash as digest; the UI's "Datasets")."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="dvc", source=json.dumps(source))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
+                                                                                      "train")])])
+
+    def log_json(self, run_id: str, doc: Any, path: str) -> None:
+        self.client.log_text(run_id, json.dumps(doc, indent=2, default=str), path)
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        return path in {a.path for a in self.client.list_artifacts(run_id)}
+
+    def run_metrics(self, version: int) -> dict[str, float]:
+        """The metrics of the run a version was registered from."""
+        return dict(self.client.get_run(self.model_version(version).run_id).data.metrics)
+
+    def versions(self) -> list:
+        """Every version of the registered model (none before the first registration)."""
+        return list(self.client.search_model_versions(f"name = '{self.model_name}'"))
 
     def find_run(self, key: str):
         """A finished run logged for ``key`` earlier (a rerun after a crash between logging and registering)."""

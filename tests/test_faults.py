@@ -50,16 +50,32 @@ def _ingest(cfg, tmp_path, task_id, classes, **kw) -> None:
         pipeline.ingest(location, cfg)
 
 
-def _learn(cfg, tmp_path, task_id, classes, **kw) -> int:
-    """Drop, ingest and learn one task with the pipeline's own steps; returns its version (gate passed)."""
-    _ingest(cfg, tmp_path, task_id, classes, **kw)
+def _learn_steps(cfg, task_id: str) -> tuple[int, dict]:
+    """One ingested task through the pipeline's own steps, as ``continual_update`` runs them: (version, update)."""
+    pipeline.reconcile(cfg)
     parent = pipeline.head(cfg)["version"]
     pipeline.start_learning(cfg, task_id)
     pools = {task_id: pipeline.build_pool(cfg, task_id)["pool_dir"]} if pipeline.builds_pools(cfg) else {}
     update = pipeline.run_update(cfg, task_id, parent, pools)
-    version = pipeline.register_update(cfg, update)["version"]
+    return pipeline.register_update(cfg, update)["version"], update
+
+
+def _learn(cfg, tmp_path, task_id, classes, **kw) -> int:
+    """Drop, ingest and learn one task with the pipeline's own steps; returns its version (gate passed)."""
+    _ingest(cfg, tmp_path, task_id, classes, **kw)
+    version, update = _learn_steps(cfg, task_id)
     assert pipeline.apply_gate(cfg, version, update)["verdict"] == "pass"
     return version
+
+
+def _steps_in_child(cfg, task_id: str, fault: str) -> subprocess.CompletedProcess:
+    """``_learn_steps`` in a child process with ``CLIPLOOP_FAULT`` set (the fault kills it for real)."""
+    import json
+
+    code = ("import json, sys; from components.config import config_from_doc; from tests.test_faults import "
+            "_learn_steps; _learn_steps(config_from_doc(json.loads(sys.argv[1])), sys.argv[2])")
+    return subprocess.run([sys.executable, "-c", code, json.dumps(cfg.portable()), task_id], cwd=REPO, text=True,
+                          env=os.environ | {"CLIPLOOP_FAULT": fault}, capture_output=True, timeout=300)
 
 
 def _states(cfg) -> dict[str, str]:
@@ -149,6 +165,31 @@ def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, ti
     assert pipeline.review_timed_out(cfg, version) is False
     pipeline.review_requested(cfg, version)  # a resumed wait on a later night
     assert from_config(cfg).version_tags(version)["review"] == "approved"
+
+
+# ---- defect 4: a crash between "version registered" and "alias set" -----------------------------------------
+
+
+def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tiny_checkpoint, capsys):
+    from flows.cli import main
+
+    cfg = _cfg(tmp_path, tiny_checkpoint)
+    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+    child = _steps_in_child(cfg, "t-a", "after_register:kill")
+    assert child.returncode == -9, child.stderr[-2000:]
+    registry = from_config(cfg)
+    versions = registry.client.search_model_versions("name = 'cliploop'")
+    assert [v.version for v in versions] == ["1"] and registry.alias("challenger") is None  # the fault's state
+
+    version, update = _learn_steps(cfg, "t-a")  # the rerun
+    assert version == 1 and len(registry.client.search_model_versions("name = 'cliploop'")) == 1
+    assert registry.alias("challenger") == 1 and _states(cfg) == {"t-a": "learned"}
+    assert pipeline.apply_gate(cfg, version, update)["verdict"] == "pass"
+    assert main(["lineage", "challenger", *_cli_args(cfg, tiny_checkpoint)]) == 0
+    assert main(["approve", "challenger", "--reviewer", "rita", *_cli_args(cfg, tiny_checkpoint)]) == 0
+    assert registry.alias("champion") == 1 and _states(cfg) == {"t-a": "promoted"}
+    artifacts = {a.path for a in registry.client.list_artifacts(registry.model_version(1).run_id)}
+    assert "lineage.json" in artifacts
 
 
 # ---- defect 2: a transient MLflow error read as "absent" -----------------------------------------------------
