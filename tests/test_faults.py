@@ -179,7 +179,7 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
     assert child.returncode == -9, child.stderr[-2000:]
     registry = from_config(cfg)
     versions = registry.client.search_model_versions("name = 'cliploop'")
-    assert [v.version for v in versions] == ["1"] and registry.alias("challenger") is None  # the fault's state
+    assert [int(v.version) for v in versions] == [1] and registry.alias("challenger") is None  # the fault's state
 
     version, update = _learn_steps(cfg, "t-a")  # the rerun
     assert version == 1 and len(registry.client.search_model_versions("name = 'cliploop'")) == 1
