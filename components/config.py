@@ -244,7 +244,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(_yaml_problem(file_path, text, exc)) from None
+            raise ConfigError(yaml_problem(file_path, text, exc)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file_path}: the top level must be a mapping of keys to values")
         tree = _deep_merge(tree, loaded)
@@ -271,9 +271,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return config
 
 
-def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:
+def yaml_problem(path: Path | str, text: str, exc: yaml.YAMLError) -> str:
     """The parser's complaint as file, line, column and what is wrong, with the offending line quoted
-    (PyYAML's own message names "<unicode string>" instead of the file and spans several lines)."""
+    (PyYAML's own message names "<unicode string>" instead of the file and spans several lines).
+    Also used for task.yaml."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     context = getattr(exc, "context", None)

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components import storage
+from components.config import yaml_problem
 
 TASK_ID_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 TASK_ID_RE = re.compile(rf"^{TASK_ID_PATTERN}$")
@@ -140,9 +141,13 @@ class Manifest:
 
 def parse_task_yaml(data: bytes, where: str = "task.yaml") -> TaskSpec:
     try:
-        raw = yaml.safe_load(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise DropError("task-yaml-readable", f"{where}: not readable as UTF-8 YAML: {exc}") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DropError("task-yaml-readable", f"{where}: not UTF-8 text ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DropError("task-yaml-readable", yaml_problem(where, text, exc)) from None
     if not isinstance(raw, dict):
         raise DropError("task-yaml-schema", f"{where}: the top level must be a mapping (task_id, scenario, dataset, classes)")
     try:

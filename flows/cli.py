@@ -160,6 +160,9 @@ USER_ERRORS: list[tuple[str, str, int, str]] = [
     ("components.pipeline", "PipelineError", EXIT_INVALID, ""),
     ("components.models", "CheckpointError", EXIT_USAGE, ""),
     ("components.methods.base", "MethodError", EXIT_USAGE, ""),
+    ("components.tasks", "DropError", EXIT_INVALID, ""),  # a drop that cannot be read as a task
+    ("components.storage", "StorageError", EXIT_EXTERNAL, "storage failed (safe to re-run): "),
+    ("components.versioning", "VersioningError", EXIT_EXTERNAL, "git or DVC failed (safe to re-run): "),
     ("mlflow.exceptions", "MlflowException", EXIT_EXTERNAL, "the model registry failed (safe to re-run): "),
 ]
 
@@ -169,6 +172,8 @@ def user_error(exc: BaseException) -> tuple[int, str] | None:
     for module, name, code, lead in USER_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
+            if getattr(exc, "rule", None) == "drop-exists":
+                code = EXIT_USAGE  # a drop named on the command line that is not there: a usage error
             return code, lead + str(exc)
     return None
 

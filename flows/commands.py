@@ -68,7 +68,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from components.config import CONFIG_FILENAME, default_config_yaml, load_config
 
     ws = Path(args.dir).resolve()
-    ws.mkdir(parents=True, exist_ok=True)
+    try:
+        ws.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return fail("init", f"cannot make the workspace folder {ws}: {exc.strerror or exc}", EXIT_USAGE)
     cfg_path = ws / CONFIG_FILENAME
     if not cfg_path.exists():
         text = default_config_yaml()
@@ -359,6 +362,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         get_method(args.method)
     except MethodError as exc:
         return fail("demo", exc, EXIT_USAGE)
-    run = run_demo(args.method, args.dir, not args.no_bad_task, args.overrides)
+    run = run_demo(args.method, args.dir, not args.no_bad_task, args.overrides, check=check_method)
     print(demo_text(run))
     return EXIT_INVALID if run.chain_stopped else EXIT_OK

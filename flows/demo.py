@@ -55,8 +55,9 @@ class DemoRun:
 
 
 def run_demo(method: str, folder: str, include_bad: bool, overrides: list[str],
-             say: Callable[[str], None] = print) -> DemoRun:
-    """Build the drop zone and the base model (cached), then run one night on them."""
+             say: Callable[[str], None] = print, check: Callable[[Any], None] | None = None) -> DemoRun:
+    """Build the drop zone and the base model (cached), then run one night on them. ``check`` vets the
+    resolved config (the user's ``--set`` included) before the workspace is made."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own summary
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the champion's download is instant here
@@ -84,6 +85,8 @@ def run_demo(method: str, folder: str, include_bad: bool, overrides: list[str],
     config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *model,
                                     *DEMO_POLICY, f"method.name={method}", *schedule, *overrides],
                          env={}, cwd=root)
+    if check is not None:
+        check(config)
     ingestion.ensure_workspace(config)
     say("\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
         "-> gate -> promote\n(the demo promotes by rule, approval.auto_promote=true; a reviewer uses "

@@ -233,6 +233,8 @@ CASES = {
                               ["unknown to dataset 'toy': bird, fish", "lacks known class(es)"], []),
     "class-without-train": (_declared_without_train, "class-has-train", ["class 'owl' has 0 training image(s)"], []),
     "bad-task-yaml": (_respec(scenario="sideways"), "task-yaml", ["scenario"], []),
+    "task-yaml-not-yaml": (lambda d, c: (d / "task.yaml").write_text("task_id: toy-b\nclasses: [bird\n"), "task-yaml",
+                           ["task.yaml, line 3, column 1: not valid YAML: expected ',' or ']'"], []),
     "no-manifest": (_no_manifest, "manifest-readable", ["manifest.csv is missing"], []),
 }
 
