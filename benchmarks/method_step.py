@@ -78,16 +78,15 @@ def _config(args, workspace: Path):
 def prepare(name: str, settings: dict, tasks, config, args, teacher_forwards: int = 0, double_batch: bool = False):
     """A method set up on task 2 (after task 1's end-of-task state), and a function doing one timed step."""
     from components.data import make_loader
-    from components.learn import context_for
     from components.methods import get_method
+    from components.methods.base import context_for
     from components.models import load_backbone
     from components.state import LearnerState
     from components.trainer import make_optimizer, optimization_step
 
     torch.manual_seed(0)
     backbone = load_backbone(config.model)
-    ctx = context_for(config, backbone)
-    ctx.locate_task = {t.task_id: t for t in tasks}.get
+    ctx = context_for(config, backbone, locate_task={t.task_id: t for t in tasks}.get)
     fields = get_method(name).Settings.model_fields
     if "reference_batch_size" in fields:  # the official codes draw reference batches as large as task batches
         settings = {"reference_batch_size": args.batch, **settings}

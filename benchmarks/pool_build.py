@@ -87,7 +87,7 @@ def timed(fn, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     from components.config import load_config
     from components.data import load_task
-    from components.learn import context_for
+    from components.methods.base import context_for
     from components.methods.lvp import build_pool
     from components.models import encode_batch, load_backbone
     from components.pools import PoolConfig

@@ -7,13 +7,18 @@ accuracy is task-agnostic over all seen classes, and each MTIL dataset is scored
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from components.data import TaskData, make_loader
 from components.methods.base import Context, Method
 
+if TYPE_CHECKING:
+    from components.state import LearnerState
 
-def label_space(task: TaskData, state) -> tuple[list[str], dict[str, str]]:
+
+def label_space(task: TaskData, state: LearnerState) -> tuple[list[str], dict[str, str]]:
     keys = [c.key for c in state.classes if c.dataset == task.dataset]
     names = {c.key: c.name for c in state.classes}
     for key, name in zip(task.class_keys, task.class_names):
@@ -25,7 +30,7 @@ def label_space(task: TaskData, state) -> tuple[list[str], dict[str, str]]:
 
 
 @torch.inference_mode()
-def accuracy(method: Method, state, task: TaskData, ctx: Context, split: str = "test") -> float:
+def accuracy(method: Method, state: LearnerState, task: TaskData, ctx: Context, split: str = "test") -> float:
     """Top-1 accuracy in percent."""
     keys, names = label_space(task, state)
     position = {k: i for i, k in enumerate(keys)}
@@ -40,14 +45,3 @@ def accuracy(method: Method, state, task: TaskData, ctx: Context, split: str = "
         raise ValueError(f"task {task.task_id} has no {split} images")
     return 100.0 * correct / total
 
-
-def evaluate_row(method: Method, state, tasks: list[TaskData], ctx: Context, learned: int | None,
-                 future: bool = True) -> list[float | None]:
-    """One row of the accuracy matrix: tasks[:learned] always, later tasks only when ``future``."""
-    row: list[float | None] = []
-    for j, task in enumerate(tasks):
-        if learned is not None and j >= learned and not future:
-            row.append(None)
-        else:
-            row.append(round(accuracy(method, state, task, ctx), 6))
-    return row

@@ -1,11 +1,21 @@
-"""Run a continual-learning method over a sequence of task drops, with no platform at all.
+"""Learning with no platform at all: one continual step (``learn_step``), and a sequence of them (``learn``).
 
-    python -m components.learn --method lvp TASK_DIR [TASK_DIR ...] [--json] [--out DIR]
+    python -m components.learn [--method M] [--parent STATE_DIR] TASK [TASK ...] [--json] [--out DIR]
 
-No Prefect, MLflow, DVC or S3: the library alone. Drops are validated first (the same checks as
-ingestion, across the sequence), then learned in the order given; after every step all tasks are
-evaluated, and the accuracy matrix, the continual-learning metrics, the plots, the resolved config and
-the learner-state bundle are written to the output folder.
+``learn_step`` learns one task on top of a parent learner state (None: the base model). Both drivers of
+learning call it: the pipeline's train-and-evaluate step (one task on top of the champion) and
+``cliploop learn`` (``learn``: the drops validated first, then a loop of steps). So a sequence learned at
+once and the same tasks learned one night at a time give the same matrix. A step:
+
+1. evaluates before learning: the base model on every new column of the accuracy matrix (its
+   ``initial`` entries), and the parent on a task the matrix did not know yet (transfer);
+2. learns the task with the configured method, from the parent's state (components.trainer.run_task);
+3. evaluates every learned task's test split, the tasks still to come when the sequence is known and
+   ``evaluation.future_tasks`` says so, and the held-out zero-shot set; appends a row to the parent's
+   accuracy matrix and recomputes the metrics from the whole matrix;
+4. writes the matrix, metrics, plots, training report, resolved config and learner state, when asked.
+
+Nothing here imports Prefect, MLflow, DVC or boto3.
 """
 
 from __future__ import annotations
@@ -16,32 +26,85 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from components.config import Config, load_config
-from components.methods.base import context_for  # noqa: F401  (callers import it from here too)
+from components.data import TaskData, load_task
+from components.methods.base import Method, context_for, task_prompts
+
+if TYPE_CHECKING:
+    from components.metrics import AccuracyMatrix
+    from components.models import Backbone
+    from components.state import LearnerState
+    from components.trainer import TaskReport
 
 
 class LearnError(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
+class StepTimings:
+    evaluate_before_s: float
+    learn_s: float
+    evaluate_s: float
+    total_s: float
+    pool_img_per_s: float | None = None  # when the step built a pool itself
+    train_step_ms: float | None = None  # when the method trains
+
+    def to_dict(self) -> dict[str, float]:
+        """The ``timings`` of eval/metrics.json and the pipeline's result.json (read by its MLflow logging)."""
+        doc = {"evaluate_before_s": self.evaluate_before_s, "learn_s": self.learn_s}
+        if self.pool_img_per_s is not None:
+            doc["pool_img_per_s"] = self.pool_img_per_s
+        if self.train_step_ms is not None:
+            doc["train_step_ms"] = self.train_step_ms
+        return doc | {"evaluate_s": self.evaluate_s, "total_s": self.total_s}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    task_id: str
+    state: LearnerState
+    matrix: AccuracyMatrix
+    metrics: dict[str, float | None]
+    report: TaskReport  # the trainer's and the method's: losses, step time, pools built
+    timings: StepTimings
+    out_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class SequenceTimings:
+    validate_s: float
+    evaluate_s: float
+    learn_s: float
+    total_s: float
+    pool_img_per_s: float | None = None  # the last pool built
+
+    def to_dict(self) -> dict[str, float]:
+        doc = {"validate_s": self.validate_s, "evaluate_s": self.evaluate_s, "learn_s": self.learn_s}
+        if self.pool_img_per_s is not None:
+            doc["pool_img_per_s"] = self.pool_img_per_s
+        return doc | {"total_s": self.total_s}
+
+
+@dataclass(frozen=True)
 class LearnResult:
-    matrix: Any  # metrics.AccuracyMatrix
+    matrix: AccuracyMatrix
     metrics: dict[str, float | None]
     out_dir: Path | None
-    state: Any
-    timings: dict[str, float] = field(default_factory=dict)
+    state: LearnerState
+    timings: SequenceTimings
+    steps: list[StepResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy_matrix": self.matrix.to_dict(), "metrics": self.metrics,
-                "out_dir": str(self.out_dir) if self.out_dir else None, "timings": self.timings}
+                "out_dir": str(self.out_dir) if self.out_dir else None, "timings": self.timings.to_dict()}
 
 
-def make_method(config: Config, name: str | None = None):
+def make_method(config: Config, name: str | None = None) -> Method:
     from pydantic import ValidationError
 
     from components.methods import get_method
@@ -53,6 +116,115 @@ def make_method(config: Config, name: str | None = None):
         problems = "; ".join(f"method.settings.{'.'.join(map(str, e['loc']))}: "
                              f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
         raise LearnError(f"method {cls.name}: {problems}") from None
+
+
+def stored_task_locator(config: Config) -> Callable[[str], str]:
+    """Learned tasks are found in the workspace, by id (the state names tasks, not machine paths)."""
+    return lambda task_id: str(config.workspace_path / "data" / "tasks" / task_id)
+
+
+def _as_task(task: str | Path | TaskData) -> TaskData:
+    return task if isinstance(task, TaskData) else load_task(task)
+
+
+def learn_step(task: str | Path | TaskData, config: Config, parent: LearnerState | None = None, *,
+               locate: Callable[[str], str | TaskData] | None = None, upcoming: Sequence[TaskData] = (),
+               base: Backbone | None = None, pools: dict[str, str] | None = None,
+               checkpoint_dir: Path | None = None, method_name: str | None = None, out_dir: Path | None = None,
+               progress: Callable[[str], None] | None = None) -> StepResult:
+    """Learn one task (a drop, a stored task or a loaded one) on top of ``parent``.
+
+    ``locate``: a learned task's id -> its location or data (default: the workspace's stored tasks).
+    ``upcoming``: the tasks still to come when the sequence is known (``cliploop learn``): columns of the
+    matrix from the start. ``base``: the base model, already loaded (it is never trained).
+    ``pools``: task id -> folder of a pool built beforehand (the pipeline's build_pool step).
+    ``checkpoint_dir``: where training checkpoints go (``method.settings.checkpoint_every``); a step that
+    finds a matching checkpoint there resumes from it.
+    """
+    from components.evaluation import accuracy
+    from components.metrics import AccuracyMatrix, compute_all
+    from components.models import load_backbone
+    from components.state import LearnerState, check_backbone
+    from components.trainer import run_task
+
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    name = method_name or config.method.name
+    if parent is not None and parent.method != name:
+        raise LearnError(f"the parent model was made by method {parent.method!r} but the configuration selects "
+                         f"{name!r}; a chain keeps one method (start a new chain to switch)")
+    method = make_method(config, name)
+    base = base if base is not None else load_backbone(config.model)
+    if parent is not None:
+        check_backbone(parent.backbone, base.reference, "the parent model")
+    weights = parent.weights if parent is not None else None
+    # The model that learns: the parent's weights, in a copy of its own when training would change the base.
+    backbone = base if weights is None and not method.trains else load_backbone(config.model, weights=weights)
+
+    task = _as_task(task)
+    learned = parent.task_ids if parent is not None else []
+    if task.task_id in learned:
+        raise LearnError(f"task {task.task_id} was already learned by the parent model")
+    locate = locate or stored_task_locator(config)
+    seen = [_as_task(locate(t)) for t in learned]
+    known = {t.task_id: t for t in [*seen, task, *upcoming]}
+    zero_shot = load_task(config.location(config.evaluation.zero_shot_set)) if config.evaluation.zero_shot_set else None
+    prompts = task_prompts([*seen, task, *upcoming, zero_shot])
+    ctx = context_for(config, backbone, task_prompts=prompts, prebuilt_pools=dict(pools or {}),
+                      locate_task=lambda task_id: known[task_id] if task_id in known else _as_task(locate(task_id)),
+                      progress=progress, checkpoint_dir=checkpoint_dir)
+    base_ctx = context_for(config, base, task_prompts=prompts)
+    torch.manual_seed(config.evaluation.seed)
+    state = parent if parent is not None else LearnerState(method=name, backbone=base.reference)
+    previous = AccuracyMatrix.from_dict(state.history) if state.history else None
+    old_ids = list(previous.tasks) if previous else []
+    new_columns = [t for t in [task, *upcoming] if t.task_id not in old_ids]
+
+    # Before learning: the base model on the new columns, the parent's transfer to a task not seen yet.
+    t0 = time.perf_counter()
+    fresh, empty = make_method(config, name), LearnerState(method=name, backbone=base.reference)
+    initial_new = [round(accuracy(fresh, empty, t, base_ctx), 6) for t in new_columns]
+    transfer = None
+    if parent is not None and previous is not None and previous.matrix and task.task_id not in old_ids:
+        transfer = round(accuracy(method, state, task, ctx), 6)
+    zs_initial = (previous.zero_shot or {}).get("initial") if previous and previous.zero_shot else None
+    if zero_shot is not None and zs_initial is None:
+        zs_initial = round(accuracy(fresh, empty, zero_shot, base_ctx), 6)
+    evaluate_before_s = time.perf_counter() - t0
+
+    say(f"learning {task.task_id} ({len(task.train)} train images) with {method.name}")
+    t0 = time.perf_counter()
+    state, report = run_task(method, state, task, ctx)
+    learn_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    evaluated = [*seen, task, *(upcoming if config.evaluation.future_tasks else [])]
+    say(f"evaluating {len(evaluated)} task(s)")
+    after = {t.task_id: round(accuracy(method, state, t, ctx), 6) for t in evaluated}
+    zs_after = round(accuracy(method, state, zero_shot, ctx), 6) if zero_shot is not None else None
+    evaluate_s = time.perf_counter() - t0
+
+    ids = old_ids + [t.task_id for t in new_columns]
+    rows = [list(r) + [None] * len(new_columns) for r in previous.matrix] if previous else []
+    if transfer is not None:
+        rows[-1][ids.index(task.task_id)] = transfer
+    initial = (list(previous.initial) if previous and previous.initial else [None] * len(old_ids)) + initial_new
+    sizes = list(previous.test_sizes) if previous and previous.test_sizes else [len(known[i].test) for i in old_ids]
+    zs_doc = None
+    if zero_shot is not None:
+        before = list((previous.zero_shot or {}).get("after", [])) if previous and previous.zero_shot else []
+        zs_doc = {"name": zero_shot.task_id, "initial": zs_initial, "after": before + [zs_after]}
+    matrix = AccuracyMatrix(tasks=ids, matrix=rows + [[after.get(i) for i in ids]], initial=initial,
+                            test_sizes=sizes + [len(t.test) for t in new_columns], zero_shot=zs_doc)
+    metrics = compute_all(matrix)
+    state.history = matrix.to_dict()
+    timings = StepTimings(evaluate_before_s=evaluate_before_s, learn_s=learn_s, evaluate_s=evaluate_s,
+                          total_s=time.perf_counter() - started, pool_img_per_s=report.pool_img_per_s,
+                          train_step_ms=report.train.train_step_ms if report.train else None)
+    if out_dir is not None:
+        write_outputs(Path(out_dir), matrix, metrics, state, config, timings.to_dict(),
+                      report.train.to_dict() if report.train else None)
+    return StepResult(task.task_id, state, matrix, metrics, report, timings, Path(out_dir) if out_dir else None)
 
 
 def validate_sequence(locations: list[str], config: Config) -> None:
@@ -84,75 +256,50 @@ def validate_sequence(locations: list[str], config: Config) -> None:
 
 
 def learn(locations: list[str], config: Config, method_name: str | None = None, out_dir: Path | None = None,
-          backbone=None, validate_first: bool = True, progress=None) -> LearnResult:
-    from components.data import load_task
-    from components.evaluation import accuracy, evaluate_row
-    from components.metrics import AccuracyMatrix, compute_all
+          validate_first: bool = True, progress: Callable[[str], None] | None = None,
+          parent: LearnerState | None = None) -> LearnResult:
+    """Learn task drops or stored tasks in the order given, one ``learn_step`` each (on top of ``parent``)."""
     from components.models import load_backbone
-    from components.state import LearnerState
-    from components.trainer import learn_task
 
-    say = progress or (lambda message: None)
-    timings: dict[str, float] = {}
     started = time.perf_counter()
-    method = make_method(config, method_name)
+    if not locations:
+        raise LearnError("no task to learn")
+    name = method_name or config.method.name
+    make_method(config, name)  # settings errors before anything slow
     if validate_first:
         validate_sequence(locations, config)
-    timings["validate_s"] = time.perf_counter() - started
-    if backbone is None:
-        backbone = load_backbone(config.model)
-    ctx = context_for(config, backbone)
-    ctx.progress = progress
-    torch.manual_seed(config.evaluation.seed)
+    validate_s = time.perf_counter() - started
+    base = load_backbone(config.model)
     tasks = [load_task(loc) for loc in locations]
     by_id = {t.task_id: t for t in tasks}
-    ctx.locate_task = lambda task_id: by_id[task_id]
-    zero_shot = load_task(config.location(config.evaluation.zero_shot_set)) if config.evaluation.zero_shot_set else None
-    for task in tasks + ([zero_shot] if zero_shot else []):
-        if task.prompts:
-            ctx.task_prompts.setdefault(task.dataset, task.prompts)
-    state = LearnerState(method=method.name, backbone=backbone.reference)
+    stored = stored_task_locator(config)
 
-    t0 = time.perf_counter()
-    initial = evaluate_row(method, state, tasks, ctx, learned=0, future=True)
-    zs_initial = accuracy(method, state, zero_shot, ctx) if zero_shot else None
-    timings["evaluate_s"] = time.perf_counter() - t0
-    rows, zs_after = [], []
-    training: dict[str, dict] = {}  # the trainer's report per task: losses per step, step time
-    timings["learn_s"] = 0.0
+    def locate(task_id: str) -> str | TaskData:
+        return by_id[task_id] if task_id in by_id else stored(task_id)  # the parent's tasks are stored ones
+
+    steps: list[StepResult] = []
+    state = parent
     for i, task in enumerate(tasks):
-        say(f"[{i + 1}/{len(tasks)}] learning {task.task_id} ({len(task.train)} train images) with {method.name}")
-        t0 = time.perf_counter()
-        state, report = learn_task(method, state, task, ctx)
-        if report is not None:
-            training[task.task_id] = report
-        timings["learn_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rows.append(evaluate_row(method, state, tasks, ctx, learned=i + 1, future=config.evaluation.future_tasks))
-        if zero_shot is not None:
-            zs_after.append(round(accuracy(method, state, zero_shot, ctx), 6))
-        timings["evaluate_s"] += time.perf_counter() - t0
-    for key in ("pool_img_per_s",):
-        if key in ctx.info and ctx.info[key] is not None:
-            timings[key] = ctx.info[key]
-
-    matrix = AccuracyMatrix(tasks=[t.task_id for t in tasks], matrix=rows, initial=initial,
-                            test_sizes=[len(t.test) for t in tasks],
-                            zero_shot={"name": zero_shot.task_id, "initial": zs_initial, "after": zs_after}
-                            if zero_shot else None)
-    metrics = compute_all(matrix)
-    state.history = matrix.to_dict()
-    timings["total_s"] = time.perf_counter() - started
+        step = learn_step(task, config, state, locate=locate, upcoming=tasks[i + 1:], base=base, method_name=name,
+                          progress=progress)
+        steps.append(step)
+        state = step.state
+    last = steps[-1]
+    rates = [s.timings.pool_img_per_s for s in steps if s.timings.pool_img_per_s is not None]
+    timings = SequenceTimings(validate_s=validate_s,
+                              evaluate_s=sum(s.timings.evaluate_before_s + s.timings.evaluate_s for s in steps),
+                              learn_s=sum(s.timings.learn_s for s in steps), total_s=time.perf_counter() - started,
+                              pool_img_per_s=rates[-1] if rates else None)
     if out_dir is not None:
-        write_outputs(Path(out_dir), matrix, metrics, state, config, timings)
-        if training:
-            from components.storage import atomic_write_text
-
-            atomic_write_text(Path(out_dir) / "eval" / "training.json", json.dumps(training, indent=2))
-    return LearnResult(matrix, metrics, Path(out_dir) if out_dir else None, state, timings)
+        training = {s.task_id: s.report.train.to_dict() for s in steps if s.report.train is not None}
+        write_outputs(Path(out_dir), last.matrix, last.metrics, last.state, config, timings.to_dict(),
+                      training or None)
+    return LearnResult(last.matrix, last.metrics, Path(out_dir) if out_dir else None, last.state, timings, steps)
 
 
-def write_outputs(out: Path, matrix, metrics, state, config: Config, timings: dict[str, float]) -> None:
+def write_outputs(out: Path, matrix: AccuracyMatrix, metrics: dict[str, float | None], state: LearnerState,
+                  config: Config, timings: dict[str, float], training: dict[str, Any] | None) -> None:
+    """eval/ (matrix, metrics and timings, plots, the training report), the resolved config and state/."""
     from components import plots
     from components.storage import atomic_write_text
 
@@ -163,12 +310,15 @@ def write_outputs(out: Path, matrix, metrics, state, config: Config, timings: di
     plots.curves(matrix, out / "eval" / "curves.png")
     config.write_resolved(out)
     state.save(out / "state")
+    if training:  # a step: its trainer's report; a sequence: one per task, by task id
+        atomic_write_text(out / "eval" / "training.json", json.dumps(training, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.learn", description=__doc__.split("\n\n")[0])
     parser.add_argument("tasks", nargs="+", help="task drops or stored task folders, in learning order")
     parser.add_argument("--method", "-m", help="method name (default: method.name from the config)")
+    parser.add_argument("--parent", help="a learner-state folder to continue from (default: the base model)")
     parser.add_argument("--out", help="output folder (default: runs/learn-<time>)")
     parser.add_argument("--json", action="store_true", help="print matrix and metrics as JSON")
     parser.add_argument("--config", "-c")
@@ -177,10 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(args)
 
 
-def run_cli(args) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``cliploop learn`` (flows.cli parses its own arguments into the same names)."""
     from components.config import ConfigError
-    from components.metrics import format_table
     from components.methods import MethodError
+    from components.metrics import format_table
+    from components.state import LearnerState, StateError
 
     try:
         config = load_config(args.config, args.overrides)
@@ -190,8 +342,9 @@ def run_cli(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("learn-%Y%m%d-%H%M%S")
     progress = None if args.json else (lambda m: print(m, file=sys.stderr))
     try:
-        result = learn(args.tasks, config, args.method, out_dir=out, progress=progress)
-    except (LearnError, MethodError, FileNotFoundError) as exc:
+        parent = LearnerState.load(Path(args.parent)) if getattr(args, "parent", None) else None
+        result = learn(args.tasks, config, args.method, out_dir=out, progress=progress, parent=parent)
+    except (LearnError, MethodError, StateError, FileNotFoundError) as exc:
         print(f"cliploop learn: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -320,17 +320,20 @@ def pool_key(config: Config, record: TaskRecord) -> str:
 
 
 def builds_pools(config: Config) -> bool:
-    """Pools are built as their own step when the method keeps the encoder frozen (LVP)."""
-    return config.method.name == "lvp"
+    """Pools are built as their own step when the configured method says it builds per-task pools."""
+    from components.methods import get_method
+
+    return get_method(config.method.name).builds_pools
 
 
 def build_pool(config: Config, task_id: str) -> dict[str, Any]:
-    """One task's label-vector pool from the base encoder, in a folder keyed by its inputs' digest."""
+    """One task's pool, built by the configured method from the base encoder, in a folder keyed by its
+    inputs' digest."""
     from components.data import load_task
-    from components.learn import context_for
-    from components.methods.lvp import build_pool as build_task_pool
+    from components.learn import make_method
+    from components.methods.base import context_for, task_prompts
     from components.models import load_backbone
-    from components.pools import PoolConfig, TaskPool
+    from components.pools import TaskPool
 
     folder = pool_dir(config, task_id)
     key = folder.name
@@ -338,15 +341,15 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
     if done.is_file():
         TaskPool.load(folder, task_id)  # verifies the checksum: a damaged cache entry is rebuilt
         return json.loads(done.read_text()) | {"cached": True}
+    method = make_method(config)
+    if not method.builds_pools:
+        raise PipelineError(f"method {method.name} builds no per-task pools")
     started = time.perf_counter()
     backbone = load_backbone(config.model)
-    ctx = context_for(config, backbone)
     task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
-    if task.prompts:
-        ctx.task_prompts.setdefault(task.dataset, task.prompts)
-    pool = build_task_pool(task, ctx, PoolConfig.model_validate(config.method.settings))
+    pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
     pool.save(folder)
-    result = {"task_id": task_id, "key": key, "pool_dir": str(folder), "img_per_s": ctx.info.get("pool_img_per_s"),
+    result = {"task_id": task_id, "key": key, "pool_dir": str(folder), "img_per_s": stats.img_per_s,
               "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename, "pid": os.getpid(),
               "parent_pid": os.getppid()}
     storage.atomic_write_text(done, json.dumps(result, indent=2))
@@ -405,8 +408,8 @@ def mark_failed(config: Config, task_id: str, reason: str) -> None:
 def run_update(config: Config, task_id: str, parent_version: int | None,
                pools: dict[str, str] | None = None) -> dict[str, Any]:
     """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete)."""
+    from components import learn
     from components.state import LearnerState
-    from components.update import learn_next
 
     out = update_dir(config, task_id, parent_version)
     key = out.name
@@ -419,13 +422,13 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     parent = parent_state(config, parent_version)
     # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
     checkpoints = _runtime(config) / "checkpoints" / key
-    result = learn_next(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
-                        pools=pools, checkpoint_dir=checkpoints)
-    result.timings["peak_mem_mb"] = _peak_memory_mb()
+    result = learn.learn_step(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
+                              pools=pools, checkpoint_dir=checkpoints)
     final = result.matrix.matrix[-1]
     doc = {"task_id": task_id, "run_key": key, "parent_version": parent_version, "out_dir": str(out),
            "metrics": result.metrics, "final_row": dict(zip(result.matrix.tasks, final)),
-           "timings": result.timings, "method": config.method.name, "config_sha256": config.sha256()}
+           "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()}, "method": config.method.name,
+           "config_sha256": config.sha256()}
     storage.atomic_write_text(tmp / "result.json", json.dumps(doc, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)

@@ -47,7 +47,8 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     variant: Literal["lvp-t", "lvp-i", "lvp-it", "lvp-c"] = Field("lvp-i", description="which label vectors")
-    mode: Literal["mean", "bank", "cluster"] = Field("mean", description="one vector per class, every embedding, or k centroids")
+    mode: Literal["mean", "bank", "cluster"] = Field(
+        "mean", description="one vector per class, every embedding, or k centroids")
     metric: Literal["cosine", "l1"] = Field("cosine", description="similarity used at inference")
     clusters: int = Field(4, gt=0, description="cluster mode: centroids per class and task")
     cluster_iters: int = Field(10, gt=0, description="cluster mode: k-means iterations (L1 assignment)")
@@ -64,7 +65,8 @@ class PoolConfig(BaseModel):
     @model_validator(mode="after")
     def _compatible(self) -> "PoolConfig":
         if self.variant in ("lvp-it", "lvp-c") and self.mode != "mean":
-            raise ValueError(f"variant {self.variant} learns one vector per class: it needs mode 'mean', not {self.mode!r}")
+            raise ValueError(f"variant {self.variant} learns one vector per class: "
+                             f"it needs mode 'mean', not {self.mode!r}")
         return self
 
 
@@ -221,7 +223,8 @@ class TaskPool:
         if doc.get("format") != FORMAT:
             raise PoolError(f"{meta_path}: pool format {doc.get('format')!r}, expected {FORMAT}")
         if storage.sha256_file(tensor_path) != doc["tensors_sha256"]:
-            raise PoolError(f"{tensor_path}: content does not match the sha256 in {meta_path.name} (corrupt or altered)")
+            raise PoolError(f"{tensor_path}: content does not match the sha256 in {meta_path.name} "
+                            "(corrupt or altered)")
         t = load_file(str(tensor_path))
         return cls(task_id=doc["task_id"], class_keys=doc["class_keys"], class_names=doc["class_names"],
                    sums=t["sums"], counts=t["counts"], text=t["text"], config=doc["config"], meta=doc["meta"],
@@ -382,4 +385,5 @@ def _check_compatible(pools: list[TaskPool]) -> None:
                                 f"{expected} vs {found}")
     for pool in pools[1:]:
         if pool.dim != first.dim:
-            raise PoolError(f"pools {first.task_id} (d={first.dim}) and {pool.task_id} (d={pool.dim}) differ in dimension")
+            raise PoolError(f"pools {first.task_id} (d={first.dim}) and {pool.task_id} (d={pool.dim}) "
+                            "differ in dimension")

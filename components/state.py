@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class LearnerState:
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 files[path.relative_to(tmp).as_posix()] = storage.sha256_file(path)
             manifest = {"format": FORMAT, "method": self.method, "backbone": self.backbone,
-                        "classes": [c.__dict__ for c in self.classes], "tasks": self.tasks, "files": files}
+                        "classes": [asdict(c) for c in self.classes], "tasks": self.tasks, "files": files}
             storage.atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
             _swap_in(tmp, folder)
             return manifest

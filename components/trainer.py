@@ -14,12 +14,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from components.methods.base import MethodReport
+
+if TYPE_CHECKING:
+    from components.data import TaskData
+    from components.methods.base import Context, Method
+    from components.state import LearnerState
 
 
 class TrainError(RuntimeError):
@@ -47,7 +54,9 @@ class TrainSettings(BaseModel):
     augment: bool = Field(True, description="train with open_clip's training transform (random resized crop)")
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
     per_task: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="settings for one task, by task id or dataset name, e.g. {aircraft: {lr: 5e-5, iterations: 100}} (the official per-dataset schedules)")
+        default_factory=dict,
+        description="settings for one task, by task id or dataset name, e.g. {aircraft: {lr: 5e-5, iterations: 100}} "
+                    "(the official per-dataset schedules)")
 
     def for_task(self, task_id: str, dataset: str) -> "TrainSettings":
         """These settings with the task's own overrides applied (by task id, else by dataset name)."""
@@ -96,7 +105,7 @@ class Callback:
 
 
 class StepTimer(Callback):
-    """Median wall time of an optimisation step (the first steps warm caches and are left out)."""
+    """Wall time of every optimisation step run in this process."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -104,11 +113,10 @@ class StepTimer(Callback):
     def on_step_end(self, run, step, losses, seconds):
         self.times.append(seconds)
 
-    def on_fit_end(self, run):
+    def median_ms(self) -> float | None:
+        """The median step, leaving out the first steps (they warm caches)."""
         steady = self.times[2:] or self.times
-        if steady:
-            run.report["train_step_ms"] = 1000 * sorted(steady)[len(steady) // 2]
-        run.report["train_steps"] = len(self.times)
+        return 1000 * sorted(steady)[len(steady) // 2] if steady else None
 
 
 class LossLog(Callback):
@@ -120,11 +128,6 @@ class LossLog(Callback):
     def on_step_end(self, run, step, losses, seconds):
         if step % self.every == 0 or step == run.total - 1:
             self.rows.append({"step": step, "lr": run.lr, **{k: round(v, 6) for k, v in losses.items()}})
-
-    def on_fit_end(self, run):
-        run.report["losses"] = self.rows
-        if self.rows:
-            run.report["final_loss"] = {k: v for k, v in self.rows[-1].items() if k not in ("step", "lr")}
 
 
 class Progress(Callback):
@@ -207,17 +210,63 @@ def load_checkpoint(folder: Path, run: "FitRun") -> int:
     return int(meta["next_step"])
 
 
+# ---- reports --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainReport:
+    """One task's training: every step's losses and lr, the steps run here, their median time, peak memory."""
+
+    losses: list[dict[str, float]]  # {"step", "lr", <term>: value}, one row per logged step
+    train_steps: int  # steps run by this process (fewer than the schedule's when it resumed)
+    resumed_from: int  # the step it started at (0: from the beginning; else from a checkpoint)
+    train_step_ms: float | None = None  # median step time, warm-up steps left out
+    peak_mem_mb: float | None = None  # CUDA only
+
+    @property
+    def final_loss(self) -> dict[str, float] | None:
+        return {k: v for k, v in self.losses[-1].items() if k not in ("step", "lr")} if self.losses else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``eval/training.json`` document (its keys and their order are what readers expect)."""
+        doc: dict[str, Any] = {}
+        if self.train_step_ms is not None:
+            doc["train_step_ms"] = self.train_step_ms
+        doc["train_steps"] = self.train_steps
+        doc["losses"] = self.losses
+        if self.losses:
+            doc["final_loss"] = self.final_loss
+        if self.peak_mem_mb is not None:
+            doc["peak_mem_mb"] = self.peak_mem_mb
+        doc["resumed_from"] = self.resumed_from
+        return doc
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """What learning one task measured: the training loop's report (None when the method does not train)
+    and the method's own (pools built and their speed)."""
+
+    train: TrainReport | None
+    method: MethodReport
+
+    @property
+    def pool_img_per_s(self) -> float | None:
+        """Images per second of the last pool built during the task (None when none was built)."""
+        return self.method.pools[-1].img_per_s if self.method.pools else None
+
+
 # ---- the loop -------------------------------------------------------------------------------------------
 
 @dataclass
 class FitRun:
-    method: Any
+    """The loop's state as callbacks see it."""
+
+    method: Method
     named_params: list[tuple[str, torch.nn.Parameter]]
     optimizer: torch.optim.Optimizer
     total: int
     identity: dict[str, Any]
     lr: float = 0.0
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _batches(loader, seed: int):
@@ -229,7 +278,8 @@ def _batches(loader, seed: int):
         epoch += 1
 
 
-def optimization_step(method, optimizer, named, images, labels, ctx, step: int,
+def optimization_step(method: Method, optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]],
+                      images: torch.Tensor, labels: torch.Tensor, ctx: Context, step: int,
                       indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One step: the method's hooks around forward, backward and the optimizer (also timed by benchmarks).
 
@@ -256,11 +306,8 @@ def optimization_step(method, optimizer, named, images, labels, ctx, step: int,
     return losses
 
 
-def fit(method, task, ctx, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Train ``method`` on ``task`` (after ``method.begin_task``); returns the run report.
-
-    The report (median step time, peak memory, losses) also goes to ``ctx.info["train"]``.
-    """
+def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] | None = None) -> TrainReport:
+    """Train ``method`` on ``task`` (after ``method.begin_task``); returns the run's report."""
     from components.data import make_loader
 
     settings = method.settings
@@ -276,7 +323,8 @@ def fit(method, task, ctx, callbacks: list[Callback] | None = None) -> dict[str,
     identity = {"method": method.name, "task": task.task_id, "settings": settings.model_dump(mode="json"),
                 "params": [n for n, _ in named]}
     run = FitRun(method, named, optimizer, total, identity)
-    callbacks = [StepTimer(), LossLog(), *(callbacks or [])]
+    timer, log = StepTimer(), LossLog()
+    callbacks = [timer, log, *(callbacks or [])]
     if ctx.progress is not None:
         callbacks.append(Progress(ctx.say, every=max(1, total // 10)))
     start = 0
@@ -316,19 +364,16 @@ def fit(method, task, ctx, callbacks: list[Callback] | None = None) -> dict[str,
     method.after_fit()
     for cb in callbacks:
         cb.on_fit_end(run)
-    if device.type == "cuda":
-        run.report["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    run.report["resumed_from"] = start
-    ctx.info["train"] = run.report
-    if "train_step_ms" in run.report:
-        ctx.info["train_step_ms"] = run.report["train_step_ms"]
-    return run.report
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return TrainReport(losses=log.rows, train_steps=len(timer.times), resumed_from=start,
+                       train_step_ms=timer.median_ms(), peak_mem_mb=peak)
 
 
-def learn_task(method, state, task, ctx) -> tuple[Any, dict[str, Any] | None]:
+def run_task(method: Method, state: LearnerState, task: TaskData, ctx: Context) -> tuple[LearnerState, TaskReport]:
     """One task through a method's hooks: begin, the shared loop when the method trains, end.
 
-    Returns the new learner state and the training report (None for methods that do not train)."""
+    Returns the new learner state and what the task measured."""
     method.begin_task(state, task, ctx)
-    report = fit(method, task, ctx) if method.trains else None
-    return method.end_task(), report
+    train = fit(method, task, ctx) if method.trains else None
+    state = method.end_task()
+    return state, TaskReport(train=train, method=method.report())

@@ -111,7 +111,8 @@ def test_pool_built_in_another_process_equals_inline(tmp_path, tiny_checkpoint, 
 
     cfg = _cfg(tmp_path, tiny_checkpoint)
     ctx = context_for(cfg, load_backbone(cfg.model))
-    inline = build_pool(load_task(str(drops[0])), ctx, get_method("lvp")().settings)
+    inline, stats = build_pool(load_task(str(drops[0])), ctx, get_method("lvp")().settings)
+    assert stats.images == 8 and stats.seconds > 0
     inline_files = inline.save(tmp_path / "inline")
 
     args = [sys.executable, "-m", "components.methods.lvp", str(drops[0]), "--out", str(tmp_path / "sub")]

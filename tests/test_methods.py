@@ -135,16 +135,16 @@ def test_gnsp_second_task_moves_only_the_projected_matrices_and_only_in_the_null
     from components.methods import gnsp
     from components.methods.gnsp import GRAM_PREFIX, projector
 
-    from components.update import learn_next
+    from components.learn import learn_step
 
     cfg = load_config(overrides=[f"workspace={tmp_path / 'ws1'}", *tiny["overrides"], "method.name=gnsp",
                                  *short_training("gnsp"), "method.settings.optimizer=sgd",
                                  "method.settings.project=update", "method.settings.lr=0.5",
                                  "method.settings.augment=false"], env={}, cwd=tmp_path)
-    after_one = learn_next(str(tiny["drops"][0]), cfg).state
+    after_one = learn_step(str(tiny["drops"][0]), cfg).state
     start = after_one.weights
     grams_one = {k: v.clone() for k, v in after_one.method_tensors.items()}  # the child extends the parent's
-    after_two = learn_next(str(tiny["drops"][1]), cfg, parent=after_one,
+    after_two = learn_step(str(tiny["drops"][1]), cfg, parent=after_one,
                            locate=lambda t: str(tiny["drops"][0])).state
     protected = dict(gnsp.protected_layers_for_names(start))
     changed = {k for k in start if not torch.equal(start[k], after_two.weights[k])}
@@ -174,9 +174,9 @@ def test_a_fine_tuned_encoder_can_rebuild_the_lvp_pools(tiny, tmp_path):
 
     config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
     ctx = context_for(config, load_backbone(config.model, weights=state.weights))
-    rebuilt = build_pool(load_task(str(tiny["drops"][0])), ctx, get_method("finetune").Settings().pool)
+    rebuilt, _ = build_pool(load_task(str(tiny["drops"][0])), ctx, get_method("finetune").Settings().pool)
     assert torch.allclose(rebuilt.sums, state.pools["t-a"].sums, atol=1e-5)
-    base = build_pool(load_task(str(tiny["drops"][0])), context_for(config, load_backbone(config.model)),
+    base, _ = build_pool(load_task(str(tiny["drops"][0])), context_for(config, load_backbone(config.model)),
                       get_method("finetune").Settings().pool)
     assert not torch.allclose(base.sums, state.pools["t-a"].sums, atol=1e-4)
 
@@ -218,8 +218,7 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
         from components.state import LearnerState
 
         backbone = load_backbone(config.model)
-        ctx = context_for(config, backbone)
-        ctx.checkpoint_dir = folder
+        ctx = context_for(config, backbone, checkpoint_dir=folder)
         method = get_method(name)(settings)
         method.begin_task(LearnerState(method=name, backbone=backbone.reference), task, ctx)
 
@@ -237,7 +236,7 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
         run(tmp_path / "b", crash_at=2)
     assert (tmp_path / "b" / "t-a" / "checkpoint.json").is_file()
     resumed, report = run(tmp_path / "b")
-    assert report["resumed_from"] == 2
+    assert report.resumed_from == 2
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
     assert not (tmp_path / "b" / "t-a" / "checkpoint.json").exists()  # cleared once the task finished
 
@@ -290,6 +289,22 @@ def test_cvm_can_map_into_a_separate_pretrained_language_model(tiny, tmp_path):
     similarity = concepts @ concepts.T  # rows: cat, dog, emu, owl
     assert similarity[0, 1] > similarity[0, 2] + 0.1  # real semantics: cat is nearer dog than emu
     assert torch.allclose(concepts.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_the_pipeline_asks_the_method_whether_it_builds_pools(tmp_path, monkeypatch):
+    """Pool building is a capability a method class declares, not a method name the pipeline knows."""
+    from components import methods, pipeline
+    from components.methods.lvp import LVP
+
+    def config(name):
+        return load_config(overrides=[f"workspace={tmp_path}", f"method.name={name}"], env={}, cwd=tmp_path)
+
+    assert {n for n in METHODS if pipeline.builds_pools(config(n))} == {"lvp"}
+    twin = type("PoolTwin", (LVP,), {})  # the registry is restored after the test
+    monkeypatch.setitem(methods._REGISTRY, "pool-twin", twin)
+    assert pipeline.builds_pools(config("pool-twin"))
+    monkeypatch.setattr(twin, "builds_pools", False)
+    assert not pipeline.builds_pools(config("pool-twin"))
 
 
 def test_method_code_imports_no_platform_library():

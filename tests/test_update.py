@@ -4,10 +4,10 @@ learner states gives the same matrix as learning the whole sequence at once."""
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 
-from components.learn import learn
+from components.learn import LearnError, learn, learn_step
 from components.state import LearnerState
-from components.update import UpdateError, learn_next
 from tests.test_learn import _cfg, drops, tiny_checkpoint  # noqa: F401  (shared fixtures)
 
 
@@ -16,7 +16,7 @@ def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tin
     locations = {d.name: str(d) for d in drops}
     parent = None
     for i, drop in enumerate(drops):
-        result = learn_next(str(drop), cfg, parent, locate=locations.__getitem__, out_dir=tmp_path / f"v{i}")
+        result = learn_step(str(drop), cfg, parent, locate=locations.__getitem__, out_dir=tmp_path / f"v{i}")
         parent = LearnerState.load(tmp_path / f"v{i}" / "state")  # what the next night reads from the registry
     whole = learn([str(d) for d in drops], cfg, "lvp", validate_first=False)
 
@@ -33,8 +33,31 @@ def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tin
     assert result.metrics["cl.forgetting"] == whole.metrics["cl.forgetting"]
     assert [t["task_id"] for t in parent.tasks] == ["t-a", "t-b", "t-c"]
 
-    with pytest.raises(UpdateError, match="already learned"):
-        learn_next(str(drops[0]), cfg, parent, locate=locations.__getitem__)
+    with pytest.raises(LearnError, match="already learned"):
+        learn_step(str(drops[0]), cfg, parent, locate=locations.__getitem__)
     other = _cfg(tmp_path, tiny_checkpoint, "method.name=zeroshot")
-    with pytest.raises(UpdateError, match="keeps one method"):
-        learn_next(str(drops[0]), other, parent, locate=locations.__getitem__)
+    with pytest.raises(LearnError, match="keeps one method"):
+        learn_step(str(drops[0]), other, parent, locate=locations.__getitem__)
+
+
+def test_a_fine_tuning_sequence_is_its_chain_of_steps(tmp_path, tiny_checkpoint, drops):  # noqa: F811
+    """``cliploop learn`` is a loop over the pipeline's step: with training (random crops included), the
+    sequence and the chain through saved states reach the same weights and the same accuracies."""
+    import torch
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "method.name=finetune", "method.settings.iterations=2",
+               "method.settings.batch_size=4", "method.settings.warmup_steps=0", "method.settings.lr=0.001")
+    locations = {d.name: str(d) for d in drops[:2]}
+    parent = None
+    for i, drop in enumerate(drops[:2]):
+        step = learn_step(str(drop), cfg, parent, locate=locations.__getitem__, out_dir=tmp_path / f"v{i}")
+        assert step.report.train is not None and step.report.train.train_steps == 2
+        parent = LearnerState.load(tmp_path / f"v{i}" / "state")
+    whole = learn([str(d) for d in drops[:2]], cfg, validate_first=False)
+
+    assert set(parent.weights) == set(whole.state.weights)
+    assert all(torch.equal(parent.weights[k], whole.state.weights[k]) for k in parent.weights)
+    assert step.matrix.matrix[-1] == whole.matrix.matrix[-1] and step.matrix.initial == whole.matrix.initial
+    assert any(not torch.equal(parent.weights[k], v) for k, v in load_file(tiny_checkpoint[0]).items())  # it trained
+    assert [s.task_id for s in whole.steps] == ["t-a", "t-b"]
+    assert whole.timings.learn_s == pytest.approx(sum(s.timings.learn_s for s in whole.steps))

@@ -10,7 +10,11 @@ images against any set of classes. Its hooks::
     after_backward()                          e.g. GNSP's gradient projection, before the optimizer step
     after_step(step)                          e.g. GNSP's projection of the whole update (ablation)
     end_task() -> LearnerState                per-task state out
+    report() -> MethodReport                  what it measured on the task (pools built, their speed)
     scores(state, images, classes, ctx)       logits [N, len(classes)] over the given class keys
+
+A method that builds a per-task pool from the task alone says so (``builds_pools``) and makes it with
+``build_pool(task, ctx)``, so the pipeline can build pools as a step of their own.
 
 The shared trainer (components.trainer) owns the loop, devices, precision, optimizer and schedule, and
 runs the callbacks for checkpoints, logging, timing and progress.
@@ -19,11 +23,19 @@ Method code imports no prefect, mlflow or boto3.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # type names only: importing them here would load the data and pool modules with every method
+    from components.data import TaskData
+    from components.models import Backbone
+    from components.pools import TaskPool
+    from components.state import LearnerState
 
 
 class MethodError(RuntimeError):
@@ -34,37 +46,56 @@ class NoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
-class Context:
-    """What the shared machinery hands a method: the backbone, and how to turn images into tensors."""
+@dataclass(frozen=True)
+class PoolStats:
+    """One label-vector pool build: how many training images were encoded, and how fast."""
 
-    backbone: Any  # components.models.Backbone
+    images: int
+    seconds: float
+
+    @property
+    def img_per_s(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class MethodReport:
+    """What a method measured on the task it just learned, for the caller to log (``Method.report``)."""
+
+    pools: tuple[PoolStats, ...] = ()  # every pool built during the task, in order
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the shared machinery hands a method: the backbone, and how to turn images into tensors.
+
+    Built complete by the caller (``context_for``); nothing is filled in afterwards."""
+
+    backbone: Backbone
     batch_size: int = 64
     workers: int = 0
     templates: str = "lvp"  # prompt template set for class text embeddings ("task": each dataset's own prompts)
-    task_prompts: dict[str, list[str]] = field(default_factory=dict)  # dataset -> templates from task.yaml
+    task_prompts: Mapping[str, list[str]] = field(default_factory=dict)  # dataset -> templates from task.yaml
     seed: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # timings and counters the method wants reported
-    prebuilt_pools: dict[str, str] = field(default_factory=dict)  # task id -> folder of a pool built elsewhere
-    load_base: Any = None  # () -> Backbone: the configured base model, untouched by learning (teachers)
-    locate_task: Any = None  # task id -> TaskData of a learned task (replay memory, pool rebuilds)
-    resolve: Any = None  # a configured location ("demo:...", relative path) -> a loadable one
-    progress: Any = None  # str -> None: where the trainer reports progress
-    checkpoint_dir: Any = None  # folder for resumable training checkpoints (None: no checkpoints)
+    prebuilt_pools: Mapping[str, str] = field(default_factory=dict)  # task id -> folder of a pool built elsewhere
+    load_base: Callable[[], Backbone] | None = None  # the configured base model, untouched by learning (teachers)
+    locate_task: Callable[[str], TaskData] | None = None  # a learned task by id (replay memory, pool rebuilds)
+    resolve: Callable[[str], str] | None = None  # a configured location ("demo:...", relative path) -> a loadable one
+    progress: Callable[[str], None] | None = None  # where the trainer reports progress
+    checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
 
     def say(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
 
-    def base_backbone(self):
-        """The base model (the teacher of ZSCL and GNSP), loaded once."""
-        if "_base" not in self.__dict__:
-            if self.load_base is None:
-                raise MethodError("this method needs the base model but the context cannot load it")
-            self.__dict__["_base"] = self.load_base()
-        return self.__dict__["_base"]
+    @functools.cached_property
+    def base_backbone(self) -> Backbone:
+        """The base model (the teacher of ZSCL and GNSP), loaded on first use."""
+        if self.load_base is None:
+            raise MethodError("this method needs the base model but the context cannot load it")
+        return self.load_base()
 
-    def task(self, task_id: str):
+    def task(self, task_id: str) -> TaskData:
         if self.locate_task is None:
             raise MethodError(f"task {task_id} is needed again (replay or pool rebuild) but the context cannot locate "
                               "learned tasks")
@@ -74,7 +105,7 @@ class Context:
     def device(self) -> torch.device:
         return torch.device(self.backbone.device)
 
-    def image_embeddings(self, task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_embeddings(self, task: TaskData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised fp32 embeddings (on CPU) and labels of a task split, in manifest order."""
         from components.data import make_loader
         from components.models import encode_batch
@@ -120,32 +151,39 @@ class Method:
     summary: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
     trains: ClassVar[bool] = True  # False: the trainer runs no optimisation loop (e.g. LVP, zero-shot)
+    # True: each task's begin_task needs a pool that ``build_pool`` makes from that task alone, with the base
+    # encoder, so a pipeline may build the pools beforehand as their own step (and in parallel) (LVP).
+    builds_pools: ClassVar[bool] = False
 
     def __init__(self, settings: BaseModel | dict[str, Any] | None = None):
         if settings is None or isinstance(settings, dict):
             settings = self.Settings.model_validate(settings or {})
         self.settings = settings
+        self._key_text: dict[str, torch.Tensor] = {}  # class key -> prompt text embedding for the current weights
 
-    def begin_task(self, state, task, ctx: Context) -> None:
+    def begin_task(self, state: LearnerState, task: TaskData, ctx: Context) -> None:
         raise NotImplementedError
+
+    def build_pool(self, task: TaskData, ctx: Context) -> tuple[TaskPool, PoolStats]:
+        """The task's pool, from its training images alone (only when ``builds_pools``)."""
+        raise NotImplementedError(f"{self.name} builds no per-task pools")
 
     def key_text(self, keys: list[str], class_names: dict[str, str], ctx: Context) -> dict[str, torch.Tensor]:
         """Prompt text embeddings of class keys, each computed once for the current weights
         (a method that changes the weights calls ``forget_key_text`` when it does)."""
-        cache = self.__dict__.setdefault("_key_text", {})
-        missing = [k for k in keys if k not in cache]
+        missing = [k for k in keys if k not in self._key_text]
         if missing:
             for key, vector in zip(missing, ctx.key_text_embeddings(missing, class_names)):
-                cache[key] = vector
-        return {k: cache[k] for k in keys}
+                self._key_text[key] = vector
+        return {k: self._key_text[k] for k in keys}
 
     def forget_key_text(self) -> None:
-        self.__dict__.pop("_key_text", None)
+        self._key_text = {}
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         raise NotImplementedError(f"{self.name} has no training loop")
 
-    def train_dataset(self):
+    def train_dataset(self) -> torch.utils.data.Dataset:
         """The dataset the trainer iterates this task (a replay memory mixes old samples in)."""
         raise NotImplementedError(f"{self.name} has no training loop")
 
@@ -173,17 +211,22 @@ class Method:
     def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
         return None
 
-    def end_task(self):
+    def end_task(self) -> LearnerState:
         raise NotImplementedError
 
-    def scores(self, state, images: torch.Tensor, class_keys: list[str], class_names: dict[str, str],
+    def report(self) -> MethodReport:
+        """What the method measured on the task that just ended (called after ``end_task``)."""
+        return MethodReport()
+
+    def scores(self, state: LearnerState, images: torch.Tensor, class_keys: list[str], class_names: dict[str, str],
                ctx: Context) -> torch.Tensor:
         raise NotImplementedError
 
 
-def context_for(config, backbone) -> Context:
+def context_for(config, backbone: Backbone, **fields: Any) -> Context:
     """The context of a configured run: batch size, workers, prompts and seed from ``config.evaluation``;
-    the base model (for teachers) and locations resolved as the config says."""
+    the base model (for teachers) and locations resolved as the config says; ``fields``: the rest
+    (task prompts, prebuilt pools, how to locate learned tasks, progress, checkpoints)."""
     from components.models import load_backbone
 
     workers = config.evaluation.workers
@@ -191,4 +234,13 @@ def context_for(config, backbone) -> Context:
         workers = min(8, torch.get_num_threads()) if str(backbone.device).startswith("cuda") else 0
     return Context(backbone=backbone, batch_size=config.evaluation.batch_size, workers=workers,
                    templates=config.evaluation.templates, seed=config.evaluation.seed,
-                   load_base=lambda: load_backbone(config.model), resolve=config.location)
+                   load_base=lambda: load_backbone(config.model), resolve=config.location, **fields)
+
+
+def task_prompts(tasks: Iterable[TaskData | None]) -> dict[str, list[str]]:
+    """Dataset -> its own prompt templates, from the first of ``tasks`` that brings some (for ``Context``)."""
+    prompts: dict[str, list[str]] = {}
+    for task in tasks:
+        if task is not None and task.prompts:
+            prompts.setdefault(task.dataset, task.prompts)
+    return prompts

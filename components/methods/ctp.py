@@ -139,7 +139,8 @@ class CTPSettings(TuneSettings):
     cmc_weight: float = Field(1.0, ge=0)
     tp_cross_weight: float = Field(1.0, ge=0)
     tp_intra_weight: float = Field(1.0, ge=0)
-    cache_reference: bool = Field(True, description="with augment false, compute the task-start model's image features once per task instead of every step (exact)")
+    cache_reference: bool = Field(True, description="with augment false, compute the task-start model's image "
+                                                    "features once per task instead of every step (exact)")
 
 
 @register_method("ctp")

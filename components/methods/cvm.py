@@ -97,7 +97,8 @@ class ConceptEncoder:
 
 
 class CVMSettings(TuneSettings):
-    language_model: str = Field("backbone", description="frozen concept space: the backbone's text tower, or a Hugging Face model folder / package:<module>/<folder>")
+    language_model: str = Field("backbone", description="frozen concept space: the backbone's text tower, or a Hugging "
+                                                        "Face model folder / package:<module>/<folder>")
     prompt: str = Field("a photo of a {}", description="how a class name is put to the language model")
     tau: float = Field(0.07, gt=0)
     loss_classes: Literal["task", "seen"] = Field("seen")
@@ -111,8 +112,13 @@ class CVM(TunedCLIP):
     summary = "CVM: a small visual model mapped into a frozen language model's concept space (fixed concept table)"
     Settings = CVMSettings
 
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self._encoder: ConceptEncoder | None = None  # the frozen language model, loaded on first use
+        self._concept_cache: dict[str, torch.Tensor] = {}  # concepts of classes no task has taught (zero-shot)
+
     def encoder(self, ctx: Context) -> ConceptEncoder:
-        if self.__dict__.get("_encoder") is None:
+        if self._encoder is None:
             self._encoder = ConceptEncoder(self.settings.language_model, ctx.backbone)
         return self._encoder
 
@@ -162,7 +168,7 @@ class CVM(TunedCLIP):
         table = ConceptTable.from_bundle(state)
         if table is None:  # nothing learned yet: zero-shot CLIP
             return super().scores(state, images, class_keys, class_names, ctx)
-        cache = self.__dict__.setdefault("_concept_cache", {})
+        cache = self._concept_cache
         known = dict(zip(table.keys, table.concepts))
         missing = [k for k in class_keys if k not in known and k not in cache]
         if missing:  # classes no task has taught: their concept, computed the same way, for zero-shot scoring

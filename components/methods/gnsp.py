@@ -29,8 +29,8 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.base import MethodError
-from components.methods.finetune import FineTune, FineTuneSettings
-from components.methods.tuning import image_text_distill, normalize, reference_for, visual_blocks
+from components.methods.reference import ReferenceDistillation, ReferenceSettings
+from components.methods.tuning import image_text_distill, visual_blocks
 
 GRAM_PREFIX = "gnsp.gram."
 
@@ -187,21 +187,17 @@ def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) 
 # ---- the method ---------------------------------------------------------------------------------------------
 
 
-class GNSPSettings(FineTuneSettings):
+class GNSPSettings(ReferenceSettings):
     rho: float = Field(0.15, gt=0, lt=1, description="tail fraction of the singular-value sum left unprotected")
-    project: Literal["gradient", "update"] = Field("gradient", description="project the gradient before AdamW (official) or the whole step")
+    project: Literal["gradient", "update"] = Field(
+        "gradient", description="project the gradient before AdamW (official) or the whole step")
     cd_weight: float = Field(1.0, ge=0)
     map_weight: float = Field(0.75, ge=0)
-    temperature: float = Field(2.0, gt=0)
-    reference_set: str | None = Field(None, description="task drop or stored task for CD and MAP (official: 1000 ImageNet train images); null = the current task's images")
-    reference_size: int = Field(1000, ge=1)
-    reference_batch_size: int = Field(64, ge=1)
-    reference_seed: int = Field(42)
     gram_batch_size: int = Field(16, ge=1)
 
 
 @register_method("gnsp")
-class GNSP(FineTune):
+class GNSP(ReferenceDistillation):
     summary = "GNSP: gradients projected onto the null space of old tasks' features + contrastive distillation + MAP"
     Settings = GNSPSettings
 
@@ -218,41 +214,26 @@ class GNSP(FineTune):
     def setup(self) -> None:
         grams = self.grams()
         self.projectors: dict[str, tuple[torch.Tensor, bool]] = {}
-        self.ctx.info["gnsp_protected_rank"] = {}
         for name, inputs_last in (protected_layers(self.model) if grams else []):
             if name not in grams:
                 raise MethodError(f"GNSP state has no Gram matrix for {name} (made by another model?)")
             proj, k = projector(grams[name].to(self.device), self.settings.rho)
             self.projectors[name] = (proj, inputs_last)
-            self.ctx.info["gnsp_protected_rank"][name] = k
             if k == len(proj):
                 self.ctx.say(f"  gnsp: {name} has an empty null space (every direction protected): it will not move")
-        base = self.ctx.base_backbone()
-        self.reference = reference_for(self.settings, self.task, self.ctx)
-        with torch.no_grad(), base.autocast():
-            self.ref_teacher_image = torch.cat([normalize(base.model.encode_image(c.to(self.device)).float())
-                                                for c in self.reference.images.split(256)])
-            self.ref_teacher_text = normalize(base.model.encode_text(
-                base.tokenizer(self.reference.distinct).to(self.device)).float())
+        self.setup_reference()
         self.ref_tokens = self.tokenize(self.reference.distinct)
 
     def reference_text(self) -> torch.Tensor:
         return self.text_of(self.ref_tokens, "reference")
 
     def training_step(self, batch):
-        images, labels = batch[:2]
-        rows = self.reference.next_rows()
-        caps = self.reference.caption_index[rows].to(self.device)
-        # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
-        both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
-        features, ref_features = both[:len(images)], both[len(images):]
-        ce = F.cross_entropy(self.scale * features @ self.class_text().T, labels,
-                             label_smoothing=self.settings.label_smoothing)
-        rows = rows.to(self.device)
-        student = self.scale * ref_features @ self.reference_text()[caps].T
-        teacher = self.scale * self.ref_teacher_image[rows] @ self.ref_teacher_text[caps].T
+        step = self.joint_forward(*batch[:2])
+        caps = step.captions
+        student = self.scale * step.reference @ self.reference_text()[caps].T
+        teacher = self.scale * self.teacher.image[step.rows] @ self.teacher.text[caps].T
         s = self.settings
-        return {"ce": ce, "cd": s.cd_weight * image_text_distill(teacher, student, s.temperature),
+        return {"ce": step.ce, "cd": s.cd_weight * image_text_distill(teacher, student, s.temperature),
                 "map": s.map_weight * map_loss(student, map_targets(caps), s.label_smoothing)}
 
     def after_backward(self) -> None:
@@ -274,11 +255,12 @@ class GNSP(FineTune):
         with torch.no_grad():
             for name, (proj, inputs_last) in self.projectors.items():
                 before = self._before[name]
-                params[name].copy_(before + project((params[name] - before).float(), proj, inputs_last).to(before.dtype))
+                step = project((params[name] - before).float(), proj, inputs_last)
+                params[name].copy_(before + step.to(before.dtype))
 
     def after_fit(self) -> None:
         self.projectors = {}  # up to ~0.5 GB for ViT-B/16: free them with the task
-        del self.reference
+        self.release_reference()
 
     def export(self, state) -> None:
         """This task's Grams from the final model, added to the running sums in the state."""
@@ -290,5 +272,6 @@ class GNSP(FineTune):
         loader = make_loader(dataset, self.settings.gram_batch_size, self.ctx.workers)
         current = task_grams(self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False))
         previous = self.grams()
-        store_gram_sums(state, {name: accumulate(previous.get(name), gram.cpu(), renormalise_previous=(name == "visual.proj"))
-                                for name, gram in current.items()})
+        sums = {name: accumulate(previous.get(name), gram.cpu(), renormalise_previous=name == "visual.proj")
+                for name, gram in current.items()}
+        store_gram_sums(state, sums)

@@ -11,25 +11,24 @@ import time
 import torch
 
 from components.methods import register_method
-from components.methods.base import Context, Method, context_for
-from components.pools import PoolConfig, TaskPool, build_task_pool, merge, train_head
+from components.methods.base import Context, Method, MethodReport, PoolStats, context_for, task_prompts
+from components.pools import MergedPool, PoolConfig, TaskPool, build_task_pool, merge, train_head
 
 
-def build_pool(task, ctx: Context, cfg: PoolConfig) -> TaskPool:
-    """The task's pool, from that task's training images alone (the pipeline's build_pool step)."""
+def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats]:
+    """The task's pool, from that task's training images alone, and how fast its images were encoded."""
     started = time.perf_counter()
     embeddings, labels = ctx.image_embeddings(task, "train")
-    elapsed = time.perf_counter() - started
-    ctx.info["pool_images"] = int(len(labels))
-    ctx.info["pool_img_per_s"] = len(labels) / elapsed if elapsed > 0 else None
+    stats = PoolStats(images=int(len(labels)), seconds=time.perf_counter() - started)
     text = ctx.text_embeddings(task.class_names, task.dataset)
     backbone = ctx.backbone
     prompts = ctx.task_prompts.get(task.dataset) if ctx.templates == "task" else None
     meta = {"backbone": backbone.reference, "preprocess": repr(backbone.preprocess),
             "prompt_templates": prompts or ctx.templates,
             "metric": cfg.metric, "variant": cfg.variant, "task": task.summary()}
-    return build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta,
+    pool = build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta,
                            domain=task.domain)
+    return pool, stats
 
 
 @register_method("lvp")
@@ -37,16 +36,24 @@ class LVP(Method):
     summary = "LVP-CLIP: frozen CLIP, per-task label-vector pools of image embeddings (order-invariant, parallel)"
     Settings = PoolConfig
     trains = False
+    builds_pools = True
 
     def __init__(self, settings=None):
         super().__init__(settings)
-        self._merged_cache: tuple[tuple[str, ...], object] | None = None
+        self._merged_cache: tuple[tuple[str, ...], MergedPool] | None = None
+        self._built: tuple[PoolStats, ...] = ()  # this task's pool build, when it was not prebuilt
 
-    def begin_task(self, state, task, ctx: Context, pool: TaskPool | None = None) -> None:
+    def build_pool(self, task, ctx: Context) -> tuple[TaskPool, PoolStats]:
+        return build_pool(task, ctx, self.settings)
+
+    def begin_task(self, state, task, ctx: Context) -> None:
         self._state, self._task = state, task
-        if pool is None and task.task_id in ctx.prebuilt_pools:
-            pool = self.prebuilt(task, ctx)
-        self._pool = pool if pool is not None else build_pool(task, ctx, self.settings)
+        self._built = ()
+        if task.task_id in ctx.prebuilt_pools:
+            self._pool = self.prebuilt(task, ctx)
+        else:
+            self._pool, stats = self.build_pool(task, ctx)
+            self._built = (stats,)
 
     def prebuilt(self, task, ctx: Context) -> TaskPool:
         """A pool built by the pipeline's build_pool step (maybe on another worker): checked before use."""
@@ -58,7 +65,8 @@ class LVP(Method):
         found = {"config": pool.config, "backbone": pool.meta.get("backbone"), "classes": pool.class_keys,
                  "task": pool.meta.get("task")}
         for name in expected:
-            if json.dumps(expected[name], sort_keys=True, default=str) != json.dumps(found[name], sort_keys=True, default=str):
+            if (json.dumps(expected[name], sort_keys=True, default=str)
+                    != json.dumps(found[name], sort_keys=True, default=str)):
                 raise PoolError(f"prebuilt pool of {task.task_id} in {ctx.prebuilt_pools[task.task_id]}: its {name} "
                                 f"does not match this run's (built with other settings or another model)")
         return pool
@@ -71,6 +79,9 @@ class LVP(Method):
         state.method_settings = self.settings.model_dump(mode="json")
         self._merged_cache = None
         return state
+
+    def report(self) -> MethodReport:
+        return MethodReport(pools=self._built)
 
     def merged(self, state):
         key = tuple(sorted(state.pools))
@@ -92,7 +103,6 @@ class LVP(Method):
         return self.merged(state).scores(embeddings, class_keys, fallback_text=fallback)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m components.methods.lvp TASK --out DIR``: build one task's pool in its own process."""
     import argparse
@@ -108,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    ctx = context_for(config, load_backbone(config.model))
-    pool = build_pool(load_task(args.task), ctx, PoolConfig.model_validate(config.method.settings))
+    task = load_task(args.task)
+    ctx = context_for(config, load_backbone(config.model), task_prompts=task_prompts([task]))
+    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(config.method.settings))
     files = pool.save(args.out)
-    print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": ctx.info.get("pool_img_per_s")}))
+    print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": stats.img_per_s}))
     return 0
 
 

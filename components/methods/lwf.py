@@ -16,7 +16,8 @@ from components.methods.tuning import cached_image_features, frozen_copy, image_
 class LwFSettings(FineTuneSettings):
     temperature: float = Field(2.0, gt=0)
     distill_weight: float = Field(1.0, ge=0)
-    cache_teacher: bool = Field(True, description="with augment false, compute the teacher's image features once per task instead of every step (exact)")
+    cache_teacher: bool = Field(True, description="with augment false, compute the teacher's image features once per "
+                                                  "task instead of every step (exact)")
 
 
 @register_method("lwf")

@@ -108,7 +108,8 @@ class SGSettings(TuneSettings):
 
 @register_method("sg")
 class SG(TunedCLIP):
-    summary = "SG-RL + SG-KD: soft targets and distillation guided by class-name text similarity; last image block trains"
+    summary = ("SG-RL + SG-KD: soft targets and distillation guided by class-name text similarity; "
+               "last image block trains")
     Settings = SGSettings
 
     def select_trainable(self):

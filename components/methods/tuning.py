@@ -1,6 +1,7 @@
 """What the CLIP fine-tuning methods share: which parameters train, class prompts, the label space,
 the replay memory, the fine-tuned weights in the learner state, and scoring with the text classifier
-(or with label-vector pools rebuilt from the fine-tuned encoder).
+(or with label-vector pools rebuilt from the fine-tuned encoder). The reference set and teacher that
+ZSCL and GNSP share are in components.methods.reference.
 
 Also the loss functions several methods use, as pure functions of tensors. This module registers no
 method itself.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from components.methods.base import Context, Method, MethodError
+from components.methods.base import Context, Method, MethodError, MethodReport, PoolStats
 from components.pools import PoolConfig
 from components.trainer import TrainSettings
 
@@ -149,71 +150,19 @@ def cached_image_features(model: torch.nn.Module, dataset, ctx: Context) -> torc
     return torch.cat(rows)
 
 
-# ---- reference set (ZSCL, GNSP) ---------------------------------------------------------------------------
-
-
-class ReferenceSet:
-    """Images and captions kept apart from the task stream, to hold on to the base model's alignment.
-
-    The official codes use 1000 ImageNet train images ("a photo of a {class}"); here it is any task drop
-    or stored task (``reference_set``), its first ``size`` training images in manifest order. Without
-    one, the current task's own training images stand in [ours]. Images are preprocessed once, without
-    augmentation, so the base model's outputs on them are computed once per task, not every step.
-    """
-
-    def __init__(self, task, ctx: Context, size: int, batch_size: int, seed: int):
-        from components.data import make_loader
-        from components.prompts import clean_class_name
-
-        dataset = task.dataset_for("train", ctx.backbone.preprocess)
-        rows = list(range(len(dataset)))
-        if len(rows) > size:
-            rows = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:size].tolist())
-        subset = torch.utils.data.Subset(dataset, rows)
-        images, labels = [], []
-        for x, y in make_loader(subset, 256, ctx.workers):
-            images.append(x)
-            labels.append(y)
-        if not images:
-            raise MethodError(f"reference set {task.task_id} has no training images")
-        self.images = torch.cat(images).to(ctx.backbone.weights_dtype)
-        captions = [f"a photo of a {clean_class_name(task.class_names[int(y)])}" for y in torch.cat(labels)]
-        self.distinct = sorted(set(captions))
-        self.caption_index = torch.tensor([self.distinct.index(c) for c in captions])
-        self.batch_size, self.cursor = batch_size, 0
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def next_rows(self) -> torch.Tensor:
-        """The next batch of row indices, in order, wrapping around (no shuffling, as in the GNSP code)."""
-        n = len(self.images)
-        rows = torch.arange(self.cursor, self.cursor + min(self.batch_size, n)) % n
-        self.cursor = int(rows[-1] + 1) % n
-        return rows
-
-
-def reference_for(settings, task, ctx: Context) -> ReferenceSet:
-    from components.data import load_task
-
-    if settings.reference_set:
-        location = ctx.resolve(settings.reference_set) if ctx.resolve else settings.reference_set
-        source = load_task(location)
-    else:
-        source = task
-    return ReferenceSet(source, ctx, settings.reference_size, settings.reference_batch_size, settings.reference_seed)
-
-
 # ---- the shared base ------------------------------------------------------------------------------------
 
 
 class TuneSettings(TrainSettings):
     loss_classes: Literal["task", "seen"] = Field(
         "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far")
-    memory_per_class: int = Field(0, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks")
-    memory_size: int = Field(0, ge=0, description="replay memory of this many training samples, reservoir-sampled over every task seen (CTP+ER: 10000), mixed into later tasks")
+    memory_per_class: int = Field(0, ge=0,
+                                  description="replay exemplars kept per class (herding), mixed into later tasks")
+    memory_size: int = Field(0, ge=0, description="replay memory of this many training samples, reservoir-sampled over "
+                                                  "every task seen (CTP+ER: 10000), mixed into later tasks")
     classifier: Literal["text", "pool"] = Field(
-        "text", description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder")
+        "text",
+        description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
 
 
@@ -229,6 +178,11 @@ class TunedCLIP(Method):
     """Base of the methods that fine-tune CLIP's weights. Subclasses choose what trains and the loss."""
 
     Settings = TuneSettings
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self._pool_scorer: Method | None = None  # LVP scoring the rebuilt pools (it caches their merge)
+        self._pools_built: tuple[PoolStats, ...] = ()  # the pools rebuilt at the end of the last task
 
     # ---- hooks a subclass overrides --------------------------------------------------------------------
 
@@ -259,7 +213,8 @@ class TunedCLIP(Method):
         self.class_names = names
         seen = [c.key for c in state.classes] + [k for k in task.class_keys if k not in {c.key for c in state.classes}]
         self.label_keys = list(task.class_keys) if self.settings.loss_classes == "task" else seen
-        if self.settings.loss_classes == "task" and (state.method_meta.get("memory") or state.method_meta.get("reservoir")):
+        replays = state.method_meta.get("memory") or state.method_meta.get("reservoir")
+        if self.settings.loss_classes == "task" and replays:
             self.label_keys = seen  # replayed samples of old classes need their classes in the loss
         self.old_keys = [c.key for c in state.classes]
         self.label_tokens = self.tokenize([self.train_prompt(k) for k in self.label_keys])
@@ -270,8 +225,10 @@ class TunedCLIP(Method):
             p.requires_grad_(True)
         self.text_trains = any(n.startswith(("transformer.", "token_embedding", "text.", "positional_embedding",
                                              "ln_final", "text_projection")) for n, _ in self.trainable)
-        self.scale = self.model.logit_scale.exp().detach().float() if hasattr(self.model, "logit_scale") else torch.tensor(100.0)
+        scale = getattr(self.model, "logit_scale", None)
+        self.scale = scale.exp().detach().float() if scale is not None else torch.tensor(100.0)
         self._frozen_text: dict[str, torch.Tensor] = {}
+        self._pools_built = ()
         self.model.train()
         self.setup()
 
@@ -280,7 +237,8 @@ class TunedCLIP(Method):
 
     def train_dataset(self):
         backbone = self.ctx.backbone
-        transform = backbone.preprocess_train if self.settings.augment and backbone.preprocess_train else backbone.preprocess
+        augment = self.settings.augment and backbone.preprocess_train
+        transform = backbone.preprocess_train if augment else backbone.preprocess
         index = {k: i for i, k in enumerate(self.label_keys)}
         parts = [Relabelled(self.task.dataset_for("train", transform), [index[k] for k in self.task.class_keys])]
         by_task: dict[str, list[int]] = {}
@@ -315,20 +273,12 @@ class TunedCLIP(Method):
         if self.settings.classifier == "pool":
             self.rebuild_pools(state)
         self.forget_key_text()  # the weights changed: class text and pools are scored afresh
-        self.__dict__.pop("_pool_scorer", None)
+        self._pool_scorer = None
         self.settings = self.chain_settings
         return state
 
-    def training_state(self) -> dict[str, torch.Tensor]:
-        reference = self.__dict__.get("reference")
-        if isinstance(reference, ReferenceSet):  # which reference batch comes next
-            return {"reference_cursor": torch.tensor(reference.cursor)}
-        return {}
-
-    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        reference = self.__dict__.get("reference")
-        if isinstance(reference, ReferenceSet) and "reference_cursor" in tensors:
-            reference.cursor = int(tensors["reference_cursor"])
+    def report(self) -> MethodReport:
+        return MethodReport(pools=self._pools_built)
 
     # ---- text side ---------------------------------------------------------------------------------------
 
@@ -390,10 +340,13 @@ class TunedCLIP(Method):
         """Pools of every learned task from the fine-tuned encoder (old pools are stale once it changed)."""
         from components.methods.lvp import build_pool
 
+        built = []
         for summary in state.tasks:
             tid = summary["task_id"]
             task = self.task if tid == self.task.task_id else self.ctx.task(tid)
-            state.pools[tid] = build_pool(task, self.ctx, self.settings.pool)
+            state.pools[tid], stats = build_pool(task, self.ctx, self.settings.pool)
+            built.append(stats)
+        self._pools_built = tuple(built)
 
     # ---- prediction ----------------------------------------------------------------------------------------
 
@@ -401,7 +354,7 @@ class TunedCLIP(Method):
         from components.models import encode_batch
 
         if self.settings.classifier == "pool" and state.pools:
-            if "_pool_scorer" not in self.__dict__:  # LVP's own scoring, merged pools cached until they change
+            if self._pool_scorer is None:  # LVP's own scoring, merged pools cached until they change
                 from components.methods.lvp import LVP
 
                 self._pool_scorer = LVP(self.settings.pool)

@@ -8,18 +8,18 @@ join it once training ends. The official loop runs ``iterations + 1`` steps, the
 rate of 0 under its cosine schedule, so its last merge is of the same final weights: the same sequence.
 
 The distilled logits use the base model's text features on both sides (only the image tower feels the
-distillation). The base model's outputs on the reference set are computed once per task and cached.
+distillation). The reference set, the base model as teacher and the joint forward are shared with GNSP
+(components.methods.reference).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from components.methods import register_method
-from components.methods.finetune import FineTune, FineTuneSettings
-from components.methods.tuning import image_text_distill, reference_for
+from components.methods.reference import ReferenceDistillation, ReferenceSettings
+from components.methods.tuning import image_text_distill
 
 
 def l2_anchor(params: list[torch.Tensor], start: list[torch.Tensor]) -> torch.Tensor:
@@ -33,33 +33,20 @@ def ensemble_update(average: list[torch.Tensor], current: list[torch.Tensor], me
         a.mul_(merged / (merged + 1)).add_(c.detach().to(a.dtype), alpha=1 / (merged + 1))
 
 
-class ZSCLSettings(FineTuneSettings):
-    reference_set: str | None = Field(None, description="task drop or stored task whose images and class captions are the reference set; null = the current task's images")
-    reference_size: int = Field(1000, ge=1)
-    reference_batch_size: int = Field(64, ge=1)
-    reference_seed: int = Field(42)
-    temperature: float = Field(2.0, gt=0)
+class ZSCLSettings(ReferenceSettings):
     distill_weight: float = Field(1.0, ge=0)
     l2_weight: float = Field(1.0, ge=0)
-    ensemble_every: int | None = Field(100, ge=1, description="merge into the weight ensemble every N iterations; null = off")
+    ensemble_every: int | None = Field(100, ge=1,
+                                       description="merge into the weight ensemble every N iterations; null = off")
 
 
 @register_method("zscl")
-class ZSCL(FineTune):
+class ZSCL(ReferenceDistillation):
     summary = "ZSCL: distil the base CLIP on a reference set, L2 to the start weights, periodic weight ensemble"
     Settings = ZSCLSettings
 
     def setup(self) -> None:
-        from components.methods.tuning import normalize
-
-        base = self.ctx.base_backbone()
-        self.reference = reference_for(self.settings, self.task, self.ctx)
-        with torch.no_grad(), base.autocast():
-            rows = [normalize(base.model.encode_image(chunk.to(self.device)).float())
-                    for chunk in self.reference.images.split(256)]
-            self.ref_teacher_image = torch.cat(rows)
-            self.ref_text = normalize(base.model.encode_text(
-                base.tokenizer(self.reference.distinct).to(self.device)).float())
+        self.setup_reference()
         self.start = [p.detach().clone() for _, p in self.trainable]
         self.average = [p.detach().clone() for _, p in self.trainable]
         self.merged = 1  # the start weights count once in the ensemble
@@ -77,17 +64,12 @@ class ZSCL(FineTune):
         self.merged += 1
 
     def training_step(self, batch):
-        images, labels = batch[:2]
-        rows = self.reference.next_rows()
-        # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
-        both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
-        features, student = both[:len(images)], both[len(images):]
-        ce = F.cross_entropy(self.scale * features @ self.class_text().T, labels,
-                             label_smoothing=self.settings.label_smoothing)
-        teacher_logits = self.scale * self.ref_teacher_image[rows.to(self.device)] @ self.ref_text.T
-        student_logits = self.scale * student @ self.ref_text.T
-        return {"ce": ce,
-                "distill": self.settings.distill_weight * image_text_distill(teacher_logits, student_logits, self.settings.temperature),
+        step = self.joint_forward(*batch[:2])
+        teacher_logits = self.scale * self.teacher.image[step.rows] @ self.teacher.text.T
+        student_logits = self.scale * step.reference @ self.teacher.text.T
+        return {"ce": step.ce,
+                "distill": self.settings.distill_weight * image_text_distill(teacher_logits, student_logits,
+                                                                             self.settings.temperature),
                 "l2": self._l2_value()}
 
     def _l2_value(self) -> torch.Tensor:
@@ -127,4 +109,5 @@ class ZSCL(FineTune):
             with torch.no_grad():
                 for (_, p), a in zip(self.trainable, self.average):
                     p.copy_(a)
-        del self.start, self.average, self.reference
+        del self.start, self.average
+        self.release_reference()

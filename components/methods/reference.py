@@ -1,0 +1,148 @@
+"""Reference distillation, shared by ZSCL and GNSP: both hold on to the base model's image-text alignment by
+distilling it on a reference set of images and captions kept apart from the task stream.
+
+What they share lives here: the settings of the reference set and of the distillation temperature, the
+reference set itself, the teacher (the base model's features on it, computed once per task) and the
+training forward that runs the task's and the reference's images through the student together. Each
+method keeps only its own losses on top. This module registers no method itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from components.methods.base import Context, MethodError
+from components.methods.finetune import FineTune, FineTuneSettings
+from components.methods.tuning import normalize
+
+
+class ReferenceSettings(FineTuneSettings):
+    reference_set: str | None = Field(None, description="task drop or stored task whose images and class captions are "
+                                      "the reference set (official: 1000 ImageNet train images); null = the current "
+                                      "task's images")
+    reference_size: int = Field(1000, ge=1)
+    reference_batch_size: int = Field(64, ge=1)
+    reference_seed: int = Field(42)
+    temperature: float = Field(2.0, gt=0, description="temperature of the image-text distillation")
+
+
+class ReferenceSet:
+    """Images and captions kept apart from the task stream, to hold on to the base model's alignment.
+
+    The official codes use 1000 ImageNet train images ("a photo of a {class}"); here it is any task drop
+    or stored task (``reference_set``), ``size`` of its training images drawn with ``seed`` and kept in
+    manifest order. Without one, the current task's own training images stand in [ours]. Images are
+    preprocessed once, without augmentation, so the base model's outputs on them are computed once per
+    task, not every step.
+    """
+
+    def __init__(self, task, ctx: Context, size: int, batch_size: int, seed: int):
+        from components.data import make_loader
+        from components.prompts import clean_class_name
+
+        dataset = task.dataset_for("train", ctx.backbone.preprocess)
+        rows = list(range(len(dataset)))
+        if len(rows) > size:
+            rows = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+        subset = torch.utils.data.Subset(dataset, rows)
+        images, labels = [], []
+        for x, y in make_loader(subset, 256, ctx.workers):
+            images.append(x)
+            labels.append(y)
+        if not images:
+            raise MethodError(f"reference set {task.task_id} has no training images")
+        self.images = torch.cat(images).to(ctx.backbone.weights_dtype)
+        captions = [f"a photo of a {clean_class_name(task.class_names[int(y)])}" for y in torch.cat(labels)]
+        self.distinct = sorted(set(captions))
+        self.caption_index = torch.tensor([self.distinct.index(c) for c in captions])
+        self.batch_size, self.cursor = batch_size, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def next_rows(self) -> torch.Tensor:
+        """The next batch of row indices, in order, wrapping around (no shuffling, as in the GNSP code)."""
+        n = len(self.images)
+        rows = torch.arange(self.cursor, self.cursor + min(self.batch_size, n)) % n
+        self.cursor = int(rows[-1] + 1) % n
+        return rows
+
+
+def reference_for(settings: ReferenceSettings, task, ctx: Context) -> ReferenceSet:
+    from components.data import load_task
+
+    if settings.reference_set:
+        location = ctx.resolve(settings.reference_set) if ctx.resolve else settings.reference_set
+        source = load_task(location)
+    else:
+        source = task
+    return ReferenceSet(source, ctx, settings.reference_size, settings.reference_batch_size, settings.reference_seed)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The base model's normalised features on the reference set: every image, and every distinct caption."""
+
+    image: torch.Tensor  # [len(reference), d], on the device
+    text: torch.Tensor  # [len(reference.distinct), d]
+
+
+@dataclass(frozen=True)
+class JointForward:
+    """One training step's images through the student: the task's and the next reference batch's."""
+
+    rows: torch.Tensor  # the reference rows of this step (on the device)
+    captions: torch.Tensor  # their caption indices into ``reference.distinct`` (on the device)
+    features: torch.Tensor  # normalised image features of the task batch
+    reference: torch.Tensor  # normalised image features of the reference batch
+    ce: torch.Tensor  # the task loss: label-smoothed cross-entropy against the class prompts
+
+
+class ReferenceDistillation(FineTune):
+    """Fine-tuning with a reference set and the base model as its teacher (ZSCL, GNSP). Subclasses call
+    ``setup_reference`` in their ``setup`` and ``joint_forward`` in their ``training_step``."""
+
+    Settings = ReferenceSettings
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.reference: ReferenceSet | None = None  # this task's, from setup_reference until after_fit
+        self.teacher: Teacher | None = None
+
+    def setup_reference(self) -> None:
+        base = self.ctx.base_backbone
+        self.reference = reference_for(self.settings, self.task, self.ctx)
+        with torch.no_grad(), base.autocast():
+            image = torch.cat([normalize(base.model.encode_image(chunk.to(self.device)).float())
+                               for chunk in self.reference.images.split(256)])
+            text = normalize(base.model.encode_text(base.tokenizer(self.reference.distinct).to(self.device)).float())
+        self.teacher = Teacher(image=image, text=text)
+
+    def joint_forward(self, images: torch.Tensor, labels: torch.Tensor) -> JointForward:
+        rows = self.reference.next_rows()
+        # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
+        both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
+        features, reference = both[:len(images)], both[len(images):]
+        ce = F.cross_entropy(self.scale * features @ self.class_text().T, labels,
+                             label_smoothing=self.settings.label_smoothing)
+        return JointForward(rows=rows.to(self.device), captions=self.reference.caption_index[rows].to(self.device),
+                            features=features, reference=reference, ce=ce)
+
+    def release_reference(self) -> None:
+        """Free the reference set and the teacher's features with the task."""
+        self.reference, self.teacher = None, None
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        state = super().training_state()
+        if self.reference is not None:  # which reference batch comes next
+            state["reference_cursor"] = torch.tensor(self.reference.cursor)
+        return state
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_training_state(tensors)
+        if self.reference is not None and "reference_cursor" in tensors:
+            self.reference.cursor = int(tensors["reference_cursor"])
