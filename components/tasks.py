@@ -149,7 +149,8 @@ def parse_task_yaml(data: bytes, where: str = "task.yaml") -> TaskSpec:
     except yaml.YAMLError as exc:
         raise DropError("task-yaml-readable", yaml_problem(where, text, exc)) from None
     if not isinstance(raw, dict):
-        raise DropError("task-yaml-schema", f"{where}: the top level must be a mapping (task_id, scenario, dataset, classes)")
+        raise DropError("task-yaml-schema",
+                        f"{where}: the top level must be a mapping (task_id, scenario, dataset, classes)")
     try:
         return TaskSpec.model_validate(raw)
     except ValidationError as exc:
@@ -168,7 +169,8 @@ def parse_manifest(data: bytes, where: str = "manifest.csv") -> Manifest:
     try:
         header = next(reader)
     except StopIteration:
-        raise DropError("manifest-readable", f"{where}: the file is empty (expected a header path,label,split[,domain])") from None
+        raise DropError("manifest-readable",
+                        f"{where}: the file is empty (expected a header path,label,split[,domain])") from None
     except csv.Error as exc:
         raise DropError("manifest-readable", f"{where}: line 1: {exc}") from None
     columns = tuple(h.strip() for h in header)
@@ -323,7 +325,8 @@ def read_metadata(source: DropSource) -> tuple[TaskSpec, Manifest, bytes, bytes]
     for name in ("task.yaml", "manifest.csv"):
         if not source.exists(name):
             raise DropError(f"{name.split('.')[0].replace('_', '-')}-present",
-                            f"{source.location}: {name} is missing (a task drop holds task.yaml, manifest.csv and images)")
+                            f"{source.location}: {name} is missing "
+                            "(a task drop holds task.yaml, manifest.csv and images)")
     try:
         spec_bytes = source.read("task.yaml", MAX_TEXT_BYTES)
         manifest_bytes = source.read("manifest.csv", MAX_TEXT_BYTES)

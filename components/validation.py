@@ -432,8 +432,9 @@ def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]
     if spec.scenario == "class-incremental":
         for key, name in declared.items():
             if key in known:
-                fail("scenario-classes", f"task.yaml: class {name!r} was already learned in task {known[key]} of dataset "
-                                         f"{spec.dataset!r}; a class-incremental task brings new classes only "
+                fail("scenario-classes", f"task.yaml: class {name!r} was already learned in task {known[key]} "
+                                         f"of dataset {spec.dataset!r}; a class-incremental task brings new "
+                                         f"classes only "
                                          f"(use scenario: domain-incremental for new data of known classes)")
     elif known:  # domain-incremental: same label space as the dataset's earlier tasks
         new = sorted(name for key, name in declared.items() if key not in known)
@@ -465,7 +466,8 @@ def _run_gx(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Vali
         if "domain" in manifest.columns:
             row["domain"] = f.domain
         rows.append(row)
-    manifest_df = pd.DataFrame(rows, columns=["line", *[c for c in manifest_cols if c in ("path", "label", "split", "domain")]])
+    kept = [c for c in manifest_cols if c in ("path", "label", "split", "domain")]
+    manifest_df = pd.DataFrame(rows, columns=["line", *kept])
     present_extra = [c for c in manifest_cols if c not in manifest_df.columns]
     for col in present_extra:  # keep unexpected columns visible to the column check
         manifest_df[col] = None
@@ -480,12 +482,14 @@ def _run_gx(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Vali
         if col in manifest_cols:
             manifest_suite.append(x.ExpectColumnValuesToNotBeNull(column=col, meta=meta("required-values")))
     if "split" in manifest_cols:
-        manifest_suite += [x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), meta=meta("split-value")),
+        manifest_suite += [x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS),
+                                                         meta=meta("split-value")),
                            x.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(SPLITS),
                                                                     meta=meta("split-nonempty"))]
     if "label" in manifest_cols:
         # Labels match declared classes exactly as written; a near-miss ("Cat" vs "cat") is an error to fix.
-        manifest_suite.append(x.ExpectColumnValuesToBeInSet(column="label", value_set=declared, meta=meta("label-declared")))
+        manifest_suite.append(x.ExpectColumnValuesToBeInSet(column="label", value_set=declared,
+                                                             meta=meta("label-declared")))
     if "path" in manifest_cols:
         manifest_suite.append(x.ExpectColumnValuesToBeUnique(column="path", meta=meta("duplicate-rows")))
 
@@ -547,7 +551,8 @@ def _run_gx(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Vali
                     for item in (res.result or {}).get("unexpected_index_list") or []:
                         if isinstance(item, dict) and item.get("line") is not None:
                             lines.append(int(item["line"]))
-                    error = (res.exception_info or {}).get("exception_message") if hasattr(res, "exception_info") else None
+                    info = getattr(res, "exception_info", None) or {}
+                    error = info.get("exception_message")
                     out.append({"rule": (cfg_.meta or {}).get("rule"), "type": cfg_.type,
                                 "column": cfg_.kwargs.get("column"), "success": bool(res.success),
                                 "unexpected_count": (res.result or {}).get("unexpected_count"),

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "register the nightly and GPU deployments (infra/prefect.yaml) on a Prefect server")
     p.add_argument("--api-url", help="Prefect API URL (default: $PREFECT_API_URL)")
 
-    p = command("stack", commands.cmd_stack, "a local Prefect server, MLflow server and S3-compatible store on 127.0.0.1")
+    p = command("stack", commands.cmd_stack,
+                "a local Prefect server, MLflow server and S3-compatible store on 127.0.0.1")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--json", action="store_true")
     for name, port in (("s3", 9000), ("mlflow", 5000), ("prefect", 4200)):

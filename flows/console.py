@@ -112,8 +112,8 @@ def methods_text(methods: dict[str, str]) -> str:
 def method_settings_text(name: str, cls) -> str:
     """A method's summary and every setting with its default and meaning."""
     defaults = cls.Settings().model_dump(mode="json")
-    lines = [f"{name}: {cls.summary}\n\nsettings (method.settings.<key>; defaults from the official code where "
-             "one exists):"]
+    lines = [(f"{name}: {cls.summary}\n\nsettings (method.settings.<key>; defaults from the official code where "
+              "one exists):")]
     for key, field in cls.Settings.model_fields.items():
         note = f"  # {field.description}" if field.description else ""
         lines.append(f"  {key}: {json.dumps(defaults[key])}{note}")
@@ -168,13 +168,13 @@ def demo_text(run) -> str:
         "\ntask ledger:",
         ledger_text(run.ledger),
         run.registry,
-        f"\ndemo finished in {run.elapsed_s:.1f} s. The night took {night:.1f} s: ingestion + validation + DVC "
-        f"{ingest_s:.1f} s, pools + training + evaluation {learn_s:.1f} s, MLflow run + model + version "
-        f"{register_s:.1f} s, orchestration (Prefect's temporary server, flow and task runs) "
-        f"{night - ingest_s - learn_s - register_s:.1f} s.\n"
-        f"  .venv/bin/cliploop status -w {ws}\n"
-        f"  .venv/bin/cliploop lineage champion -w {ws} --verify\n"
-        f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{ws / '.cliploop' / 'mlflow.db'} "
-        f"--port 5000   (then http://127.0.0.1:5000)\n"
-        f"  Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200; the demo's runs are there)\n"
-        f"  reports of quarantined tasks: {ws / '.cliploop' / 'quarantine'}"])
+        (f"\ndemo finished in {run.elapsed_s:.1f} s. The night took {night:.1f} s: ingestion + validation + DVC "
+         f"{ingest_s:.1f} s, pools + training + evaluation {learn_s:.1f} s, MLflow run + model + version "
+         f"{register_s:.1f} s, orchestration (Prefect's temporary server, flow and task runs) "
+         f"{night - ingest_s - learn_s - register_s:.1f} s.\n"
+         f"  .venv/bin/cliploop status -w {ws}\n"
+         f"  .venv/bin/cliploop lineage champion -w {ws} --verify\n"
+         f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{ws / '.cliploop' / 'mlflow.db'} "
+         f"--port 5000   (then http://127.0.0.1:5000)\n"
+         f"  Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200; the demo's runs are there)\n"
+         f"  reports of quarantined tasks: {ws / '.cliploop' / 'quarantine'}")])

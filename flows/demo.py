@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # The demo's promotion policy: gate rules a reviewer would set, and promotion by rule so the demo needs no one.
 DEMO_POLICY = ["approval.auto_promote=true", "gate.max_forgetting=10", "gate.min_new_task_accuracy=25"]
