@@ -125,6 +125,8 @@ def is_transient(exc: BaseException) -> bool:
     """Errors worth a retry with backoff: storage and registry hiccups, not bad data or bugs."""
     import sqlite3
 
+    from components.registry import is_unavailable
+
     names = {type(e).__name__ for e in _causes(exc)}
     if names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
                 "ConnectionClosedError", "TimeoutError", "BrokenPipeError", "ConnectionResetError", "StorageError",
@@ -133,23 +135,9 @@ def is_transient(exc: BaseException) -> bool:
     for e in _causes(exc):
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
             return True
-        if _mlflow_unavailable(e):
+        if is_unavailable(e):
             return True
     return False
-
-
-def _mlflow_unavailable(exc: BaseException) -> bool:
-    """An MLflow error that says the tracking server could not answer now: refused or dropped connections,
-    5xx and 429 answers (after MLflow's own HTTP retries), a locked database. Not "not found", not a 4xx."""
-    from mlflow.exceptions import MlflowException, RestException
-
-    if not isinstance(exc, MlflowException):
-        return False
-    if "database is locked" in str(exc) or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
-        return True
-    came_over_http = isinstance(exc, RestException) or str(exc).startswith("API request to")
-    status = exc.get_http_status_code()
-    return came_over_http and (status >= 500 or status == 429)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -405,6 +393,21 @@ def mark_failed(config: Config, task_id: str, reason: str) -> None:
             ledger.transition(task_id, "failed", expect=["learning"], reason=reason[:2000])
 
 
+def interrupted(config: Config, signum: int) -> list[str]:
+    """The night was stopped by a signal and did not unwind: its ``learning`` tasks become ``failed``."""
+    import signal
+
+    name = signal.Signals(signum).name
+    changed = []
+    with _ledger(config) as ledger:
+        for record in ledger.all():
+            if record.state == "learning":
+                ledger.transition(record.task_id, "failed", expect=["learning"],
+                                  reason=f"interrupted by {name}: the night was stopped before this task finished")
+                changed.append(record.task_id)
+    return changed
+
+
 def run_update(config: Config, task_id: str, parent_version: int | None,
                pools: dict[str, str] | None = None) -> dict[str, Any]:
     """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete)."""
@@ -452,15 +455,16 @@ def _peak_memory_mb() -> float:
 
 def register_update(config: Config, update: dict[str, Any], flow_run_id: str | None = None) -> dict[str, Any]:
     """An MLflow run and a model version (alias challenger) for a finished update; idempotent by its key."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     started = time.perf_counter()
     registry = _registry(config)
     task_id, key = update["task_id"], update["run_key"]
     record = _record(config, task_id)
     existing = registry.find_version(key)
-    if existing is not None:
-        version, run_id = int(existing.version), existing.run_id
+    if existing is not None:  # registered by an earlier attempt; register() resumes what it left undone
+        run_id = existing.run_id
+        version = registry.register(run_id, key, {})
+        if not registry.has_artifact(run_id, "lineage.json"):
+            _log_lineage(config, registry, version, run_id)
     else:
         run = registry.find_run(key)
         tags = {"task_id": task_id, "method": config.method.name, "run_key": key,
@@ -484,12 +488,9 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             if timings.get("train_step_ms"):
                 metrics["perf.train_step_ms"] = timings["train_step_ms"]
             run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
-            source = json.dumps({"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
-                                 "workspace": str(config.workspace_path), "commit": record.workspace_commit})
-            datasets = [DatasetInput(Dataset(name=task_id, digest=(record.dvc_md5 or record.content_digest)[:36],
-                                             source_type="dvc", source=source),
-                                     tags=[InputTag("mlflow.data.context", "train")])]
-            registry.client.log_inputs(run_id, datasets=datasets)
+            registry.log_task_dataset(run_id, task_id, record.dvc_md5 or record.content_digest,
+                                      {"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
+                                       "workspace": str(config.workspace_path), "commit": record.workspace_commit})
         else:
             run_id = run.info.run_id
         version = registry.register(run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"})
@@ -509,7 +510,7 @@ def _log_lineage(config: Config, registry, version: int, run_id: str) -> None:
     from components.lineage import build_lineage
 
     record = build_lineage(registry, version, config.workspace_path, verify=False)
-    registry.client.log_text(run_id, json.dumps(record, indent=2, default=str), "lineage.json")
+    registry.log_json(run_id, record, "lineage.json")
 
 
 def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -527,8 +528,7 @@ def champion_row(registry, exclude: int | None = None) -> dict[str, float] | Non
     champion = registry.alias("champion")
     if champion is None or champion == exclude:
         return None
-    mv = registry.model_version(champion)
-    metrics = registry.client.get_run(mv.run_id).data.metrics
+    metrics = registry.run_metrics(champion)
     return {k[len("acc."):]: v for k, v in metrics.items() if k.startswith("acc.")}
 
 

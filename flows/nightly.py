@@ -85,6 +85,16 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
     return summary
 
 
+SHUTDOWN_GRACE_S = 10.0  # after SIGTERM/SIGINT, how long the night may take to unwind before it is ended
+
+
 def run_night(config, **flow_options) -> dict[str, Any]:
-    """Run one night in this process (no server needed); a failed task raises NightFailed with the summary."""
-    return nightly.with_options(**flow_options)(config=config.portable()) if flow_options else nightly(config=config.portable())
+    """Run one night in this process (no server needed); a failed task raises NightFailed with the summary.
+
+    SIGTERM/SIGINT end it within seconds (``NightInterrupted``), and no process it started outlives it,
+    even on SIGKILL (``flows/lifeline.py``)."""
+    from flows.lifeline import supervised
+
+    flow_fn = nightly.with_options(**flow_options) if flow_options else nightly
+    return supervised(lambda: flow_fn(config=config.portable()),
+                      on_hard_stop=lambda signum: pipeline.interrupted(config, signum), grace_s=SHUTDOWN_GRACE_S)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -190,6 +191,67 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
     assert registry.alias("champion") == 1 and _states(cfg) == {"t-a": "promoted"}
     artifacts = {a.path for a in registry.client.list_artifacts(registry.model_version(1).run_id)}
     assert "lineage.json" in artifacts
+
+
+# ---- defect 5: SIGTERM does not end a night; SIGKILL leaves Prefect's temporary server behind ------------
+
+
+def _alive(processes) -> set:
+    from flows.lifeline import running
+
+    return running(processes)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _night_until_learning(cfg, ckpt, settings: list[str]) -> tuple[subprocess.Popen, set]:
+    """``cliploop nightly`` in a child process, once its task is being learned: (process, its descendants)."""
+    from flows.lifeline import descendants
+
+    sets = [a for s in settings for a in ("--set", s)]
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, ckpt), *sets],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _states(cfg).get("t-a") != "learning" and child.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert _states(cfg).get("t-a") == "learning", f"the night never started learning (exit {child.poll()})"
+    time.sleep(2)  # into the training loop
+    return child, descendants(child.pid)
+
+
+def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behind(tmp_path, tiny_checkpoint):
+    settings = [f"drop_zone={tmp_path / 'incoming'}", "method.name=finetune", "method.settings.iterations=1000000",
+                "method.settings.batch_size=2", "method.settings.warmup_steps=0", "approval.timeout_s=0"]
+    cfg = _cfg(tmp_path, tiny_checkpoint, *settings[1:])
+    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+
+    child, below = _night_until_learning(cfg, tiny_checkpoint, settings)
+    assert any("uvicorn" in _cmdline(pid) for pid, _ in below)  # Prefect's temporary server
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    child.wait(timeout=60)
+    assert time.monotonic() - started < 30 and child.returncode != 0
+    time.sleep(1)
+    assert not _alive(below), [_cmdline(p) for p, _ in _alive(below)]
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        record = ledger.get("t-a")
+    assert record.state == "failed" and "SIGTERM" in record.reason
+
+    child, below = _night_until_learning(cfg, tiny_checkpoint, settings)  # the failed task is tried again
+    assert any("uvicorn" in _cmdline(pid) for pid, _ in below)
+    child.kill()
+    child.wait(timeout=30)
+    deadline = time.time() + 20
+    while _alive(below) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(below), [_cmdline(p) for p, _ in _alive(below)]
+    assert _states(cfg) == {"t-a": "learning"}  # no code of ours ran; the next night's reconcile says why
+    assert any("interrupted" in line for line in pipeline.reconcile(cfg)) and _states(cfg) == {"t-a": "failed"}
 
 
 # ---- defect 2: a transient MLflow error read as "absent" -----------------------------------------------------
