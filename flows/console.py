@@ -77,10 +77,10 @@ def registry_text(config) -> str:
 
     registry = from_config(config)
     try:
-        versions = registry.client.search_model_versions(f"name = '{registry.model_name}'")
-    except Exception:  # an empty or unreachable registry: the view is simply left out
+        versions = registry.versions()
+        aliases = {v: a for a in ("champion", "challenger", "previous-champion") if (v := registry.alias(a)) is not None}
+    except Exception:  # an unreachable registry: the view is simply left out
         return ""
-    aliases = {v: a for a in ("champion", "challenger", "previous-champion") if (v := registry.alias(a)) is not None}
     rows = []
     for mv in sorted(versions, key=lambda m: int(m.version)):
         tags = registry.version_tags(int(mv.version))
