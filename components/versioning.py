@@ -32,21 +32,46 @@ class VersioningError(RuntimeError):
     """git or DVC failed; the message carries the command and its output."""
 
 
-def _run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
+         shown: list[str] | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.setdefault("DVC_NO_ANALYTICS", "1")
     full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
     if env:
         full_env.update(env)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, check=False)
     if check and proc.returncode != 0:
-        shown = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
-        raise VersioningError(f"`{shown}` failed in {cwd} (exit {proc.returncode}):\n{(proc.stderr or proc.stdout).strip()}")
+        raise VersioningError(f"`{' '.join(shown or cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
+                              f"{_shorten((proc.stderr or proc.stdout).strip())}")
     return proc
 
 
+def _shorten(text: str, head: int = 3, tail: int = 2) -> str:
+    """A failed push names every file it could not move; the first few and the summary say enough."""
+    lines = text.splitlines()
+    if len(lines) <= head + tail + 1:
+        return text
+    return "\n".join(lines[:head] + [f"... ({len(lines) - head - tail} more lines)"] + lines[-tail:])
+
+
+# `python -m dvc`, armed to get SIGTERM when the thread that started it dies. Without it, a cliploop killed
+# or stopped by SIGTERM during `dvc push` left the push running on its own, holding the workspace's DVC
+# lock against the rerun. Set in the child itself (not preexec_fn, which is unsafe with threads).
+_DVC_LAUNCHER = """\
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # not Linux: no parent-death signal
+if os.getppid() != int(os.environ["CLIPLOOP_DVC_PARENT"]):
+    sys.exit(143)  # the parent died before the signal was armed
+runpy.run_module("dvc", run_name="__main__", alter_sys=True)
+"""
+
+
 def dvc(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "dvc", *args], ws, check=check)
+    return _run([sys.executable, "-c", _DVC_LAUNCHER, *args], ws, check=check,
+                env={"CLIPLOOP_DVC_PARENT": str(os.getpid())}, shown=["dvc", *args])
 
 
 def git(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -243,7 +268,7 @@ def head(ws: Path) -> str | None:
 
 
 def push(ws: Path) -> None:
-    dvc(["push", "-q"], ws)
+    dvc(["push"], ws)  # not -q: with it a failed push says nothing about why
 
 
 def remove_tree(path: Path) -> None:
