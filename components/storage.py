@@ -91,9 +91,10 @@ def is_s3(uri: str | os.PathLike) -> bool:
 class S3Settings:
     """Non-secret S3 settings from cliploop's config; None means "from the AWS configuration".
 
-    Retries: ``max_attempts`` and ``retry_mode`` here, else the AWS configuration's (``AWS_MAX_ATTEMPTS``,
-    ``AWS_RETRY_MODE``, ``max_attempts``/``retry_mode`` in ``~/.aws/config``), else 5 attempts in
-    botocore's ``standard`` mode (which retries resets, timeouts, 5xx and throttling with backoff).
+    Retries: ``max_attempts`` (in all, the first one included) and ``retry_mode`` here, else the AWS
+    configuration's (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``, ``max_attempts``/``retry_mode`` in
+    ``~/.aws/config``), else 6 attempts in botocore's ``standard`` mode (which retries resets, timeouts,
+    5xx and throttling with backoff).
     The timeouts bound a store that accepts connections and never answers.
     """
 
@@ -105,7 +106,7 @@ class S3Settings:
     read_timeout: float = 60.0
 
 
-DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_MAX_ATTEMPTS = 6  # the first and 5 retries, as before the AWS configuration was honoured
 DEFAULT_RETRY_MODE = "standard"
 
 
@@ -113,15 +114,23 @@ def retry_config(settings: S3Settings | None = None, botocore_session=None) -> d
     """botocore's ``retries`` setting: cliploop's config first, then the AWS configuration, then our default.
 
     An explicit ``retries`` in a client's Config hides the AWS configuration's, so it is resolved here.
+    ``total_max_attempts`` counts the first attempt, as ``AWS_MAX_ATTEMPTS`` does (botocore's
+    ``max_attempts`` key would count retries only).
     """
     settings = settings or S3Settings()
     if botocore_session is None:
         import botocore.session
 
         botocore_session = botocore.session.get_session()
-    attempts = settings.max_attempts or botocore_session.get_config_variable("max_attempts")
-    mode = settings.retry_mode or botocore_session.get_config_variable("retry_mode")
-    return {"max_attempts": int(attempts or DEFAULT_MAX_ATTEMPTS), "mode": mode or DEFAULT_RETRY_MODE}
+    from botocore.exceptions import ProfileNotFound
+
+    try:  # the profile's own settings (botocore's config variables would answer with its defaults)
+        profile = botocore_session.get_scoped_config()
+    except ProfileNotFound:  # botocore says so itself when the client is made
+        profile = {}
+    attempts = settings.max_attempts or os.environ.get("AWS_MAX_ATTEMPTS") or profile.get("max_attempts")
+    mode = settings.retry_mode or os.environ.get("AWS_RETRY_MODE") or profile.get("retry_mode")
+    return {"total_max_attempts": int(attempts or DEFAULT_MAX_ATTEMPTS), "mode": mode or DEFAULT_RETRY_MODE}
 
 
 def s3_client(settings: S3Settings | None = None):
