@@ -10,7 +10,9 @@
 - ``blackhole``: the connection is accepted and never answered (until the proxy stops);
 - ``latency``: seconds added before each forwarded request (makes a transfer slow enough to kill).
 
-Shares are fractions of requests in [0, 1] (their sum at most 1), settable at any time with ``set()``.
+Shares are fractions of requests in [0, 1] (their sum at most 1), settable at any time with ``set()``;
+``match`` (a regular expression searched in ``"METHOD /bucket/key?query"``) limits the faults to the
+requests it finds, e.g. ``r"^GET .*/img/"`` for the image reads of a drop.
 Which request is broken is deterministic for a seed: the decision is a hash of the seed, the request
 (method, path and query without upload ids) and how many times that same request was seen, so it does not
 depend on the order in which threads arrive, and a retry of a request gets a fresh decision. ``counts``
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import re
 import socket
 import socketserver
 import struct
@@ -52,7 +55,7 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, proxy: "S3FaultProxy"):
+    def __init__(self, proxy: S3FaultProxy):
         self.proxy = proxy
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -65,7 +68,7 @@ class _Handler(socketserver.BaseRequestHandler):
 class S3FaultProxy:
     def __init__(self, upstream: str, *, seed: int = 0, reset: float = 0.0, slowdown: float = 0.0,
                  blackhole: float = 0.0, latency: float = 0.0, reset_at: str = "request",
-                 max_lifetime: float = 300.0):
+                 match: str | None = None, max_lifetime: float = 300.0):
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname not in LOCAL_HOSTS or not parts.port:
             raise ValueError(f"the fault proxy only forwards to http://127.0.0.1:PORT, not {upstream!r}")
@@ -80,15 +83,19 @@ class S3FaultProxy:
         self.shares = {"blackhole": 0.0, "reset": 0.0, "slowdown": 0.0}
         self.latency = 0.0
         self.reset_at = "request"
-        self.set(reset=reset, slowdown=slowdown, blackhole=blackhole, latency=latency, reset_at=reset_at)
+        self.match: re.Pattern | None = None
+        self.set(reset=reset, slowdown=slowdown, blackhole=blackhole, latency=latency, reset_at=reset_at,
+                 match=match)
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
 
     # ---- control ---------------------------------------------------------------------------------
 
     def set(self, *, reset: float | None = None, slowdown: float | None = None, blackhole: float | None = None,
-            latency: float | None = None, reset_at: str | None = None) -> "S3FaultProxy":
-        """Change the fault shares (fractions of requests) or the latency; None keeps the current value."""
+            latency: float | None = None, reset_at: str | None = None,
+            match: str | None = None) -> S3FaultProxy:
+        """Change the fault shares (fractions of requests) or the latency; None keeps the current value
+        (``match=""`` removes the filter)."""
         with self._lock:
             shares = dict(self.shares)
             for name, value in (("reset", reset), ("slowdown", slowdown), ("blackhole", blackhole)):
@@ -103,11 +110,21 @@ class S3FaultProxy:
             self.shares = shares
             self.latency = self.latency if latency is None else max(0.0, float(latency))
             self.reset_at = reset_at or self.reset_at
+            if match is not None:
+                self.match = re.compile(match) if match else None
         return self
 
-    def faults(self, rate: float) -> "S3FaultProxy":
+    def clear(self) -> S3FaultProxy:
+        """No faults, no latency, no filter, counts at zero: as new (for a proxy shared between tests)."""
+        with self._lock:
+            self._seen.clear()
+            self.counts.clear()
+            self.log.clear()
+        return self.set(reset=0.0, slowdown=0.0, blackhole=0.0, latency=0.0, reset_at="request", match="")
+
+    def faults(self, rate: float) -> S3FaultProxy:
         """A fault rate split evenly between connection resets and 503 SlowDown answers."""
-        return self.set(reset=rate / 2, slowdown=rate / 2, blackhole=0.0)
+        return self.set(reset=rate / 2, slowdown=rate / 2, blackhole=0.0, match="")
 
     @property
     def url(self) -> str:
@@ -124,7 +141,7 @@ class S3FaultProxy:
         with self._lock:
             return dict(self.counts)
 
-    def start(self) -> "S3FaultProxy":
+    def start(self) -> S3FaultProxy:
         self._server = _Server(self)
         serving = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                    name="s3-fault-proxy", daemon=True)
@@ -146,7 +163,7 @@ class S3FaultProxy:
         if not self._stop.wait(self.max_lifetime):
             self.stop()
 
-    def __enter__(self) -> "S3FaultProxy":
+    def __enter__(self) -> S3FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -164,6 +181,8 @@ class S3FaultProxy:
             self._seen[key] += 1
             self.counts["requests"] += 1
             shares = dict(self.shares)
+            if self.match is not None and not self.match.search(key):
+                shares = {name: 0.0 for name in shares}
         digest = hashlib.sha256(f"{self.seed}|{key}|{n}".encode()).digest()
         u = struct.unpack(">Q", digest[:8])[0] / 2.0**64
         action, edge = "forward", 0.0
