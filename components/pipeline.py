@@ -473,6 +473,7 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
                 "config_sha256": config.sha256(), "code_version": code_version(), "flow_run_id": flow_run_id or "",
                 "scenario": record.scenario or "", "content_digest": record.content_digest}
         if run is None:
+            registry.fail_abandoned_runs(key)  # we register this key now: a RUNNING run of it is a dead one
             out = Path(update["out_dir"])
             extra = {}
             if record.report and Path(record.report).exists():

@@ -172,6 +172,7 @@ class Registry:
                 self.client.log_batch(run_id, params=flat[start:start + 100])
             if (Path(out_dir) / "eval").is_dir():
                 self.client.log_artifacts(run_id, str(Path(out_dir) / "eval"), "eval")
+            fault_point("during_artifact_upload")
             if (Path(out_dir) / "state").is_dir():
                 if not (Path(out_dir) / "config.resolved.yaml").is_file():
                     raise RegistryError(f"{out_dir}: state/ without config.resolved.yaml (the model could not be loaded)")
@@ -188,10 +189,21 @@ class Registry:
                     self.client.log_artifact(run_id, str(path), dest)
             self.client.set_tag(run_id, TAG + "task_id", task_id)
             self.client.set_terminated(run_id, "FINISHED")
-        except Exception:
-            self.client.set_terminated(run_id, "FAILED")
+        except BaseException:  # an interrupted night too: a half-logged run must never look finished or running
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(run_id, "FAILED")
             raise
         return run_id
+
+    def fail_abandoned_runs(self, key: str) -> list[str]:
+        """Runs logged for ``key`` and left RUNNING by a process that died mid-upload become FAILED (tagged
+        ``cliploop.abandoned``), so the UI shows no run forever in progress; returns their ids."""
+        runs = self.client.search_runs([self.experiment_id()], f"tags.`{TAG}run_key` = '{key}' and "
+                                       f"attributes.status = 'RUNNING'", max_results=50)
+        for run in runs:
+            self.client.set_tag(run.info.run_id, TAG + "abandoned", "true")
+            self.client.set_terminated(run.info.run_id, "FAILED")
+        return [r.info.run_id for r in runs]
 
     def _log_loss_curves(self, run_id: str, report_path: Path, stamp: int) -> None:
         """The trainer's per-step losses (eval/training.json) as metric histories ``train.<term>``."""

@@ -193,6 +193,40 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
     assert "lineage.json" in artifacts
 
 
+# ---- kill -9 / SIGTERM during the MLflow artifact upload --------------------------------------------------
+
+
+def _runs(registry) -> list[tuple[str, str]]:
+    return sorted((r.info.status, r.data.tags.get("cliploop.abandoned", "")) for r in
+                  registry.client.search_runs([registry.experiment_id()]))
+
+
+@pytest.mark.parametrize("signal_name", ["kill", "term"])
+def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_completes(tmp_path, tiny_checkpoint,
+                                                                                   signal_name):
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0")
+    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+    fault = f"during_artifact_upload:{signal_name}"
+    if signal_name == "kill":
+        assert _steps_in_child(cfg, "t-a", fault).returncode == -9
+        left = ("RUNNING", "")  # no code of ours ran after the kill
+    else:  # a whole night in a child, stopped by SIGTERM mid-upload: it unwinds and says so
+        night = subprocess.run([sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, tiny_checkpoint),
+                                "--set", f"drop_zone={tmp_path / 'incoming'}", "--set", "approval.timeout_s=0"],
+                               cwd=REPO, env=os.environ | {"CLIPLOOP_FAULT": fault}, capture_output=True,
+                               text=True, timeout=300)
+        assert night.returncode != 0, night.stdout[-2000:] + night.stderr[-2000:]
+        left = ("FAILED", "")
+        assert _states(cfg) == {"t-a": "failed"}
+    registry = from_config(cfg)
+    assert registry.versions() == [] and _runs(registry) == [left]  # nothing published
+
+    version, _ = _learn_steps(cfg, "t-a")
+    assert version == 1 and [int(v.version) for v in registry.versions()] == [1]
+    assert _runs(registry) == sorted([("FINISHED", ""), ("FAILED", "true" if signal_name == "kill" else "")])
+    assert registry.alias("challenger") == 1 and _states(cfg) == {"t-a": "learned"}
+
+
 # ---- defect 5: SIGTERM does not end a night; SIGKILL leaves Prefect's temporary server behind ------------
 
 
