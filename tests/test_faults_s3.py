@@ -429,7 +429,7 @@ PUSH = "import sys; from pathlib import Path; from components import versioning;
 @pytest.mark.parametrize("how", ["kill-9", "sigterm"])
 def test_killed_during_dvc_push_publishes_nothing_half_and_rerun_completes(how, dvc_ws, direct, proxy):
     ws, s3_bucket = dvc_ws, DVC_BUCKET
-    proxy.set(latency=0.5)  # each request to the store takes 0.5 s: the push lasts long enough to be hit
+    proxy.set(latency=1.0)  # each request to the store takes 1 s: the push lasts long enough to be hit
 
     child = subprocess.Popen([sys.executable, "-c", PUSH, str(ws)], cwd=REPO, env=dict(os.environ),
                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -449,7 +449,7 @@ def test_killed_during_dvc_push_publishes_nothing_half_and_rerun_completes(how, 
     started = time.monotonic()
     child.communicate(timeout=30)
     ended_in = time.monotonic() - started
-    gone_by = time.monotonic() + 3
+    gone_by = time.monotonic() + 1.5  # the push would need several seconds more: an orphan is still there
     while _alive(helpers) and time.monotonic() < gone_by:
         time.sleep(0.05)
     left_behind = _alive(helpers)
