@@ -1,4 +1,4 @@
-"""LVP-CLIP label-vector pools (methods.md §1): one pool per task, built from that task alone.
+"""LVP-CLIP label-vector pools (docs/methods/lvp.md): one pool per task, built from that task alone.
 
 A :class:`TaskPool` holds, for each class of its task, the sum and count of the task's L2-normalised
 training-image embeddings (fp64, so merged means are exact and independent of order), the class's text

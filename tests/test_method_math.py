@@ -1,5 +1,5 @@
 """The methods' mathematics on tiny tensors, against values worked out by hand or from the definitions
-in methods.md (§2 SG, §4 CTP, §5 GNSP, §6.3 ZSCL, §8 baselines), and the shared trainer's schedule and
+in the method pages under docs/methods/, and the shared trainer's schedule and
 resumable checkpoints."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LVP-CLIP pools (methods.md §1) on hand-made embeddings: the mathematics, order invariance, persistence."""
+"""LVP-CLIP pools (docs/methods/lvp.md) on hand-made embeddings: the mathematics, order invariance, persistence."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The method contract (contracts.md, "Method contract").
+"""The method contract (docs/contracts.md, "Method hooks").
 
 A method sees the learner state and one task, and returns the new learner state; it can also score
 images against any set of classes. Its hooks::

@@ -1,4 +1,4 @@
-"""CTP (methods.md §4, §9 notes 10-14, 27): compatible momentum contrast + topology preservation,
+"""CTP (docs/methods/ctp.md): compatible momentum contrast + topology preservation,
 adapted to CLIP's two towers (the ALBEF fusion and MLM terms have no CLIP counterpart and are dropped).
 
 - A momentum model is re-initialised from the task's starting model at every task and updated each

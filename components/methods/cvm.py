@@ -1,4 +1,4 @@
-"""CVM, continual visual mapping (methods.md §3.1, our reference design; no official code exists).
+"""CVM, continual visual mapping (docs/methods/cvm.md; our reference design, no official code exists).
 
 A small visual model (the configured backbone's image tower) and a linear map P are trained so that
 normalize(P g(x)) lands on its class's concept: the normalised embedding of the class prompt by a frozen

@@ -1,4 +1,4 @@
-"""Continual full fine-tuning (methods.md §6.3, §8): both towers trained on each task with the task loss
+"""Continual full fine-tuning (docs/methods/finetune.md): both towers trained on each task with the task loss
 alone. The forgetting lower bound every other method is measured against.
 
 Defaults are the MTIL protocol of the ZSCL code: AdamW (weight decay 0), 1000 iterations of batch 64,

@@ -1,4 +1,4 @@
-"""GNSP (methods.md §5, §9 notes 1-9): gradient null-space projection, contrastive distillation (CD)
+"""GNSP (docs/methods/gnsp.md): gradient null-space projection, contrastive distillation (CD)
 and modality-alignment preservation (MAP).
 
 After each task, the inputs of the image tower's MLP layers (``c_fc``, ``c_proj`` of every block) and of
@@ -114,7 +114,7 @@ def map_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
 
 
 # ---- typed state: the running Gram sums, one per projected matrix ------------------------------------------
-# Persisted, not the projectors (methods.md §9 note 6): P is recomputed from them at the start of a task.
+# Persisted, not the projectors (docs/methods/gnsp.md, "Per-task state"): P is recomputed from them at the start of a task.
 
 
 def gram_sums(state) -> dict[str, torch.Tensor]:

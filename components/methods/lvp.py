@@ -1,4 +1,4 @@
-"""LVP-CLIP (methods.md §1): a frozen CLIP whose classes are represented by label vectors built from
+"""LVP-CLIP (docs/methods/lvp.md): a frozen CLIP whose classes are represented by label vectors built from
 training-image embeddings. A task adds the vectors of its own classes and touches nothing else, so
 tasks can be learned in any order, or in parallel, with the same result.
 """

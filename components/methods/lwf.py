@@ -1,4 +1,4 @@
-"""LwF for CLIP (methods.md §8, as in ZSCL's MTIL code): fine-tune both towers on the task while
+"""LwF for CLIP (docs/methods/lwf.md; as in ZSCL's MTIL code): fine-tune both towers on the task while
 distilling the model the task started from, on the current task's images: image->text and
 text->image logits against the task's class prompts, soft cross-entropy at temperature 2.
 """

@@ -1,4 +1,4 @@
-"""SG-RL + SG-KD (methods.md §2, §9 notes 15-17): class-name semantics from the frozen text encoder
+"""SG-RL + SG-KD (docs/methods/sg.md): class-name semantics from the frozen text encoder
 guide both the targets and the distillation. Only the image tower's last block trains.
 
 - SG-RL: a sample of class y is trained towards column y of Q = softmax over classes of

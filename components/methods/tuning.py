@@ -39,7 +39,7 @@ def soft_ce_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
 
 def image_text_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KD_T on an image x text logit matrix in both directions (image->text and text->image), as LwF's,
-    ZSCL's and GNSP's contrastive distillation use it (methods.md §5.2, §6.3, §8)."""
+    ZSCL's and GNSP's contrastive distillation use it (docs/methods/README.md, "Notation")."""
     return (soft_ce_distill(teacher_logits, student_logits, temperature)
             + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
 

@@ -1,4 +1,4 @@
-"""WiSE-FT as a continual baseline (methods.md §8): fine-tune on the task, then interpolate the weights
+"""WiSE-FT as a continual baseline (docs/methods/wise-ft.md): fine-tune on the task, then interpolate the weights
 with the model the task started from, theta_t = alpha * theta_ft + (1 - alpha) * theta_{t-1}
 (alpha 0.8 in the ZSCL script).
 """

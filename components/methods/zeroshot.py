@@ -1,4 +1,4 @@
-"""Zero-shot CLIP (methods.md §8): the frozen model and class-prompt text embeddings, no training.
+"""Zero-shot CLIP (docs/methods/zeroshot.md): the frozen model and class-prompt text embeddings, no training.
 
 Never forgets; its plasticity is bounded by the zero-shot accuracy. The reference every method is
 compared with.

@@ -1,4 +1,4 @@
-"""ZSCL (methods.md §6.3, §8): fine-tuning that keeps CLIP's zero-shot ability by distilling the base
+"""ZSCL (docs/methods/zscl.md): fine-tuning that keeps CLIP's zero-shot ability by distilling the base
 model's image-text logits on a reference set, an L2 pull towards the task's starting weights, and a
 running weight ensemble every 100 iterations that becomes the saved model.
 
