@@ -43,8 +43,12 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
         cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": method, "settings": {}})})
     doc = cfg.portable()
     log = get_run_logger()
-    summary: dict[str, Any] = {"reconciled": [], "ingested": [], "pools": [], "updates": [], "stopped": None}
+    summary: dict[str, Any] = {"swept": [], "reconciled": [], "ingested": [], "pools": [], "updates": [],
+                               "stopped": None}
     with pipeline.chain_lock(cfg):
+        summary["swept"] = sweep_abandoned_runs(cfg)
+        for run in summary["swept"]:
+            log.warning("flow run %s was left Running by a process that died: marked Crashed", run)
         summary["reconciled"] = step(pipeline.reconcile, cfg)(cfg)
         for line in summary["reconciled"]:
             log.info("reconciled: %s", line)
@@ -83,6 +87,39 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
                 log.info("stopping the chain: %s; later tasks wait for the next night", summary["stopped"])
                 break
     return summary
+
+
+def sweep_abandoned_runs(cfg) -> list[str]:
+    """Flow runs of this chain left ``Running`` by a process or worker that died become ``Crashed``.
+
+    Prefect never does this by itself (a dead worker's run stays Running for good). Called under the chain
+    lock: no other night of this chain is alive, so a Running run of ours for the same workspace and
+    registered model, other than this one and its parents, is a dead one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.context import FlowRunContext
+    from prefect.states import Crashed
+
+    ours = {str(cfg.workspace_path), cfg.mlflow.registered_model}
+    current = FlowRunContext.get()
+    alive = {str(current.flow_run.id)} if current and current.flow_run else set()
+    names = ["cliploop-nightly", "continual-update", gpu.BUILD_POOL, gpu.TRAIN_EVALUATE]
+    swept = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=names)),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING]))), limit=200)
+        for run in runs:
+            doc = (run.parameters or {}).get("config") or {}
+            if str(run.id) in alive or {doc.get("workspace"), (doc.get("mlflow") or {}).get("registered_model")} != ours:
+                continue
+            client.set_flow_run_state(run.id, Crashed(message="its process or worker died while it was running; "
+                                                              "swept by the next night (cliploop)"), force=True)
+            swept.append(str(run.id))
+    return swept
 
 
 SHUTDOWN_GRACE_S = 10.0  # after SIGTERM/SIGINT, how long the night may take to unwind before it is ended
