@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from components.faults import fault_point
 from components.methods.base import MethodReport
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class Checkpoint(Callback):
     def on_step_end(self, run, step, losses, seconds):
         if (step + 1) % self.every == 0 and step + 1 < run.total:
             save_checkpoint(self.folder, run, step + 1)
+            fault_point("after_checkpoint")
 
     def on_fit_end(self, run):
         for name in ("checkpoint.safetensors", "checkpoint.json"):

@@ -193,6 +193,25 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
     assert "lineage.json" in artifacts
 
 
+# ---- kill -9 of a training step after a checkpoint --------------------------------------------------------
+
+
+def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_version(tmp_path, tiny_checkpoint):
+    import json
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "method.name=finetune", "method.settings.iterations=4",
+               "method.settings.batch_size=2", "method.settings.checkpoint_every=2", "method.settings.warmup_steps=0")
+    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+    assert _steps_in_child(cfg, "t-a", "after_checkpoint:kill").returncode == -9
+    assert list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("checkpoint.json"))
+
+    version, update = _learn_steps(cfg, "t-a")
+    training = json.loads((Path(update["out_dir"]) / "eval" / "training.json").read_text())
+    assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
+    registry = from_config(cfg)
+    assert version == 1 and [int(v.version) for v in registry.versions()] == [1]
+
+
 # ---- kill -9 / SIGTERM during the MLflow artifact upload --------------------------------------------------
 
 
