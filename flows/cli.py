@@ -9,6 +9,7 @@ A user's mistake ends with one clear line and its exit code, never a traceback (
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from flows import commands
@@ -187,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("cliploop: interrupted; re-running the same command is safe", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a night stopped by SIGTERM/SIGINT (flows/lifeline.py)
+        signum = getattr(exc, "signum", 2)
+        print(f"cliploop: interrupted ({signal.Signals(signum).name}); re-running the same command is safe",
+              file=sys.stderr)
+        return 128 + signum
     except Exception as exc:
         known = user_error(exc)
         if known is None:

@@ -290,7 +290,7 @@ def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behin
     started = time.monotonic()
     child.send_signal(signal.SIGTERM)
     child.wait(timeout=60)
-    assert time.monotonic() - started < 30 and child.returncode != 0
+    assert time.monotonic() - started < 30 and child.returncode == 128 + signal.SIGTERM
     time.sleep(1)
     assert not _alive(below), [_cmdline(p) for p, _ in _alive(below)]
     with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
@@ -319,6 +319,79 @@ def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behin
     assert len(summary["swept"]) == 2, summary  # the nightly flow run and its continual-update subflow run
     assert any("interrupted" in line for line in summary["reconciled"])
     assert [u["outcome"] for u in summary["updates"]] == ["awaiting-review"] and _states(cfg) == {"t-a": "learned"}
+
+
+# ---- the MLflow server killed during registration and restarted ---------------------------------------------
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts served from a local folder)."""
+    import urllib.request
+
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.3)
+    server.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def _kill_group(server: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, all at once
+    server.wait(timeout=30)
+
+
+def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_version(tmp_path, tiny_checkpoint,
+                                                                                      monkeypatch):
+    port = _free_port()
+    server = _mlflow_server(tmp_path, port)
+    try:
+        cfg = _cfg(tmp_path, tiny_checkpoint, f"mlflow.tracking_uri=http://127.0.0.1:{port}")
+        _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+        pipeline.start_learning(cfg, "t-a")
+        pools = {"t-a": pipeline.build_pool(cfg, "t-a")["pool_dir"]}
+        update = pipeline.run_update(cfg, "t-a", None, pools)
+
+        # The version is created, then the server dies before the alias is set.
+        mark = tmp_path / "registered"
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("CLIPLOOP_FAULT", f"after_register:mark={mark},after_register:sleep=3")
+        outcome: dict = {}
+        worker = threading.Thread(target=lambda: outcome.update(_try(pipeline.register_update, cfg, update)))
+        worker.start()
+        deadline = time.time() + 120
+        while not mark.exists() and worker.is_alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert mark.exists(), outcome
+        _kill_group(server)
+        worker.join(120)
+        assert pipeline.is_transient(outcome["error"])  # a step retry, not a failed task
+        monkeypatch.delenv("CLIPLOOP_FAULT")
+
+        server = _mlflow_server(tmp_path, port)  # back, on the same database
+        registry = from_config(cfg)
+        assert [int(v.version) for v in registry.versions()] == [1] and registry.alias("challenger") is None
+        assert pipeline.register_update(cfg, update)["version"] == 1  # the retry
+        assert [int(v.version) for v in registry.versions()] == [1] and registry.alias("challenger") == 1
+        assert _states(cfg) == {"t-a": "learned"}
+    finally:
+        _kill_group(server)
+
+
+def _try(fn, *args) -> dict:
+    try:
+        return {"value": fn(*args)}
+    except Exception as exc:  # handed to the test
+        return {"error": exc}
 
 
 # ---- defect 2: a transient MLflow error read as "absent" -----------------------------------------------------
