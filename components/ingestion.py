@@ -254,7 +254,7 @@ def _fallback_task_id(source) -> str:
 
 
 def _index_rows(facts, located) -> list[dict]:
-    from components.validation import SUFFIX
+    from components.images import SUFFIX
 
     rows = []
     for f in facts:

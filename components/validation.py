@@ -1,39 +1,32 @@
-"""Validation of a task drop: a Great Expectations suite on the manifest and on per-image facts,
-plus the checks that span tasks (scenario and class consistency). The result is a :class:`Report`
-(JSON) and GX's HTML data docs.
+"""Validation of a task drop: the facts about every listed image, Great Expectations suites over them
+and over the manifest, plus the checks that span tasks (scenario and class consistency). The result is
+a :class:`Report` (JSON) and GX's HTML data docs.
 
-Images are decoded here, in our own code, and never by anything that trusts the file extension:
-the format is taken from the magic bytes and only allow-listed formats reach Pillow (restricted to
-that one plugin); the pixel count is read from the header and checked before any decoding
-(decompression bombs); a full decode with truncation treated as an error catches damaged files.
-GX then validates the table of facts, so every rule's failures come back as rows.
+Each image is read once and probed by :mod:`components.images` (format by content, pixel limit before
+decoding, a full decode); :mod:`components.expectations` then validates the tables of facts, so every
+rule's failures come back as rows, which are phrased here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from components import storage
 from components.config import ValidationConfig
-from components.tasks import (DropError, DropSource, Manifest, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SPLITS, TaskSpec,
-                              normalise_class_name, path_problem)
-
-MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
-    (b"BM", "BMP"),
+from components.expectations import IMAGE_COLUMNS, run_expectations
+from components.images import SUFFIX, probe_image
+from components.tasks import (
+    SPLITS,
+    DropError,
+    DropSource,
+    Manifest,
+    TaskSpec,
+    normalise_class_name,
+    path_problem,
 )
-SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
 RULES: dict[str, str] = {
     "task-yaml": "task.yaml is present and follows the schema",
@@ -55,98 +48,6 @@ RULES: dict[str, str] = {
     "scenario-classes": "classes are consistent with the scenario (new for class-incremental, "
                         "the known set for domain-incremental)",
 }
-
-
-def sniff_format(data: bytes) -> str | None:
-    for magic, name in MAGIC:
-        if data.startswith(magic):
-            return name
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
-    """Width and height from the file header alone (no decoding), or None if the header is unreadable.
-
-    Lets the pixel limit be enforced before any decoder sees the file.
-    """
-    try:
-        if fmt == "PNG":
-            if data[12:16] != b"IHDR":
-                return None
-            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        if fmt == "JPEG":
-            i = 2
-            while i + 9 < len(data):
-                if data[i] != 0xFF:
-                    return None
-                marker = data[i + 1]
-                if marker == 0xFF:  # fill byte
-                    i += 1
-                    continue
-                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-                    i += 2
-                    continue
-                length = int.from_bytes(data[i + 2:i + 4], "big")
-                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-                    return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-                i += 2 + length
-            return None
-        if fmt == "WEBP":
-            kind = data[12:16]
-            if kind == b"VP8X":
-                return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
-            if kind == b"VP8L":
-                bits = int.from_bytes(data[21:25], "little")
-                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-            if kind == b"VP8 ":
-                return (int.from_bytes(data[26:28], "little") & 0x3FFF,
-                        int.from_bytes(data[28:30], "little") & 0x3FFF)
-    except (IndexError, ValueError):
-        return None
-    return None
-
-
-@dataclass
-class ImageProbe:
-    format: str | None
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-
-
-def probe_image(data: bytes, allowed: list[str], max_pixels: int) -> ImageProbe:
-    """Identify, size-check and fully decode an image held in memory. Never raises."""
-    from PIL import Image
-
-    fmt = sniff_format(data)
-    if fmt not in allowed:
-        # Not handed to Pillow at all: a TIFF or EPS named .jpg must not reach its plugin.
-        return ImageProbe(fmt or "unknown")
-    size = header_size(data, fmt)
-    if size is not None and size[0] * size[1] > max_pixels:
-        return ImageProbe(fmt, size[0], size[1])  # over the limit: reported by pixel-limit, never decoded
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    return ImageProbe(fmt, width, height)  # over the limit: reported by pixel-limit, not decoded
-                frames = getattr(im, "n_frames", 1)
-                if frames > 1:  # which frame is the labelled picture is anyone's guess: refused, not guessed
-                    return ImageProbe(fmt, width, height, error=f"is animated ({frames} frames); a training image "
-                                                                "must be a single still picture")
-                im.load()
-    except Image.DecompressionBombError as exc:
-        return ImageProbe(fmt, error=f"refused by the decoder's pixel guard ({exc})")
-    except Image.DecompressionBombWarning as exc:
-        return ImageProbe(fmt, error=f"refused by the decoder's pixel guard ({exc})")
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
-        text = str(exc) or type(exc).__name__
-        return ImageProbe(fmt, error=f"cannot be decoded ({text})")
-    return ImageProbe(fmt, width, height)
 
 
 @dataclass
@@ -336,7 +237,7 @@ def validate(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Val
         res.failures.append(Failure(message, fact.line if fact else None, fact.path if fact else None))
 
     by_line = {f.line: f for f in facts}
-    expectations = _run_gx(spec, manifest, facts, cfg, docs_dir)
+    expectations = run_expectations(spec, manifest, *_tables(manifest, facts), cfg, docs_dir)
     missing, extra = manifest.missing_columns, manifest.extra_columns
     declared = {normalise_class_name(n) for n in spec.class_names}
     lines_of: dict[str, list[int]] = {}
@@ -395,6 +296,23 @@ def validate(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Val
                   data_docs=str(docs_dir / "index.html") if docs_dir and (docs_dir / "index.html").exists() else None)
 
 
+def _tables(manifest: Manifest, facts: list[RowFacts]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows the expectations run on: the manifest as read, and the facts of each listed image."""
+    manifest_rows = []
+    for f in facts:
+        row = {"line": f.line, "path": f.path, "label": f.label, "split": f.split}
+        if "domain" in manifest.columns:
+            row["domain"] = f.domain
+        manifest_rows.append(row)
+    # format only for an image that was read and decoded: a refused file is reported by its own rule
+    image_rows = [dict(zip(IMAGE_COLUMNS, (f.line, f.path, f.path_problem, f.image_error,
+                                           f.format if f.image_error is None and f.path_problem is None else None,
+                                           f.pixels, min(f.width, f.height) if f.width and f.height else None,
+                                           f.leak_with is not None, f.seen_in)))
+                  for f in facts if f.path]
+    return manifest_rows, image_rows
+
+
 def _row_message(rule: str, fact: RowFacts, exp: dict, cfg: ValidationConfig, spec: TaskSpec,
                  lines_of: dict[str, list[int]]) -> str:
     where = _where(fact)
@@ -445,116 +363,3 @@ def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]
         if absent:
             fail("scenario-classes", f"task.yaml: domain-incremental task lacks known class(es) of dataset "
                                      f"{spec.dataset!r}: {', '.join(absent)}")
-
-
-# ---- Great Expectations ----------------------------------------------------------------------------
-
-
-def _run_gx(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: ValidationConfig,
-            docs_dir: Path | None) -> list[dict[str, Any]]:
-    """Run the suites; return one dict per expectation: rule, type, column, success, failing manifest lines."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    import pandas as pd
-
-    x = gx.expectations
-    declared = spec.class_names
-    manifest_cols = list(manifest.columns)
-    rows = []
-    for f in facts:
-        row = {"line": f.line, "path": f.path, "label": f.label, "split": f.split}
-        if "domain" in manifest.columns:
-            row["domain"] = f.domain
-        rows.append(row)
-    kept = [c for c in manifest_cols if c in ("path", "label", "split", "domain")]
-    manifest_df = pd.DataFrame(rows, columns=["line", *kept])
-    present_extra = [c for c in manifest_cols if c not in manifest_df.columns]
-    for col in present_extra:  # keep unexpected columns visible to the column check
-        manifest_df[col] = None
-
-    def meta(rule: str) -> dict:
-        return {"rule": rule}
-
-    expected_cols = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in manifest_cols]
-    manifest_suite = [x.ExpectTableColumnsToMatchSet(column_set=["line", *expected_cols], exact_match=True,
-                                                     meta=meta("columns"))]
-    for col in REQUIRED_COLUMNS:
-        if col in manifest_cols:
-            manifest_suite.append(x.ExpectColumnValuesToNotBeNull(column=col, meta=meta("required-values")))
-    if "split" in manifest_cols:
-        manifest_suite += [x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS),
-                                                         meta=meta("split-value")),
-                           x.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(SPLITS),
-                                                                    meta=meta("split-nonempty"))]
-    if "label" in manifest_cols:
-        # Labels match declared classes exactly as written; a near-miss ("Cat" vs "cat") is an error to fix.
-        manifest_suite.append(x.ExpectColumnValuesToBeInSet(column="label", value_set=declared,
-                                                             meta=meta("label-declared")))
-    if "path" in manifest_cols:
-        manifest_suite.append(x.ExpectColumnValuesToBeUnique(column="path", meta=meta("duplicate-rows")))
-
-    image_rows = [{"line": f.line, "path": f.path, "path_problem": f.path_problem, "image_error": f.image_error,
-                   "format": f.format if f.image_error is None and f.path_problem is None else None,
-                   "pixels": f.pixels, "min_side": min(f.width, f.height) if f.width and f.height else None,
-                   "leak": f.leak_with is not None, "seen_in": f.seen_in}
-                  for f in facts if f.path]
-    image_df = pd.DataFrame(image_rows, columns=["line", "path", "path_problem", "image_error", "format", "pixels",
-                                                 "min_side", "leak", "seen_in"])
-    image_df["pixels"] = image_df["pixels"].astype("Float64")
-    image_df["min_side"] = image_df["min_side"].astype("Float64")
-    image_df["leak"] = image_df["leak"].astype(bool)
-    image_suite = [
-        x.ExpectColumnValuesToBeNull(column="path_problem", meta=meta("path-safe")),
-        x.ExpectColumnValuesToBeNull(column="image_error", meta=meta("image-readable")),
-        x.ExpectColumnValuesToBeInSet(column="format", value_set=list(cfg.formats), meta=meta("image-format")),
-        x.ExpectColumnValuesToBeBetween(column="pixels", max_value=cfg.max_pixels, meta=meta("pixel-limit")),
-        x.ExpectColumnValuesToBeBetween(column="min_side", min_value=cfg.min_side, meta=meta("image-min-side")),
-        x.ExpectColumnValuesToBeInSet(column="leak", value_set=[False], meta=meta("train-test-leak")),
-        x.ExpectColumnValuesToBeNull(column="seen_in", meta=meta("seen-before")),
-    ]
-    if "path" not in manifest_cols:
-        image_suite = []
-
-    context = gx.get_context(mode="ephemeral")
-    if docs_dir is not None:
-        docs_dir.mkdir(parents=True, exist_ok=True)
-        context.add_data_docs_site(site_name="cliploop", site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
-    source = context.data_sources.add_pandas(f"task-{spec.task_id}")
-    definitions = []
-    frames = {}
-    for name, frame, expectations in (("manifest", manifest_df, manifest_suite), ("images", image_df, image_suite)):
-        if not expectations:
-            continue
-        asset = source.add_dataframe_asset(name)
-        batch = asset.add_batch_definition_whole_dataframe(f"{name}-all")
-        suite = context.suites.add(gx.ExpectationSuite(name=f"{spec.task_id}.{name}", expectations=expectations))
-        definitions.append(context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{spec.task_id}.{name}", data=batch, suite=suite)))
-        frames[name] = frame
-    actions = [gx.checkpoint.UpdateDataDocsAction(name="data-docs")] if docs_dir is not None else []
-    out: list[dict[str, Any]] = []
-    # One checkpoint per table: a checkpoint run binds a single dataframe through its batch parameters.
-    with contextlib.redirect_stderr(io.StringIO()):  # GX draws progress bars on stderr
-        for definition in definitions:
-            name = definition.name.rsplit(".", 1)[1]
-            single = context.checkpoints.add(gx.Checkpoint(
-                name=f"{definition.name}.cp", validation_definitions=[definition], actions=actions,
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]}))
-            result = single.run(batch_parameters={"dataframe": frames[name]})
-            for run_result in result.run_results.values():
-                for res in run_result.results:
-                    cfg_ = res.expectation_config
-                    lines = []
-                    for item in (res.result or {}).get("unexpected_index_list") or []:
-                        if isinstance(item, dict) and item.get("line") is not None:
-                            lines.append(int(item["line"]))
-                    info = getattr(res, "exception_info", None) or {}
-                    error = info.get("exception_message")
-                    out.append({"rule": (cfg_.meta or {}).get("rule"), "type": cfg_.type,
-                                "column": cfg_.kwargs.get("column"), "success": bool(res.success),
-                                "unexpected_count": (res.result or {}).get("unexpected_count"),
-                                "lines": lines, "error": error or None})
-    return out
