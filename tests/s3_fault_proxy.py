@@ -15,7 +15,9 @@ Shares are fractions of requests in [0, 1] (their sum at most 1), settable at an
 requests it finds, e.g. ``r"^GET .*/img/"`` for the image reads of a drop.
 Which request is broken is deterministic for a seed: the decision is a hash of the seed, the request
 (method, path and query without upload ids) and how many times that same request was seen, so it does not
-depend on the order in which threads arrive, and a retry of a request gets a fresh decision. ``counts``
+depend on the order in which threads arrive, and a retry of a request gets a fresh decision. Where the keys
+themselves are random (MLflow's run ids are in its artifact paths), ``draw="sequence"`` hashes the seed and
+the request's arrival number instead, which is deterministic for a client that sends one request at a time. ``counts``
 says what was injected (``requests``, ``forwarded``, ``reset``, ``slowdown``, ``blackhole``, ``delayed``).
 
 Bodies are relayed byte for byte in both directions, whatever their framing (Content-Length, HTTP chunked,
@@ -68,7 +70,7 @@ class _Handler(socketserver.BaseRequestHandler):
 class S3FaultProxy:
     def __init__(self, upstream: str, *, seed: int = 0, reset: float = 0.0, slowdown: float = 0.0,
                  blackhole: float = 0.0, latency: float = 0.0, reset_at: str = "request",
-                 match: str | None = None, max_lifetime: float = 300.0):
+                 match: str | None = None, draw: str = "request", max_lifetime: float = 300.0):
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname not in LOCAL_HOSTS or not parts.port:
             raise ValueError(f"the fault proxy only forwards to http://127.0.0.1:PORT, not {upstream!r}")
@@ -84,8 +86,10 @@ class S3FaultProxy:
         self.latency = 0.0
         self.reset_at = "request"
         self.match: re.Pattern | None = None
+        self.draw = "request"
+        self._sequence = 0
         self.set(reset=reset, slowdown=slowdown, blackhole=blackhole, latency=latency, reset_at=reset_at,
-                 match=match)
+                 match=match, draw=draw)
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
 
@@ -93,7 +97,7 @@ class S3FaultProxy:
 
     def set(self, *, reset: float | None = None, slowdown: float | None = None, blackhole: float | None = None,
             latency: float | None = None, reset_at: str | None = None,
-            match: str | None = None) -> S3FaultProxy:
+            match: str | None = None, draw: str | None = None) -> S3FaultProxy:
         """Change the fault shares (fractions of requests) or the latency; None keeps the current value
         (``match=""`` removes the filter)."""
         with self._lock:
@@ -112,15 +116,21 @@ class S3FaultProxy:
             self.reset_at = reset_at or self.reset_at
             if match is not None:
                 self.match = re.compile(match) if match else None
+            if draw is not None:
+                if draw not in ("request", "sequence"):
+                    raise ValueError(f"draw is 'request' or 'sequence', not {draw!r}")
+                self.draw = draw
         return self
 
     def clear(self) -> S3FaultProxy:
         """No faults, no latency, no filter, counts at zero: as new (for a proxy shared between tests)."""
         with self._lock:
             self._seen.clear()
+            self._sequence = 0
             self.counts.clear()
             self.log.clear()
-        return self.set(reset=0.0, slowdown=0.0, blackhole=0.0, latency=0.0, reset_at="request", match="")
+        return self.set(reset=0.0, slowdown=0.0, blackhole=0.0, latency=0.0, reset_at="request", match="",
+                        draw="request")
 
     def faults(self, rate: float) -> S3FaultProxy:
         """A fault rate split evenly between connection resets and 503 SlowDown answers."""
@@ -177,13 +187,14 @@ class S3FaultProxy:
                                  if k.lower() != "uploadid"))
         key = f"{method} {parts.path}?{query}"
         with self._lock:
-            n = self._seen[key]
+            basis = f"{key}|{self._seen[key]}" if self.draw == "request" else f"#{self._sequence}"
             self._seen[key] += 1
+            self._sequence += 1
             self.counts["requests"] += 1
             shares = dict(self.shares)
             if self.match is not None and not self.match.search(key):
                 shares = {name: 0.0 for name in shares}
-        digest = hashlib.sha256(f"{self.seed}|{key}|{n}".encode()).digest()
+        digest = hashlib.sha256(f"{self.seed}|{basis}".encode()).digest()
         u = struct.unpack(">Q", digest[:8])[0] / 2.0**64
         action, edge = "forward", 0.0
         for name in ("blackhole", "reset", "slowdown"):

@@ -177,7 +177,7 @@ def test_ingest_from_s3_drop_zone_under_faults(rate, workspace, tmp_path, s3_buc
     args = ["ingest", f"s3://{s3_bucket}/incoming/", "-w", str(ws), "--set", f"dvc.remote={DVC_REMOTE}",
             "--set", "dvc.push=false"]
 
-    proxy.faults(rate)
+    proxy.faults(rate).set(draw="sequence")  # the bucket's name is random; the drop is read one request at a time
     started = time.monotonic()
     code = main(args)
     seconds = time.monotonic() - started
@@ -366,7 +366,7 @@ def test_mlflow_artifacts_to_s3_under_faults(rate, tmp_path, s3_bucket, direct, 
         return registry.log_update(out, "t1", {"average_accuracy": 0.5}, {"t1": 0.5}, {"method.name": "lvp"},
                                    {"run_key": "k1"})
 
-    proxy.faults(rate)
+    proxy.faults(rate).set(draw="sequence")  # artifact paths hold a random run id; uploads go one at a time
     error = None
     try:
         run_id = log()
@@ -473,12 +473,15 @@ def _keys(direct, bucket: str, prefix: str) -> list[str]:
 # ---- the proxy itself ----------------------------------------------------------------------------
 
 
-def test_proxy_passes_bodies_byte_for_byte_and_resets_after_the_server_answered(tmp_path, s3_bucket, direct, proxy):
+def test_proxy_passes_bodies_byte_for_byte_and_resets_after_the_server_answered(tmp_path, direct, proxy):
     """Multipart uploads (aws-chunked parts with trailing checksums), small PUTs and streamed GETs pass unchanged,
     also when 20% of the answers are lost after the server acted (the retried request meets its own result)."""
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
 
+    s3_bucket = "cliploop-faults-proxy"  # a fixed name: the same requests, so the same faults, every run
+    if s3_bucket not in {b["Name"] for b in direct.list_buckets()["Buckets"]}:
+        direct.create_bucket(Bucket=s3_bucket)
     big = tmp_path / "big.bin"
     big.write_bytes(random.Random(3).randbytes(11 * 1024 * 1024))
     client = boto3.client("s3", endpoint_url=proxy.url, region_name=S3_REGION,
