@@ -7,8 +7,8 @@ templates. ``convert`` turns one into drops of the ordinary format (task.yaml wi
 manifest.csv, PNG images) that ``cliploop ingest`` or ``cliploop learn`` take, on a machine where the
 datasets are present or can be downloaded::
 
-    python -m components.scenario list
-    python -m components.scenario convert mtil-order1 --root ~/datasets --out drops/ [--download] [--limit-per-class 50]
+    cliploop scenario list
+    cliploop scenario convert mtil-order1 --root ~/datasets --out drops/ [--download] [--limit-per-class 50]
 
 Source kinds: ``torchvision`` (any ``torchvision.datasets`` class with its constructor arguments for
 the train and test parts; ``test: null`` with a ``random`` split draws the test part from the whole
@@ -20,13 +20,11 @@ given seed orders them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -279,39 +277,3 @@ def convert(scenario: Scenario, out_dir: Path, root: Path, download: bool = Fals
         missing = set(only) - {t.task_id for t in tasks}
         raise ScenarioError(f"{scenario.name} has no task(s) {', '.join(sorted(missing))}")
     return [convert_task(t, out_dir, root, download, limit_per_class, say) for t in tasks]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.scenario", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the shipped scenarios")
-    p = sub.add_parser("show", help="a scenario's tasks")
-    p.add_argument("name")
-    p = sub.add_parser("convert", help="write a scenario's task drops")
-    p.add_argument("name", help="a shipped scenario name or a scenario JSON file")
-    p.add_argument("--root", required=True, help="where the datasets are (or are downloaded to)")
-    p.add_argument("--out", required=True, help="folder for the task drops")
-    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
-    p.add_argument("--limit-per-class", type=int, help="at most N images per class and split")
-    p.add_argument("--tasks", help="comma-separated task ids (default: all)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "list":
-            for name, description in list_scenarios().items():
-                print(f"{name:<20} {description}")
-        elif args.command == "show":
-            scenario = load_scenario(args.name)
-            for t in scenario.tasks:
-                classes = "all" if t.classes == "all" else f"{len(t.classes)} classes"
-                print(f"{t.task_id:<28} {t.scenario:<19} {t.dataset:<13} {classes:<11} split={t.split.kind}")
-        else:
-            convert(load_scenario(args.name), Path(args.out), Path(args.root).expanduser(), args.download,
-                    args.limit_per_class, args.tasks.split(",") if args.tasks else None)
-    except ScenarioError as exc:
-        print(f"python -m components.scenario: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

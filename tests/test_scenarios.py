@@ -9,7 +9,8 @@ import pytest
 
 from components.config import load_config
 from components.learn import validate_sequence
-from components.scenario import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario, main
+from components.scenario import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario
+from flows.cli import main
 
 ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxfordpet",
            "stanfordcars", "sun397"]
@@ -86,9 +87,9 @@ def test_bad_scenarios_and_the_cli(tmp_path, capsys):
         load_scenario(bad)
     with pytest.raises(ScenarioError, match="no scenario 'nope'"):
         load_scenario("nope")
-    assert main(["list"]) == 0
+    assert main(["scenario", "list"]) == 0
     assert "mtil-order1" in capsys.readouterr().out
-    assert main(["show", "nope"]) == 2
-    assert main(["convert", "mtil-order1", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
+    assert main(["scenario", "show", "nope"]) == 2
+    assert main(["scenario", "convert", "mtil-order1", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--tasks", "mtili-08-mnist"]) == 2  # MNIST is not there and download was not asked for
     assert "MNIST" in capsys.readouterr().err
