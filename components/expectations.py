@@ -12,13 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ValidationConfig
-from components.tasks import (
-    OPTIONAL_COLUMNS,
-    REQUIRED_COLUMNS,
-    SPLITS,
-    Manifest,
-    TaskSpec,
-)
+from components.tasks import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SPLITS, Manifest, TaskSpec
 
 IMAGE_COLUMNS = ("line", "path", "path_problem", "image_error", "format", "pixels", "min_side", "leak", "seen_in")
 

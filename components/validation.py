@@ -18,15 +18,7 @@ from components import storage
 from components.config import ValidationConfig
 from components.expectations import IMAGE_COLUMNS, run_expectations
 from components.images import SUFFIX, probe_image
-from components.tasks import (
-    SPLITS,
-    DropError,
-    DropSource,
-    Manifest,
-    TaskSpec,
-    normalise_class_name,
-    path_problem,
-)
+from components.tasks import SPLITS, DropError, DropSource, Manifest, TaskSpec, normalise_class_name, path_problem
 
 RULES: dict[str, str] = {
     "task-yaml": "task.yaml is present and follows the schema",
