@@ -55,7 +55,8 @@ class _CliploopModel:
         import torch  # noqa: F401  (imported before components so that thread settings apply)
 
         from components.config import load_config
-        from components.learn import context_for, make_method
+        from components.learn import make_method
+        from components.methods.base import context_for
         from components.models import load_backbone
         from components.state import LearnerState
 

@@ -14,7 +14,6 @@ import sys
 
 from flows import commands
 from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE  # noqa: F401  (the codes, for callers)
-from flows.demo import DEMO_ITERATIONS, demo_schedule  # noqa: F401  (importable from here as before)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +158,7 @@ USER_ERRORS: list[tuple[str, str, int, str]] = [
     ("components.config", "ConfigError", EXIT_USAGE, "configuration error:\n"),
     ("components.registry", "NotFound", EXIT_USAGE, ""),
     ("components.registry", "RegistryError", EXIT_INVALID, ""),
-    ("components.pipeline", "PipelineError", EXIT_INVALID, ""),
+    ("components.chain", "PipelineError", EXIT_INVALID, ""),
     ("components.models", "CheckpointError", EXIT_USAGE, ""),
     ("components.methods.base", "MethodError", EXIT_USAGE, ""),
     ("components.tasks", "DropError", EXIT_INVALID, ""),  # a drop that cannot be read as a task

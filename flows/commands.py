@@ -251,7 +251,7 @@ def _reviewer(args) -> str:
 
 
 def _review(args: argparse.Namespace, decision: str, note: str) -> int:
-    from components import pipeline
+    from components import chain
     from components.registry import from_config
     from flows.console import review_text
 
@@ -260,7 +260,7 @@ def _review(args: argparse.Namespace, decision: str, note: str) -> int:
     # A version that does not exist and other registry errors are mapped by flows.cli (exit 2 or 4).
     version = registry.resolve(args.version)
     was_pending = registry.version_tags(version).get("review") == "pending"
-    result = pipeline.decide(config, version, decision, _reviewer(args), note,
+    result = chain.decide(config, version, decision, _reviewer(args), note,
                              override_gate=getattr(args, "override_gate", False))
     resumed: list[str] = []
     if was_pending:
@@ -284,30 +284,30 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from components import pipeline
+    from components import chain
     from flows.console import rollback_text
 
-    print(rollback_text(pipeline.rollback(resolve_config(args), _reviewer(args), args.note)))
+    print(rollback_text(chain.rollback(resolve_config(args), _reviewer(args), args.note)))
     return EXIT_OK
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from components import pipeline
+    from components import chain
 
-    pipeline.requeue(resolve_config(args), args.task_id)
+    chain.requeue(resolve_config(args), args.task_id)
     print(f"task {args.task_id} will be learned again next night")
     return EXIT_OK
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from components import pipeline
+    from components import chain
     from flows.console import night_text
     from flows.nightly import NightFailed, run_night
 
     config = resolve_config(args)
     try:
         summary = run_night(config)
-    except pipeline.ChainBusy as exc:
+    except chain.ChainBusy as exc:
         print(f"cliploop nightly: {exc}", file=sys.stderr)
         return EXIT_OK
     except NightFailed as exc:

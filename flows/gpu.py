@@ -17,7 +17,7 @@ from typing import Any
 
 from prefect import flow
 
-from components import pipeline
+from components import chain, steps
 from components.config import Config, config_from_doc
 
 BUILD_POOL = "cliploop-build-pool"
@@ -27,14 +27,14 @@ TRAIN_EVALUATE = "cliploop-train-evaluate"
 @flow(name=BUILD_POOL, flow_run_name="pool-{task_id}", persist_result=False)
 def build_pool_flow(config: dict[str, Any], task_id: str) -> dict[str, Any]:
     """One task's label-vector pool from the frozen encoder (independent of every other task)."""
-    return pipeline.build_pool(config_from_doc(config), task_id)
+    return steps.build_pool(config_from_doc(config), task_id)
 
 
 @flow(name=TRAIN_EVALUATE, flow_run_name="train-{task_id}", persist_result=False)
 def train_evaluate_flow(config: dict[str, Any], task_id: str, parent_version: int | None = None,
                         pools: dict[str, str] | None = None) -> dict[str, Any]:
     """One continual step (train + evaluate) on top of ``parent_version``."""
-    return pipeline.run_update(config_from_doc(config), task_id, parent_version, pools)
+    return steps.run_update(config_from_doc(config), task_id, parent_version, pools)
 
 
 def deployment_name(flow_name: str, config: Config) -> str:
@@ -43,7 +43,7 @@ def deployment_name(flow_name: str, config: Config) -> str:
 
 def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run several calls of one GPU step, concurrently on the pool's workers when there is a pool."""
-    local = {BUILD_POOL: pipeline.build_pool, TRAIN_EVALUATE: pipeline.run_update}[flow_name]
+    local = {BUILD_POOL: steps.build_pool, TRAIN_EVALUATE: steps.run_update}[flow_name]
     if not config.orchestration.gpu_pool:
         return [local(config, **call) for call in calls]
     from prefect.deployments import run_deployment
@@ -66,7 +66,7 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
         finished = client.read_flow_run(run.id)
         while not (finished.state and finished.state.is_final()):
             if time.monotonic() > deadline:
-                raise pipeline.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) did not finish within "
+                raise chain.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) did not finish within "
                                              f"{config.orchestration.gpu_timeout_s} s (is a worker serving pool "
                                              f"{config.orchestration.gpu_pool!r}?)")
             time.sleep(1)
@@ -74,15 +74,15 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
     if not finished.state.is_completed():
         state = finished.state.name if finished.state else "unknown"
         message = finished.state.message if finished.state else ""
-        raise pipeline.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) ended {state}: {message}")
+        raise chain.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) ended {state}: {message}")
     path = _result_path(config, flow_name, call)
     if not path.is_file():
-        raise pipeline.PipelineError(f"{flow_name} run {run.id} completed but wrote no {path} "
+        raise chain.PipelineError(f"{flow_name} run {run.id} completed but wrote no {path} "
                                      f"(is the workspace shared with the worker?)")
     return json.loads(path.read_text()) | {"flow_run_id": str(run.id), "work_pool": finished.work_pool_name}
 
 
 def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:
     if flow_name == BUILD_POOL:
-        return pipeline.pool_dir(config, call["task_id"]) / "result.json"
-    return pipeline.update_dir(config, call["task_id"], call.get("parent_version")) / "result.json"
+        return steps.pool_dir(config, call["task_id"]) / "result.json"
+    return steps.update_dir(config, call["task_id"], call.get("parent_version")) / "result.json"

@@ -4,7 +4,7 @@ the tasks one at a time in arrival order, each on top of the champion the previo
 
 The chain stops at the first task that does not end promoted (awaiting review, rejected or failed): the
 next task must build on a reviewed champion, so it waits for the next night. Quarantined tasks never
-enter the chain. One nightly run per chain at a time (``pipeline.chain_lock``): a second one exits at once.
+enter the chain. One nightly run per chain at a time (``chain.chain_lock``): a second one exits at once.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components import pipeline
+from components import chain, steps
 from components.config import config_from_doc, load_config
 from flows import gpu
-from flows.update import await_review, continual_update, step
+from flows.retry import step
+from flows.update import await_review, continual_update
 
 
-class NightFailed(pipeline.PipelineError):
+class NightFailed(chain.PipelineError):
     """A task of the night failed; the summary is attached."""
 
     def __init__(self, message: str, summary: dict[str, Any]):
@@ -45,21 +46,21 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
     log = get_run_logger()
     summary: dict[str, Any] = {"swept": [], "reconciled": [], "ingested": [], "pools": [], "updates": [],
                                "stopped": None}
-    with pipeline.chain_lock(cfg):
+    with chain.chain_lock(cfg):
         summary["swept"] = sweep_abandoned_runs(cfg)
         for run in summary["swept"]:
             log.warning("flow run %s was left Running by a process that died: marked Crashed", run)
-        summary["reconciled"] = step(pipeline.reconcile, cfg)(cfg)
+        summary["reconciled"] = step(chain.reconcile, cfg)(cfg)
         for line in summary["reconciled"]:
             log.info("reconciled: %s", line)
-        ingest = step(pipeline.ingest, cfg)
-        for location in step(pipeline.discover, cfg)(cfg):
+        ingest = step(steps.ingest, cfg)
+        for location in step(steps.discover, cfg)(cfg):
             outcome = ingest(location, cfg)
             summary["ingested"].append(outcome)
             if outcome["status"] in ("quarantined", "refused"):
                 log.warning("%s %s: %s", outcome["status"].upper(), outcome["task_id"] or location,
                             outcome["message"].splitlines()[0])
-        for waiting in pipeline.awaiting_review(cfg):
+        for waiting in chain.awaiting_review(cfg):
             if waiting["gate"] != "pass":
                 continue
             outcome = await_review(cfg, waiting["version"], waiting["task_id"])
@@ -68,9 +69,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
             if outcome != "promoted":
                 summary["stopped"] = f"version {waiting['version']} ({waiting['task_id']}) is {outcome}"
                 return summary
-        todo = step(pipeline.pending_tasks, cfg)(cfg)
+        todo = step(chain.pending_tasks, cfg)(cfg)
         pools: dict[str, str] = {}
-        if todo and pipeline.builds_pools(cfg):
+        if todo and steps.builds_pools(cfg):
             built = gpu.dispatch_many(cfg, gpu.BUILD_POOL, [{"task_id": t} for t in todo])
             summary["pools"] = built
             pools = {b["task_id"]: b["pool_dir"] for b in built}
@@ -134,4 +135,4 @@ def run_night(config, **flow_options) -> dict[str, Any]:
 
     flow_fn = nightly.with_options(**flow_options) if flow_options else nightly
     return supervised(lambda: flow_fn(config=config.portable()),
-                      on_hard_stop=lambda signum: pipeline.interrupted(config, signum), grace_s=SHUTDOWN_GRACE_S)
+                      on_hard_stop=lambda signum: chain.interrupted(config, signum), grace_s=SHUTDOWN_GRACE_S)

@@ -1,7 +1,7 @@
 """``continual_update``: one task through validate-checked → pool → train → evaluate → register → gate → review.
 
-A thin Prefect wrapper over ``components.pipeline``: retries (with backoff, on transient storage and
-registry errors only), a markdown artifact with the gate's verdict, and the reviewer's decision as a
+A thin Prefect wrapper over ``components.steps`` and ``components.chain``: steps with retries
+(``flows/retry.py``), a markdown artifact with the gate's verdict, and the reviewer's decision as a
 typed input of a paused flow run. Results are not persisted by Prefect (its default serializer is
 pickle); the steps cache their own results as JSON in content-addressed folders.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.input import RunInput
-from prefect.tasks import exponential_backoff
 
-from components import pipeline
+from components import chain, steps
 from components.config import Config, config_from_doc
 from flows import gpu
+from flows.retry import step
 
 REVIEW_POLL_S = 2
 
@@ -28,22 +27,6 @@ class Review(RunInput):
     decision: Literal["approve", "reject"]
     reviewer: str
     note: str = ""
-
-
-def _retry_transient(task_, task_run, state) -> bool:
-    try:
-        state.result()
-    except Exception as exc:  # the failure being considered for a retry
-        return pipeline.is_transient(exc)
-    return False
-
-
-def step(fn, config: Config, name: str | None = None):
-    """``fn`` as a Prefect task with the configured retries; no Prefect result persistence or caching."""
-    o = config.orchestration
-    return task(fn, name=name or fn.__name__.replace("_", "-"), cache_policy=NO_CACHE, persist_result=False,
-                retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_s) if o.retry_delay_s else 0,
-                retry_jitter_factor=0.5 if o.retry_delay_s else None, retry_condition_fn=_retry_transient)
 
 
 def _flow_run_id() -> str | None:
@@ -60,11 +43,11 @@ def await_review(config: Config, version: int, task_id: str) -> str:
 
     log = get_run_logger()
     if config.approval.auto_promote:
-        pipeline.decide(config, version, "approve", pipeline.REVIEWER_AUTO, "gate passed; approval.auto_promote is on")
+        chain.decide(config, version, "approve", chain.REVIEWER_AUTO, "gate passed; approval.auto_promote is on")
         log.info("version %s promoted to champion (auto_promote)", version)
         return "promoted"
     if config.approval.timeout_s <= 0:
-        pipeline.review_timed_out(config, version)
+        chain.review_timed_out(config, version)
         return "awaiting-review"
     create_markdown_artifact(
         key=f"review-v{version}",
@@ -74,22 +57,22 @@ def await_review(config: Config, version: int, task_id: str) -> str:
                   f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
                   f"`cliploop lineage {version}` shows what it was made from."),
         description=f"approval request for version {version}")
-    pipeline.review_requested(config, version)
+    chain.review_requested(config, version)
     log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
     try:
         answer = pause_flow_run(wait_for_input=Review, timeout=config.approval.timeout_s, poll_interval=REVIEW_POLL_S,
                                 key=f"review-{version}")
     except FlowPauseTimeout:
-        if pipeline.review_timed_out(config, version):
+        if chain.review_timed_out(config, version):
             log.warning("no review of version %s within %ss: it stays challenger", version, config.approval.timeout_s)
             return "awaiting-review"
         answer = None
     if answer is not None:
         try:
-            pipeline.decide(config, version, answer.decision, answer.reviewer, answer.note)
-        except pipeline.PipelineError as exc:
+            chain.decide(config, version, answer.decision, answer.reviewer, answer.note)
+        except chain.PipelineError as exc:
             log.error("the review of version %s could not be applied: %s", version, exc)
-    return pipeline.review_outcome(config, version)
+    return chain.review_outcome(config, version)
 
 
 @flow(name="continual-update", flow_run_name="update-{task_id}", persist_result=False)
@@ -99,21 +82,21 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
 
     cfg = config_from_doc(config)
     log = get_run_logger()
-    parent = pipeline.head(cfg)["version"]
-    step(pipeline.start_learning, cfg)(cfg, task_id)
+    parent = chain.head(cfg)["version"]
+    step(chain.start_learning, cfg)(cfg, task_id)
     try:
         pools = dict(pools or {})
-        if pipeline.builds_pools(cfg) and task_id not in pools:
+        if steps.builds_pools(cfg) and task_id not in pools:
             pools[task_id] = gpu.dispatch(cfg, gpu.BUILD_POOL, task_id=task_id)["pool_dir"]
         update = gpu.dispatch(cfg, gpu.TRAIN_EVALUATE, task_id=task_id, parent_version=parent, pools=pools)
-        registered = step(pipeline.register_update, cfg)(cfg, update, _flow_run_id())
+        registered = step(steps.register_update, cfg)(cfg, update, _flow_run_id())
     except BaseException as exc:
-        pipeline.mark_failed(cfg, task_id, f"{type(exc).__name__}: {exc}")
+        chain.mark_failed(cfg, task_id, f"{type(exc).__name__}: {exc}")
         raise
     version = registered["version"]
     log.info("task %s learned on %s: version %s (%s)", task_id, f"v{parent}" if parent else "the base model",
              version, ", ".join(f"{k}={v:.2f}" for k, v in update["metrics"].items() if isinstance(v, float)))
-    verdict = step(pipeline.apply_gate, cfg)(cfg, version, update)
+    verdict = step(chain.apply_gate, cfg)(cfg, version, update)
     create_markdown_artifact(key=f"gate-v{version}", markdown=verdict["markdown"],
                              description=f"promotion gate of version {version}")
     outcome = "rejected" if verdict["verdict"] != "pass" else await_review(cfg, version, task_id)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from components import ingestion, pipeline
+from components import chain, ingestion, steps
+from flows import retry
 from components.config import load_config
 from components.ledger import Ledger
 from components.registry import NotFound, from_config
@@ -47,25 +48,25 @@ def _cli_args(cfg, ckpt) -> list[str]:
 
 def _ingest(cfg, tmp_path, task_id, classes, **kw) -> None:
     make_task(tmp_path / "incoming", task_id, classes, train=3, test=2, **kw)
-    for location in pipeline.discover(cfg):
-        pipeline.ingest(location, cfg)
+    for location in steps.discover(cfg):
+        steps.ingest(location, cfg)
 
 
 def _learn_steps(cfg, task_id: str) -> tuple[int, dict]:
     """One ingested task through the pipeline's own steps, as ``continual_update`` runs them: (version, update)."""
-    pipeline.reconcile(cfg)
-    parent = pipeline.head(cfg)["version"]
-    pipeline.start_learning(cfg, task_id)
-    pools = {task_id: pipeline.build_pool(cfg, task_id)["pool_dir"]} if pipeline.builds_pools(cfg) else {}
-    update = pipeline.run_update(cfg, task_id, parent, pools)
-    return pipeline.register_update(cfg, update)["version"], update
+    chain.reconcile(cfg)
+    parent = chain.head(cfg)["version"]
+    chain.start_learning(cfg, task_id)
+    pools = {task_id: steps.build_pool(cfg, task_id)["pool_dir"]} if steps.builds_pools(cfg) else {}
+    update = steps.run_update(cfg, task_id, parent, pools)
+    return steps.register_update(cfg, update)["version"], update
 
 
 def _learn(cfg, tmp_path, task_id, classes, **kw) -> int:
     """Drop, ingest and learn one task with the pipeline's own steps; returns its version (gate passed)."""
     _ingest(cfg, tmp_path, task_id, classes, **kw)
     version, update = _learn_steps(cfg, task_id)
-    assert pipeline.apply_gate(cfg, version, update)["verdict"] == "pass"
+    assert chain.apply_gate(cfg, version, update)["verdict"] == "pass"
     return version
 
 
@@ -133,7 +134,7 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
     in that window. The approve must fail (non-zero, "lost a race"), never promote the rejected version."""
     cfg = _cfg(tmp_path, tiny_checkpoint)
     version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
-    pipeline.review_requested(cfg, version)
+    chain.review_requested(cfg, version)
     mark = tmp_path / "approver-read-the-state"
     env = os.environ | {"CLIPLOOP_FAULT": f"after_decision_read:mark={mark},after_decision_read:sleep=4"}
     approver = subprocess.Popen([sys.executable, "-m", "flows.cli", "approve", str(version), "--reviewer", "rita",
@@ -144,7 +145,7 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
         time.sleep(0.1)
     assert mark.exists(), approver.communicate()[0]
 
-    assert pipeline.decide(cfg, version, "reject", "sam", "forgets cats")["changed"] is True
+    assert chain.decide(cfg, version, "reject", "sam", "forgets cats")["changed"] is True
     out, _ = approver.communicate(timeout=120)
 
     assert approver.returncode != 0 and "lost a race" in out, out
@@ -154,24 +155,24 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
     assert tags["review"] == "rejected" and tags["reviewer"] == "sam"
     assert _states(cfg) == {"t-a": "rejected"}
     # And a later approve of the rejected version is refused, naming the way back (requeue).
-    with pytest.raises(pipeline.PipelineError, match="requeue t-a"):
-        pipeline.decide(cfg, version, "approve", "rita")
+    with pytest.raises(chain.PipelineError, match="requeue t-a"):
+        chain.decide(cfg, version, "approve", "rita")
 
 
 def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, tiny_checkpoint):
     cfg = _cfg(tmp_path, tiny_checkpoint)
     version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
-    pipeline.review_requested(cfg, version)
-    pipeline.decide(cfg, version, "approve", "rita")
-    assert pipeline.review_timed_out(cfg, version) is False
-    pipeline.review_requested(cfg, version)  # a resumed wait on a later night
+    chain.review_requested(cfg, version)
+    chain.decide(cfg, version, "approve", "rita")
+    assert chain.review_timed_out(cfg, version) is False
+    chain.review_requested(cfg, version)  # a resumed wait on a later night
     assert from_config(cfg).version_tags(version)["review"] == "approved"
 
 
 # ---- defect 4: a crash between "version registered" and "alias set" -----------------------------------------
 
 
-def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tiny_checkpoint, capsys):
+def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tiny_checkpoint, prefect_api):
     from flows.cli import main
 
     cfg = _cfg(tmp_path, tiny_checkpoint)
@@ -185,7 +186,7 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
     version, update = _learn_steps(cfg, "t-a")  # the rerun
     assert version == 1 and len(registry.client.search_model_versions("name = 'cliploop'")) == 1
     assert registry.alias("challenger") == 1 and _states(cfg) == {"t-a": "learned"}
-    assert pipeline.apply_gate(cfg, version, update)["verdict"] == "pass"
+    assert chain.apply_gate(cfg, version, update)["verdict"] == "pass"
     assert main(["lineage", "challenger", *_cli_args(cfg, tiny_checkpoint)]) == 0
     assert main(["approve", "challenger", "--reviewer", "rita", *_cli_args(cfg, tiny_checkpoint)]) == 0
     assert registry.alias("champion") == 1 and _states(cfg) == {"t-a": "promoted"}
@@ -357,16 +358,16 @@ def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_ve
     try:
         cfg = _cfg(tmp_path, tiny_checkpoint, f"mlflow.tracking_uri=http://127.0.0.1:{port}")
         _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
-        pipeline.start_learning(cfg, "t-a")
-        pools = {"t-a": pipeline.build_pool(cfg, "t-a")["pool_dir"]}
-        update = pipeline.run_update(cfg, "t-a", None, pools)
+        chain.start_learning(cfg, "t-a")
+        pools = {"t-a": steps.build_pool(cfg, "t-a")["pool_dir"]}
+        update = steps.run_update(cfg, "t-a", None, pools)
 
         # The version is created, then the server dies before the alias is set.
         mark = tmp_path / "registered"
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         monkeypatch.setenv("CLIPLOOP_FAULT", f"after_register:mark={mark},after_register:sleep=3")
         outcome: dict = {}
-        worker = threading.Thread(target=lambda: outcome.update(_try(pipeline.register_update, cfg, update)))
+        worker = threading.Thread(target=lambda: outcome.update(_try(steps.register_update, cfg, update)))
         worker.start()
         deadline = time.time() + 120
         while not mark.exists() and worker.is_alive() and time.time() < deadline:
@@ -374,13 +375,13 @@ def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_ve
         assert mark.exists(), outcome
         _kill_group(server)
         worker.join(120)
-        assert pipeline.is_transient(outcome["error"])  # a step retry, not a failed task
+        assert retry.is_transient(outcome["error"])  # a step retry, not a failed task
         monkeypatch.delenv("CLIPLOOP_FAULT")
 
         server = _mlflow_server(tmp_path, port)  # back, on the same database
         registry = from_config(cfg)
         assert [int(v.version) for v in registry.versions()] == [1] and registry.alias("challenger") is None
-        assert pipeline.register_update(cfg, update)["version"] == 1  # the retry
+        assert steps.register_update(cfg, update)["version"] == 1  # the retry
         assert [int(v.version) for v in registry.versions()] == [1] and registry.alias("challenger") == 1
         assert _states(cfg) == {"t-a": "learned"}
     finally:
@@ -405,14 +406,14 @@ def test_registry_reads_tell_absent_from_unreachable(tmp_path, tiny_checkpoint, 
     assert registry.alias("previous-champion") is None
     with pytest.raises(NotFound):
         registry.version_tags(version + 10)
-    with pytest.raises(pipeline.PipelineError, match="no version 99"):
-        pipeline.decide(cfg, 99, "approve", "rita")
+    with pytest.raises(chain.PipelineError, match="no version 99"):
+        chain.decide(cfg, 99, "approve", "rita")
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = from_config(_with_tracking(cfg, f"http://127.0.0.1:{_free_port()}"))  # nobody listens there
     with pytest.raises(Exception) as refused:
         down.alias("champion")
-    assert not isinstance(refused.value, NotFound) and pipeline.is_transient(refused.value)
+    assert not isinstance(refused.value, NotFound) and retry.is_transient(refused.value)
 
 
 @pytest.fixture(scope="module")
@@ -430,19 +431,19 @@ def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tin
     error propagates, the step's retries fire, and the ledger is exactly as it was."""
     from prefect import flow
 
-    from flows.update import step
+    from flows.retry import step
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2")
     version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
-    pipeline.decide(cfg, version, "approve", "rita")
+    chain.decide(cfg, version, "approve", "rita")
     before = _states(cfg)
     assert before == {"t-a": "promoted"}
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own HTTP retries would take minutes
 
     refused = _with_tracking(cfg, f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(Exception) as failed:
-        pipeline.reconcile(refused)
-    assert pipeline.is_transient(failed.value)
+        chain.reconcile(refused)
+    assert retry.is_transient(failed.value)
     assert _states(cfg) == before
 
     with _overloaded_gateway() as (url, hits):
@@ -450,15 +451,15 @@ def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tin
 
         @flow
         def night_start():
-            return step(pipeline.reconcile, overloaded)(overloaded)
+            return step(chain.reconcile, overloaded)(overloaded)
 
         with pytest.raises(Exception) as failed:
             night_start()
-    assert pipeline.is_transient(failed.value)
+    assert retry.is_transient(failed.value)
     assert hits["n"] == 3  # the first read of each of the three attempts (1 + 2 retries) got a 503
     assert _states(cfg) == before
 
-    assert pipeline.reconcile(cfg) == [] and _states(cfg) == before  # MLflow back: nothing to change
+    assert chain.reconcile(cfg) == [] and _states(cfg) == before  # MLflow back: nothing to change
 
 
 # ---- defect 3: shard bytes trained on without a check -------------------------------------------------------
@@ -489,11 +490,11 @@ def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp
     row = _flip_a_bit_inside_an_image(cfg, "t-a")
     decode_rgb(row["damaged"])  # the damaged JPEG still decodes: only the checksum can tell
 
-    pipeline.start_learning(cfg, "t-a")
+    chain.start_learning(cfg, "t-a")
     with pytest.raises(CorruptShard) as corrupt:
-        pools = {"t-a": pipeline.build_pool(cfg, "t-a")["pool_dir"]} if pipeline.builds_pools(cfg) else {}
-        pipeline.run_update(cfg, "t-a", None, pools)
+        pools = {"t-a": steps.build_pool(cfg, "t-a")["pool_dir"]} if steps.builds_pools(cfg) else {}
+        steps.run_update(cfg, "t-a", None, pools)
     message = str(corrupt.value)
     assert row["shard"] in message and row["path"] in message and "SHA-256" in message
-    assert not pipeline.is_transient(corrupt.value)  # retrying cannot fix damaged data
+    assert not retry.is_transient(corrupt.value)  # retrying cannot fix damaged data
     assert not list((cfg.workspace_path / ".cliploop" / "runs").glob("*/result.json"))

@@ -14,13 +14,14 @@ import time
 
 import pytest
 
-from components import ingestion, pipeline
+from components import chain, ingestion
+from flows import retry
 from components.config import load_config
 from components.ledger import Ledger
 from components.registry import from_config
 from flows.nightly import NightFailed, run_night
 from tests.drops import make_task
-from tests.test_learn import _overrides, tiny_checkpoint  # noqa: F401  (shared fixture)
+from tests.conftest import tiny_overrides as _overrides
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +70,7 @@ def _versions(registry) -> list[int]:
     return sorted(int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'"))
 
 
-def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100")
     _drop(tmp_path, "t-a", ["cat", "dog"])
     _drop(tmp_path, "t-b", ["emu", "owl"])
@@ -110,7 +111,7 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):  # noqa: F811
     assert {i["status"] for i in again["ingested"]} == {"unchanged"}
 
 
-def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, tiny_checkpoint):
     """GNSP through the whole pipeline: the second task starts from the first one's state as registered in
     MLflow (fine-tuned weights and Gram matrices), the loss curves are run metrics, the version predicts."""
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100",
@@ -136,7 +137,7 @@ def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, ti
     _champion_predicts(registry, sorted((tmp_path / "incoming" / "t-b" / "img").glob("*.png"))[:3])
 
 
-def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, tiny_checkpoint):
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
     _drop(tmp_path, "t-a", ["cat", "dog"])
     run_night(cfg)
@@ -159,24 +160,24 @@ def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, ti
     assert update["gate"] == "fail" and update["outcome"] == "rejected"
     assert "min_zero_shot_retention" in update["reasons"][0]
     tags = registry.version_tags(update["version"])
-    assert tags["gate"] == "fail" and tags["review"] == "rejected" and tags["reviewer"] == pipeline.REVIEWER_GATE
+    assert tags["gate"] == "fail" and tags["review"] == "rejected" and tags["reviewer"] == chain.REVIEWER_GATE
     assert json.loads(tags["gate_reasons"]) == update["reasons"]
     assert registry.alias("champion") == 1 and registry.alias("challenger") is None
     assert _states(strict)["t-c"] == "rejected"
 
 
-def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, tiny_checkpoint, monkeypatch):
     import components.registry
-    import components.update
+    import components.learn
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
     _drop(tmp_path, "t-a", ["cat", "dog"])
-    real_learn = components.update.learn_next
+    real_learn = components.learn.learn_step
 
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
-    monkeypatch.setattr(components.update, "learn_next", crash)
+    monkeypatch.setattr(components.learn, "learn_step", crash)
     with pytest.raises(NightFailed) as failed:
         run_night(cfg)
     assert "illegal memory access" in failed.value.summary["stopped"]
@@ -187,7 +188,7 @@ def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, ti
     assert record.state == "failed" and "illegal memory access" in record.reason
 
     # The next attempt dies after the MLflow run is logged, before the version exists.
-    monkeypatch.setattr(components.update, "learn_next", real_learn)
+    monkeypatch.setattr(components.learn, "learn_step", real_learn)
     real_register = components.registry.Registry.register
 
     def die_registering(self, *args, **kwargs):
@@ -212,7 +213,7 @@ def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, ti
         assert ledger.get("t-a").attempts == 3
 
 
-def test_a_crash_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+def test_a_crash_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     import components.trainer
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "method.name=finetune",
@@ -273,7 +274,7 @@ def _wait_for_pause(registry, version: int, timeout: float = 120) -> None:
     raise AssertionError(f"no flow run paused for version {version}")
 
 
-def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):
     from flows.cli import main
     from flows.update import resume_waiting
 
@@ -325,7 +326,7 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):  # noqa
     assert _states(cfg) == before
 
 
-def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0")
     _drop(tmp_path, "t-a", ["cat", "dog"])
     summary = run_night(cfg)
@@ -344,12 +345,12 @@ def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):  # noqa: F8
     assert registry.version_tags(update["version"])["parent_version"] == "1"
 
 
-def test_one_night_per_chain_at_a_time(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_one_night_per_chain_at_a_time(tmp_path, tiny_checkpoint):
     cfg = _cfg(tmp_path, tiny_checkpoint)
-    with pipeline.chain_lock(cfg):
-        with pytest.raises(pipeline.ChainBusy, match="being updated by pid"):
+    with chain.chain_lock(cfg):
+        with pytest.raises(chain.ChainBusy, match="being updated by pid"):
             run_night(cfg)
-    with pipeline.chain_lock(cfg):  # released: taken again at once
+    with chain.chain_lock(cfg):  # released: taken again at once
         pass
 
 
@@ -378,12 +379,12 @@ def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys):
     assert record["verified"] is False
 
 
-def test_steps_retry_transient_errors_only(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_steps_retry_transient_errors_only(tmp_path, tiny_checkpoint):
     """A storage hiccup is retried (with backoff); a bug or bad data is not."""
     from botocore.exceptions import EndpointConnectionError
     from prefect import flow
 
-    from flows.update import step
+    from flows.retry import step
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2")
     calls = {"flaky": 0, "broken": 0}
@@ -408,4 +409,4 @@ def test_steps_retry_transient_errors_only(tmp_path, tiny_checkpoint):  # noqa: 
         raise AssertionError("the broken step did not fail")
 
     assert night() == "ok" and calls == {"flaky": 3, "broken": 1}
-    assert pipeline.is_transient(RuntimeError("wrapped")) is False
+    assert retry.is_transient(RuntimeError("wrapped")) is False

@@ -293,18 +293,18 @@ def test_cvm_can_map_into_a_separate_pretrained_language_model(tiny, tmp_path):
 
 def test_the_pipeline_asks_the_method_whether_it_builds_pools(tmp_path, monkeypatch):
     """Pool building is a capability a method class declares, not a method name the pipeline knows."""
-    from components import methods, pipeline
+    from components import methods, steps
     from components.methods.lvp import LVP
 
     def config(name):
         return load_config(overrides=[f"workspace={tmp_path}", f"method.name={name}"], env={}, cwd=tmp_path)
 
-    assert {n for n in METHODS if pipeline.builds_pools(config(n))} == {"lvp"}
+    assert {n for n in METHODS if steps.builds_pools(config(n))} == {"lvp"}
     twin = type("PoolTwin", (LVP,), {})  # the registry is restored after the test
     monkeypatch.setitem(methods._REGISTRY, "pool-twin", twin)
-    assert pipeline.builds_pools(config("pool-twin"))
+    assert steps.builds_pools(config("pool-twin"))
     monkeypatch.setattr(twin, "builds_pools", False)
-    assert not pipeline.builds_pools(config("pool-twin"))
+    assert not steps.builds_pools(config("pool-twin"))
 
 
 def test_method_code_imports_no_platform_library():
@@ -328,7 +328,7 @@ def test_demo_refuses_an_unknown_method(tmp_path, capsys):
 
 
 def test_the_demo_shortens_only_iteration_schedules_the_user_did_not_choose():
-    from flows.cli import DEMO_ITERATIONS, demo_schedule
+    from flows.demo import DEMO_ITERATIONS, demo_schedule
 
     short = [f"method.settings.iterations={DEMO_ITERATIONS}"]
     assert demo_schedule("zscl", []) == demo_schedule("gnsp", ["gate.max_forgetting=5"]) == short

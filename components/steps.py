@@ -1,0 +1,286 @@
+"""The night's steps that do the work, as plain functions the Prefect flows in ``flows/`` wrap: discover and
+ingest drops, build a task's pool, learn a task on top of a parent version (train + evaluate), register the
+result in MLflow.
+
+Every step takes the resolved config and JSON-able arguments and returns a JSON-able dict, so it can run
+in-process or as a flow run on another worker (arguments and results cross as data and storage paths,
+never as Python objects). Steps are idempotent, so a rerun after a crash redoes nothing that finished:
+
+- ``build_pool`` and ``run_update`` write into content-addressed folders (the key is a digest of their
+  inputs) and mark completion last with ``result.json``; a rerun that finds it returns it (a cache keyed by
+  input digests, persisted as JSON, never pickle);
+- ``register_update`` finds the run and the version logged for the same key before logging another, and
+  finishes what a killed attempt left undone (the challenger alias, the lineage record).
+
+The chain's state (ledger moves, review, the gate) lives in ``components/chain.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from components import storage
+from components.chain import PipelineError, ledger_of, registry_of, runtime_dir, task_record
+from components.config import Config
+from components.ledger import TaskRecord
+
+
+def code_version() -> str:
+    """The cliploop version, plus the git commit of the code when it runs from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("cliploop")
+    except PackageNotFoundError:
+        release = "unknown"
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{release}+g{commit}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return release
+
+
+def _digest(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ---- discover and ingest ------------------------------------------------------------------------------------
+
+
+def discover(config: Config) -> list[str]:
+    """Task drops in the drop zone, in name (arrival) order; an absent local drop zone has none."""
+    from components.ingestion import drop_locations
+
+    zone = config.location(config.drop_zone)
+    if not storage.is_s3(zone) and not Path(zone).is_dir():
+        return []
+    return drop_locations(zone, config)
+
+
+def ingest(location: str, config: Config) -> dict[str, Any]:
+    from components.ingestion import IngestRefused, ingest as ingest_drop
+
+    started = time.perf_counter()
+    try:
+        outcome = ingest_drop(location, config)
+    except IngestRefused as exc:
+        return {"location": location, "task_id": None, "status": "refused", "state": None, "message": str(exc),
+                "seconds": round(time.perf_counter() - started, 3)}
+    return {"location": location, "task_id": outcome.task_id, "status": outcome.status, "state": outcome.state,
+            "report": outcome.report_path, "message": outcome.message,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ---- the chain ----------------------------------------------------------------------------------------------
+
+
+def parent_state(config: Config, version: int | None):
+    """The learner state of ``version`` (downloaded once into the workspace, checksums verified on load)."""
+    from components.state import LearnerState
+
+    if version is None:
+        return None
+    folder = runtime_dir(config) / "states" / f"v{version}"
+    if not (folder / "state" / "manifest.json").is_file():
+        tmp = folder.with_name(f".v{version}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        registry_of(config).download_state(version, tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    return LearnerState.load(folder / "state")
+
+
+# ---- build_pool ---------------------------------------------------------------------------------------------
+
+
+def pool_key(config: Config, record: TaskRecord) -> str:
+    return _digest({"task": record.task_id, "dvc_md5": record.dvc_md5, "content": record.content_digest,
+                    "model": config.model.model_dump(mode="json"), "method": config.method.model_dump(mode="json"),
+                    "templates": config.evaluation.templates})
+
+
+def builds_pools(config: Config) -> bool:
+    """Pools are built as their own step when the configured method says it builds per-task pools."""
+    from components.methods import get_method
+
+    return get_method(config.method.name).builds_pools
+
+
+def build_pool(config: Config, task_id: str) -> dict[str, Any]:
+    """One task's pool, built by the configured method from the base encoder, in a folder keyed by its
+    inputs' digest."""
+    from components.data import load_task
+    from components.learn import make_method
+    from components.methods.base import context_for, task_prompts
+    from components.models import load_backbone
+    from components.pools import TaskPool
+
+    folder = pool_dir(config, task_id)
+    key = folder.name
+    done = folder / "result.json"
+    if done.is_file():
+        TaskPool.load(folder, task_id)  # verifies the checksum: a damaged cache entry is rebuilt
+        return json.loads(done.read_text()) | {"cached": True}
+    method = make_method(config)
+    if not method.builds_pools:
+        raise PipelineError(f"method {method.name} builds no per-task pools")
+    started = time.perf_counter()
+    backbone = load_backbone(config.model)
+    task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
+    pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
+    pool.save(folder)
+    result = {"task_id": task_id, "key": key, "pool_dir": str(folder), "img_per_s": stats.img_per_s,
+              "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename, "pid": os.getpid(),
+              "parent_pid": os.getppid()}
+    storage.atomic_write_text(done, json.dumps(result, indent=2))
+    return result | {"cached": False}
+
+
+# ---- train + evaluate ---------------------------------------------------------------------------------------
+
+
+def pool_dir(config: Config, task_id: str) -> Path:
+    """Where a task's pool is built (its ``result.json`` marks it complete), keyed by the inputs' digest."""
+    return runtime_dir(config) / "pools" / pool_key(config, task_record(config, task_id))
+
+
+def update_dir(config: Config, task_id: str, parent_version: int | None) -> Path:
+    """Where one update's results land (its ``result.json`` marks it complete), keyed by the inputs' digest."""
+    return runtime_dir(config) / "runs" / update_key(config, task_id, parent_version)
+
+
+def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
+    from components.registry import run_key
+
+    record = task_record(config, task_id)
+    return run_key(parent_version, task_id, record.dvc_md5, config.sha256())
+
+
+def run_update(config: Config, task_id: str, parent_version: int | None,
+               pools: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete)."""
+    from components import learn
+    from components.state import LearnerState
+
+    out = update_dir(config, task_id, parent_version)
+    key = out.name
+    done = out / "result.json"
+    if done.is_file():
+        LearnerState.load(out / "state")  # verifies every checksum of the cached state
+        return json.loads(done.read_text()) | {"cached": True}
+    tmp = out.with_name(f".{key}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    parent = parent_state(config, parent_version)
+    # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
+    checkpoints = runtime_dir(config) / "checkpoints" / key
+    result = learn.learn_step(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
+                              pools=pools, checkpoint_dir=checkpoints)
+    final = result.matrix.matrix[-1]
+    doc = {"task_id": task_id, "run_key": key, "parent_version": parent_version, "out_dir": str(out),
+           "metrics": result.metrics, "final_row": dict(zip(result.matrix.tasks, final)),
+           "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()}, "method": config.method.name,
+           "config_sha256": config.sha256()}
+    storage.atomic_write_text(tmp / "result.json", json.dumps(doc, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+    return doc | {"cached": False}
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory of this process when it used CUDA, else its peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---- register + gate ----------------------------------------------------------------------------------------
+
+
+def register_update(config: Config, update: dict[str, Any], flow_run_id: str | None = None) -> dict[str, Any]:
+    """An MLflow run and a model version (alias challenger) for a finished update; idempotent by its key."""
+    started = time.perf_counter()
+    registry = registry_of(config)
+    task_id, key = update["task_id"], update["run_key"]
+    record = task_record(config, task_id)
+    existing = registry.find_version(key)
+    if existing is not None:  # registered by an earlier attempt; register() resumes what it left undone
+        run_id = existing.run_id
+        version = registry.register(run_id, key, {})
+        if not registry.has_artifact(run_id, "lineage.json"):
+            _log_lineage(config, registry, version, run_id)
+    else:
+        run = registry.find_run(key)
+        tags = {"task_id": task_id, "method": config.method.name, "run_key": key,
+                "parent_version": "" if update["parent_version"] is None else str(update["parent_version"]),
+                "dvc_md5": record.dvc_md5 or "", "workspace_commit": record.workspace_commit or "",
+                "config_sha256": config.sha256(), "code_version": code_version(), "flow_run_id": flow_run_id or "",
+                "scenario": record.scenario or "", "content_digest": record.content_digest}
+        if run is None:
+            registry.fail_abandoned_runs(key)  # we register this key now: a RUNNING run of it is a dead one
+            out = Path(update["out_dir"])
+            extra = {}
+            if record.report and Path(record.report).exists():
+                extra["validation"] = Path(record.report)
+            params = _flatten(config.model_dump(mode="json"))
+            params.update({f"timing.{k}": v for k, v in update.get("timings", {}).items()})
+            metrics = dict(update["metrics"])
+            timings = update.get("timings", {})
+            if timings.get("pool_img_per_s"):
+                metrics["perf.pool_img_per_s"] = timings["pool_img_per_s"]
+            if timings.get("peak_mem_mb"):
+                metrics["perf.peak_mem_mb"] = timings["peak_mem_mb"]
+            if timings.get("train_step_ms"):
+                metrics["perf.train_step_ms"] = timings["train_step_ms"]
+            run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
+            registry.log_task_dataset(run_id, task_id, record.dvc_md5 or record.content_digest,
+                                      {"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
+                                       "workspace": str(config.workspace_path), "commit": record.workspace_commit})
+        else:
+            run_id = run.info.run_id
+        version = registry.register(run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"})
+        _log_lineage(config, registry, version, run_id)
+    with ledger_of(config) as ledger:
+        current = ledger.get(task_id)
+        if current.state == "learning":
+            ledger.transition(task_id, "learned", expect=["learning"], model_version=str(version))
+        elif current.model_version != str(version):
+            ledger.update(task_id, model_version=str(version))
+    return {"task_id": task_id, "version": version, "run_id": run_id, "run_key": key,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _log_lineage(config: Config, registry, version: int, run_id: str) -> None:
+    """The version's lineage record as the run's ``lineage.json`` (what an auditor reads in the MLflow UI)."""
+    from components.lineage import build_lineage
+
+    record = build_lineage(registry, version, config.workspace_path, verify=False)
+    registry.log_json(run_id, record, "lineage.json")
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
