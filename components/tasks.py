@@ -330,6 +330,8 @@ def read_metadata(source: DropSource) -> tuple[TaskSpec, Manifest, bytes, bytes]
     try:
         spec_bytes = source.read("task.yaml", MAX_TEXT_BYTES)
         manifest_bytes = source.read("manifest.csv", MAX_TEXT_BYTES)
+    except storage.StorageUnavailable:  # not a broken drop: the store did not answer (retried, exit 4)
+        raise
     except (OSError, PermissionError, storage.StorageError) as exc:
         raise DropError("metadata-readable", f"{source.location}: {exc}") from None
     return parse_task_yaml(spec_bytes), parse_manifest(manifest_bytes), spec_bytes, manifest_bytes

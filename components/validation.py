@@ -90,6 +90,8 @@ def scan_images(source: DropSource, manifest: Manifest, cfg: ValidationConfig,
             continue
         try:
             data = source.read(row.path, cfg.max_image_bytes)
+        except storage.StorageUnavailable:  # the store did not answer: say so (exit 4), never quarantine the task
+            raise
         except PermissionError as exc:
             fact.path_problem = f"refused: {exc}"
             continue

@@ -156,15 +156,6 @@ def _row(name: str, proxy: S3FaultProxy, **held) -> None:
 # ---- ingestion from an s3:// drop zone -----------------------------------------------------------
 
 
-# Waits for a fix outside components/storage.py: validation.scan_images and tasks.read_metadata must re-raise
-# storage.StorageUnavailable instead of recording the image or the metadata as unreadable (a store that did
-# not answer says nothing about the drop). Until then such a drop is quarantined (exit 1). Strict: the test
-# reports it when the fix lands, and this marker goes.
-NEEDS_UNAVAILABLE_RERAISED = pytest.mark.xfail(
-    strict=True, reason="validation.scan_images / tasks.read_metadata take storage.StorageUnavailable for a bad "
-                        "image or drop (quarantine, exit 1) instead of letting it end the step (exit 4)")
-
-
 @pytest.mark.parametrize("rate", RATES)
 def test_ingest_from_s3_drop_zone_under_faults(rate, workspace, tmp_path, s3_bucket, direct, proxy, capsys,
                                                monkeypatch):
@@ -216,7 +207,6 @@ def test_ingest_when_the_drop_zone_cannot_be_listed_ends_with_exit_4(tmp_path, s
     _row("ingest, listing throttled 100%", proxy, exit=code)
 
 
-@NEEDS_UNAVAILABLE_RERAISED
 def test_images_unreadable_for_the_store_are_a_storage_failure_not_a_quarantine(workspace, tmp_path, s3_bucket,
                                                                                direct, proxy, capsys, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the outage outlasts the retries sooner
