@@ -20,34 +20,14 @@ from components.methods import available_methods, get_method
 from components.pools import merge
 from components.state import LearnerState, StateError
 from flows.cli import main
+from tests.conftest import tiny_overrides
 from tests.drops import make_task
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """Fixed random weights of the tiny config, saved once, so every process loads the same model."""
-    from components.models import register_builtin_configs, save_weights
-
-    import open_clip
-
-    register_builtin_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("cliploop-tiny", pretrained=None)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    sha = save_weights(model, path)
-    return path, sha
-
-
-def _overrides(ckpt, *extra):
-    path, sha = ckpt
-    return ["model.name=cliploop-tiny", "model.pretrained=null", f"model.checkpoint={path}", f"model.sha256={sha}",
-            "evaluation.batch_size=16", *extra]
-
-
 def _cfg(tmp_path, ckpt, *extra):
-    return load_config(overrides=[f"workspace={tmp_path / 'ws'}", *_overrides(ckpt, *extra)], env={}, cwd=tmp_path)
+    return load_config(overrides=[f"workspace={tmp_path / 'ws'}", *tiny_overrides(ckpt, *extra)], env={}, cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +72,7 @@ def test_order_invariance_through_real_ingestion(tmp_path, tiny_checkpoint, drop
     bit-identical pools."""
     pools = []
     for name, order in (("w1", [0, 1]), ("w2", [1, 0])):
-        cfg = load_config(overrides=[f"workspace={tmp_path / name}", *_overrides(tiny_checkpoint)], env={},
+        cfg = load_config(overrides=[f"workspace={tmp_path / name}", *tiny_overrides(tiny_checkpoint)], env={},
                           cwd=tmp_path)
         for i in order:
             assert ingestion.ingest(str(drops[i]), cfg).status == "accepted"
@@ -116,7 +96,7 @@ def test_pool_built_in_another_process_equals_inline(tmp_path, tiny_checkpoint, 
     inline_files = inline.save(tmp_path / "inline")
 
     args = [sys.executable, "-m", "components.methods.lvp", str(drops[0]), "--out", str(tmp_path / "sub")]
-    for item in _overrides(tiny_checkpoint):
+    for item in tiny_overrides(tiny_checkpoint):
         args += ["--set", item]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -157,7 +137,7 @@ def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_u
     out = tmp_path / "run"
     held_out = make_task(tmp_path, "held-out", ["yak", "ant", "bee"], dataset="other", train=1, test=3)
     argv = ["learn", "--method", "lvp", str(drops[0]), str(drops[1]), "--out", str(out), "--json"]
-    for item in _overrides(tiny_checkpoint, f"evaluation.zero_shot_set={held_out}"):
+    for item in tiny_overrides(tiny_checkpoint, f"evaluation.zero_shot_set={held_out}"):
         argv += ["--set", item]
     assert main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -186,7 +166,7 @@ from components.evaluation import accuracy
 from components.learn import context_for, make_method
 from components.models import load_backbone
 from components.state import LearnerState
-cfg = load_config(overrides={_overrides(tiny_checkpoint)!r}, env={{}})
+cfg = load_config(overrides={tiny_overrides(tiny_checkpoint)!r}, env={{}})
 state = LearnerState.load({str(out / 'state')!r})
 ctx = context_for(cfg, load_backbone(cfg.model))
 method = make_method(cfg, state.method)

@@ -20,7 +20,7 @@ from components.lineage import build_lineage
 from components.registry import from_config
 from flows.cli import main
 from tests.drops import make_task
-from tests.test_learn import _overrides, tiny_checkpoint  # noqa: F401  (shared fixture)
+from tests.conftest import tiny_overrides as _overrides
 
 pytestmark = pytest.mark.stack
 
@@ -31,7 +31,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
+def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deploy import deploy

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from components.learn import LearnError, learn, learn_step
 from components.state import LearnerState
-from tests.test_learn import _cfg, drops, tiny_checkpoint  # noqa: F401  (shared fixtures)
+from tests.test_learn import _cfg, drops  # noqa: F401  (shared fixture)
 
 
 def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tiny_checkpoint, drops):  # noqa: F811
