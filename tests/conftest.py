@@ -123,3 +123,15 @@ def tiny_overrides(ckpt, *extra) -> list[str]:
     path, sha = ckpt
     return ["model.name=cliploop-tiny", "model.pretrained=null", f"model.checkpoint={path}", f"model.sha256={sha}",
             "evaluation.batch_size=16", *extra]
+
+
+@pytest.fixture(scope="session")
+def drops(tmp_path_factory):
+    """Three small task drops: two class-incremental, one domain-incremental over the same classes."""
+    from tests.drops import make_task
+
+    root = tmp_path_factory.mktemp("drops")
+    return [make_task(root, "t-a", ["cat", "dog"], train=4, test=2),
+            make_task(root, "t-b", ["emu", "owl"], train=4, test=2),
+            make_task(root, "t-c", ["cat", "dog", "emu", "owl"], scenario="domain-incremental", train=3, test=2,
+                      domain="sketch", salt="c")]

@@ -30,15 +30,6 @@ def _cfg(tmp_path, ckpt, *extra):
     return load_config(overrides=[f"workspace={tmp_path / 'ws'}", *tiny_overrides(ckpt, *extra)], env={}, cwd=tmp_path)
 
 
-@pytest.fixture(scope="module")
-def drops(tmp_path_factory):
-    root = tmp_path_factory.mktemp("drops")
-    return [make_task(root, "t-a", ["cat", "dog"], train=4, test=2),
-            make_task(root, "t-b", ["emu", "owl"], train=4, test=2),
-            make_task(root, "t-c", ["cat", "dog", "emu", "owl"], scenario="domain-incremental", train=3, test=2,
-                      domain="sketch", salt="c")]
-
-
 def test_registry_lists_methods():
     methods = available_methods()
     assert {"lvp", "zeroshot"} <= set(methods) and all(methods.values())

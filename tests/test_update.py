@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 
 from components.learn import LearnError, learn, learn_step
 from components.state import LearnerState
-from tests.test_learn import _cfg, drops  # noqa: F401  (shared fixture)
+from tests.test_learn import _cfg
 
 
-def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tiny_checkpoint, drops):  # noqa: F811
+def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tiny_checkpoint, drops):
     cfg = _cfg(tmp_path, tiny_checkpoint)
     locations = {d.name: str(d) for d in drops}
     parent = None
@@ -40,7 +40,7 @@ def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tin
         learn_step(str(drops[0]), other, parent, locate=locations.__getitem__)
 
 
-def test_a_fine_tuning_sequence_is_its_chain_of_steps(tmp_path, tiny_checkpoint, drops):  # noqa: F811
+def test_a_fine_tuning_sequence_is_its_chain_of_steps(tmp_path, tiny_checkpoint, drops):
     """``cliploop learn`` is a loop over the pipeline's step: with training (random crops included), the
     sequence and the chain through saved states reach the same weights and the same accuracies."""
     import torch
