@@ -1,7 +1,7 @@
 """The durable task ledger: one row per task id, an append-only event history, and an image index.
 
 SQLite (WAL mode) gives atomic, crash-safe state transitions and safe use by several processes.
-States and allowed transitions follow contracts.md::
+States and allowed transitions follow docs/contracts.md ("A task's life in the ledger")::
 
     ingested ─► validated ─► learning ─► learned ─► promoted
        │                        │           └─────► rejected (a reviewer or the gate said no; can be re-queued)

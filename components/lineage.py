@@ -1,4 +1,4 @@
-"""Lineage: from any model version back through its parents to the first task (contracts.md, "Lineage record").
+"""Lineage: from any model version back through its parents to the first task (docs/contracts.md, "Lineage record").
 
 Every link comes from what was recorded when the version was made (its ``cliploop.*`` tags and MLflow
 run) and from the task ledger (validation result and report). ``verify`` re-hashes each task's

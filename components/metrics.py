@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix (methods.md §6.4, §7), in one tested place.
+"""Continual-learning metrics from an accuracy matrix (docs/metrics.md), in one tested place.
 
 The accuracy-matrix file (``eval/accuracy_matrix.json``; ``cliploop metrics FILE`` recomputes
 everything from it)::

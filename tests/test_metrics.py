@@ -79,7 +79,7 @@ def test_reproduces_published_zscl_transfer_avg_last(run):
 
 
 def test_zero_shot_fixture_matrix():
-    """methods.md §9.24: a zero-shot matrix (every row the same) has Transfer = mean of columns 2..11."""
+    """docs/metrics.md, "Conventions to keep in mind": a zero-shot matrix (every row the same) has Transfer = mean of columns 2..11."""
     zs = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]
     metrics = compute_all(AccuracyMatrix(tasks=[f"d{k}" for k in range(11)], matrix=[list(zs) for _ in zs]))
     assert round(metrics["mtil.transfer"], 1) == 69.4

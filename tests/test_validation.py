@@ -292,7 +292,7 @@ def test_accepted_task_revalidates_from_its_shards(base_workspace, capsys):
 
 
 def test_gx_all_null_column_does_not_pass_silently(ws, tmp_path):
-    """GX range/set checks pass on nulls; our suite pairs them with not-null checks (reliability.md)."""
+    """GX range/set checks pass on nulls; our suite pairs them with not-null checks (docs/reliability.md, "Great Expectations")."""
     drop = make_task(tmp_path / "drops", "toy-e", ["owl"])
     rows = read_manifest(drop)
     write_manifest(drop, [[r[0], "", r[2]] for r in rows[1:]])
