@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # without it can backtrack for many minutes (aiobotocore pins botocore to a narrow range).
 INSTALL := $(PIP) install --constraint constraints.txt
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo test lint clean
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -26,8 +26,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/cliploop demo
 
+# Lint and format check first (ruff, configured in pyproject.toml), then the whole suite.
 test: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest
+
+# Fix what ruff can fix and format the tree (the same rules `make test` checks).
+lint: install-test
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) .cliploop .pytest_cache

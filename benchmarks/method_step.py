@@ -52,11 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NO_TEACHER = ("gnsp", "sg-rl", "cvm")
 WITH_TEACHER = ("lwf", "lwf-recompute", "sg", "zscl", "ctp", "ctp-recompute")
-VARIANTS = {"sg-rl": ("sg", {"kd_weight": 0.0}),  # SG-RL alone: the same method without its distillation term
-            # The teacher's image features recomputed every step, as with augmentation (the official setting);
-            # without augmentation (this benchmark) lwf and ctp compute them once per task, exactly.
-            "lwf-recompute": ("lwf", {"cache_teacher": False}),
-            "ctp-recompute": ("ctp", {"cache_reference": False})}
+VARIANTS = {
+    "sg-rl": ("sg", {"kd_weight": 0.0}),  # SG-RL alone: the same method without its distillation term
+    # The teacher's image features recomputed every step, as with augmentation (the official setting);
+    # without augmentation (this benchmark) lwf and ctp compute them once per task, exactly.
+    "lwf-recompute": ("lwf", {"cache_teacher": False}),
+    "ctp-recompute": ("ctp", {"cache_reference": False}),
+}
 
 
 def _sync(device: str) -> None:
@@ -67,8 +69,13 @@ def _sync(device: str) -> None:
 def _config(args, workspace: Path):
     from components.config import load_config
 
-    overrides = [f"workspace={workspace}", f"model.name={args.model}", f"model.device={args.device}",
-                 f"model.precision={args.precision}", f"evaluation.batch_size={args.batch}"]
+    overrides = [
+        f"workspace={workspace}",
+        f"model.name={args.model}",
+        f"model.device={args.device}",
+        f"model.precision={args.precision}",
+        f"evaluation.batch_size={args.batch}",
+    ]
     overrides.append(f"model.pretrained={args.pretrained}" if args.pretrained else "model.pretrained=null")
     if args.checkpoint:
         overrides.append(f"model.checkpoint={args.checkpoint}")
@@ -99,7 +106,11 @@ def prepare(name: str, settings: dict, tasks, config, args, teacher_forwards: in
     loader = make_loader(method.train_dataset(), args.batch, 0, shuffle=True, seed=0, drop_last=False)
     images, labels, indices = next(iter(loader))
     if double_batch:  # the same images twice: the work of a second batch through the trained model
-        images, labels, indices = torch.cat([images, images]), torch.cat([labels, labels]), torch.cat([indices, indices])
+        images, labels, indices = (
+            torch.cat([images, images]),
+            torch.cat([labels, labels]),
+            torch.cat([indices, indices]),
+        )
     named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
     optimizer = make_optimizer([p for _, p in named], method.settings)
     teachers = [copy.deepcopy(backbone.model).eval().requires_grad_(False) for _ in range(teacher_forwards)]
@@ -160,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         drops = build_drop_zone(tmp / "drops", include_bad=False)
         tasks = [load_task(str(d)) for d in drops[:2]]
         config = _config(args, tmp / "ws")
-        runners = {"finetune": prepare("finetune", {}, tasks, config, args),
-                   "finetune+forward": prepare("finetune", {}, tasks, config, args, teacher_forwards=1),
-                   # the floors of two methods' own definitions, to tell their inherent cost from overhead:
-                   "finetune+2forwards": prepare("finetune", {}, tasks, config, args, teacher_forwards=2),  # ctp-recompute
-                   "finetune-2x-batch": prepare("finetune", {}, tasks, config, args, double_batch=True)}  # zscl, gnsp
+        runners = {
+            "finetune": prepare("finetune", {}, tasks, config, args),
+            "finetune+forward": prepare("finetune", {}, tasks, config, args, teacher_forwards=1),
+            # the floors of two methods' own definitions, to tell their inherent cost from overhead:
+            "finetune+2forwards": prepare("finetune", {}, tasks, config, args, teacher_forwards=2),  # ctp-recompute
+            "finetune-2x-batch": prepare("finetune", {}, tasks, config, args, double_batch=True),
+        }  # zscl, gnsp
         for name in [m for m in args.methods.split(",") if m]:
             method, settings = VARIANTS.get(name, (name, {}))
             runners[name] = prepare(method, settings, tasks, config, args)
@@ -175,29 +188,52 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = step()
                 if round_ >= args.warmup:
                     times[name].append(seconds)
-        results = {name: {"median_ms": round(1000 * statistics.median(times[name]), 3), **info}
-                   for name, (_, info) in runners.items()}
+        results = {
+            name: {"median_ms": round(1000 * statistics.median(times[name]), 3), **info}
+            for name, (_, info) in runners.items()
+        }
         if args.device.startswith("cuda"):
             results["_peak_mem_mb_all_methods"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
     plain, with_forward = results["finetune"]["median_ms"], results["finetune+forward"]["median_ms"]
     ratios = {}
-    floors = {"ctp": "finetune+forward", "ctp-recompute": "finetune+2forwards", "zscl": "finetune-2x-batch",
-              "gnsp": "finetune-2x-batch"}
+    floors = {
+        "ctp": "finetune+forward",
+        "ctp-recompute": "finetune+2forwards",
+        "zscl": "finetune-2x-batch",
+        "gnsp": "finetune-2x-batch",
+    }
     for name in runners:
         if name.startswith("finetune"):
             continue
         label = "finetune" if name in NO_TEACHER else "finetune+forward"
         ratio, spread = paired_ratio(times[name], times[label])
-        ratios[name] = {"vs": label, "ratio": ratio, "ratio_iqr": spread, "target": 1.10, "meets_target": ratio <= 1.10,
-                        "vs_finetune": paired_ratio(times[name], times["finetune"])[0]}
+        ratios[name] = {
+            "vs": label,
+            "ratio": ratio,
+            "ratio_iqr": spread,
+            "target": 1.10,
+            "meets_target": ratio <= 1.10,
+            "vs_finetune": paired_ratio(times[name], times["finetune"])[0],
+        }
         if name in floors and floors[name] in times:
             ratios[name]["floor"] = floors[name]
             ratios[name]["vs_floor"] = paired_ratio(times[name], times[floors[name]])[0]
-    report = {"benchmark": "method_step", "model": args.model, "pretrained": args.pretrained, "device": args.device,
-              "precision": args.precision, "batch": args.batch, "steps": args.steps, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "machine": platform.machine(), "results": results, "ratios": ratios,
-              "finetune_plus_forward_vs_finetune": round(with_forward / plain, 3)}
+    report = {
+        "benchmark": "method_step",
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "device": args.device,
+        "precision": args.precision,
+        "batch": args.batch,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "results": results,
+        "ratios": ratios,
+        "finetune_plus_forward_vs_finetune": round(with_forward / plain, 3),
+    }
     print(json.dumps(report, indent=2))
     return 0
 

@@ -56,8 +56,17 @@ def make_stored_task(folder: Path, n: int, side: int, quality: int = 90) -> Path
         data = buf.getvalue()
         sha = sha256_bytes(data)
         writer.add(sha, ".jpg", data)
-        rows.append({"path": f"img/{i:06d}.jpg", "label": NAMES[int(targets[k])], "split": "train", "sha256": sha,
-                     "format": "JPEG", "width": side, "height": side})
+        rows.append(
+            {
+                "path": f"img/{i:06d}.jpg",
+                "label": NAMES[int(targets[k])],
+                "split": "train",
+                "sha256": sha,
+                "format": "JPEG",
+                "width": side,
+                "height": side,
+            }
+        )
     located = writer.close()
     for row in rows:
         where = located[row["sha256"] + ".jpg"]
@@ -65,7 +74,9 @@ def make_stored_task(folder: Path, n: int, side: int, quality: int = 90) -> Path
     write_index(task / "index.csv", rows)
     spec = {"task_id": "bench", "scenario": "class-incremental", "dataset": "bench", "classes": NAMES}
     (task / "task.yaml").write_text(yaml.safe_dump(spec))
-    (task / "manifest.csv").write_text("path,label,split\n" + "".join(f"{r['path']},{r['label']},train\n" for r in rows))
+    (task / "manifest.csv").write_text(
+        "path,label,split\n" + "".join(f"{r['path']},{r['label']},train\n" for r in rows)
+    )
     return task
 
 
@@ -105,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    overrides = [f"model.name={args.model}", f"model.pretrained={args.pretrained or 'null'}",
-                 f"model.device={args.device}", f"model.precision={args.precision}",
-                 f"evaluation.batch_size={args.batch}"]
+    overrides = [
+        f"model.name={args.model}",
+        f"model.pretrained={args.pretrained or 'null'}",
+        f"model.device={args.device}",
+        f"model.precision={args.precision}",
+        f"evaluation.batch_size={args.batch}",
+    ]
     if args.workers is not None:
         overrides.append(f"evaluation.workers={args.workers}")
     config = load_config(overrides=overrides, env={})
@@ -151,13 +166,29 @@ def main(argv: list[str] | None = None) -> int:
         task.source.close()
     result = {
         "benchmark": "pool_build",
-        "model": args.model, "device": str(backbone.device), "precision": args.precision, "autocast": str(backbone.autocast_dtype), "weights_dtype": str(backbone.weights_dtype),
-        "images": args.images, "image_side": args.side, "batch": args.batch, "workers": ctx.workers,
-        "repeat": args.repeat, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "machine": platform.machine(),
-        "img_per_s": {"pool_build": round(pool_rate, 1), "bare_encoder": round(encoder, 1),
-                      "plain_fp32": round(plain, 1)},
-        "ratios": {"pool_vs_encoder": round(pool_rate / encoder, 3), "encoder_vs_plain_fp32": round(encoder / plain, 3)},
+        "model": args.model,
+        "device": str(backbone.device),
+        "precision": args.precision,
+        "autocast": str(backbone.autocast_dtype),
+        "weights_dtype": str(backbone.weights_dtype),
+        "images": args.images,
+        "image_side": args.side,
+        "batch": args.batch,
+        "workers": ctx.workers,
+        "repeat": args.repeat,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "machine": platform.machine(),
+        "img_per_s": {
+            "pool_build": round(pool_rate, 1),
+            "bare_encoder": round(encoder, 1),
+            "plain_fp32": round(plain, 1),
+        },
+        "ratios": {
+            "pool_vs_encoder": round(pool_rate / encoder, 3),
+            "encoder_vs_plain_fp32": round(encoder / plain, 3),
+        },
         "targets": {"pool_vs_encoder": 0.90, "encoder_vs_plain_fp32": 2.2},
     }
     text = json.dumps(result, indent=2)

@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         task = StoredTask(folder)
         rows = task.rows
         reader = task._reader  # the same reader StoredTask.read_row uses, minus the check
-        unchecked = _per_image_us(lambda r: reader.read(Located(r["shard"], r["offset"], r["size"])), rows,
-                                  args.rounds)
+        unchecked = _per_image_us(lambda r: reader.read(Located(r["shard"], r["offset"], r["size"])), rows, args.rounds)
         checked = _per_image_us(task.read_row, rows, args.rounds)
         blobs = {r["path"]: task.read_row(r) for r in rows}
 
@@ -73,11 +72,19 @@ def main(argv: list[str] | None = None) -> dict:
         task.close()
     check = max(checked - unchecked, 0.0)
     result = {
-        "benchmark": "shard_read", "images": args.images, "side": args.side, "rounds": args.rounds,
+        "benchmark": "shard_read",
+        "images": args.images,
+        "side": args.side,
+        "rounds": args.rounds,
         "mean_jpeg_bytes": round(sum(len(b) for b in blobs.values()) / len(blobs)),
-        "us_per_image": {"read": round(unchecked, 1), "read_checked": round(checked, 1),
-                         "decode": round(decoded, 1), "decode_resize": round(resized, 1)},
-        "check_vs_decode": round(check / decoded, 3), "check_vs_decode_resize": round(check / resized, 3),
+        "us_per_image": {
+            "read": round(unchecked, 1),
+            "read_checked": round(checked, 1),
+            "decode": round(decoded, 1),
+            "decode_resize": round(resized, 1),
+        },
+        "check_vs_decode": round(check / decoded, 3),
+        "check_vs_decode_resize": round(check / resized, 3),
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
     }
     text = json.dumps(result, indent=2)

@@ -21,12 +21,12 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from components.config import Config
 from components.ledger import Ledger, TaskRecord
-
 
 REVIEWER_GATE = "cliploop-gate"
 
@@ -72,8 +72,10 @@ def chain_lock(config: Config) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise ChainBusy(f"the chain {config.mlflow.registered_model!r} is being updated by {holder}; "
-                            f"this run leaves it alone (lock: {path})") from None
+            raise ChainBusy(
+                f"the chain {config.mlflow.registered_model!r} is being updated by {holder}; "
+                f"this run leaves it alone (lock: {path})"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
@@ -105,36 +107,61 @@ def reconcile(config: Config) -> list[str]:
     with ledger_of(config) as ledger:
         for record in ledger.all():
             if record.state == "learning":
-                ledger.transition(record.task_id, "failed", expect=["learning"], reason="interrupted: the run "
-                                  "learning it stopped without finishing (process or machine died)",
-                                  detail={"by": "reconcile"})
+                ledger.transition(
+                    record.task_id,
+                    "failed",
+                    expect=["learning"],
+                    reason="interrupted: the run learning it stopped without finishing (process or machine died)",
+                    detail={"by": "reconcile"},
+                )
                 changes.append(f"{record.task_id}: learning -> failed (interrupted run)")
             elif record.state == "learned" and record.task_id in in_chain:
-                ledger.transition(record.task_id, "promoted", expect=["learned"],
-                                  detail={"by": "reconcile", "why": f"champion v{champion} contains it"})
+                ledger.transition(
+                    record.task_id,
+                    "promoted",
+                    expect=["learned"],
+                    detail={"by": "reconcile", "why": f"champion v{champion} contains it"},
+                )
                 changes.append(f"{record.task_id}: learned -> promoted (champion v{champion} was set in the registry)")
             elif record.state == "learned" and record.model_version:
                 tags = _tags_or_none(registry, record.model_version)
                 review = (tags or {}).get("review")
                 parent = (tags or {}).get("parent_version", "")
                 if review in ("rejected", "rolled-back"):
-                    ledger.transition(record.task_id, "rejected", expect=["learned"], reason=tags.get("review_note"),
-                                      detail={"by": "reconcile"})
+                    ledger.transition(
+                        record.task_id,
+                        "rejected",
+                        expect=["learned"],
+                        reason=tags.get("review_note"),
+                        detail={"by": "reconcile"},
+                    )
                     changes.append(f"{record.task_id}: learned -> rejected (review of v{record.model_version})")
                 elif tags is None or parent != (str(champion) if champion is not None else ""):
                     # Learned on top of a model that is no longer the champion: learn it again on the new one,
                     # unless a reviewer decided on it (or the champion moved) since we read it.
-                    if tags is not None and review in ("pending", "timed-out") and not registry.supersede(
-                            int(record.model_version), {"review": review, "champion": champion}):
+                    if (
+                        tags is not None
+                        and review in ("pending", "timed-out")
+                        and not registry.supersede(int(record.model_version), {"review": review, "champion": champion})
+                    ):
                         continue
-                    ledger.transition(record.task_id, "validated", expect=["learned"],
-                                      reason=f"re-queued: v{record.model_version} was learned on v{parent or 'base'}, "
-                                             f"the champion is now v{champion}", detail={"by": "reconcile"})
+                    ledger.transition(
+                        record.task_id,
+                        "validated",
+                        expect=["learned"],
+                        reason=f"re-queued: v{record.model_version} was learned on v{parent or 'base'}, "
+                        f"the champion is now v{champion}",
+                        detail={"by": "reconcile"},
+                    )
                     changes.append(f"{record.task_id}: learned -> validated (champion moved; learn it again)")
             elif record.state == "promoted" and record.task_id not in in_chain:
-                ledger.transition(record.task_id, "rejected", expect=["promoted"],
-                                  reason=f"rolled back: champion v{champion} does not contain it",
-                                  detail={"by": "reconcile"})
+                ledger.transition(
+                    record.task_id,
+                    "rejected",
+                    expect=["promoted"],
+                    reason=f"rolled back: champion v{champion} does not contain it",
+                    detail={"by": "reconcile"},
+                )
                 changes.append(f"{record.task_id}: promoted -> rejected (not in champion v{champion}'s chain)")
     return changes
 
@@ -161,8 +188,14 @@ def awaiting_review(config: Config) -> list[dict[str, Any]]:
                 continue
             tags = _tags_or_none(registry, record.model_version) or {}
             if tags.get("parent_version", "") == (str(champion) if champion is not None else ""):
-                out.append({"task_id": record.task_id, "version": int(record.model_version),
-                            "gate": tags.get("gate"), "review": tags.get("review")})
+                out.append(
+                    {
+                        "task_id": record.task_id,
+                        "version": int(record.model_version),
+                        "gate": tags.get("gate"),
+                        "review": tags.get("review"),
+                    }
+                )
     return out
 
 
@@ -187,8 +220,9 @@ def task_record(config: Config, task_id: str) -> TaskRecord:
     return record
 
 
-def _move(config: Config, task_id: str, allowed: tuple[str, ...], target: str, refusal: str,
-          fields=lambda record: {}) -> dict[str, Any]:
+def _move(
+    config: Config, task_id: str, allowed: tuple[str, ...], target: str, refusal: str, fields=lambda record: {}
+) -> dict[str, Any]:
     """Move a task from one of ``allowed`` states to ``target`` atomically, or say why it cannot.
 
     ``fields``: the record -> the ledger fields to set with the transition (returned too)."""
@@ -204,8 +238,14 @@ def _move(config: Config, task_id: str, allowed: tuple[str, ...], target: str, r
 
 
 def start_learning(config: Config, task_id: str) -> dict[str, Any]:
-    values = _move(config, task_id, ("validated", "failed"), "learning", "it is not waiting to be learned",
-                   lambda r: {"attempts": r.attempts + 1 if r.state == "failed" else r.attempts, "reason": None})
+    values = _move(
+        config,
+        task_id,
+        ("validated", "failed"),
+        "learning",
+        "it is not waiting to be learned",
+        lambda r: {"attempts": r.attempts + 1 if r.state == "failed" else r.attempts, "reason": None},
+    )
     return {"task_id": task_id, "attempts": values["attempts"]}
 
 
@@ -225,8 +265,12 @@ def interrupted(config: Config, signum: int) -> list[str]:
     with ledger_of(config) as ledger:
         for record in ledger.all():
             if record.state == "learning":
-                ledger.transition(record.task_id, "failed", expect=["learning"],
-                                  reason=f"interrupted by {name}: the night was stopped before this task finished")
+                ledger.transition(
+                    record.task_id,
+                    "failed",
+                    expect=["learning"],
+                    reason=f"interrupted by {name}: the night was stopped before this task finished",
+                )
                 changed.append(record.task_id)
     return changed
 
@@ -237,7 +281,7 @@ def champion_row(registry, exclude: int | None = None) -> dict[str, float] | Non
     if champion is None or champion == exclude:
         return None
     metrics = registry.run_metrics(champion)
-    return {k[len("acc."):]: v for k, v in metrics.items() if k.startswith("acc.")}
+    return {k[len("acc.") :]: v for k, v in metrics.items() if k.startswith("acc.")}
 
 
 def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str, Any]:
@@ -245,8 +289,9 @@ def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str
     from components.gate import evaluate_gate
 
     registry = registry_of(config)
-    verdict = evaluate_gate(config.gate, update["metrics"], update["final_row"], update["task_id"],
-                            champion_row(registry, exclude=version))
+    verdict = evaluate_gate(
+        config.gate, update["metrics"], update["final_row"], update["task_id"], champion_row(registry, exclude=version)
+    )
     registry.set_tags(version, {"gate": verdict.verdict, "gate_reasons": json.dumps(verdict.reasons)})
     doc = verdict.to_dict() | {"version": version, "markdown": verdict.markdown(f"Promotion gate, version {version}")}
     if not verdict.passed:
@@ -254,8 +299,9 @@ def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str
     return doc
 
 
-def decide(config: Config, version: int, decision: str, reviewer: str, note: str = "",
-           override_gate: bool = False) -> dict[str, Any]:
+def decide(
+    config: Config, version: int, decision: str, reviewer: str, note: str = "", override_gate: bool = False
+) -> dict[str, Any]:
     """Apply a review decision (``approve`` or ``reject``) to a version and its task; a repeat is a no-op.
 
     The decision is made on what is read here and applied as a compare-and-set under the registry lock: if
@@ -279,19 +325,25 @@ def decide(config: Config, version: int, decision: str, reviewer: str, note: str
         if champion == version:
             return {"version": version, "decision": "approve", "changed": False, "previous": None}
         if tags.get("gate") == "fail" and not override_gate:
-            raise PipelineError(f"version {version} failed the gate ({tags.get('gate_reasons')}); "
-                                f"approve it anyway with --override-gate")
+            raise PipelineError(
+                f"version {version} failed the gate ({tags.get('gate_reasons')}); "
+                f"approve it anyway with --override-gate"
+            )
         gate_only = review == "rejected" and tags.get("reviewer") == REVIEWER_GATE and override_gate
         if review in ("rejected", "rolled-back", "superseded") and not gate_only:
-            raise PipelineError(f"version {version} was {review} by {tags.get('reviewer') or 'someone'}"
-                                f"{': ' + tags['review_note'] if tags.get('review_note') else ''}; it cannot be "
-                                f"approved. `cliploop requeue {task_id}` learns the task again on the champion.")
+            raise PipelineError(
+                f"version {version} was {review} by {tags.get('reviewer') or 'someone'}"
+                f"{': ' + tags['review_note'] if tags.get('review_note') else ''}; it cannot be "
+                f"approved. `cliploop requeue {task_id}` learns the task again on the champion."
+            )
         parent = tags.get("parent_version", "")
         if parent != (str(champion) if champion is not None else ""):
-            raise PipelineError(f"version {version} was learned on top of v{parent or ' (base model)'} but the "
-                                f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
-                                f"drop what the champion learned since. The next night learns task {task_id} again "
-                                f"on the champion (or run `cliploop requeue {task_id}`).")
+            raise PipelineError(
+                f"version {version} was learned on top of v{parent or ' (base model)'} but the "
+                f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
+                f"drop what the champion learned since. The next night learns task {task_id} again "
+                f"on the champion (or run `cliploop requeue {task_id}`)."
+            )
         fault_point("after_decision_read")
         try:
             previous = registry.promote(version, reviewer, note, expect=expect)
@@ -328,8 +380,7 @@ def _ledger_after_review(config: Config, task_id: str | None, version: int, to_s
         # A gate-rejected version approved with --override-gate moves its task from rejected.
         sources = ["learned", "rejected"] if to_state == "promoted" else ["learned"]
         if record is not None and record.state in sources and record.model_version == str(version):
-            ledger.transition(task_id, to_state, expect=sources, reason=note or None,
-                              detail={"version": version})
+            ledger.transition(task_id, to_state, expect=sources, reason=note or None, detail={"version": version})
 
 
 def review_requested(config: Config, version: int) -> None:
@@ -364,6 +415,12 @@ def rollback(config: Config, reviewer: str, note: str = "", expect_champion: int
 
 def requeue(config: Config, task_id: str) -> dict[str, Any]:
     """A rejected task (or a learned one whose version went stale) is learned again next night."""
-    _move(config, task_id, ("rejected", "learned"), "validated", "only rejected or learned tasks can be re-queued",
-          lambda r: {"reason": "re-queued by an operator"})
+    _move(
+        config,
+        task_id,
+        ("rejected", "learned"),
+        "validated",
+        "only rejected or learned tasks can be re-queued",
+        lambda r: {"reason": "re-queued by an operator"},
+    )
     return {"task_id": task_id, "state": "validated"}

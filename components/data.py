@@ -7,9 +7,10 @@ anything computed from a task (its LVP pool above all) is the same whichever pro
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -40,13 +41,20 @@ class TaskData:
     def split(self, name: str) -> list[tuple[Any, int]]:
         return {"train": self.train, "test": self.test}[name]
 
-    def dataset_for(self, split: str, transform: Callable) -> "ImageDataset":
+    def dataset_for(self, split: str, transform: Callable) -> ImageDataset:
         return ImageDataset(self.source, self.split(split), transform)
 
     def summary(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "scenario": self.scenario, "dataset": self.dataset, "domain": self.domain,
-                "classes": self.class_keys, "n_train": len(self.train), "n_test": len(self.test),
-                "location": self.location}
+        return {
+            "task_id": self.task_id,
+            "scenario": self.scenario,
+            "dataset": self.dataset,
+            "domain": self.domain,
+            "classes": self.class_keys,
+            "n_train": len(self.train),
+            "n_test": len(self.test),
+            "location": self.location,
+        }
 
 
 def load_task(location: str | Path, source: DropSource | None = None) -> TaskData:
@@ -60,8 +68,17 @@ def load_task(location: str | Path, source: DropSource | None = None) -> TaskDat
     spec = parse_task_yaml(source.read("task.yaml", 64 << 20))
     keys = [class_key(spec.dataset, c.name) for c in spec.classes]
     by_name = {c.name: i for i, c in enumerate(spec.classes)}
-    data = TaskData(spec.task_id, spec.scenario, spec.dataset, spec.domain, keys, spec.class_names, source,
-                    location=location, prompts=spec.prompts)
+    data = TaskData(
+        spec.task_id,
+        spec.scenario,
+        spec.dataset,
+        spec.domain,
+        keys,
+        spec.class_names,
+        source,
+        location=location,
+        prompts=spec.prompts,
+    )
     if isinstance(source, StoredTask):
         rows = [(row, row["label"], row["split"]) for row in source.rows]
     else:
@@ -98,9 +115,18 @@ class ImageDataset(Dataset):
         return self.transform(decode_rgb(self.read_bytes(index))), self.items[index][1]
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False,
-                seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-                      drop_last=drop_last, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers > 0 else None,
+    )

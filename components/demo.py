@@ -65,17 +65,31 @@ def splits() -> dict[str, dict[int, list[int]]]:
     return out
 
 
-def _write_task(root: Path, task_id: str, scenario: str, labels: list[int], domain: str,
-                rows: list[tuple[int, int, str]], extra_rows: list[tuple[str, str, str]] = (),
-                declared: list[int] | None = None) -> Path:
+def _write_task(
+    root: Path,
+    task_id: str,
+    scenario: str,
+    labels: list[int],
+    domain: str,
+    rows: list[tuple[int, int, str]],
+    extra_rows: list[tuple[str, str, str]] = (),
+    declared: list[int] | None = None,
+) -> Path:
     images, _ = _digits()
     folder = root / task_id
     if folder.exists():
         shutil.rmtree(folder)
     (folder / "images").mkdir(parents=True)
-    spec = {"task_id": task_id, "scenario": scenario, "dataset": DATASET, "domain": domain,
-            "classes": [{"name": NAMES[i], "description": f"the handwritten digit {i} ({NAMES[i]})"}
-                        for i in (declared if declared is not None else labels)]}
+    spec = {
+        "task_id": task_id,
+        "scenario": scenario,
+        "dataset": DATASET,
+        "domain": domain,
+        "classes": [
+            {"name": NAMES[i], "description": f"the handwritten digit {i} ({NAMES[i]})"}
+            for i in (declared if declared is not None else labels)
+        ],
+    }
     (folder / "task.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with open(folder / "manifest.csv", "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -96,22 +110,26 @@ def build_drop_zone(root: Path, include_bad: bool = True) -> list[Path]:
     parts = splits()
 
     def rows(labels: list[int], train: str, test: str) -> list[tuple[int, int, str]]:
-        return [(i, lab, "train") for lab in labels for i in parts[train][lab]] + \
-               [(i, lab, "test") for lab in labels for i in parts[test][lab]]
+        return [(i, lab, "train") for lab in labels for i in parts[train][lab]] + [
+            (i, lab, "test") for lab in labels for i in parts[test][lab]
+        ]
 
     low, high, every = list(range(5)), list(range(5, 10)), list(range(10))
     folders = [
         _write_task(root, "digits-0-4", "class-incremental", low, "paper", rows(low, "train", "test")),
         _write_task(root, "digits-5-9", "class-incremental", high, "paper", rows(high, "train", "test")),
-        _write_task(root, "digits-chalk", "domain-incremental", every, "chalk",
-                    rows(every, "domain_train", "domain_test")),
+        _write_task(
+            root, "digits-chalk", "domain-incremental", every, "chalk", rows(every, "domain_train", "domain_test")
+        ),
     ]
     if include_bad:
         # Mislabelled: a label nobody declared, and one image listed in train and again (copied) in test.
-        bad_rows = [(i, lab, "train") for lab in (0, 1) for i in parts["base"][lab][:5]] + \
-                   [(i, lab, "test") for lab in (0, 1) for i in parts["base"][lab][5:8]]
-        folder = _write_task(root, "digits-mislabeled", "domain-incremental", [0, 1], "paper", bad_rows,
-                             declared=list(range(10)))
+        bad_rows = [(i, lab, "train") for lab in (0, 1) for i in parts["base"][lab][:5]] + [
+            (i, lab, "test") for lab in (0, 1) for i in parts["base"][lab][5:8]
+        ]
+        folder = _write_task(
+            root, "digits-mislabeled", "domain-incremental", [0, 1], "paper", bad_rows, declared=list(range(10))
+        )
         leak_src = folder / f"images/train-zero-{parts['base'][0][0]:04d}.png"
         shutil.copyfile(leak_src, folder / "images/test-copy.png")
         with open(folder / "manifest.csv", "a", newline="") as fh:
@@ -138,8 +156,16 @@ def base_split() -> tuple[list[bytes], list[int]]:
 
 BASE_MODEL = "cliploop-minilm-tiny"
 BASE_PROMPT = "a photo of the handwritten digit {}"
-BASE_RECIPE = {"model": BASE_MODEL, "prompt": BASE_PROMPT, "epochs": 40, "lr": 2e-3, "batch": 50, "seed": 0,
-               "data": "sklearn load_digits, base split", "version": 2}
+BASE_RECIPE = {
+    "model": BASE_MODEL,
+    "prompt": BASE_PROMPT,
+    "epochs": 40,
+    "lr": 2e-3,
+    "batch": 50,
+    "seed": 0,
+    "data": "sklearn load_digits, base split",
+    "version": 2,
+}
 
 
 def base_model_path(cache_dir: Path) -> Path:
@@ -188,7 +214,7 @@ def build_base_model(cache_dir: Path, progress=print) -> Path:
         order = torch.randperm(len(targets), generator=generator)
         total = 0.0
         for start in range(0, len(order), BASE_RECIPE["batch"]):
-            idx = order[start:start + BASE_RECIPE["batch"]]
+            idx = order[start : start + BASE_RECIPE["batch"]]
             image_features = torch.nn.functional.normalize(model.encode_image(images[idx]), dim=-1)
             text_features = torch.nn.functional.normalize(model.text.proj(pooled), dim=-1)
             logits = model.logit_scale.exp() * image_features @ text_features.T
@@ -210,8 +236,13 @@ def model_overrides(cache_dir: Path, progress=print) -> list[str]:
     from components.storage import sha256_file
 
     path = build_base_model(cache_dir, progress=progress)
-    return [f"model.name={BASE_MODEL}", "model.pretrained=null", f"model.checkpoint={path}",
-            f"model.sha256={sha256_file(path)}", f"evaluation.templates={BASE_PROMPT}"]
+    return [
+        f"model.name={BASE_MODEL}",
+        "model.pretrained=null",
+        f"model.checkpoint={path}",
+        f"model.sha256={sha256_file(path)}",
+        f"evaluation.templates={BASE_PROMPT}",
+    ]
 
 
 def _decode(data: bytes):

@@ -44,4 +44,3 @@ def accuracy(method: Method, state: LearnerState, task: TaskData, ctx: Context, 
     if total == 0:
         raise ValueError(f"task {task.task_id} has no {split} images")
     return 100.0 * correct / total
-

@@ -17,9 +17,14 @@ from components.tasks import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SPLITS, Manifes
 IMAGE_COLUMNS = ("line", "path", "path_problem", "image_error", "format", "pixels", "min_side", "leak", "seen_in")
 
 
-def run_expectations(spec: TaskSpec, manifest: Manifest, manifest_rows: list[dict[str, Any]],
-                     image_rows: list[dict[str, Any]], cfg: ValidationConfig,
-                     docs_dir: Path | None) -> list[dict[str, Any]]:
+def run_expectations(
+    spec: TaskSpec,
+    manifest: Manifest,
+    manifest_rows: list[dict[str, Any]],
+    image_rows: list[dict[str, Any]],
+    cfg: ValidationConfig,
+    docs_dir: Path | None,
+) -> list[dict[str, Any]]:
     """Run the suites; return one dict per expectation: rule, type, column, success, failing manifest lines.
 
     ``manifest_rows``: line, path, label, split[, domain] of each manifest row; ``image_rows``: the facts
@@ -42,20 +47,24 @@ def run_expectations(spec: TaskSpec, manifest: Manifest, manifest_rows: list[dic
         return {"rule": rule}
 
     expected_cols = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in manifest_cols]
-    manifest_suite = [x.ExpectTableColumnsToMatchSet(column_set=["line", *expected_cols], exact_match=True,
-                                                     meta=meta("columns"))]
+    manifest_suite = [
+        x.ExpectTableColumnsToMatchSet(column_set=["line", *expected_cols], exact_match=True, meta=meta("columns"))
+    ]
     for col in REQUIRED_COLUMNS:
         if col in manifest_cols:
             manifest_suite.append(x.ExpectColumnValuesToNotBeNull(column=col, meta=meta("required-values")))
     if "split" in manifest_cols:
-        manifest_suite += [x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS),
-                                                         meta=meta("split-value")),
-                           x.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(SPLITS),
-                                                                    meta=meta("split-nonempty"))]
+        manifest_suite += [
+            x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), meta=meta("split-value")),
+            x.ExpectColumnDistinctValuesToContainSet(
+                column="split", value_set=list(SPLITS), meta=meta("split-nonempty")
+            ),
+        ]
     if "label" in manifest_cols:
         # Labels match declared classes exactly as written; a near-miss ("Cat" vs "cat") is an error to fix.
-        manifest_suite.append(x.ExpectColumnValuesToBeInSet(column="label", value_set=declared,
-                                                             meta=meta("label-declared")))
+        manifest_suite.append(
+            x.ExpectColumnValuesToBeInSet(column="label", value_set=declared, meta=meta("label-declared"))
+        )
     if "path" in manifest_cols:
         manifest_suite.append(x.ExpectColumnValuesToBeUnique(column="path", meta=meta("duplicate-rows")))
 
@@ -78,10 +87,14 @@ def run_expectations(spec: TaskSpec, manifest: Manifest, manifest_rows: list[dic
     context = gx.get_context(mode="ephemeral")
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
-        context.add_data_docs_site(site_name="cliploop", site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+        context.add_data_docs_site(
+            site_name="cliploop",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
     source = context.data_sources.add_pandas(f"task-{spec.task_id}")
     definitions = []
     frames = {}
@@ -91,8 +104,11 @@ def run_expectations(spec: TaskSpec, manifest: Manifest, manifest_rows: list[dic
         asset = source.add_dataframe_asset(name)
         batch = asset.add_batch_definition_whole_dataframe(f"{name}-all")
         suite = context.suites.add(gx.ExpectationSuite(name=f"{spec.task_id}.{name}", expectations=expectations))
-        definitions.append(context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{spec.task_id}.{name}", data=batch, suite=suite)))
+        definitions.append(
+            context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{spec.task_id}.{name}", data=batch, suite=suite)
+            )
+        )
         frames[name] = frame
     actions = [gx.checkpoint.UpdateDataDocsAction(name="data-docs")] if docs_dir is not None else []
     out: list[dict[str, Any]] = []
@@ -100,9 +116,14 @@ def run_expectations(spec: TaskSpec, manifest: Manifest, manifest_rows: list[dic
     with contextlib.redirect_stderr(io.StringIO()):  # GX draws progress bars on stderr
         for definition in definitions:
             name = definition.name.rsplit(".", 1)[1]
-            single = context.checkpoints.add(gx.Checkpoint(
-                name=f"{definition.name}.cp", validation_definitions=[definition], actions=actions,
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]}))
+            single = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"{definition.name}.cp",
+                    validation_definitions=[definition],
+                    actions=actions,
+                    result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]},
+                )
+            )
             result = single.run(batch_parameters={"dataframe": frames[name]})
             for run_result in result.run_results.values():
                 for res in run_result.results:
@@ -113,8 +134,15 @@ def run_expectations(spec: TaskSpec, manifest: Manifest, manifest_rows: list[dic
                             lines.append(int(item["line"]))
                     info = getattr(res, "exception_info", None) or {}
                     error = info.get("exception_message")
-                    out.append({"rule": (cfg_.meta or {}).get("rule"), "type": cfg_.type,
-                                "column": cfg_.kwargs.get("column"), "success": bool(res.success),
-                                "unexpected_count": (res.result or {}).get("unexpected_count"),
-                                "lines": lines, "error": error or None})
+                    out.append(
+                        {
+                            "rule": (cfg_.meta or {}).get("rule"),
+                            "type": cfg_.type,
+                            "column": cfg_.kwargs.get("column"),
+                            "success": bool(res.success),
+                            "unexpected_count": (res.result or {}).get("unexpected_count"),
+                            "lines": lines,
+                            "error": error or None,
+                        }
+                    )
     return out

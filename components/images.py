@@ -15,9 +15,12 @@ from dataclasses import dataclass
 MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
     (b"BM", "BMP"),
 )
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # the file suffix an image of each storable format gets
@@ -54,9 +57,9 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
                 if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
                     i += 2
                     continue
-                length = int.from_bytes(data[i + 2:i + 4], "big")
+                length = int.from_bytes(data[i + 2 : i + 4], "big")
                 if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-                    return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+                    return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
                 i += 2 + length
             return None
         if fmt == "WEBP":
@@ -67,8 +70,7 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
                 bits = int.from_bytes(data[21:25], "little")
                 return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
             if kind == b"VP8 ":
-                return (int.from_bytes(data[26:28], "little") & 0x3FFF,
-                        int.from_bytes(data[28:30], "little") & 0x3FFF)
+                return (int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF)
     except (IndexError, ValueError):
         return None
     return None
@@ -102,8 +104,12 @@ def probe_image(data: bytes, allowed: list[str], max_pixels: int) -> ImageProbe:
                     return ImageProbe(fmt, width, height)  # over the limit: reported by pixel-limit, not decoded
                 frames = getattr(im, "n_frames", 1)
                 if frames > 1:  # which frame is the labelled picture is anyone's guess: refused, not guessed
-                    return ImageProbe(fmt, width, height, error=f"is animated ({frames} frames); a training image "
-                                                                "must be a single still picture")
+                    return ImageProbe(
+                        fmt,
+                        width,
+                        height,
+                        error=f"is animated ({frames} frames); a training image must be a single still picture",
+                    )
                 im.load()
     except Image.DecompressionBombError as exc:
         return ImageProbe(fmt, error=f"refused by the decoder's pixel guard ({exc})")

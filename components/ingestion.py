@@ -16,17 +16,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from components import ledger as ledger_mod, storage, tasks, versioning
+from components import ledger as ledger_mod
+from components import storage, tasks, versioning
 from components.config import Config
 from components.ledger import Ledger, TaskRecord
 from components.shards import ShardWriter, StoredTask, read_index, write_index
 from components.tasks import DropError, open_drop, read_metadata
-from components.validation import (Report, TaskContext, content_digest, report_for_drop_error, scan_images,
-                                   validate)
+from components.validation import Report, TaskContext, content_digest, report_for_drop_error, scan_images, validate
+
 
 class IngestRefused(RuntimeError):
     """The drop conflicts with what the ledger already holds; nothing was changed."""
@@ -51,9 +52,15 @@ class Outcome:
 def workspace_paths(config: Config) -> dict[str, Path]:
     ws = config.workspace_path
     state = ws / versioning.STATE_DIR
-    return {"ws": ws, "state": state, "ledger": state / "ledger.sqlite", "staging": state / "staging",
-            "quarantine": state / "quarantine", "tasks": ws / versioning.DATA_DIR / "tasks",
-            "reports": ws / versioning.DATA_DIR / "reports"}
+    return {
+        "ws": ws,
+        "state": state,
+        "ledger": state / "ledger.sqlite",
+        "staging": state / "staging",
+        "quarantine": state / "quarantine",
+        "tasks": ws / versioning.DATA_DIR / "tasks",
+        "reports": ws / versioning.DATA_DIR / "reports",
+    }
 
 
 def open_ledger(config: Config) -> Ledger:
@@ -63,8 +70,9 @@ def open_ledger(config: Config) -> Ledger:
 def remote_spec(config: Config) -> versioning.RemoteSpec:
     url = config.dvc.remote
     url = config.location(url) if url else versioning.default_remote(config.workspace_path)
-    return versioning.RemoteSpec(url=url, name=config.dvc.remote_name,
-                                 endpoint_url=config.s3.endpoint_url, region=config.s3.region)
+    return versioning.RemoteSpec(
+        url=url, name=config.dvc.remote_name, endpoint_url=config.s3.endpoint_url, region=config.s3.region
+    )
 
 
 def ensure_workspace(config: Config) -> list[str]:
@@ -99,8 +107,17 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
     except DropError as exc:
         task_id = _fallback_task_id(source)
         report = report_for_drop_error(task_id, source.location, exc, checked_at)
-        return _quarantine(task_id, None, source, report, staging, ledger, paths, config,
-                           digest=storage.sha256_bytes(str(exc).encode()))
+        return _quarantine(
+            task_id,
+            None,
+            source,
+            report,
+            staging,
+            ledger,
+            paths,
+            config,
+            digest=storage.sha256_bytes(str(exc).encode()),
+        )
 
     task_id = spec.task_id
     shard_dir = staging / "task" / "shards"
@@ -114,27 +131,62 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
         if existing.state == "ingested" and (paths["tasks"] / task_id / "index.csv").exists():
             return _resume(existing, config, ledger, paths)  # a crash interrupted the last run: finish it
         if existing.state != "ingested":
-            return Outcome(task_id, "unchanged", existing.state,
-                           f"task {task_id} was already ingested with this exact content (state: {existing.state}); "
-                           f"nothing to do", existing.report, existing)
+            return Outcome(
+                task_id,
+                "unchanged",
+                existing.state,
+                f"task {task_id} was already ingested with this exact content (state: {existing.state}); nothing to do",
+                existing.report,
+                existing,
+            )
     elif existing is not None and existing.state != "quarantined":
         raise IngestRefused(
             f"task {task_id} is already in the ledger (state {existing.state}) with different content "
             f"(recorded digest {existing.content_digest[:12]}…, this drop {digest[:12]}…). A task's data is never "
-            f"overwritten: drop the new data under a new task id.")
+            f"overwritten: drop the new data under a new task id."
+        )
 
-    ctx = TaskContext(known_classes=ledger.known_classes(spec.dataset, exclude_task=task_id),
-                      seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id))
+    ctx = TaskContext(
+        known_classes=ledger.known_classes(spec.dataset, exclude_task=task_id),
+        seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id),
+    )
     task_dir = staging / "task"
     reports_dir = staging / "reports"
-    report = validate(spec, manifest, facts, config.validation, ctx, source=source.location, checked_at=checked_at,
-                      digest=digest, docs_dir=reports_dir / "data_docs")
-    fields = dict(content_digest=digest, source=source.location, scenario=spec.scenario, dataset=spec.dataset,
-                  domain=spec.domain, classes=spec.class_names,
-                  n_train=report.stats.get("train"), n_test=report.stats.get("test"))
+    report = validate(
+        spec,
+        manifest,
+        facts,
+        config.validation,
+        ctx,
+        source=source.location,
+        checked_at=checked_at,
+        digest=digest,
+        docs_dir=reports_dir / "data_docs",
+    )
+    fields = dict(
+        content_digest=digest,
+        source=source.location,
+        scenario=spec.scenario,
+        dataset=spec.dataset,
+        domain=spec.domain,
+        classes=spec.class_names,
+        n_train=report.stats.get("train"),
+        n_test=report.stats.get("test"),
+    )
     if not report.success:
-        return _quarantine(task_id, spec_bytes, source, report, staging, ledger, paths, config, digest=digest,
-                           manifest_bytes=manifest_bytes, fields=fields)
+        return _quarantine(
+            task_id,
+            spec_bytes,
+            source,
+            report,
+            staging,
+            ledger,
+            paths,
+            config,
+            digest=digest,
+            manifest_bytes=manifest_bytes,
+            fields=fields,
+        )
 
     # Valid. data/tasks/<id>/ holds only the task's content, so its DVC hash depends on nothing else;
     # the report, data docs and resolved config go to data/reports/<id>/, versioned in the same commit.
@@ -157,9 +209,15 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
         # Recorded, but its folder vanished (removed by hand after a crash): laid out again from the drop.
         record = ledger.update(task_id, report=str(final_reports / "report.json"), **fields)
     else:
-        record = ledger.transition(task_id, "ingested", expect=[None] if existing is None else ["quarantined"],
-                                   detail={"source": source.location}, report=str(final_reports / "report.json"),
-                                   attempts=(existing.attempts + 1) if existing else 1, **fields)
+        record = ledger.transition(
+            task_id,
+            "ingested",
+            expect=[None] if existing is None else ["quarantined"],
+            detail={"source": source.location},
+            report=str(final_reports / "report.json"),
+            attempts=(existing.attempts + 1) if existing else 1,
+            **fields,
+        )
     return _finish_accept(record, config, ledger, paths, facts)
 
 
@@ -171,41 +229,74 @@ def _resume(record: TaskRecord, config: Config, ledger: Ledger, paths: dict[str,
     return outcome
 
 
-def _finish_accept(record: TaskRecord, config: Config, ledger: Ledger, paths: dict[str, Path], facts,
-                   digests: list[tuple[str, str]] | None = None) -> Outcome:
+def _finish_accept(
+    record: TaskRecord,
+    config: Config,
+    ledger: Ledger,
+    paths: dict[str, Path],
+    facts,
+    digests: list[tuple[str, str]] | None = None,
+) -> Outcome:
     ws = paths["ws"]
     versioning.configure_remote(ws, remote_spec(config))
     data_md5 = versioning.track_data(ws)
     task_md5 = versioning.task_md5(ws, record.task_id, data_md5)
-    commit = versioning.commit(ws, f"cliploop: ingest task {record.task_id} (dvc {task_md5})",
-                               ["data.dvc", ".gitignore", ".dvc/config"])
+    commit = versioning.commit(
+        ws, f"cliploop: ingest task {record.task_id} (dvc {task_md5})", ["data.dvc", ".gitignore", ".dvc/config"]
+    )
     if config.dvc.push:
         versioning.push(ws)
     if digests is None:
         digests = [(f.sha256, f.split) for f in facts if f.sha256 and f.split]
     ledger.record_images(record.task_id, digests)
-    record = ledger.transition(record.task_id, "validated", expect=["ingested"],
-                               detail={"dvc_md5": task_md5, "workspace_commit": commit, "data_md5": data_md5},
-                               dvc_md5=task_md5, workspace_commit=commit)
-    return Outcome(record.task_id, "accepted", record.state,
-                   f"task {record.task_id} accepted: {record.n_train} train / {record.n_test} test images, "
-                   f"{len(record.classes)} classes; DVC hash {task_md5}; commit {commit[:12] if commit else '?'}"
-                   + ("; pushed to the DVC remote" if config.dvc.push else ""),
-                   record.report, record)
+    record = ledger.transition(
+        record.task_id,
+        "validated",
+        expect=["ingested"],
+        detail={"dvc_md5": task_md5, "workspace_commit": commit, "data_md5": data_md5},
+        dvc_md5=task_md5,
+        workspace_commit=commit,
+    )
+    return Outcome(
+        record.task_id,
+        "accepted",
+        record.state,
+        f"task {record.task_id} accepted: {record.n_train} train / {record.n_test} test images, "
+        f"{len(record.classes)} classes; DVC hash {task_md5}; commit {commit[:12] if commit else '?'}"
+        + ("; pushed to the DVC remote" if config.dvc.push else ""),
+        record.report,
+        record,
+    )
 
 
-def _quarantine(task_id: str, spec_bytes: bytes | None, source, report: Report, staging: Path, ledger: Ledger,
-                paths: dict[str, Path], config: Config, digest: str, manifest_bytes: bytes | None = None,
-                fields: dict | None = None) -> Outcome:
+def _quarantine(
+    task_id: str,
+    spec_bytes: bytes | None,
+    source,
+    report: Report,
+    staging: Path,
+    ledger: Ledger,
+    paths: dict[str, Path],
+    config: Config,
+    digest: str,
+    manifest_bytes: bytes | None = None,
+    fields: dict | None = None,
+) -> Outcome:
     existing = ledger.get(task_id)
     if existing is not None and existing.state != "quarantined":
         raise IngestRefused(
             f"task {task_id} is already in the ledger (state {existing.state}); this drop under the same id is invalid "
-            f"and was not ingested:\n{report.summary()}")
+            f"and was not ingested:\n{report.summary()}"
+        )
     if existing is not None and existing.content_digest == digest:
-        return Outcome(task_id, "unchanged", "quarantined",
-                       f"task {task_id} was already quarantined with this exact content; report: {existing.report}",
-                       existing.report, existing)
+        return Outcome(
+            task_id,
+            "unchanged",
+            "quarantined",
+            f"task {task_id} was already quarantined with this exact content; report: {existing.report}",
+            existing.report,
+            existing,
+        )
     target = paths["quarantine"] / task_id
     kept = staging / "quarantined"
     kept.mkdir(parents=True, exist_ok=True)
@@ -227,13 +318,22 @@ def _quarantine(task_id: str, spec_bytes: bytes | None, source, report: Report, 
     fields = dict(fields or {}, content_digest=digest, source=source.location)
     failed = ", ".join(r.rule for r in report.failed_rules)
     if existing is None:
-        ledger.transition(task_id, "ingested", expect=[None], detail={"source": source.location}, report=report_path,
-                          **fields)
+        ledger.transition(
+            task_id, "ingested", expect=[None], detail={"source": source.location}, report=report_path, **fields
+        )
     else:
-        ledger.transition(task_id, "ingested", expect=["quarantined"], detail={"source": source.location},
-                          report=report_path, attempts=existing.attempts + 1, **fields)
-    record = ledger.transition(task_id, "quarantined", expect=["ingested"], detail={"failed_rules": failed},
-                               reason=f"failed: {failed}")
+        ledger.transition(
+            task_id,
+            "ingested",
+            expect=["quarantined"],
+            detail={"source": source.location},
+            report=report_path,
+            attempts=existing.attempts + 1,
+            **fields,
+        )
+    record = ledger.transition(
+        task_id, "quarantined", expect=["ingested"], detail={"failed_rules": failed}, reason=f"failed: {failed}"
+    )
     return Outcome(task_id, "quarantined", "quarantined", report.summary(), report_path, record, report)
 
 
@@ -259,9 +359,21 @@ def _index_rows(facts, located) -> list[dict]:
     rows = []
     for f in facts:
         where = located[f"{f.sha256}{SUFFIX[f.format]}"]
-        rows.append({"path": f.path, "label": f.label, "split": f.split, "domain": f.domain, "sha256": f.sha256,
-                     "shard": where.shard, "offset": where.offset, "size": where.size, "format": f.format,
-                     "width": f.width, "height": f.height})
+        rows.append(
+            {
+                "path": f.path,
+                "label": f.label,
+                "split": f.split,
+                "domain": f.domain,
+                "sha256": f.sha256,
+                "shard": where.shard,
+                "offset": where.offset,
+                "size": where.size,
+                "format": f.format,
+                "width": f.width,
+                "height": f.height,
+            }
+        )
     return rows
 
 
@@ -303,12 +415,22 @@ def _validate_source(source, config: Config, report_dir: Path | None) -> Report:
         ctx = TaskContext()
         if workspace_paths(config)["ledger"].exists():
             with open_ledger(config) as ledger:
-                ctx = TaskContext(known_classes=ledger.known_classes(spec.dataset, exclude_task=spec.task_id),
-                                  seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256],
-                                                                   exclude_task=spec.task_id))
+                ctx = TaskContext(
+                    known_classes=ledger.known_classes(spec.dataset, exclude_task=spec.task_id),
+                    seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=spec.task_id),
+                )
         docs = (report_dir / "data_docs") if report_dir else None
-        report = validate(spec, manifest, facts, config.validation, ctx, source=source.location,
-                          checked_at=checked_at, digest=digest, docs_dir=docs)
+        report = validate(
+            spec,
+            manifest,
+            facts,
+            config.validation,
+            ctx,
+            source=source.location,
+            checked_at=checked_at,
+            digest=digest,
+            docs_dir=docs,
+        )
     if report_dir:
         config.write_resolved(report_dir)
         report.save(report_dir / "report.json")

@@ -24,9 +24,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -100,8 +101,12 @@ class LearnResult:
     steps: list[StepResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy_matrix": self.matrix.to_dict(), "metrics": self.metrics,
-                "out_dir": str(self.out_dir) if self.out_dir else None, "timings": self.timings.to_dict()}
+        return {
+            "accuracy_matrix": self.matrix.to_dict(),
+            "metrics": self.metrics,
+            "out_dir": str(self.out_dir) if self.out_dir else None,
+            "timings": self.timings.to_dict(),
+        }
 
 
 def make_method(config: Config, name: str | None = None) -> Method:
@@ -113,8 +118,11 @@ def make_method(config: Config, name: str | None = None) -> Method:
     try:
         return cls(config.method.settings)
     except ValidationError as exc:
-        problems = "; ".join(f"method.settings.{'.'.join(map(str, e['loc']))}: "
-                             f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"method.settings.{'.'.join(map(str, e['loc']))}: "
+            f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors()
+        )
         raise LearnError(f"method {cls.name}: {problems}") from None
 
 
@@ -127,11 +135,20 @@ def _as_task(task: str | Path | TaskData) -> TaskData:
     return task if isinstance(task, TaskData) else load_task(task)
 
 
-def learn_step(task: str | Path | TaskData, config: Config, parent: LearnerState | None = None, *,
-               locate: Callable[[str], str | TaskData] | None = None, upcoming: Sequence[TaskData] = (),
-               base: Backbone | None = None, pools: dict[str, str] | None = None,
-               checkpoint_dir: Path | None = None, method_name: str | None = None, out_dir: Path | None = None,
-               progress: Callable[[str], None] | None = None) -> StepResult:
+def learn_step(
+    task: str | Path | TaskData,
+    config: Config,
+    parent: LearnerState | None = None,
+    *,
+    locate: Callable[[str], str | TaskData] | None = None,
+    upcoming: Sequence[TaskData] = (),
+    base: Backbone | None = None,
+    pools: dict[str, str] | None = None,
+    checkpoint_dir: Path | None = None,
+    method_name: str | None = None,
+    out_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StepResult:
     """Learn one task (a drop, a stored task or a loaded one) on top of ``parent``.
 
     ``locate``: a learned task's id -> its location or data (default: the workspace's stored tasks).
@@ -151,8 +168,10 @@ def learn_step(task: str | Path | TaskData, config: Config, parent: LearnerState
     started = time.perf_counter()
     name = method_name or config.method.name
     if parent is not None and parent.method != name:
-        raise LearnError(f"the parent model was made by method {parent.method!r} but the configuration selects "
-                         f"{name!r}; a chain keeps one method (start a new chain to switch)")
+        raise LearnError(
+            f"the parent model was made by method {parent.method!r} but the configuration selects "
+            f"{name!r}; a chain keeps one method (start a new chain to switch)"
+        )
     method = make_method(config, name)
     base = base if base is not None else load_backbone(config.model)
     if parent is not None:
@@ -170,9 +189,15 @@ def learn_step(task: str | Path | TaskData, config: Config, parent: LearnerState
     known = {t.task_id: t for t in [*seen, task, *upcoming]}
     zero_shot = load_task(config.location(config.evaluation.zero_shot_set)) if config.evaluation.zero_shot_set else None
     prompts = task_prompts([*seen, task, *upcoming, zero_shot])
-    ctx = context_for(config, backbone, task_prompts=prompts, prebuilt_pools=dict(pools or {}),
-                      locate_task=lambda task_id: known[task_id] if task_id in known else _as_task(locate(task_id)),
-                      progress=progress, checkpoint_dir=checkpoint_dir)
+    ctx = context_for(
+        config,
+        backbone,
+        task_prompts=prompts,
+        prebuilt_pools=dict(pools or {}),
+        locate_task=lambda task_id: known[task_id] if task_id in known else _as_task(locate(task_id)),
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )
     base_ctx = context_for(config, base, task_prompts=prompts)
     torch.manual_seed(config.evaluation.seed)
     state = parent if parent is not None else LearnerState(method=name, backbone=base.reference)
@@ -214,16 +239,33 @@ def learn_step(task: str | Path | TaskData, config: Config, parent: LearnerState
     if zero_shot is not None:
         before = list((previous.zero_shot or {}).get("after", [])) if previous and previous.zero_shot else []
         zs_doc = {"name": zero_shot.task_id, "initial": zs_initial, "after": before + [zs_after]}
-    matrix = AccuracyMatrix(tasks=ids, matrix=rows + [[after.get(i) for i in ids]], initial=initial,
-                            test_sizes=sizes + [len(t.test) for t in new_columns], zero_shot=zs_doc)
+    matrix = AccuracyMatrix(
+        tasks=ids,
+        matrix=rows + [[after.get(i) for i in ids]],
+        initial=initial,
+        test_sizes=sizes + [len(t.test) for t in new_columns],
+        zero_shot=zs_doc,
+    )
     metrics = compute_all(matrix)
     state.history = matrix.to_dict()
-    timings = StepTimings(evaluate_before_s=evaluate_before_s, learn_s=learn_s, evaluate_s=evaluate_s,
-                          total_s=time.perf_counter() - started, pool_img_per_s=report.pool_img_per_s,
-                          train_step_ms=report.train.train_step_ms if report.train else None)
+    timings = StepTimings(
+        evaluate_before_s=evaluate_before_s,
+        learn_s=learn_s,
+        evaluate_s=evaluate_s,
+        total_s=time.perf_counter() - started,
+        pool_img_per_s=report.pool_img_per_s,
+        train_step_ms=report.train.train_step_ms if report.train else None,
+    )
     if out_dir is not None:
-        write_outputs(Path(out_dir), matrix, metrics, state, config, timings.to_dict(),
-                      report.train.to_dict() if report.train else None)
+        write_outputs(
+            Path(out_dir),
+            matrix,
+            metrics,
+            state,
+            config,
+            timings.to_dict(),
+            report.train.to_dict() if report.train else None,
+        )
     return StepResult(task.task_id, state, matrix, metrics, report, timings, Path(out_dir) if out_dir else None)
 
 
@@ -244,8 +286,16 @@ def validate_sequence(locations: list[str], config: Config) -> None:
             raise LearnError(f"{loc}: {exc}") from None
         facts = scan_images(source, manifest, config.validation)
         ctx = TaskContext(known_classes=dict(known.get(spec.dataset, {})), seen_images=dict(seen))
-        report = validate(spec, manifest, facts, config.validation, ctx, source=loc, checked_at="",
-                          digest=content_digest(spec_bytes, manifest_bytes, facts))
+        report = validate(
+            spec,
+            manifest,
+            facts,
+            config.validation,
+            ctx,
+            source=loc,
+            checked_at="",
+            digest=content_digest(spec_bytes, manifest_bytes, facts),
+        )
         if not report.success:
             raise LearnError(f"{loc} is not a valid task drop:\n{report.summary()}")
         for name in spec.class_names:
@@ -255,9 +305,15 @@ def validate_sequence(locations: list[str], config: Config) -> None:
                 seen.setdefault(f.sha256, spec.task_id)
 
 
-def learn(locations: list[str], config: Config, method_name: str | None = None, out_dir: Path | None = None,
-          validate_first: bool = True, progress: Callable[[str], None] | None = None,
-          parent: LearnerState | None = None) -> LearnResult:
+def learn(
+    locations: list[str],
+    config: Config,
+    method_name: str | None = None,
+    out_dir: Path | None = None,
+    validate_first: bool = True,
+    progress: Callable[[str], None] | None = None,
+    parent: LearnerState | None = None,
+) -> LearnResult:
     """Learn task drops or stored tasks in the order given, one ``learn_step`` each (on top of ``parent``)."""
     from components.models import load_backbone
 
@@ -280,25 +336,35 @@ def learn(locations: list[str], config: Config, method_name: str | None = None, 
     steps: list[StepResult] = []
     state = parent
     for i, task in enumerate(tasks):
-        step = learn_step(task, config, state, locate=locate, upcoming=tasks[i + 1:], base=base, method_name=name,
-                          progress=progress)
+        step = learn_step(
+            task, config, state, locate=locate, upcoming=tasks[i + 1 :], base=base, method_name=name, progress=progress
+        )
         steps.append(step)
         state = step.state
     last = steps[-1]
     rates = [s.timings.pool_img_per_s for s in steps if s.timings.pool_img_per_s is not None]
-    timings = SequenceTimings(validate_s=validate_s,
-                              evaluate_s=sum(s.timings.evaluate_before_s + s.timings.evaluate_s for s in steps),
-                              learn_s=sum(s.timings.learn_s for s in steps), total_s=time.perf_counter() - started,
-                              pool_img_per_s=rates[-1] if rates else None)
+    timings = SequenceTimings(
+        validate_s=validate_s,
+        evaluate_s=sum(s.timings.evaluate_before_s + s.timings.evaluate_s for s in steps),
+        learn_s=sum(s.timings.learn_s for s in steps),
+        total_s=time.perf_counter() - started,
+        pool_img_per_s=rates[-1] if rates else None,
+    )
     if out_dir is not None:
         training = {s.task_id: s.report.train.to_dict() for s in steps if s.report.train is not None}
-        write_outputs(Path(out_dir), last.matrix, last.metrics, last.state, config, timings.to_dict(),
-                      training or None)
+        write_outputs(Path(out_dir), last.matrix, last.metrics, last.state, config, timings.to_dict(), training or None)
     return LearnResult(last.matrix, last.metrics, Path(out_dir) if out_dir else None, last.state, timings, steps)
 
 
-def write_outputs(out: Path, matrix: AccuracyMatrix, metrics: dict[str, float | None], state: LearnerState,
-                  config: Config, timings: dict[str, float], training: dict[str, Any] | None) -> None:
+def write_outputs(
+    out: Path,
+    matrix: AccuracyMatrix,
+    metrics: dict[str, float | None],
+    state: LearnerState,
+    config: Config,
+    timings: dict[str, float],
+    training: dict[str, Any] | None,
+) -> None:
     """eval/ (matrix, metrics and timings, plots, the training report), the resolved config and state/."""
     from components import plots
     from components.storage import atomic_write_text

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 STATES = ("ingested", "validated", "quarantined", "learning", "learned", "promoted", "rejected", "failed")
 TRANSITIONS: dict[str | None, set[str]] = {
@@ -84,7 +85,7 @@ class IllegalTransition(LedgerError):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -110,7 +111,7 @@ class TaskRecord:
     updated_at: str = ""
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "TaskRecord":
+    def from_row(cls, row: sqlite3.Row) -> TaskRecord:
         data = dict(row)
         data["classes"] = json.loads(data["classes"] or "[]")
         return cls(**data)
@@ -119,8 +120,22 @@ class TaskRecord:
         return dict(self.__dict__)
 
 
-_COLUMNS = ("content_digest", "source", "scenario", "dataset", "domain", "classes", "n_train", "n_test", "dvc_md5",
-            "workspace_commit", "report", "model_version", "reason", "attempts")
+_COLUMNS = (
+    "content_digest",
+    "source",
+    "scenario",
+    "dataset",
+    "domain",
+    "classes",
+    "n_train",
+    "n_test",
+    "dvc_md5",
+    "workspace_commit",
+    "report",
+    "model_version",
+    "reason",
+    "attempts",
+)
 
 
 class Ledger:
@@ -136,7 +151,7 @@ class Ledger:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,8 +184,14 @@ class Ledger:
             rows = self._conn.execute("SELECT * FROM events WHERE task_id = ? ORDER BY id", (task_id,)).fetchall()
         return [dict(r) | {"detail": json.loads(r["detail"])} for r in rows]
 
-    def transition(self, task_id: str, to_state: str, expect: Iterable[str | None] | None = None,
-                   detail: dict[str, Any] | None = None, **fields: Any) -> TaskRecord:
+    def transition(
+        self,
+        task_id: str,
+        to_state: str,
+        expect: Iterable[str | None] | None = None,
+        detail: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> TaskRecord:
         """Move a task to ``to_state`` and update fields, atomically, recording an event.
 
         ``expect`` (optional) lists the states the caller believes the task is in; anything else is a
@@ -188,7 +209,9 @@ class Ledger:
             row = conn.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             current = row["state"] if row else None
             if expect is not None and current not in set(expect):
-                raise IllegalTransition(f"task {task_id}: expected state in {sorted(map(str, expect))}, found {current}")
+                raise IllegalTransition(
+                    f"task {task_id}: expected state in {sorted(map(str, expect))}, found {current}"
+                )
             if to_state not in TRANSITIONS.get(current, set()):
                 raise IllegalTransition(f"task {task_id}: cannot go from {current} to {to_state}")
             if current is None:
@@ -196,14 +219,17 @@ class Ledger:
                     raise LedgerError("a new ledger entry needs its content digest")
                 seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks").fetchone()[0]
                 cols = ["task_id", "state", "seq", "created_at", "updated_at", *fields]
-                conn.execute(f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                             (task_id, to_state, seq, stamp, stamp, *fields.values()))
+                conn.execute(
+                    f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    (task_id, to_state, seq, stamp, stamp, *fields.values()),
+                )
             else:
                 sets = ", ".join(f"{k} = ?" for k in ["state", "updated_at", *fields])
-                conn.execute(f"UPDATE tasks SET {sets} WHERE task_id = ?",
-                             (to_state, stamp, *fields.values(), task_id))
-            conn.execute("INSERT INTO events (task_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
-                         (task_id, stamp, current, to_state, json.dumps(detail or {}, default=str)))
+                conn.execute(f"UPDATE tasks SET {sets} WHERE task_id = ?", (to_state, stamp, *fields.values(), task_id))
+            conn.execute(
+                "INSERT INTO events (task_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+                (task_id, stamp, current, to_state, json.dumps(detail or {}, default=str)),
+            )
         return self.get(task_id)
 
     def update(self, task_id: str, **fields: Any) -> TaskRecord:
@@ -224,17 +250,20 @@ class Ledger:
 
     def record_images(self, task_id: str, digests: Iterable[tuple[str, str]]) -> None:
         with self._tx() as conn:
-            conn.executemany("INSERT OR IGNORE INTO images (sha256, task_id, split) VALUES (?, ?, ?)",
-                             [(sha, task_id, split) for sha, split in digests])
+            conn.executemany(
+                "INSERT OR IGNORE INTO images (sha256, task_id, split) VALUES (?, ?, ?)",
+                [(sha, task_id, split) for sha, split in digests],
+            )
 
     def tasks_holding(self, digests: Iterable[str], exclude_task: str | None = None) -> dict[str, str]:
         """For each digest already ingested by an accepted task (other than ``exclude_task``), that task's id."""
         wanted = list(set(digests))
         found: dict[str, str] = {}
         for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
+            chunk = wanted[start : start + 500]
             rows = self._conn.execute(
-                f"SELECT sha256, task_id FROM images WHERE sha256 IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+                f"SELECT sha256, task_id FROM images WHERE sha256 IN ({', '.join('?' * len(chunk))})", chunk
+            ).fetchall()
             for row in rows:
                 if row["task_id"] != exclude_task:
                     found.setdefault(row["sha256"], row["task_id"])

@@ -61,16 +61,31 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
             record = ledger.get(task_id) if ledger and task_id else None
             parent = int(tags["parent_version"]) if tags.get("parent_version", "").isdigit() else None
             entry = {
-                "version": current, "parent_version": parent, "method": tags.get("method"),
-                "task": {"id": task_id, "scenario": record.scenario if record else tags.get("scenario"),
-                         "content_digest": tags.get("content_digest") or (record.content_digest if record else None),
-                         "dvc_md5": tags.get("dvc_md5"), "workspace_commit": tags.get("workspace_commit"),
-                         "validation": _validation(record, Path(workspace))},
-                "config_sha256": tags.get("config_sha256"), "code_version": tags.get("code_version"),
-                "flow_run_id": tags.get("flow_run_id"), "mlflow_run_id": mv.run_id,
-                "gate": {"verdict": tags.get("gate"), "reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else []},
-                "review": {"decision": tags.get("review"), "reviewer": tags.get("reviewer"),
-                           "note": tags.get("review_note"), "at": tags.get("review_at")},
+                "version": current,
+                "parent_version": parent,
+                "method": tags.get("method"),
+                "task": {
+                    "id": task_id,
+                    "scenario": record.scenario if record else tags.get("scenario"),
+                    "content_digest": tags.get("content_digest") or (record.content_digest if record else None),
+                    "dvc_md5": tags.get("dvc_md5"),
+                    "workspace_commit": tags.get("workspace_commit"),
+                    "validation": _validation(record, Path(workspace)),
+                },
+                "config_sha256": tags.get("config_sha256"),
+                "code_version": tags.get("code_version"),
+                "flow_run_id": tags.get("flow_run_id"),
+                "mlflow_run_id": mv.run_id,
+                "gate": {
+                    "verdict": tags.get("gate"),
+                    "reasons": json.loads(tags["gate_reasons"]) if tags.get("gate_reasons") else [],
+                },
+                "review": {
+                    "decision": tags.get("review"),
+                    "reviewer": tags.get("reviewer"),
+                    "note": tags.get("review_note"),
+                    "at": tags.get("review_at"),
+                },
             }
             if verify:
                 if not task_id or not tags.get("dvc_md5"):
@@ -86,9 +101,17 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
     finally:
         if ledger is not None:
             ledger.close()
-    return {"model": {"name": registry.model_name, "version": version,
-                      "aliases": sorted(a for a, v in aliases.items() if v == version)},
-            "base": base, "chain": chain, "verified": (not problems) if verify else None, "problems": problems}
+    return {
+        "model": {
+            "name": registry.model_name,
+            "version": version,
+            "aliases": sorted(a for a, v in aliases.items() if v == version),
+        },
+        "base": base,
+        "chain": chain,
+        "verified": (not problems) if verify else None,
+        "problems": problems,
+    }
 
 
 def format_lineage(record: dict[str, Any]) -> str:
@@ -97,10 +120,12 @@ def format_lineage(record: dict[str, Any]) -> str:
     for link in record["chain"]:
         task = link["task"]
         ok = {True: "verified", False: "MISMATCH", None: ""}[task.get("verified")]
-        lines.append(f"  v{link['version']} <- parent {link['parent_version'] or '-'}: task {task['id']} "
-                     f"dvc {str(task['dvc_md5'])[:12]} commit {str(task['workspace_commit'])[:10]} "
-                     f"method {link['method']} gate {link['gate']['verdict'] or '-'} "
-                     f"review {link['review']['decision'] or '-'} {ok}".rstrip())
+        lines.append(
+            f"  v{link['version']} <- parent {link['parent_version'] or '-'}: task {task['id']} "
+            f"dvc {str(task['dvc_md5'])[:12]} commit {str(task['workspace_commit'])[:10]} "
+            f"method {link['method']} gate {link['gate']['verdict'] or '-'} "
+            f"review {link['review']['decision'] or '-'} {ok}".rstrip()
+        )
     if record["verified"] is not None:
         lines.append("verified: yes" if record["verified"] else "verified: NO\n  " + "\n  ".join(record["problems"]))
     return "\n".join(lines)

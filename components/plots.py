@@ -56,7 +56,9 @@ def curves(m: AccuracyMatrix, path: Path) -> Path:
     seen = [(i, v) for i, v in seen if v is not None]
     if seen:
         ax.plot(*zip(*seen), color="black", linewidth=2.5, label="A_i (seen tasks)")
-    ax.set_xticks(steps, (["init"] if m.initial is not None else []) + m.tasks[:len(m.matrix)], rotation=30, ha="right")
+    ax.set_xticks(
+        steps, (["init"] if m.initial is not None else []) + m.tasks[: len(m.matrix)], rotation=30, ha="right"
+    )
     ax.set_xlabel("after learning")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

@@ -48,7 +48,8 @@ class PoolConfig(BaseModel):
 
     variant: Literal["lvp-t", "lvp-i", "lvp-it", "lvp-c"] = Field("lvp-i", description="which label vectors")
     mode: Literal["mean", "bank", "cluster"] = Field(
-        "mean", description="one vector per class, every embedding, or k centroids")
+        "mean", description="one vector per class, every embedding, or k centroids"
+    )
     metric: Literal["cosine", "l1"] = Field("cosine", description="similarity used at inference")
     clusters: int = Field(4, gt=0, description="cluster mode: centroids per class and task")
     cluster_iters: int = Field(10, gt=0, description="cluster mode: k-means iterations (L1 assignment)")
@@ -63,14 +64,16 @@ class PoolConfig(BaseModel):
     seed: int = Field(0, description="seed of k-means initialisation and the LVP-C head")
 
     @model_validator(mode="after")
-    def _compatible(self) -> "PoolConfig":
+    def _compatible(self) -> PoolConfig:
         if self.variant in ("lvp-it", "lvp-c") and self.mode != "mean":
-            raise ValueError(f"variant {self.variant} learns one vector per class: "
-                             f"it needs mode 'mean', not {self.mode!r}")
+            raise ValueError(
+                f"variant {self.variant} learns one vector per class: it needs mode 'mean', not {self.mode!r}"
+            )
         return self
 
 
 # ---- the pure mathematics --------------------------------------------------------------------------------
+
 
 def class_sums(embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class sums (fp64) and counts of embeddings. Sequential on CPU, hence deterministic."""
@@ -118,8 +121,9 @@ def _training_mode():
     return stack
 
 
-def train_it_scalars(embeddings: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, image: torch.Tensor,
-                     cfg: PoolConfig) -> torch.Tensor:
+def train_it_scalars(
+    embeddings: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, image: torch.Tensor, cfg: PoolConfig
+) -> torch.Tensor:
     """LVP-IT: per-class (a_c, b_c) of ``u_c = a_c t_c + b_c i_c``, trained on one task's embeddings. [C, 2]."""
     with _training_mode():
         # Clones: inputs made under inference mode cannot take part in autograd.
@@ -129,8 +133,8 @@ def train_it_scalars(embeddings: torch.Tensor, labels: torch.Tensor, text: torch
         optimizer = torch.optim.SGD([a, b], lr=cfg.it_lr)
         for _ in range(cfg.it_epochs):
             for start in range(0, len(labels), cfg.it_batch):  # no shuffling, as in the official code
-                e = embeddings[start:start + cfg.it_batch]
-                y = labels[start:start + cfg.it_batch]
+                e = embeddings[start : start + cfg.it_batch]
+                y = labels[start : start + cfg.it_batch]
                 vectors = a[:, None] * text + b[:, None] * image
                 logits = -torch.cdist(e, vectors, p=1)
                 if cfg.it_double_softmax:
@@ -152,8 +156,9 @@ def train_linear_head(vectors: torch.Tensor, targets: torch.Tensor, n_classes: i
         optimizer = torch.optim.Adam(head.parameters(), lr=cfg.c_lr)
         for _ in range(cfg.c_epochs):
             for start in range(0, len(targets), n_classes):
-                loss = torch.nn.functional.cross_entropy(head(vectors[start:start + n_classes]),
-                                                         targets[start:start + n_classes])
+                loss = torch.nn.functional.cross_entropy(
+                    head(vectors[start : start + n_classes]), targets[start : start + n_classes]
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -161,6 +166,7 @@ def train_linear_head(vectors: torch.Tensor, targets: torch.Tensor, n_classes: i
 
 
 # ---- one task's pool ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class TaskPool:
@@ -205,14 +211,24 @@ class TaskPool:
         save_file(self.tensors(), str(tmp))
         tmp.replace(tensor_path)
         digest = storage.sha256_file(tensor_path)
-        doc = {"format": FORMAT, "task_id": self.task_id, "domain": self.domain, "class_keys": self.class_keys,
-               "class_names": self.class_names, "dim": self.dim, "config": self.config, "meta": self.meta,
-               "tensors_sha256": digest}
-        storage.atomic_write_text(folder / f"{self.task_id}.json", json.dumps(doc, indent=2, sort_keys=True, default=str))
+        doc = {
+            "format": FORMAT,
+            "task_id": self.task_id,
+            "domain": self.domain,
+            "class_keys": self.class_keys,
+            "class_names": self.class_names,
+            "dim": self.dim,
+            "config": self.config,
+            "meta": self.meta,
+            "tensors_sha256": digest,
+        }
+        storage.atomic_write_text(
+            folder / f"{self.task_id}.json", json.dumps(doc, indent=2, sort_keys=True, default=str)
+        )
         return {tensor_path.name: digest, f"{self.task_id}.json": storage.sha256_file(folder / f"{self.task_id}.json")}
 
     @classmethod
-    def load(cls, folder: Path, task_id: str) -> "TaskPool":
+    def load(cls, folder: Path, task_id: str) -> TaskPool:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -223,26 +239,56 @@ class TaskPool:
         if doc.get("format") != FORMAT:
             raise PoolError(f"{meta_path}: pool format {doc.get('format')!r}, expected {FORMAT}")
         if storage.sha256_file(tensor_path) != doc["tensors_sha256"]:
-            raise PoolError(f"{tensor_path}: content does not match the sha256 in {meta_path.name} "
-                            "(corrupt or altered)")
+            raise PoolError(
+                f"{tensor_path}: content does not match the sha256 in {meta_path.name} (corrupt or altered)"
+            )
         t = load_file(str(tensor_path))
-        return cls(task_id=doc["task_id"], class_keys=doc["class_keys"], class_names=doc["class_names"],
-                   sums=t["sums"], counts=t["counts"], text=t["text"], config=doc["config"], meta=doc["meta"],
-                   bank=t.get("bank"), bank_labels=t.get("bank_labels"), centroids=t.get("centroids"),
-                   centroid_labels=t.get("centroid_labels"), it_ab=t.get("it_ab"), domain=doc.get("domain"))
+        return cls(
+            task_id=doc["task_id"],
+            class_keys=doc["class_keys"],
+            class_names=doc["class_names"],
+            sums=t["sums"],
+            counts=t["counts"],
+            text=t["text"],
+            config=doc["config"],
+            meta=doc["meta"],
+            bank=t.get("bank"),
+            bank_labels=t.get("bank_labels"),
+            centroids=t.get("centroids"),
+            centroid_labels=t.get("centroid_labels"),
+            it_ab=t.get("it_ab"),
+            domain=doc.get("domain"),
+        )
 
 
-def build_task_pool(task_id: str, embeddings: torch.Tensor, labels: torch.Tensor, class_keys: list[str],
-                    class_names: list[str], text: torch.Tensor, cfg: PoolConfig,
-                    meta: dict[str, Any] | None = None, domain: str | None = None) -> TaskPool:
+def build_task_pool(
+    task_id: str,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    class_keys: list[str],
+    class_names: list[str],
+    text: torch.Tensor,
+    cfg: PoolConfig,
+    meta: dict[str, Any] | None = None,
+    domain: str | None = None,
+) -> TaskPool:
     """A task's pool from its training embeddings ([N, d], normalised) and labels (indices into class_keys)."""
     embeddings = embeddings.float().cpu()
     labels = labels.long().cpu()
     if len(embeddings) != len(labels):
         raise PoolError(f"{task_id}: {len(embeddings)} embeddings but {len(labels)} labels")
     sums, counts = class_sums(embeddings, labels, len(class_keys))
-    pool = TaskPool(task_id, list(class_keys), list(class_names), sums, counts, text.float().cpu().contiguous(),
-                    cfg.model_dump(mode="json"), dict(meta or {}), domain)
+    pool = TaskPool(
+        task_id,
+        list(class_keys),
+        list(class_names),
+        sums,
+        counts,
+        text.float().cpu().contiguous(),
+        cfg.model_dump(mode="json"),
+        dict(meta or {}),
+        domain,
+    )
     if cfg.mode == "bank":
         pool.bank, pool.bank_labels = embeddings.clone(), labels.clone()
     elif cfg.mode == "cluster":
@@ -263,6 +309,7 @@ def build_task_pool(task_id: str, embeddings: torch.Tensor, labels: torch.Tensor
 
 # ---- merged pools ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class MergedPool:
     class_keys: list[str]
@@ -278,8 +325,12 @@ class MergedPool:
     def dim(self) -> int:
         return int(self.text.shape[1])
 
-    def scores(self, embeddings: torch.Tensor, class_keys: list[str] | None = None,
-               fallback_text: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def scores(
+        self,
+        embeddings: torch.Tensor,
+        class_keys: list[str] | None = None,
+        fallback_text: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[N, len(class_keys)] scores; classes outside the pool use ``fallback_text`` (zero-shot)."""
         keys = self.class_keys if class_keys is None else class_keys
         position = {k: i for i, k in enumerate(self.class_keys)}
@@ -287,8 +338,9 @@ class MergedPool:
         if self.head is not None and all(k in position for k in keys):
             return self.head(embeddings)[:, [position[k] for k in keys]]
         # Without a head, or asked about classes it never learned: nearest pool entry.
-        pooled = per_class_max(similarity(embeddings, self.vectors, self.cfg.metric), self.entry_class,
-                               len(self.class_keys))
+        pooled = per_class_max(
+            similarity(embeddings, self.vectors, self.cfg.metric), self.entry_class, len(self.class_keys)
+        )
         columns = []
         for key in keys:
             if key in position:
@@ -363,8 +415,9 @@ def merge(pools: list[TaskPool], cfg: PoolConfig) -> MergedPool:
         means = (sums / counts.clamp(min=1)[:, None]).float()
         group_class = torch.tensor([position[key] for key, _ in groups], dtype=torch.long)
         vectors, owners = [means[taught]], [group_class[taught]]
-    return MergedPool(keys, names, torch.cat(vectors).float().contiguous(), torch.cat(owners), text, cfg,
-                      [p.task_id for p in pools])
+    return MergedPool(
+        keys, names, torch.cat(vectors).float().contiguous(), torch.cat(owners), text, cfg, [p.task_id for p in pools]
+    )
 
 
 def train_head(merged: MergedPool, cfg: PoolConfig) -> MergedPool:
@@ -381,9 +434,12 @@ def _check_compatible(pools: list[TaskPool]) -> None:
         for pool in pools[1:]:
             found = pool.meta.get(field_name)
             if expected is not None and found is not None and found != expected:
-                raise PoolError(f"pools {first.task_id} and {pool.task_id} were built with different {field_name}: "
-                                f"{expected} vs {found}")
+                raise PoolError(
+                    f"pools {first.task_id} and {pool.task_id} were built with different {field_name}: "
+                    f"{expected} vs {found}"
+                )
     for pool in pools[1:]:
         if pool.dim != first.dim:
-            raise PoolError(f"pools {first.task_id} (d={first.dim}) and {pool.task_id} (d={pool.dim}) "
-                            "differ in dimension")
+            raise PoolError(
+                f"pools {first.task_id} (d={first.dim}) and {pool.task_id} (d={pool.dim}) differ in dimension"
+            )

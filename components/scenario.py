@@ -70,7 +70,7 @@ class TaskSpecEntry(_Strict):
     prompts: list[str] | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TaskSpecEntry":
+    def _consistent(self) -> TaskSpecEntry:
         if self.source.kind == "torchvision" and not self.source.class_:
             raise ValueError("a torchvision source names its dataset class")
         if self.split.kind == "official" and self.source.kind == "torchvision" and self.source.test is None:
@@ -86,7 +86,7 @@ class Scenario(_Strict):
     tasks: list[TaskSpecEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique(self) -> "Scenario":
+    def _unique(self) -> Scenario:
         ids = [t.task_id for t in self.tasks]
         if len(set(ids)) != len(ids):
             raise ValueError("task ids repeat")
@@ -113,6 +113,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
 
 
 # ---- reading sources ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Part:
@@ -147,8 +148,11 @@ def _torchvision_part(spec: SourceSpec, kwargs: dict[str, Any], root: Path, down
         ds = cls(**args)
     except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted. You can use download=True"
         raise ScenarioError(f"{spec.class_} under {root}: {exc}") from None
-    classes = list(getattr(ds, "classes", None) or getattr(ds, "categories", None) or
-                   [str(i) for i in range(args.get("num_classes", 0))])
+    classes = list(
+        getattr(ds, "classes", None)
+        or getattr(ds, "categories", None)
+        or [str(i) for i in range(args.get("num_classes", 0))]
+    )
     return Part(ds, classes, _targets(ds))
 
 
@@ -196,12 +200,14 @@ def _parts(task: TaskSpecEntry, root: Path, download: bool) -> tuple[Part, list[
 
     n = len(train.targets)
     n_train = int(n * (1 - task.split.test_fraction))
-    first, second = random_split(range(n), [n_train, n - n_train],
-                                 generator=torch.Generator().manual_seed(task.split.seed))
+    first, second = random_split(
+        range(n), [n_train, n - n_train], generator=torch.Generator().manual_seed(task.split.seed)
+    )
     return train, list(first.indices), train, list(second.indices)
 
 
 # ---- writing drops ----------------------------------------------------------------------------------
+
 
 def clean_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
@@ -213,8 +219,14 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def convert_task(task: TaskSpecEntry, out_dir: Path, root: Path, download: bool = False,
-                 limit_per_class: int | None = None, say=print) -> Path:
+def convert_task(
+    task: TaskSpecEntry,
+    out_dir: Path,
+    root: Path,
+    download: bool = False,
+    limit_per_class: int | None = None,
+    say=print,
+) -> Path:
     """Write one task drop (``out_dir/<task_id>/``); a finished one is left as it is."""
     final = Path(out_dir) / task.task_id
     if (final / COMPLETE).is_file():
@@ -224,8 +236,10 @@ def convert_task(task: TaskSpecEntry, out_dir: Path, root: Path, download: bool 
     wanted = set(range(len(train.classes))) if task.classes == "all" else set(task.classes)
     unknown = wanted - set(range(len(train.classes)))
     if unknown:
-        raise ScenarioError(f"{task.task_id}: class indices {sorted(unknown)[:5]} are outside the dataset's "
-                            f"{len(train.classes)} classes")
+        raise ScenarioError(
+            f"{task.task_id}: class indices {sorted(unknown)[:5]} are outside the dataset's "
+            f"{len(train.classes)} classes"
+        )
     tmp = final.with_name(f".{task.task_id}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for split in ("train", "test"):
@@ -253,10 +267,14 @@ def convert_task(task: TaskSpecEntry, out_dir: Path, root: Path, download: bool 
             (tmp / rel).write_bytes(data)
             rows.append([rel, clean_name(part.classes[label]), split])
     order = [c for c in (range(len(train.classes)) if task.classes == "all" else task.classes) if c in present]
-    spec = {"task_id": task.task_id, "scenario": task.scenario, "dataset": task.dataset,
-            **({"domain": task.domain} if task.domain else {}),
-            "classes": [clean_name(train.classes[c]) for c in order],
-            **({"prompts": task.prompts} if task.prompts else {})}
+    spec = {
+        "task_id": task.task_id,
+        "scenario": task.scenario,
+        "dataset": task.dataset,
+        **({"domain": task.domain} if task.domain else {}),
+        "classes": [clean_name(train.classes[c]) for c in order],
+        **({"prompts": task.prompts} if task.prompts else {}),
+    }
     (tmp / "task.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
     with open(tmp / "manifest.csv", "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -265,13 +283,22 @@ def convert_task(task: TaskSpecEntry, out_dir: Path, root: Path, download: bool 
     (tmp / COMPLETE).write_text(json.dumps({"rows": len(rows), "test_duplicates_dropped": dropped_leaks}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    say(f"{task.task_id}: {len(rows)} images, {len(order)} classes"
-        + (f" ({dropped_leaks} test images identical to training images left out)" if dropped_leaks else ""))
+    say(
+        f"{task.task_id}: {len(rows)} images, {len(order)} classes"
+        + (f" ({dropped_leaks} test images identical to training images left out)" if dropped_leaks else "")
+    )
     return final
 
 
-def convert(scenario: Scenario, out_dir: Path, root: Path, download: bool = False,
-            limit_per_class: int | None = None, only: list[str] | None = None, say=print) -> list[Path]:
+def convert(
+    scenario: Scenario,
+    out_dir: Path,
+    root: Path,
+    download: bool = False,
+    limit_per_class: int | None = None,
+    only: list[str] | None = None,
+    say=print,
+) -> list[Path]:
     tasks = [t for t in scenario.tasks if not only or t.task_id in only]
     if only and len(tasks) != len(set(only)):
         missing = set(only) - {t.task_id for t in tasks}

@@ -87,11 +87,16 @@ class _CliploopModel:
         rows = []
         batch = int((params or {}).get("batch_size", self.ctx.batch_size))
         for start in range(0, len(values), batch):
-            images = torch.stack([self.ctx.backbone.preprocess(decode_image(_image_bytes(v), self.max_pixels))
-                                  for v in values[start:start + batch]])
+            images = torch.stack(
+                [
+                    self.ctx.backbone.preprocess(decode_image(_image_bytes(v), self.max_pixels))
+                    for v in values[start : start + batch]
+                ]
+            )
             with torch.inference_mode():
-                probs = (self.logit_scale * self.method.scores(self.state, images, self.keys, self.names,
-                                                              self.ctx).float()).softmax(dim=1)
+                probs = (
+                    self.logit_scale * self.method.scores(self.state, images, self.keys, self.names, self.ctx).float()
+                ).softmax(dim=1)
             best = probs.max(dim=1)
             for score, index in zip(best.values.tolist(), best.indices.tolist()):
                 key = self.keys[index]
@@ -105,5 +110,6 @@ with warnings.catch_warnings():
 
     class CliploopModel(_CliploopModel, mlflow.pyfunc.PythonModel):
         pass
+
 
 mlflow.models.set_model(CliploopModel())

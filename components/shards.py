@@ -112,8 +112,9 @@ class ShardReader:
         if len(data) != where.size:
             raise CorruptShard(f"{where.shard}: short read at offset {where.offset} (the shard is truncated)")
         if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-            raise CorruptShard(f"{where.shard}: content at offset {where.offset} does not match its sha256 "
-                               f"(corrupt shard)")
+            raise CorruptShard(
+                f"{where.shard}: content at offset {where.offset} does not match its sha256 (corrupt shard)"
+            )
         return data
 
     def close(self) -> None:
@@ -121,7 +122,7 @@ class ShardReader:
             handle.close()
         self._handles.clear()
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -188,10 +189,12 @@ class StoredTask:
         try:
             return self._reader.read(Located(row["shard"], row["offset"], row["size"]), expected_sha256=row["sha256"])
         except CorruptShard as exc:
-            raise CorruptShard(f"task {self.folder.name}: shards/{row['shard']}, row {row['path']!r} "
-                               f"({row['size']} bytes at offset {row['offset']}) does not match the SHA-256 in "
-                               f"index.csv: the stored data is damaged ({exc}). Restore it with `dvc pull` or "
-                               f"`dvc checkout` in the workspace, or re-ingest the task.") from None
+            raise CorruptShard(
+                f"task {self.folder.name}: shards/{row['shard']}, row {row['path']!r} "
+                f"({row['size']} bytes at offset {row['offset']}) does not match the SHA-256 in "
+                f"index.csv: the stored data is damaged ({exc}). Restore it with `dvc pull` or "
+                f"`dvc checkout` in the workspace, or re-ingest the task."
+            ) from None
 
     def exists(self, relpath: str) -> bool:
         return relpath in ("task.yaml", "manifest.csv") or relpath in self._by_path

@@ -91,24 +91,33 @@ class LearnerState:
             files: dict[str, str] = {}
             if self.weights is not None:
                 save_file(_contiguous(self.weights), str(tmp / "backbone.safetensors"))
-            for task_id, pool in sorted(self.pools.items()):
+            for _, pool in sorted(self.pools.items()):
                 pool.save(tmp / "pools")
             if self.method_tensors:
                 (tmp / "method").mkdir(exist_ok=True)
                 save_file(_contiguous(self.method_tensors), str(tmp / "method" / "tensors.safetensors"))
             if self.method_settings:
                 (tmp / "method").mkdir(exist_ok=True)
-                storage.atomic_write_text(tmp / "method" / "settings.json",
-                                          json.dumps(self.method_settings, indent=2, sort_keys=True, default=str))
+                storage.atomic_write_text(
+                    tmp / "method" / "settings.json",
+                    json.dumps(self.method_settings, indent=2, sort_keys=True, default=str),
+                )
             if self.method_meta:
                 (tmp / "method").mkdir(exist_ok=True)
-                storage.atomic_write_text(tmp / "method" / "state.json",
-                                          json.dumps(self.method_meta, indent=2, sort_keys=True, default=str))
+                storage.atomic_write_text(
+                    tmp / "method" / "state.json", json.dumps(self.method_meta, indent=2, sort_keys=True, default=str)
+                )
             storage.atomic_write_text(tmp / "history.json", json.dumps(self.history, indent=2, default=str))
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 files[path.relative_to(tmp).as_posix()] = storage.sha256_file(path)
-            manifest = {"format": FORMAT, "method": self.method, "backbone": self.backbone,
-                        "classes": [asdict(c) for c in self.classes], "tasks": self.tasks, "files": files}
+            manifest = {
+                "format": FORMAT,
+                "method": self.method,
+                "backbone": self.backbone,
+                "classes": [asdict(c) for c in self.classes],
+                "tasks": self.tasks,
+                "files": files,
+            }
             storage.atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
             _swap_in(tmp, folder)
             return manifest
@@ -116,7 +125,7 @@ class LearnerState:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, folder: Path, expect_backbone: dict[str, Any] | None = None) -> "LearnerState":
+    def load(cls, folder: Path, expect_backbone: dict[str, Any] | None = None) -> LearnerState:
         from safetensors.torch import load_file
 
         from components.pools import TaskPool
@@ -126,20 +135,39 @@ class LearnerState:
         verify_files(folder, manifest)
         if expect_backbone is not None:
             check_backbone(manifest["backbone"], expect_backbone, folder)
-        weights = load_file(str(folder / "backbone.safetensors")) if "backbone.safetensors" in manifest["files"] else None
+        weights = (
+            load_file(str(folder / "backbone.safetensors")) if "backbone.safetensors" in manifest["files"] else None
+        )
         pools = {}
         for rel in manifest["files"]:
             if rel.startswith("pools/") and rel.endswith(".safetensors"):
-                task_id = rel[len("pools/"):-len(".safetensors")]
+                task_id = rel[len("pools/") : -len(".safetensors")]
                 pools[task_id] = TaskPool.load(folder / "pools", task_id)
         method_dir = folder / "method"
-        tensors = load_file(str(method_dir / "tensors.safetensors")) if "method/tensors.safetensors" in manifest["files"] else {}
-        settings = json.loads((method_dir / "settings.json").read_text()) if "method/settings.json" in manifest["files"] else {}
+        tensors = (
+            load_file(str(method_dir / "tensors.safetensors"))
+            if "method/tensors.safetensors" in manifest["files"]
+            else {}
+        )
+        settings = (
+            json.loads((method_dir / "settings.json").read_text())
+            if "method/settings.json" in manifest["files"]
+            else {}
+        )
         meta = json.loads((method_dir / "state.json").read_text()) if "method/state.json" in manifest["files"] else {}
         history = json.loads((folder / "history.json").read_text()) if "history.json" in manifest["files"] else {}
-        return cls(method=manifest["method"], backbone=manifest["backbone"],
-                   classes=[ClassEntry(**c) for c in manifest["classes"]], tasks=manifest["tasks"], weights=weights,
-                   pools=pools, method_tensors=tensors, method_settings=settings, method_meta=meta, history=history)
+        return cls(
+            method=manifest["method"],
+            backbone=manifest["backbone"],
+            classes=[ClassEntry(**c) for c in manifest["classes"]],
+            tasks=manifest["tasks"],
+            weights=weights,
+            pools=pools,
+            method_tensors=tensors,
+            method_settings=settings,
+            method_meta=meta,
+            history=history,
+        )
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -42,10 +42,19 @@ def code_version() -> str:
         release = "unknown"
     here = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return f"{release}+g{commit}{'.dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return release
@@ -69,17 +78,30 @@ def discover(config: Config) -> list[str]:
 
 
 def ingest(location: str, config: Config) -> dict[str, Any]:
-    from components.ingestion import IngestRefused, ingest as ingest_drop
+    from components.ingestion import IngestRefused
+    from components.ingestion import ingest as ingest_drop
 
     started = time.perf_counter()
     try:
         outcome = ingest_drop(location, config)
     except IngestRefused as exc:
-        return {"location": location, "task_id": None, "status": "refused", "state": None, "message": str(exc),
-                "seconds": round(time.perf_counter() - started, 3)}
-    return {"location": location, "task_id": outcome.task_id, "status": outcome.status, "state": outcome.state,
-            "report": outcome.report_path, "message": outcome.message,
-            "seconds": round(time.perf_counter() - started, 3)}
+        return {
+            "location": location,
+            "task_id": None,
+            "status": "refused",
+            "state": None,
+            "message": str(exc),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    return {
+        "location": location,
+        "task_id": outcome.task_id,
+        "status": outcome.status,
+        "state": outcome.state,
+        "report": outcome.report_path,
+        "message": outcome.message,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 # ---- the chain ----------------------------------------------------------------------------------------------
@@ -106,9 +128,16 @@ def parent_state(config: Config, version: int | None):
 
 
 def pool_key(config: Config, record: TaskRecord) -> str:
-    return _digest({"task": record.task_id, "dvc_md5": record.dvc_md5, "content": record.content_digest,
-                    "model": config.model.model_dump(mode="json"), "method": config.method.model_dump(mode="json"),
-                    "templates": config.evaluation.templates})
+    return _digest(
+        {
+            "task": record.task_id,
+            "dvc_md5": record.dvc_md5,
+            "content": record.content_digest,
+            "model": config.model.model_dump(mode="json"),
+            "method": config.method.model_dump(mode="json"),
+            "templates": config.evaluation.templates,
+        }
+    )
 
 
 def builds_pools(config: Config) -> bool:
@@ -141,9 +170,16 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
     task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
     pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
     pool.save(folder)
-    result = {"task_id": task_id, "key": key, "pool_dir": str(folder), "img_per_s": stats.img_per_s,
-              "seconds": round(time.perf_counter() - started, 3), "host": os.uname().nodename, "pid": os.getpid(),
-              "parent_pid": os.getppid()}
+    result = {
+        "task_id": task_id,
+        "key": key,
+        "pool_dir": str(folder),
+        "img_per_s": stats.img_per_s,
+        "seconds": round(time.perf_counter() - started, 3),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+        "parent_pid": os.getppid(),
+    }
     storage.atomic_write_text(done, json.dumps(result, indent=2))
     return result | {"cached": False}
 
@@ -168,8 +204,9 @@ def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
     return run_key(parent_version, task_id, record.dvc_md5, config.sha256())
 
 
-def run_update(config: Config, task_id: str, parent_version: int | None,
-               pools: dict[str, str] | None = None) -> dict[str, Any]:
+def run_update(
+    config: Config, task_id: str, parent_version: int | None, pools: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete)."""
     from components import learn
     from components.state import LearnerState
@@ -185,13 +222,26 @@ def run_update(config: Config, task_id: str, parent_version: int | None,
     parent = parent_state(config, parent_version)
     # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
     checkpoints = runtime_dir(config) / "checkpoints" / key
-    result = learn.learn_step(str(config.workspace_path / "data" / "tasks" / task_id), config, parent, out_dir=tmp,
-                              pools=pools, checkpoint_dir=checkpoints)
+    result = learn.learn_step(
+        str(config.workspace_path / "data" / "tasks" / task_id),
+        config,
+        parent,
+        out_dir=tmp,
+        pools=pools,
+        checkpoint_dir=checkpoints,
+    )
     final = result.matrix.matrix[-1]
-    doc = {"task_id": task_id, "run_key": key, "parent_version": parent_version, "out_dir": str(out),
-           "metrics": result.metrics, "final_row": dict(zip(result.matrix.tasks, final)),
-           "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()}, "method": config.method.name,
-           "config_sha256": config.sha256()}
+    doc = {
+        "task_id": task_id,
+        "run_key": key,
+        "parent_version": parent_version,
+        "out_dir": str(out),
+        "metrics": result.metrics,
+        "final_row": dict(zip(result.matrix.tasks, final)),
+        "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()},
+        "method": config.method.name,
+        "config_sha256": config.sha256(),
+    }
     storage.atomic_write_text(tmp / "result.json", json.dumps(doc, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
@@ -227,11 +277,19 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             _log_lineage(config, registry, version, run_id)
     else:
         run = registry.find_run(key)
-        tags = {"task_id": task_id, "method": config.method.name, "run_key": key,
-                "parent_version": "" if update["parent_version"] is None else str(update["parent_version"]),
-                "dvc_md5": record.dvc_md5 or "", "workspace_commit": record.workspace_commit or "",
-                "config_sha256": config.sha256(), "code_version": code_version(), "flow_run_id": flow_run_id or "",
-                "scenario": record.scenario or "", "content_digest": record.content_digest}
+        tags = {
+            "task_id": task_id,
+            "method": config.method.name,
+            "run_key": key,
+            "parent_version": "" if update["parent_version"] is None else str(update["parent_version"]),
+            "dvc_md5": record.dvc_md5 or "",
+            "workspace_commit": record.workspace_commit or "",
+            "config_sha256": config.sha256(),
+            "code_version": code_version(),
+            "flow_run_id": flow_run_id or "",
+            "scenario": record.scenario or "",
+            "content_digest": record.content_digest,
+        }
         if run is None:
             registry.fail_abandoned_runs(key)  # we register this key now: a RUNNING run of it is a dead one
             out = Path(update["out_dir"])
@@ -249,12 +307,22 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             if timings.get("train_step_ms"):
                 metrics["perf.train_step_ms"] = timings["train_step_ms"]
             run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
-            registry.log_task_dataset(run_id, task_id, record.dvc_md5 or record.content_digest,
-                                      {"dvc_md5": record.dvc_md5, "path": f"data/tasks/{task_id}",
-                                       "workspace": str(config.workspace_path), "commit": record.workspace_commit})
+            registry.log_task_dataset(
+                run_id,
+                task_id,
+                record.dvc_md5 or record.content_digest,
+                {
+                    "dvc_md5": record.dvc_md5,
+                    "path": f"data/tasks/{task_id}",
+                    "workspace": str(config.workspace_path),
+                    "commit": record.workspace_commit,
+                },
+            )
         else:
             run_id = run.info.run_id
-        version = registry.register(run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"})
+        version = registry.register(
+            run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"}
+        )
         _log_lineage(config, registry, version, run_id)
     with ledger_of(config) as ledger:
         current = ledger.get(task_id)
@@ -262,8 +330,13 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             ledger.transition(task_id, "learned", expect=["learning"], model_version=str(version))
         elif current.model_version != str(version):
             ledger.update(task_id, model_version=str(version))
-    return {"task_id": task_id, "version": version, "run_id": run_id, "run_key": key,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "task_id": task_id,
+        "version": version,
+        "run_id": run_id,
+        "run_key": key,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def _log_lineage(config: Config, registry, version: int, run_id: str) -> None:
@@ -282,5 +355,3 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
     return out
-
-

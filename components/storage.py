@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 CHUNK = 1 << 20
 
@@ -32,8 +33,20 @@ class StorageUnavailable(StorageError):
 
 
 # Client errors that say "this object or request is wrong"; every other failure is the store's.
-_DEFINITE_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "403", "AccessDenied", "InvalidAccessKeyId",
-                   "SignatureDoesNotMatch", "InvalidBucketName", "InvalidRange", "400", "InvalidRequest"}
+_DEFINITE_CODES = {
+    "NoSuchKey",
+    "NoSuchBucket",
+    "404",
+    "NotFound",
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "InvalidRange",
+    "400",
+    "InvalidRequest",
+}
 
 
 def storage_error(exc: BaseException, what: str) -> StorageError:
@@ -48,8 +61,10 @@ def storage_error(exc: BaseException, what: str) -> StorageError:
         status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code in _DEFINITE_CODES or (400 <= status < 500 and status not in (408, 429)):
             return StorageError(f"{what}: {text}")
-    return StorageUnavailable(f"{what}: the S3 store did not answer usably after retries ({type(exc).__name__}: "
-                              f"{text}); safe to re-run when the store is reachable")
+    return StorageUnavailable(
+        f"{what}: the S3 store did not answer usably after retries ({type(exc).__name__}: "
+        f"{text}); safe to re-run when the store is reachable"
+    )
 
 
 @dataclass(frozen=True)
@@ -58,16 +73,16 @@ class S3Uri:
     key: str  # no leading slash; "" for the bucket root
 
     @classmethod
-    def parse(cls, uri: str) -> "S3Uri":
+    def parse(cls, uri: str) -> S3Uri:
         if not uri.startswith("s3://"):
             raise ValueError(f"not an s3:// URI: {uri!r}")
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, key = rest.partition("/")
         if len(bucket) < 3:
             raise ValueError(f"bad S3 bucket name in {uri!r}")
         return cls(bucket, key)
 
-    def join(self, *parts: str) -> "S3Uri":
+    def join(self, *parts: str) -> S3Uri:
         key = self.key
         for part in parts:
             part = part.strip("/")
@@ -76,7 +91,7 @@ class S3Uri:
             key = f"{key.rstrip('/')}/{part}" if key else part
         return S3Uri(self.bucket, key)
 
-    def as_prefix(self) -> "S3Uri":
+    def as_prefix(self) -> S3Uri:
         return self if (not self.key or self.key.endswith("/")) else S3Uri(self.bucket, self.key + "/")
 
     def __str__(self) -> str:
@@ -141,8 +156,13 @@ def s3_client(settings: S3Settings | None = None):
 
     settings = settings or S3Settings()
     core = botocore.session.get_session()
-    kwargs = {"config": Config(retries=retry_config(settings, core), connect_timeout=settings.connect_timeout,
-                               read_timeout=settings.read_timeout)}
+    kwargs = {
+        "config": Config(
+            retries=retry_config(settings, core),
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+        )
+    }
     if settings.endpoint_url:
         kwargs["endpoint_url"] = settings.endpoint_url
     if settings.region:
@@ -169,7 +189,7 @@ def list_prefixes(uri: S3Uri, client) -> list[str]:
     try:
         for page in paginator.paginate(Bucket=uri.bucket, Prefix=prefix, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
-                names.append(common["Prefix"][len(prefix):].rstrip("/"))
+                names.append(common["Prefix"][len(prefix) :].rstrip("/"))
     except Exception as exc:
         raise storage_error(exc, f"cannot list {uri}") from exc
     return sorted(names)
@@ -270,8 +290,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def download(uri: str, cache_dir: Path, expected_sha256: str | None = None,
-             settings: S3Settings | None = None, client=None) -> Path:
+def download(
+    uri: str, cache_dir: Path, expected_sha256: str | None = None, settings: S3Settings | None = None, client=None
+) -> Path:
     """Fetch an ``s3://`` object into a content cache and verify it.
 
     The cache file is named by the object's SHA-256, so two URIs with the same content share it and a
@@ -304,7 +325,8 @@ def download(uri: str, cache_dir: Path, expected_sha256: str | None = None,
         actual = sha256_file(Path(tmp))
         if expected_sha256 and actual != expected_sha256:
             raise ChecksumMismatch(
-                f"{uri}: sha256 is {actual}, expected {expected_sha256}; the object is corrupt or was replaced")
+                f"{uri}: sha256 is {actual}, expected {expected_sha256}; the object is corrupt or was replaced"
+            )
         final = cache_dir / f"{actual}{Path(s3.key).suffix}"
         os.replace(tmp, final)
         return final

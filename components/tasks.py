@@ -16,9 +16,10 @@ import io
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -97,7 +98,7 @@ class TaskSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _unique_classes(self) -> "TaskSpec":
+    def _unique_classes(self) -> TaskSpec:
         seen: dict[str, str] = {}
         for cls_ in self.classes:
             key = normalise_class_name(cls_.name)
@@ -149,14 +150,17 @@ def parse_task_yaml(data: bytes, where: str = "task.yaml") -> TaskSpec:
     except yaml.YAMLError as exc:
         raise DropError("task-yaml-readable", yaml_problem(where, text, exc)) from None
     if not isinstance(raw, dict):
-        raise DropError("task-yaml-schema",
-                        f"{where}: the top level must be a mapping (task_id, scenario, dataset, classes)")
+        raise DropError(
+            "task-yaml-schema", f"{where}: the top level must be a mapping (task_id, scenario, dataset, classes)"
+        )
     try:
         return TaskSpec.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'task.yaml'}: "
-            f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
+            f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors()
+        )
         raise DropError("task-yaml-schema", f"{where}: {problems}") from None
 
 
@@ -169,8 +173,9 @@ def parse_manifest(data: bytes, where: str = "manifest.csv") -> Manifest:
     try:
         header = next(reader)
     except StopIteration:
-        raise DropError("manifest-readable",
-                        f"{where}: the file is empty (expected a header path,label,split[,domain])") from None
+        raise DropError(
+            "manifest-readable", f"{where}: the file is empty (expected a header path,label,split[,domain])"
+        ) from None
     except csv.Error as exc:
         raise DropError("manifest-readable", f"{where}: line 1: {exc}") from None
     columns = tuple(h.strip() for h in header)
@@ -182,14 +187,21 @@ def parse_manifest(data: bytes, where: str = "manifest.csv") -> Manifest:
             if not record or all(not cell.strip() for cell in record):
                 continue  # blank lines carry nothing
 
-            def cell(name: str) -> str | None:
+            def cell(name: str, record: list[str] = record) -> str | None:
                 i = index.get(name)
                 if i is None or i >= len(record):
                     return None
                 return record[i].strip()
 
-            rows.append(ManifestRow(line=line, path=cell("path") or "", label=cell("label") or "",
-                                    split=cell("split") or "", domain=cell("domain") or None))
+            rows.append(
+                ManifestRow(
+                    line=line,
+                    path=cell("path") or "",
+                    label=cell("label") or "",
+                    split=cell("split") or "",
+                    domain=cell("domain") or None,
+                )
+            )
     except csv.Error as exc:
         raise DropError("manifest-readable", f"{where}: line {reader.line_num}: {exc}") from None
     return Manifest(columns=columns, rows=tuple(rows))
@@ -244,7 +256,7 @@ class LocalDrop:
 
     def list_files(self) -> list[str]:
         out = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, _, filenames in os.walk(self.root):
             rel = Path(dirpath).relative_to(self.root)
             out.extend(str((rel / f).as_posix()) for f in filenames)
         return sorted(p[2:] if p.startswith("./") else p for p in out)
@@ -261,7 +273,7 @@ class S3Drop:
     def _objects(self) -> dict[str, int]:
         if self._listing is None:
             prefix = self.uri.key
-            self._listing = {key[len(prefix):]: size for key, size in storage.list_keys(self.uri, self.client)}
+            self._listing = {key[len(prefix) :]: size for key, size in storage.list_keys(self.uri, self.client)}
         return self._listing
 
     def read(self, relpath: str, max_bytes: int) -> bytes:
@@ -288,8 +300,9 @@ def open_drop(location: str, settings: storage.S3Settings | None = None) -> Drop
     return LocalDrop(root)
 
 
-def discover(drop_zone: str, settings: storage.S3Settings | None = None,
-             warn: Callable[[str], None] | None = None) -> list[str]:
+def discover(
+    drop_zone: str, settings: storage.S3Settings | None = None, warn: Callable[[str], None] | None = None
+) -> list[str]:
     """Locations of the task drops in a drop zone: sub-folders (or sub-prefixes) holding a task.yaml.
 
     Sorted by name, which is the arrival order when task ids carry a date or a sequence number. A symbolic
@@ -314,7 +327,8 @@ def discover(drop_zone: str, settings: storage.S3Settings | None = None,
         if p.is_symlink():
             (warn or logging.getLogger("cliploop").warning)(
                 f"{p}: skipped: a symbolic link in the drop zone is not followed (it may lead outside the zone); "
-                "move or copy the task folder into the drop zone")
+                "move or copy the task folder into the drop zone"
+            )
         elif p.is_dir() and (p / "task.yaml").is_file():
             found.append(str(p))
     return found
@@ -324,9 +338,10 @@ def read_metadata(source: DropSource) -> tuple[TaskSpec, Manifest, bytes, bytes]
     """task.yaml and manifest.csv of a drop, parsed (raises DropError) and raw (for the content digest)."""
     for name in ("task.yaml", "manifest.csv"):
         if not source.exists(name):
-            raise DropError(f"{name.split('.')[0].replace('_', '-')}-present",
-                            f"{source.location}: {name} is missing "
-                            "(a task drop holds task.yaml, manifest.csv and images)")
+            raise DropError(
+                f"{name.split('.')[0].replace('_', '-')}-present",
+                f"{source.location}: {name} is missing (a task drop holds task.yaml, manifest.csv and images)",
+            )
     try:
         spec_bytes = source.read("task.yaml", MAX_TEXT_BYTES)
         manifest_bytes = source.read("manifest.csv", MAX_TEXT_BYTES)

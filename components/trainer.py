@@ -57,9 +57,10 @@ class TrainSettings(BaseModel):
     per_task: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="settings for one task, by task id or dataset name, e.g. {aircraft: {lr: 5e-5, iterations: 100}} "
-                    "(the official per-dataset schedules)")
+        "(the official per-dataset schedules)",
+    )
 
-    def for_task(self, task_id: str, dataset: str) -> "TrainSettings":
+    def for_task(self, task_id: str, dataset: str) -> TrainSettings:
         """These settings with the task's own overrides applied (by task id, else by dataset name)."""
         override = self.per_task.get(task_id) or self.per_task.get(dataset)
         if not override:
@@ -97,12 +98,13 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) ->
 
 # ---- callbacks ------------------------------------------------------------------------------------------
 
+
 class Callback:
     """Cross-cutting work around the loop. Every hook is optional."""
 
-    def on_fit_start(self, run: "FitRun") -> None: ...
-    def on_step_end(self, run: "FitRun", step: int, losses: dict[str, float], seconds: float) -> None: ...
-    def on_fit_end(self, run: "FitRun") -> None: ...
+    def on_fit_start(self, run: FitRun) -> None: ...
+    def on_step_end(self, run: FitRun, step: int, losses: dict[str, float], seconds: float) -> None: ...
+    def on_fit_end(self, run: FitRun) -> None: ...
 
 
 class StepTimer(Callback):
@@ -160,7 +162,7 @@ class Checkpoint(Callback):
             (self.folder / name).unlink(missing_ok=True)
 
 
-def save_checkpoint(folder: Path, run: "FitRun", next_step: int) -> None:
+def save_checkpoint(folder: Path, run: FitRun, next_step: int) -> None:
     from safetensors.torch import save_file
 
     from components.storage import atomic_write_text
@@ -180,11 +182,13 @@ def save_checkpoint(folder: Path, run: "FitRun", next_step: int) -> None:
     tmp = folder / ".checkpoint.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(folder / "checkpoint.safetensors")
-    atomic_write_text(folder / "checkpoint.json", json.dumps(
-        {"next_step": next_step, "identity": run.identity, "scalars": moments}, indent=2, sort_keys=True))
+    atomic_write_text(
+        folder / "checkpoint.json",
+        json.dumps({"next_step": next_step, "identity": run.identity, "scalars": moments}, indent=2, sort_keys=True),
+    )
 
 
-def load_checkpoint(folder: Path, run: "FitRun") -> int:
+def load_checkpoint(folder: Path, run: FitRun) -> int:
     """Restore a matching checkpoint; returns the step to continue from (0 when there is none)."""
     from safetensors.torch import load_file
 
@@ -200,19 +204,21 @@ def load_checkpoint(folder: Path, run: "FitRun") -> int:
         for name, p in run.named_params:
             p.copy_(tensors[f"param/{name}"].to(p.device, p.dtype))
     for name, p in by_name.items():
-        slot = {key.split("/")[-1]: value.to(p.device) for key, value in tensors.items()
-                if key.startswith(f"opt/{name}/")}
+        slot = {
+            key.split("/")[-1]: value.to(p.device) for key, value in tensors.items() if key.startswith(f"opt/{name}/")
+        }
         for key, value in meta.get("scalars", {}).get(name, {}).items():
             slot[key] = torch.tensor(value)
         if slot:
             run.optimizer.state[p] = slot
-    extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
+    extra = {k[len("method/") :]: v for k, v in tensors.items() if k.startswith("method/")}
     if extra:
         run.method.load_training_state(extra)
     return int(meta["next_step"])
 
 
 # ---- reports --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TrainReport:
@@ -259,6 +265,7 @@ class TaskReport:
 
 # ---- the loop -------------------------------------------------------------------------------------------
 
+
 @dataclass
 class FitRun:
     """The loop's state as callbacks see it."""
@@ -280,9 +287,16 @@ def _batches(loader, seed: int):
         epoch += 1
 
 
-def optimization_step(method: Method, optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]],
-                      images: torch.Tensor, labels: torch.Tensor, ctx: Context, step: int,
-                      indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def optimization_step(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    named: list[tuple[str, torch.nn.Parameter]],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ctx: Context,
+    step: int,
+    indices: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """One step: the method's hooks around forward, backward and the optimizer (also timed by benchmarks).
 
     The method's batch is (images, labels), plus the samples' dataset indices when the dataset gives them.
@@ -296,8 +310,10 @@ def optimization_step(method: Method, optimizer: torch.optim.Optimizer, named: l
         losses = method.training_step(batch)
     loss = sum(v.float() for v in losses.values())
     if not torch.isfinite(loss):
-        raise TrainError(f"{method.name}: loss is {loss.item()} at step {step + 1} "
-                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); lower the lr")
+        raise TrainError(
+            f"{method.name}: loss is {loss.item()} at step {step + 1} "
+            f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); lower the lr"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     method.after_backward()
@@ -322,8 +338,12 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
         raise TrainError(f"{method.name}: nothing to train on task {task.task_id} (every parameter is frozen)")
     optimizer = make_optimizer([p for _, p in named], settings)
     total = total_steps(settings, len(loader))
-    identity = {"method": method.name, "task": task.task_id, "settings": settings.model_dump(mode="json"),
-                "params": [n for n, _ in named]}
+    identity = {
+        "method": method.name,
+        "task": task.task_id,
+        "settings": settings.model_dump(mode="json"),
+        "params": [n for n, _ in named],
+    }
     run = FitRun(method, named, optimizer, total, identity)
     timer, log = StepTimer(), LossLog()
     callbacks = [timer, log, *(callbacks or [])]
@@ -353,8 +373,7 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
             group["lr"] = settings.lr * factor
         run.lr = settings.lr * factor
         try:
-            losses = optimization_step(method, optimizer, named, images, labels, ctx, step,
-                                       rest[0] if rest else None)
+            losses = optimization_step(method, optimizer, named, images, labels, ctx, step, rest[0] if rest else None)
         except TrainError as exc:
             raise TrainError(f"task {task.task_id}: {exc}") from None
         if device.type == "cuda":
@@ -367,8 +386,13 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     for cb in callbacks:
         cb.on_fit_end(run)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return TrainReport(losses=log.rows, train_steps=len(timer.times), resumed_from=start,
-                       train_step_ms=timer.median_ms(), peak_mem_mb=peak)
+    return TrainReport(
+        losses=log.rows,
+        train_steps=len(timer.times),
+        resumed_from=start,
+        train_step_ms=timer.median_ms(),
+        peak_mem_mb=peak,
+    )
 
 
 def run_task(method: Method, state: LearnerState, task: TaskData, ctx: Context) -> tuple[LearnerState, TaskReport]:

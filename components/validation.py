@@ -10,9 +10,10 @@ rule's failures come back as rows, which are phrased here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from components import storage
 from components.config import ValidationConfig
@@ -38,7 +39,7 @@ RULES: dict[str, str] = {
     "seen-before": "no image content was already ingested by an earlier task",
     "class-has-train": "every declared class has training images",
     "scenario-classes": "classes are consistent with the scenario (new for class-incremental, "
-                        "the known set for domain-incremental)",
+    "the known set for domain-incremental)",
 }
 
 
@@ -69,8 +70,9 @@ class RowFacts:
 ImageSink = Callable[[str, str, bytes], None]  # (sha256, suffix, bytes) -> None
 
 
-def scan_images(source: DropSource, manifest: Manifest, cfg: ValidationConfig,
-                sink: ImageSink | None = None) -> list[RowFacts]:
+def scan_images(
+    source: DropSource, manifest: Manifest, cfg: ValidationConfig, sink: ImageSink | None = None
+) -> list[RowFacts]:
     """Read every listed image once, recording facts; accepted images are handed to ``sink`` (sharding)."""
     facts: list[RowFacts] = []
     probed: dict[str, RowFacts] = {}
@@ -105,8 +107,12 @@ def scan_images(source: DropSource, manifest: Manifest, cfg: ValidationConfig,
         fact.size = len(data)
         probe = probe_image(data, list(cfg.formats), cfg.max_pixels)
         fact.format, fact.width, fact.height, fact.image_error = probe.format, probe.width, probe.height, probe.error
-        acceptable = (probe.error is None and probe.format in cfg.formats and fact.pixels is not None
-                      and fact.pixels <= cfg.max_pixels)
+        acceptable = (
+            probe.error is None
+            and probe.format in cfg.formats
+            and fact.pixels is not None
+            and fact.pixels <= cfg.max_pixels
+        )
         if acceptable and sink is not None:
             sink(fact.sha256, SUFFIX[probe.format], data)
     _mark_leaks(facts)
@@ -126,9 +132,13 @@ def _mark_leaks(facts: list[RowFacts]) -> None:
 
 def content_digest(spec_bytes: bytes, manifest_bytes: bytes, facts: list[RowFacts]) -> str:
     """Identity of a drop's payload: its metadata files and the content of every listed image."""
-    listing = {"task.yaml": storage.sha256_bytes(spec_bytes), "manifest.csv": storage.sha256_bytes(manifest_bytes),
-               "images": sorted({(f.path, f.sha256 or f"unreadable:{f.image_error or f.path_problem}")
-                                 for f in facts if f.path})}
+    listing = {
+        "task.yaml": storage.sha256_bytes(spec_bytes),
+        "manifest.csv": storage.sha256_bytes(manifest_bytes),
+        "images": sorted(
+            {(f.path, f.sha256 or f"unreadable:{f.image_error or f.path_problem}") for f in facts if f.path}
+        ),
+    }
     return storage.sha256_bytes(json.dumps(listing, sort_keys=True).encode())
 
 
@@ -211,17 +221,36 @@ class TaskContext:
 
 def report_for_drop_error(task_id: str, source: str, error: DropError, checked_at: str) -> Report:
     rule = error.rule if error.rule in RULES else ("task-yaml" if "yaml" in error.rule else "manifest-readable")
-    return Report(task_id=task_id, source=source, success=False, checked_at=checked_at, content_digest=None,
-                  rules=[RuleResult(rule, False, RULES[rule], [Failure(str(error))])])
+    return Report(
+        task_id=task_id,
+        source=source,
+        success=False,
+        checked_at=checked_at,
+        content_digest=None,
+        rules=[RuleResult(rule, False, RULES[rule], [Failure(str(error))])],
+    )
 
 
-def validate(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: ValidationConfig, ctx: TaskContext,
-             *, source: str, checked_at: str, digest: str | None, docs_dir: Path | None = None) -> Report:
+def validate(
+    spec: TaskSpec,
+    manifest: Manifest,
+    facts: list[RowFacts],
+    cfg: ValidationConfig,
+    ctx: TaskContext,
+    *,
+    source: str,
+    checked_at: str,
+    digest: str | None,
+    docs_dir: Path | None = None,
+) -> Report:
     for fact in facts:
         if fact.sha256 and fact.sha256 in ctx.seen_images:
             fact.seen_in = ctx.seen_images[fact.sha256]
-    results: dict[str, RuleResult] = {name: RuleResult(name, True, text) for name, text in RULES.items()
-                                      if name not in ("task-yaml", "manifest-readable")}
+    results: dict[str, RuleResult] = {
+        name: RuleResult(name, True, text)
+        for name, text in RULES.items()
+        if name not in ("task-yaml", "manifest-readable")
+    }
 
     def fail(rule: str, message: str, fact: RowFacts | None = None) -> None:
         res = results[rule]
@@ -249,8 +278,11 @@ def validate(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Val
                 parts.append(f"missing column(s): {', '.join(missing)}")
             if extra:
                 parts.append(f"unexpected column(s): {', '.join(extra)}")
-            fail("columns", f"manifest.csv: {'; '.join(parts) or 'columns do not match'} "
-                            f"(expected path,label,split[,domain]; found {','.join(manifest.columns)})")
+            fail(
+                "columns",
+                f"manifest.csv: {'; '.join(parts) or 'columns do not match'} "
+                f"(expected path,label,split[,domain]; found {','.join(manifest.columns)})",
+            )
             continue
         if rule == "split-nonempty":
             continue  # phrased below from the counts
@@ -272,8 +304,11 @@ def validate(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Val
         for name in spec.class_names:
             n = train_per_class[normalise_class_name(name)]
             if n < max(1, cfg.min_images_per_class):
-                fail("class-has-train", f"task.yaml: class {name!r} has {n} training image(s); "
-                                        f"at least {max(1, cfg.min_images_per_class)} needed")
+                fail(
+                    "class-has-train",
+                    f"task.yaml: class {name!r} has {n} training image(s); "
+                    f"at least {max(1, cfg.min_images_per_class)} needed",
+                )
     else:
         for rule in results.values():
             if rule.rule != "columns" and rule.success and rule.rule not in ("scenario-classes",):
@@ -281,13 +316,25 @@ def validate(spec: TaskSpec, manifest: Manifest, facts: list[RowFacts], cfg: Val
 
     _scenario_checks(spec, ctx, fail)
     rules = list(results.values())
-    stats = {"rows": len(facts), "train": counts["train"], "test": counts["test"],
-             "classes": len(spec.classes), "unique_images": len({f.sha256 for f in facts if f.sha256}),
-             "bytes": sum(f.size or 0 for f in {f.path: f for f in facts if f.path}.values())}
-    return Report(task_id=spec.task_id, source=source, success=all(r.success for r in rules), checked_at=checked_at,
-                  content_digest=digest, rules=rules, stats=stats,
-                  expectations=[{k: v for k, v in e.items() if k != "lines"} for e in expectations],
-                  data_docs=str(docs_dir / "index.html") if docs_dir and (docs_dir / "index.html").exists() else None)
+    stats = {
+        "rows": len(facts),
+        "train": counts["train"],
+        "test": counts["test"],
+        "classes": len(spec.classes),
+        "unique_images": len({f.sha256 for f in facts if f.sha256}),
+        "bytes": sum(f.size or 0 for f in {f.path: f for f in facts if f.path}.values()),
+    }
+    return Report(
+        task_id=spec.task_id,
+        source=source,
+        success=all(r.success for r in rules),
+        checked_at=checked_at,
+        content_digest=digest,
+        rules=rules,
+        stats=stats,
+        expectations=[{k: v for k, v in e.items() if k != "lines"} for e in expectations],
+        data_docs=str(docs_dir / "index.html") if docs_dir and (docs_dir / "index.html").exists() else None,
+    )
 
 
 def _tables(manifest: Manifest, facts: list[RowFacts]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -299,16 +346,32 @@ def _tables(manifest: Manifest, facts: list[RowFacts]) -> tuple[list[dict[str, A
             row["domain"] = f.domain
         manifest_rows.append(row)
     # format only for an image that was read and decoded: a refused file is reported by its own rule
-    image_rows = [dict(zip(IMAGE_COLUMNS, (f.line, f.path, f.path_problem, f.image_error,
-                                           f.format if f.image_error is None and f.path_problem is None else None,
-                                           f.pixels, min(f.width, f.height) if f.width and f.height else None,
-                                           f.leak_with is not None, f.seen_in)))
-                  for f in facts if f.path]
+    image_rows = [
+        dict(
+            zip(
+                IMAGE_COLUMNS,
+                (
+                    f.line,
+                    f.path,
+                    f.path_problem,
+                    f.image_error,
+                    f.format if f.image_error is None and f.path_problem is None else None,
+                    f.pixels,
+                    min(f.width, f.height) if f.width and f.height else None,
+                    f.leak_with is not None,
+                    f.seen_in,
+                ),
+            )
+        )
+        for f in facts
+        if f.path
+    ]
     return manifest_rows, image_rows
 
 
-def _row_message(rule: str, fact: RowFacts, exp: dict, cfg: ValidationConfig, spec: TaskSpec,
-                 lines_of: dict[str, list[int]]) -> str:
+def _row_message(
+    rule: str, fact: RowFacts, exp: dict, cfg: ValidationConfig, spec: TaskSpec, lines_of: dict[str, list[int]]
+) -> str:
     where = _where(fact)
     if rule == "required-values":
         return f"{where}: column '{exp['column']}' is empty"
@@ -327,8 +390,10 @@ def _row_message(rule: str, fact: RowFacts, exp: dict, cfg: ValidationConfig, sp
     if rule == "image-format":
         return f"{where}: content is {fact.format}, not one of {', '.join(cfg.formats)}"
     if rule == "pixel-limit":
-        return (f"{where}: {fact.width}×{fact.height} = {fact.pixels:,} pixels, over the limit of "
-                f"{cfg.max_pixels:,} (validation.max_pixels)")
+        return (
+            f"{where}: {fact.width}×{fact.height} = {fact.pixels:,} pixels, over the limit of "
+            f"{cfg.max_pixels:,} (validation.max_pixels)"
+        )
     if rule == "image-min-side":
         return f"{where}: {fact.width}×{fact.height} is smaller than {cfg.min_side} pixels on a side"
     if rule == "train-test-leak":
@@ -344,16 +409,25 @@ def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]
     if spec.scenario == "class-incremental":
         for key, name in declared.items():
             if key in known:
-                fail("scenario-classes", f"task.yaml: class {name!r} was already learned in task {known[key]} "
-                                         f"of dataset {spec.dataset!r}; a class-incremental task brings new "
-                                         f"classes only "
-                                         f"(use scenario: domain-incremental for new data of known classes)")
+                fail(
+                    "scenario-classes",
+                    f"task.yaml: class {name!r} was already learned in task {known[key]} "
+                    f"of dataset {spec.dataset!r}; a class-incremental task brings new "
+                    f"classes only "
+                    f"(use scenario: domain-incremental for new data of known classes)",
+                )
     elif known:  # domain-incremental: same label space as the dataset's earlier tasks
         new = sorted(name for key, name in declared.items() if key not in known)
         absent = sorted(key for key in known if key not in declared)
         if new:
-            fail("scenario-classes", f"task.yaml: domain-incremental task declares class(es) unknown to dataset "
-                                     f"{spec.dataset!r}: {', '.join(new)}")
+            fail(
+                "scenario-classes",
+                f"task.yaml: domain-incremental task declares class(es) unknown to dataset "
+                f"{spec.dataset!r}: {', '.join(new)}",
+            )
         if absent:
-            fail("scenario-classes", f"task.yaml: domain-incremental task lacks known class(es) of dataset "
-                                     f"{spec.dataset!r}: {', '.join(absent)}")
+            fail(
+                "scenario-classes",
+                f"task.yaml: domain-incremental task lacks known class(es) of dataset "
+                f"{spec.dataset!r}: {', '.join(absent)}",
+            )

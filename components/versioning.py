@@ -32,8 +32,9 @@ class VersioningError(RuntimeError):
     """git or DVC failed; the message carries the command and its output."""
 
 
-def _run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
-         shown: list[str] | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, shown: list[str] | None = None
+) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.setdefault("DVC_NO_ANALYTICS", "1")
     full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
@@ -41,8 +42,10 @@ def _run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
         full_env.update(env)
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, check=False)
     if check and proc.returncode != 0:
-        raise VersioningError(f"`{' '.join(shown or cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
-                              f"{_shorten((proc.stderr or proc.stdout).strip())}")
+        raise VersioningError(
+            f"`{' '.join(shown or cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
+            f"{_shorten((proc.stderr or proc.stdout).strip())}"
+        )
     return proc
 
 
@@ -70,8 +73,13 @@ runpy.run_module("dvc", run_name="__main__", alter_sys=True)
 
 
 def dvc(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-c", _DVC_LAUNCHER, *args], ws, check=check,
-                env={"CLIPLOOP_DVC_PARENT": str(os.getpid())}, shown=["dvc", *args])
+    return _run(
+        [sys.executable, "-c", _DVC_LAUNCHER, *args],
+        ws,
+        check=check,
+        env={"CLIPLOOP_DVC_PARENT": str(os.getpid())},
+        shown=["dvc", *args],
+    )
 
 
 def git(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -123,7 +131,9 @@ def init_workspace(ws: Path, remote: RemoteSpec) -> list[str]:
     if not (ws / "data.dvc").exists():
         track_data(ws)
         done.append("data/ tracked by DVC (data.dvc)")
-    commit(ws, "cliploop: initialise workspace", [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data.dvc"])
+    commit(
+        ws, "cliploop: initialise workspace", [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data.dvc"]
+    )
     return done
 
 
@@ -193,7 +203,9 @@ def dir_md5(entries: list[dict[str, str]]) -> str:
 def task_entries(ws: Path, task_id: str, md5: str | None = None) -> list[dict[str, str]]:
     prefix = f"tasks/{task_id}/"
     entries = _dir_entries(ws, md5 or data_md5(ws))
-    return [{"md5": e["md5"], "relpath": e["relpath"][len(prefix):]} for e in entries if e["relpath"].startswith(prefix)]
+    return [
+        {"md5": e["md5"], "relpath": e["relpath"][len(prefix) :]} for e in entries if e["relpath"].startswith(prefix)
+    ]
 
 
 def task_md5(ws: Path, task_id: str, md5: str | None = None) -> str:

@@ -18,15 +18,25 @@ from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE  # n
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="config file (default: $CLIPLOOP_CONFIG or ./cliploop.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set validation.max_pixels=1000000 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set validation.max_pixels=1000000 (repeatable)",
+    )
     p.add_argument("--workspace", "-w", metavar="DIR", help="shortcut for --set workspace=DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cliploop", description=(
-        "Continual learning for CLIP models: ingest and validate task drops, learn them without forgetting, "
-        "and promote reviewed, traceable model versions."))
+    parser = argparse.ArgumentParser(
+        prog="cliploop",
+        description=(
+            "Continual learning for CLIP models: ingest and validate task drops, learn them without forgetting, "
+            "and promote reviewed, traceable model versions."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"cliploop {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -37,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
             _add_config_args(p)
         return p
 
-    p = command("init", commands.cmd_init, "write a commented cliploop.yaml and prepare a workspace (git + DVC)",
-                config=False)
+    p = command(
+        "init", commands.cmd_init, "write a commented cliploop.yaml and prepare a workspace (git + DVC)", config=False
+    )
     p.add_argument("dir", nargs="?", default=".", help="workspace folder (default: .)")
     p.add_argument("--remote", help="DVC remote: a folder or s3://bucket/prefix (default: local .cliploop/dvc-remote)")
     p.add_argument("--drop-zone", help="drop zone folder or s3:// prefix (default: incoming/)")
 
-    p = command("ingest", commands.cmd_ingest,
-                "ingest a task drop (folder or s3:// prefix), or every new task of a drop zone")
+    p = command(
+        "ingest", commands.cmd_ingest, "ingest a task drop (folder or s3:// prefix), or every new task of a drop zone"
+    )
     p.add_argument("location", nargs="?", help="task folder, s3://bucket/prefix/, or a drop zone (default: drop_zone)")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
@@ -58,20 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("config", commands.cmd_config, "print the resolved configuration")
 
-    p = command("metrics", commands.cmd_metrics,
-                "recompute every continual-learning metric from an accuracy-matrix file", config=False)
+    p = command(
+        "metrics",
+        commands.cmd_metrics,
+        "recompute every continual-learning metric from an accuracy-matrix file",
+        config=False,
+    )
     p.add_argument("matrix", help="accuracy_matrix.json (rows: after step i; columns: task j; null = not evaluated)")
     p.add_argument("--json", action="store_true")
 
-    p = command("learn", commands.cmd_learn,
-                "run a method over task drops in the given order (no Prefect/MLflow/DVC/S3)")
+    p = command(
+        "learn", commands.cmd_learn, "run a method over task drops in the given order (no Prefect/MLflow/DVC/S3)"
+    )
     p.add_argument("tasks", nargs="+", help="task drops or stored task folders, in learning order")
     p.add_argument("--method", "-m", help="method name (default: method.name from the config; see `cliploop methods`)")
     p.add_argument("--out", help="output folder (default: runs/learn-<time>)")
     p.add_argument("--json", action="store_true", help="print the accuracy matrix and metrics as JSON")
 
-    p = command("methods", commands.cmd_methods,
-                "the registered continual-learning methods, one line each; with a name, its settings", config=False)
+    p = command(
+        "methods",
+        commands.cmd_methods,
+        "the registered continual-learning methods, one line each; with a name, its settings",
+        config=False,
+    )
     p.add_argument("name", nargs="?", help="show this method's settings, defaults and what they mean")
     p.add_argument("--json", action="store_true", help="the settings' defaults as JSON (for method.settings)")
 
@@ -80,11 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="re-hash every task's DVC-tracked data; exit 1 on a mismatch")
 
-    _add_scenario(command("scenario", commands.cmd_scenario,
-                          "benchmark scenarios: list | show NAME | convert NAME --root R --out O", config=False))
+    _add_scenario(
+        command(
+            "scenario",
+            commands.cmd_scenario,
+            "benchmark scenarios: list | show NAME | convert NAME --root R --out O",
+            config=False,
+        )
+    )
 
-    p = command("nightly", commands.cmd_nightly,
-                "run one night now: reconcile, ingest the drop zone, learn new tasks, gate, review")
+    p = command(
+        "nightly",
+        commands.cmd_nightly,
+        "run one night now: reconcile, ingest the drop zone, learn new tasks, gate, review",
+    )
     p.add_argument("--json", action="store_true")
 
     p = command("approve", commands.cmd_approve, "promote a version to champion (resumes its paused flow run, if any)")
@@ -105,25 +135,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("requeue", commands.cmd_requeue, "learn a rejected task again next night")
     p.add_argument("task_id")
 
-    p = command("deploy", commands.cmd_deploy,
-                "register the nightly and GPU deployments (infra/prefect.yaml) on a Prefect server")
+    p = command(
+        "deploy",
+        commands.cmd_deploy,
+        "register the nightly and GPU deployments (infra/prefect.yaml) on a Prefect server",
+    )
     p.add_argument("--api-url", help="Prefect API URL (default: $PREFECT_API_URL)")
 
-    p = command("stack", commands.cmd_stack,
-                "a local Prefect server, MLflow server and S3-compatible store on 127.0.0.1")
+    p = command(
+        "stack", commands.cmd_stack, "a local Prefect server, MLflow server and S3-compatible store on 127.0.0.1"
+    )
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--json", action="store_true")
     for name, port in (("s3", 9000), ("mlflow", 5000), ("prefect", 4200)):
         p.add_argument(f"--port-{name}", type=int, default=None, help=f"port of the {name} service (default {port})")
 
-    p = command("demo", commands.cmd_demo, "run cliploop end to end on the embedded demo (no servers needed)",
-                config=False)
+    p = command(
+        "demo", commands.cmd_demo, "run cliploop end to end on the embedded demo (no servers needed)", config=False
+    )
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
-    p.add_argument("--method", "-m", default="lvp", help="the method to learn the tasks with (see `cliploop methods`); "
-                   "other than lvp, the demo goes to <dir>-<method>")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override, e.g. method.settings.iterations=50")
+    p.add_argument(
+        "--method",
+        "-m",
+        default="lvp",
+        help="the method to learn the tasks with (see `cliploop methods`); "
+        "other than lvp, the demo goes to <dir>-<method>",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, e.g. method.settings.iterations=50",
+    )
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -189,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt as exc:  # Ctrl-C, or a night stopped by SIGTERM/SIGINT (flows/lifeline.py)
         signum = getattr(exc, "signum", 2)
-        print(f"cliploop: interrupted ({signal.Signals(signum).name}); re-running the same command is safe",
-              file=sys.stderr)
+        print(
+            f"cliploop: interrupted ({signal.Signals(signum).name}); re-running the same command is safe",
+            file=sys.stderr,
+        )
         return 128 + signum
     except Exception as exc:
         known = user_error(exc)

@@ -47,10 +47,14 @@ def check_method(config) -> None:
     try:
         cls.Settings.model_validate(config.method.settings)
     except ValidationError as exc:
-        raise ConfigError("\n".join(
-            f"method.settings.{'.'.join(map(str, e['loc']))}: "
-            f"{'not a setting of ' + cls.name if e['type'] == 'extra_forbidden' else e['msg']} "
-            f"(see `cliploop methods {cls.name}`)" for e in exc.errors())) from None
+        raise ConfigError(
+            "\n".join(
+                f"method.settings.{'.'.join(map(str, e['loc']))}: "
+                f"{'not a setting of ' + cls.name if e['type'] == 'extra_forbidden' else e['msg']} "
+                f"(see `cliploop methods {cls.name}`)"
+                for e in exc.errors()
+            )
+        ) from None
 
 
 def fail(command: str, message: object, code: int) -> int:
@@ -96,8 +100,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         return external_error(exc)
     for line in done or ["workspace already initialised"]:
         print(f"  {line}")
-    print(f"workspace ready: {config.workspace_path}\n  drop tasks into: {config.location(config.drop_zone)}\n"
-          f"  then run: cliploop ingest")
+    print(
+        f"workspace ready: {config.workspace_path}\n  drop tasks into: {config.location(config.drop_zone)}\n"
+        f"  then run: cliploop ingest"
+    )
     return EXIT_OK
 
 
@@ -130,8 +136,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             worst = max(worst, external_error(exc))
             outcomes.append({"location": loc, "status": "error", "message": str(exc)})
             continue
-        outcomes.append({"location": loc, "task_id": outcome.task_id, "status": outcome.status,
-                         "state": outcome.state, "report": outcome.report_path, "message": outcome.message})
+        outcomes.append(
+            {
+                "location": loc,
+                "task_id": outcome.task_id,
+                "status": outcome.status,
+                "state": outcome.state,
+                "report": outcome.report_path,
+                "message": outcome.message,
+            }
+        )
         if not args.json:
             print(ingest_line(outcome))
         if outcome.status == "quarantined":
@@ -237,8 +251,14 @@ def cmd_scenario(args: argparse.Namespace) -> int:
         elif args.action == "show":
             print(scenario_tasks_text(scenario.load_scenario(args.name)))
         else:
-            scenario.convert(scenario.load_scenario(args.name), Path(args.out), Path(args.root).expanduser(),
-                             args.download, args.limit_per_class, args.tasks.split(",") if args.tasks else None)
+            scenario.convert(
+                scenario.load_scenario(args.name),
+                Path(args.out),
+                Path(args.root).expanduser(),
+                args.download,
+                args.limit_per_class,
+                args.tasks.split(",") if args.tasks else None,
+            )
     except scenario.ScenarioError as exc:
         return fail("scenario", exc, EXIT_USAGE)
     return EXIT_OK
@@ -260,8 +280,9 @@ def _review(args: argparse.Namespace, decision: str, note: str) -> int:
     # A version that does not exist and other registry errors are mapped by flows.cli (exit 2 or 4).
     version = registry.resolve(args.version)
     was_pending = registry.version_tags(version).get("review") == "pending"
-    result = chain.decide(config, version, decision, _reviewer(args), note,
-                             override_gate=getattr(args, "override_gate", False))
+    result = chain.decide(
+        config, version, decision, _reviewer(args), note, override_gate=getattr(args, "override_gate", False)
+    )
     resumed: list[str] = []
     if was_pending:
         from flows.update import resume_waiting
@@ -269,8 +290,10 @@ def _review(args: argparse.Namespace, decision: str, note: str) -> int:
         try:
             resumed = resume_waiting(version, decision, _reviewer(args), note)
         except Exception as exc:  # no Prefect API reachable: the decision stands; the paused run times out
-            print(f"cliploop {decision}: decision recorded, but no paused flow run could be resumed ({exc})",
-                  file=sys.stderr)
+            print(
+                f"cliploop {decision}: decision recorded, but no paused flow run could be resumed ({exc})",
+                file=sys.stderr,
+            )
     print(review_text(version, decision, result, resumed))
     return EXIT_OK
 

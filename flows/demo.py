@@ -28,8 +28,9 @@ def demo_schedule(method: str, user_overrides: list[str]) -> list[str]:
 
     fields = get_method(method).Settings.model_fields
     default = fields["iterations"].default if "iterations" in fields else None
-    chosen = any(o.split("=", 1)[0].strip() in ("method.settings.iterations", "method.settings.epochs")
-                 for o in user_overrides)
+    chosen = any(
+        o.split("=", 1)[0].strip() in ("method.settings.iterations", "method.settings.epochs") for o in user_overrides
+    )
     if default is None or default <= DEMO_ITERATIONS or chosen:
         return []
     return [f"method.settings.iterations={DEMO_ITERATIONS}"]
@@ -55,8 +56,14 @@ class DemoRun:
         return bool(self.summary.get("stopped")) and "awaiting" not in self.summary["stopped"]
 
 
-def run_demo(method: str, folder: str, include_bad: bool, overrides: list[str],
-             say: Callable[[str], None] = print, check: Callable[[Any], None] | None = None) -> DemoRun:
+def run_demo(
+    method: str,
+    folder: str,
+    include_bad: bool,
+    overrides: list[str],
+    say: Callable[[str], None] = print,
+    check: Callable[[Any], None] | None = None,
+) -> DemoRun:
     """Build the drop zone and the base model (cached), then run one night on them. ``check`` vets the
     resolved config (the user's ``--set`` included) before the workspace is made."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own summary
@@ -80,18 +87,32 @@ def run_demo(method: str, folder: str, include_bad: bool, overrides: list[str],
     schedule = demo_schedule(method, overrides)
     if schedule:
         default = get_method(method).Settings.model_fields["iterations"].default
-        say(f"demo schedule: {DEMO_ITERATIONS} iterations per task instead of {method}'s {default} "
-            f"(--set method.settings.iterations={default} for the full one)")
+        say(
+            f"demo schedule: {DEMO_ITERATIONS} iterations per task instead of {method}'s {default} "
+            f"(--set method.settings.iterations={default} for the full one)"
+        )
     # The nightly flow on the embedded default: Prefect without a server, MLflow on SQLite, DVC local remote.
-    config = load_config(overrides=[f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *model,
-                                    *DEMO_POLICY, f"method.name={method}", *schedule, *overrides],
-                         env={}, cwd=root)
+    config = load_config(
+        overrides=[
+            f"workspace={root / 'workspace'}",
+            f"drop_zone={drop_zone}",
+            *model,
+            *DEMO_POLICY,
+            f"method.name={method}",
+            *schedule,
+            *overrides,
+        ],
+        env={},
+        cwd=root,
+    )
     if check is not None:
         check(config)
     ingestion.ensure_workspace(config)
-    say("\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
+    say(
+        "\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
         "-> gate -> promote\n(the demo promotes by rule, approval.auto_promote=true; a reviewer uses "
-        "`cliploop approve`)\n")
+        "`cliploop approve`)\n"
+    )
     night_started = time.perf_counter()
     try:
         summary = run_night(config)

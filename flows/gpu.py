@@ -31,8 +31,9 @@ def build_pool_flow(config: dict[str, Any], task_id: str) -> dict[str, Any]:
 
 
 @flow(name=TRAIN_EVALUATE, flow_run_name="train-{task_id}", persist_result=False)
-def train_evaluate_flow(config: dict[str, Any], task_id: str, parent_version: int | None = None,
-                        pools: dict[str, str] | None = None) -> dict[str, Any]:
+def train_evaluate_flow(
+    config: dict[str, Any], task_id: str, parent_version: int | None = None, pools: dict[str, str] | None = None
+) -> dict[str, Any]:
     """One continual step (train + evaluate) on top of ``parent_version``."""
     return steps.run_update(config_from_doc(config), task_id, parent_version, pools)
 
@@ -49,8 +50,15 @@ def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -
     from prefect.deployments import run_deployment
 
     doc = config.portable()
-    started = [run_deployment(deployment_name(flow_name, config), parameters={"config": doc, **call}, timeout=0,
-                              tags=["cliploop", flow_name]) for call in calls]
+    started = [
+        run_deployment(
+            deployment_name(flow_name, config),
+            parameters={"config": doc, **call},
+            timeout=0,
+            tags=["cliploop", flow_name],
+        )
+        for call in calls
+    ]
     return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
 
 
@@ -66,9 +74,11 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
         finished = client.read_flow_run(run.id)
         while not (finished.state and finished.state.is_final()):
             if time.monotonic() > deadline:
-                raise chain.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) did not finish within "
-                                             f"{config.orchestration.gpu_timeout_s} s (is a worker serving pool "
-                                             f"{config.orchestration.gpu_pool!r}?)")
+                raise chain.PipelineError(
+                    f"{flow_name} run {run.id} ({call.get('task_id')}) did not finish within "
+                    f"{config.orchestration.gpu_timeout_s} s (is a worker serving pool "
+                    f"{config.orchestration.gpu_pool!r}?)"
+                )
             time.sleep(1)
             finished = client.read_flow_run(run.id)
     if not finished.state.is_completed():
@@ -77,8 +87,9 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
         raise chain.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) ended {state}: {message}")
     path = _result_path(config, flow_name, call)
     if not path.is_file():
-        raise chain.PipelineError(f"{flow_name} run {run.id} completed but wrote no {path} "
-                                     f"(is the workspace shared with the worker?)")
+        raise chain.PipelineError(
+            f"{flow_name} run {run.id} completed but wrote no {path} (is the workspace shared with the worker?)"
+        )
     return json.loads(path.read_text()) | {"flow_run_id": str(run.id), "work_pool": finished.work_pool_name}
 
 

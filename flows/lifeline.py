@@ -13,8 +13,8 @@ Two ways a night can die, and what holds for each:
 - **SIGKILL** (or the machine's OOM killer): no code of ours runs, so a small reaper process, started in
   its own session before the night, watches a pipe whose only writer is the night's process. When the pipe
   closes, the reaper terminates every process started under it since the first night that is still running
-  (the temporary Prefect server above all, which otherwise lives on as an orphan). The ledger's ``learning`` entry is left
-  for the next night's reconcile, which marks it failed (the chain lock died with the process).
+  (the temporary Prefect server above all, which otherwise lives on as an orphan). The ledger's ``learning``
+  entry is left for the next night's reconcile, which marks it failed (the chain lock died with the process).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_S = 2.0  # while a night unwinds, how often the interruption is raised again (it can be swallowed)
@@ -56,7 +57,7 @@ def _children_map() -> dict[int, list[tuple[int, int]]]:
                 stat = fh.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
         out.setdefault(int(fields[1]), []).append((int(name), int(fields[19])))
     return out
 
@@ -77,7 +78,7 @@ def _start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as fh:
             stat = fh.read()
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
@@ -138,9 +139,14 @@ def _ensure_reaper() -> subprocess.Popen:
     baseline = descendants(os.getpid())
     read_end, write_end = os.pipe()  # not inheritable: only this process holds the write end
     spec = ",".join(f"{pid}:{start}" for pid, start in sorted(baseline))
-    reaper = subprocess.Popen([sys.executable, "-m", "flows.lifeline", str(os.getpid()), str(read_end), spec],
-                              pass_fds=(read_end,), start_new_session=True, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "flows.lifeline", str(os.getpid()), str(read_end), spec],
+        pass_fds=(read_end,),
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(read_end)
     _REAPER[:] = [(write_end, reaper)]
     return reaper
@@ -209,8 +215,11 @@ def supervised(fn: Callable[[], Any], on_hard_stop: Callable[[int], None], grace
 
 def _raise_in(thread: threading.Thread, signum: int) -> None:
     """Raise ``NightInterrupted`` in ``thread`` at its next Python instruction."""
-    exc_type = type(f"NightInterrupted{signal.Signals(signum).name}", (NightInterrupted,),
-                    {"__init__": lambda self: NightInterrupted.__init__(self, signum)})
+    exc_type = type(
+        f"NightInterrupted{signal.Signals(signum).name}",
+        (NightInterrupted,),
+        {"__init__": lambda self: NightInterrupted.__init__(self, signum)},
+    )
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
 
 

@@ -29,8 +29,12 @@ class NightFailed(chain.PipelineError):
 
 
 @flow(name="cliploop-nightly", persist_result=False)
-def nightly(config_path: str | None = None, overrides: list[str] | None = None,
-            config: dict[str, Any] | None = None, method: str | None = None) -> dict[str, Any]:
+def nightly(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    method: str | None = None,
+) -> dict[str, Any]:
     """One night. ``config`` (portable, from another process) wins over ``config_path`` + ``overrides``.
 
     ``method``: a registered method name (`cliploop methods`) instead of the config's ``method.name``.
@@ -44,8 +48,14 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
         cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": method, "settings": {}})})
     doc = cfg.portable()
     log = get_run_logger()
-    summary: dict[str, Any] = {"swept": [], "reconciled": [], "ingested": [], "pools": [], "updates": [],
-                               "stopped": None}
+    summary: dict[str, Any] = {
+        "swept": [],
+        "reconciled": [],
+        "ingested": [],
+        "pools": [],
+        "updates": [],
+        "stopped": None,
+    }
     with chain.chain_lock(cfg):
         summary["swept"] = sweep_abandoned_runs(cfg)
         for run in summary["swept"]:
@@ -58,14 +68,25 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
             outcome = ingest(location, cfg)
             summary["ingested"].append(outcome)
             if outcome["status"] in ("quarantined", "refused"):
-                log.warning("%s %s: %s", outcome["status"].upper(), outcome["task_id"] or location,
-                            outcome["message"].splitlines()[0])
+                log.warning(
+                    "%s %s: %s",
+                    outcome["status"].upper(),
+                    outcome["task_id"] or location,
+                    outcome["message"].splitlines()[0],
+                )
         for waiting in chain.awaiting_review(cfg):
             if waiting["gate"] != "pass":
                 continue
             outcome = await_review(cfg, waiting["version"], waiting["task_id"])
-            summary["updates"].append({"task_id": waiting["task_id"], "version": waiting["version"],
-                                       "gate": waiting["gate"], "outcome": outcome, "resumed_review": True})
+            summary["updates"].append(
+                {
+                    "task_id": waiting["task_id"],
+                    "version": waiting["version"],
+                    "gate": waiting["gate"],
+                    "outcome": outcome,
+                    "resumed_review": True,
+                }
+            )
             if outcome != "promoted":
                 summary["stopped"] = f"version {waiting['version']} ({waiting['task_id']}) is {outcome}"
                 return summary
@@ -79,7 +100,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None,
             try:
                 result = continual_update(task_id, doc, pools)
             except Exception as exc:
-                summary["updates"].append({"task_id": task_id, "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                summary["updates"].append(
+                    {"task_id": task_id, "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                )
                 summary["stopped"] = f"task {task_id} failed: {exc}"
                 raise NightFailed(summary["stopped"], summary) from exc
             summary["updates"].append(result)
@@ -97,8 +120,13 @@ def sweep_abandoned_runs(cfg) -> list[str]:
     lock: no other night of this chain is alive, so a Running run of ours for the same workspace and
     registered model, other than this one and its parents, is a dead one."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.context import FlowRunContext
     from prefect.states import Crashed
@@ -111,14 +139,23 @@ def sweep_abandoned_runs(cfg) -> list[str]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=names)),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType.RUNNING]))), limit=200)
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+            limit=200,
+        )
         for run in runs:
             doc = (run.parameters or {}).get("config") or {}
-            if str(run.id) in alive or {doc.get("workspace"), (doc.get("mlflow") or {}).get("registered_model")} != ours:
+            if (
+                str(run.id) in alive
+                or {doc.get("workspace"), (doc.get("mlflow") or {}).get("registered_model")} != ours
+            ):
                 continue
-            client.set_flow_run_state(run.id, Crashed(message="its process or worker died while it was running; "
-                                                              "swept by the next night (cliploop)"), force=True)
+            client.set_flow_run_state(
+                run.id,
+                Crashed(message="its process or worker died while it was running; swept by the next night (cliploop)"),
+                force=True,
+            )
             swept.append(str(run.id))
     return swept
 
@@ -134,5 +171,8 @@ def run_night(config, **flow_options) -> dict[str, Any]:
     from flows.lifeline import supervised
 
     flow_fn = nightly.with_options(**flow_options) if flow_options else nightly
-    return supervised(lambda: flow_fn(config=config.portable()),
-                      on_hard_stop=lambda signum: chain.interrupted(config, signum), grace_s=SHUTDOWN_GRACE_S)
+    return supervised(
+        lambda: flow_fn(config=config.portable()),
+        on_hard_stop=lambda signum: chain.interrupted(config, signum),
+        grace_s=SHUTDOWN_GRACE_S,
+    )

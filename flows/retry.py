@@ -23,9 +23,16 @@ def _retry_transient(task_, task_run, state) -> bool:
 def step(fn, config: Config, name: str | None = None):
     """``fn`` as a Prefect task with the configured retries; no Prefect result persistence or caching."""
     o = config.orchestration
-    return task(fn, name=name or fn.__name__.replace("_", "-"), cache_policy=NO_CACHE, persist_result=False,
-                retries=o.retries, retry_delay_seconds=exponential_backoff(o.retry_delay_s) if o.retry_delay_s else 0,
-                retry_jitter_factor=0.5 if o.retry_delay_s else None, retry_condition_fn=_retry_transient)
+    return task(
+        fn,
+        name=name or fn.__name__.replace("_", "-"),
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=o.retries,
+        retry_delay_seconds=exponential_backoff(o.retry_delay_s) if o.retry_delay_s else 0,
+        retry_jitter_factor=0.5 if o.retry_delay_s else None,
+        retry_condition_fn=_retry_transient,
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -35,10 +42,22 @@ def is_transient(exc: BaseException) -> bool:
     from components.registry import is_unavailable
 
     names = {type(e).__name__ for e in _causes(exc)}
-    if names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                "ConnectionClosedError", "TimeoutError", "BrokenPipeError", "ConnectionResetError", "StorageError",
-                "StorageUnavailable",
-                "MaxRetryError", "RetryError", "ProtocolError", "RemoteDisconnected"}:
+    if names & {
+        "ConnectionError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "TimeoutError",
+        "BrokenPipeError",
+        "ConnectionResetError",
+        "StorageError",
+        "StorageUnavailable",
+        "MaxRetryError",
+        "RetryError",
+        "ProtocolError",
+        "RemoteDisconnected",
+    }:
         return True
     for e in _causes(exc):
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):

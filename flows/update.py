@@ -51,17 +51,24 @@ def await_review(config: Config, version: int, task_id: str) -> str:
         return "awaiting-review"
     create_markdown_artifact(
         key=f"review-v{version}",
-        markdown=(f"# Review version {version} (task `{task_id}`)\n\nThis run is paused for "
-                  f"{config.approval.timeout_s} s. Answer here (Resume, with decision/reviewer/note) or from a shell:\n\n"
-                  f"    cliploop approve {version} --reviewer NAME --note '...'\n"
-                  f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
-                  f"`cliploop lineage {version}` shows what it was made from."),
-        description=f"approval request for version {version}")
+        markdown=(
+            f"# Review version {version} (task `{task_id}`)\n\nThis run is paused for "
+            f"{config.approval.timeout_s} s. Answer here (Resume, with decision/reviewer/note) or from a shell:\n\n"
+            f"    cliploop approve {version} --reviewer NAME --note '...'\n"
+            f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
+            f"`cliploop lineage {version}` shows what it was made from."
+        ),
+        description=f"approval request for version {version}",
+    )
     chain.review_requested(config, version)
     log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
     try:
-        answer = pause_flow_run(wait_for_input=Review, timeout=config.approval.timeout_s, poll_interval=REVIEW_POLL_S,
-                                key=f"review-{version}")
+        answer = pause_flow_run(
+            wait_for_input=Review,
+            timeout=config.approval.timeout_s,
+            poll_interval=REVIEW_POLL_S,
+            key=f"review-{version}",
+        )
     except FlowPauseTimeout:
         if chain.review_timed_out(config, version):
             log.warning("no review of version %s within %ss: it stays challenger", version, config.approval.timeout_s)
@@ -94,16 +101,30 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
         chain.mark_failed(cfg, task_id, f"{type(exc).__name__}: {exc}")
         raise
     version = registered["version"]
-    log.info("task %s learned on %s: version %s (%s)", task_id, f"v{parent}" if parent else "the base model",
-             version, ", ".join(f"{k}={v:.2f}" for k, v in update["metrics"].items() if isinstance(v, float)))
+    log.info(
+        "task %s learned on %s: version %s (%s)",
+        task_id,
+        f"v{parent}" if parent else "the base model",
+        version,
+        ", ".join(f"{k}={v:.2f}" for k, v in update["metrics"].items() if isinstance(v, float)),
+    )
     verdict = step(chain.apply_gate, cfg)(cfg, version, update)
-    create_markdown_artifact(key=f"gate-v{version}", markdown=verdict["markdown"],
-                             description=f"promotion gate of version {version}")
+    create_markdown_artifact(
+        key=f"gate-v{version}", markdown=verdict["markdown"], description=f"promotion gate of version {version}"
+    )
     outcome = "rejected" if verdict["verdict"] != "pass" else await_review(cfg, version, task_id)
-    return {"task_id": task_id, "version": version, "parent_version": parent, "gate": verdict["verdict"],
-            "reasons": verdict["reasons"], "outcome": outcome, "metrics": update["metrics"],
-            "timings": update.get("timings"), "register_s": registered.get("seconds"),
-            "cached": update.get("cached", False)}
+    return {
+        "task_id": task_id,
+        "version": version,
+        "parent_version": parent,
+        "gate": verdict["verdict"],
+        "reasons": verdict["reasons"],
+        "outcome": outcome,
+        "metrics": update["metrics"],
+        "timings": update.get("timings"),
+        "register_s": registered.get("seconds"),
+        "cached": update.get("cached", False),
+    }
 
 
 def resume_waiting(version: int, decision: str, reviewer: str, note: str = "") -> list[str]:

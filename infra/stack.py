@@ -24,8 +24,11 @@ from typing import Any
 
 DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}
 BUCKET = "cliploop"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "cliploop", "AWS_SECRET_ACCESS_KEY": "cliploop-local",
-                  "AWS_DEFAULT_REGION": "us-east-1"}
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "cliploop",
+    "AWS_SECRET_ACCESS_KEY": "cliploop-local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}
 
 
@@ -57,19 +60,34 @@ class Stack:
         if name == "s3":
             return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         if name == "mlflow":
-            return [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
+            return [
+                str(bin_dir / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{BUCKET}/mlflow",
+                "--workers",
+                "1",
+            ]
         return [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
 
     def env(self, ports: dict[str, int]) -> dict[str, str]:
         """What a shell, a worker or cliploop needs to use the stack."""
         s3 = f"http://127.0.0.1:{ports['s3']}"
-        return {"PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
-                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-                "CLIPLOOP__MLFLOW__TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-                "MLFLOW_S3_ENDPOINT_URL": s3, "AWS_ENDPOINT_URL": s3, "CLIPLOOP__S3__ENDPOINT_URL": s3,
-                **S3_CREDENTIALS}
+        return {
+            "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+            "CLIPLOOP__MLFLOW__TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+            "MLFLOW_S3_ENDPOINT_URL": s3,
+            "AWS_ENDPOINT_URL": s3,
+            "CLIPLOOP__S3__ENDPOINT_URL": s3,
+            **S3_CREDENTIALS,
+        }
 
     def _service_env(self, name: str, ports: dict[str, int]) -> dict[str, str]:
         env = dict(os.environ)
@@ -86,8 +104,9 @@ class Stack:
         try:
             import moto  # noqa: F401
         except ImportError:
-            raise StackError("the local object store needs moto's server: pip install 'moto[server]' "
-                             "(or `pip install -e .[stack]`)") from None
+            raise StackError(
+                "the local object store needs moto's server: pip install 'moto[server]' (or `pip install -e .[stack]`)"
+            ) from None
         state = self.read()
         wanted = {**DEFAULT_PORTS, **(state.get("ports") or {}), **(ports or {})}
         services = state.get("services", {})
@@ -99,11 +118,18 @@ class Stack:
                 continue
             port = wanted[name]
             if _port_busy(port):
-                raise StackError(f"{name}: port {port} on 127.0.0.1 is taken by another program; "
-                                 f"choose another with --port-{name}")
+                raise StackError(
+                    f"{name}: port {port} on 127.0.0.1 is taken by another program; choose another with --port-{name}"
+                )
             log = open(self.root / "logs" / f"{name}.log", "ab")
-            proc = subprocess.Popen(self._command(name, port, wanted), stdout=log, stderr=subprocess.STDOUT,
-                                    env=self._service_env(name, wanted), start_new_session=True, cwd=self.root)
+            proc = subprocess.Popen(
+                self._command(name, port, wanted),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._service_env(name, wanted),
+                start_new_session=True,
+                cwd=self.root,
+            )
             url = f"http://127.0.0.1:{port}"
             services[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
             self.write({"ports": wanted, "services": services})
@@ -121,9 +147,13 @@ class Stack:
     def _make_bucket(self, url: str) -> None:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                              aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         if BUCKET not in existing:
             client.create_bucket(Bucket=BUCKET)
@@ -136,8 +166,9 @@ class Stack:
             found = subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True, text=True)
             if found.returncode == 0:
                 continue
-            made = subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env,
-                                  capture_output=True, text=True)
+            made = subprocess.run(
+                [prefect, "work-pool", "create", pool, "--type", "process"], env=env, capture_output=True, text=True
+            )
             if made.returncode != 0:
                 raise StackError(f"could not create work pool {pool}: {made.stdout}{made.stderr}")
             progress(f"prefect: work pool {pool!r} (process) created")
@@ -152,8 +183,15 @@ class Stack:
                 continue
             alive = _alive(found["pid"])
             healthy = alive and _healthy(found["url"] + HEALTH[name])
-            rows.append({"service": name, "state": "healthy" if healthy else ("unhealthy" if alive else "stopped"),
-                         "pid": found["pid"], "url": found["url"], "log": found["log"]})
+            rows.append(
+                {
+                    "service": name,
+                    "state": "healthy" if healthy else ("unhealthy" if alive else "stopped"),
+                    "pid": found["pid"],
+                    "url": found["url"],
+                    "log": found["log"],
+                }
+            )
         return rows
 
     def down(self, timeout: float = 20, progress=print) -> None:
@@ -199,8 +237,7 @@ def _wait_healthy(name: str, url: str, proc: subprocess.Popen, timeout: float, l
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}:\n"
-                             + _tail(log))
+            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}:\n" + _tail(log))
         if _healthy(url):
             return
         time.sleep(0.3)

@@ -59,7 +59,8 @@ def s3_endpoint():
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -121,8 +122,14 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_overrides(ckpt, *extra) -> list[str]:
     """Config overrides that point cliploop at the tiny checkpoint (small evaluation batches)."""
     path, sha = ckpt
-    return ["model.name=cliploop-tiny", "model.pretrained=null", f"model.checkpoint={path}", f"model.sha256={sha}",
-            "evaluation.batch_size=16", *extra]
+    return [
+        "model.name=cliploop-tiny",
+        "model.pretrained=null",
+        f"model.checkpoint={path}",
+        f"model.sha256={sha}",
+        "evaluation.batch_size=16",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +138,17 @@ def drops(tmp_path_factory):
     from tests.drops import make_task
 
     root = tmp_path_factory.mktemp("drops")
-    return [make_task(root, "t-a", ["cat", "dog"], train=4, test=2),
-            make_task(root, "t-b", ["emu", "owl"], train=4, test=2),
-            make_task(root, "t-c", ["cat", "dog", "emu", "owl"], scenario="domain-incremental", train=3, test=2,
-                      domain="sketch", salt="c")]
+    return [
+        make_task(root, "t-a", ["cat", "dog"], train=4, test=2),
+        make_task(root, "t-b", ["emu", "owl"], train=4, test=2),
+        make_task(
+            root,
+            "t-c",
+            ["cat", "dog", "emu", "owl"],
+            scenario="domain-incremental",
+            train=3,
+            test=2,
+            domain="sketch",
+            salt="c",
+        ),
+    ]

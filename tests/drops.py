@@ -24,9 +24,19 @@ def _seed(*parts) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
-def make_task(root: Path, task_id: str, classes: list[str], *, scenario: str = "class-incremental",
-              dataset: str = "toy", train: int = 3, test: int = 2, domain: str | None = None,
-              salt: str = "", image_format: str = "png") -> Path:
+def make_task(
+    root: Path,
+    task_id: str,
+    classes: list[str],
+    *,
+    scenario: str = "class-incremental",
+    dataset: str = "toy",
+    train: int = 3,
+    test: int = 2,
+    domain: str | None = None,
+    salt: str = "",
+    image_format: str = "png",
+) -> Path:
     """Write a valid drop ``root/task_id`` and return its folder."""
     folder = Path(root) / task_id
     (folder / "img").mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,11 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
 def slowdown_body(request_id: str) -> bytes:
-    return ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
-            "<Message>Please reduce your request rate.</Message>"
-            f"<RequestId>{request_id}</RequestId><HostId>s3-fault-proxy</HostId></Error>").encode()
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+        "<Message>Please reduce your request rate.</Message>"
+        f"<RequestId>{request_id}</RequestId><HostId>s3-fault-proxy</HostId></Error>"
+    ).encode()
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -68,9 +70,20 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class S3FaultProxy:
-    def __init__(self, upstream: str, *, seed: int = 0, reset: float = 0.0, slowdown: float = 0.0,
-                 blackhole: float = 0.0, latency: float = 0.0, reset_at: str = "request",
-                 match: str | None = None, draw: str = "request", max_lifetime: float = 300.0):
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        reset: float = 0.0,
+        slowdown: float = 0.0,
+        blackhole: float = 0.0,
+        latency: float = 0.0,
+        reset_at: str = "request",
+        match: str | None = None,
+        draw: str = "request",
+        max_lifetime: float = 300.0,
+    ):
         parts = urlsplit(upstream)
         if parts.scheme != "http" or parts.hostname not in LOCAL_HOSTS or not parts.port:
             raise ValueError(f"the fault proxy only forwards to http://127.0.0.1:PORT, not {upstream!r}")
@@ -88,16 +101,31 @@ class S3FaultProxy:
         self.match: re.Pattern | None = None
         self.draw = "request"
         self._sequence = 0
-        self.set(reset=reset, slowdown=slowdown, blackhole=blackhole, latency=latency, reset_at=reset_at,
-                 match=match, draw=draw)
+        self.set(
+            reset=reset,
+            slowdown=slowdown,
+            blackhole=blackhole,
+            latency=latency,
+            reset_at=reset_at,
+            match=match,
+            draw=draw,
+        )
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
 
     # ---- control ---------------------------------------------------------------------------------
 
-    def set(self, *, reset: float | None = None, slowdown: float | None = None, blackhole: float | None = None,
-            latency: float | None = None, reset_at: str | None = None,
-            match: str | None = None, draw: str | None = None) -> S3FaultProxy:
+    def set(
+        self,
+        *,
+        reset: float | None = None,
+        slowdown: float | None = None,
+        blackhole: float | None = None,
+        latency: float | None = None,
+        reset_at: str | None = None,
+        match: str | None = None,
+        draw: str | None = None,
+    ) -> S3FaultProxy:
         """Change the fault shares (fractions of requests) or the latency; None keeps the current value
         (``match=""`` removes the filter)."""
         with self._lock:
@@ -129,8 +157,9 @@ class S3FaultProxy:
             self._sequence = 0
             self.counts.clear()
             self.log.clear()
-        return self.set(reset=0.0, slowdown=0.0, blackhole=0.0, latency=0.0, reset_at="request", match="",
-                        draw="request")
+        return self.set(
+            reset=0.0, slowdown=0.0, blackhole=0.0, latency=0.0, reset_at="request", match="", draw="request"
+        )
 
     def faults(self, rate: float) -> S3FaultProxy:
         """A fault rate split evenly between connection resets and 503 SlowDown answers."""
@@ -153,8 +182,9 @@ class S3FaultProxy:
 
     def start(self) -> S3FaultProxy:
         self._server = _Server(self)
-        serving = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                   name="s3-fault-proxy", daemon=True)
+        serving = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="s3-fault-proxy", daemon=True
+        )
         serving.start()
         watchdog = threading.Thread(target=self._watchdog, name="s3-fault-proxy-watchdog", daemon=True)
         watchdog.start()
@@ -183,8 +213,9 @@ class S3FaultProxy:
 
     def _decide(self, method: str, target: str) -> tuple[str, str]:
         parts = urlsplit(target)
-        query = urlencode(sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                                 if k.lower() != "uploadid"))
+        query = urlencode(
+            sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() != "uploadid")
+        )
         key = f"{method} {parts.path}?{query}"
         with self._lock:
             basis = f"{key}|{self._seen[key]}" if self.draw == "request" else f"#{self._sequence}"
@@ -242,8 +273,15 @@ class S3FaultProxy:
         finally:
             rfile.close()
 
-    def _forward(self, client: socket.socket, rfile, request_line: bytes, headers: list[tuple[bytes, bytes]],
-                 expects: bool, reset_after: bool) -> None:
+    def _forward(
+        self,
+        client: socket.socket,
+        rfile,
+        request_line: bytes,
+        headers: list[tuple[bytes, bytes]],
+        expects: bool,
+        reset_after: bool,
+    ) -> None:
         with socket.create_connection(self.upstream, timeout=60) as upstream:
             kept = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
             upstream.sendall(_join_head(request_line, kept + [(b"Connection", b"close")]))
@@ -309,6 +347,7 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
 
 def _relay_body(rfile, sink: socket.socket | None, headers: list[tuple[bytes, bytes]]) -> None:
     """Copy one request body as it came (framing included) to ``sink``, or read and drop it (None)."""
+
     def emit(data: bytes) -> None:
         if sink is not None and data:
             sink.sendall(data)
@@ -351,6 +390,10 @@ def _reset(sock: socket.socket) -> None:
 def _send_slowdown(client: socket.socket, method: bytes, key: str) -> None:
     request_id = hashlib.sha256(f"{key}|{time.monotonic_ns()}".encode()).hexdigest()[:16].upper()
     body = slowdown_body(request_id)
-    headers = [(b"Content-Type", b"application/xml"), (b"Content-Length", str(len(body)).encode()),
-               (b"x-amz-request-id", request_id.encode()), (b"Connection", b"close")]
+    headers = [
+        (b"Content-Type", b"application/xml"),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"x-amz-request-id", request_id.encode()),
+        (b"Connection", b"close"),
+    ]
     client.sendall(_join_head(b"HTTP/1.1 503 Slow Down", headers) + (b"" if method == b"HEAD" else body))

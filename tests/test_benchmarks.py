@@ -12,16 +12,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
 def test_method_step_reports_paired_ratios_for_every_requested_method():
     report = _run("method_step.py", "--steps", "3", "--warmup", "1", "--methods", "gnsp,zscl,ctp-recompute")
-    assert set(report["results"]) == {"finetune", "finetune+forward", "finetune+2forwards", "finetune-2x-batch",
-                                      "gnsp", "zscl", "ctp-recompute"}
+    assert set(report["results"]) == {
+        "finetune",
+        "finetune+forward",
+        "finetune+2forwards",
+        "finetune-2x-batch",
+        "gnsp",
+        "zscl",
+        "ctp-recompute",
+    }
     assert all(row["median_ms"] > 0 for row in report["results"].values())
     gnsp, zscl, ctp = (report["ratios"][name] for name in ("gnsp", "zscl", "ctp-recompute"))
     assert gnsp["vs"] == "finetune" and zscl["vs"] == ctp["vs"] == "finetune+forward"

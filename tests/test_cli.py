@@ -68,8 +68,18 @@ def test_a_pickled_checkpoint_is_refused_in_our_words_never_with_torchs_advice(t
     torch.save({"visual.proj": torch.zeros(2), "extra": Payload()}, checkpoint)
     drop = make_task(tmp_path / "drops", "t-a", ["cat", "dog"])
     for setting in (f"model.checkpoint={checkpoint}", f"model.pretrained={checkpoint}"):
-        argv = ["learn", str(drop), "--out", str(tmp_path / "out"), "--set", "model.name=cliploop-tiny",
-                "--set", "model.pretrained=null", "--set", setting]
+        argv = [
+            "learn",
+            str(drop),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "model.name=cliploop-tiny",
+            "--set",
+            "model.pretrained=null",
+            "--set",
+            setting,
+        ]
         assert main(argv) == 2
         line = _one_line(capsys.readouterr().err)
         assert "model.pt is refused" in line and "Payload" in line, line
@@ -110,7 +120,12 @@ def test_a_broken_config_file_names_the_file_the_line_and_the_problem(tmp_path, 
 
 def test_the_console_script_entry_point_parses_and_dispatches(tmp_path):
     """`python -m flows.cli` is the console script's `flows.cli:main`: a config error is one clear end."""
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "config", "--set", "method.name=nosuchmethod"],
-                          capture_output=True, text=True, cwd=REPO, env={"PATH": "", "HOME": str(tmp_path)},
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "config", "--set", "method.name=nosuchmethod"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "", "HOME": str(tmp_path)},
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown method" in proc.stderr

@@ -25,12 +25,15 @@ def test_precedence_defaults_file_env_flags(tmp_path):
     assert cfg.workspace_path == tmp_path.resolve()  # relative to the config file
 
 
-@pytest.mark.parametrize("text, key", [
-    ("validation:\n  max_pixel: 5\n", "validation.max_pixel: unknown key"),
-    ("validation:\n  max_pixels: -1\n", "validation.max_pixels"),
-    ("validation:\n  formats: [JPEG, GIF]\n", "validation.formats.1"),
-    ("shards: 3\n", "shards"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("validation:\n  max_pixel: 5\n", "validation.max_pixel: unknown key"),
+        ("validation:\n  max_pixels: -1\n", "validation.max_pixels"),
+        ("validation:\n  formats: [JPEG, GIF]\n", "validation.formats.1"),
+        ("shards: 3\n", "shards"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, text, key):
     (tmp_path / "cliploop.yaml").write_text(text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from components import chain, ingestion, steps
-from flows import retry
 from components.config import load_config
 from components.ledger import Ledger
 from components.registry import NotFound, from_config
+from flows import retry
 from tests.conftest import REPO, tiny_overrides
 from tests.drops import make_task
 
@@ -33,17 +33,33 @@ pytestmark = pytest.mark.faults
 
 
 def _cfg(tmp_path, ckpt, *extra):
-    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", f"drop_zone={tmp_path / 'incoming'}",
-                                 *tiny_overrides(ckpt, "orchestration.retry_delay_s=0", "gate.max_forgetting=100",
-                                                 *extra)], env={}, cwd=tmp_path)
+    cfg = load_config(
+        overrides=[
+            f"workspace={tmp_path / 'ws'}",
+            f"drop_zone={tmp_path / 'incoming'}",
+            *tiny_overrides(ckpt, "orchestration.retry_delay_s=0", "gate.max_forgetting=100", *extra),
+        ],
+        env={},
+        cwd=tmp_path,
+    )
     ingestion.ensure_workspace(cfg)
     return cfg
 
 
 def _cli_args(cfg, ckpt) -> list[str]:
     path, sha = ckpt
-    return ["-w", str(cfg.workspace_path), "--set", f"model.checkpoint={path}", "--set", f"model.sha256={sha}",
-            "--set", "model.name=cliploop-tiny", "--set", "model.pretrained=null"]
+    return [
+        "-w",
+        str(cfg.workspace_path),
+        "--set",
+        f"model.checkpoint={path}",
+        "--set",
+        f"model.sha256={sha}",
+        "--set",
+        "model.name=cliploop-tiny",
+        "--set",
+        "model.pretrained=null",
+    ]
 
 
 def _ingest(cfg, tmp_path, task_id, classes, **kw) -> None:
@@ -74,10 +90,18 @@ def _steps_in_child(cfg, task_id: str, fault: str) -> subprocess.CompletedProces
     """``_learn_steps`` in a child process with ``CLIPLOOP_FAULT`` set (the fault kills it for real)."""
     import json
 
-    code = ("import json, sys; from components.config import config_from_doc; from tests.test_faults import "
-            "_learn_steps; _learn_steps(config_from_doc(json.loads(sys.argv[1])), sys.argv[2])")
-    return subprocess.run([sys.executable, "-c", code, json.dumps(cfg.portable()), task_id], cwd=REPO, text=True,
-                          env=os.environ | {"CLIPLOOP_FAULT": fault}, capture_output=True, timeout=300)
+    code = (
+        "import json, sys; from components.config import config_from_doc; from tests.test_faults import "
+        "_learn_steps; _learn_steps(config_from_doc(json.loads(sys.argv[1])), sys.argv[2])"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg.portable()), task_id],
+        cwd=REPO,
+        text=True,
+        env=os.environ | {"CLIPLOOP_FAULT": fault},
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def _states(cfg) -> dict[str, str]:
@@ -137,9 +161,23 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
     chain.review_requested(cfg, version)
     mark = tmp_path / "approver-read-the-state"
     env = os.environ | {"CLIPLOOP_FAULT": f"after_decision_read:mark={mark},after_decision_read:sleep=4"}
-    approver = subprocess.Popen([sys.executable, "-m", "flows.cli", "approve", str(version), "--reviewer", "rita",
-                                 *_cli_args(cfg, tiny_checkpoint)], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    approver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "approve",
+            str(version),
+            "--reviewer",
+            "rita",
+            *_cli_args(cfg, tiny_checkpoint),
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while not mark.exists() and approver.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -200,8 +238,15 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
 def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_version(tmp_path, tiny_checkpoint):
     import json
 
-    cfg = _cfg(tmp_path, tiny_checkpoint, "method.name=finetune", "method.settings.iterations=4",
-               "method.settings.batch_size=2", "method.settings.checkpoint_every=2", "method.settings.warmup_steps=0")
+    cfg = _cfg(
+        tmp_path,
+        tiny_checkpoint,
+        "method.name=finetune",
+        "method.settings.iterations=4",
+        "method.settings.batch_size=2",
+        "method.settings.checkpoint_every=2",
+        "method.settings.warmup_steps=0",
+    )
     _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
     assert _steps_in_child(cfg, "t-a", "after_checkpoint:kill").returncode == -9
     assert list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("checkpoint.json"))
@@ -217,13 +262,16 @@ def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_vers
 
 
 def _runs(registry) -> list[tuple[str, str]]:
-    return sorted((r.info.status, r.data.tags.get("cliploop.abandoned", "")) for r in
-                  registry.client.search_runs([registry.experiment_id()]))
+    return sorted(
+        (r.info.status, r.data.tags.get("cliploop.abandoned", ""))
+        for r in registry.client.search_runs([registry.experiment_id()])
+    )
 
 
 @pytest.mark.parametrize("signal_name", ["kill", "term"])
-def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_completes(tmp_path, tiny_checkpoint,
-                                                                                   signal_name):
+def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_completes(
+    tmp_path, tiny_checkpoint, signal_name
+):
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0")
     _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
     fault = f"during_artifact_upload:{signal_name}"
@@ -231,10 +279,24 @@ def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_complet
         assert _steps_in_child(cfg, "t-a", fault).returncode == -9
         left = ("RUNNING", "")  # no code of ours ran after the kill
     else:  # a whole night in a child, stopped by SIGTERM mid-upload: it unwinds and says so
-        night = subprocess.run([sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, tiny_checkpoint),
-                                "--set", f"drop_zone={tmp_path / 'incoming'}", "--set", "approval.timeout_s=0"],
-                               cwd=REPO, env=os.environ | {"CLIPLOOP_FAULT": fault}, capture_output=True,
-                               text=True, timeout=300)
+        night = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "nightly",
+                *_cli_args(cfg, tiny_checkpoint),
+                "--set",
+                f"drop_zone={tmp_path / 'incoming'}",
+                "--set",
+                "approval.timeout_s=0",
+            ],
+            cwd=REPO,
+            env=os.environ | {"CLIPLOOP_FAULT": fault},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert night.returncode != 0, night.stdout[-2000:] + night.stderr[-2000:]
         left = ("FAILED", "")
         assert _states(cfg) == {"t-a": "failed"}
@@ -270,8 +332,12 @@ def _night_until_learning(cfg, ckpt, settings: list[str]) -> tuple[subprocess.Po
     sets = [a for s in settings for a in ("--set", s)]
     log = cfg.workspace_path.parent / f"night-{time.time_ns()}.log"
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, ckpt), *sets],
-                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, ckpt), *sets],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.time() + 240
     while _states(cfg).get("t-a") != "learning" and child.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -281,8 +347,14 @@ def _night_until_learning(cfg, ckpt, settings: list[str]) -> tuple[subprocess.Po
 
 
 def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behind(tmp_path, tiny_checkpoint):
-    settings = [f"drop_zone={tmp_path / 'incoming'}", "method.name=finetune", "method.settings.iterations=1000000",
-                "method.settings.batch_size=2", "method.settings.warmup_steps=0", "approval.timeout_s=0"]
+    settings = [
+        f"drop_zone={tmp_path / 'incoming'}",
+        "method.name=finetune",
+        "method.settings.iterations=1000000",
+        "method.settings.batch_size=2",
+        "method.settings.warmup_steps=0",
+        "approval.timeout_s=0",
+    ]
     cfg = _cfg(tmp_path, tiny_checkpoint, *settings[1:])
     _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
 
@@ -313,10 +385,22 @@ def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behin
     import json
 
     quick = [*settings, "method.settings.iterations=2"]
-    night = subprocess.run([sys.executable, "-m", "flows.cli", "nightly", "--json", *_cli_args(cfg, tiny_checkpoint),
-                            *[a for s in quick for a in ("--set", s)]], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
-    summary = json.loads(night.stdout[night.stdout.index("{"):])
+    night = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "nightly",
+            "--json",
+            *_cli_args(cfg, tiny_checkpoint),
+            *[a for s in quick for a in ("--set", s)],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = json.loads(night.stdout[night.stdout.index("{") :])
     assert len(summary["swept"]) == 2, summary  # the nightly flow run and its continual-update subflow run
     assert any("interrupted" in line for line in summary["reconciled"])
     assert [u["outcome"] for u in summary["updates"]] == ["awaiting-review"] and _states(cfg) == {"t-a": "learned"}
@@ -329,10 +413,25 @@ def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts served from a local folder)."""
     import urllib.request
 
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                               "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            (root / "artifacts").as_uri(),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -351,8 +450,9 @@ def _kill_group(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
-def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_version(tmp_path, tiny_checkpoint,
-                                                                                      monkeypatch):
+def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_version(
+    tmp_path, tiny_checkpoint, monkeypatch
+):
     port = _free_port()
     server = _mlflow_server(tmp_path, port)
     try:
@@ -425,8 +525,7 @@ def prefect_api():
         yield
 
 
-def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tiny_checkpoint, monkeypatch,
-                                                                   prefect_api):
+def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tiny_checkpoint, monkeypatch, prefect_api):
     """During an outage the nightly reconcile must not read "no champion" and reject every promoted task: the
     error propagates, the step's retries fire, and the ledger is exactly as it was."""
     from prefect import flow
@@ -475,7 +574,7 @@ def _flip_a_bit_inside_an_image(cfg, task_id: str) -> dict:
     data[row["offset"] + row["size"] - 8] ^= 0x10  # in the JPEG's entropy-coded data, before its end marker
     os.chmod(shard, 0o644)
     shard.write_bytes(bytes(data))
-    return row | {"damaged": bytes(data[row["offset"]:row["offset"] + row["size"]])}
+    return row | {"damaged": bytes(data[row["offset"] : row["offset"] + row["size"]])}
 
 
 @pytest.mark.parametrize("method", ["finetune", "lvp"])
@@ -483,8 +582,11 @@ def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp
     from components.data import decode_rgb
     from components.shards import CorruptShard
 
-    extra = ["method.settings.iterations=2", "method.settings.batch_size=2",
-             "method.settings.warmup_steps=0"] if method == "finetune" else []
+    extra = (
+        ["method.settings.iterations=2", "method.settings.batch_size=2", "method.settings.warmup_steps=0"]
+        if method == "finetune"
+        else []
+    )
     cfg = _cfg(tmp_path, tiny_checkpoint, f"method.name={method}", *extra)
     _ingest(cfg, tmp_path, "t-a", ["cat", "dog"], image_format="jpg")
     row = _flip_a_bit_inside_an_image(cfg, "t-a")

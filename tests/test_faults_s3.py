@@ -84,8 +84,9 @@ def _md5(data: bytes) -> str:
 def _upload(direct, folder: Path, bucket: str, prefix: str) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            direct.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
-                              Body=path.read_bytes())
+            direct.put_object(
+                Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes()
+            )
 
 
 def _objects(direct, bucket: str, prefix: str) -> dict[str, bytes]:
@@ -108,7 +109,8 @@ def _assert_stored_equals_drop(ws: Path, task_id: str, drop: Path) -> None:
         assert (folder / name).read_bytes() == (drop / name).read_bytes(), name
     rows = read_index(folder / "index.csv")
     assert {r["path"]: r["sha256"] for r in rows} == {
-        p.relative_to(drop).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in (drop / "img").iterdir()}
+        p.relative_to(drop).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in (drop / "img").iterdir()
+    }
     stored = StoredTask(folder)
     try:
         assert all(stored.read(r["path"], 10**6) == (drop / r["path"]).read_bytes() for r in stored.rows)
@@ -121,7 +123,7 @@ def _dvc_remote_problems(objects: dict[str, bytes], prefix: str) -> list[str]:
     published without all the files it lists (DVC uploads the manifest last, so this must never be seen)."""
     problems, present = [], set()
     for key, data in objects.items():
-        name = key[len(prefix):].removeprefix("files/md5/").replace("/", "")
+        name = key[len(prefix) :].removeprefix("files/md5/").replace("/", "")
         md5 = name.removesuffix(".dir")
         present.add(md5)
         if _md5(data) != md5:
@@ -140,7 +142,7 @@ def _assert_remote_holds_workspace(direct, bucket: str, prefix: str, ws: Path) -
     assert _dvc_remote_problems(objects, prefix) == []
     data_md5 = versioning.data_md5(ws)
     wanted = {data_md5 + ".dir"} | {e["md5"] for e in versioning._dir_entries(ws, data_md5)}
-    have = {k[len(prefix):].removeprefix("files/md5/").replace("/", "") for k in objects}
+    have = {k[len(prefix) :].removeprefix("files/md5/").replace("/", "") for k in objects}
     assert wanted <= have, sorted(wanted - have)[:3]
     cache = ws / ".dvc" / "cache" / "files" / "md5"
     for name in wanted:
@@ -157,16 +159,25 @@ def _row(name: str, proxy: S3FaultProxy, **held) -> None:
 
 
 @pytest.mark.parametrize("rate", RATES)
-def test_ingest_from_s3_drop_zone_under_faults(rate, workspace, tmp_path, s3_bucket, direct, proxy, capsys,
-                                               monkeypatch):
+def test_ingest_from_s3_drop_zone_under_faults(
+    rate, workspace, tmp_path, s3_bucket, direct, proxy, capsys, monkeypatch
+):
     # 4 attempts, not the default 6: a request then fails after at most ~7 s of backoff, not ~30 s, and the
     # 50% row still sees both ends (retries that succeed, and retries that run out).
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
     drop = make_task(tmp_path / "drops", "s3f-a", ["cat", "dog"])
     _upload(direct, drop, s3_bucket, "incoming/s3f-a")
     ws = workspace
-    args = ["ingest", f"s3://{s3_bucket}/incoming/", "-w", str(ws), "--set", f"dvc.remote={DVC_REMOTE}",
-            "--set", "dvc.push=false"]
+    args = [
+        "ingest",
+        f"s3://{s3_bucket}/incoming/",
+        "-w",
+        str(ws),
+        "--set",
+        f"dvc.remote={DVC_REMOTE}",
+        "--set",
+        "dvc.push=false",
+    ]
 
     proxy.faults(rate).set(draw="sequence")  # the bucket's name is random; the drop is read one request at a time
     started = time.monotonic()
@@ -189,12 +200,12 @@ def test_ingest_from_s3_drop_zone_under_faults(rate, workspace, tmp_path, s3_buc
         assert main(args) == 0
     assert {t: r["state"] for t, r in _ledger(ws).items()} == {"s3f-a": "validated"}
     _assert_stored_equals_drop(ws, "s3f-a", drop)
-    _row(f"ingest s3 drop zone @{rate:.0%}", proxy, first_exit=code, seconds=round(seconds, 1),
-         stored_equal_drop=True)
+    _row(f"ingest s3 drop zone @{rate:.0%}", proxy, first_exit=code, seconds=round(seconds, 1), stored_equal_drop=True)
 
 
-def test_ingest_when_the_drop_zone_cannot_be_listed_ends_with_exit_4(tmp_path, s3_bucket, direct, proxy, capsys,
-                                                                      monkeypatch):
+def test_ingest_when_the_drop_zone_cannot_be_listed_ends_with_exit_4(
+    tmp_path, s3_bucket, direct, proxy, capsys, monkeypatch
+):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the outage outlasts the retries sooner
     make_task(tmp_path / "drops", "s3f-l", ["cat"])
     _upload(direct, tmp_path / "drops" / "s3f-l", s3_bucket, "incoming/s3f-l")
@@ -207,16 +218,25 @@ def test_ingest_when_the_drop_zone_cannot_be_listed_ends_with_exit_4(tmp_path, s
     _row("ingest, listing throttled 100%", proxy, exit=code)
 
 
-def test_images_unreadable_for_the_store_are_a_storage_failure_not_a_quarantine(workspace, tmp_path, s3_bucket,
-                                                                               direct, proxy, capsys, monkeypatch):
+def test_images_unreadable_for_the_store_are_a_storage_failure_not_a_quarantine(
+    workspace, tmp_path, s3_bucket, direct, proxy, capsys, monkeypatch
+):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the outage outlasts the retries sooner
     drop = make_task(tmp_path / "drops", "s3f-q", ["cat", "dog"])
     _upload(direct, drop, s3_bucket, "incoming/s3f-q")
     ws = workspace
     proxy.set(reset=1.0, match=r"^GET .*/img/")  # every image GET is reset, every attempt: an outage mid-drop
 
-    args = ["ingest", f"s3://{s3_bucket}/incoming/s3f-q/", "-w", str(ws), "--set", f"dvc.remote={DVC_REMOTE}",
-            "--set", "dvc.push=false"]
+    args = [
+        "ingest",
+        f"s3://{s3_bucket}/incoming/s3f-q/",
+        "-w",
+        str(ws),
+        "--set",
+        f"dvc.remote={DVC_REMOTE}",
+        "--set",
+        "dvc.push=false",
+    ]
 
     code = main(args)
     err = capsys.readouterr().err
@@ -249,6 +269,7 @@ def test_storage_read_from_a_black_hole_ends_in_bounded_time(s3_bucket, direct, 
 
 def test_retry_settings_come_from_the_aws_configuration(monkeypatch, tmp_path):
     """cliploop's S3 client used to hard-code its retries, which hid AWS_MAX_ATTEMPTS and ~/.aws/config."""
+
     def attempts_and_mode(settings=None) -> tuple[int, str]:
         config = storage.s3_client(settings or storage.S3Settings(region="us-east-1")).meta.config
         return config.retries["total_max_attempts"], config.retries["mode"]
@@ -302,8 +323,9 @@ def test_dvc_push_to_s3_remote_under_faults(rate, dvc_ws, direct, proxy):
     _row(f"dvc push @{rate:.0%}", proxy, first_error=bool(error), remote_md5_equal=True)
 
 
-def test_ingest_whose_push_fails_ends_with_exit_4_and_the_rerun_finishes(workspace, tmp_path, direct, proxy, capsys,
-                                                                         monkeypatch):
+def test_ingest_whose_push_fails_ends_with_exit_4_and_the_rerun_finishes(
+    workspace, tmp_path, direct, proxy, capsys, monkeypatch
+):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the outage outlasts the retries sooner
     drop = make_task(tmp_path / "drops", "push-f", ["cat"])
     ws, s3_bucket = workspace, DVC_BUCKET
@@ -347,14 +369,19 @@ def test_mlflow_artifacts_to_s3_under_faults(rate, tmp_path, s3_bucket, direct, 
     from components.registry import Registry
 
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.url)
-    registry = Registry(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="faults",
-                        artifact_root=f"s3://{s3_bucket}/mlflow", lock_dir=tmp_path / "locks")
+    registry = Registry(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="faults",
+        artifact_root=f"s3://{s3_bucket}/mlflow",
+        lock_dir=tmp_path / "locks",
+    )
     out = _update_folder(tmp_path)
     registry.experiment_id()  # the experiment exists before the faults start (a tracking call, not S3)
 
     def log() -> str:
-        return registry.log_update(out, "t1", {"average_accuracy": 0.5}, {"t1": 0.5}, {"method.name": "lvp"},
-                                   {"run_key": "k1"})
+        return registry.log_update(
+            out, "t1", {"average_accuracy": 0.5}, {"t1": 0.5}, {"method.name": "lvp"}, {"run_key": "k1"}
+        )
 
     proxy.faults(rate).set(draw="sequence")  # artifact paths hold a random run id; uploads go one at a time
     error = None
@@ -378,14 +405,19 @@ def test_mlflow_artifacts_to_s3_under_faults(rate, tmp_path, s3_bucket, direct, 
         run_id = log()
     run = registry.client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    prefix = run.info.artifact_uri[len(f"s3://{s3_bucket}/"):]
+    prefix = run.info.artifact_uri[len(f"s3://{s3_bucket}/") :]
     objects = _objects(direct, s3_bucket, prefix + "/")
     local = {"eval/" + p.relative_to(out / "eval").as_posix(): p for p in (out / "eval").rglob("*") if p.is_file()}
     local["config.resolved.yaml"] = out / "config.resolved.yaml"
     for rel, path in local.items():
         assert _md5(objects[f"{prefix}/{rel}"]) == _md5(path.read_bytes()), rel
-    _row(f"mlflow artifacts @{rate:.0%}", proxy, first_error=type(error).__name__ if error else None,
-         first_status=first.info.status, artifacts_md5_equal=len(local))
+    _row(
+        f"mlflow artifacts @{rate:.0%}",
+        proxy,
+        first_error=type(error).__name__ if error else None,
+        first_status=first.info.status,
+        artifacts_md5_equal=len(local),
+    )
 
 
 # ---- kill -9 and SIGTERM during a DVC push -------------------------------------------------------
@@ -421,8 +453,15 @@ def test_killed_during_dvc_push_publishes_nothing_half_and_rerun_completes(how, 
     ws, s3_bucket = dvc_ws, DVC_BUCKET
     proxy.set(latency=1.0)  # each request to the store takes 1 s: the push lasts long enough to be hit
 
-    child = subprocess.Popen([sys.executable, "-c", PUSH, str(ws)], cwd=REPO, env=dict(os.environ),
-                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", PUSH, str(ws)],
+        cwd=REPO,
+        env=dict(os.environ),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     published: list[str] = []
     while time.monotonic() < deadline and child.poll() is None and not published:
@@ -451,9 +490,16 @@ def test_killed_during_dvc_push_publishes_nothing_half_and_rerun_completes(how, 
     proxy.set(latency=0.0)
     versioning.push(ws)
     _assert_remote_holds_workspace(direct, s3_bucket, "dvc/", ws)
-    _row(f"{how} during dvc push", proxy, objects_at_kill=len(at_kill), of=17,
-         dir_at_kill=sum(k.endswith(".dir") for k in at_kill), ended_in_s=round(ended_in, 1),
-         left_behind=left_behind, rerun="complete")
+    _row(
+        f"{how} during dvc push",
+        proxy,
+        objects_at_kill=len(at_kill),
+        of=17,
+        dir_at_kill=sum(k.endswith(".dir") for k in at_kill),
+        ended_in_s=round(ended_in, 1),
+        left_behind=left_behind,
+        rerun="complete",
+    )
 
 
 def _keys(direct, bucket: str, prefix: str) -> list[str]:
@@ -474,12 +520,20 @@ def test_proxy_passes_bodies_byte_for_byte_and_resets_after_the_server_answered(
         direct.create_bucket(Bucket=s3_bucket)
     big = tmp_path / "big.bin"
     big.write_bytes(random.Random(3).randbytes(11 * 1024 * 1024))
-    client = boto3.client("s3", endpoint_url=proxy.url, region_name=S3_REGION,
-                          config=Config(retries={"total_max_attempts": 8, "mode": "standard"}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=proxy.url,
+        region_name=S3_REGION,
+        config=Config(retries={"total_max_attempts": 8, "mode": "standard"}),
+    )
     proxy.set(reset=0.2, reset_at="response")
 
-    client.upload_file(str(big), s3_bucket, "big.bin",
-                       Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024))
+    client.upload_file(
+        str(big),
+        s3_bucket,
+        "big.bin",
+        Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024),
+    )
     client.put_object(Bucket=s3_bucket, Key="small", Body=b"small body")
     streamed = b"".join(client.get_object(Bucket=s3_bucket, Key="big.bin")["Body"].iter_chunks(65536))
 

@@ -15,13 +15,13 @@ import time
 import pytest
 
 from components import chain, ingestion
-from flows import retry
 from components.config import load_config
 from components.ledger import Ledger
 from components.registry import from_config
+from flows import retry
 from flows.nightly import NightFailed, run_night
-from tests.drops import make_task
 from tests.conftest import tiny_overrides as _overrides
+from tests.drops import make_task
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,8 +51,15 @@ def _champion_predicts(registry, images):
 
 
 def _cfg(tmp_path, ckpt, *extra):
-    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", f"drop_zone={tmp_path / 'incoming'}",
-                                 *_overrides(ckpt, "orchestration.retry_delay_s=0", *extra)], env={}, cwd=tmp_path)
+    cfg = load_config(
+        overrides=[
+            f"workspace={tmp_path / 'ws'}",
+            f"drop_zone={tmp_path / 'incoming'}",
+            *_overrides(ckpt, "orchestration.retry_delay_s=0", *extra),
+        ],
+        env={},
+        cwd=tmp_path,
+    )
     ingestion.ensure_workspace(cfg)
     return cfg
 
@@ -114,9 +121,16 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):
 def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, tiny_checkpoint):
     """GNSP through the whole pipeline: the second task starts from the first one's state as registered in
     MLflow (fine-tuned weights and Gram matrices), the loss curves are run metrics, the version predicts."""
-    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "gate.max_forgetting=100",
-               "method.name=gnsp", "method.settings.iterations=3", "method.settings.batch_size=4",
-               "method.settings.warmup_steps=0")
+    cfg = _cfg(
+        tmp_path,
+        tiny_checkpoint,
+        "approval.auto_promote=true",
+        "gate.max_forgetting=100",
+        "method.name=gnsp",
+        "method.settings.iterations=3",
+        "method.settings.batch_size=4",
+        "method.settings.warmup_steps=0",
+    )
     _drop(tmp_path, "t-a", ["cat", "dog"])
     _drop(tmp_path, "t-b", ["emu", "owl"])
     summary = run_night(cfg)
@@ -167,8 +181,8 @@ def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, ti
 
 
 def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, tiny_checkpoint, monkeypatch):
-    import components.registry
     import components.learn
+    import components.registry
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
     _drop(tmp_path, "t-a", ["cat", "dog"])
@@ -216,9 +230,16 @@ def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, ti
 def test_a_crash_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
     import components.trainer
 
-    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true", "method.name=finetune",
-               "method.settings.iterations=4", "method.settings.batch_size=2", "method.settings.checkpoint_every=1",
-               "method.settings.warmup_steps=0")
+    cfg = _cfg(
+        tmp_path,
+        tiny_checkpoint,
+        "approval.auto_promote=true",
+        "method.name=finetune",
+        "method.settings.iterations=4",
+        "method.settings.batch_size=2",
+        "method.settings.checkpoint_every=1",
+        "method.settings.warmup_steps=0",
+    )
     _drop(tmp_path, "t-a", ["cat", "dog"])
     real_step = components.trainer.optimization_step
 
@@ -280,9 +301,18 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=120")
     registry = from_config(cfg)
-    ws = ["-w", str(cfg.workspace_path), "--set", f"model.checkpoint={tiny_checkpoint[0]}",
-          "--set", f"model.sha256={tiny_checkpoint[1]}", "--set", "model.name=cliploop-tiny",
-          "--set", "model.pretrained=null"]
+    ws = [
+        "-w",
+        str(cfg.workspace_path),
+        "--set",
+        f"model.checkpoint={tiny_checkpoint[0]}",
+        "--set",
+        f"model.sha256={tiny_checkpoint[1]}",
+        "--set",
+        "model.name=cliploop-tiny",
+        "--set",
+        "model.pretrained=null",
+    ]
 
     # Night 1: the flow pauses for a reviewer; `cliploop approve` decides and resumes it.
     _drop(tmp_path, "t-a", ["cat", "dog"])
@@ -363,8 +393,12 @@ def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys):
     assert "quarantined digits-mislabeled" in out and "orchestration" in out
     ws = tmp_path / "demo" / "workspace"
     cfg = load_config(overrides=[f"workspace={ws}"], env={}, cwd=tmp_path)
-    assert _states(cfg) == {"digits-0-4": "promoted", "digits-5-9": "promoted", "digits-chalk": "promoted",
-                            "digits-mislabeled": "quarantined"}
+    assert _states(cfg) == {
+        "digits-0-4": "promoted",
+        "digits-5-9": "promoted",
+        "digits-chalk": "promoted",
+        "digits-mislabeled": "quarantined",
+    }
     assert main(["lineage", "champion", "-w", str(ws), "--json", "--verify"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert [c["task"]["id"] for c in record["chain"]] == ["digits-chalk", "digits-5-9", "digits-0-4"]

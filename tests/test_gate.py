@@ -15,13 +15,17 @@ def test_no_rules_passes():
 
 
 def test_each_rule_fails_with_a_reason_naming_value_and_threshold():
-    cfg = GateConfig(max_forgetting=5, min_zero_shot_retention=0.98, min_new_task_accuracy=65,
-                     min_last_accuracy=70, max_drop_vs_champion=3)
+    cfg = GateConfig(
+        max_forgetting=5,
+        min_zero_shot_retention=0.98,
+        min_new_task_accuracy=65,
+        min_last_accuracy=70,
+        max_drop_vs_champion=3,
+    )
     verdict = evaluate_gate(cfg, METRICS, ROW, "t3", champion_row={"t1": 74.0, "t2": 81.0})
     assert verdict.verdict == "fail"
     failed = {c.rule for c in verdict.checks if c.passed is False}
-    assert failed == {"max_forgetting", "min_zero_shot_retention", "min_new_task_accuracy",
-                      "max_drop_vs_champion[t1]"}
+    assert failed == {"max_forgetting", "min_zero_shot_retention", "min_new_task_accuracy", "max_drop_vs_champion[t1]"}
     assert any("cl.forgetting" in r and "6 vs 5" in r for r in verdict.reasons)
     assert any(r.startswith("max_drop_vs_champion[t1]") and "champion 74.00%" in r for r in verdict.reasons)
     assert "**FAIL**" in verdict.markdown() and "min_last_accuracy" in verdict.markdown()

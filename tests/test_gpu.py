@@ -8,8 +8,7 @@ import torch
 from components.config import ModelConfig
 from components.models import encode_batch, load_backbone, register_builtin_configs, save_weights
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def test_auto_precision_on_cuda_is_bf16_autocast_and_close_to_fp32(tmp_path):
@@ -32,22 +31,34 @@ def test_auto_precision_on_cuda_is_bf16_autocast_and_close_to_fp32(tmp_path):
 @pytest.mark.parametrize("name", ["finetune", "lwf", "wise-ft", "zscl", "sg", "gnsp", "ctp", "cvm"])
 def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_path):
     """Two tiny tasks on the GPU (bf16 autocast, fp32 master weights): finite losses, weights moved."""
+    import open_clip
+
     from components.config import load_config
     from components.learn import learn
     from tests.drops import make_task
-
-    import open_clip
 
     register_builtin_configs()
     torch.manual_seed(0)
     path = tmp_path / "tiny.safetensors"
     save_weights(open_clip.create_model("cliploop-tiny", pretrained=None), path)
-    drops = [make_task(tmp_path, "t-a", ["cat", "dog"], train=4, test=2),
-             make_task(tmp_path, "t-b", ["emu", "owl"], train=4, test=2)]
-    config = load_config(overrides=[f"workspace={tmp_path / 'ws'}", "model.name=cliploop-tiny", "model.pretrained=null",
-                                    f"model.checkpoint={path}", f"method.name={name}", "method.settings.iterations=3",
-                                    "method.settings.batch_size=4", "method.settings.warmup_steps=0"],
-                         env={}, cwd=tmp_path)
+    drops = [
+        make_task(tmp_path, "t-a", ["cat", "dog"], train=4, test=2),
+        make_task(tmp_path, "t-b", ["emu", "owl"], train=4, test=2),
+    ]
+    config = load_config(
+        overrides=[
+            f"workspace={tmp_path / 'ws'}",
+            "model.name=cliploop-tiny",
+            "model.pretrained=null",
+            f"model.checkpoint={path}",
+            f"method.name={name}",
+            "method.settings.iterations=3",
+            "method.settings.batch_size=4",
+            "method.settings.warmup_steps=0",
+        ],
+        env={},
+        cwd=tmp_path,
+    )
     result = learn([str(d) for d in drops], config, validate_first=False)
     assert result.state.weights is not None and all(t.device.type == "cpu" for t in result.state.weights.values())
     assert all(v is not None for v in result.matrix.matrix[-1])

@@ -215,8 +215,9 @@ def test_demo_drop_zone_is_deterministic_and_meaningful(tmp_path):
 
 
 def test_module_entry_point_runs_without_the_console_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "status", "-w", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", "-w", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "no tasks" in proc.stdout
 
 

@@ -48,8 +48,9 @@ def test_merged_pools_and_predictions_do_not_depend_on_task_order(tmp_path, tiny
     merged = [merge(list(r.state.pools.values()), get_method("lvp")().settings) for r in results]
     keys = merged[0].class_keys
     assert all(m.class_keys == keys for m in merged)
-    probe = torch.nn.functional.normalize(torch.randn(32, results[0].state.pools["t-a"].dim,
-                                                      generator=torch.Generator().manual_seed(1)), dim=-1)
+    probe = torch.nn.functional.normalize(
+        torch.randn(32, results[0].state.pools["t-a"].dim, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
     first = merged[0].scores(probe)
     for other in merged[1:]:
         assert torch.equal(other.scores(probe), first)
@@ -63,8 +64,9 @@ def test_order_invariance_through_real_ingestion(tmp_path, tiny_checkpoint, drop
     bit-identical pools."""
     pools = []
     for name, order in (("w1", [0, 1]), ("w2", [1, 0])):
-        cfg = load_config(overrides=[f"workspace={tmp_path / name}", *tiny_overrides(tiny_checkpoint)], env={},
-                          cwd=tmp_path)
+        cfg = load_config(
+            overrides=[f"workspace={tmp_path / name}", *tiny_overrides(tiny_checkpoint)], env={}, cwd=tmp_path
+        )
         for i in order:
             assert ingestion.ingest(str(drops[i]), cfg).status == "accepted"
         stored = [str(tmp_path / name / "data" / "tasks" / t) for t in ("t-a", "t-b")]
@@ -123,8 +125,9 @@ def test_learner_state_round_trip_and_integrity(tmp_path, tiny_checkpoint, drops
         LearnerState.load(tampered)
 
 
-def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_use(tmp_path, tiny_checkpoint, drops,
-                                                                                    capsys):
+def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_use(
+    tmp_path, tiny_checkpoint, drops, capsys
+):
     out = tmp_path / "run"
     held_out = make_task(tmp_path, "held-out", ["yak", "ant", "bee"], dataset="other", train=1, test=3)
     argv = ["learn", "--method", "lvp", str(drops[0]), str(drops[1]), "--out", str(out), "--json"]
@@ -138,11 +141,17 @@ def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_u
     # The held-out set is scored before and after every step (never trained on): zero-shot retention.
     zero_shot = matrix["zero_shot"]
     assert zero_shot["name"] == "held-out" and len(zero_shot["after"]) == 2
-    assert payload["metrics"]["zs.retention_abs"] == pytest.approx(zero_shot["after"][-1] - zero_shot["initial"],
-                                                                   abs=1e-5)
+    assert payload["metrics"]["zs.retention_abs"] == pytest.approx(
+        zero_shot["after"][-1] - zero_shot["initial"], abs=1e-5
+    )
     assert payload["metrics"]["zs.retention_abs"] == 0.0  # LVP freezes CLIP: an unseen dataset scores as before
-    for rel in ("eval/accuracy_matrix.json", "eval/heatmap.png", "eval/curves.png", "config.resolved.yaml",
-                "state/manifest.json"):
+    for rel in (
+        "eval/accuracy_matrix.json",
+        "eval/heatmap.png",
+        "eval/curves.png",
+        "config.resolved.yaml",
+        "state/manifest.json",
+    ):
         assert (out / rel).is_file(), rel
     # `cliploop metrics` recomputes the same metrics from the saved matrix file (an auditor's check).
     assert main(["metrics", str(out / "eval" / "accuracy_matrix.json"), "--json"]) == 0
@@ -158,7 +167,7 @@ from components.learn import context_for, make_method
 from components.models import load_backbone
 from components.state import LearnerState
 cfg = load_config(overrides={tiny_overrides(tiny_checkpoint)!r}, env={{}})
-state = LearnerState.load({str(out / 'state')!r})
+state = LearnerState.load({str(out / "state")!r})
 ctx = context_for(cfg, load_backbone(cfg.model))
 method = make_method(cfg, state.method)
 print(json.dumps([accuracy(method, state, load_task(p), ctx) for p in {[str(drops[0]), str(drops[1])]!r}]))

@@ -19,8 +19,11 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
     for task_id, classes in (("t-a", ["cat", "dog"]), ("t-b", ["emu", "owl"])):
         assert ingestion.ingest(str(make_task(tmp_path / "drops", task_id, classes)), cfg).status == "accepted"
     ws = cfg.workspace_path
-    registry = Registry(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "art"),
-                        lock_dir=tmp_path / "locks")
+    registry = Registry(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=str(tmp_path / "art"),
+        lock_dir=tmp_path / "locks",
+    )
     parent = None
     with Ledger(ws / ".cliploop" / "ledger.sqlite") as ledger:
         records = {t: ledger.get(t) for t in ("t-a", "t-b")}
@@ -29,8 +32,15 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
         LearnerState(method="lvp", backbone={"name": "cliploop-tiny"}).save(out / "state")
         cfg.write_resolved(out)
         run_id = registry.log_update(out, task_id, {}, {}, {}, {})
-        tags = {"task_id": task_id, "parent_version": parent or "", "method": "lvp", "dvc_md5": record.dvc_md5,
-                "workspace_commit": record.workspace_commit, "config_sha256": "c" * 64, "gate": "pass"}
+        tags = {
+            "task_id": task_id,
+            "parent_version": parent or "",
+            "method": "lvp",
+            "dvc_md5": record.dvc_md5,
+            "workspace_commit": record.workspace_commit,
+            "config_sha256": "c" * 64,
+            "gate": "pass",
+        }
         parent = registry.register(run_id, run_key(parent, task_id, record.dvc_md5, "c" * 64), tags)
     registry.promote(parent, "rita", "fine")
 

@@ -90,14 +90,16 @@ def test_cd_is_soft_cross_entropy_times_t_squared():
     assert soft_ce_distill(teacher, student, 2.0) == pytest.approx(float(expected))
     # soft CE = KL + the teacher's entropy
     entropy = -(p * p.log()).sum()
-    assert soft_ce_distill(teacher, student, 2.0) == pytest.approx(float((kl_batchmean(teacher, student, 2.0) + entropy) * 4))
+    assert soft_ce_distill(teacher, student, 2.0) == pytest.approx(
+        float((kl_batchmean(teacher, student, 2.0) + entropy) * 4)
+    )
 
 
 def test_task_grams_hook_the_mlp_inputs_and_the_projection_input_of_a_vit():
     import open_clip
 
-    from components.models import register_builtin_configs
     from components.methods.sg import trunk_features
+    from components.models import register_builtin_configs
 
     register_builtin_configs()
     torch.manual_seed(0)
@@ -113,6 +115,7 @@ def test_task_grams_hook_the_mlp_inputs_and_the_projection_input_of_a_vit():
         tokens = trunk_features(model.visual, images, 2)
         pooled = model.visual._pool(tokens)[0]
     assert torch.allclose(grams["visual.proj"], gnsp.frobenius_normalised(pooled.T @ pooled), atol=1e-5)
+
 
 # ---- SG ---------------------------------------------------------------------------------------------------
 
@@ -165,6 +168,7 @@ def test_sg_teacher_block_on_the_shared_trunk_equals_the_full_model():
         split = sg.head_features(model.visual, tokens, [model.visual.transformer.resblocks[1]])
     assert torch.allclose(full, split, atol=1e-5)
 
+
 # ---- CTP --------------------------------------------------------------------------------------------------
 
 
@@ -198,7 +202,7 @@ def test_topology_loss_on_a_hand_made_case():
     cross, intra = ctp.topology_loss(image, text, image, ref_text, tau=1.0)
     student = (image @ text.T).log_softmax(dim=1)  # rows [1, 0] and [0, 1]
     kl_i2t = float((0.5 * (math.log(0.5) - student)).sum(dim=1).mean())
-    ref_t2i = (ref_text @ image.T)  # each row: equal similarity to both images -> uniform as well
+    ref_t2i = ref_text @ image.T  # each row: equal similarity to both images -> uniform as well
     kl_t2i = float((ref_t2i.softmax(1) * (ref_t2i.log_softmax(1) - (text @ image.T).log_softmax(1))).sum(1).mean())
     assert cross.item() == pytest.approx(0.5 * (kl_i2t + kl_t2i), rel=1e-5)
     # Intra-modal: with two samples and self pairs masked, each row's only other entry takes all the mass.
@@ -207,10 +211,15 @@ def test_topology_loss_on_a_hand_made_case():
 
 def test_cmc_positive_is_the_own_momentum_key():
     image = F.normalize(torch.eye(2), dim=1)
-    loss_aligned = ctp.cmc_loss(image, image, image, image, -torch.ones(2, 4) / 2 ** 0.5, -torch.ones(2, 4) / 2 ** 0.5, 0.07)
+    loss_aligned = ctp.cmc_loss(
+        image, image, image, image, -torch.ones(2, 4) / 2**0.5, -torch.ones(2, 4) / 2**0.5, 0.07
+    )
     swapped = image.flip(0)
-    loss_swapped = ctp.cmc_loss(image, image, swapped, swapped, -torch.ones(2, 4) / 2 ** 0.5, -torch.ones(2, 4) / 2 ** 0.5, 0.07)
+    loss_swapped = ctp.cmc_loss(
+        image, image, swapped, swapped, -torch.ones(2, 4) / 2**0.5, -torch.ones(2, 4) / 2**0.5, 0.07
+    )
     assert loss_aligned < 1e-3 < loss_swapped
+
 
 # ---- ZSCL, WiSE-FT, replay, CVM --------------------------------------------------------------------------
 
@@ -224,8 +233,9 @@ def test_weight_ensemble_is_a_running_mean_that_keeps_the_start_weights():
 
 def test_l2_anchor_and_wise_ft_interpolation():
     assert zscl.l2_anchor([torch.tensor([1.0, 2.0])], [torch.tensor([0.0, 0.0])]).item() == pytest.approx(5.0)
-    mixed = wise_ft.interpolate({"w": torch.tensor([10.0]), "n": torch.tensor([7])},
-                                {"w": torch.tensor([0.0]), "n": torch.tensor([1])}, 0.8)
+    mixed = wise_ft.interpolate(
+        {"w": torch.tensor([10.0]), "n": torch.tensor([7])}, {"w": torch.tensor([0.0]), "n": torch.tensor([1])}, 0.8
+    )
     assert mixed["w"].item() == pytest.approx(8.0) and mixed["n"].item() == 7
 
 
@@ -243,6 +253,7 @@ def test_info_nce_and_cvm_concept_logits():
     assert torch.allclose(logits, torch.tensor([[2.0, 0.0]]))
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert cvm.mean_pool(hidden, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0)
+
 
 # ---- trainer ---------------------------------------------------------------------------------------------
 

@@ -34,10 +34,21 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     path = root / "tiny.safetensors"
     sha = save_weights(open_clip.create_model("cliploop-tiny", pretrained=None), path)
-    drops = [make_task(root, "t-a", ["cat", "dog"], train=4, test=2),
-             make_task(root, "t-b", ["emu", "owl"], train=4, test=2)]
-    return {"root": root, "overrides": ["model.name=cliploop-tiny", "model.pretrained=null", f"model.checkpoint={path}",
-                                        f"model.sha256={sha}", "evaluation.batch_size=16"], "drops": drops}
+    drops = [
+        make_task(root, "t-a", ["cat", "dog"], train=4, test=2),
+        make_task(root, "t-b", ["emu", "owl"], train=4, test=2),
+    ]
+    return {
+        "root": root,
+        "overrides": [
+            "model.name=cliploop-tiny",
+            "model.pretrained=null",
+            f"model.checkpoint={path}",
+            f"model.sha256={sha}",
+            "evaluation.batch_size=16",
+        ],
+        "drops": drops,
+    }
 
 
 def short_training(name: str) -> list[str]:
@@ -101,7 +112,7 @@ from components.models import load_backbone
 from components.state import LearnerState
 from tests.test_methods import _test_images
 config = load_config(overrides={overrides!r}, env={{}}, cwd=Path({str(tmp_path)!r}))
-state = LearnerState.load({str(tmp_path / 'out' / 'state')!r})
+state = LearnerState.load({str(tmp_path / "out" / "state")!r})
 backbone = load_backbone(config.model, weights=state.weights)
 method = get_method(state.method)(state.method_settings or None)
 images = torch.cat([torch.stack([backbone.preprocess(im) for im, _ in _test_images(d)]) for d in {drops!r}])
@@ -125,27 +136,40 @@ def _test_images(location: str):
 
 
 def _learn(tiny, tmp_path, name, *settings):
-    overrides = [f"workspace={tmp_path / 'ws'}", *tiny["overrides"], f"method.name={name}", *short_training(name),
-                 *[f"method.settings.{s}" for s in settings]]
+    overrides = [
+        f"workspace={tmp_path / 'ws'}",
+        *tiny["overrides"],
+        f"method.name={name}",
+        *short_training(name),
+        *[f"method.settings.{s}" for s in settings],
+    ]
     config = load_config(overrides=overrides, env={}, cwd=tmp_path)
     return learn([str(d) for d in tiny["drops"]], config, validate_first=False), config
 
 
 def test_gnsp_second_task_moves_only_the_projected_matrices_and_only_in_the_null_space(tiny, tmp_path):
+    from components.learn import learn_step
     from components.methods import gnsp
     from components.methods.gnsp import GRAM_PREFIX, projector
 
-    from components.learn import learn_step
-
-    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws1'}", *tiny["overrides"], "method.name=gnsp",
-                                 *short_training("gnsp"), "method.settings.optimizer=sgd",
-                                 "method.settings.project=update", "method.settings.lr=0.5",
-                                 "method.settings.augment=false"], env={}, cwd=tmp_path)
+    cfg = load_config(
+        overrides=[
+            f"workspace={tmp_path / 'ws1'}",
+            *tiny["overrides"],
+            "method.name=gnsp",
+            *short_training("gnsp"),
+            "method.settings.optimizer=sgd",
+            "method.settings.project=update",
+            "method.settings.lr=0.5",
+            "method.settings.augment=false",
+        ],
+        env={},
+        cwd=tmp_path,
+    )
     after_one = learn_step(str(tiny["drops"][0]), cfg).state
     start = after_one.weights
     grams_one = {k: v.clone() for k, v in after_one.method_tensors.items()}  # the child extends the parent's
-    after_two = learn_step(str(tiny["drops"][1]), cfg, parent=after_one,
-                           locate=lambda t: str(tiny["drops"][0])).state
+    after_two = learn_step(str(tiny["drops"][1]), cfg, parent=after_one, locate=lambda t: str(tiny["drops"][0])).state
     protected = dict(gnsp.protected_layers_for_names(start))
     changed = {k for k in start if not torch.equal(start[k], after_two.weights[k])}
     assert changed and changed <= set(protected), changed - set(protected)
@@ -176,34 +200,53 @@ def test_a_fine_tuned_encoder_can_rebuild_the_lvp_pools(tiny, tmp_path):
     ctx = context_for(config, load_backbone(config.model, weights=state.weights))
     rebuilt, _ = build_pool(load_task(str(tiny["drops"][0])), ctx, get_method("finetune").Settings().pool)
     assert torch.allclose(rebuilt.sums, state.pools["t-a"].sums, atol=1e-5)
-    base, _ = build_pool(load_task(str(tiny["drops"][0])), context_for(config, load_backbone(config.model)),
-                      get_method("finetune").Settings().pool)
+    base, _ = build_pool(
+        load_task(str(tiny["drops"][0])),
+        context_for(config, load_backbone(config.model)),
+        get_method("finetune").Settings().pool,
+    )
     assert not torch.allclose(base.sums, state.pools["t-a"].sums, atol=1e-4)
 
 
 def test_ctp_queues_persist_across_tasks_and_cvm_concepts_never_change(tiny, tmp_path):
     first_task = tiny["drops"][:1]
     overrides = [f"workspace={tmp_path / 'ws'}", *tiny["overrides"], *short_training("ctp")]
-    one = learn([str(d) for d in first_task], load_config(overrides=[*overrides, "method.name=ctp"], env={}, cwd=tmp_path),
-                validate_first=False).state
+    one = learn(
+        [str(d) for d in first_task],
+        load_config(overrides=[*overrides, "method.name=ctp"], env={}, cwd=tmp_path),
+        validate_first=False,
+    ).state
     two, _ = _learn(tiny, tmp_path, "ctp")
     # Task 1: 3 steps of 4 images. Task 2: 8 images + 2 replayed exemplars in batches of 4, 4, 2.
     # The shared pointer went on from where task 1 left it (never reset).
     assert int(one.method_tensors["ctp.queue_ptr"]) == 12 and int(two.state.method_tensors["ctp.queue_ptr"]) == 22
-    assert torch.allclose(one.method_tensors["ctp.queue_image"][:, :12], two.state.method_tensors["ctp.queue_image"][:, :12])
+    assert torch.allclose(
+        one.method_tensors["ctp.queue_image"][:, :12], two.state.method_tensors["ctp.queue_image"][:, :12]
+    )
 
-    cvm_one = learn([str(d) for d in first_task], load_config(overrides=[*overrides, "method.name=cvm"], env={},
-                                                            cwd=tmp_path), validate_first=False).state
+    cvm_one = learn(
+        [str(d) for d in first_task],
+        load_config(overrides=[*overrides, "method.name=cvm"], env={}, cwd=tmp_path),
+        validate_first=False,
+    ).state
     cvm_two, _ = _learn(tiny, tmp_path, "cvm")
     keys = cvm_two.state.method_meta["cvm.concept_keys"]
     assert keys[:2] == cvm_one.method_meta["cvm.concept_keys"] == ["toy/cat", "toy/dog"] and len(keys) == 4
     assert torch.equal(cvm_two.state.method_tensors["cvm.concepts"][:2], cvm_one.method_tensors["cvm.concepts"])
 
 
-@pytest.mark.parametrize("name,extra", [("finetune", {}), ("zscl", {"ensemble_every": 2, "reference_batch_size": 3}),
-                                        ("ctp", {"queue_size": 8}), ("gnsp", {"reference_batch_size": 3})])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("finetune", {}),
+        ("zscl", {"ensemble_every": 2, "reference_batch_size": 3}),
+        ("ctp", {"queue_size": 8}),
+        ("gnsp", {"reference_batch_size": 3}),
+    ],
+)
 def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
-        name, extra, tiny, tmp_path):
+    name, extra, tiny, tmp_path
+):
     """The checkpoint carries the trainable weights, the optimizer moments and the method's own running state
     (ZSCL's weight ensemble, CTP's momentum model and queues, the reference-set cursor)."""
     from components.models import load_backbone
@@ -211,8 +254,15 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
 
     config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
     task = load_task(str(tiny["drops"][0]))
-    settings = {"iterations": 4, "batch_size": 4, "warmup_steps": 0, "augment": False, "checkpoint_every": 1,
-                "lr": 1e-3, **extra}
+    settings = {
+        "iterations": 4,
+        "batch_size": 4,
+        "warmup_steps": 0,
+        "augment": False,
+        "checkpoint_every": 1,
+        "lr": 1e-3,
+        **extra,
+    }
 
     def run(folder, crash_at=None):
         from components.state import LearnerState
@@ -251,8 +301,18 @@ def test_zscl_ensembles_the_weights_after_steps_0_every_2_and_the_final_ones(tin
     task = load_task(str(tiny["drops"][0]))
     backbone = load_backbone(config.model)
     ctx = context_for(config, backbone)
-    method = get_method("zscl")({"iterations": 4, "batch_size": 4, "warmup_steps": 0, "augment": False, "lr": 1e-2,
-                                 "schedule": "constant", "ensemble_every": 2, "reference_batch_size": 3})
+    method = get_method("zscl")(
+        {
+            "iterations": 4,
+            "batch_size": 4,
+            "warmup_steps": 0,
+            "augment": False,
+            "lr": 1e-2,
+            "schedule": "constant",
+            "ensemble_every": 2,
+            "reference_batch_size": 3,
+        }
+    )
     method.begin_task(LearnerState(method="zscl", backbone=backbone.reference), task, ctx)
     name, param = method.trainable[0]
     seen = [param.detach().clone()]  # the start weights
@@ -314,10 +374,17 @@ def test_method_code_imports_no_platform_library():
     files = sorted((REPO / "components" / "methods").glob("*.py")) + [REPO / "components" / "trainer.py"]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
-                assert name.split(".")[0] not in {"prefect", "mlflow", "boto3", "botocore"}, f"{path.name} imports {name}"
+                assert name.split(".")[0] not in {"prefect", "mlflow", "boto3", "botocore"}, (
+                    f"{path.name} imports {name}"
+                )
 
 
 def test_demo_refuses_an_unknown_method(tmp_path, capsys):

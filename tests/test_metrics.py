@@ -16,9 +16,7 @@ DATA = Path(__file__).with_name("data")
 # a[i][j]: rows = after learning task i, columns = task j.
 HAND = AccuracyMatrix(
     tasks=["t1", "t2", "t3"],
-    matrix=[[80.0, 10.0, 20.0],
-            [60.0, 90.0, 30.0],
-            [70.0, 50.0, 40.0]],
+    matrix=[[80.0, 10.0, 20.0], [60.0, 90.0, 30.0], [70.0, 50.0, 40.0]],
     initial=[5.0, 15.0, 25.0],
     test_sizes=[100, 100, 200],
     zero_shot={"name": "held-out", "initial": 50.0, "after": [49.0, 45.0, 40.0]},
@@ -63,8 +61,21 @@ def test_partial_matrix_counts_only_learned_tasks():
     assert metrics["mtil.last"] == 57.5 and metrics["cl.bwt"] == -5.0 and metrics["mtil.transfer"] == 20.0
 
 
-@pytest.mark.parametrize("run", ["order1/zscl", "order1/finetune", "order1/lwf", "order1/icarl", "order1/lwf-vr",
-                                 "order1/wise-ft", "order1/zscl-star", "order2/zscl", "order2/lwf", "order2/wise-ft"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        "order1/zscl",
+        "order1/finetune",
+        "order1/lwf",
+        "order1/icarl",
+        "order1/lwf-vr",
+        "order1/wise-ft",
+        "order1/zscl-star",
+        "order2/zscl",
+        "order2/lwf",
+        "order2/wise-ft",
+    ],
+)
 def test_reproduces_published_zscl_transfer_avg_last(run):
     """ZSCL's released accuracy matrices give its published Transfer/Avg/Last, to the rounding shown."""
     doc = json.loads((DATA / "zscl_mtil_results.json").read_text())
@@ -79,21 +90,25 @@ def test_reproduces_published_zscl_transfer_avg_last(run):
 
 
 def test_zero_shot_fixture_matrix():
-    """docs/metrics.md, "Conventions to keep in mind": a zero-shot matrix (every row the same) has Transfer = mean of columns 2..11."""
+    """docs/metrics.md, "Conventions to keep in mind": a zero-shot matrix (every row the same) has Transfer
+    = mean of columns 2..11."""
     zs = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]
     metrics = compute_all(AccuracyMatrix(tasks=[f"d{k}" for k in range(11)], matrix=[list(zs) for _ in zs]))
     assert round(metrics["mtil.transfer"], 1) == 69.4
     assert round(metrics["mtil.avg"], 1) == 65.3 and round(metrics["mtil.last"], 1) == 65.3
 
 
-@pytest.mark.parametrize("doc, message", [
-    ({"tasks": ["a"], "matrix": [[101.0]]}, "outside 0..100"),
-    ({"tasks": ["a", "b"], "matrix": [[1.0]]}, "expected a list of 2"),
-    ({"tasks": ["a"], "matrix": [["x"]]}, "not a number"),
-    ({"tasks": ["a"]}, "'matrix' is missing"),
-    ({"tasks": ["a"], "matrix": [[1.0]], "colour": 1}, "unknown keys: colour"),
-    ({"tasks": ["a", "a"], "matrix": []}, "unique"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"tasks": ["a"], "matrix": [[101.0]]}, "outside 0..100"),
+        ({"tasks": ["a", "b"], "matrix": [[1.0]]}, "expected a list of 2"),
+        ({"tasks": ["a"], "matrix": [["x"]]}, "not a number"),
+        ({"tasks": ["a"]}, "'matrix' is missing"),
+        ({"tasks": ["a"], "matrix": [[1.0]], "colour": 1}, "unknown keys: colour"),
+        ({"tasks": ["a", "a"], "matrix": []}, "unique"),
+    ],
+)
 def test_bad_matrix_files_are_rejected_with_the_reason(doc, message):
     with pytest.raises(MatrixError, match=message):
         AccuracyMatrix.from_dict(doc)

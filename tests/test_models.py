@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from components.config import ModelConfig
-from components.models import (CheckpointError, encode_batch, load_backbone, pick_precision, register_builtin_configs,
-                               save_weights)
+from components.models import (
+    CheckpointError,
+    encode_batch,
+    load_backbone,
+    pick_precision,
+    register_builtin_configs,
+    save_weights,
+)
 from components.prompts import class_text_embeddings, get_templates, task_templates
 
 
@@ -138,7 +144,10 @@ def test_prompt_templates_and_text_embeddings(tiny_weights):
     assert [t("dog") for t in get_templates("single")] == ["a photo of a dog."]
     assert len(get_templates("ensemble")) == 80
     assert [t("x") for t in get_templates("a sketch of a {}")] == ["a sketch of a x"]
-    assert [t("x") for t in task_templates(["a {} texture.", "a photo of a {}."])] == ["a x texture.", "a photo of a x."]
+    assert [t("x") for t in task_templates(["a {} texture.", "a photo of a {}."])] == [
+        "a x texture.",
+        "a photo of a x.",
+    ]
     assert len(task_templates(None)) == 80  # a task without prompts: CLIP's ensemble
     with pytest.raises(ValueError, match="unknown prompt template"):
         get_templates("nope")
@@ -146,8 +155,10 @@ def test_prompt_templates_and_text_embeddings(tiny_weights):
     ensemble = class_text_embeddings(backbone, ["golden_retriever", "cat"], get_templates("ensemble"))
     assert ensemble.shape == (2, 64) and torch.allclose(ensemble.norm(dim=-1), torch.ones(2), atol=1e-5)
     # Underscores are cleaned, as MTIL does: the same text as the spaced name.
-    assert torch.equal(class_text_embeddings(backbone, ["golden_retriever"], get_templates("lvp")),
-                       class_text_embeddings(backbone, ["golden retriever"], get_templates("lvp")))
+    assert torch.equal(
+        class_text_embeddings(backbone, ["golden_retriever"], get_templates("lvp")),
+        class_text_embeddings(backbone, ["golden retriever"], get_templates("lvp")),
+    )
 
 
 def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
@@ -160,16 +171,26 @@ def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
     checkpoint = demo.build_base_model(tmp_path / "cache", progress=None)
     assert demo.build_base_model(tmp_path / "cache", progress=None) == checkpoint  # cached by recipe
     drops = demo.build_drop_zone(tmp_path / "drops", include_bad=False)
-    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", "model.name=cliploop-minilm-tiny",
-                                 "model.pretrained=null", f"model.checkpoint={checkpoint}",
-                                 f"evaluation.templates={demo.BASE_PROMPT}"], env={})
+    cfg = load_config(
+        overrides=[
+            f"workspace={tmp_path / 'ws'}",
+            "model.name=cliploop-minilm-tiny",
+            "model.pretrained=null",
+            f"model.checkpoint={checkpoint}",
+            f"evaluation.templates={demo.BASE_PROMPT}",
+        ],
+        env={},
+    )
     result = learn([str(drops[0])], cfg, "zeroshot", validate_first=False)
     assert result.matrix.initial[0] > 60.0  # five classes: chance is 20%
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     assert result.state.backbone["sha256"] == digest
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "components" / "model_configs").glob("*.json")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "components" / "model_configs").glob("*.json")),
+)
 def test_every_builtin_config_builds_and_embeds_at_its_own_size(name):
     import open_clip
 

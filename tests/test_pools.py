@@ -7,8 +7,20 @@ import itertools
 import pytest
 import torch
 
-from components.pools import (MergedPool, PoolConfig, PoolError, TaskPool, build_task_pool, class_sums, kmeans_l1,
-                              merge, per_class_max, similarity, train_head, train_it_scalars)
+from components.pools import (
+    MergedPool,
+    PoolConfig,
+    PoolError,
+    TaskPool,
+    build_task_pool,
+    class_sums,
+    kmeans_l1,
+    merge,
+    per_class_max,
+    similarity,
+    train_head,
+    train_it_scalars,
+)
 
 D = 8
 META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}
@@ -18,7 +30,8 @@ def _unit(*rows):
     return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
 
 
-def _random_task(task_id, keys, n_per_class, seed, cfg=PoolConfig(), domain=None):
+def _random_task(task_id, keys, n_per_class, seed, cfg=None, domain=None):
+    cfg = cfg or PoolConfig()
     g = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(len(keys), D, generator=g), dim=-1)
     labels = torch.arange(len(keys)).repeat_interleave(n_per_class)
@@ -39,10 +52,10 @@ def test_similarity_and_per_class_max():
     e = _unit([1.0, 0.0])
     v = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     cos = similarity(e, v, "cosine")
-    assert torch.allclose(cos, torch.tensor([[1.0, 0.0, 2 ** -0.5]]))  # vectors need not be normalised
+    assert torch.allclose(cos, torch.tensor([[1.0, 0.0, 2**-0.5]]))  # vectors need not be normalised
     assert torch.allclose(similarity(e, v, "l1"), torch.tensor([[-1.0, -2.0, -1.0]]))
     best = per_class_max(cos, torch.tensor([0, 1, 1]), 3)
-    assert best[0, 0] == 1.0 and best[0, 1] == pytest.approx(2 ** -0.5) and best[0, 2] == float("-inf")
+    assert best[0, 0] == 1.0 and best[0, 1] == pytest.approx(2**-0.5) and best[0, 2] == float("-inf")
 
 
 def test_mean_pool_of_domain_tasks_is_bit_identical_in_any_order():
@@ -115,7 +128,9 @@ def test_lvp_it_scalars_start_at_the_code_defaults_and_learn():
     trained = train_it_scalars(e, labels, pool.text, pool.image_means(), cfg)
     assert loss(trained) < loss(untrained)
     # The official code's double softmax squashes the gradient: the scalars move much less.
-    double = train_it_scalars(e, labels, pool.text, pool.image_means(), cfg.model_copy(update={"it_double_softmax": True}))
+    double = train_it_scalars(
+        e, labels, pool.text, pool.image_means(), cfg.model_copy(update={"it_double_softmax": True})
+    )
     assert (double - untrained).abs().sum() < (trained - untrained).abs().sum()
 
 

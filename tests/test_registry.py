@@ -3,6 +3,7 @@ rejection and rollback, and the learner state read back from a version."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -14,8 +15,11 @@ from components.state import LearnerState
 
 @pytest.fixture
 def registry(tmp_path):
-    return Registry(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "artifacts"),
-                    lock_dir=tmp_path / "locks")
+    return Registry(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=str(tmp_path / "artifacts"),
+        lock_dir=tmp_path / "locks",
+    )
 
 
 def _update(tmp_path, name):
@@ -24,16 +28,18 @@ def _update(tmp_path, name):
     state.history = {"tasks": [name], "matrix": [[50.0]]}
     state.save(out / "state")
     (out / "eval").mkdir()
-    (out / "eval" / "accuracy_matrix.json").write_text('{"tasks": ["%s"], "matrix": [[50.0]]}' % name)
-    load_config(overrides=["model.name=cliploop-tiny", "model.pretrained=null", "method.name=zeroshot"],
-                env={}, cwd=tmp_path).write_resolved(out)
+    (out / "eval" / "accuracy_matrix.json").write_text(json.dumps({"tasks": [name], "matrix": [[50.0]]}))
+    load_config(
+        overrides=["model.name=cliploop-tiny", "model.pretrained=null", "method.name=zeroshot"], env={}, cwd=tmp_path
+    ).write_resolved(out)
     return out
 
 
 def _register(registry, tmp_path, task, parent=None):
     out = _update(tmp_path, task)
-    run_id = registry.log_update(out, task, {"cl.last": 50.0, "cl.bwt": None}, {task: 50.0},
-                                 {"method.name": "zeroshot"}, {"method": "zeroshot"})
+    run_id = registry.log_update(
+        out, task, {"cl.last": 50.0, "cl.bwt": None}, {task: 50.0}, {"method.name": "zeroshot"}, {"method": "zeroshot"}
+    )
     key = run_key(parent, task, "md5-" + task, "cfg")
     return run_id, key, registry.register(run_id, key, {"task_id": task, "parent_version": parent or ""})
 
@@ -50,7 +56,11 @@ def test_run_version_and_aliases(registry, tmp_path):
     _, _, v2 = _register(registry, tmp_path, "t2", parent=v1)
     assert v2 == v1 + 1 and registry.resolve("challenger") == v2
     assert registry.promote(v2, "rita", "looks good") == v1
-    assert (registry.alias("champion"), registry.alias("previous-champion"), registry.alias("challenger")) == (v2, v1, None)
+    assert (registry.alias("champion"), registry.alias("previous-champion"), registry.alias("challenger")) == (
+        v2,
+        v1,
+        None,
+    )
     assert registry.version_tags(v2)["review"] == "approved" and registry.version_tags(v2)["reviewer"] == "rita"
 
     assert registry.rollback("ops", "bad night") == (v1, v2)

@@ -12,10 +12,32 @@ from components.learn import validate_sequence
 from components.scenario import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario
 from flows.cli import main
 
-ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxfordpet",
-           "stanfordcars", "sun397"]
-ORDER_II = ["stanfordcars", "food", "mnist", "oxfordpet", "flowers", "sun397", "aircraft", "caltech101", "dtd",
-            "eurosat", "cifar100"]
+ORDER_I = [
+    "aircraft",
+    "caltech101",
+    "cifar100",
+    "dtd",
+    "eurosat",
+    "flowers",
+    "food",
+    "mnist",
+    "oxfordpet",
+    "stanfordcars",
+    "sun397",
+]
+ORDER_II = [
+    "stanfordcars",
+    "food",
+    "mnist",
+    "oxfordpet",
+    "flowers",
+    "sun397",
+    "aircraft",
+    "caltech101",
+    "dtd",
+    "eurosat",
+    "cifar100",
+]
 
 
 def test_shipped_scenarios_load_and_follow_the_published_protocols():
@@ -39,15 +61,37 @@ def test_shipped_scenarios_load_and_follow_the_published_protocols():
 
 
 def _fake_scenario(tmp_path, split):
-    source = {"kind": "torchvision", "class": "FakeData",
-              "kwargs": {"size": 60, "image_size": [3, 16, 16], "num_classes": 4}}
+    source = {
+        "kind": "torchvision",
+        "class": "FakeData",
+        "kwargs": {"size": 60, "image_size": [3, 16, 16], "num_classes": 4},
+    }
     if split == "official":
         source |= {"train": {"random_offset": 0}, "test": {"random_offset": 1000}}
-    doc = {"name": "fake", "description": "two tiny tasks", "source": "torchvision FakeData",
-           "tasks": [{"task_id": "fake-a", "dataset": "fake", "scenario": "class-incremental", "source": source,
-                      "split": {"kind": split}, "classes": [0, 1], "prompts": ["a photo of class {}."]},
-                     {"task_id": "fake-b", "dataset": "fake", "scenario": "class-incremental", "source": source,
-                      "split": {"kind": split}, "classes": [2, 3]}]}
+    doc = {
+        "name": "fake",
+        "description": "two tiny tasks",
+        "source": "torchvision FakeData",
+        "tasks": [
+            {
+                "task_id": "fake-a",
+                "dataset": "fake",
+                "scenario": "class-incremental",
+                "source": source,
+                "split": {"kind": split},
+                "classes": [0, 1],
+                "prompts": ["a photo of class {}."],
+            },
+            {
+                "task_id": "fake-b",
+                "dataset": "fake",
+                "scenario": "class-incremental",
+                "source": source,
+                "split": {"kind": split},
+                "classes": [2, 3],
+            },
+        ],
+    }
     path = tmp_path / f"fake-{split}.json"
     path.write_text(json.dumps(doc))
     return path
@@ -80,9 +124,24 @@ def test_convert_writes_valid_drops_and_is_idempotent(tmp_path, split):
 
 def test_bad_scenarios_and_the_cli(tmp_path, capsys):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"name": "x", "description": "d", "source": "s", "tasks": [
-        {"task_id": "a", "dataset": "d", "scenario": "class-incremental", "split": {"kind": "official"},
-         "source": {"kind": "torchvision", "class": "MNIST", "train": {}}}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "description": "d",
+                "source": "s",
+                "tasks": [
+                    {
+                        "task_id": "a",
+                        "dataset": "d",
+                        "scenario": "class-incremental",
+                        "split": {"kind": "official"},
+                        "source": {"kind": "torchvision", "class": "MNIST", "train": {}},
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(ScenarioError, match="official split needs the test part"):
         load_scenario(bad)
     with pytest.raises(ScenarioError, match="no scenario 'nope'"):
@@ -90,6 +149,20 @@ def test_bad_scenarios_and_the_cli(tmp_path, capsys):
     assert main(["scenario", "list"]) == 0
     assert "mtil-order1" in capsys.readouterr().out
     assert main(["scenario", "show", "nope"]) == 2
-    assert main(["scenario", "convert", "mtil-order1", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--tasks", "mtili-08-mnist"]) == 2  # MNIST is not there and download was not asked for
+    assert (
+        main(
+            [
+                "scenario",
+                "convert",
+                "mtil-order1",
+                "--root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--tasks",
+                "mtili-08-mnist",
+            ]
+        )
+        == 2
+    )  # MNIST is not there and download was not asked for
     assert "MNIST" in capsys.readouterr().err

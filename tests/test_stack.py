@@ -19,8 +19,8 @@ from components.config import load_config
 from components.lineage import build_lineage
 from components.registry import from_config
 from flows.cli import main
-from tests.drops import make_task
 from tests.conftest import tiny_overrides as _overrides
+from tests.drops import make_task
 
 pytestmark = pytest.mark.stack
 
@@ -52,21 +52,42 @@ def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):
         env = stack.env(ports)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        cfg = load_config(overrides=[f"workspace={ws}", f"drop_zone={tmp_path / 'incoming'}",
-                                     *_overrides(tiny_checkpoint, "orchestration.gpu_pool=gpu",
-                                                 "orchestration.retry_delay_s=0", "approval.auto_promote=true",
-                                                 f"mlflow.tracking_uri={env['MLFLOW_TRACKING_URI']}")],
-                          env={}, cwd=tmp_path)
+        cfg = load_config(
+            overrides=[
+                f"workspace={ws}",
+                f"drop_zone={tmp_path / 'incoming'}",
+                *_overrides(
+                    tiny_checkpoint,
+                    "orchestration.gpu_pool=gpu",
+                    "orchestration.retry_delay_s=0",
+                    "approval.auto_promote=true",
+                    f"mlflow.tracking_uri={env['MLFLOW_TRACKING_URI']}",
+                ),
+            ],
+            env={},
+            cwd=tmp_path,
+        )
         ingestion.ensure_workspace(cfg)
         deploy(cfg, env["PREFECT_API_URL"])
 
-        worker_env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-                      "PREFECT_HOME": str(tmp_path / "worker-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        worker_env = {
+            **os.environ,
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            "PREFECT_HOME": str(tmp_path / "worker-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
         prefect = str(Path(sys.executable).parent / "prefect")
         for name in ("gpu-worker-1", "gpu-worker-2"):
             log = open(tmp_path / f"{name}.log", "wb")
-            workers.append(subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--name", name,
-                                             "--limit", "1"], env=worker_env, stdout=log, stderr=subprocess.STDOUT))
+            workers.append(
+                subprocess.Popen(
+                    [prefect, "worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
+                    env=worker_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         time.sleep(3)
         assert all(w.poll() is None for w in workers), "a worker died at start"
 
@@ -77,7 +98,8 @@ def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):
 
         assert [p["work_pool"] for p in summary["pools"]] == ["gpu", "gpu"]
         assert {p["parent_pid"] for p in summary["pools"]} == {w.pid for w in workers}, (
-            "the two pool builds should run on the two workers")
+            "the two pool builds should run on the two workers"
+        )
         assert [u["outcome"] for u in summary["updates"]] == ["promoted", "promoted"]
         registry = from_config(cfg)
         assert registry.tracking_uri.startswith("http://127.0.0.1")

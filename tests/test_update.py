@@ -45,8 +45,15 @@ def test_a_fine_tuning_sequence_is_its_chain_of_steps(tmp_path, tiny_checkpoint,
     sequence and the chain through saved states reach the same weights and the same accuracies."""
     import torch
 
-    cfg = _cfg(tmp_path, tiny_checkpoint, "method.name=finetune", "method.settings.iterations=2",
-               "method.settings.batch_size=4", "method.settings.warmup_steps=0", "method.settings.lr=0.001")
+    cfg = _cfg(
+        tmp_path,
+        tiny_checkpoint,
+        "method.name=finetune",
+        "method.settings.iterations=2",
+        "method.settings.batch_size=4",
+        "method.settings.warmup_steps=0",
+        "method.settings.lr=0.001",
+    )
     locations = {d.name: str(d) for d in drops[:2]}
     parent = None
     for i, drop in enumerate(drops[:2]):

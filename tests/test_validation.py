@@ -55,24 +55,37 @@ def snapshot(ws: Path) -> dict:
     def tree(root: Path) -> dict[str, str]:
         if not root.exists():
             return {}
-        return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     git = lambda *a: subprocess.run(["git", *a], cwd=ws, capture_output=True, text=True).stdout  # noqa: E731
     cfg = _config(ws)
     others = [r for r in ingestion.status(cfg) if r["task_id"] == "toy-a"]
-    return {"head": git("rev-parse", "HEAD"), "status": git("status", "--porcelain"),
-            "log": git("log", "--oneline"), "data.dvc": (ws / "data.dvc").read_text(), "data": tree(ws / "data"),
-            "remote": tree(ws / ".cliploop" / "dvc-remote"), "cache": tree(ws / ".dvc" / "cache"), "others": others}
+    return {
+        "head": git("rev-parse", "HEAD"),
+        "status": git("status", "--porcelain"),
+        "log": git("log", "--oneline"),
+        "data.dvc": (ws / "data.dvc").read_text(),
+        "data": tree(ws / "data"),
+        "remote": tree(ws / ".cliploop" / "dvc-remote"),
+        "cache": tree(ws / ".dvc" / "cache"),
+        "others": others,
+    }
 
 
 def crafted_png(width: int, height: int) -> bytes:
     """A PNG whose header claims width×height but whose pixel data is a few bytes: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def tiff_bytes() -> bytes:
@@ -88,6 +101,7 @@ def tiff_bytes() -> bytes:
 # Each case: a mutation of a valid drop "toy-b" (classes bird, fish), the rule that must fail, and text the
 # message must contain. "{row}" stands for "manifest.csv line N (path)" of the offending row.
 
+
 def _drop_column(d: Path, ctx):
     rows = read_manifest(d)
     write_manifest(d, [r[:2] for r in rows[1:]], header=["path", "label"])
@@ -102,6 +116,7 @@ def _only_split(keep: str):
     def mutate(d: Path, ctx):
         rows = read_manifest(d)
         write_manifest(d, [r for r in rows[1:] if r[2] == keep])
+
     return mutate
 
 
@@ -178,6 +193,7 @@ def _tiff(d: Path, ctx):
 
 def _animated(fmt: str, suffix: str):
     """A three-frame animation: which frame would be the labelled picture?"""
+
     def mutate(d: Path, ctx):
         from PIL import Image
 
@@ -186,6 +202,7 @@ def _animated(fmt: str, suffix: str):
         frames[0].save(d / rel, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
         append_rows(d, [[rel, "bird", "train"]])
         ctx["row"] = rel
+
     return mutate
 
 
@@ -194,6 +211,7 @@ def _respec(**changes):
         spec = yaml.safe_load((d / "task.yaml").read_text())
         spec.update(changes)
         (d / "task.yaml").write_text(yaml.safe_dump(spec))
+
     return mutate
 
 
@@ -217,8 +235,12 @@ CASES = {
     "unreadable-bytes": (_garbage, "image-format", ["{row}", "content is unknown"], []),
     "missing-file": (_missing_file, "image-readable", ["{row}", "not in the drop"], []),
     "decompression-bomb": (_bomb, "pixel-limit", ["{row}", "100000×100000", "over the limit"], []),
-    "over-configured-pixels": (lambda d, c: c.update(row="img/train-bird-0.png"), "pixel-limit",
-                               ["{row}", "16×16", "validation.max_pixels"], ["validation.max_pixels=200"]),
+    "over-configured-pixels": (
+        lambda d, c: c.update(row="img/train-bird-0.png"),
+        "pixel-limit",
+        ["{row}", "16×16", "validation.max_pixels"],
+        ["validation.max_pixels=200"],
+    ),
     "path-dotdot": (_dotdot, "path-safe", ["{row}", "contains '..'"], []),
     "path-absolute": (_absolute, "path-safe", ["{row}", "absolute"], []),
     "path-symlink": (_symlink, "path-safe", ["{row}", "symbolic link"], []),
@@ -228,13 +250,26 @@ CASES = {
     "tiff-renamed": (_tiff, "image-format", ["{row}", "content is TIFF"], []),
     "animated-webp": (_animated("WEBP", "webp"), "image-readable", ["{row}", "is animated (3 frames)"], []),
     "animated-png": (_animated("PNG", "png"), "image-readable", ["{row}", "is animated (3 frames)"], []),
-    "class-overlap": (_respec(classes=["bird", "cat"]), "scenario-classes", ["'cat'", "already learned in task toy-a"], []),
-    "domain-class-mismatch": (_respec(scenario="domain-incremental", classes=["bird", "fish"]), "scenario-classes",
-                              ["unknown to dataset 'toy': bird, fish", "lacks known class(es)"], []),
+    "class-overlap": (
+        _respec(classes=["bird", "cat"]),
+        "scenario-classes",
+        ["'cat'", "already learned in task toy-a"],
+        [],
+    ),
+    "domain-class-mismatch": (
+        _respec(scenario="domain-incremental", classes=["bird", "fish"]),
+        "scenario-classes",
+        ["unknown to dataset 'toy': bird, fish", "lacks known class(es)"],
+        [],
+    ),
     "class-without-train": (_declared_without_train, "class-has-train", ["class 'owl' has 0 training image(s)"], []),
     "bad-task-yaml": (_respec(scenario="sideways"), "task-yaml", ["scenario"], []),
-    "task-yaml-not-yaml": (lambda d, c: (d / "task.yaml").write_text("task_id: toy-b\nclasses: [bird\n"), "task-yaml",
-                           ["task.yaml, line 3, column 1: not valid YAML: expected ',' or ']'"], []),
+    "task-yaml-not-yaml": (
+        lambda d, c: (d / "task.yaml").write_text("task_id: toy-b\nclasses: [bird\n"),
+        "task-yaml",
+        ["task.yaml, line 3, column 1: not valid YAML: expected ',' or ']'"],
+        [],
+    ),
     "no-manifest": (_no_manifest, "manifest-readable", ["manifest.csv is missing"], []),
 }
 
@@ -292,7 +327,8 @@ def test_accepted_task_revalidates_from_its_shards(base_workspace, capsys):
 
 
 def test_gx_all_null_column_does_not_pass_silently(ws, tmp_path):
-    """GX range/set checks pass on nulls; our suite pairs them with not-null checks (docs/reliability.md, "Great Expectations")."""
+    """GX range/set checks pass on nulls; our suite pairs them with not-null checks (docs/reliability.md,
+    "Great Expectations")."""
     drop = make_task(tmp_path / "drops", "toy-e", ["owl"])
     rows = read_manifest(drop)
     write_manifest(drop, [[r[0], "", r[2]] for r in rows[1:]])

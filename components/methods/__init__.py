@@ -18,13 +18,16 @@ _LOADED = False
 
 def register_method(name: str):
     """Class decorator: ``@register_method("gnsp")``."""
+
     def decorate(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise MethodError(f"method name {name!r} is registered twice "
-                              f"({_REGISTRY[name].__module__}, {cls.__module__})")
+            raise MethodError(
+                f"method name {name!r} is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return decorate
 
 

@@ -24,9 +24,10 @@ Method code imports no prefect, mlflow or boto3.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -97,8 +98,9 @@ class Context:
 
     def task(self, task_id: str) -> TaskData:
         if self.locate_task is None:
-            raise MethodError(f"task {task_id} is needed again (replay or pool rebuild) but the context cannot locate "
-                              "learned tasks")
+            raise MethodError(
+                f"task {task_id} is needed again (replay or pool rebuild) but the context cannot locate learned tasks"
+            )
         return self.locate_task(task_id)
 
     @property
@@ -218,8 +220,14 @@ class Method:
         """What the method measured on the task that just ended (called after ``end_task``)."""
         return MethodReport()
 
-    def scores(self, state: LearnerState, images: torch.Tensor, class_keys: list[str], class_names: dict[str, str],
-               ctx: Context) -> torch.Tensor:
+    def scores(
+        self,
+        state: LearnerState,
+        images: torch.Tensor,
+        class_keys: list[str],
+        class_names: dict[str, str],
+        ctx: Context,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -232,9 +240,16 @@ def context_for(config, backbone: Backbone, **fields: Any) -> Context:
     workers = config.evaluation.workers
     if workers is None:
         workers = min(8, torch.get_num_threads()) if str(backbone.device).startswith("cuda") else 0
-    return Context(backbone=backbone, batch_size=config.evaluation.batch_size, workers=workers,
-                   templates=config.evaluation.templates, seed=config.evaluation.seed,
-                   load_base=lambda: load_backbone(config.model), resolve=config.location, **fields)
+    return Context(
+        backbone=backbone,
+        batch_size=config.evaluation.batch_size,
+        workers=workers,
+        templates=config.evaluation.templates,
+        seed=config.evaluation.seed,
+        load_base=lambda: load_backbone(config.model),
+        resolve=config.location,
+        **fields,
+    )
 
 
 def task_prompts(tasks: Iterable[TaskData | None]) -> dict[str, list[str]]:

@@ -22,8 +22,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from components.methods import register_method
-from components.methods.tuning import (TunedCLIP, TuneSettings, cached_image_features, frozen_copy, kl_batchmean,
-                                       symmetric_info_nce)
+from components.methods.tuning import (
+    TunedCLIP,
+    TuneSettings,
+    cached_image_features,
+    frozen_copy,
+    kl_batchmean,
+    symmetric_info_nce,
+)
 
 QUEUE_IMAGE, QUEUE_TEXT, QUEUE_PTR = "ctp.queue_image", "ctp.queue_text", "ctp.queue_ptr"
 SELF_MASK = -1000.0
@@ -32,8 +38,9 @@ SELF_MASK = -1000.0
 
 
 @torch.no_grad()
-def momentum_update(momentum: list[torch.Tensor], live: list[torch.Tensor], start: list[torch.Tensor] | None,
-                    m: float, alpha: float) -> None:
+def momentum_update(
+    momentum: list[torch.Tensor], live: list[torch.Tensor], start: list[torch.Tensor] | None, m: float, alpha: float
+) -> None:
     """In place: momentum <- m * momentum + (1 - m) * (alpha * start + (1 - alpha) * live).
 
     Without ``start`` (the first task) it is a plain EMA of the live model. The terms are added in the
@@ -65,8 +72,15 @@ def enqueue(queue: torch.Tensor, pointer: int, keys: torch.Tensor) -> int:
     return int((pointer + len(keys)) % size)
 
 
-def cmc_loss(image: torch.Tensor, text: torch.Tensor, momentum_image: torch.Tensor, momentum_text: torch.Tensor,
-             queue_image: torch.Tensor, queue_text: torch.Tensor, tau: float) -> torch.Tensor:
+def cmc_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    momentum_image: torch.Tensor,
+    momentum_text: torch.Tensor,
+    queue_image: torch.Tensor,
+    queue_text: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
     """Compatible momentum contrast: own momentum key (diagonal) against the batch's keys and the queue."""
     target = torch.arange(len(image), device=image.device)
     keys_text = torch.cat([momentum_text.T, queue_text], dim=1)
@@ -79,8 +93,9 @@ def _self_masked(similarity: torch.Tensor) -> torch.Tensor:
     return similarity.masked_fill(eye, SELF_MASK)  # before dividing by tau, as the official code
 
 
-def topology_loss(image: torch.Tensor, text: torch.Tensor, ref_image: torch.Tensor, ref_text: torch.Tensor,
-                  tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def topology_loss(
+    image: torch.Tensor, text: torch.Tensor, ref_image: torch.Tensor, ref_text: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-modal, intra-modal) topology preservation: KL from the reference model's similarity
     distributions to the live model's, image->text + text->image, and image-image + text-text with self
     pairs masked; each the mean of its two directions."""
@@ -104,10 +119,13 @@ class Queues:
     pointer: int
 
     @classmethod
-    def fresh(cls, dim: int, size: int, seed: int) -> "Queues":
+    def fresh(cls, dim: int, size: int, seed: int) -> Queues:
         generator = torch.Generator().manual_seed(seed)  # random unit vectors, as the official initialisation
-        return cls(F.normalize(torch.randn(dim, size, generator=generator), dim=0),
-                   F.normalize(torch.randn(dim, size, generator=generator), dim=0), 0)
+        return cls(
+            F.normalize(torch.randn(dim, size, generator=generator), dim=0),
+            F.normalize(torch.randn(dim, size, generator=generator), dim=0),
+            0,
+        )
 
     def to_bundle(self, state) -> None:
         state.method_tensors[QUEUE_IMAGE] = self.image.detach().cpu()
@@ -115,7 +133,7 @@ class Queues:
         state.method_tensors[QUEUE_PTR] = torch.tensor(self.pointer, dtype=torch.int64)
 
     @classmethod
-    def from_bundle(cls, state) -> "Queues | None":
+    def from_bundle(cls, state) -> Queues | None:
         tensors = state.method_tensors
         if QUEUE_IMAGE not in tensors:
             return None
@@ -139,8 +157,11 @@ class CTPSettings(TuneSettings):
     cmc_weight: float = Field(1.0, ge=0)
     tp_cross_weight: float = Field(1.0, ge=0)
     tp_intra_weight: float = Field(1.0, ge=0)
-    cache_reference: bool = Field(True, description="with augment false, compute the task-start model's image "
-                                                    "features once per task instead of every step (exact)")
+    cache_reference: bool = Field(
+        True,
+        description="with augment false, compute the task-start model's image "
+        "features once per task instead of every step (exact)",
+    )
 
 
 @register_method("ctp")
@@ -160,7 +181,9 @@ class CTP(TunedCLIP):
         live = dict(self.model.named_parameters())
         self._live = [live[n] for n in names]
         self._momentum = [dict(self.momentum_model.named_parameters())[n] for n in names]
-        self._start = [dict(self.reference.named_parameters())[n] for n in names] if self.reference is not None else None
+        self._start = (
+            [dict(self.reference.named_parameters())[n] for n in names] if self.reference is not None else None
+        )
         self.reference_image = self.reference_text = None
         if self.reference is not None:
             # The task-start model is frozen: its caption features never change during the task, and neither
@@ -172,8 +195,13 @@ class CTP(TunedCLIP):
 
     def training_state(self) -> dict[str, torch.Tensor]:
         state = {f"momentum/{i}": p for i, p in enumerate(self._momentum)}
-        state.update({"queue_image": self.queues.image, "queue_text": self.queues.text,
-                      "queue_ptr": torch.tensor(self.queues.pointer)})
+        state.update(
+            {
+                "queue_image": self.queues.image,
+                "queue_text": self.queues.text,
+                "queue_ptr": torch.tensor(self.queues.pointer),
+            }
+        )
         return state
 
     def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -199,8 +227,10 @@ class CTP(TunedCLIP):
         with torch.no_grad():
             m_image = self.encode_image(images, self.momentum_model)
             m_text = self.encode_text(self.label_tokens, self.momentum_model)[labels]
-        losses = {"ita": symmetric_info_nce(image, text, 1 / s.tau),
-                  "cmc": s.cmc_weight * cmc_loss(image, text, m_image, m_text, self.queues.image, self.queues.text, s.tau)}
+        losses = {
+            "ita": symmetric_info_nce(image, text, 1 / s.tau),
+            "cmc": s.cmc_weight * cmc_loss(image, text, m_image, m_text, self.queues.image, self.queues.text, s.tau),
+        }
         if self.reference is not None:
             with torch.no_grad():
                 if self.reference_image is not None and len(batch) > 2:

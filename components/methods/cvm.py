@@ -54,11 +54,14 @@ class ConceptTable:
         state.method_meta["cvm.concept_keys"] = list(self.keys)
 
     @classmethod
-    def from_bundle(cls, state) -> "ConceptTable | None":
+    def from_bundle(cls, state) -> ConceptTable | None:
         if "cvm.projection" not in state.method_tensors:
             return None
-        return cls(list(state.method_meta.get("cvm.concept_keys", [])), state.method_tensors["cvm.concepts"],
-                   state.method_tensors["cvm.projection"])
+        return cls(
+            list(state.method_meta.get("cvm.concept_keys", [])),
+            state.method_tensors["cvm.concepts"],
+            state.method_tensors["cvm.projection"],
+        )
 
 
 class ConceptEncoder:
@@ -97,8 +100,11 @@ class ConceptEncoder:
 
 
 class CVMSettings(TuneSettings):
-    language_model: str = Field("backbone", description="frozen concept space: the backbone's text tower, or a Hugging "
-                                                        "Face model folder / package:<module>/<folder>")
+    language_model: str = Field(
+        "backbone",
+        description="frozen concept space: the backbone's text tower, or a Hugging "
+        "Face model folder / package:<module>/<folder>",
+    )
     prompt: str = Field("a photo of a {}", description="how a class name is put to the language model")
     tau: float = Field(0.07, gt=0)
     loss_classes: Literal["task", "seen"] = Field("seen")
@@ -156,8 +162,13 @@ class CVM(TunedCLIP):
     def training_step(self, batch):
         images, labels = batch[:2]
         mapped = self.model.encode_image(images).float() @ self.projection.T
-        return {"ce": F.cross_entropy(concept_logits(mapped, self.targets, self.settings.tau), labels,
-                                      label_smoothing=self.settings.label_smoothing)}
+        return {
+            "ce": F.cross_entropy(
+                concept_logits(mapped, self.targets, self.settings.tau),
+                labels,
+                label_smoothing=self.settings.label_smoothing,
+            )
+        }
 
     def export(self, state) -> None:
         ConceptTable(self.table.keys, self.table.concepts, self.projection.detach().cpu()).to_bundle(state)

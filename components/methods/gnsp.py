@@ -109,17 +109,19 @@ def map_targets(caption_index: torch.Tensor) -> torch.Tensor:
 
 def map_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Soft-target CE both ways, with label smoothing on top of the soft targets."""
-    return (F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.T.float(), targets.T, label_smoothing=label_smoothing))
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing) + F.cross_entropy(
+        logits.T.float(), targets.T, label_smoothing=label_smoothing
+    )
 
 
 # ---- typed state: the running Gram sums, one per projected matrix ------------------------------------------
-# Persisted, not the projectors (docs/methods/gnsp.md, "Per-task state"): P is recomputed from them at the start of a task.
+# Persisted, not the projectors (docs/methods/gnsp.md, "Per-task state"): P is recomputed from them at the
+# start of a task.
 
 
 def gram_sums(state) -> dict[str, torch.Tensor]:
     """Parameter name -> running Gram sum, from a learner state (empty before the first task ends)."""
-    return {k[len(GRAM_PREFIX):]: v for k, v in state.method_tensors.items() if k.startswith(GRAM_PREFIX)}
+    return {k[len(GRAM_PREFIX) :]: v for k, v in state.method_tensors.items() if k.startswith(GRAM_PREFIX)}
 
 
 def store_gram_sums(state, sums: dict[str, torch.Tensor]) -> None:
@@ -162,6 +164,7 @@ def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) 
     def keep(name):
         def hook(module, args):
             grams[name] = gram_update(grams[name], args[0])
+
         return hook
 
     for i, block in enumerate(visual_blocks(model)):
@@ -190,7 +193,8 @@ def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) 
 class GNSPSettings(ReferenceSettings):
     rho: float = Field(0.15, gt=0, lt=1, description="tail fraction of the singular-value sum left unprotected")
     project: Literal["gradient", "update"] = Field(
-        "gradient", description="project the gradient before AdamW (official) or the whole step")
+        "gradient", description="project the gradient before AdamW (official) or the whole step"
+    )
     cd_weight: float = Field(1.0, ge=0)
     map_weight: float = Field(0.75, ge=0)
     gram_batch_size: int = Field(16, ge=1)
@@ -214,7 +218,7 @@ class GNSP(ReferenceDistillation):
     def setup(self) -> None:
         grams = self.grams()
         self.projectors: dict[str, tuple[torch.Tensor, bool]] = {}
-        for name, inputs_last in (protected_layers(self.model) if grams else []):
+        for name, inputs_last in protected_layers(self.model) if grams else []:
             if name not in grams:
                 raise MethodError(f"GNSP state has no Gram matrix for {name} (made by another model?)")
             proj, k = projector(grams[name].to(self.device), self.settings.rho)
@@ -233,8 +237,11 @@ class GNSP(ReferenceDistillation):
         student = self.scale * step.reference @ self.reference_text()[caps].T
         teacher = self.scale * self.teacher.image[step.rows] @ self.teacher.text[caps].T
         s = self.settings
-        return {"ce": step.ce, "cd": s.cd_weight * image_text_distill(teacher, student, s.temperature),
-                "map": s.map_weight * map_loss(student, map_targets(caps), s.label_smoothing)}
+        return {
+            "ce": step.ce,
+            "cd": s.cd_weight * image_text_distill(teacher, student, s.temperature),
+            "map": s.map_weight * map_loss(student, map_targets(caps), s.label_smoothing),
+        }
 
     def after_backward(self) -> None:
         if not self.projectors:
@@ -272,6 +279,8 @@ class GNSP(ReferenceDistillation):
         loader = make_loader(dataset, self.settings.gram_batch_size, self.ctx.workers)
         current = task_grams(self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False))
         previous = self.grams()
-        sums = {name: accumulate(previous.get(name), gram.cpu(), renormalise_previous=name == "visual.proj")
-                for name, gram in current.items()}
+        sums = {
+            name: accumulate(previous.get(name), gram.cpu(), renormalise_previous=name == "visual.proj")
+            for name, gram in current.items()
+        }
         store_gram_sums(state, sums)

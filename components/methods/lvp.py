@@ -23,11 +23,17 @@ def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats
     text = ctx.text_embeddings(task.class_names, task.dataset)
     backbone = ctx.backbone
     prompts = ctx.task_prompts.get(task.dataset) if ctx.templates == "task" else None
-    meta = {"backbone": backbone.reference, "preprocess": repr(backbone.preprocess),
-            "prompt_templates": prompts or ctx.templates,
-            "metric": cfg.metric, "variant": cfg.variant, "task": task.summary()}
-    pool = build_task_pool(task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta,
-                           domain=task.domain)
+    meta = {
+        "backbone": backbone.reference,
+        "preprocess": repr(backbone.preprocess),
+        "prompt_templates": prompts or ctx.templates,
+        "metric": cfg.metric,
+        "variant": cfg.variant,
+        "task": task.summary(),
+    }
+    pool = build_task_pool(
+        task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta, domain=task.domain
+    )
     return pool, stats
 
 
@@ -60,15 +66,26 @@ class LVP(Method):
         from components.pools import PoolError
 
         pool = TaskPool.load(ctx.prebuilt_pools[task.task_id], task.task_id)
-        expected = {"config": self.settings.model_dump(mode="json"), "backbone": ctx.backbone.reference,
-                    "classes": task.class_keys, "task": task.summary()}
-        found = {"config": pool.config, "backbone": pool.meta.get("backbone"), "classes": pool.class_keys,
-                 "task": pool.meta.get("task")}
+        expected = {
+            "config": self.settings.model_dump(mode="json"),
+            "backbone": ctx.backbone.reference,
+            "classes": task.class_keys,
+            "task": task.summary(),
+        }
+        found = {
+            "config": pool.config,
+            "backbone": pool.meta.get("backbone"),
+            "classes": pool.class_keys,
+            "task": pool.meta.get("task"),
+        }
         for name in expected:
-            if (json.dumps(expected[name], sort_keys=True, default=str)
-                    != json.dumps(found[name], sort_keys=True, default=str)):
-                raise PoolError(f"prebuilt pool of {task.task_id} in {ctx.prebuilt_pools[task.task_id]}: its {name} "
-                                f"does not match this run's (built with other settings or another model)")
+            if json.dumps(expected[name], sort_keys=True, default=str) != json.dumps(
+                found[name], sort_keys=True, default=str
+            ):
+                raise PoolError(
+                    f"prebuilt pool of {task.task_id} in {ctx.prebuilt_pools[task.task_id]}: its {name} "
+                    f"does not match this run's (built with other settings or another model)"
+                )
         return pool
 
     def end_task(self):

@@ -16,8 +16,11 @@ from components.methods.tuning import cached_image_features, frozen_copy, image_
 class LwFSettings(FineTuneSettings):
     temperature: float = Field(2.0, gt=0)
     distill_weight: float = Field(1.0, ge=0)
-    cache_teacher: bool = Field(True, description="with augment false, compute the teacher's image features once per "
-                                                  "task instead of every step (exact)")
+    cache_teacher: bool = Field(
+        True,
+        description="with augment false, compute the teacher's image features once per "
+        "task instead of every step (exact)",
+    )
 
 
 @register_method("lwf")
@@ -44,8 +47,11 @@ class LwF(FineTune):
                 teacher_image = self.encode_image(images, self.teacher)
             teacher_logits = self.scale * teacher_image @ self.teacher_text.T
         student_logits = self.scale * features @ text.T
-        return {"ce": ce, "lwf": self.settings.distill_weight * image_text_distill(teacher_logits, student_logits,
-                                                                        self.settings.temperature)}
+        return {
+            "ce": ce,
+            "lwf": self.settings.distill_weight
+            * image_text_distill(teacher_logits, student_logits, self.settings.temperature),
+        }
 
     def end_task(self):
         del self.teacher, self.teacher_image

@@ -21,9 +21,12 @@ from components.methods.tuning import normalize
 
 
 class ReferenceSettings(FineTuneSettings):
-    reference_set: str | None = Field(None, description="task drop or stored task whose images and class captions are "
-                                      "the reference set (official: 1000 ImageNet train images); null = the current "
-                                      "task's images")
+    reference_set: str | None = Field(
+        None,
+        description="task drop or stored task whose images and class captions are "
+        "the reference set (official: 1000 ImageNet train images); null = the current "
+        "task's images",
+    )
     reference_size: int = Field(1000, ge=1)
     reference_batch_size: int = Field(64, ge=1)
     reference_seed: int = Field(42)
@@ -117,8 +120,12 @@ class ReferenceDistillation(FineTune):
         base = self.ctx.base_backbone
         self.reference = reference_for(self.settings, self.task, self.ctx)
         with torch.no_grad(), base.autocast():
-            image = torch.cat([normalize(base.model.encode_image(chunk.to(self.device)).float())
-                               for chunk in self.reference.images.split(256)])
+            image = torch.cat(
+                [
+                    normalize(base.model.encode_image(chunk.to(self.device)).float())
+                    for chunk in self.reference.images.split(256)
+                ]
+            )
             text = normalize(base.model.encode_text(base.tokenizer(self.reference.distinct).to(self.device)).float())
         self.teacher = Teacher(image=image, text=text)
 
@@ -126,11 +133,17 @@ class ReferenceDistillation(FineTune):
         rows = self.reference.next_rows()
         # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
         both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
-        features, reference = both[:len(images)], both[len(images):]
-        ce = F.cross_entropy(self.scale * features @ self.class_text().T, labels,
-                             label_smoothing=self.settings.label_smoothing)
-        return JointForward(rows=rows.to(self.device), captions=self.reference.caption_index[rows].to(self.device),
-                            features=features, reference=reference, ce=ce)
+        features, reference = both[: len(images)], both[len(images) :]
+        ce = F.cross_entropy(
+            self.scale * features @ self.class_text().T, labels, label_smoothing=self.settings.label_smoothing
+        )
+        return JointForward(
+            rows=rows.to(self.device),
+            captions=self.reference.caption_index[rows].to(self.device),
+            features=features,
+            reference=reference,
+            ce=ce,
+        )
 
     def release_reference(self) -> None:
         """Free the reference set and the teacher's features with the task."""

@@ -25,8 +25,14 @@ import torch
 from pydantic import Field
 
 from components.methods import register_method
-from components.methods.tuning import (TunedCLIP, TuneSettings, kl_batchmean, normalize, symmetric_info_nce,
-                                       visual_blocks)
+from components.methods.tuning import (
+    TunedCLIP,
+    TuneSettings,
+    kl_batchmean,
+    normalize,
+    symmetric_info_nce,
+    visual_blocks,
+)
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
 
@@ -108,8 +114,9 @@ class SGSettings(TuneSettings):
 
 @register_method("sg")
 class SG(TunedCLIP):
-    summary = ("SG-RL + SG-KD: soft targets and distillation guided by class-name text similarity; "
-               "last image block trains")
+    summary = (
+        "SG-RL + SG-KD: soft targets and distillation guided by class-name text similarity; last image block trains"
+    )
     Settings = SGSettings
 
     def select_trainable(self):
@@ -124,8 +131,8 @@ class SG(TunedCLIP):
             self.targets = soft_labels(self.name_text, self.settings.kappa)
             self.old_count = len(self.old_keys)  # label_keys start with the old classes when loss_classes is seen
             self.prompt_text = self.class_text()
-            if self.old_count and self.label_keys[:self.old_count] == self.old_keys:
-                similarity = self.name_text @ self.prompt_text[:self.old_count].T
+            if self.old_count and self.label_keys[: self.old_count] == self.old_keys:
+                similarity = self.name_text @ self.prompt_text[: self.old_count].T
                 self.old_similarity = similarity.half().float() if self.settings.parity else similarity
                 self.teacher_block = copy.deepcopy(visual_blocks(self.model)[-1]).eval().requires_grad_(False)
             else:
@@ -139,16 +146,21 @@ class SG(TunedCLIP):
             tokens = trunk_features(visual, images, self.blocks - 1)
         student = normalize(head_features(visual, tokens, [visual_blocks(self.model)[-1]]).float())
         text = self.prompt_text
-        losses = {"con": symmetric_info_nce(student, text[labels], self.scale),
-                  "rl": self.settings.rl_weight * rl_loss(self.scale * student @ text.T, self.targets[:, labels].T,
-                                                          self.settings.parity)}
+        losses = {
+            "con": symmetric_info_nce(student, text[labels], self.scale),
+            "rl": self.settings.rl_weight
+            * rl_loss(self.scale * student @ text.T, self.targets[:, labels].T, self.settings.parity),
+        }
         if self.teacher_block is not None and self.settings.kd_weight > 0:
             with torch.no_grad():
                 teacher = normalize(head_features(visual, tokens, [self.teacher_block]).float())
-                teacher_logits = adjust_teacher(self.scale * teacher @ text[:self.old_count].T,
-                                                self.old_similarity[labels])
-            student_logits = self.scale * student @ text[:self.old_count].T
-            losses["kd"] = self.settings.kd_weight * kd_loss(teacher_logits, student_logits, self.settings.kd_temperature)
+                teacher_logits = adjust_teacher(
+                    self.scale * teacher @ text[: self.old_count].T, self.old_similarity[labels]
+                )
+            student_logits = self.scale * student @ text[: self.old_count].T
+            losses["kd"] = self.settings.kd_weight * kd_loss(
+                teacher_logits, student_logits, self.settings.kd_temperature
+            )
         return losses
 
     def end_task(self):

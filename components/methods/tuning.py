@@ -40,8 +40,9 @@ def soft_ce_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
 def image_text_distill(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KD_T on an image x text logit matrix in both directions (image->text and text->image), as LwF's,
     ZSCL's and GNSP's contrastive distillation use it (docs/methods/README.md, "Notation")."""
-    return (soft_ce_distill(teacher_logits, student_logits, temperature)
-            + soft_ce_distill(teacher_logits.T, student_logits.T, temperature))
+    return soft_ce_distill(teacher_logits, student_logits, temperature) + soft_ce_distill(
+        teacher_logits.T, student_logits.T, temperature
+    )
 
 
 def kl_batchmean(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -155,14 +156,21 @@ def cached_image_features(model: torch.nn.Module, dataset, ctx: Context) -> torc
 
 class TuneSettings(TrainSettings):
     loss_classes: Literal["task", "seen"] = Field(
-        "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far")
-    memory_per_class: int = Field(0, ge=0,
-                                  description="replay exemplars kept per class (herding), mixed into later tasks")
-    memory_size: int = Field(0, ge=0, description="replay memory of this many training samples, reservoir-sampled over "
-                                                  "every task seen (CTP+ER: 10000), mixed into later tasks")
+        "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far"
+    )
+    memory_per_class: int = Field(
+        0, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks"
+    )
+    memory_size: int = Field(
+        0,
+        ge=0,
+        description="replay memory of this many training samples, reservoir-sampled over "
+        "every task seen (CTP+ER: 10000), mixed into later tasks",
+    )
     classifier: Literal["text", "pool"] = Field(
         "text",
-        description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder")
+        description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder",
+    )
     pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
 
 
@@ -170,8 +178,10 @@ def visual_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     try:
         return list(model.visual.transformer.resblocks)
     except AttributeError:
-        raise MethodError("this method needs a ViT image tower (open_clip VisionTransformer); "
-                          f"{type(getattr(model, 'visual', model)).__name__} is not one") from None
+        raise MethodError(
+            "this method needs a ViT image tower (open_clip VisionTransformer); "
+            f"{type(getattr(model, 'visual', model)).__name__} is not one"
+        ) from None
 
 
 class TunedCLIP(Method):
@@ -223,8 +233,12 @@ class TunedCLIP(Method):
         self.trainable = self.select_trainable()
         for _, p in self.trainable:
             p.requires_grad_(True)
-        self.text_trains = any(n.startswith(("transformer.", "token_embedding", "text.", "positional_embedding",
-                                             "ln_final", "text_projection")) for n, _ in self.trainable)
+        self.text_trains = any(
+            n.startswith(
+                ("transformer.", "token_embedding", "text.", "positional_embedding", "ln_final", "text_projection")
+            )
+            for n, _ in self.trainable
+        )
         scale = getattr(self.model, "logit_scale", None)
         self.scale = scale.exp().detach().float() if scale is not None else torch.tensor(100.0)
         self._frozen_text: dict[str, torch.Tensor] = {}
@@ -263,12 +277,18 @@ class TunedCLIP(Method):
         if self.settings.memory_size:
             import random
 
-            items = [{"task_id": task.task_id, "row": row, "class_key": task.class_keys[label]}
-                     for row, (_, label) in enumerate(task.train)]
+            items = [
+                {"task_id": task.task_id, "row": row, "class_key": task.class_keys[label]}
+                for row, (_, label) in enumerate(task.train)
+            ]
             rng = random.Random(f"{self.ctx.seed}:{task.task_id}")  # reproducible, and independent of task order
             state.method_meta["reservoir"], state.method_meta["reservoir_seen"] = reservoir_update(
-                state.method_meta.get("reservoir", []), state.method_meta.get("reservoir_seen", 0), items,
-                self.settings.memory_size, rng)
+                state.method_meta.get("reservoir", []),
+                state.method_meta.get("reservoir_seen", 0),
+                items,
+                self.settings.memory_size,
+                rng,
+            )
         self.export(state)
         if self.settings.classifier == "pool":
             self.rebuild_pools(state)

@@ -12,7 +12,9 @@ from components.methods import register_method
 from components.methods.finetune import FineTune, FineTuneSettings
 
 
-def interpolate(finetuned: dict[str, torch.Tensor], start: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def interpolate(
+    finetuned: dict[str, torch.Tensor], start: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """alpha * finetuned + (1 - alpha) * start, tensor by tensor (integer buffers are taken as fine-tuned)."""
     out = {}
     for name, value in finetuned.items():

@@ -36,8 +36,9 @@ def ensemble_update(average: list[torch.Tensor], current: list[torch.Tensor], me
 class ZSCLSettings(ReferenceSettings):
     distill_weight: float = Field(1.0, ge=0)
     l2_weight: float = Field(1.0, ge=0)
-    ensemble_every: int | None = Field(100, ge=1,
-                                       description="merge into the weight ensemble every N iterations; null = off")
+    ensemble_every: int | None = Field(
+        100, ge=1, description="merge into the weight ensemble every N iterations; null = off"
+    )
 
 
 @register_method("zscl")
@@ -67,10 +68,12 @@ class ZSCL(ReferenceDistillation):
         step = self.joint_forward(*batch[:2])
         teacher_logits = self.scale * self.teacher.image[step.rows] @ self.teacher.text.T
         student_logits = self.scale * step.reference @ self.teacher.text.T
-        return {"ce": step.ce,
-                "distill": self.settings.distill_weight * image_text_distill(teacher_logits, student_logits,
-                                                                             self.settings.temperature),
-                "l2": self._l2_value()}
+        return {
+            "ce": step.ce,
+            "distill": self.settings.distill_weight
+            * image_text_distill(teacher_logits, student_logits, self.settings.temperature),
+            "l2": self._l2_value(),
+        }
 
     def _l2_value(self) -> torch.Tensor:
         # The distances are computed once per step, without a graph: their squared norms are the logged
