@@ -454,15 +454,6 @@ def drop_locations(location: str, config: Config, warn: Callable[[str], None] | 
     return tasks.discover(str(path), warn=warn)
 
 
-def task_location(task_id: str, config: Config) -> str:
-    """Where a known task's data lies now: its accepted folder, or its quarantine folder."""
-    paths = workspace_paths(config)
-    for candidate in (paths["tasks"] / task_id, paths["quarantine"] / task_id):
-        if (candidate / "task.yaml").exists():
-            return str(candidate)
-    raise FileNotFoundError(f"no task {task_id} in {paths['ws']} (neither accepted nor quarantined)")
-
-
 def status(config: Config) -> list[dict]:
     paths = workspace_paths(config)
     if not paths["ledger"].exists():

@@ -218,13 +218,6 @@ def get_bytes(uri: S3Uri, client, max_bytes: int | None = None) -> bytes:
     return data
 
 
-def put_file(path: Path, uri: S3Uri, client) -> None:
-    try:
-        client.upload_file(str(path), uri.bucket, uri.key)
-    except Exception as exc:
-        raise storage_error(exc, f"cannot upload {path} to {uri}") from exc
-
-
 def _client_error_text(exc: Exception) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):

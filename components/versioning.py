@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -281,7 +280,3 @@ def head(ws: Path) -> str | None:
 
 def push(ws: Path) -> None:
     dvc(["push"], ws)  # not -q: with it a failed push says nothing about why
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
