@@ -54,3 +54,13 @@ def test_pool_build_reports_throughput_and_ratios(tmp_path):
     rates = report["img_per_s"]
     assert all(rates[k] > 0 for k in ("pool_build", "bare_encoder", "plain_fp32"))
     assert report["ratios"]["pool_vs_encoder"] == round(rates["pool_build"] / rates["bare_encoder"], 3)
+
+
+def test_shard_read_reports_the_checksum_cost_against_decoding(tmp_path):
+    out = tmp_path / "shard.json"
+    report = _run("shard_read.py", "--images", "16", "--rounds", "1", "--out", str(out))
+    assert json.loads(out.read_text()) == report and report["images"] == 16
+    us = report["us_per_image"]
+    assert all(us[k] > 0 for k in ("read", "read_checked", "decode", "decode_resize"))
+    expected = max(us["read_checked"] - us["read"], 0) / us["decode"]  # from the rounded figures: near, not equal
+    assert abs(report["check_vs_decode"] - expected) < 0.01
