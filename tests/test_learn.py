@@ -16,8 +16,8 @@ from components import ingestion
 from components.config import load_config
 from components.data import load_task
 from components.learn import context_for, learn
+from components.merged_pool import merge
 from components.methods import available_methods, get_method
-from components.pools import merge
 from components.state import LearnerState, StateError
 from flows.cli import main
 from tests.conftest import tiny_overrides

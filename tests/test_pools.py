@@ -7,20 +7,8 @@ import itertools
 import pytest
 import torch
 
-from components.pools import (
-    MergedPool,
-    PoolConfig,
-    PoolError,
-    TaskPool,
-    build_task_pool,
-    class_sums,
-    kmeans_l1,
-    merge,
-    per_class_max,
-    similarity,
-    train_head,
-    train_it_scalars,
-)
+from components.merged_pool import MergedPool, merge, per_class_max, similarity, train_head
+from components.pools import PoolConfig, PoolError, TaskPool, build_task_pool, class_sums, kmeans_l1, train_it_scalars
 
 D = 8
 META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}

@@ -10,9 +10,10 @@ import time
 
 import torch
 
+from components.merged_pool import MergedPool, merge, train_head
 from components.methods import register_method
 from components.methods.base import Context, Method, MethodReport, PoolStats, context_for, task_prompts
-from components.pools import MergedPool, PoolConfig, TaskPool, build_task_pool, merge, train_head
+from components.pools import PoolConfig, TaskPool, build_task_pool
 
 
 def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats]:
