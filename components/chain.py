@@ -1,11 +1,12 @@
-"""The chain's state and its review: which tasks wait, which version is the champion, and every move of
-the ledger and the registry's aliases that a night, a gate or a reviewer makes.
+"""The chain's state: which tasks wait, which version is the champion, and the ledger moves a night makes
+(the chain lock, reconcile, pending tasks, head, start/fail learning). Decisions on a version (gate, review,
+rollback, requeue) live in ``components/review.py``, which builds on the helpers here.
 
 Consistency rules (``docs/contracts.md``, "A task's life in the ledger"):
 
 - the ledger moves ``validated|failed -> learning -> learned -> promoted|rejected``; a failure anywhere
   moves ``learning -> failed`` with the reason, and the champion alias is only ever moved by
-  ``decide``/``rollback`` under the registry lock, as a compare-and-set;
+  ``review.decide``/``review.rollback`` under the registry lock, as a compare-and-set;
 - ``reconcile`` runs first every night and makes the ledger agree with the registry: an alias moved by
   hand in the MLflow UI is honoured (the champion's chain is the truth), a rollback rejects the tasks it
   removed, a ``learning`` entry left by a dead process (we hold the chain lock, so nobody else is
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -27,11 +27,6 @@ from typing import Any
 
 from components.config import Config
 from components.ledger import Ledger, TaskRecord
-
-REVIEWER_GATE = "cliploop-gate"
-
-
-REVIEWER_AUTO = "cliploop-auto-promote"
 
 
 class PipelineError(RuntimeError):
@@ -124,7 +119,7 @@ def reconcile(config: Config) -> list[str]:
                 )
                 changes.append(f"{record.task_id}: learned -> promoted (champion v{champion} was set in the registry)")
             elif record.state == "learned" and record.model_version:
-                tags = _tags_or_none(registry, record.model_version)
+                tags = version_tags_or_none(registry, record.model_version)
                 review = (tags or {}).get("review")
                 parent = (tags or {}).get("parent_version", "")
                 if review in ("rejected", "rolled-back"):
@@ -166,7 +161,7 @@ def reconcile(config: Config) -> list[str]:
     return changes
 
 
-def _tags_or_none(registry, version) -> dict[str, str] | None:
+def version_tags_or_none(registry, version) -> dict[str, str] | None:
     """The version's tags; None only when it does not exist (deleted by hand). An outage raises: a night
     must never read "the registry did not answer" as "the version is gone"."""
     from components.registry import NotFound
@@ -186,7 +181,7 @@ def awaiting_review(config: Config) -> list[dict[str, Any]]:
         for record in ledger.all():
             if record.state != "learned" or not record.model_version:
                 continue
-            tags = _tags_or_none(registry, record.model_version) or {}
+            tags = version_tags_or_none(registry, record.model_version) or {}
             if tags.get("parent_version", "") == (str(champion) if champion is not None else ""):
                 out.append(
                     {
@@ -220,7 +215,7 @@ def task_record(config: Config, task_id: str) -> TaskRecord:
     return record
 
 
-def _move(
+def move_task(
     config: Config, task_id: str, allowed: tuple[str, ...], target: str, refusal: str, fields=lambda record: {}
 ) -> dict[str, Any]:
     """Move a task from one of ``allowed`` states to ``target`` atomically, or say why it cannot.
@@ -238,7 +233,7 @@ def _move(
 
 
 def start_learning(config: Config, task_id: str) -> dict[str, Any]:
-    values = _move(
+    values = move_task(
         config,
         task_id,
         ("validated", "failed"),
@@ -273,154 +268,3 @@ def interrupted(config: Config, signum: int) -> list[str]:
                 )
                 changed.append(record.task_id)
     return changed
-
-
-def champion_row(registry, exclude: int | None = None) -> dict[str, float] | None:
-    """The champion's accuracy per task (its run's ``acc.<task>`` metrics)."""
-    champion = registry.alias("champion")
-    if champion is None or champion == exclude:
-        return None
-    metrics = registry.run_metrics(champion)
-    return {k[len("acc.") :]: v for k, v in metrics.items() if k.startswith("acc.")}
-
-
-def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str, Any]:
-    """The gate's verdict as version tags; a failing version is rejected (its task can be re-queued)."""
-    from components.gate import evaluate_gate
-
-    registry = registry_of(config)
-    verdict = evaluate_gate(
-        config.gate, update["metrics"], update["final_row"], update["task_id"], champion_row(registry, exclude=version)
-    )
-    registry.set_tags(version, {"gate": verdict.verdict, "gate_reasons": json.dumps(verdict.reasons)})
-    doc = verdict.to_dict() | {"version": version, "markdown": verdict.markdown(f"Promotion gate, version {version}")}
-    if not verdict.passed:
-        decide(config, version, "reject", REVIEWER_GATE, "; ".join(verdict.reasons))
-    return doc
-
-
-def decide(
-    config: Config, version: int, decision: str, reviewer: str, note: str = "", override_gate: bool = False
-) -> dict[str, Any]:
-    """Apply a review decision (``approve`` or ``reject``) to a version and its task; a repeat is a no-op.
-
-    The decision is made on what is read here and applied as a compare-and-set under the registry lock: if
-    another reviewer, the gate or a rollback changed the version's review or the champion in between, it
-    raises ``PipelineError`` saying so and changes nothing (two reviewers racing never both "win")."""
-    from components.faults import fault_point
-    from components.registry import DecisionConflict, RegistryError
-
-    if decision not in ("approve", "reject"):
-        raise PipelineError(f"unknown decision {decision!r} (approve or reject)")
-    if not reviewer:
-        raise PipelineError("a decision needs a reviewer name")
-    registry = registry_of(config)
-    tags = _tags_or_none(registry, version)
-    if tags is None:
-        raise PipelineError(f"model {registry.model_name!r} has no version {version}")
-    task_id, review = tags.get("task_id"), tags.get("review")
-    champion = registry.alias("champion")
-    expect = {"review": review, "champion": champion}
-    if decision == "approve":
-        if champion == version:
-            return {"version": version, "decision": "approve", "changed": False, "previous": None}
-        if tags.get("gate") == "fail" and not override_gate:
-            raise PipelineError(
-                f"version {version} failed the gate ({tags.get('gate_reasons')}); "
-                f"approve it anyway with --override-gate"
-            )
-        gate_only = review == "rejected" and tags.get("reviewer") == REVIEWER_GATE and override_gate
-        if review in ("rejected", "rolled-back", "superseded") and not gate_only:
-            raise PipelineError(
-                f"version {version} was {review} by {tags.get('reviewer') or 'someone'}"
-                f"{': ' + tags['review_note'] if tags.get('review_note') else ''}; it cannot be "
-                f"approved. `cliploop requeue {task_id}` learns the task again on the champion."
-            )
-        parent = tags.get("parent_version", "")
-        if parent != (str(champion) if champion is not None else ""):
-            raise PipelineError(
-                f"version {version} was learned on top of v{parent or ' (base model)'} but the "
-                f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
-                f"drop what the champion learned since. The next night learns task {task_id} again "
-                f"on the champion (or run `cliploop requeue {task_id}`)."
-            )
-        fault_point("after_decision_read")
-        try:
-            previous = registry.promote(version, reviewer, note, expect=expect)
-        except DecisionConflict as exc:
-            raise PipelineError(f"approval of version {version} lost a race: {exc}") from None
-        registry.set_tags(version, {"review_at": _now()})
-        _ledger_after_review(config, task_id, version, "promoted", note)
-        return {"version": version, "decision": "approve", "changed": True, "previous": previous}
-    if review == "rejected":
-        return {"version": version, "decision": "reject", "changed": False}
-    fault_point("after_decision_read")
-    try:
-        registry.reject(version, reviewer, note, expect=expect)
-    except DecisionConflict as exc:
-        raise PipelineError(f"rejection of version {version} lost a race: {exc}") from None
-    except RegistryError as exc:
-        raise PipelineError(str(exc)) from None
-    registry.set_tags(version, {"review_at": _now()})
-    _ledger_after_review(config, task_id, version, "rejected", note)
-    return {"version": version, "decision": "reject", "changed": True}
-
-
-def _now() -> str:
-    from components.ledger import now
-
-    return now()
-
-
-def _ledger_after_review(config: Config, task_id: str | None, version: int, to_state: str, note: str) -> None:
-    if not task_id:
-        return
-    with ledger_of(config) as ledger:
-        record = ledger.get(task_id)
-        # A gate-rejected version approved with --override-gate moves its task from rejected.
-        sources = ["learned", "rejected"] if to_state == "promoted" else ["learned"]
-        if record is not None and record.state in sources and record.model_version == str(version):
-            ledger.transition(task_id, to_state, expect=sources, reason=note or None, detail={"version": version})
-
-
-def review_requested(config: Config, version: int) -> None:
-    """The version waits for a reviewer (tagged ``pending``: a wait resumed on a later night finds it)."""
-    registry_of(config).set_review_if(version, "pending", (None, "pending", "timed-out"))
-
-
-def review_outcome(config: Config, version: int) -> str:
-    """promoted | rejected | awaiting-review, from the version's review tag."""
-    review = registry_of(config).version_tags(version).get("review")
-    return {"approved": "promoted", "rejected": "rejected"}.get(review, "awaiting-review")
-
-
-def review_timed_out(config: Config, version: int) -> bool:
-    """No decision came in time: the version stays challenger, tagged ``timed-out``. False if decided meanwhile."""
-    return registry_of(config).set_review_if(version, "timed-out", (None, "pending"))
-
-
-def rollback(config: Config, reviewer: str, note: str = "", expect_champion: int | None = None) -> dict[str, Any]:
-    """previous-champion becomes champion again; the tasks only the demoted version knew become rejected."""
-    from components.registry import RegistryError
-
-    registry = registry_of(config)
-    try:
-        restored, demoted = registry.rollback(reviewer, note, expect_champion=expect_champion)
-    except RegistryError as exc:
-        raise PipelineError(str(exc)) from None
-    registry.set_tags(demoted, {"review_at": _now()})
-    changes = reconcile(config)
-    return {"restored": restored, "demoted": demoted, "ledger": changes}
-
-
-def requeue(config: Config, task_id: str) -> dict[str, Any]:
-    """A rejected task (or a learned one whose version went stale) is learned again next night."""
-    _move(
-        config,
-        task_id,
-        ("rejected", "learned"),
-        "validated",
-        "only rejected or learned tasks can be re-queued",
-        lambda r: {"reason": "re-queued by an operator"},
-    )
-    return {"task_id": task_id, "state": "validated"}

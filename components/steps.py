@@ -12,7 +12,7 @@ never as Python objects). Steps are idempotent, so a rerun after a crash redoes 
 - ``register_update`` finds the run and the version logged for the same key before logging another, and
   finishes what a killed attempt left undone (the challenger alias, the lineage record).
 
-The chain's state (ledger moves, review, the gate) lives in ``components/chain.py``.
+The chain's state (ledger moves) lives in ``components/chain.py``, the gate and review in ``components/review.py``.
 """
 
 from __future__ import annotations

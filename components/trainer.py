@@ -1,9 +1,10 @@
 """The shared training loop of the continual fine-tuning methods.
 
 A method supplies hooks (components.methods.base); this module owns everything around them: the data
-loader, the device and precision, the optimizer and learning-rate schedule, gradient clipping, and the
-callbacks for timing, loss logging, progress and checkpoints. So every method is trained, timed and
-checkpointed the same way, and method modules stay small and free of platform code.
+loader, the device and precision, the optimizer and learning-rate schedule, gradient clipping and the
+loop that calls the callbacks (timing, loss logging, progress and checkpoints, in ``components/callbacks.py``).
+So every method is trained, timed and checkpointed the same way, and method modules stay small and free of
+platform code.
 
 The optimiser settings are part of each method's settings (``TrainSettings``), with the official code's
 defaults, so the resolved config logged with a run says exactly how it was trained.
@@ -11,7 +12,6 @@ defaults, so the resolved config logged with a run says exactly how it was train
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from components.faults import fault_point
+from components.callbacks import Callback, Checkpoint, FitRun, LossLog, Progress, StepTimer, load_checkpoint
 from components.methods.base import MethodReport
 
 if TYPE_CHECKING:
@@ -96,127 +96,6 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) ->
     return torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
 
 
-# ---- callbacks ------------------------------------------------------------------------------------------
-
-
-class Callback:
-    """Cross-cutting work around the loop. Every hook is optional."""
-
-    def on_fit_start(self, run: FitRun) -> None: ...
-    def on_step_end(self, run: FitRun, step: int, losses: dict[str, float], seconds: float) -> None: ...
-    def on_fit_end(self, run: FitRun) -> None: ...
-
-
-class StepTimer(Callback):
-    """Wall time of every optimisation step run in this process."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_step_end(self, run, step, losses, seconds):
-        self.times.append(seconds)
-
-    def median_ms(self) -> float | None:
-        """The median step, leaving out the first steps (they warm caches)."""
-        steady = self.times[2:] or self.times
-        return 1000 * sorted(steady)[len(steady) // 2] if steady else None
-
-
-class LossLog(Callback):
-    """Every loss term per step (the method names them), kept for the run's report."""
-
-    def __init__(self, every: int = 1) -> None:
-        self.every, self.rows = every, []
-
-    def on_step_end(self, run, step, losses, seconds):
-        if step % self.every == 0 or step == run.total - 1:
-            self.rows.append({"step": step, "lr": run.lr, **{k: round(v, 6) for k, v in losses.items()}})
-
-
-class Progress(Callback):
-    def __init__(self, say, every: int = 50) -> None:
-        self.say, self.every = say, every
-
-    def on_step_end(self, run, step, losses, seconds):
-        if step % self.every == 0 or step == run.total - 1:
-            terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
-            self.say(f"  step {step + 1}/{run.total} lr={run.lr:.2e} {terms}")
-
-
-class Checkpoint(Callback):
-    """Trainable weights, optimizer moments and the step, every N steps (safetensors + JSON, no pickle).
-
-    ``fit`` resumes from it when the same method and task are trained again (a crashed run's rerun).
-    """
-
-    def __init__(self, folder: Path, every: int) -> None:
-        self.folder, self.every = Path(folder), every
-
-    def on_step_end(self, run, step, losses, seconds):
-        if (step + 1) % self.every == 0 and step + 1 < run.total:
-            save_checkpoint(self.folder, run, step + 1)
-            fault_point("after_checkpoint")
-
-    def on_fit_end(self, run):
-        for name in ("checkpoint.safetensors", "checkpoint.json"):
-            (self.folder / name).unlink(missing_ok=True)
-
-
-def save_checkpoint(folder: Path, run: FitRun, next_step: int) -> None:
-    from safetensors.torch import save_file
-
-    from components.storage import atomic_write_text
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param/{name}": p.detach().cpu().contiguous().clone() for name, p in run.named_params}
-    names = {id(p): name for name, p in run.named_params}
-    moments: dict[str, Any] = {}
-    for p, slot in run.optimizer.state.items():
-        for key, value in slot.items():
-            if torch.is_tensor(value) and value.ndim > 0:
-                tensors[f"opt/{names[id(p)]}/{key}"] = value.detach().cpu().contiguous().clone()
-            else:
-                moments.setdefault(names[id(p)], {})[key] = float(value)
-    for key, value in run.method.training_state().items():
-        tensors[f"method/{key}"] = value.detach().cpu().contiguous().clone()
-    tmp = folder / ".checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "checkpoint.safetensors")
-    atomic_write_text(
-        folder / "checkpoint.json",
-        json.dumps({"next_step": next_step, "identity": run.identity, "scalars": moments}, indent=2, sort_keys=True),
-    )
-
-
-def load_checkpoint(folder: Path, run: FitRun) -> int:
-    """Restore a matching checkpoint; returns the step to continue from (0 when there is none)."""
-    from safetensors.torch import load_file
-
-    meta_path, tensor_path = folder / "checkpoint.json", folder / "checkpoint.safetensors"
-    if not (meta_path.is_file() and tensor_path.is_file()):
-        return 0
-    meta = json.loads(meta_path.read_text())
-    if meta.get("identity") != run.identity:
-        return 0  # another task, method or setting: start over rather than mix runs
-    tensors = load_file(str(tensor_path))
-    by_name = dict(run.named_params)
-    with torch.no_grad():
-        for name, p in run.named_params:
-            p.copy_(tensors[f"param/{name}"].to(p.device, p.dtype))
-    for name, p in by_name.items():
-        slot = {
-            key.split("/")[-1]: value.to(p.device) for key, value in tensors.items() if key.startswith(f"opt/{name}/")
-        }
-        for key, value in meta.get("scalars", {}).get(name, {}).items():
-            slot[key] = torch.tensor(value)
-        if slot:
-            run.optimizer.state[p] = slot
-    extra = {k[len("method/") :]: v for k, v in tensors.items() if k.startswith("method/")}
-    if extra:
-        run.method.load_training_state(extra)
-    return int(meta["next_step"])
-
-
 # ---- reports --------------------------------------------------------------------------------------------
 
 
@@ -264,18 +143,6 @@ class TaskReport:
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FitRun:
-    """The loop's state as callbacks see it."""
-
-    method: Method
-    named_params: list[tuple[str, torch.nn.Parameter]]
-    optimizer: torch.optim.Optimizer
-    total: int
-    identity: dict[str, Any]
-    lr: float = 0.0
 
 
 def _batches(loader, seed: int):

@@ -201,13 +201,13 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from components import learn
+    from components import learn_sequence
 
     # The method that will run (--method, else method.name) is checked with its settings before anything loads.
     resolve_config(args, [f"method.name={args.method}"] if args.method else [])
     if args.workspace:
         args.overrides = list(args.overrides) + [f"workspace={Path(args.workspace).resolve()}"]
-    return learn.run_cli(args)
+    return learn_sequence.run_cli(args)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -271,7 +271,7 @@ def _reviewer(args) -> str:
 
 
 def _review(args: argparse.Namespace, decision: str, note: str) -> int:
-    from components import chain
+    from components import review
     from components.registry import from_config
     from flows.console import review_text
 
@@ -280,7 +280,7 @@ def _review(args: argparse.Namespace, decision: str, note: str) -> int:
     # A version that does not exist and other registry errors are mapped by flows.cli (exit 2 or 4).
     version = registry.resolve(args.version)
     was_pending = registry.version_tags(version).get("review") == "pending"
-    result = chain.decide(
+    result = review.decide(
         config, version, decision, _reviewer(args), note, override_gate=getattr(args, "override_gate", False)
     )
     resumed: list[str] = []
@@ -307,17 +307,17 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from components import chain
+    from components import review
     from flows.console import rollback_text
 
-    print(rollback_text(chain.rollback(resolve_config(args), _reviewer(args), args.note)))
+    print(rollback_text(review.rollback(resolve_config(args), _reviewer(args), args.note)))
     return EXIT_OK
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from components import chain
+    from components import review
 
-    chain.requeue(resolve_config(args), args.task_id)
+    review.requeue(resolve_config(args), args.task_id)
     print(f"task {args.task_id} will be learned again next night")
     return EXIT_OK
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.input import RunInput
 
-from components import chain, steps
+from components import chain, review, steps
 from components.config import Config, config_from_doc
 from flows import gpu
 from flows.retry import step
@@ -43,11 +43,11 @@ def await_review(config: Config, version: int, task_id: str) -> str:
 
     log = get_run_logger()
     if config.approval.auto_promote:
-        chain.decide(config, version, "approve", chain.REVIEWER_AUTO, "gate passed; approval.auto_promote is on")
+        review.decide(config, version, "approve", review.REVIEWER_AUTO, "gate passed; approval.auto_promote is on")
         log.info("version %s promoted to champion (auto_promote)", version)
         return "promoted"
     if config.approval.timeout_s <= 0:
-        chain.review_timed_out(config, version)
+        review.review_timed_out(config, version)
         return "awaiting-review"
     create_markdown_artifact(
         key=f"review-v{version}",
@@ -60,7 +60,7 @@ def await_review(config: Config, version: int, task_id: str) -> str:
         ),
         description=f"approval request for version {version}",
     )
-    chain.review_requested(config, version)
+    review.review_requested(config, version)
     log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
     try:
         answer = pause_flow_run(
@@ -70,16 +70,16 @@ def await_review(config: Config, version: int, task_id: str) -> str:
             key=f"review-{version}",
         )
     except FlowPauseTimeout:
-        if chain.review_timed_out(config, version):
+        if review.review_timed_out(config, version):
             log.warning("no review of version %s within %ss: it stays challenger", version, config.approval.timeout_s)
             return "awaiting-review"
         answer = None
     if answer is not None:
         try:
-            chain.decide(config, version, answer.decision, answer.reviewer, answer.note)
+            review.decide(config, version, answer.decision, answer.reviewer, answer.note)
         except chain.PipelineError as exc:
             log.error("the review of version %s could not be applied: %s", version, exc)
-    return chain.review_outcome(config, version)
+    return review.review_outcome(config, version)
 
 
 @flow(name="continual-update", flow_run_name="update-{task_id}", persist_result=False)
@@ -108,7 +108,7 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
         version,
         ", ".join(f"{k}={v:.2f}" for k, v in update["metrics"].items() if isinstance(v, float)),
     )
-    verdict = step(chain.apply_gate, cfg)(cfg, version, update)
+    verdict = step(review.apply_gate, cfg)(cfg, version, update)
     create_markdown_artifact(
         key=f"gate-v{version}", markdown=verdict["markdown"], description=f"promotion gate of version {version}"
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from components import chain, ingestion, steps
+from components import chain, ingestion, review, steps
 from components.config import load_config
 from components.ledger import Ledger
 from components.registry import NotFound, from_config
@@ -82,7 +82,7 @@ def _learn(cfg, tmp_path, task_id, classes, **kw) -> int:
     """Drop, ingest and learn one task with the pipeline's own steps; returns its version (gate passed)."""
     _ingest(cfg, tmp_path, task_id, classes, **kw)
     version, update = _learn_steps(cfg, task_id)
-    assert chain.apply_gate(cfg, version, update)["verdict"] == "pass"
+    assert review.apply_gate(cfg, version, update)["verdict"] == "pass"
     return version
 
 
@@ -158,7 +158,7 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
     in that window. The approve must fail (non-zero, "lost a race"), never promote the rejected version."""
     cfg = _cfg(tmp_path, tiny_checkpoint)
     version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
-    chain.review_requested(cfg, version)
+    review.review_requested(cfg, version)
     mark = tmp_path / "approver-read-the-state"
     env = os.environ | {"CLIPLOOP_FAULT": f"after_decision_read:mark={mark},after_decision_read:sleep=4"}
     approver = subprocess.Popen(
@@ -183,7 +183,7 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
         time.sleep(0.1)
     assert mark.exists(), approver.communicate()[0]
 
-    assert chain.decide(cfg, version, "reject", "sam", "forgets cats")["changed"] is True
+    assert review.decide(cfg, version, "reject", "sam", "forgets cats")["changed"] is True
     out, _ = approver.communicate(timeout=120)
 
     assert approver.returncode != 0 and "lost a race" in out, out
@@ -194,16 +194,16 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
     assert _states(cfg) == {"t-a": "rejected"}
     # And a later approve of the rejected version is refused, naming the way back (requeue).
     with pytest.raises(chain.PipelineError, match="requeue t-a"):
-        chain.decide(cfg, version, "approve", "rita")
+        review.decide(cfg, version, "approve", "rita")
 
 
 def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, tiny_checkpoint):
     cfg = _cfg(tmp_path, tiny_checkpoint)
     version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
-    chain.review_requested(cfg, version)
-    chain.decide(cfg, version, "approve", "rita")
-    assert chain.review_timed_out(cfg, version) is False
-    chain.review_requested(cfg, version)  # a resumed wait on a later night
+    review.review_requested(cfg, version)
+    review.decide(cfg, version, "approve", "rita")
+    assert review.review_timed_out(cfg, version) is False
+    review.review_requested(cfg, version)  # a resumed wait on a later night
     assert from_config(cfg).version_tags(version)["review"] == "approved"
 
 
@@ -224,7 +224,7 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
     version, update = _learn_steps(cfg, "t-a")  # the rerun
     assert version == 1 and len(registry.client.search_model_versions("name = 'cliploop'")) == 1
     assert registry.alias("challenger") == 1 and _states(cfg) == {"t-a": "learned"}
-    assert chain.apply_gate(cfg, version, update)["verdict"] == "pass"
+    assert review.apply_gate(cfg, version, update)["verdict"] == "pass"
     assert main(["lineage", "challenger", *_cli_args(cfg, tiny_checkpoint)]) == 0
     assert main(["approve", "challenger", "--reviewer", "rita", *_cli_args(cfg, tiny_checkpoint)]) == 0
     assert registry.alias("champion") == 1 and _states(cfg) == {"t-a": "promoted"}
@@ -507,7 +507,7 @@ def test_registry_reads_tell_absent_from_unreachable(tmp_path, tiny_checkpoint, 
     with pytest.raises(NotFound):
         registry.version_tags(version + 10)
     with pytest.raises(chain.PipelineError, match="no version 99"):
-        chain.decide(cfg, 99, "approve", "rita")
+        review.decide(cfg, 99, "approve", "rita")
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = from_config(_with_tracking(cfg, f"http://127.0.0.1:{_free_port()}"))  # nobody listens there
@@ -534,7 +534,7 @@ def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tin
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2")
     version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
-    chain.decide(cfg, version, "approve", "rita")
+    review.decide(cfg, version, "approve", "rita")
     before = _states(cfg)
     assert before == {"t-a": "promoted"}
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own HTTP retries would take minutes

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from components import chain, ingestion
+from components import chain, ingestion, review
 from components.config import load_config
 from components.ledger import Ledger
 from components.registry import from_config
@@ -174,7 +174,7 @@ def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, ti
     assert update["gate"] == "fail" and update["outcome"] == "rejected"
     assert "min_zero_shot_retention" in update["reasons"][0]
     tags = registry.version_tags(update["version"])
-    assert tags["gate"] == "fail" and tags["review"] == "rejected" and tags["reviewer"] == chain.REVIEWER_GATE
+    assert tags["gate"] == "fail" and tags["review"] == "rejected" and tags["reviewer"] == review.REVIEWER_GATE
     assert json.loads(tags["gate_reasons"]) == update["reasons"]
     assert registry.alias("champion") == 1 and registry.alias("challenger") is None
     assert _states(strict)["t-c"] == "rejected"

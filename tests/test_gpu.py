@@ -34,7 +34,7 @@ def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_pa
     import open_clip
 
     from components.config import load_config
-    from components.learn import learn
+    from components.learn_sequence import learn
     from tests.drops import make_task
 
     register_builtin_configs()

@@ -15,7 +15,8 @@ import torch
 from components import ingestion
 from components.config import load_config
 from components.data import load_task
-from components.learn import context_for, learn
+from components.learn import context_for
+from components.learn_sequence import learn
 from components.merged_pool import merge
 from components.methods import available_methods, get_method
 from components.state import LearnerState, StateError

@@ -166,7 +166,7 @@ def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
     (shipped in a package) on a base split disjoint from the demo tasks."""
     from components import demo
     from components.config import load_config
-    from components.learn import learn
+    from components.learn_sequence import learn
 
     checkpoint = demo.build_base_model(tmp_path / "cache", progress=None)
     assert demo.build_base_model(tmp_path / "cache", progress=None) == checkpoint  # cached by recipe

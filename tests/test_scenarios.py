@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from components.config import load_config
-from components.learn import validate_sequence
+from components.learn_sequence import validate_sequence
 from components.scenario import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario
 from flows.cli import main
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from components.learn import LearnError, learn, learn_step
+from components.learn import LearnError, learn_step
+from components.learn_sequence import learn
 from components.state import LearnerState
 from tests.test_learn import _cfg
 
