@@ -67,7 +67,7 @@ def _sync(device: str) -> None:
 
 
 def _config(args, workspace: Path):
-    from components.config import load_config
+    from components.config_loading import load_config
 
     overrides = [
         f"workspace={workspace}",

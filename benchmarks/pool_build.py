@@ -96,7 +96,7 @@ def timed(fn, repeat: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config import load_config
+    from components.config_loading import load_config
     from components.data import load_task
     from components.methods.base import context_for
     from components.methods.lvp import build_pool

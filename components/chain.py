@@ -38,7 +38,7 @@ class ChainBusy(PipelineError):
 
 
 def ledger_of(config: Config) -> Ledger:
-    from components.ingestion import open_ledger
+    from components.workspace import open_ledger
 
     return open_ledger(config)
 

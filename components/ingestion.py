@@ -8,11 +8,13 @@ and the other ledger entries are untouched.
 
 Re-running is safe at every point: the same payload is a no-op; a crash after the rename is finished
 on the next run (the ledger still says ``ingested``); a changed payload under an accepted id is refused.
+
+The workspace's layout and set-up are in :mod:`components.workspace`; validating without ingesting
+(``cliploop validate``) is in :mod:`components.drop_check`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,9 +26,11 @@ from components import ledger as ledger_mod
 from components import storage, tasks, versioning
 from components.config import Config
 from components.ledger import Ledger, TaskRecord
-from components.shards import ShardWriter, StoredTask, read_index, write_index
-from components.tasks import DropError, open_drop, read_metadata
-from components.validation import Report, TaskContext, content_digest, report_for_drop_error, scan_images, validate
+from components.shards import ShardWriter, read_index, write_index
+from components.tasks import DropError, fallback_task_id, open_drop, read_metadata
+from components.validation import TaskContext, content_digest, scan_images, validate
+from components.validation_report import Report, report_for_drop_error
+from components.workspace import ensure_workspace, open_ledger, remote_spec, s3_settings, workspace_paths
 
 
 class IngestRefused(RuntimeError):
@@ -47,40 +51,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.state not in ("quarantined",)
-
-
-def workspace_paths(config: Config) -> dict[str, Path]:
-    ws = config.workspace_path
-    state = ws / versioning.STATE_DIR
-    return {
-        "ws": ws,
-        "state": state,
-        "ledger": state / "ledger.sqlite",
-        "staging": state / "staging",
-        "quarantine": state / "quarantine",
-        "tasks": ws / versioning.DATA_DIR / "tasks",
-        "reports": ws / versioning.DATA_DIR / "reports",
-    }
-
-
-def open_ledger(config: Config) -> Ledger:
-    return Ledger(workspace_paths(config)["ledger"])
-
-
-def remote_spec(config: Config) -> versioning.RemoteSpec:
-    url = config.dvc.remote
-    url = config.location(url) if url else versioning.default_remote(config.workspace_path)
-    return versioning.RemoteSpec(
-        url=url, name=config.dvc.remote_name, endpoint_url=config.s3.endpoint_url, region=config.s3.region
-    )
-
-
-def ensure_workspace(config: Config) -> list[str]:
-    return versioning.init_workspace(config.workspace_path, remote_spec(config))
-
-
-def s3_settings(config: Config) -> storage.S3Settings:
-    return storage.S3Settings(endpoint_url=config.s3.endpoint_url, region=config.s3.region)
 
 
 # ---- ingest --------------------------------------------------------------------------------------
@@ -105,7 +75,7 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
     try:
         spec, manifest, spec_bytes, manifest_bytes = read_metadata(source)
     except DropError as exc:
-        task_id = _fallback_task_id(source)
+        task_id = fallback_task_id(source)
         report = report_for_drop_error(task_id, source.location, exc, checked_at)
         return _quarantine(
             task_id,
@@ -346,13 +316,6 @@ def _relocate(path: str | None, old_root: Path, new_root: Path) -> str | None:
         return path
 
 
-def _fallback_task_id(source) -> str:
-    from components.tasks import TASK_ID_RE
-
-    name = source.folder_name.lower()
-    return name if TASK_ID_RE.match(name) else "unidentified-" + storage.sha256_bytes(source.location.encode())[:12]
-
-
 def _index_rows(facts, located) -> list[dict]:
     from components.images import SUFFIX
 
@@ -377,64 +340,7 @@ def _index_rows(facts, located) -> list[dict]:
     return rows
 
 
-# ---- validate without ingesting -----------------------------------------------------------------
-
-
-def validate_location(location: str, config: Config, report_dir: Path | None = None) -> Report:
-    """Validate a drop (folder or s3:// prefix) against the workspace's ledger without changing anything."""
-    return _validate_source(open_drop(config.location(location), s3_settings(config)), config, report_dir)
-
-
-def validate_task(task_id: str, config: Config, report_dir: Path | None = None) -> Report:
-    """Re-validate a known task: an accepted one from its stored shards, a quarantined one from its drop."""
-    with open_ledger(config) as ledger:
-        record = ledger.get(task_id)
-    if record is None:
-        raise FileNotFoundError(f"no task {task_id!r} in the ledger of {config.workspace_path} (see `cliploop status`)")
-    stored = workspace_paths(config)["tasks"] / task_id
-    if record.state != "quarantined" and (stored / "index.csv").exists():
-        source = StoredTask(stored)
-        try:
-            return _validate_source(source, config, report_dir)
-        finally:
-            source.close()
-    if not record.source:
-        raise FileNotFoundError(f"task {task_id}: the ledger has no source location to re-read")
-    return _validate_source(open_drop(record.source, s3_settings(config)), config, report_dir)
-
-
-def _validate_source(source, config: Config, report_dir: Path | None) -> Report:
-    checked_at = ledger_mod.now()
-    try:
-        spec, manifest, spec_bytes, manifest_bytes = read_metadata(source)
-    except DropError as exc:
-        report = report_for_drop_error(_fallback_task_id(source), source.location, exc, checked_at)
-    else:
-        facts = scan_images(source, manifest, config.validation)
-        digest = content_digest(spec_bytes, manifest_bytes, facts)
-        ctx = TaskContext()
-        if workspace_paths(config)["ledger"].exists():
-            with open_ledger(config) as ledger:
-                ctx = TaskContext(
-                    known_classes=ledger.known_classes(spec.dataset, exclude_task=spec.task_id),
-                    seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=spec.task_id),
-                )
-        docs = (report_dir / "data_docs") if report_dir else None
-        report = validate(
-            spec,
-            manifest,
-            facts,
-            config.validation,
-            ctx,
-            source=source.location,
-            checked_at=checked_at,
-            digest=digest,
-            docs_dir=docs,
-        )
-    if report_dir:
-        config.write_resolved(report_dir)
-        report.save(report_dir / "report.json")
-    return report
+# ---- the drops a location holds ----------------------------------------------------------------
 
 
 def drop_locations(location: str, config: Config, warn: Callable[[str], None] | None = None) -> list[str]:
@@ -452,15 +358,3 @@ def drop_locations(location: str, config: Config, warn: Callable[[str], None] | 
     if (path / "task.yaml").exists() or (path / "manifest.csv").exists():
         return [str(path)]
     return tasks.discover(str(path), warn=warn)
-
-
-def status(config: Config) -> list[dict]:
-    paths = workspace_paths(config)
-    if not paths["ledger"].exists():
-        return []
-    with open_ledger(config) as ledger:
-        return [r.to_dict() for r in ledger.all()]
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)

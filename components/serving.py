@@ -54,7 +54,7 @@ class _CliploopModel:
     def load_context(self, context) -> None:
         import torch  # noqa: F401  (imported before components so that thread settings apply)
 
-        from components.config import load_config
+        from components.config_loading import load_config
         from components.learn import make_method
         from components.methods.base import context_for
         from components.models import load_backbone

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components import storage
-from components.config import yaml_problem
+from components.config_loading import yaml_problem
 
 TASK_ID_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 TASK_ID_RE = re.compile(rf"^{TASK_ID_PATTERN}$")
@@ -350,3 +350,10 @@ def read_metadata(source: DropSource) -> tuple[TaskSpec, Manifest, bytes, bytes]
     except (OSError, PermissionError, storage.StorageError) as exc:
         raise DropError("metadata-readable", f"{source.location}: {exc}") from None
     return parse_task_yaml(spec_bytes), parse_manifest(manifest_bytes), spec_bytes, manifest_bytes
+
+
+def fallback_task_id(source: DropSource) -> str:
+    """The id a drop is reported (and quarantined) under when its task.yaml cannot be read: its folder's name
+    when that is a valid task id, else one derived from its location."""
+    name = source.folder_name.lower()
+    return name if TASK_ID_RE.match(name) else "unidentified-" + storage.sha256_bytes(source.location.encode())[:12]

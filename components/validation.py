@@ -1,6 +1,7 @@
 """Validation of a task drop: the facts about every listed image, Great Expectations suites over them
 and over the manifest, plus the checks that span tasks (scenario and class consistency). The result is
-a :class:`Report` (JSON) and GX's HTML data docs.
+a :class:`~components.validation_report.Report` (JSON, its rule catalogue and phrasing of a result live in
+:mod:`components.validation_report`) and GX's HTML data docs.
 
 Each image is read once and probed by :mod:`components.images` (format by content, pixel limit before
 decoding, a full decode); :mod:`components.expectations` then validates the tables of facts, so every
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +20,8 @@ from components import storage
 from components.config import ValidationConfig
 from components.expectations import IMAGE_COLUMNS, run_expectations
 from components.images import SUFFIX, probe_image
-from components.tasks import SPLITS, DropError, DropSource, Manifest, TaskSpec, normalise_class_name, path_problem
-
-RULES: dict[str, str] = {
-    "task-yaml": "task.yaml is present and follows the schema",
-    "manifest-readable": "manifest.csv is present and readable CSV",
-    "columns": "manifest.csv has exactly the columns path,label,split[,domain]",
-    "required-values": "path, label and split are filled in on every row",
-    "split-value": "split is 'train' or 'test'",
-    "split-nonempty": "both the train and the test split have rows",
-    "label-declared": "every label is a class declared in task.yaml",
-    "duplicate-rows": "each image path is listed once",
-    "path-safe": "paths stay inside the task root (no '..', absolute paths or symbolic links)",
-    "image-readable": "every listed image exists and decodes completely to one still picture",
-    "image-format": "images are JPEG, PNG or WebP (by their content, not their name)",
-    "pixel-limit": "images are within the pixel limit (decompression-bomb guard)",
-    "image-min-side": "images are at least the minimum width and height",
-    "train-test-leak": "no image content is in both train and test",
-    "seen-before": "no image content was already ingested by an earlier task",
-    "class-has-train": "every declared class has training images",
-    "scenario-classes": "classes are consistent with the scenario (new for class-incremental, "
-    "the known set for domain-incremental)",
-}
+from components.tasks import SPLITS, DropSource, Manifest, TaskSpec, normalise_class_name, path_problem
+from components.validation_report import RULES, Failure, Report, RuleResult
 
 
 @dataclass
@@ -142,71 +123,6 @@ def content_digest(spec_bytes: bytes, manifest_bytes: bytes, facts: list[RowFact
     return storage.sha256_bytes(json.dumps(listing, sort_keys=True).encode())
 
 
-# ---- the report ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Failure:
-    message: str
-    line: int | None = None
-    path: str | None = None
-
-
-@dataclass
-class RuleResult:
-    rule: str
-    success: bool
-    description: str
-    failures: list[Failure] = field(default_factory=list)
-    skipped: str | None = None
-
-    @property
-    def count(self) -> int:
-        return len(self.failures)
-
-
-@dataclass
-class Report:
-    task_id: str
-    source: str
-    success: bool
-    checked_at: str
-    content_digest: str | None
-    rules: list[RuleResult]
-    stats: dict[str, Any] = field(default_factory=dict)
-    expectations: list[dict[str, Any]] = field(default_factory=list)
-    data_docs: str | None = None
-
-    MAX_ROWS_PER_RULE = 200
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for rule in out["rules"]:
-            rule["count"] = len(rule["failures"])
-            rule["failures"] = rule["failures"][: self.MAX_ROWS_PER_RULE]
-        return out
-
-    def save(self, path: Path) -> Path:
-        storage.atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @property
-    def failed_rules(self) -> list[RuleResult]:
-        return [r for r in self.rules if not r.success]
-
-    def summary(self, max_rows: int = 5) -> str:
-        if self.success:
-            return f"task {self.task_id}: valid ({len(self.rules)} rules passed)"
-        lines = [f"task {self.task_id}: INVALID ({len(self.failed_rules)} rule(s) failed)"]
-        for rule in self.failed_rules:
-            lines.append(f"  ✗ [{rule.rule}] {rule.description}: {rule.count} problem(s)")
-            for failure in rule.failures[:max_rows]:
-                lines.append(f"      {failure.message}")
-            if rule.count > max_rows:
-                lines.append(f"      … and {rule.count - max_rows} more (see the report)")
-        return "\n".join(lines)
-
-
 def _where(fact: RowFacts) -> str:
     return f"manifest.csv line {fact.line} ({fact.path})" if fact.path else f"manifest.csv line {fact.line}"
 
@@ -217,18 +133,6 @@ class TaskContext:
 
     known_classes: dict[str, str] = field(default_factory=dict)  # normalised class name -> task id
     seen_images: dict[str, str] = field(default_factory=dict)  # sha256 -> task id
-
-
-def report_for_drop_error(task_id: str, source: str, error: DropError, checked_at: str) -> Report:
-    rule = error.rule if error.rule in RULES else ("task-yaml" if "yaml" in error.rule else "manifest-readable")
-    return Report(
-        task_id=task_id,
-        source=source,
-        success=False,
-        checked_at=checked_at,
-        content_digest=None,
-        rules=[RuleResult(rule, False, RULES[rule], [Failure(str(error))])],
-    )
 
 
 def validate(

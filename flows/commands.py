@@ -19,7 +19,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_REFUSED, EXIT_EXTERNAL = 0, 1, 2, 3, 4
 
 def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
     """The command's configuration: file, environment, ``--set`` and ``-w``, with its method checked."""
-    from components.config import load_config
+    from components.config_loading import load_config
 
     overrides = list(getattr(args, "overrides", []) or []) + list(extra or [])
     if getattr(args, "workspace", None):
@@ -68,8 +68,9 @@ def external_error(exc: Exception) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from components import ingestion
-    from components.config import CONFIG_FILENAME, default_config_yaml, load_config
+    from components import workspace
+    from components.config import default_config_yaml
+    from components.config_loading import CONFIG_FILENAME, load_config
 
     ws = Path(args.dir).resolve()
     try:
@@ -91,7 +92,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not config.drop_zone.startswith("s3://"):
         config.path(config.drop_zone).mkdir(parents=True, exist_ok=True)
     try:
-        done = ingestion.ensure_workspace(config)
+        done = workspace.ensure_workspace(config)
         if cfg_path.parent == config.workspace_path:  # the config is part of the workspace's history
             from components.versioning import commit
 
@@ -156,16 +157,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from components import ingestion, storage
+    from components import drop_check, storage
 
     config = resolve_config(args)
     report_dir = Path(args.report_dir).resolve() if args.report_dir else None
     target = args.target
     try:
         if storage.is_s3(target) or Path(target).exists():
-            report = ingestion.validate_location(target, config, report_dir)
+            report = drop_check.validate_location(target, config, report_dir)
         else:
-            report = ingestion.validate_task(target, config, report_dir)
+            report = drop_check.validate_task(target, config, report_dir)
     except FileNotFoundError as exc:
         return fail("validate", exc, EXIT_USAGE)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
@@ -175,11 +176,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from components import ingestion
+    from components import workspace
     from flows.console import status_text
 
     config = resolve_config(args)
-    rows = ingestion.status(config)
+    rows = workspace.status(config)
     if args.json:
         print(json.dumps({"workspace": str(config.workspace_path), "tasks": rows}, indent=2, default=str))
     elif not rows:

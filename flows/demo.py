@@ -70,8 +70,8 @@ def run_demo(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the champion's download is instant here
     quiet_library_logs()
-    from components import demo, ingestion
-    from components.config import load_config
+    from components import demo, workspace
+    from components.config_loading import load_config
     from components.methods import get_method
     from components.models import cache_dir
     from flows.console import registry_text
@@ -107,7 +107,7 @@ def run_demo(
     )
     if check is not None:
         check(config)
-    ingestion.ensure_workspace(config)
+    workspace.ensure_workspace(config)
     say(
         "\nnightly flow: reconcile -> ingest + validate -> build pools -> per task: train/evaluate -> register "
         "-> gate -> promote\n(the demo promotes by rule, approval.auto_promote=true; a reviewer uses "
@@ -119,7 +119,7 @@ def run_demo(
     except NightFailed as exc:
         summary = exc.summary
     night = time.perf_counter() - night_started
-    ledger = ingestion.status(config)
+    ledger = workspace.status(config)
     registry = registry_text(config)
     return DemoRun(summary, config, ledger, registry, night, time.perf_counter() - started)
 

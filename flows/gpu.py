@@ -18,7 +18,8 @@ from typing import Any
 from prefect import flow
 
 from components import chain, steps
-from components.config import Config, config_from_doc
+from components.config import Config
+from components.config_loading import config_from_doc
 
 BUILD_POOL = "cliploop-build-pool"
 TRAIN_EVALUATE = "cliploop-train-evaluate"

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from components import chain, steps
-from components.config import config_from_doc, load_config
+from components.config_loading import config_from_doc, load_config
 from flows import gpu
 from flows.retry import step
 from flows.update import await_review, continual_update

@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger
 from prefect.input import RunInput
 
 from components import chain, review, steps
-from components.config import Config, config_from_doc
+from components.config import Config
+from components.config_loading import config_from_doc
 from flows import gpu
 from flows.retry import step
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ConfigError, default_config_yaml, load_config
+from components.config import ConfigError, default_config_yaml
+from components.config_loading import load_config
 from components.ledger import IllegalTransition, Ledger
 from components.shards import ShardReader, ShardWriter
 from components.storage import sha256_bytes

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from components import chain, ingestion, review, steps
-from components.config import load_config
+from components import chain, review, steps, workspace
+from components.config_loading import load_config
 from components.ledger import Ledger
 from components.registry import NotFound, from_config
 from flows import retry
@@ -42,7 +42,7 @@ def _cfg(tmp_path, ckpt, *extra):
         env={},
         cwd=tmp_path,
     )
-    ingestion.ensure_workspace(cfg)
+    workspace.ensure_workspace(cfg)
     return cfg
 
 
@@ -91,7 +91,7 @@ def _steps_in_child(cfg, task_id: str, fault: str) -> subprocess.CompletedProces
     import json
 
     code = (
-        "import json, sys; from components.config import config_from_doc; from tests.test_faults import "
+        "import json, sys; from components.config_loading import config_from_doc; from tests.test_faults import "
         "_learn_steps; _learn_steps(config_from_doc(json.loads(sys.argv[1])), sys.argv[2])"
     )
     return subprocess.run(

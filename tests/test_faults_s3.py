@@ -23,8 +23,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from components import ingestion, storage, versioning
-from components.config import load_config
+from components import storage, versioning
+from components import workspace as workspace_mod
+from components.config_loading import load_config
 from components.shards import StoredTask, read_index
 from flows.cli import main
 from tests.conftest import REPO, S3_REGION
@@ -98,7 +99,7 @@ def _objects(direct, bucket: str, prefix: str) -> dict[str, bytes]:
 
 def _ledger(ws: Path) -> dict[str, dict]:
     cfg = load_config(overrides=[f"workspace={ws}"], env={}, cwd=ws)
-    return {row["task_id"]: row for row in ingestion.status(cfg)}
+    return {row["task_id"]: row for row in workspace_mod.status(cfg)}
 
 
 def _assert_stored_equals_drop(ws: Path, task_id: str, drop: Path) -> None:

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from components import chain, ingestion, review
-from components.config import load_config
+from components import chain, review, workspace
+from components.config_loading import load_config
 from components.ledger import Ledger
 from components.registry import from_config
 from flows import retry
@@ -60,7 +60,7 @@ def _cfg(tmp_path, ckpt, *extra):
         env={},
         cwd=tmp_path,
     )
-    ingestion.ensure_workspace(cfg)
+    workspace.ensure_workspace(cfg)
     return cfg
 
 

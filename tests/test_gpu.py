@@ -33,7 +33,7 @@ def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_pa
     """Two tiny tasks on the GPU (bf16 autocast, fp32 master weights): finite losses, weights moved."""
     import open_clip
 
-    from components.config import load_config
+    from components.config_loading import load_config
     from components.learn_sequence import learn
     from tests.drops import make_task
 

@@ -11,8 +11,8 @@ import boto3
 import pytest
 import yaml
 
-from components import ingestion, versioning
-from components.config import load_config
+from components import ingestion, versioning, workspace
+from components.config_loading import load_config
 from components.shards import StoredTask
 from flows.cli import main
 from tests.drops import append_rows, make_task, png_bytes
@@ -45,7 +45,7 @@ def test_same_task_twice_is_one_entry_and_one_dvc_version(tmp_path):
     assert (first.status, second.status) == ("accepted", "unchanged")
     assert _git(ws, "log", "--oneline", "--", "data.dvc") == commits_after_first
     assert (ws / "data.dvc").read_text() == dvc_after_first
-    rows = ingestion.status(cfg)
+    rows = workspace.status(cfg)
     assert [r["task_id"] for r in rows] == ["t1"]
     record = rows[0]
     assert record["state"] == "validated"
@@ -74,7 +74,7 @@ def test_changed_payload_under_known_id_is_refused(tmp_path, capsys):
     assert main(["ingest", str(drop), "-w", str(ws)]) == 3
     assert "REFUSED" in capsys.readouterr().err
     assert _git(ws, "rev-parse", "HEAD") == head
-    assert len(ingestion.status(cfg)) == 1
+    assert len(workspace.status(cfg)) == 1
 
 
 def test_corrected_drop_after_quarantine_is_accepted(tmp_path):
@@ -89,7 +89,7 @@ def test_corrected_drop_after_quarantine_is_accepted(tmp_path):
 
     assert outcome.status == "accepted"
     assert outcome.record.attempts == 2
-    with ingestion.open_ledger(cfg) as ledger:
+    with workspace.open_ledger(cfg) as ledger:
         states = [e["to_state"] for e in ledger.events("t1")]
     assert states == ["ingested", "quarantined", "ingested", "validated"]
 
@@ -97,7 +97,7 @@ def test_corrected_drop_after_quarantine_is_accepted(tmp_path):
 def test_crash_during_dvc_step_is_resumed_by_rerun(tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     cfg = _config(ws)
-    ingestion.ensure_workspace(cfg)
+    workspace.ensure_workspace(cfg)
     drop = make_task(tmp_path / "drops", "t1", ["cat"])
     real_track = versioning.track_data
 
@@ -107,7 +107,7 @@ def test_crash_during_dvc_step_is_resumed_by_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(versioning, "track_data", crash)
     with pytest.raises(versioning.VersioningError):
         ingestion.ingest(str(drop), cfg)
-    assert ingestion.status(cfg)[0]["state"] == "ingested"
+    assert workspace.status(cfg)[0]["state"] == "ingested"
     monkeypatch.setattr(versioning, "track_data", real_track)
 
     outcome = ingestion.ingest(str(drop), cfg)
@@ -130,7 +130,7 @@ def test_s3_drop_zone_is_discovered_and_matches_a_local_drop(tmp_path, s3_bucket
     code = main(["ingest", f"s3://{s3_bucket}/incoming/", "-w", str(ws), "--json"])
 
     assert code == 0
-    rows = {r["task_id"]: r for r in ingestion.status(_config(ws))}
+    rows = {r["task_id"]: r for r in workspace.status(_config(ws))}
     assert set(rows) == {"s3-a", "s3-b"} and {r["state"] for r in rows.values()} == {"validated"}
     assert rows["s3-a"]["source"] == f"s3://{s3_bucket}/incoming/s3-a/"
     # Same payload from a folder has the same identity.
@@ -233,7 +233,7 @@ def test_a_symlink_in_the_drop_zone_is_reported_and_not_followed(tmp_path, capsy
     assert main(["ingest", str(zone), "-w", str(ws)]) == 0
     err = capsys.readouterr().err
     assert f"{zone / 'b-linked'}: skipped: a symbolic link" in err
-    assert [r["task_id"] for r in ingestion.status(_config(ws))] == ["a-real"]
+    assert [r["task_id"] for r in workspace.status(_config(ws))] == ["a-real"]
     # The nightly flow's discovery (no one to print to) logs it as a warning instead.
     with caplog.at_level("WARNING", logger="cliploop"):
         assert tasks.discover(str(zone)) == [str(zone / "a-real")]

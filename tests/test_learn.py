@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from components import ingestion
-from components.config import load_config
+from components.config_loading import load_config
 from components.data import load_task
 from components.learn import context_for
 from components.learn_sequence import learn
@@ -161,7 +161,7 @@ def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_u
     # A fresh process loads the bundle and predicts the same labels as the run that made it.
     script = f"""
 import json, sys, torch
-from components.config import load_config
+from components.config_loading import load_config
 from components.data import load_task
 from components.evaluation import accuracy
 from components.learn import context_for, make_method

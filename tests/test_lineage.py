@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from components import ingestion
-from components.config import load_config
+from components.config_loading import load_config
 from components.ledger import Ledger
 from components.lineage import LineageError, build_lineage, format_lineage
 from components.registry import Registry, run_key

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import load_config
+from components.config_loading import load_config
 from components.data import load_task
 from components.learn import context_for
 from components.learn_sequence import learn
@@ -105,7 +105,7 @@ def test_method_learns_two_tasks_and_a_fresh_process_predicts_the_same(name, tin
     script = f"""
 import json, torch
 from pathlib import Path
-from components.config import load_config
+from components.config_loading import load_config
 from components.data import load_task
 from components.learn import context_for
 from components.methods import get_method

@@ -165,7 +165,7 @@ def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
     """The demo's base model: a tiny image tower warmed up against the real pretrained MiniLM text tower
     (shipped in a package) on a base split disjoint from the demo tasks."""
     from components import demo
-    from components.config import load_config
+    from components.config_loading import load_config
     from components.learn_sequence import learn
 
     checkpoint = demo.build_base_model(tmp_path / "cache", progress=None)

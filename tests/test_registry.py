@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from components.config import load_config
+from components.config_loading import load_config
 from components.registry import Registry, RegistryError, run_key
 from components.state import LearnerState
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from components.config import load_config
+from components.config_loading import load_config
 from components.learn_sequence import validate_sequence
 from components.scenario import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario
 from flows.cli import main

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from components import ingestion
-from components.config import load_config
+from components import workspace
+from components.config_loading import load_config
 from components.lineage import build_lineage
 from components.registry import from_config
 from flows.cli import main
@@ -67,7 +67,7 @@ def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):
             env={},
             cwd=tmp_path,
         )
-        ingestion.ensure_workspace(cfg)
+        workspace.ensure_workspace(cfg)
         deploy(cfg, env["PREFECT_API_URL"])
 
         worker_env = {

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import ingestion
-from components.config import load_config
+from components import ingestion, workspace
+from components.config_loading import load_config
 from flows.cli import main
 from tests.drops import append_rows, make_task, png_bytes, read_manifest, write_manifest
 
@@ -33,7 +33,7 @@ def base_workspace(tmp_path_factory):
     ws = root / "ws"
     drops = root / "drops"
     cfg = _config(ws)
-    ingestion.ensure_workspace(cfg)
+    workspace.ensure_workspace(cfg)
     first = make_task(drops, "toy-a", ["cat", "dog"])
     outcome = ingestion.ingest(str(first), cfg)
     assert outcome.status == "accepted", outcome.message
@@ -63,7 +63,7 @@ def snapshot(ws: Path) -> dict:
 
     git = lambda *a: subprocess.run(["git", *a], cwd=ws, capture_output=True, text=True).stdout  # noqa: E731
     cfg = _config(ws)
-    others = [r for r in ingestion.status(cfg) if r["task_id"] == "toy-a"]
+    others = [r for r in workspace.status(cfg) if r["task_id"] == "toy-a"]
     return {
         "head": git("rev-parse", "HEAD"),
         "status": git("status", "--porcelain"),
@@ -300,7 +300,7 @@ def test_bad_input_is_quarantined_and_nothing_else_changes(case, ws, base_worksp
     assert Path(outcome.report_path).is_relative_to(ws / ".cliploop" / "quarantine")
     if report.get("data_docs"):
         assert Path(report["data_docs"]).is_file()
-    with ingestion.open_ledger(cfg) as ledger:
+    with workspace.open_ledger(cfg) as ledger:
         task_id = "toy-b" if rule not in ("task-yaml",) else drop.name
         assert ledger.get(task_id).state == "quarantined"
 

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m components.methods.lvp TASK --out DIR``: build one task's pool in its own process."""
     import argparse
 
-    from components.config import load_config
+    from components.config_loading import load_config
     from components.data import load_task
     from components.models import load_backbone
 

@@ -1,0 +1,57 @@
+"""The workspace: where its parts lie, how it is set up (git + DVC with its remote) and the handles that every
+command opens onto it (the task ledger, the S3 settings).
+
+Kept apart from ingestion because everything that touches the workspace needs it (ingestion, the dry-run
+validation, the pipeline's chain, the command line and the demo), and a change to the layout or to the remote's
+set-up is a change of its own, not of how a drop is accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components import storage, versioning
+from components.config import Config
+from components.ledger import Ledger
+
+
+def workspace_paths(config: Config) -> dict[str, Path]:
+    ws = config.workspace_path
+    state = ws / versioning.STATE_DIR
+    return {
+        "ws": ws,
+        "state": state,
+        "ledger": state / "ledger.sqlite",
+        "staging": state / "staging",
+        "quarantine": state / "quarantine",
+        "tasks": ws / versioning.DATA_DIR / "tasks",
+        "reports": ws / versioning.DATA_DIR / "reports",
+    }
+
+
+def open_ledger(config: Config) -> Ledger:
+    return Ledger(workspace_paths(config)["ledger"])
+
+
+def remote_spec(config: Config) -> versioning.RemoteSpec:
+    url = config.dvc.remote
+    url = config.location(url) if url else versioning.default_remote(config.workspace_path)
+    return versioning.RemoteSpec(
+        url=url, name=config.dvc.remote_name, endpoint_url=config.s3.endpoint_url, region=config.s3.region
+    )
+
+
+def ensure_workspace(config: Config) -> list[str]:
+    return versioning.init_workspace(config.workspace_path, remote_spec(config))
+
+
+def s3_settings(config: Config) -> storage.S3Settings:
+    return storage.S3Settings(endpoint_url=config.s3.endpoint_url, region=config.s3.region)
+
+
+def status(config: Config) -> list[dict]:
+    paths = workspace_paths(config)
+    if not paths["ledger"].exists():
+        return []
+    with open_ledger(config) as ledger:
+        return [r.to_dict() for r in ledger.all()]
