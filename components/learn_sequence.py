@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.config import Config, load_config
+from components.config import Config
+from components.config_loading import load_config
 from components.data import TaskData, load_task
 from components.learn import LearnError, StepResult, learn_step, make_method, stored_task_locator, write_outputs
 
