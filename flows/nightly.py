@@ -145,11 +145,7 @@ def sweep_abandoned_runs(cfg) -> list[str]:
             limit=200,
         )
         for run in runs:
-            doc = (run.parameters or {}).get("config") or {}
-            if (
-                str(run.id) in alive
-                or {doc.get("workspace"), (doc.get("mlflow") or {}).get("registered_model")} != ours
-            ):
+            if str(run.id) in alive or _chain_of(run.parameters or {}) != ours:
                 continue
             client.set_flow_run_state(
                 run.id,
@@ -158,6 +154,18 @@ def sweep_abandoned_runs(cfg) -> list[str]:
             )
             swept.append(str(run.id))
     return swept
+
+
+def _chain_of(parameters: dict[str, Any]) -> set[str | None]:
+    """{workspace, registered model} of a flow run of ours, from its ``config`` (portable) or ``config_path``."""
+    doc = parameters.get("config")
+    if not doc and parameters.get("config_path") is not None:  # the deployed nightly: resolve the same file
+        try:
+            doc = load_config(parameters["config_path"], parameters.get("overrides") or []).portable()
+        except Exception:  # a config that no longer loads is not this chain's
+            return set()
+    doc = doc or {}
+    return {doc.get("workspace"), (doc.get("mlflow") or {}).get("registered_model")}
 
 
 SHUTDOWN_GRACE_S = 10.0  # after SIGTERM/SIGINT, how long the night may take to unwind before it is ended

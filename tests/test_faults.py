@@ -600,3 +600,19 @@ def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp
     assert row["shard"] in message and row["path"] in message and "SHA-256" in message
     assert not retry.is_transient(corrupt.value)  # retrying cannot fix damaged data
     assert not list((cfg.workspace_path / ".cliploop" / "runs").glob("*/result.json"))
+
+
+def test_the_sweep_recognises_this_chain_by_config_or_by_config_path(tmp_path, tiny_checkpoint):
+    """The deployed nightly is started with ``config_path``, its subflows with the portable ``config``: a zombie
+    of either kind is this chain's; another workspace's is not."""
+    from flows.nightly import _chain_of
+
+    cfg = _cfg(tmp_path, tiny_checkpoint)
+    path = tmp_path / "cliploop.yaml"
+    path.write_text(f"workspace: {cfg.workspace_path}\n")
+    ours = {str(cfg.workspace_path), cfg.mlflow.registered_model}
+    assert _chain_of({"config": cfg.portable()}) == ours
+    assert _chain_of({"config_path": str(path), "overrides": None}) == ours
+    assert _chain_of({"config_path": str(tmp_path / "gone.yaml")}) != ours
+    other = cfg.portable() | {"workspace": str(tmp_path / "elsewhere")}
+    assert _chain_of({"config": other}) != ours
