@@ -71,7 +71,7 @@ class _CliploopModel:
         self.names = {c.key: c.name for c in self.state.classes}
         scale = getattr(backbone.model, "logit_scale", None)
         # Scores are cosine similarities: CLIP's learned temperature turns them into a usable softmax.
-        self.logit_scale = float(scale.exp()) if scale is not None else 100.0
+        self.logit_scale = float(scale.detach().exp()) if scale is not None else 100.0
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
