@@ -102,11 +102,10 @@ def reconcile(config: Config) -> list[str]:
     with ledger_of(config) as ledger:
         for record in ledger.all():
             if record.state == "learning":
-                ledger.transition(
-                    record.task_id,
-                    "failed",
-                    expect=["learning"],
-                    reason="interrupted: the run learning it stopped without finishing (process or machine died)",
+                _fail_learning(
+                    ledger,
+                    record,
+                    "interrupted: the run learning it stopped without finishing (process or machine died)",
                     detail={"by": "reconcile"},
                 )
                 changes.append(f"{record.task_id}: learning -> failed (interrupted run)")
@@ -255,16 +254,14 @@ def interrupted(config: Config, signum: int) -> list[str]:
     """The night was stopped by a signal and did not unwind: its ``learning`` tasks become ``failed``."""
     import signal
 
-    name = signal.Signals(signum).name
-    changed = []
+    reason = f"interrupted by {signal.Signals(signum).name}: the night was stopped before this task finished"
     with ledger_of(config) as ledger:
-        for record in ledger.all():
-            if record.state == "learning":
-                ledger.transition(
-                    record.task_id,
-                    "failed",
-                    expect=["learning"],
-                    reason=f"interrupted by {name}: the night was stopped before this task finished",
-                )
-                changed.append(record.task_id)
-    return changed
+        learning = [r for r in ledger.all() if r.state == "learning"]
+        for record in learning:
+            _fail_learning(ledger, record, reason)
+    return [r.task_id for r in learning]
+
+
+def _fail_learning(ledger: Ledger, record: TaskRecord, reason: str, detail: dict | None = None) -> None:
+    """A task left ``learning`` by a run that will not finish it becomes ``failed`` (tried again next night)."""
+    ledger.transition(record.task_id, "failed", expect=["learning"], reason=reason, detail=detail)

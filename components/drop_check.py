@@ -53,10 +53,7 @@ def _validate_source(source, config: Config, report_dir: Path | None) -> Report:
         ctx = TaskContext()
         if workspace_paths(config)["ledger"].exists():
             with open_ledger(config) as ledger:
-                ctx = TaskContext(
-                    known_classes=ledger.known_classes(spec.dataset, exclude_task=spec.task_id),
-                    seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=spec.task_id),
-                )
+                ctx = TaskContext.from_ledger(ledger, spec.dataset, spec.task_id, facts)
         docs = (report_dir / "data_docs") if report_dir else None
         report = validate(
             spec,

@@ -116,10 +116,7 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
             f"overwritten: drop the new data under a new task id."
         )
 
-    ctx = TaskContext(
-        known_classes=ledger.known_classes(spec.dataset, exclude_task=task_id),
-        seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id),
-    )
+    ctx = TaskContext.from_ledger(ledger, spec.dataset, task_id, facts)
     task_dir = staging / "task"
     reports_dir = staging / "reports"
     report = validate(

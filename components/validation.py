@@ -134,6 +134,14 @@ class TaskContext:
     known_classes: dict[str, str] = field(default_factory=dict)  # normalised class name -> task id
     seen_images: dict[str, str] = field(default_factory=dict)  # sha256 -> task id
 
+    @classmethod
+    def from_ledger(cls, ledger, dataset: str, task_id: str, facts: list[RowFacts]) -> TaskContext:
+        """The classes and images the ledger's other tasks already hold (a task never clashes with itself)."""
+        return cls(
+            known_classes=ledger.known_classes(dataset, exclude_task=task_id),
+            seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id),
+        )
+
 
 def validate(
     spec: TaskSpec,

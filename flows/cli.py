@@ -208,6 +208,7 @@ USER_ERRORS: list[tuple[str, str, int, str]] = [
     ("components.models", "CheckpointError", EXIT_USAGE, ""),
     ("components.methods.base", "MethodError", EXIT_USAGE, ""),
     ("components.tasks", "DropError", EXIT_INVALID, ""),  # a drop that cannot be read as a task
+    ("components.shards", "CorruptShard", EXIT_INVALID, "stored task data damaged: "),
     ("components.storage", "StorageError", EXIT_EXTERNAL, "storage failed (safe to re-run): "),
     ("components.versioning", "VersioningError", EXIT_EXTERNAL, "git or DVC failed (safe to re-run): "),
     ("mlflow.exceptions", "MlflowException", EXIT_EXTERNAL, "the model registry failed (safe to re-run): "),

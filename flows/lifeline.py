@@ -19,6 +19,7 @@ Two ways a night can die, and what holds for each:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
 import os
@@ -41,6 +42,17 @@ class NightInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGTERM):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
+
+
+# PyThreadState_SetAsyncExc raises a class with no arguments: one subclass per signal, named after it.
+_BY_SIGNAL = {
+    s: type(
+        f"NightInterrupted{s.name}",
+        (NightInterrupted,),
+        {"__init__": lambda self, s=s: NightInterrupted.__init__(self, s)},
+    )
+    for s in SIGNALS
+}
 
 
 # ---- the process tree, from /proc --------------------------------------------------------------------------
@@ -93,23 +105,15 @@ def terminate(processes: set[tuple[int, int]], wait_s: float = 3.0) -> None:
     """SIGTERM, then SIGKILL for what is still there after ``wait_s``; a pid reused meanwhile is left alone."""
     alive = running(processes)
     for pid, _ in alive:
-        with _quiet():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait_s
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
         alive = running(alive)
     for pid, _ in alive:
-        with _quiet():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, ProcessLookupError | PermissionError)
 
 
 # ---- the reaper (for SIGKILL) ------------------------------------------------------------------------------
@@ -214,13 +218,8 @@ def supervised(fn: Callable[[], Any], on_hard_stop: Callable[[int], None], grace
 
 
 def _raise_in(thread: threading.Thread, signum: int) -> None:
-    """Raise ``NightInterrupted`` in ``thread`` at its next Python instruction."""
-    exc_type = type(
-        f"NightInterrupted{signal.Signals(signum).name}",
-        (NightInterrupted,),
-        {"__init__": lambda self: NightInterrupted.__init__(self, signum)},
-    )
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+    """Raise ``NightInterrupted`` (for ``signum``) in ``thread`` at its next Python instruction."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_BY_SIGNAL[signum]))
 
 
 if __name__ == "__main__":  # the reaper: python -m flows.lifeline PARENT_PID FD BASELINE

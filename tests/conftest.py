@@ -152,3 +152,22 @@ def drops(tmp_path_factory):
             salt="c",
         ),
     ]
+
+
+def pipeline_config(tmp_path, ckpt, *extra):
+    """A resolved config for whole-pipeline tests: workspace ``tmp_path/ws`` (initialised), drop zone
+    ``tmp_path/incoming``, the tiny checkpoint, no retry delay."""
+    from components.config_loading import load_config
+    from components.workspace import ensure_workspace
+
+    cfg = load_config(
+        overrides=[
+            f"workspace={tmp_path / 'ws'}",
+            f"drop_zone={tmp_path / 'incoming'}",
+            *tiny_overrides(ckpt, "orchestration.retry_delay_s=0", *extra),
+        ],
+        env={},
+        cwd=tmp_path,
+    )
+    ensure_workspace(cfg)
+    return cfg

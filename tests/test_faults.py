@@ -21,29 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from components import chain, review, steps, workspace
-from components.config_loading import load_config
+from components import chain, review, steps
 from components.ledger import Ledger
 from components.registry import NotFound, from_config
 from flows import retry
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, pipeline_config
 from tests.drops import make_task
 
 pytestmark = pytest.mark.faults
 
 
 def _cfg(tmp_path, ckpt, *extra):
-    cfg = load_config(
-        overrides=[
-            f"workspace={tmp_path / 'ws'}",
-            f"drop_zone={tmp_path / 'incoming'}",
-            *tiny_overrides(ckpt, "orchestration.retry_delay_s=0", "gate.max_forgetting=100", *extra),
-        ],
-        env={},
-        cwd=tmp_path,
-    )
-    workspace.ensure_workspace(cfg)
-    return cfg
+    return pipeline_config(tmp_path, ckpt, "gate.max_forgetting=100", *extra)
 
 
 def _cli_args(cfg, ckpt) -> list[str]:
@@ -578,7 +567,7 @@ def _flip_a_bit_inside_an_image(cfg, task_id: str) -> dict:
 
 
 @pytest.mark.parametrize("method", ["finetune", "lvp"])
-def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp_path, tiny_checkpoint, method):
+def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp_path, tiny_checkpoint, method, capsys):
     from components.data import decode_rgb
     from components.shards import CorruptShard
 
@@ -600,6 +589,16 @@ def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp
     assert row["shard"] in message and row["path"] in message and "SHA-256" in message
     assert not retry.is_transient(corrupt.value)  # retrying cannot fix damaged data
     assert not list((cfg.workspace_path / ".cliploop" / "runs").glob("*/result.json"))
+
+    # `cliploop learn` on the stored task says the same in one line (exit 1), no traceback.
+    from flows.cli import main
+
+    capsys.readouterr()
+    stored = str(cfg.workspace_path / "data" / "tasks" / "t-a")
+    argv = ["learn", "--method", method, stored, *_cli_args(cfg, tiny_checkpoint)]
+    assert main([*argv, *[a for s in extra for a in ("--set", s)]]) == 1
+    err = capsys.readouterr().err
+    assert "stored task data damaged" in err and row["path"] in err and "Traceback" not in err
 
 
 def test_the_sweep_recognises_this_chain_by_config_or_by_config_path(tmp_path, tiny_checkpoint):

@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from components import chain, review, workspace
+from components import chain, review
 from components.config_loading import load_config
 from components.ledger import Ledger
 from components.registry import from_config
 from flows import retry
 from flows.nightly import NightFailed, run_night
-from tests.conftest import tiny_overrides as _overrides
+from tests.conftest import pipeline_config
 from tests.drops import make_task
 
 
@@ -51,17 +51,7 @@ def _champion_predicts(registry, images):
 
 
 def _cfg(tmp_path, ckpt, *extra):
-    cfg = load_config(
-        overrides=[
-            f"workspace={tmp_path / 'ws'}",
-            f"drop_zone={tmp_path / 'incoming'}",
-            *_overrides(ckpt, "orchestration.retry_delay_s=0", *extra),
-        ],
-        env={},
-        cwd=tmp_path,
-    )
-    workspace.ensure_workspace(cfg)
-    return cfg
+    return pipeline_config(tmp_path, ckpt, *extra)
 
 
 def _drop(tmp_path, task_id, classes, **kw):
