@@ -29,6 +29,7 @@ from typing import Any
 from components import storage
 from components.chain import PipelineError, ledger_of, registry_of, runtime_dir, task_record
 from components.config import Config
+from components.faults import fault_point
 from components.ledger import TaskRecord
 
 
@@ -168,6 +169,7 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     backbone = load_backbone(config.model)
     task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
+    fault_point("during_pool_build")
     pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
     pool.save(folder)
     result = {

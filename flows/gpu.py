@@ -48,18 +48,7 @@ def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -
     local = {BUILD_POOL: steps.build_pool, TRAIN_EVALUATE: steps.run_update}[flow_name]
     if not config.orchestration.gpu_pool:
         return [local(config, **call) for call in calls]
-    from prefect.deployments import run_deployment
-
-    doc = config.portable()
-    started = [
-        run_deployment(
-            deployment_name(flow_name, config),
-            parameters={"config": doc, **call},
-            timeout=0,
-            tags=["cliploop", flow_name],
-        )
-        for call in calls
-    ]
+    started = [_start(config, flow_name, call) for call in calls]
     return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
 
 
@@ -67,10 +56,27 @@ def dispatch(config: Config, flow_name: str, **call: Any) -> dict[str, Any]:
     return dispatch_many(config, flow_name, [call])[0]
 
 
+def _start(config: Config, flow_name: str, call: dict[str, Any]):
+    from prefect.deployments import run_deployment
+
+    return run_deployment(
+        deployment_name(flow_name, config),
+        parameters={"config": config.portable(), **call},
+        timeout=0,
+        tags=["cliploop", flow_name],
+    )
+
+
+WORKER_SILENCE_MIN_S = 15.0  # a worker quiet for longer than this (and 3 heartbeat intervals) is taken for dead
+
+
 def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) -> dict[str, Any]:
+    """Wait for a step's flow run; a run whose worker died is marked Crashed and started again (another worker
+    picks it up and resumes from the step's checkpoints), at most ``orchestration.retries`` times."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + config.orchestration.gpu_timeout_s
+    restarts = 0
     with get_client(sync_client=True) as client:
         finished = client.read_flow_run(run.id)
         while not (finished.state and finished.state.is_final()):
@@ -80,6 +86,16 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
                     f"{config.orchestration.gpu_timeout_s} s (is a worker serving pool "
                     f"{config.orchestration.gpu_pool!r}?)"
                 )
+            dead = _dead_worker(client, finished)
+            if dead:
+                _mark_crashed(client, finished, dead)
+                if restarts >= config.orchestration.retries:
+                    raise chain.PipelineError(
+                        f"{flow_name} run {run.id} ({call.get('task_id')}) lost its worker {dead!r} "
+                        f"{restarts + 1} time(s); giving up"
+                    )
+                restarts += 1
+                run = _start(config, flow_name, call)
             time.sleep(1)
             finished = client.read_flow_run(run.id)
     if not finished.state.is_completed():
@@ -91,7 +107,40 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
         raise chain.PipelineError(
             f"{flow_name} run {run.id} completed but wrote no {path} (is the workspace shared with the worker?)"
         )
-    return json.loads(path.read_text()) | {"flow_run_id": str(run.id), "work_pool": finished.work_pool_name}
+    return json.loads(path.read_text()) | {
+        "flow_run_id": str(run.id),
+        "work_pool": finished.work_pool_name,
+        "restarts": restarts,
+    }
+
+
+def _dead_worker(client, run) -> str | None:
+    """The name of the worker that took ``run`` if it stopped sending heartbeats (its process or machine died).
+
+    Prefect labels a run with the worker that submitted it; workers heartbeat every
+    ``PREFECT_WORKER_HEARTBEAT_SECONDS``. A run whose worker fell silent stays Running for good otherwise."""
+    from datetime import UTC, datetime
+
+    if not (run.state and (run.state.is_running() or run.state.is_pending())):
+        return None
+    name = (run.labels or {}).get("prefect.worker.name")
+    if not name or not run.work_pool_name:
+        return None
+    worker = next((w for w in client.read_workers_for_work_pool(run.work_pool_name) if w.name == name), None)
+    if worker is None or worker.last_heartbeat_time is None:
+        return None  # unknown to the server: not evidence of death
+    silent = (datetime.now(UTC) - worker.last_heartbeat_time).total_seconds()
+    return name if silent > max(3 * (worker.heartbeat_interval_seconds or 30), WORKER_SILENCE_MIN_S) else None
+
+
+def _mark_crashed(client, run, worker: str) -> None:
+    from prefect.states import Crashed
+
+    client.set_flow_run_state(
+        run.id,
+        Crashed(message=f"its worker {worker!r} stopped sending heartbeats; the step is started again (cliploop)"),
+        force=True,
+    )
 
 
 def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,4 +173,19 @@ def pipeline_config(tmp_path, ckpt, *extra):
         cwd=tmp_path,
     )
     ensure_workspace(cfg)
+    store = cfg.workspace_path / ".cliploop" / "mlflow.db"
+    if cfg.mlflow.tracking_uri is None and not store.exists():
+        shutil.copyfile(_empty_mlflow_store(), store)
     return cfg
+
+
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An empty MLflow SQLite store, made by MLflow once per test process: creating one runs MLflow's schema
+    migrations (seconds on 2 cores), and whole-pipeline tests each need one. It holds no experiment of ours
+    (cliploop creates its experiment with the workspace's artifact location), so a copy works anywhere."""
+    from mlflow import MlflowClient
+
+    path = Path(tempfile.mkdtemp(prefix="cliploop-mlflow-template-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,12 +28,25 @@ from components.registry import NotFound, from_config
 from flows import retry
 from tests.conftest import REPO, pipeline_config
 from tests.drops import make_task
+from tests.fault_steps import learn_steps
 
 pytestmark = pytest.mark.faults
 
 
-def _cfg(tmp_path, ckpt, *extra):
+def _cfg(tmp_path, ckpt, *extra, start: Path | None = None):
+    """The test's config; with ``start``, its workspace begins as a copy of that one (see ``ingested``)."""
+    if start is not None:
+        shutil.copytree(start, tmp_path / "ws", symlinks=True)
     return pipeline_config(tmp_path, ckpt, "gate.max_forgetting=100", *extra)
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A workspace with task ``t-a`` (cat, dog; JPEG images) ingested for real, made once per module: ingestion
+    (git, DVC, Great Expectations) takes seconds, and most rows start from exactly this state."""
+    root = tmp_path_factory.mktemp("ingested")
+    _ingest(_cfg(root, tiny_checkpoint), root, "t-a", ["cat", "dog"], image_format="jpg")
+    return root / "ws"
 
 
 def _cli_args(cfg, ckpt) -> list[str]:
@@ -57,34 +71,19 @@ def _ingest(cfg, tmp_path, task_id, classes, **kw) -> None:
         steps.ingest(location, cfg)
 
 
-def _learn_steps(cfg, task_id: str) -> tuple[int, dict]:
-    """One ingested task through the pipeline's own steps, as ``continual_update`` runs them: (version, update)."""
-    chain.reconcile(cfg)
-    parent = chain.head(cfg)["version"]
-    chain.start_learning(cfg, task_id)
-    pools = {task_id: steps.build_pool(cfg, task_id)["pool_dir"]} if steps.builds_pools(cfg) else {}
-    update = steps.run_update(cfg, task_id, parent, pools)
-    return steps.register_update(cfg, update)["version"], update
-
-
-def _learn(cfg, tmp_path, task_id, classes, **kw) -> int:
-    """Drop, ingest and learn one task with the pipeline's own steps; returns its version (gate passed)."""
-    _ingest(cfg, tmp_path, task_id, classes, **kw)
-    version, update = _learn_steps(cfg, task_id)
+def _learn(cfg, task_id: str = "t-a") -> int:
+    """Learn one ingested task with the pipeline's own steps; returns its version (gate passed)."""
+    version, update = learn_steps(cfg, task_id)
     assert review.apply_gate(cfg, version, update)["verdict"] == "pass"
     return version
 
 
 def _steps_in_child(cfg, task_id: str, fault: str) -> subprocess.CompletedProcess:
-    """``_learn_steps`` in a child process with ``CLIPLOOP_FAULT`` set (the fault kills it for real)."""
+    """``learn_steps`` in a child process with ``CLIPLOOP_FAULT`` set (the fault kills it for real)."""
     import json
 
-    code = (
-        "import json, sys; from components.config_loading import config_from_doc; from tests.test_faults import "
-        "_learn_steps; _learn_steps(config_from_doc(json.loads(sys.argv[1])), sys.argv[2])"
-    )
     return subprocess.run(
-        [sys.executable, "-c", code, json.dumps(cfg.portable()), task_id],
+        [sys.executable, "-m", "tests.fault_steps", json.dumps(cfg.portable()), task_id],
         cwd=REPO,
         text=True,
         env=os.environ | {"CLIPLOOP_FAULT": fault},
@@ -142,11 +141,11 @@ def _overloaded_gateway():
 # ---- defect 1: a reviewer's reject overridden by a concurrent approve ---------------------------------------
 
 
-def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_path, tiny_checkpoint):
+def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_path, tiny_checkpoint, ingested):
     """An approver is delayed between reading the version's review and taking the registry lock; a reject lands
     in that window. The approve must fail (non-zero, "lost a race"), never promote the rejected version."""
-    cfg = _cfg(tmp_path, tiny_checkpoint)
-    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    cfg = _cfg(tmp_path, tiny_checkpoint, start=ingested)
+    version = _learn(cfg)
     review.review_requested(cfg, version)
     mark = tmp_path / "approver-read-the-state"
     env = os.environ | {"CLIPLOOP_FAULT": f"after_decision_read:mark={mark},after_decision_read:sleep=4"}
@@ -186,9 +185,9 @@ def test_a_reject_while_an_approve_waits_wins_and_the_approve_says_it_lost(tmp_p
         review.decide(cfg, version, "approve", "rita")
 
 
-def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, tiny_checkpoint):
-    cfg = _cfg(tmp_path, tiny_checkpoint)
-    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, tiny_checkpoint, ingested):
+    cfg = _cfg(tmp_path, tiny_checkpoint, start=ingested)
+    version = _learn(cfg)
     review.review_requested(cfg, version)
     review.decide(cfg, version, "approve", "rita")
     assert review.review_timed_out(cfg, version) is False
@@ -199,18 +198,17 @@ def test_a_timeout_never_overwrites_a_decision_made_a_moment_before(tmp_path, ti
 # ---- defect 4: a crash between "version registered" and "alias set" -----------------------------------------
 
 
-def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tiny_checkpoint, prefect_api):
+def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tiny_checkpoint, ingested, prefect_api):
     from flows.cli import main
 
-    cfg = _cfg(tmp_path, tiny_checkpoint)
-    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+    cfg = _cfg(tmp_path, tiny_checkpoint, start=ingested)
     child = _steps_in_child(cfg, "t-a", "after_register:kill")
     assert child.returncode == -9, child.stderr[-2000:]
     registry = from_config(cfg)
     versions = registry.client.search_model_versions("name = 'cliploop'")
     assert [int(v.version) for v in versions] == [1] and registry.alias("challenger") is None  # the fault's state
 
-    version, update = _learn_steps(cfg, "t-a")  # the rerun
+    version, update = learn_steps(cfg, "t-a")  # the rerun
     assert version == 1 and len(registry.client.search_model_versions("name = 'cliploop'")) == 1
     assert registry.alias("challenger") == 1 and _states(cfg) == {"t-a": "learned"}
     assert review.apply_gate(cfg, version, update)["verdict"] == "pass"
@@ -224,7 +222,9 @@ def test_a_kill_between_register_and_alias_is_resumed_by_the_rerun(tmp_path, tin
 # ---- kill -9 of a training step after a checkpoint --------------------------------------------------------
 
 
-def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_version(tmp_path, tiny_checkpoint):
+def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_version(
+    tmp_path, tiny_checkpoint, ingested
+):
     import json
 
     cfg = _cfg(
@@ -235,12 +235,12 @@ def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_vers
         "method.settings.batch_size=2",
         "method.settings.checkpoint_every=2",
         "method.settings.warmup_steps=0",
+        start=ingested,
     )
-    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
     assert _steps_in_child(cfg, "t-a", "after_checkpoint:kill").returncode == -9
     assert list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("checkpoint.json"))
 
-    version, update = _learn_steps(cfg, "t-a")
+    version, update = learn_steps(cfg, "t-a")
     training = json.loads((Path(update["out_dir"]) / "eval" / "training.json").read_text())
     assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
     registry = from_config(cfg)
@@ -259,10 +259,9 @@ def _runs(registry) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("signal_name", ["kill", "term"])
 def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_completes(
-    tmp_path, tiny_checkpoint, signal_name
+    tmp_path, tiny_checkpoint, ingested, signal_name, prefect_api
 ):
-    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0")
-    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0", start=ingested)
     fault = f"during_artifact_upload:{signal_name}"
     if signal_name == "kill":
         assert _steps_in_child(cfg, "t-a", fault).returncode == -9
@@ -281,7 +280,7 @@ def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_complet
                 "approval.timeout_s=0",
             ],
             cwd=REPO,
-            env=os.environ | {"CLIPLOOP_FAULT": fault},
+            env=_env_with_prefect_api() | {"CLIPLOOP_FAULT": fault},
             capture_output=True,
             text=True,
             timeout=300,
@@ -292,7 +291,7 @@ def test_a_kill_during_the_mlflow_upload_publishes_nothing_and_the_rerun_complet
     registry = from_config(cfg)
     assert registry.versions() == [] and _runs(registry) == [left]  # nothing published
 
-    version, _ = _learn_steps(cfg, "t-a")
+    version, _ = learn_steps(cfg, "t-a")
     assert version == 1 and [int(v.version) for v in registry.versions()] == [1]
     assert _runs(registry) == sorted([("FINISHED", ""), ("FAILED", "true" if signal_name == "kill" else "")])
     assert registry.alias("challenger") == 1 and _states(cfg) == {"t-a": "learned"}
@@ -314,7 +313,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _night_until_learning(cfg, ckpt, settings: list[str]) -> tuple[subprocess.Popen, set]:
+def _night_until_learning(cfg, ckpt, settings: list[str], env: dict | None = None) -> tuple[subprocess.Popen, set]:
     """``cliploop nightly`` in a child process, once its task is being learned: (process, its descendants)."""
     from flows.lifeline import descendants
 
@@ -324,6 +323,7 @@ def _night_until_learning(cfg, ckpt, settings: list[str]) -> tuple[subprocess.Po
         child = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, ckpt), *sets],
             cwd=REPO,
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -335,7 +335,7 @@ def _night_until_learning(cfg, ckpt, settings: list[str]) -> tuple[subprocess.Po
     return child, descendants(child.pid)
 
 
-def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behind(tmp_path, tiny_checkpoint):
+def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behind(tmp_path, tiny_checkpoint, ingested):
     settings = [
         f"drop_zone={tmp_path / 'incoming'}",
         "method.name=finetune",
@@ -344,11 +344,11 @@ def test_sigterm_ends_a_night_within_seconds_and_sigkill_leaves_no_process_behin
         "method.settings.warmup_steps=0",
         "approval.timeout_s=0",
     ]
-    cfg = _cfg(tmp_path, tiny_checkpoint, *settings[1:])
-    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+    cfg = _cfg(tmp_path, tiny_checkpoint, *settings[1:], start=ingested)
 
-    child, below = _night_until_learning(cfg, tiny_checkpoint, settings)
-    assert any("uvicorn" in _cmdline(pid) for pid, _ in below)  # Prefect's temporary server
+    # The SIGTERM'd night talks to the module's Prefect server (starting a temporary one costs seconds here);
+    # the SIGKILL'd one below starts its own, the process that must not outlive it.
+    child, below = _night_until_learning(cfg, tiny_checkpoint, settings, _env_with_prefect_api())
     started = time.monotonic()
     child.send_signal(signal.SIGTERM)
     child.wait(timeout=60)
@@ -440,13 +440,12 @@ def _kill_group(server: subprocess.Popen) -> None:
 
 
 def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_version(
-    tmp_path, tiny_checkpoint, monkeypatch
+    tmp_path, tiny_checkpoint, ingested, monkeypatch
 ):
     port = _free_port()
     server = _mlflow_server(tmp_path, port)
     try:
-        cfg = _cfg(tmp_path, tiny_checkpoint, f"mlflow.tracking_uri=http://127.0.0.1:{port}")
-        _ingest(cfg, tmp_path, "t-a", ["cat", "dog"])
+        cfg = _cfg(tmp_path, tiny_checkpoint, f"mlflow.tracking_uri=http://127.0.0.1:{port}", start=ingested)
         chain.start_learning(cfg, "t-a")
         pools = {"t-a": steps.build_pool(cfg, "t-a")["pool_dir"]}
         update = steps.run_update(cfg, "t-a", None, pools)
@@ -487,11 +486,11 @@ def _try(fn, *args) -> dict:
 # ---- defect 2: a transient MLflow error read as "absent" -----------------------------------------------------
 
 
-def test_registry_reads_tell_absent_from_unreachable(tmp_path, tiny_checkpoint, monkeypatch):
-    cfg = _cfg(tmp_path, tiny_checkpoint)
+def test_registry_reads_tell_absent_from_unreachable(tmp_path, tiny_checkpoint, ingested, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_checkpoint, start=ingested)
     registry = from_config(cfg)
     assert registry.alias("champion") is None  # no model registered yet: absent, not an error
-    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    version = _learn(cfg)
     assert registry.alias("previous-champion") is None
     with pytest.raises(NotFound):
         registry.version_tags(version + 10)
@@ -505,6 +504,13 @@ def test_registry_reads_tell_absent_from_unreachable(tmp_path, tiny_checkpoint, 
     assert not isinstance(refused.value, NotFound) and retry.is_transient(refused.value)
 
 
+def _env_with_prefect_api() -> dict[str, str]:
+    """This process's environment, pointing a child's Prefect client at the module's server (``prefect_api``)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 @pytest.fixture(scope="module")
 def prefect_api():
     from prefect.testing.utilities import prefect_test_harness
@@ -514,15 +520,17 @@ def prefect_api():
         yield
 
 
-def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(tmp_path, tiny_checkpoint, monkeypatch, prefect_api):
+def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(
+    tmp_path, tiny_checkpoint, ingested, monkeypatch, prefect_api
+):
     """During an outage the nightly reconcile must not read "no champion" and reject every promoted task: the
     error propagates, the step's retries fire, and the ledger is exactly as it was."""
     from prefect import flow
 
     from flows.retry import step
 
-    cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2")
-    version = _learn(cfg, tmp_path, "t-a", ["cat", "dog"])
+    cfg = _cfg(tmp_path, tiny_checkpoint, "orchestration.retries=2", start=ingested)
+    version = _learn(cfg)
     review.decide(cfg, version, "approve", "rita")
     before = _states(cfg)
     assert before == {"t-a": "promoted"}
@@ -567,7 +575,9 @@ def _flip_a_bit_inside_an_image(cfg, task_id: str) -> dict:
 
 
 @pytest.mark.parametrize("method", ["finetune", "lvp"])
-def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp_path, tiny_checkpoint, method, capsys):
+def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(
+    tmp_path, tiny_checkpoint, ingested, method, capsys
+):
     from components.data import decode_rgb
     from components.shards import CorruptShard
 
@@ -576,8 +586,7 @@ def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(tmp
         if method == "finetune"
         else []
     )
-    cfg = _cfg(tmp_path, tiny_checkpoint, f"method.name={method}", *extra)
-    _ingest(cfg, tmp_path, "t-a", ["cat", "dog"], image_format="jpg")
+    cfg = _cfg(tmp_path, tiny_checkpoint, f"method.name={method}", *extra, start=ingested)
     row = _flip_a_bit_inside_an_image(cfg, "t-a")
     decode_rgb(row["damaged"])  # the damaged JPEG still decodes: only the checksum can tell
 
