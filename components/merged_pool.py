@@ -11,7 +11,7 @@ for other reasons than how pools are combined and scored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,16 +22,26 @@ from components.pools import PoolConfig, PoolError, TaskPool, training_mode
 
 def similarity(embeddings: torch.Tensor, vectors: torch.Tensor, metric: str) -> torch.Tensor:
     """[N, M]: cosine with each (not necessarily normalised) vector, or negative L1 distance."""
+    return compare(embeddings, prepare(vectors, metric), metric)
+
+
+def prepare(vectors: torch.Tensor, metric: str) -> torch.Tensor:
+    """Vectors as ``compare`` takes them (normalised for cosine): done once per pool, not per batch."""
     if metric == "cosine":
-        return embeddings @ torch.nn.functional.normalize(vectors, dim=-1).T
+        return torch.nn.functional.normalize(vectors, dim=-1)
     if metric == "l1":
-        return -torch.cdist(embeddings, vectors, p=1)
+        return vectors
     raise PoolError(f"unknown metric {metric!r}")
+
+
+def compare(embeddings: torch.Tensor, prepared: torch.Tensor, metric: str) -> torch.Tensor:
+    """[N, M] similarity to vectors already ``prepare``d."""
+    return embeddings @ prepared.T if metric == "cosine" else -torch.cdist(embeddings, prepared, p=1)
 
 
 def per_class_max(scores: torch.Tensor, entry_class: torch.Tensor, n_classes: int) -> torch.Tensor:
     """[N, C]: for each class, its best entry's score (1-NN over bank or centroid entries)."""
-    out = torch.full((scores.shape[0], n_classes), float("-inf"), dtype=scores.dtype)
+    out = torch.full((scores.shape[0], n_classes), float("-inf"), dtype=scores.dtype, device=scores.device)
     return out.scatter_reduce(1, entry_class.expand(scores.shape[0], -1), scores, reduce="amax", include_self=True)
 
 
@@ -57,6 +67,15 @@ def train_linear_head(vectors: torch.Tensor, targets: torch.Tensor, n_classes: i
 # ---- merged pools ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Where each asked class's column comes from, worked out once per (merged pool, asked class keys)."""
+
+    columns: torch.Tensor  # [K] long: below C a pool class, C + j the j-th fallback key
+    fallback_keys: tuple[str, ...]  # asked keys in no pool, in order of first appearance
+    in_order: bool  # the asked keys are exactly the pool's classes, in the pool's order
+
+
 @dataclass
 class MergedPool:
     class_keys: list[str]
@@ -67,10 +86,60 @@ class MergedPool:
     cfg: PoolConfig
     task_ids: list[str]
     head: torch.nn.Linear | None = None  # LVP-C
+    # Scoring caches: a merged pool is never changed after merge() (train_head only adds the head), so what
+    # scoring derives from it is computed once, not per batch.
+    _position: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _entries: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _plans: dict[tuple[str, ...], ScoringPlan] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _fallback: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
         return int(self.text.shape[1])
+
+    @property
+    def position(self) -> dict[str, int]:
+        if self._position is None:
+            self._position = {k: i for i, k in enumerate(self.class_keys)}
+        return self._position
+
+    def plan(self, class_keys: list[str]) -> ScoringPlan:
+        """The column index of ``class_keys``, cached (an evaluation asks the same keys batch after batch)."""
+        key = tuple(class_keys)
+        plan = self._plans.get(key)
+        if plan is None:
+            position = self.position
+            fallback = tuple(dict.fromkeys(k for k in key if k not in position))
+            slot = {k: len(self.class_keys) + j for j, k in enumerate(fallback)}
+            columns = torch.tensor([position[k] if k in position else slot[k] for k in key], dtype=torch.long)
+            plan = ScoringPlan(columns, fallback, key == tuple(self.class_keys))
+            if len(self._plans) >= 16:  # a few label spaces (one per evaluated dataset) are live at a time
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def entries(self, device: torch.device) -> torch.Tensor:
+        """The pool vectors as the metric compares them (normalised for cosine), once per device."""
+        cached = self._entries.get(str(device))
+        if cached is None:
+            cached = prepare(self.vectors.to(device), self.cfg.metric)
+            self._entries[str(device)] = cached
+        return cached
+
+    def fallback_matrix(self, plan: ScoringPlan, fallback_text: dict[str, torch.Tensor] | None, device) -> torch.Tensor:
+        """[F, d] text vectors of the plan's fallback keys (normalised for cosine); rebuilt only when asked
+        with another dict or other keys (LVP passes the same dict for a whole evaluation)."""
+        cached = self._fallback
+        if cached is not None and cached[0] is fallback_text and cached[1] == plan.fallback_keys:
+            return cached[2]
+        for key in plan.fallback_keys:
+            if not fallback_text or key not in fallback_text:
+                raise PoolError(f"class {key!r} is in no pool and has no text fallback")
+        matrix = prepare(
+            torch.stack([fallback_text[k].float() for k in plan.fallback_keys]).to(device), self.cfg.metric
+        )
+        self._fallback = (fallback_text, plan.fallback_keys, matrix)
+        return matrix
 
     def scores(
         self,
@@ -78,25 +147,27 @@ class MergedPool:
         class_keys: list[str] | None = None,
         fallback_text: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """[N, len(class_keys)] scores; classes outside the pool use ``fallback_text`` (zero-shot)."""
-        keys = self.class_keys if class_keys is None else class_keys
-        position = {k: i for i, k in enumerate(self.class_keys)}
+        """[N, len(class_keys)] scores; classes outside the pool use ``fallback_text`` (zero-shot).
+
+        One matmul against the pool entries, a per-class max (scatter), and one gather of the asked columns;
+        fallback classes are one more matmul against their stacked text vectors."""
+        plan = self.plan(self.class_keys if class_keys is None else class_keys)
         embeddings = embeddings.float()
-        if self.head is not None and all(k in position for k in keys):
-            return self.head(embeddings)[:, [position[k] for k in keys]]
+        if self.head is not None and not plan.fallback_keys:
+            logits = self.head(embeddings)
+            return logits if plan.in_order else logits[:, plan.columns.to(logits.device)]
         # Without a head, or asked about classes it never learned: nearest pool entry.
         pooled = per_class_max(
-            similarity(embeddings, self.vectors, self.cfg.metric), self.entry_class, len(self.class_keys)
+            compare(embeddings, self.entries(embeddings.device), self.cfg.metric),
+            self.entry_class.to(embeddings.device),
+            len(self.class_keys),
         )
-        columns = []
-        for key in keys:
-            if key in position:
-                columns.append(pooled[:, position[key]])
-            elif fallback_text and key in fallback_text:
-                columns.append(similarity(embeddings, fallback_text[key][None].float(), self.cfg.metric)[:, 0])
-            else:
-                raise PoolError(f"class {key!r} is in no pool and has no text fallback")
-        return torch.stack(columns, dim=1)
+        if plan.fallback_keys:
+            matrix = self.fallback_matrix(plan, fallback_text, embeddings.device)
+            pooled = torch.cat([pooled, compare(embeddings, matrix, self.cfg.metric)], dim=1)
+        elif plan.in_order:
+            return pooled
+        return pooled[:, plan.columns.to(pooled.device)]
 
     def predict(self, embeddings: torch.Tensor) -> list[str]:
         return [self.class_keys[i] for i in self.scores(embeddings).argmax(dim=1).tolist()]

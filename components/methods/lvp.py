@@ -49,6 +49,8 @@ class LVP(Method):
         super().__init__(settings)
         self._merged_cache: tuple[tuple[str, ...], MergedPool] | None = None
         self._built: tuple[PoolStats, ...] = ()  # this task's pool build, when it was not prebuilt
+        # The label space of the evaluation under way: (state, ctx, its class count, asked keys) -> fallbacks.
+        self._label_space: tuple | None = None
 
     def build_pool(self, task, ctx: Context) -> tuple[TaskPool, PoolStats]:
         return build_pool(task, ctx, self.settings)
@@ -96,6 +98,7 @@ class LVP(Method):
         state.tasks.append(task.summary())
         state.method_settings = self.settings.model_dump(mode="json")
         self._merged_cache = None
+        self._label_space = None
         return state
 
     def report(self) -> MethodReport:
@@ -114,11 +117,22 @@ class LVP(Method):
         from components.models import encode_batch
 
         embeddings = encode_batch(ctx.backbone, images)
-        # Classes no task has taught yet are scored zero-shot by their text embedding (LVP-T).
-        fallback = self.key_text([k for k in class_keys if k not in state.class_index()], class_names, ctx)
+        fallback, text = self.label_space(state, class_keys, class_names, ctx)
         if not state.pools:
-            return embeddings @ torch.stack([fallback[k] for k in class_keys]).T
+            return embeddings @ text.T
         return self.merged(state).scores(embeddings, class_keys, fallback_text=fallback)
+
+    def label_space(self, state, class_keys, class_names, ctx: Context):
+        """Text vectors of the asked classes no task has taught yet (scored zero-shot, as LVP-T), worked out
+        once per evaluation, not per batch: the same state, context and keys give the same answer."""
+        key = (len(state.classes), bool(state.pools), tuple(class_keys))
+        cached = self._label_space
+        if cached is None or cached[0] is not state or cached[1] is not ctx or cached[2] != key:
+            known = state.class_index()
+            fallback = self.key_text([k for k in class_keys if k not in known], class_names, ctx)
+            text = None if state.pools else torch.stack([fallback[k] for k in class_keys])
+            cached = self._label_space = (state, ctx, key, fallback, text)
+        return cached[3], cached[4]
 
 
 def main(argv: list[str] | None = None) -> int:
