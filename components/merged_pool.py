@@ -155,7 +155,7 @@ class MergedPool:
         embeddings = embeddings.float()
         if self.head is not None and not plan.fallback_keys:
             logits = self.head(embeddings)
-            return logits if plan.in_order else logits[:, plan.columns.to(logits.device)]
+            return logits if plan.in_order else logits.index_select(1, plan.columns.to(logits.device))
         # Without a head, or asked about classes it never learned: nearest pool entry.
         pooled = per_class_max(
             compare(embeddings, self.entries(embeddings.device), self.cfg.metric),
@@ -167,7 +167,7 @@ class MergedPool:
             pooled = torch.cat([pooled, compare(embeddings, matrix, self.cfg.metric)], dim=1)
         elif plan.in_order:
             return pooled
-        return pooled[:, plan.columns.to(pooled.device)]
+        return pooled.index_select(1, plan.columns.to(pooled.device))
 
     def predict(self, embeddings: torch.Tensor) -> list[str]:
         return [self.class_keys[i] for i in self.scores(embeddings).argmax(dim=1).tolist()]

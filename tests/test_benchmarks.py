@@ -64,3 +64,17 @@ def test_shard_read_reports_the_checksum_cost_against_decoding(tmp_path):
     assert all(us[k] > 0 for k in ("read", "read_checked", "decode", "decode_resize"))
     expected = max(us["read_checked"] - us["read"], 0) / us["decode"]  # from the rounded figures: near, not equal
     assert abs(report["check_vs_decode"] - expected) < 0.01
+
+
+def test_scoring_reports_ms_per_batch_for_each_class_count(tmp_path):
+    out = tmp_path / "scoring.json"
+    args = ("--classes", "20,80", "--dim", "16", "--batch", "8", "--repeat", "2", "--per-key", "--out", str(out))
+    report = _run("scoring.py", *args)
+    assert json.loads(out.read_text()) == report
+    assert set(report["ms_per_batch"]) == set(report["per_key_ms"]) == {"20", "80"}
+    assert report["vectors"] == {"20": 60, "80": 240}  # three bank entries per class
+    assert all(v > 0 for v in report["ms_per_batch"].values())
+    growth = report["growth"]
+    assert growth["classes_ratio"] == 4.0
+    assert growth["80_vs_20"] == round(report["ms_per_batch"]["80"] / report["ms_per_batch"]["20"], 3)
+    assert report["target"]["meets"] is None  # 16k classes not measured
