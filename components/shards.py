@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,33 @@ def write_index(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+# Parsed index files, by resolved path: (inode, size, mtime) of the file parsed, and its rows. A step loads
+# every learned task again, and a process running several steps would otherwise parse each index.csv (0.5 s
+# per 50k rows) once per step. Index files are replaced atomically, never edited, so a changed file has a
+# new inode or size or mtime and is parsed afresh.
+_INDEX_CACHE: OrderedDict[str, tuple[tuple[int, int, int], list[dict]]] = OrderedDict()
+INDEX_CACHE_ROWS = 2_000_000  # kept rows in all (about 1 kB each), least recently read dropped first
+
+
 def read_index(path: Path) -> list[dict]:
+    """The rows of an index.csv, parsed once per process while the file is unchanged. The row dicts are
+    shared between callers: read them, never change them."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    hit = _INDEX_CACHE.get(str(path))
+    if hit is not None and hit[0] == signature:
+        _INDEX_CACHE.move_to_end(str(path))
+        return list(hit[1])
+    rows = _parse_index(path)
+    _INDEX_CACHE[str(path)] = (signature, rows)
+    _INDEX_CACHE.move_to_end(str(path))
+    while len(_INDEX_CACHE) > 1 and sum(len(r) for _, r in _INDEX_CACHE.values()) > INDEX_CACHE_ROWS:
+        _INDEX_CACHE.popitem(last=False)
+    return list(rows)
+
+
+def _parse_index(path: Path) -> list[dict]:
     import csv
 
     with open(path, newline="") as fh:
