@@ -129,6 +129,8 @@ def parent_state(config: Config, version: int | None):
 
 
 def pool_key(config: Config, record: TaskRecord) -> str:
+    from components.data import DECODER  # pixels depend on the decoder: a pool decoded otherwise is another pool
+
     return _digest(
         {
             "task": record.task_id,
@@ -137,6 +139,7 @@ def pool_key(config: Config, record: TaskRecord) -> str:
             "model": config.model.model_dump(mode="json"),
             "method": config.method.model_dump(mode="json"),
             "templates": config.evaluation.templates,
+            "decoder": DECODER,
         }
     )
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
 from components import shards
+from components.data import decode_rgb
 from components.shards import read_index, write_index
 
 
@@ -37,3 +45,132 @@ def test_the_index_cache_keeps_a_bounded_number_of_rows(tmp_path, monkeypatch):
         write_index(paths[-1], _rows(3))
         read_index(paths[-1])
     assert list(shards._INDEX_CACHE) == [str(paths[2].resolve())]  # the least recently read went first
+
+
+# ---- Pillow's draft mode ------------------------------------------------------------------------------------
+
+
+def _jpeg(side: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A picture with structure at every scale: gradients, rings, stripes, blobs and a little noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    rings = np.sin(40 * np.hypot(x - 0.3, y - 0.6))
+    stripes = np.sign(np.sin(25 * (x + 0.5 * y)))
+    blobs = sum(np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.005) for cx, cy in rng.random((6, 2)))
+    pixels = np.stack([x * 255, 128 + 100 * rings * y, 128 + 60 * stripes + 120 * blobs], axis=-1)
+    pixels += rng.normal(0, 6, pixels.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buf, format=fmt, quality=92)
+    return buf.getvalue()
+
+
+class _Bytes:
+    """A drop-like source of images held in memory."""
+
+    def __init__(self, blobs: dict[str, bytes]):
+        self.blobs = blobs
+
+    def read(self, relpath: str, max_bytes: int) -> bytes:
+        return self.blobs[relpath]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_checkpoint):
+    from components.config import ModelConfig
+    from components.models import load_backbone
+
+    path, sha = tiny_checkpoint
+    cfg = ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha, device="cpu")
+    return load_backbone(cfg)
+
+
+def test_draft_mode_shrinks_large_jpegs_and_keeps_their_embeddings(tiny_backbone):
+    from components.data import ImageDataset, input_size
+    from components.models import encode_batch
+
+    preprocess = tiny_backbone.preprocess
+    assert input_size(preprocess) == (32, 32) and input_size(tiny_backbone.preprocess_train) == (32, 32)
+    blobs = {f"big{i}.jpg": _jpeg(1024, seed=i) for i in range(3)}
+    items = [(name, 0) for name in blobs]
+    plain = ImageDataset(_Bytes(blobs), items, preprocess, "pillow")
+    draft = ImageDataset(_Bytes(blobs), items, preprocess, "pillow-draft2x")
+    assert decode_rgb(blobs["big0.jpg"], draft.draft_to).size == (128, 128)  # 1/8 scale: still >= 32 px
+    assert decode_rgb(blobs["big0.jpg"]).size == (1024, 1024)
+    full = torch.stack([plain[i][0] for i in range(len(items))])
+    fast = torch.stack([draft[i][0] for i in range(len(items))])
+    assert not torch.equal(full, fast)  # draft mode did decode differently
+    cosine = (encode_batch(tiny_backbone, full) * encode_batch(tiny_backbone, fast)).sum(dim=1)
+    assert cosine.min() >= 0.995, cosine
+
+
+def test_draft_mode_at_vit_b_16_input_size_keeps_the_preprocessed_pixels():
+    """ViT-B/16's own eval transform (224 px): at 2x and 4x the input, the model sees nearly the same tensor."""
+    import open_clip
+
+    from components.data import input_size
+
+    preprocess = open_clip.image_transform(224, is_train=False)
+    assert input_size(preprocess) == (224, 224)
+    for side, scaled in ((448, 224), (1024, 256)):
+        data = _jpeg(side, seed=side)
+        assert decode_rgb(data, (224, 224)).size == (scaled, scaled)
+        full, fast = preprocess(decode_rgb(data)), preprocess(decode_rgb(data, (224, 224)))
+        assert torch.nn.functional.cosine_similarity(full.flatten(), fast.flatten(), dim=0) >= 0.999
+
+
+def test_images_draft_mode_does_not_touch_give_the_same_bytes(tiny_backbone):
+    from components.data import ImageDataset
+
+    blobs = {
+        "small.jpg": _jpeg(63),  # under twice the 32-px input on a side: decoded in full
+        "big.png": _jpeg(512, fmt="PNG"),  # not a JPEG: no draft mode
+        "wide.jpg": _wide_jpeg(600, 40),  # wide, but its height is under twice the input
+    }
+    items = [(name, 0) for name in blobs]
+    for transform in (tiny_backbone.preprocess, lambda im: torch.tensor(np.asarray(im))):
+        plain = ImageDataset(_Bytes(blobs), items, transform, "pillow")
+        draft = ImageDataset(_Bytes(blobs), items, transform, "pillow-draft2x")
+        for i in range(len(items)):
+            assert torch.equal(plain[i][0], draft[i][0]), items[i]
+    with pytest.raises(ValueError, match="unknown decoder"):
+        ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "nvjpeg")
+
+
+def _wide_jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), "RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_the_decoder_is_part_of_the_pool_key_and_checked_on_prebuilt_pools(tmp_path, tiny_checkpoint, monkeypatch):
+    from components import data, steps
+    from components.config_loading import load_config
+    from components.ledger import TaskRecord
+    from components.methods.base import Context
+    from components.methods.lvp import LVP, build_pool
+    from components.models import load_backbone
+    from components.pools import PoolError
+    from tests.conftest import tiny_overrides
+    from tests.drops import make_task
+
+    config = load_config(overrides=tiny_overrides(tiny_checkpoint, f"workspace={tmp_path / 'ws'}"), env={})
+    record = TaskRecord("t-a", "learned", "digest", dvc_md5="md5")
+    key = steps.pool_key(config, record)
+    assert steps.pool_key(config, record) == key
+    monkeypatch.setattr(data, "DECODER", "pillow")
+    assert steps.pool_key(config, record) != key  # a pool decoded otherwise is never reused
+    monkeypatch.undo()
+
+    task = data.load_task(make_task(tmp_path, "t-a", ["cat", "dog"], train=2, test=1, image_format="jpg"))
+    method = LVP()
+    ctx = Context(load_backbone(config.model))
+    pool, _ = build_pool(task, ctx, method.settings)
+    assert pool.meta["decoder"] == "pillow-draft2x"
+    pool.save(tmp_path / "pools")
+    prebuilt = Context(ctx.backbone, prebuilt_pools={"t-a": str(tmp_path / "pools")})
+    assert method.prebuilt(task, prebuilt).meta == pool.meta
+    pool.meta["decoder"] = "pillow"  # built by an older cliploop, every image decoded in full
+    pool.save(tmp_path / "pools")
+    with pytest.raises(PoolError, match="its decoder does not match"):
+        method.prebuilt(task, prebuilt)

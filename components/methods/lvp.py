@@ -18,6 +18,8 @@ from components.pools import PoolConfig, TaskPool, build_task_pool
 
 def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats]:
     """The task's pool, from that task's training images alone, and how fast its images were encoded."""
+    from components.data import DECODER
+
     started = time.perf_counter()
     embeddings, labels = ctx.image_embeddings(task, "train")
     stats = PoolStats(images=int(len(labels)), seconds=time.perf_counter() - started)
@@ -27,6 +29,7 @@ def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats
     meta = {
         "backbone": backbone.reference,
         "preprocess": repr(backbone.preprocess),
+        "decoder": DECODER,  # what ctx.image_embeddings decoded the images with (components/data.py)
         "prompt_templates": prompts or ctx.templates,
         "metric": cfg.metric,
         "variant": cfg.variant,
@@ -66,18 +69,21 @@ class LVP(Method):
 
     def prebuilt(self, task, ctx: Context) -> TaskPool:
         """A pool built by the pipeline's build_pool step (maybe on another worker): checked before use."""
+        from components.data import DECODER
         from components.pools import PoolError
 
         pool = TaskPool.load(ctx.prebuilt_pools[task.task_id], task.task_id)
         expected = {
             "config": self.settings.model_dump(mode="json"),
             "backbone": ctx.backbone.reference,
+            "decoder": DECODER,
             "classes": task.class_keys,
             "task": task.summary(),
         }
         found = {
             "config": pool.config,
             "backbone": pool.meta.get("backbone"),
+            "decoder": pool.meta.get("decoder"),
             "classes": pool.class_keys,
             "task": pool.meta.get("task"),
         }
