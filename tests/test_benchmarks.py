@@ -53,7 +53,10 @@ def test_pool_build_reports_throughput_and_ratios(tmp_path):
     assert report["images"] == 64 and report["device"] == "cpu"
     rates = report["img_per_s"]
     assert all(rates[k] > 0 for k in ("pool_build", "bare_encoder", "plain_fp32"))
-    assert report["ratios"]["pool_vs_encoder"] == round(rates["pool_build"] / rates["bare_encoder"], 3)
+    # The ratio is of the unrounded rates: the printed ones (rounded to 0.1) give it to within their rounding.
+    ratio = rates["pool_build"] / rates["bare_encoder"]
+    slack = ratio * (0.05 / rates["pool_build"] + 0.05 / rates["bare_encoder"]) + 0.0005
+    assert abs(report["ratios"]["pool_vs_encoder"] - ratio) <= slack
 
 
 def test_shard_read_reports_the_checksum_cost_against_decoding(tmp_path):
