@@ -74,7 +74,9 @@ def test_scoring_reports_ms_per_batch_for_each_class_count(tmp_path):
     args = ("--classes", "20,80", "--dim", "16", "--batch", "8", "--repeat", "2", "--per-key", "--out", str(out))
     report = _run("scoring.py", *args)
     assert json.loads(out.read_text()) == report
-    assert set(report["ms_per_batch"]) == set(report["per_key_ms"]) == {"20", "80"}
+    sizes = {"20", "80"}
+    assert set(report["ms_per_batch"]) == set(report["per_key_ms"]) == set(report["label_space_ms"]) == sizes
+    assert set(report["per_key_label_space_ms"]) == sizes
     assert report["vectors"] == {"20": 60, "80": 240}  # three bank entries per class
     assert all(v > 0 for v in report["ms_per_batch"].values())
     growth = report["growth"]
