@@ -8,9 +8,9 @@ Decoders (named, because pixels depend on them: the name is part of every pool k
 - ``pillow``: Pillow decodes every image at full size;
 - ``pillow-draft2x`` (``DECODER``, what cliploop uses): the same, except that a JPEG at least twice the model's
   input size on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's draft mode), never below the
-  input size, before the model's own resize. Decode and resize cost several times less on such images, and
-  their embeddings stay within cosine 0.995 of full decoding; every other image gives the same bytes as
-  ``pillow``.
+  input size, before the model's own resize. Decoding and preprocessing such an image for a 224-px model took
+  about a third of the time on one core (448 to 2048-px JPEGs), and the embeddings stay within cosine 0.995 of
+  full decoding (tests/test_decoding.py); every other image gives the same bytes as ``pillow``.
 """
 
 from __future__ import annotations
