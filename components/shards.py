@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,7 @@ def write_index(path: Path, rows: list[dict]) -> None:
 # new inode or size or mtime and is parsed afresh.
 _INDEX_CACHE: OrderedDict[str, tuple[tuple[int, int, int], list[dict]]] = OrderedDict()
 INDEX_CACHE_ROWS = 2_000_000  # kept rows in all (about 1 kB each), least recently read dropped first
+_INDEX_LOCK = threading.Lock()
 
 
 def read_index(path: Path) -> list[dict]:
@@ -163,15 +165,17 @@ def read_index(path: Path) -> list[dict]:
     path = Path(path).resolve()
     stat = path.stat()
     signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    hit = _INDEX_CACHE.get(str(path))
-    if hit is not None and hit[0] == signature:
-        _INDEX_CACHE.move_to_end(str(path))
-        return list(hit[1])
+    with _INDEX_LOCK:  # steps may load tasks from several threads
+        hit = _INDEX_CACHE.get(str(path))
+        if hit is not None and hit[0] == signature:
+            _INDEX_CACHE.move_to_end(str(path))
+            return list(hit[1])
     rows = _parse_index(path)
-    _INDEX_CACHE[str(path)] = (signature, rows)
-    _INDEX_CACHE.move_to_end(str(path))
-    while len(_INDEX_CACHE) > 1 and sum(len(r) for _, r in _INDEX_CACHE.values()) > INDEX_CACHE_ROWS:
-        _INDEX_CACHE.popitem(last=False)
+    with _INDEX_LOCK:
+        _INDEX_CACHE[str(path)] = (signature, rows)
+        _INDEX_CACHE.move_to_end(str(path))
+        while len(_INDEX_CACHE) > 1 and sum(len(r) for _, r in _INDEX_CACHE.values()) > INDEX_CACHE_ROWS:
+            _INDEX_CACHE.popitem(last=False)
     return list(rows)
 
 
