@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -224,9 +224,42 @@ class Config(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    # Where things are and how the night is run, not what a step computes: left out of identity() so that
+    # keys survive a moved workspace, another drop zone, registry, object store or work pool.
+    LOCATION_SECTIONS: ClassVar[tuple[str, ...]] = (
+        "workspace",
+        "drop_zone",
+        "s3",
+        "dvc",
+        "mlflow",
+        "approval",
+        "orchestration",
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """What determines a step's results: the resolved config without locations (see ``LOCATION_SECTIONS``);
+        the model's weights by their SHA-256 where it is pinned, not by the path they were read from."""
+        doc = self.model_dump(mode="json")
+        for section in self.LOCATION_SECTIONS:
+            doc.pop(section, None)
+        if doc["model"].get("sha256"):
+            doc["model"].pop("checkpoint", None)
+        for section, key in (("evaluation", "zero_shot_set"), ("model", "checkpoint")):
+            if doc[section].get(key):
+                doc[section][key] = self._without_workspace(doc[section][key])
+        return doc
+
+    def _without_workspace(self, value: str) -> str:
+        """A path as the same string wherever it was written from: absolute, or ``<workspace>/...`` inside it."""
+        if "://" in value:
+            return value
+        path, ws = self.path(value), self.workspace_path
+        return f"<workspace>/{path.relative_to(ws).as_posix()}" if path.is_relative_to(ws) else str(path)
+
     def sha256(self) -> str:
-        """Digest of the resolved config (stable key order) for lineage records."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Digest of ``identity()`` (stable key order): in every run key and in each version's lineage. It holds
+        no path of the workspace, so a workspace moved to another folder or machine keeps its keys."""
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def portable(self) -> dict[str, Any]:

@@ -25,12 +25,26 @@ def _validation(ledger_record, workspace: Path) -> dict[str, Any]:
     report = ledger_record.report
     success = None
     if report:
-        path = Path(report) if Path(report).is_absolute() else workspace / report
+        path = _report_in(workspace, Path(report))
         try:
             success = bool(json.loads(path.read_text()).get("success"))
         except (OSError, json.JSONDecodeError):
             success = None
     return {"success": success, "report": report, "state": ledger_record.state}
+
+
+def _report_in(workspace: Path, report: Path) -> Path:
+    """The report's file in this workspace: the ledger records absolute paths, and a workspace may have been
+    moved since (its reports moved with it, under ``data/reports/``)."""
+    if not report.is_absolute():
+        return workspace / report
+    if report.exists():
+        return report
+    parts = report.parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i : i + 2] == ("data", "reports"):
+            return workspace.joinpath(*parts[i:])
+    return report
 
 
 def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: bool = False) -> dict[str, Any]:

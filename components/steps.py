@@ -131,13 +131,14 @@ def parent_state(config: Config, version: int | None):
 def pool_key(config: Config, record: TaskRecord) -> str:
     from components.data import DECODER  # pixels depend on the decoder: a pool decoded otherwise is another pool
 
+    identity = config.identity()  # no workspace path: a moved workspace keeps its pools
     return _digest(
         {
             "task": record.task_id,
             "dvc_md5": record.dvc_md5,
             "content": record.content_digest,
-            "model": config.model.model_dump(mode="json"),
-            "method": config.method.model_dump(mode="json"),
+            "model": identity["model"],
+            "method": identity["method"],
             "templates": config.evaluation.templates,
             "decoder": DECODER,
         }
@@ -165,7 +166,7 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
     done = folder / "result.json"
     if done.is_file():
         TaskPool.load(folder, task_id)  # verifies the checksum: a damaged cache entry is rebuilt
-        return json.loads(done.read_text()) | {"cached": True}
+        return json.loads(done.read_text()) | {"pool_dir": str(folder), "cached": True}  # here, wherever it was made
     method = make_method(config)
     if not method.builds_pools:
         raise PipelineError(f"method {method.name} builds no per-task pools")
@@ -221,7 +222,7 @@ def run_update(
     done = out / "result.json"
     if done.is_file():
         LearnerState.load(out / "state")  # verifies every checksum of the cached state
-        return json.loads(done.read_text()) | {"cached": True}
+        return json.loads(done.read_text()) | {"out_dir": str(out), "cached": True}  # here, wherever it was made
     tmp = out.with_name(f".{key}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     parent = parent_state(config, parent_version)
@@ -299,8 +300,9 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             registry.fail_abandoned_runs(key)  # we register this key now: a RUNNING run of it is a dead one
             out = Path(update["out_dir"])
             extra = {}
-            if record.report and Path(record.report).exists():
-                extra["validation"] = Path(record.report)
+            report = config.workspace_path / "data" / "reports" / task_id / "report.json"  # where ingest put it
+            if report.exists():
+                extra["validation"] = report
             params = _flatten(config.model_dump(mode="json"))
             params.update({f"timing.{k}": v for k, v in update.get("timings", {}).items()})
             metrics = dict(update["metrics"])
@@ -316,10 +318,9 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
                 run_id,
                 task_id,
                 record.dvc_md5 or record.content_digest,
-                {
+                {  # where in the workspace's git + DVC history, not where the workspace happens to be
                     "dvc_md5": record.dvc_md5,
                     "path": f"data/tasks/{task_id}",
-                    "workspace": str(config.workspace_path),
                     "commit": record.workspace_commit,
                 },
             )
