@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from components import chain, steps
 from components.lineage import build_lineage
 from components.registry import from_config
@@ -56,3 +58,58 @@ def test_a_moved_workspace_reuses_every_completed_step(tmp_path, tiny_checkpoint
         assert str(tmp_path / "one") not in text and str(tmp_path / "two") not in text, text
     record = build_lineage(registry, version, moved.workspace_path, verify=True)
     assert record["verified"] is True
+
+
+# ---- a task fetched from the DVC remote by its content address --------------------------------------------
+
+
+def _ingested(tmp_path, *overrides):
+    from components import ingestion
+    from tests.test_ingest import _config
+
+    ws = tmp_path / "ws"
+    cfg = _config(ws, *overrides)
+    outcome = ingestion.ingest(str(make_task(tmp_path / "drops", "t1", ["cat", "dog"], train=3, test=2)), cfg)
+    assert outcome.status == "accepted"
+    return ws, outcome.record.dvc_md5
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_task_fetched_by_content_address_from_a_local_remote_is_the_stored_task(tmp_path):
+    from components.data import load_task
+    from components.task_fetch import CorruptObject, TaskAddress, address_of, fetch_task
+    from components.versioning import default_remote
+
+    ws, md5 = _ingested(tmp_path)
+    address = address_of(ws, "t1", md5, default_remote(ws))
+    address = TaskAddress.from_dict(json.loads(json.dumps(address.to_dict())))  # as it crosses to a worker
+    folder = fetch_task(address, tmp_path / "worker-cache")
+    assert _files(folder) == _files(ws / "data" / "tasks" / "t1")
+    assert load_task(str(folder)).task_id == "t1"
+
+    # One object changed on the remote: another worker's fetch stops, naming the object and the file.
+    entry = next(e for e in address.files if e["relpath"].startswith("shards/"))
+    stored = tmp_path / "ws" / ".cliploop" / "dvc-remote" / address.object_path(entry["md5"])
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject) as bad:
+        fetch_task(address, tmp_path / "other-cache")
+    assert address.object_path(entry["md5"]) in str(bad.value) and entry["relpath"] in str(bad.value)
+    assert not (tmp_path / "other-cache" / "tasks" / md5).exists()
+    assert fetch_task(address, tmp_path / "worker-cache") == folder  # a completed fetch is not redone
+
+
+def test_a_task_fetched_from_an_s3_remote(tmp_path, s3_bucket, s3_env):
+    from components.storage import S3Settings
+    from components.task_fetch import address_of, fetch_task
+
+    remote = f"s3://{s3_bucket}/dvc"
+    ws, md5 = _ingested(tmp_path, f"dvc.remote={remote}", f"s3.endpoint_url={s3_env}")
+    address = address_of(ws, "t1", md5, remote)
+    folder = fetch_task(address, tmp_path / "worker-cache", S3Settings(endpoint_url=s3_env))
+    assert _files(folder) == _files(ws / "data" / "tasks" / "t1")
