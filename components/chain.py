@@ -193,6 +193,12 @@ def awaiting_review(config: Config) -> list[dict[str, Any]]:
     return out
 
 
+def stored_tasks(config: Config) -> list[TaskRecord]:
+    """Every task whose data the workspace holds under a DVC hash (accepted, in any state since)."""
+    with ledger_of(config) as ledger:
+        return [r for r in ledger.all() if r.dvc_md5 and r.state != "quarantined"]
+
+
 def pending_tasks(config: Config) -> list[str]:
     """Tasks to learn tonight, in arrival order: validated ones, and failed ones (tried again)."""
     with ledger_of(config) as ledger:

@@ -152,16 +152,17 @@ def builds_pools(config: Config) -> bool:
     return get_method(config.method.name).builds_pools
 
 
-def build_pool(config: Config, task_id: str) -> dict[str, Any]:
+def build_pool(config: Config, task_id: str, key: str | None = None, address: dict | None = None) -> dict[str, Any]:
     """One task's pool, built by the configured method from the base encoder, in a folder keyed by its
-    inputs' digest."""
+    inputs' digest. A worker is handed the ``key`` and the task's DVC ``address`` (see :func:`addresses`):
+    it reads neither the ledger nor the workspace's copy of the data."""
     from components.data import load_task
     from components.learn import make_method
     from components.methods.base import context_for, task_prompts
     from components.models import load_backbone
     from components.pools import TaskPool
 
-    folder = pool_dir(config, task_id)
+    folder = pool_dir(config, task_id, key)
     key = folder.name
     done = folder / "result.json"
     if done.is_file():
@@ -172,7 +173,7 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
         raise PipelineError(f"method {method.name} builds no per-task pools")
     started = time.perf_counter()
     backbone = load_backbone(config.model)
-    task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
+    task = load_task(_locator(config, {task_id: address} if address else None)(task_id))
     fault_point("during_pool_build")
     pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
     pool.save(folder)
@@ -193,14 +194,45 @@ def build_pool(config: Config, task_id: str) -> dict[str, Any]:
 # ---- train + evaluate ---------------------------------------------------------------------------------------
 
 
-def pool_dir(config: Config, task_id: str) -> Path:
+def pool_dir(config: Config, task_id: str, key: str | None = None) -> Path:
     """Where a task's pool is built (its ``result.json`` marks it complete), keyed by the inputs' digest."""
-    return runtime_dir(config) / "pools" / pool_key(config, task_record(config, task_id))
+    return runtime_dir(config) / "pools" / (key or pool_key(config, task_record(config, task_id)))
 
 
-def update_dir(config: Config, task_id: str, parent_version: int | None) -> Path:
+def update_dir(config: Config, task_id: str, parent_version: int | None, key: str | None = None) -> Path:
     """Where one update's results land (its ``result.json`` marks it complete), keyed by the inputs' digest."""
-    return runtime_dir(config) / "runs" / update_key(config, task_id, parent_version)
+    return runtime_dir(config) / "runs" / (key or update_key(config, task_id, parent_version))
+
+
+def addresses(config: Config, task_ids: list[str]) -> dict[str, dict]:
+    """The orchestrator's side of a hermetic step: each task's DVC content address (its folder hash, the files
+    it stands for, the remote), read from the ledger and the workspace's DVC cache."""
+    from components.task_fetch import address_of
+    from components.versioning import default_remote
+
+    remote = config.location(config.dvc.remote) if config.dvc.remote else default_remote(config.workspace_path)
+    out = {}
+    for task_id in task_ids:
+        record = task_record(config, task_id)
+        out[task_id] = address_of(config.workspace_path, task_id, record.dvc_md5, remote).to_dict()
+    return out
+
+
+def _locator(config: Config, addresses: dict[str, dict] | None):
+    """task id -> its folder: fetched from the DVC remote by content address when the step was handed addresses
+    (a worker), else the workspace's stored copy."""
+    if not addresses:
+        return lambda task_id: str(config.workspace_path / "data" / "tasks" / task_id)
+    from components.models import cache_dir
+    from components.task_fetch import TaskAddress, fetch_task
+    from components.workspace import s3_settings
+
+    def locate(task_id: str) -> str:
+        if task_id not in addresses:
+            raise PipelineError(f"task {task_id} is needed by this step but was not handed to it")
+        return str(fetch_task(TaskAddress.from_dict(addresses[task_id]), cache_dir() / "dvc", s3_settings(config)))
+
+    return locate
 
 
 def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
@@ -211,13 +243,19 @@ def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
 
 
 def run_update(
-    config: Config, task_id: str, parent_version: int | None, pools: dict[str, str] | None = None
+    config: Config,
+    task_id: str,
+    parent_version: int | None,
+    pools: dict[str, str] | None = None,
+    key: str | None = None,
+    addresses: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
-    """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete)."""
+    """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete).
+    A worker is handed the ``key`` and the DVC ``addresses`` of this task and every learned one."""
     from components import learn
     from components.state import LearnerState
 
-    out = update_dir(config, task_id, parent_version)
+    out = update_dir(config, task_id, parent_version, key)
     key = out.name
     done = out / "result.json"
     if done.is_file():
@@ -228,13 +266,9 @@ def run_update(
     parent = parent_state(config, parent_version)
     # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
     checkpoints = runtime_dir(config) / "checkpoints" / key
+    locate = _locator(config, addresses)
     result = learn.learn_step(
-        str(config.workspace_path / "data" / "tasks" / task_id),
-        config,
-        parent,
-        out_dir=tmp,
-        pools=pools,
-        checkpoint_dir=checkpoints,
+        locate(task_id), config, parent, out_dir=tmp, pools=pools, checkpoint_dir=checkpoints, locate=locate
     )
     final = result.matrix.matrix[-1]
     doc = {

@@ -26,17 +26,24 @@ TRAIN_EVALUATE = "cliploop-train-evaluate"
 
 
 @flow(name=BUILD_POOL, flow_run_name="pool-{task_id}", persist_result=False)
-def build_pool_flow(config: dict[str, Any], task_id: str) -> dict[str, Any]:
+def build_pool_flow(
+    config: dict[str, Any], task_id: str, key: str | None = None, address: dict | None = None
+) -> dict[str, Any]:
     """One task's label-vector pool from the frozen encoder (independent of every other task)."""
-    return steps.build_pool(config_from_doc(config), task_id)
+    return steps.build_pool(config_from_doc(config), task_id, key, address)
 
 
 @flow(name=TRAIN_EVALUATE, flow_run_name="train-{task_id}", persist_result=False)
 def train_evaluate_flow(
-    config: dict[str, Any], task_id: str, parent_version: int | None = None, pools: dict[str, str] | None = None
+    config: dict[str, Any],
+    task_id: str,
+    parent_version: int | None = None,
+    pools: dict[str, str] | None = None,
+    key: str | None = None,
+    addresses: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """One continual step (train + evaluate) on top of ``parent_version``."""
-    return steps.run_update(config_from_doc(config), task_id, parent_version, pools)
+    return steps.run_update(config_from_doc(config), task_id, parent_version, pools, key, addresses)
 
 
 def deployment_name(flow_name: str, config: Config) -> str:
@@ -48,12 +55,27 @@ def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -
     local = {BUILD_POOL: steps.build_pool, TRAIN_EVALUATE: steps.run_update}[flow_name]
     if not config.orchestration.gpu_pool:
         return [local(config, **call) for call in calls]
+    calls = [_handed(config, flow_name, call) for call in calls]
     started = [_start(config, flow_name, call) for call in calls]
     return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
 
 
 def dispatch(config: Config, flow_name: str, **call: Any) -> dict[str, Any]:
     return dispatch_many(config, flow_name, [call])[0]
+
+
+def _handed(config: Config, flow_name: str, call: dict[str, Any]) -> dict[str, Any]:
+    """What a worker needs besides the config, worked out here: the step's key and the DVC content addresses
+    of the tasks it reads, so that it opens neither the ledger nor the workspace's data."""
+    task_id = call["task_id"]
+    if flow_name == BUILD_POOL:
+        address = steps.addresses(config, [task_id])[task_id]
+        return call | {"key": steps.pool_dir(config, task_id).name, "address": address}
+    stored = [r.task_id for r in chain.stored_tasks(config)]
+    return call | {
+        "key": steps.update_key(config, task_id, call.get("parent_version")),
+        "addresses": steps.addresses(config, sorted(set(stored) | {task_id})),
+    }
 
 
 def _start(config: Config, flow_name: str, call: dict[str, Any]):
@@ -145,5 +167,5 @@ def _mark_crashed(client, run, worker: str) -> None:
 
 def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:
     if flow_name == BUILD_POOL:
-        return steps.pool_dir(config, call["task_id"]) / "result.json"
-    return steps.update_dir(config, call["task_id"], call.get("parent_version")) / "result.json"
+        return steps.pool_dir(config, call["task_id"], call.get("key")) / "result.json"
+    return steps.update_dir(config, call["task_id"], call.get("parent_version"), call.get("key")) / "result.json"

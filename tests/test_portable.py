@@ -113,3 +113,37 @@ def test_a_task_fetched_from_an_s3_remote(tmp_path, s3_bucket, s3_env):
     address = address_of(ws, "t1", md5, remote)
     folder = fetch_task(address, tmp_path / "worker-cache", S3Settings(endpoint_url=s3_env))
     assert _files(folder) == _files(ws / "data" / "tasks" / "t1")
+
+
+def test_a_worker_step_reads_neither_the_ledger_nor_the_workspace_data(tmp_path, tiny_checkpoint):
+    """Handed its key and the tasks' DVC addresses (as ``flows/gpu.py`` hands them to a worker), a step runs
+    with the ledger and the workspace's task folders gone: the data comes from the DVC remote, checked."""
+    from tests.fault_steps import learn_steps
+
+    cfg = pipeline_config(tmp_path, tiny_checkpoint)
+    make_task(tmp_path / "incoming", "t-a", ["cat", "dog"], train=3, test=2)
+    make_task(tmp_path / "incoming", "t-b", ["emu", "owl"], train=3, test=2)
+    for location in steps.discover(cfg):
+        steps.ingest(location, cfg)
+    parent, _ = learn_steps(cfg, "t-a")
+    chain.start_learning(cfg, "t-b")
+    pool_key = steps.pool_dir(cfg, "t-b").name
+    run_key = steps.update_key(cfg, "t-b", parent)
+    addresses = steps.addresses(cfg, ["t-a", "t-b"])
+
+    state = cfg.workspace_path / ".cliploop"
+    hidden = [(cfg.workspace_path / "data" / "tasks", tmp_path / "tasks-away")]
+    hidden += [(p, tmp_path / p.name) for p in state.glob("ledger.sqlite*")]
+    for place, away in hidden:
+        place.rename(away)
+    try:
+        pool = steps.build_pool(cfg, "t-b", pool_key, addresses["t-b"])
+        update = steps.run_update(cfg, "t-b", parent, {"t-b": pool["pool_dir"]}, run_key, addresses)
+    finally:
+        for place, away in hidden:
+            away.rename(place)
+    assert pool["cached"] is False and update["cached"] is False
+    assert set(update["final_row"]) == {"t-a", "t-b"}  # the learned task was evaluated too, from the remote
+    # The orchestrator finds the same results under the keys it works out from the ledger.
+    assert steps.build_pool(cfg, "t-b")["cached"] is True
+    assert steps.run_update(cfg, "t-b", parent, {"t-b": pool["pool_dir"]})["cached"] is True
