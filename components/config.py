@@ -141,6 +141,14 @@ class GateConfig(Section):
     )
 
 
+class ArtifactsConfig(Section):
+    root: str | None = Field(
+        None,
+        description="where GPU steps publish their outputs (pools/<key>/, runs/<key>/, result.json last): a folder "
+        "or an s3:// prefix that the workers and the orchestrator both reach; null = <workspace>/.cliploop",
+    )
+
+
 class MlflowConfig(Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking and registry URI; null = sqlite:///<workspace>/.cliploop/mlflow.db"
@@ -204,6 +212,7 @@ class Config(Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
 
     # Where relative paths in this config are anchored (the config file's folder, or the cwd). Not a key.
     _base_dir: Path = Path(".")
@@ -234,6 +243,7 @@ class Config(Section):
         "mlflow",
         "approval",
         "orchestration",
+        "artifacts",
     )
 
     def identity(self) -> dict[str, Any]:
@@ -267,7 +277,12 @@ class Config(Section):
         doc = self.model_dump(mode="json")
         doc["workspace"] = str(self.workspace_path)
         doc["drop_zone"] = self.location(self.drop_zone)
-        for section, key in (("dvc", "remote"), ("evaluation", "zero_shot_set"), ("model", "checkpoint")):
+        for section, key in (
+            ("dvc", "remote"),
+            ("evaluation", "zero_shot_set"),
+            ("model", "checkpoint"),
+            ("artifacts", "root"),
+        ):
             value = doc[section][key]
             if value and "://" not in value:
                 doc[section][key] = str(self.path(value))

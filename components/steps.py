@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import storage
+from components import step_io, storage
 from components.chain import PipelineError, ledger_of, registry_of, runtime_dir, task_record
 from components.config import Config
 from components.faults import fault_point
@@ -162,77 +162,42 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     from components.models import load_backbone
     from components.pools import TaskPool
 
-    folder = pool_dir(config, task_id, key)
-    key = folder.name
-    done = folder / "result.json"
-    if done.is_file():
-        TaskPool.load(folder, task_id)  # verifies the checksum: a damaged cache entry is rebuilt
-        return json.loads(done.read_text()) | {"pool_dir": str(folder), "cached": True}  # here, wherever it was made
+    store = step_io.store_of(config)
+    key = key or pool_key(config, task_record(config, task_id))
+    done = store.result("pools", key)
+    if done is not None:
+        if not store.remote:
+            TaskPool.load(Path(store.root) / "pools" / key, task_id)  # verifies the checksum of the cached pool
+        return done | {"pool_dir": step_io.place(store, "pools", key), "cached": True}  # here, wherever it was made
     method = make_method(config)
     if not method.builds_pools:
         raise PipelineError(f"method {method.name} builds no per-task pools")
     started = time.perf_counter()
     backbone = load_backbone(config.model)
-    task = load_task(_locator(config, {task_id: address} if address else None)(task_id))
+    task = load_task(step_io.locator(config, {task_id: address} if address else None)(task_id))
     fault_point("during_pool_build")
     pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
+    folder = store.staging("pools", key)
     pool.save(folder)
     result = {
         "task_id": task_id,
         "key": key,
-        "pool_dir": str(folder),
         "img_per_s": stats.img_per_s,
         "seconds": round(time.perf_counter() - started, 3),
         "host": os.uname().nodename,
         "pid": os.getpid(),
         "parent_pid": os.getppid(),
     }
-    storage.atomic_write_text(done, json.dumps(result, indent=2))
-    return result | {"cached": False}
+    store.publish(folder, "pools", key, result)  # result.json last: the pool is complete
+    return result | {"pool_dir": step_io.place(store, "pools", key), "cached": False}
 
 
 # ---- train + evaluate ---------------------------------------------------------------------------------------
 
 
-def pool_dir(config: Config, task_id: str, key: str | None = None) -> Path:
-    """Where a task's pool is built (its ``result.json`` marks it complete), keyed by the inputs' digest."""
-    return runtime_dir(config) / "pools" / (key or pool_key(config, task_record(config, task_id)))
-
-
-def update_dir(config: Config, task_id: str, parent_version: int | None, key: str | None = None) -> Path:
-    """Where one update's results land (its ``result.json`` marks it complete), keyed by the inputs' digest."""
-    return runtime_dir(config) / "runs" / (key or update_key(config, task_id, parent_version))
-
-
-def addresses(config: Config, task_ids: list[str]) -> dict[str, dict]:
-    """The orchestrator's side of a hermetic step: each task's DVC content address (its folder hash, the files
-    it stands for, the remote), read from the ledger and the workspace's DVC cache."""
-    from components.task_fetch import address_of
-    from components.versioning import default_remote
-
-    remote = config.location(config.dvc.remote) if config.dvc.remote else default_remote(config.workspace_path)
-    out = {}
-    for task_id in task_ids:
-        record = task_record(config, task_id)
-        out[task_id] = address_of(config.workspace_path, task_id, record.dvc_md5, remote).to_dict()
-    return out
-
-
-def _locator(config: Config, addresses: dict[str, dict] | None):
-    """task id -> its folder: fetched from the DVC remote by content address when the step was handed addresses
-    (a worker), else the workspace's stored copy."""
-    if not addresses:
-        return lambda task_id: str(config.workspace_path / "data" / "tasks" / task_id)
-    from components.models import cache_dir
-    from components.task_fetch import TaskAddress, fetch_task
-    from components.workspace import s3_settings
-
-    def locate(task_id: str) -> str:
-        if task_id not in addresses:
-            raise PipelineError(f"task {task_id} is needed by this step but was not handed to it")
-        return str(fetch_task(TaskAddress.from_dict(addresses[task_id]), cache_dir() / "dvc", s3_settings(config)))
-
-    return locate
+def task_pool_key(config: Config, task_id: str) -> str:
+    """The key of a stored task's pool under this config (read from the ledger: the orchestrator's side)."""
+    return pool_key(config, task_record(config, task_id))
 
 
 def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
@@ -255,38 +220,42 @@ def run_update(
     from components import learn
     from components.state import LearnerState
 
-    out = update_dir(config, task_id, parent_version, key)
-    key = out.name
-    done = out / "result.json"
-    if done.is_file():
-        LearnerState.load(out / "state")  # verifies every checksum of the cached state
-        return json.loads(done.read_text()) | {"out_dir": str(out), "cached": True}  # here, wherever it was made
-    tmp = out.with_name(f".{key}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    store = step_io.store_of(config)
+    key = key or update_key(config, task_id, parent_version)
+    done = store.result("runs", key)
+    if done is not None:
+        if not store.remote:
+            LearnerState.load(Path(store.root) / "runs" / key / "state")  # verifies every checksum of the state
+        return done | {"out_dir": step_io.place(store, "runs", key), "cached": True}  # here, wherever it was made
+    out = None if store.remote else Path(store.root) / "runs" / key
+    work = store.staging("runs", key) if out is None else out.with_name(f".{key}.{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
     parent = parent_state(config, parent_version)
     # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
     checkpoints = runtime_dir(config) / "checkpoints" / key
-    locate = _locator(config, addresses)
+    locate = step_io.locator(config, addresses)
+    pools = {t: str(step_io.local(store, place)) for t, place in (pools or {}).items()}
     result = learn.learn_step(
-        locate(task_id), config, parent, out_dir=tmp, pools=pools, checkpoint_dir=checkpoints, locate=locate
+        locate(task_id), config, parent, out_dir=work, pools=pools, checkpoint_dir=checkpoints, locate=locate
     )
     final = result.matrix.matrix[-1]
     doc = {
         "task_id": task_id,
         "run_key": key,
         "parent_version": parent_version,
-        "out_dir": str(out),
         "metrics": result.metrics,
         "final_row": dict(zip(result.matrix.tasks, final)),
         "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()},
         "method": config.method.name,
         "config_sha256": config.sha256(),
     }
-    storage.atomic_write_text(tmp / "result.json", json.dumps(doc, indent=2, default=str))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    if out is not None:  # a folder root: the run's folder appears whole, then is marked complete
+        shutil.rmtree(out, ignore_errors=True)
+        work.replace(out)
+        work = out
+    store.publish(work, "runs", key, json.loads(json.dumps(doc, default=str)))  # result.json last
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
-    return doc | {"cached": False}
+    return doc | {"out_dir": step_io.place(store, "runs", key), "cached": False}
 
 
 def _peak_memory_mb() -> float:
@@ -332,7 +301,7 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
         }
         if run is None:
             registry.fail_abandoned_runs(key)  # we register this key now: a RUNNING run of it is a dead one
-            out = Path(update["out_dir"])
+            out = step_io.local(step_io.store_of(config), update["out_dir"])  # fetched, checked, if remote
             extra = {}
             report = config.workspace_path / "data" / "reports" / task_id / "report.json"  # where ingest put it
             if report.exists():

@@ -3,26 +3,26 @@ on the ``gpu`` work pool while the orchestrating flow stays on ``cpu`` (Prefect 
 tasks, to work pools).
 
 ``dispatch`` runs a step in-process when ``orchestration.gpu_pool`` is null (the embedded default) and as
-a deployment run otherwise. Either way the arguments are plain data (the portable config, ids) and the
-result is read back from the step's content-addressed folder in the workspace: artifacts cross as storage
-paths, never as Python objects.
+a deployment run otherwise. Either way the arguments are plain data (the portable config, ids, the step's key,
+the DVC content addresses of the tasks it reads) and the result is read back from the step's content-keyed
+prefix in the artifact store (``artifacts.root``): artifacts cross as storage locations, never as Python
+objects, and a worker never opens the orchestrator's ledger or folder.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from components import chain, steps
+from components import chain, step_io, steps
 from components.config import Config
 from components.config_loading import config_from_doc
 
 BUILD_POOL = "cliploop-build-pool"
 TRAIN_EVALUATE = "cliploop-train-evaluate"
+KINDS = {BUILD_POOL: "pools", TRAIN_EVALUATE: "runs"}  # where each step publishes in the artifact store
 
 
 @flow(name=BUILD_POOL, flow_run_name="pool-{task_id}", persist_result=False)
@@ -69,12 +69,12 @@ def _handed(config: Config, flow_name: str, call: dict[str, Any]) -> dict[str, A
     of the tasks it reads, so that it opens neither the ledger nor the workspace's data."""
     task_id = call["task_id"]
     if flow_name == BUILD_POOL:
-        address = steps.addresses(config, [task_id])[task_id]
-        return call | {"key": steps.pool_dir(config, task_id).name, "address": address}
+        address = step_io.addresses(config, [task_id])[task_id]
+        return call | {"key": steps.task_pool_key(config, task_id), "address": address}
     stored = [r.task_id for r in chain.stored_tasks(config)]
     return call | {
         "key": steps.update_key(config, task_id, call.get("parent_version")),
-        "addresses": steps.addresses(config, sorted(set(stored) | {task_id})),
+        "addresses": step_io.addresses(config, sorted(set(stored) | {task_id})),
     }
 
 
@@ -124,16 +124,23 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
         state = finished.state.name if finished.state else "unknown"
         message = finished.state.message if finished.state else ""
         raise chain.PipelineError(f"{flow_name} run {run.id} ({call.get('task_id')}) ended {state}: {message}")
-    path = _result_path(config, flow_name, call)
-    if not path.is_file():
+    store, kind = step_io.store_of(config), KINDS[flow_name]
+    result = store.result(kind, call["key"])
+    if result is None:
         raise chain.PipelineError(
-            f"{flow_name} run {run.id} completed but wrote no {path} (is the workspace shared with the worker?)"
+            f"{flow_name} run {run.id} completed but published no result at {store.uri(kind, call['key'])} "
+            "(does the worker reach the artifact store, artifacts.root?)"
         )
-    return json.loads(path.read_text()) | {
-        "flow_run_id": str(run.id),
-        "work_pool": finished.work_pool_name,
-        "restarts": restarts,
-    }
+    where = {"pool_dir" if kind == "pools" else "out_dir": step_io.place(store, kind, call["key"])}
+    return (
+        result
+        | where
+        | {
+            "flow_run_id": str(run.id),
+            "work_pool": finished.work_pool_name,
+            "restarts": restarts,
+        }
+    )
 
 
 def _dead_worker(client, run) -> str | None:
@@ -163,9 +170,3 @@ def _mark_crashed(client, run, worker: str) -> None:
         Crashed(message=f"its worker {worker!r} stopped sending heartbeats; the step is started again (cliploop)"),
         force=True,
     )
-
-
-def _result_path(config: Config, flow_name: str, call: dict[str, Any]) -> Path:
-    if flow_name == BUILD_POOL:
-        return steps.pool_dir(config, call["task_id"], call.get("key")) / "result.json"
-    return steps.update_dir(config, call["task_id"], call.get("parent_version"), call.get("key")) / "result.json"

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from components import chain, steps
+from components import chain, step_io, steps
 from components.lineage import build_lineage
 from components.registry import from_config
 from tests.conftest import pipeline_config
@@ -32,14 +32,14 @@ def test_a_moved_workspace_reuses_every_completed_step(tmp_path, tiny_checkpoint
     pools = {t: steps.build_pool(first, t)["pool_dir"] for t in ("t-a", "t-b")}
     update = steps.run_update(first, "t-a", None, {"t-a": pools["t-a"]})
     assert update["cached"] is False
-    before = {t: steps.pool_dir(first, t).name for t in pools} | {"run": steps.update_dir(first, "t-a", None).name}
+    before = {t: steps.task_pool_key(first, t) for t in pools} | {"run": steps.update_key(first, "t-a", None)}
 
     # The orchestrator's folder moves; its config names the new place and nothing else changes.
     (tmp_path / "two").mkdir()
     shutil.move(tmp_path / "one" / "ws", tmp_path / "two" / "ws")
     moved = pipeline_config(tmp_path / "two", tiny_checkpoint, *_registry_outside(tmp_path))
     assert moved.sha256() == first.sha256()
-    after = {t: steps.pool_dir(moved, t).name for t in pools} | {"run": steps.update_dir(moved, "t-a", None).name}
+    after = {t: steps.task_pool_key(moved, t) for t in pools} | {"run": steps.update_key(moved, "t-a", None)}
     assert after == before
 
     rebuilt = {t: steps.build_pool(moved, t) for t in ("t-a", "t-b")}
@@ -115,21 +115,21 @@ def test_a_task_fetched_from_an_s3_remote(tmp_path, s3_bucket, s3_env):
     assert _files(folder) == _files(ws / "data" / "tasks" / "t1")
 
 
-def test_a_worker_step_reads_neither_the_ledger_nor_the_workspace_data(tmp_path, tiny_checkpoint):
-    """Handed its key and the tasks' DVC addresses (as ``flows/gpu.py`` hands them to a worker), a step runs
-    with the ledger and the workspace's task folders gone: the data comes from the DVC remote, checked."""
+def _worker_steps(tmp_path, cfg) -> tuple[int, dict, dict]:
+    """t-a learned; then t-b's two GPU steps run as a worker runs them, handed their keys and the tasks' DVC
+    addresses (as ``flows/gpu.py`` hands them), with the ledger and the workspace's task folders gone:
+    (parent version, pool result, update result)."""
     from tests.fault_steps import learn_steps
 
-    cfg = pipeline_config(tmp_path, tiny_checkpoint)
     make_task(tmp_path / "incoming", "t-a", ["cat", "dog"], train=3, test=2)
     make_task(tmp_path / "incoming", "t-b", ["emu", "owl"], train=3, test=2)
     for location in steps.discover(cfg):
         steps.ingest(location, cfg)
     parent, _ = learn_steps(cfg, "t-a")
     chain.start_learning(cfg, "t-b")
-    pool_key = steps.pool_dir(cfg, "t-b").name
+    pool_key = steps.task_pool_key(cfg, "t-b")
     run_key = steps.update_key(cfg, "t-b", parent)
-    addresses = steps.addresses(cfg, ["t-a", "t-b"])
+    addresses = step_io.addresses(cfg, ["t-a", "t-b"])
 
     state = cfg.workspace_path / ".cliploop"
     hidden = [(cfg.workspace_path / "data" / "tasks", tmp_path / "tasks-away")]
@@ -144,6 +144,30 @@ def test_a_worker_step_reads_neither_the_ledger_nor_the_workspace_data(tmp_path,
             away.rename(place)
     assert pool["cached"] is False and update["cached"] is False
     assert set(update["final_row"]) == {"t-a", "t-b"}  # the learned task was evaluated too, from the remote
+    return parent, pool, update
+
+
+def test_a_worker_step_reads_neither_the_ledger_nor_the_workspace_data(tmp_path, tiny_checkpoint):
+    cfg = pipeline_config(tmp_path, tiny_checkpoint)
+    parent, pool, _ = _worker_steps(tmp_path, cfg)
     # The orchestrator finds the same results under the keys it works out from the ledger.
     assert steps.build_pool(cfg, "t-b")["cached"] is True
     assert steps.run_update(cfg, "t-b", parent, {"t-b": pool["pool_dir"]})["cached"] is True
+
+
+def test_steps_publish_to_an_s3_artifact_store_and_the_orchestrator_registers_from_it(
+    tmp_path, tiny_checkpoint, s3_bucket, s3_env
+):
+    """``artifacts.root`` on the S3-compatible server: the steps' outputs go there (result.json last), nothing
+    into the orchestrator's folder, and registration reads them back, checked against their manifest."""
+    store = [f"artifacts.root=s3://{s3_bucket}/art", f"s3.endpoint_url={s3_env}"]
+    cfg = pipeline_config(tmp_path, tiny_checkpoint, *store)
+    _, pool, update = _worker_steps(tmp_path, cfg)
+    assert pool["pool_dir"] == f"s3://{s3_bucket}/art/pools/{pool['key']}"
+    assert update["out_dir"] == f"s3://{s3_bucket}/art/runs/{update['run_key']}"
+    assert not (cfg.workspace_path / ".cliploop" / "pools").exists()
+    assert not (cfg.workspace_path / ".cliploop" / "runs").exists()
+    version = steps.register_update(cfg, update)["version"]
+    registry = from_config(cfg)
+    assert registry.version_tags(version)["parent_version"] == "1"
+    assert build_lineage(registry, version, cfg.workspace_path, verify=True)["verified"] is True

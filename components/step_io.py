@@ -1,0 +1,73 @@
+"""Where a step's inputs come from and where its outputs go, so that a step can run on a worker that shares
+nothing with the orchestrator but object storage (and runs the same way in-process on one machine).
+
+- Inputs: stored tasks by their DVC content address (:func:`addresses` on the orchestrator's side,
+  :func:`locator` on the step's side, ``components/task_fetch.py`` underneath).
+- Outputs: the artifact store (``artifacts.root``: a folder or an ``s3://`` prefix; by default the workspace's
+  ``.cliploop`` folder, today's step folders), ``components/artifact_store.py`` underneath. A completed step is
+  named by a URI (``s3://…/pools/<key>``) or a local folder, and :func:`local` turns either into a folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from components.artifact_store import ArtifactStore
+from components.chain import PipelineError, runtime_dir, task_record
+from components.config import Config
+
+
+def store_of(config: Config) -> ArtifactStore:
+    from components.models import cache_dir
+    from components.workspace import s3_settings
+
+    root = config.location(config.artifacts.root) if config.artifacts.root else str(runtime_dir(config))
+    return ArtifactStore(root, cache_dir() / "artifacts", s3_settings(config))
+
+
+def place(store: ArtifactStore, kind: str, key: str) -> str:
+    """How a completed step is named to other steps: its folder (a folder root) or its URI (an object store)."""
+    return store.uri(kind, key) if store.remote else str(Path(store.root) / kind / key)
+
+
+def local(store: ArtifactStore, place: str) -> Path:
+    """A completed step's folder on this machine, from its URI in the store (fetched, checked) or its path."""
+    if "://" not in place:
+        return Path(place)
+    prefix = f"{store.root}/"
+    if not place.startswith(prefix):
+        raise PipelineError(f"{place} is not in the artifact store {store.root}")
+    kind, _, key = place[len(prefix) :].partition("/")
+    return store.fetch(kind, key)
+
+
+def addresses(config: Config, task_ids: list[str]) -> dict[str, dict]:
+    """The orchestrator's side of a hermetic step: each task's DVC content address (its folder hash, the files
+    it stands for, the remote), read from the ledger and the workspace's DVC cache."""
+    from components.task_fetch import address_of
+    from components.versioning import default_remote
+
+    remote = config.location(config.dvc.remote) if config.dvc.remote else default_remote(config.workspace_path)
+    out = {}
+    for task_id in task_ids:
+        record = task_record(config, task_id)
+        out[task_id] = address_of(config.workspace_path, task_id, record.dvc_md5, remote).to_dict()
+    return out
+
+
+def locator(config: Config, addresses: dict[str, dict] | None) -> Callable[[str], str]:
+    """task id -> its folder: fetched from the DVC remote by content address when the step was handed addresses
+    (a worker), else the workspace's stored copy."""
+    if not addresses:
+        return lambda task_id: str(config.workspace_path / "data" / "tasks" / task_id)
+    from components.models import cache_dir
+    from components.task_fetch import TaskAddress, fetch_task
+    from components.workspace import s3_settings
+
+    def locate(task_id: str) -> str:
+        if task_id not in addresses:
+            raise PipelineError(f"task {task_id} is needed by this step but was not handed to it")
+        return str(fetch_task(TaskAddress.from_dict(addresses[task_id]), cache_dir() / "dvc", s3_settings(config)))
+
+    return locate
