@@ -132,6 +132,64 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
+    # ---- training checkpoints ------------------------------------------------------------------------------
+
+    CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
+
+    def push_checkpoint(self, key: str, folder: Path) -> None:
+        """Mirror a checkpoint just saved in ``folder`` (``<checkpoints>/<task_id>``) to ``checkpoints/<key>/``:
+        the tensors, then ``checkpoint.json`` with their SHA-256, last. Nothing to do for a folder root."""
+        if not self.remote:
+            return
+        tensors = (Path(folder) / self.CHECKPOINT_FILES[0]).read_bytes()
+        meta = json.loads((Path(folder) / self.CHECKPOINT_FILES[1]).read_text())
+        meta["tensors_sha256"] = storage.sha256_bytes(tensors)
+        prefix = storage.S3Uri.parse(self.uri("checkpoints", key)).join(Path(folder).name)
+        client = self._s3_client()
+        self._put(client, prefix.join(self.CHECKPOINT_FILES[0]), tensors)
+        self._put(client, prefix.join(self.CHECKPOINT_FILES[1]), json.dumps(meta, indent=2, sort_keys=True).encode())
+
+    def pull_checkpoints(self, key: str, folder: Path) -> list[str]:
+        """Copy the checkpoints of ``checkpoints/<key>/`` that are further on than this machine's into
+        ``folder`` (a step that died on another worker resumes here); returns the task ids copied."""
+        if not self.remote:
+            return []
+        client = self._s3_client()
+        base = storage.S3Uri.parse(self.uri("checkpoints", key)).as_prefix()
+        copied = []
+        for task_id in storage.list_prefixes(base, client):
+            prefix = base.join(task_id)
+            try:
+                meta = json.loads(storage.get_bytes(prefix.join(self.CHECKPOINT_FILES[1]), client, max_bytes=1 << 20))
+            except storage.StorageUnavailable:
+                raise
+            except storage.StorageError:
+                continue  # tensors without their json: a push that died half-way
+            here = Path(folder) / task_id
+            mine = here / self.CHECKPOINT_FILES[1]
+            if mine.is_file() and json.loads(mine.read_text()).get("next_step", 0) >= meta.get("next_step", 0):
+                continue
+            tensors = storage.get_bytes(prefix.join(self.CHECKPOINT_FILES[0]), client)
+            if storage.sha256_bytes(tensors) != meta.get("tensors_sha256"):
+                continue  # overwritten by a newer push meanwhile, or damaged: not a checkpoint to resume from
+            here.mkdir(parents=True, exist_ok=True)
+            storage.atomic_write_bytes(here / self.CHECKPOINT_FILES[0], tensors)
+            storage.atomic_write_text(mine, json.dumps(meta, indent=2, sort_keys=True))
+            copied.append(task_id)
+        return copied
+
+    def drop_checkpoints(self, key: str) -> None:
+        """The step is complete: its checkpoints in the store are removed (best effort: they are never reused)."""
+        if not self.remote:
+            return
+        client = self._s3_client()
+        base = storage.S3Uri.parse(self.uri("checkpoints", key)).as_prefix()
+        try:
+            for object_key, _ in list(storage.list_keys(base, client)):
+                client.delete_object(Bucket=base.bucket, Key=object_key)
+        except Exception:  # noqa: BLE001 - a left-over checkpoint costs storage, not correctness
+            pass
+
     # ---- S3 ------------------------------------------------------------------------------------------------
 
     def _s3_client(self):

@@ -86,12 +86,14 @@ class Checkpoint(Callback):
     ``fit`` resumes from it when the same method and task are trained again (a crashed run's rerun).
     """
 
-    def __init__(self, folder: Path, every: int) -> None:
-        self.folder, self.every = Path(folder), every
+    def __init__(self, folder: Path, every: int, saved=None) -> None:
+        self.folder, self.every, self.saved = Path(folder), every, saved
 
     def on_step_end(self, run, step, losses, seconds):
         if (step + 1) % self.every == 0 and step + 1 < run.total:
             save_checkpoint(self.folder, run, step + 1)
+            if self.saved is not None:  # e.g. mirrored to the artifact store, for another worker to resume
+                self.saved(self.folder)
             fault_point("after_checkpoint")
 
     def on_fit_end(self, run):

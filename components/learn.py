@@ -108,6 +108,7 @@ def learn_step(
     base: Backbone | None = None,
     pools: dict[str, str] | None = None,
     checkpoint_dir: Path | None = None,
+    checkpoint_saved: Callable[[Path], None] | None = None,
     method_name: str | None = None,
     out_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
@@ -160,6 +161,7 @@ def learn_step(
         locate_task=lambda task_id: known[task_id] if task_id in known else _as_task(locate(task_id)),
         progress=progress,
         checkpoint_dir=checkpoint_dir,
+        checkpoint_saved=checkpoint_saved,
     )
     base_ctx = context_for(config, base, task_prompts=prompts)
     torch.manual_seed(config.evaluation.seed)

@@ -231,12 +231,21 @@ def run_update(
     work = store.staging("runs", key) if out is None else out.with_name(f".{key}.{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     parent = parent_state(config, parent_version)
-    # Training checkpoints live beside the run, under its key, so a rerun after a crash resumes from them.
-    checkpoints = runtime_dir(config) / "checkpoints" / key
+    # Training checkpoints live under the run's key, so a rerun after a crash resumes from them; with an
+    # object store they are mirrored there too, and a rerun on another worker starts from the latest.
+    checkpoints = (store.cache if store.remote else runtime_dir(config)) / "checkpoints" / key
+    store.pull_checkpoints(key, checkpoints)
     locate = step_io.locator(config, addresses)
     pools = {t: str(step_io.local(store, place)) for t, place in (pools or {}).items()}
     result = learn.learn_step(
-        locate(task_id), config, parent, out_dir=work, pools=pools, checkpoint_dir=checkpoints, locate=locate
+        locate(task_id),
+        config,
+        parent,
+        out_dir=work,
+        pools=pools,
+        checkpoint_dir=checkpoints,
+        checkpoint_saved=(lambda folder: store.push_checkpoint(key, folder)) if store.remote else None,
+        locate=locate,
     )
     final = result.matrix.matrix[-1]
     doc = {
@@ -255,6 +264,7 @@ def run_update(
         work = out
     store.publish(work, "runs", key, json.loads(json.dumps(doc, default=str)))  # result.json last
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+    store.drop_checkpoints(key)
     return doc | {"out_dir": step_io.place(store, "runs", key), "cached": False}
 
 

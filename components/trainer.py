@@ -220,7 +220,7 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     if ctx.checkpoint_dir is not None and settings.checkpoint_every:
         folder = Path(ctx.checkpoint_dir) / task.task_id
         start = load_checkpoint(folder, run)
-        callbacks.append(Checkpoint(folder, settings.checkpoint_every))
+        callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved))
         if start:
             ctx.say(f"  resuming {task.task_id} at step {start + 1}/{total} from {folder}")
     device = torch.device(ctx.backbone.device)

@@ -171,3 +171,59 @@ def test_steps_publish_to_an_s3_artifact_store_and_the_orchestrator_registers_fr
     registry = from_config(cfg)
     assert registry.version_tags(version)["parent_version"] == "1"
     assert build_lineage(registry, version, cfg.workspace_path, verify=True)["verified"] is True
+
+
+def test_a_training_step_killed_on_one_worker_resumes_on_another_from_the_store(
+    tmp_path, tiny_checkpoint, s3_bucket, s3_env, monkeypatch
+):
+    """Checkpoints are mirrored to the artifact store: a worker SIGKILLed right after one (its own cache gone
+    with it) leaves the step to another worker with an empty cache, which resumes at that step."""
+    import os
+    import subprocess
+    import sys
+
+    import boto3
+
+    from tests.conftest import REPO
+
+    cfg = pipeline_config(
+        tmp_path,
+        tiny_checkpoint,
+        f"artifacts.root=s3://{s3_bucket}/art",
+        f"s3.endpoint_url={s3_env}",
+        "method.name=finetune",
+        "method.settings.iterations=4",
+        "method.settings.batch_size=2",
+        "method.settings.checkpoint_every=2",
+        "method.settings.warmup_steps=0",
+    )
+    make_task(tmp_path / "incoming", "t-a", ["cat", "dog"], train=3, test=2)
+    for location in steps.discover(cfg):
+        steps.ingest(location, cfg)
+    chain.start_learning(cfg, "t-a")
+    key, addresses = steps.update_key(cfg, "t-a", None), step_io.addresses(cfg, ["t-a"])
+
+    code = (
+        "import json, sys; from components import steps; from components.config_loading import config_from_doc; "
+        "steps.run_update(config_from_doc(json.loads(sys.argv[1])), 't-a', None, {}, sys.argv[2], "
+        "json.loads(sys.argv[3]))"
+    )
+    worker_a = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg.portable()), key, json.dumps(addresses)],
+        cwd=REPO,
+        env=os.environ | {"CLIPLOOP_FAULT": "after_checkpoint:kill", "CLIPLOOP_CACHE": str(tmp_path / "worker-a")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert worker_a.returncode == -9, worker_a.stderr[-2000:]
+    assert not (cfg.workspace_path / ".cliploop" / "checkpoints").exists()  # nothing in the orchestrator's folder
+
+    monkeypatch.setenv("CLIPLOOP_CACHE", str(tmp_path / "worker-b"))
+    update = steps.run_update(cfg, "t-a", None, {}, key, addresses)
+    out = step_io.local(step_io.store_of(cfg), update["out_dir"])
+    training = json.loads((out / "eval" / "training.json").read_text())
+    assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
+    assert steps.register_update(cfg, update)["version"] == 1
+    left = boto3.client("s3", endpoint_url=s3_env).list_objects_v2(Bucket=s3_bucket, Prefix=f"art/checkpoints/{key}/")
+    assert left.get("KeyCount", 0) == 0  # the completed step's checkpoints are gone from the store

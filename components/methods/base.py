@@ -84,6 +84,7 @@ class Context:
     resolve: Callable[[str], str] | None = None  # a configured location ("demo:...", relative path) -> a loadable one
     progress: Callable[[str], None] | None = None  # where the trainer reports progress
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
+    checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
 
     def say(self, message: str) -> None:
         if self.progress is not None:
