@@ -216,7 +216,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from flows.console import method_settings_text, methods_text
 
     if not args.name:
-        print(methods_text(available_methods()))
+        print(methods_text({name: get_method(name) for name in available_methods()}))
         return EXIT_OK
     try:
         cls = get_method(args.name)
@@ -225,7 +225,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(cls.Settings().model_dump(mode="json"), indent=2))
     else:
-        print(method_settings_text(args.name, cls))
+        text = method_settings_text(args.name, cls)
+        head, _, rest = text.partition("\n")
+        print(f"{head}\ntrains: {cls.trained_text()}\n{rest}")
     return EXIT_OK
 
 

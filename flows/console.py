@@ -156,9 +156,12 @@ def rollback_text(result: dict) -> str:
     )
 
 
-def methods_text(methods: dict[str, str]) -> str:
+def methods_text(methods: dict[str, type]) -> str:
+    """One line per method: its name, summary and what it trains (``Method.trained``)."""
     width = max(map(len, methods))
-    return "\n".join(f"{name:<{width}}  {summary}" for name, summary in methods.items())
+    return "\n".join(
+        f"{name:<{width}}  {cls.summary}\n{'':<{width}}  trains: {cls.trained_text()}" for name, cls in methods.items()
+    )
 
 
 def method_settings_text(name: str, cls) -> str:

@@ -99,7 +99,8 @@ def test_an_unknown_method_or_bad_settings_is_a_configuration_error(tmp_path, ca
     assert main(["config", "-c", str(conf)]) == 2
     assert "method.settings.lr" in capsys.readouterr().err
     # A good method with good settings resolves; `learn --method` is checked the same way, before any loading.
-    assert main(["config", *ws, "--set", "method.name=zscl", "--set", "method.settings.iterations=5"]) == 0
+    short = ["method.settings.iterations=5", "method.settings.warmup_steps=1", "method.settings.ensemble_every=2"]
+    assert main(["config", *ws, "--set", "method.name=zscl", *[a for s in short for a in ("--set", s)]]) == 0
     capsys.readouterr()
     drop = make_task(tmp_path / "drops", "t-a", ["cat"])
     assert main(["learn", "--method", "nosuchmethod", str(drop), *ws]) == 2

@@ -35,6 +35,7 @@ def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_pa
 
     from components.config_loading import load_config
     from components.learn_sequence import learn
+    from components.methods import get_method
     from tests.drops import make_task
 
     register_builtin_configs()
@@ -55,6 +56,11 @@ def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_pa
             "method.settings.iterations=3",
             "method.settings.batch_size=4",
             "method.settings.warmup_steps=0",
+            *(
+                ["method.settings.ensemble_every=2"]
+                if "ensemble_every" in get_method(name).Settings.model_fields
+                else []
+            ),
         ],
         env={},
         cwd=tmp_path,

@@ -400,14 +400,23 @@ def test_demo_refuses_an_unknown_method(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err and not (tmp_path / "demo-nope").exists()
 
 
-def test_the_demo_shortens_only_iteration_schedules_the_user_did_not_choose():
+def test_the_demo_gives_every_training_method_one_schedule_unless_the_user_chose_one():
     from flows.demo import DEMO_ITERATIONS, demo_schedule
 
-    short = [f"method.settings.iterations={DEMO_ITERATIONS}"]
-    assert demo_schedule("zscl", []) == demo_schedule("gnsp", ["gate.max_forgetting=5"]) == short
+    tenth = DEMO_ITERATIONS // 10
+    common = [f"method.settings.iterations={DEMO_ITERATIONS}", "method.settings.batch_size=64"]
+    adamw = [*common, f"method.settings.warmup_steps={tenth}", "method.settings.lr=0.0001"]
+    assert demo_schedule("finetune", []) == demo_schedule("ctp", ["gate.max_forgetting=5"]) == adamw
+    assert demo_schedule("zscl", []) == [
+        *common,
+        f"method.settings.warmup_steps={tenth}",
+        f"method.settings.ensemble_every={tenth}",
+        "method.settings.lr=0.0001",
+    ]
+    assert demo_schedule("sg", []) == [*common, f"method.settings.warmup_steps={tenth}"]  # SGD keeps its step size
     assert demo_schedule("zscl", ["method.settings.iterations=1000"]) == []
     assert demo_schedule("finetune", ["method.settings.epochs=2"]) == []
-    assert demo_schedule("ctp", []) == demo_schedule("lvp", []) == []  # epoch schedules, or no training
+    assert demo_schedule("lvp", []) == demo_schedule("zeroshot", []) == []  # no training
 
 
 def test_a_diverging_loss_stops_training_with_a_clear_error(tiny, tmp_path):

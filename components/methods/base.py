@@ -147,6 +147,16 @@ class Context:
         return out
 
 
+PARTS = {"image": "image tower", "text": "text tower", "head": "a head of its own", "pools": "label-vector pools"}
+
+
+def _parts_text(parts: frozenset[str]) -> str:
+    if not parts:
+        return "nothing (frozen)"
+    words = " + ".join(PARTS[p] for p in PARTS if p in parts)
+    return f"{words} (frozen encoders)" if parts == {"pools"} else words
+
+
 class Method:
     """Base class; subclasses are registered with ``@register_method(name)``."""
 
@@ -157,12 +167,33 @@ class Method:
     # True: each task's begin_task needs a pool that ``build_pool`` makes from that task alone, with the base
     # encoder, so a pipeline may build the pools beforehand as their own step (and in parallel) (LVP).
     builds_pools: ClassVar[bool] = False
+    # What a task changes, as the method's official code trains it: "image" / "text" (parameters of that tower),
+    # "head" (a layer of the method's own), "pools" (built from frozen encoders). Empty: nothing (frozen).
+    # ``trained_later``: from the second task on, where it differs (GNSP). tests/test_schedule.py checks the
+    # declaration against what has requires_grad after ``begin_task``.
+    trained: ClassVar[frozenset[str]] = frozenset()
+    trained_later: ClassVar[frozenset[str] | None] = None
+    trained_note: ClassVar[str] = ""  # which part of a tower, when not all of it
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = (cls.trained | (cls.trained_later or frozenset())) - set(PARTS)
+        if unknown:
+            raise TypeError(f"{cls.__name__} declares unknown trained parts {sorted(unknown)}; known: {sorted(PARTS)}")
 
     def __init__(self, settings: BaseModel | dict[str, Any] | None = None):
         if settings is None or isinstance(settings, dict):
             settings = self.Settings.model_validate(settings or {})
         self.settings = settings
         self._key_text: dict[str, torch.Tensor] = {}  # class key -> prompt text embedding for the current weights
+
+    @classmethod
+    def trained_text(cls) -> str:
+        """``trained`` in words, for ``cliploop methods``."""
+        text = _parts_text(cls.trained)
+        if cls.trained_later is not None:
+            text = f"{text} on the first task, then {_parts_text(cls.trained_later)}"
+        return f"{text} ({cls.trained_note})" if cls.trained_note else text
 
     def begin_task(self, state: LearnerState, task: TaskData, ctx: Context) -> None:
         raise NotImplementedError

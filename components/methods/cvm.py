@@ -117,6 +117,8 @@ class CVMSettings(TuneSettings):
 class CVM(TunedCLIP):
     summary = "CVM: a small visual model mapped into a frozen language model's concept space (fixed concept table)"
     Settings = CVMSettings
+    trained = frozenset({"image", "head"})
+    trained_note = "the head maps images into the language model's concept space"
 
     def __init__(self, settings=None):
         super().__init__(settings)

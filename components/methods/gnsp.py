@@ -204,6 +204,8 @@ class GNSPSettings(ReferenceSettings):
 class GNSP(ReferenceDistillation):
     summary = "GNSP: gradients projected onto the null space of old tasks' features + contrastive distillation + MAP"
     Settings = GNSPSettings
+    trained_later = frozenset({"image"})
+    trained_note = "later tasks: only its MLP matrices and visual.proj, gradients projected"
 
     def grams(self) -> dict[str, torch.Tensor]:
         return gram_sums(self.state)

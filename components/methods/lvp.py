@@ -47,6 +47,7 @@ class LVP(Method):
     Settings = PoolConfig
     trains = False
     builds_pools = True
+    trained = frozenset({"pools"})
 
     def __init__(self, settings=None):
         super().__init__(settings)

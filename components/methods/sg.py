@@ -118,6 +118,8 @@ class SG(TunedCLIP):
         "SG-RL + SG-KD: soft targets and distillation guided by class-name text similarity; last image block trains"
     )
     Settings = SGSettings
+    trained = frozenset({"image"})
+    trained_note = "its last block only"
 
     def select_trainable(self):
         blocks = visual_blocks(self.model)

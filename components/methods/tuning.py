@@ -1,7 +1,8 @@
 """What the CLIP fine-tuning methods share: which parameters train, class prompts, the label space,
 the replay memory, the fine-tuned weights in the learner state, and scoring with the text classifier
 (or with label-vector pools rebuilt from the fine-tuned encoder). The reference set and teacher that
-ZSCL and GNSP share are in components.methods.reference.
+ZSCL and GNSP share are in components.methods.reference; their settings, and the schedules refused, in
+components.methods.settings.
 
 Also the loss functions several methods use, as pure functions of tensors. This module registers no
 method itself.
@@ -10,15 +11,12 @@ method itself.
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from components.methods.base import Context, Method, MethodError, MethodReport, PoolStats
-from components.pools import PoolConfig
-from components.trainer import TrainSettings
+from components.methods.settings import TuneSettings, schedule_problems, task_steps
 
 # ---- losses (pure) ------------------------------------------------------------------------------------
 
@@ -154,24 +152,8 @@ def cached_image_features(model: torch.nn.Module, dataset, ctx: Context) -> torc
 # ---- the shared base ------------------------------------------------------------------------------------
 
 
-class TuneSettings(TrainSettings):
-    loss_classes: Literal["task", "seen"] = Field(
-        "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far"
-    )
-    memory_per_class: int = Field(
-        0, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks"
-    )
-    memory_size: int = Field(
-        0,
-        ge=0,
-        description="replay memory of this many training samples, reservoir-sampled over "
-        "every task seen (CTP+ER: 10000), mixed into later tasks",
-    )
-    classifier: Literal["text", "pool"] = Field(
-        "text",
-        description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder",
-    )
-    pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
+# Parameter-name prefixes of the text tower (open_clip's CLIP, and CustomTextCLIP's ``text.``).
+TEXT_TOWER = ("transformer.", "token_embedding", "text.", "positional_embedding", "ln_final", "text_projection")
 
 
 def visual_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -188,6 +170,7 @@ class TunedCLIP(Method):
     """Base of the methods that fine-tune CLIP's weights. Subclasses choose what trains and the loss."""
 
     Settings = TuneSettings
+    trained = frozenset({"image", "text"})  # every parameter but the logit scale (select_trainable)
 
     def __init__(self, settings=None):
         super().__init__(settings)
@@ -228,17 +211,17 @@ class TunedCLIP(Method):
             self.label_keys = seen  # replayed samples of old classes need their classes in the loss
         self.old_keys = [c.key for c in state.classes]
         self.label_tokens = self.tokenize([self.train_prompt(k) for k in self.label_keys])
+        # With iterations set the config was checked when resolved; an epoch schedule's length is known only now.
+        steps = task_steps(self.settings, len(self.train_dataset()) if self.settings.iterations is None else 0)
+        problems = schedule_problems(self.settings, steps)
+        if problems:
+            raise MethodError(f"{self.name}: task {task.task_id} runs {steps} steps: {'; '.join(problems)}")
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.trainable = self.select_trainable()
         for _, p in self.trainable:
             p.requires_grad_(True)
-        self.text_trains = any(
-            n.startswith(
-                ("transformer.", "token_embedding", "text.", "positional_embedding", "ln_final", "text_projection")
-            )
-            for n, _ in self.trainable
-        )
+        self.text_trains = any(n.startswith(TEXT_TOWER) for n, _ in self.trainable)
         scale = getattr(self.model, "logit_scale", None)
         self.scale = scale.exp().detach().float() if scale is not None else torch.tensor(100.0)
         self._frozen_text: dict[str, torch.Tensor] = {}

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.reference import ReferenceDistillation, ReferenceSettings
+from components.methods.settings import StepInterval
 from components.methods.tuning import image_text_distill
 
 
@@ -34,6 +35,11 @@ def ensemble_update(average: list[torch.Tensor], current: list[torch.Tensor], me
 
 
 class ZSCLSettings(ReferenceSettings):
+    step_intervals = {
+        **ReferenceSettings.step_intervals,
+        # equal: merges after step 0 only, so the ensemble is the start, first-step and final weights
+        "ensemble_every": StepInterval(True, "the weight ensemble would hold only the start, first and final weights"),
+    }
     distill_weight: float = Field(1.0, ge=0)
     l2_weight: float = Field(1.0, ge=0)
     ensemble_every: int | None = Field(

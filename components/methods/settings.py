@@ -1,0 +1,120 @@
+"""What every fine-tuning method is configured with (``TuneSettings``), and the schedules it refuses.
+
+Some settings are counted in optimizer steps (the warmup, ZSCL's ensemble interval). The official values
+fit the official schedules (100 warmup steps of 1000 iterations); a shortened schedule that kept them
+would run entirely in warmup, or hold an ensemble of three points. Such a schedule is refused, with the
+setting, its value and the run's length in one line, when the config is resolved (the run's length is
+known there when ``iterations`` is set, also per task) and otherwise when the task starts (``epochs``).
+
+Each settings class declares its step-counted settings in ``step_intervals``; ``checkpoint_every`` is not
+one of them: it bounds the work a crash loses, and a task shorter than it loses at most itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from components.pools import PoolConfig
+from components.trainer import TrainSettings
+
+
+@dataclass(frozen=True)
+class StepInterval:
+    """A setting counted in optimizer steps, and when a run of ``steps`` steps cannot hold it."""
+
+    refuse_equal: bool  # True: refused when it equals the run's length too (not only when it exceeds it)
+    why: str  # what would go wrong, for the refusal
+
+    def problem(self, name: str, value: Any, steps: Any, length: str = "iterations") -> str | None:
+        if not _count(value) or not _count(steps):
+            return None  # off (null / 0), or a value whose own validation reports it
+        if value > steps or (self.refuse_equal and value == steps):
+            sign = ">=" if self.refuse_equal else ">"
+            return f"{name} ({value}) {sign} {length} ({steps}): {self.why}; shorten {name} with the schedule"
+        return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+WARMUP = StepInterval(
+    refuse_equal=False,  # equal: the lr peaks at the last step (the official GNSP Aircraft schedule, 100 of 100)
+    why="the learning rate would never reach its peak",
+)
+
+
+def task_steps(settings: TrainSettings, train_images: int) -> int:
+    """Optimizer steps of a task: ``iterations``, else ``epochs`` passes in batches of at most
+    ``batch_size`` (the trainer's loader keeps the last, smaller batch)."""
+    if settings.iterations is not None:
+        return settings.iterations
+    return settings.epochs * math.ceil(train_images / max(1, min(settings.batch_size, train_images)))
+
+
+def schedule_problems(settings: TuneSettings, steps: int) -> list[str]:
+    """The step-counted settings that a run of ``steps`` steps cannot hold (empty when it can)."""
+    problems = (
+        rule.problem(name, getattr(settings, name), steps, "steps") for name, rule in settings.step_intervals.items()
+    )
+    return [p for p in problems if p]
+
+
+class TuneSettings(TrainSettings):
+    model_config = ConfigDict(validate_default=True)  # a default step count is checked against a shorter run too
+    # Settings counted in optimizer steps: each must fit the task's run (a subclass adds its own).
+    step_intervals: ClassVar[dict[str, StepInterval]] = {"warmup_steps": WARMUP}
+
+    loss_classes: Literal["task", "seen"] = Field(
+        "task", description="classes the task loss ranges over: the task's own (MTIL) or every class seen so far"
+    )
+    memory_per_class: int = Field(
+        0, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks"
+    )
+    memory_size: int = Field(
+        0,
+        ge=0,
+        description="replay memory of this many training samples, reservoir-sampled over "
+        "every task seen (CTP+ER: 10000), mixed into later tasks",
+    )
+    classifier: Literal["text", "pool"] = Field(
+        "text",
+        description="predict with class-prompt text embeddings, or with LVP pools rebuilt from the fine-tuned encoder",
+    )
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
+
+    @field_validator("*")
+    @classmethod
+    def _fits_the_schedule(cls, value: Any, info: ValidationInfo) -> Any:
+        """A step-counted setting against ``iterations``, and each per_task entry's (with what it inherits).
+
+        Fields are validated in declaration order, so each check runs at the later of the setting and
+        ``per_task`` (``info.data`` holds the fields validated before)."""
+        name, data, problems = info.field_name, info.data, []
+        if name in cls.step_intervals:
+            problems.append(cls.step_intervals[name].problem(name, value, data.get("iterations")))
+            checks = [name] if "per_task" in data else []
+            per_task = data.get("per_task") or {}
+        elif name == "per_task":
+            checks = [n for n in cls.step_intervals if n in data]
+            per_task = value or {}
+        else:
+            return value
+        for key, override in per_task.items():
+            if not isinstance(override, dict):
+                continue  # per_task's own validation reports it
+            for interval in checks:
+                own = override.get(interval, value if interval == name else data.get(interval))
+                steps = override.get("iterations", data.get("iterations"))
+                problems.append(
+                    cls.step_intervals[interval].problem(interval, own, steps, f"per_task.{key} iterations")
+                )
+        problems = [p for p in problems if p]
+        if problems:
+            raise PydanticCustomError("schedule", "; ".join(problems))
+        return value

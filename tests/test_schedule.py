@@ -1,0 +1,174 @@
+"""Step-counted settings follow the schedule (or the schedule is refused), and every method declares which
+parts of the model it trains, checked against what its set-up leaves trainable."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.config_loading import load_config
+from components.data import load_task
+from components.learn import context_for, learn_step, make_method
+from components.methods import available_methods, get_method
+from components.methods.base import MethodError
+from components.methods.tuning import TEXT_TOWER
+from components.models import load_backbone
+from components.state import LearnerState
+from components.trainer import fit
+from flows.cli import main
+from flows.demo import DEMO_ITERATIONS, demo_schedule
+from tests.conftest import tiny_overrides
+
+METHODS = sorted(available_methods())
+
+
+def _config(tmp_path, ckpt, *extra):
+    return load_config(overrides=tiny_overrides(ckpt, *extra), env={}, cwd=tmp_path)
+
+
+def _begin(config, task_location: str, state: LearnerState | None = None, locate=None):
+    backbone = load_backbone(config.model, weights=state.weights if state else None)
+    ctx = context_for(config, backbone, locate_task=locate)
+    method = make_method(config)
+    method.begin_task(
+        state or LearnerState(method=method.name, backbone=backbone.reference), load_task(task_location), ctx
+    )
+    return method, ctx
+
+
+class _LearningRates:
+    """The learning rate the optimizer holds after each step (what the trainer set, not a formula)."""
+
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_fit_start(self, run):
+        pass
+
+    def on_step_end(self, run, step, losses, seconds):
+        self.rates.append(run.optimizer.param_groups[0]["lr"])
+
+    def on_fit_end(self, run):
+        pass
+
+
+def test_a_demo_run_of_60_iterations_leaves_warmup_and_decays(tmp_path, tiny_checkpoint, drops):
+    """The demo's finetune: the optimizer reaches the peak lr after a tenth of the run, then the cosine
+    takes it down (with the official 100 warmup steps it would still be climbing at step 60)."""
+    schedule = demo_schedule("finetune", [])
+    quick = ["method.settings.augment=false", "method.settings.batch_size=2"]  # the schedule is the demo's
+    config = _config(tmp_path, tiny_checkpoint, "method.name=finetune", *schedule, *quick)
+    method, ctx = _begin(config, str(drops[0]))
+    rates = _LearningRates()
+    fit(method, load_task(str(drops[0])), ctx, callbacks=[rates])
+    peak, warmup = method.settings.lr, DEMO_ITERATIONS // 10
+    assert len(rates.rates) == DEMO_ITERATIONS
+    assert max(rates.rates) == pytest.approx(peak) == rates.rates[warmup - 1]  # warmup over after a tenth
+    tail = rates.rates[warmup:]
+    assert all(a >= b for a, b in zip(tail, tail[1:])) and tail[-1] < 0.01 * peak  # cosine, to the floor
+
+
+def test_zscl_ensemble_interval_follows_the_demo_schedule(tmp_path, tiny_checkpoint, drops):
+    """A tenth of the run, as the official 100 of 1000: merges after steps 0, 6, ..., 54, plus the start and
+    the final weights (with the official interval of 100 it would be three points)."""
+    schedule = demo_schedule("zscl", [])
+    config = _config(
+        tmp_path,
+        tiny_checkpoint,
+        "method.name=zscl",
+        *schedule,
+        "method.settings.augment=false",
+        "method.settings.batch_size=2",
+        "method.settings.reference_batch_size=2",
+    )
+    method, ctx = _begin(config, str(drops[0]))
+    fit(method, load_task(str(drops[0])), ctx)
+    assert method.merged == 1 + 10 + 1 and method.settings.ensemble_every == DEMO_ITERATIONS // 10
+
+
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return [line for line in err.strip().splitlines() if line != "cliploop: configuration error:"]
+
+
+@pytest.mark.parametrize(
+    "settings,expected",
+    [
+        (["method.name=finetune", "method.settings.iterations=60"], "warmup_steps (100) > iterations (60)"),
+        (
+            ["method.name=zscl", "method.settings.iterations=60", "method.settings.warmup_steps=6"],
+            "ensemble_every (100) >= iterations (60)",
+        ),
+        (
+            ["method.name=gnsp", "method.settings.per_task={aircraft: {iterations: 50}}"],
+            "warmup_steps (100) > per_task.aircraft iterations (50)",
+        ),
+    ],
+)
+def test_config_refuses_a_schedule_its_step_counts_cannot_follow(settings, expected, tmp_path, capsys):
+    argv = ["config", "-w", str(tmp_path / "ws")]
+    for setting in settings:
+        argv += ["--set", setting]
+    assert main(argv) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_learn_refuses_it_before_anything_loads_and_a_fitting_schedule_resolves(tmp_path, capsys, drops):
+    ws = ["-w", str(tmp_path / "ws")]
+    short = ["--set", "method.settings.iterations=60"]
+    assert main(["learn", "--method", "lwf", str(drops[0]), *ws, *short]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "warmup_steps (100) > iterations (60)" in lines[0]
+    assert not (tmp_path / "ws").exists()
+    # The warmup may span the whole run (the official GNSP Aircraft schedule: 100 warmup steps of 100).
+    assert main(["config", *ws, "--set", "method.name=gnsp", "--set", "method.settings.iterations=100"]) == 0
+    fitting = ["--set", "method.settings.warmup_steps=6", "--set", "method.settings.ensemble_every=6"]
+    assert main(["config", *ws, "--set", "method.name=zscl", *short, *fitting]) == 0
+
+
+def test_an_epoch_schedule_is_checked_when_the_task_starts(tmp_path, tiny_checkpoint, drops):
+    """CTP counts epochs: the task's length is known only from its images (8 in batches of 128: one step)."""
+    config = _config(
+        tmp_path, tiny_checkpoint, "method.name=ctp", "method.settings.epochs=1", "method.settings.warmup_steps=5"
+    )
+    with pytest.raises(MethodError, match=r"ctp: task t-a runs 1 steps: warmup_steps \(5\) > steps \(1\)"):
+        _begin(config, str(drops[0]))
+
+
+def _trained_parts(method) -> frozenset[str]:
+    """The parts whose parameters the trainer would update after the method's set-up."""
+    model_params = {id(p): n for n, p in method.ctx.backbone.model.named_parameters()}
+    parts = set()
+    for name, p in method.trainable_parameters():
+        if not p.requires_grad:
+            continue
+        name = model_params.get(id(p))
+        parts.add("head" if name is None else "text" if name.startswith(TEXT_TOWER) else "image")
+    return frozenset(parts)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_method_trains_the_parts_it_declares(name, tmp_path, tiny_checkpoint, drops):
+    cls = get_method(name)
+    config = _config(tmp_path, tiny_checkpoint, f"method.name={name}", *demo_schedule(name, []))
+    method, _ = _begin(config, str(drops[0]))
+    if not cls.trains:  # no optimisation loop: the encoders stay as loaded
+        assert cls.trained <= {"pools"} and cls.builds_pools == ("pools" in cls.trained)
+        return
+    assert _trained_parts(method) == cls.trained
+    if cls.trained_later is not None:  # from the second task on (GNSP: only image-tower matrices)
+        quick = ["method.settings.iterations=2", "method.settings.warmup_steps=0", "method.settings.batch_size=4"]
+        config = _config(tmp_path, tiny_checkpoint, f"method.name={name}", *quick)
+        state = learn_step(str(drops[0]), config).state
+        later, _ = _begin(config, str(drops[1]), state, locate=lambda task_id: load_task(str(drops[0])))
+        assert _trained_parts(later) == cls.trained_later != cls.trained
+
+
+def test_cliploop_methods_says_what_each_method_trains(capsys):
+    assert main(["methods", "gnsp"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("trains: image tower + text tower on the first task, then image tower")
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "trains: nothing (frozen)" in listing and "trains: image tower (its last block only)" in listing
