@@ -30,8 +30,9 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def check_method(config) -> None:
-    """An unknown method, or settings its method does not accept, is a configuration error found when the
-    config is resolved, not when a night reaches training. Raises ConfigError."""
+    """An unknown method, settings its method does not accept, or settings that cannot run as configured (a
+    schedule its step counts cannot follow) are a configuration error found when the config is resolved, not
+    when a night reaches training. Raises ConfigError."""
     from pydantic import ValidationError
 
     from components.config import ConfigError, MethodConfig
@@ -45,7 +46,7 @@ def check_method(config) -> None:
     except MethodError as exc:
         raise ConfigError(f"method.name: {exc} (see `cliploop methods`)") from None
     try:
-        cls.Settings.model_validate(config.method.settings)
+        settings = cls.Settings.model_validate(config.method.settings)
     except ValidationError as exc:
         raise ConfigError(
             "\n".join(
@@ -55,6 +56,13 @@ def check_method(config) -> None:
                 for e in exc.errors()
             )
         ) from None
+    problems = cls.config_problems(settings)
+    if problems:
+        raise ConfigError(
+            "\n".join(
+                f"method.settings.{where}: {problem} (see `cliploop methods {cls.name}`)" for where, problem in problems
+            )
+        )
 
 
 def fail(command: str, message: object, code: int) -> int:

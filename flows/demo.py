@@ -88,13 +88,15 @@ def run_demo(
     from flows.nightly import NightFailed, run_night
 
     root = demo_root(folder, method)
+    schedule = demo_schedule(method, overrides)
+    if check is not None:  # the method's settings (a schedule it cannot follow, say) before anything is built
+        check(load_config(overrides=[f"method.name={method}", *schedule, *overrides], env={}, cwd=root))
     started = time.perf_counter()
     drop_zone = root / "incoming"
     demo.build_drop_zone(drop_zone, include_bad=include_bad)
     say(f"demo drop zone: {drop_zone} (three digit tasks and one broken one)")
     say("base model: tiny image tower + pretrained MiniLM text tower (built once, then cached)")
     model = demo.model_overrides(cache_dir() / "demo", progress=say)
-    schedule = demo_schedule(method, overrides)
     if schedule:
         default = get_method(method).Settings()
         length = f"{default.iterations} iterations" if default.iterations else f"{default.epochs} epochs"

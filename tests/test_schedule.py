@@ -101,7 +101,7 @@ def _error_lines(capsys) -> list[str]:
         ),
         (
             ["method.name=gnsp", "method.settings.per_task={aircraft: {iterations: 50}}"],
-            "warmup_steps (100) > per_task.aircraft iterations (50)",
+            "per_task.aircraft: warmup_steps (100) > iterations (50)",
         ),
     ],
 )
@@ -125,6 +125,21 @@ def test_learn_refuses_it_before_anything_loads_and_a_fitting_schedule_resolves(
     assert main(["config", *ws, "--set", "method.name=gnsp", "--set", "method.settings.iterations=100"]) == 0
     fitting = ["--set", "method.settings.warmup_steps=6", "--set", "method.settings.ensemble_every=6"]
     assert main(["config", *ws, "--set", "method.name=zscl", *short, *fitting]) == 0
+    capsys.readouterr()
+    # The demo keeps its own schedule off when the user chooses the length, and refuses before building anything.
+    demo = tmp_path / "demo"
+    assert main(["demo", "--dir", str(demo), "--method", "lwf", "--set", "method.settings.iterations=30"]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "warmup_steps (100) > iterations (30)" in lines[0]
+    assert not list(tmp_path.glob("demo*"))
+
+
+def test_recorded_settings_still_load_and_only_a_run_refuses_them():
+    """A state learned before the refusal recorded such settings: serving validates them and must still load."""
+    cls = get_method("zscl")
+    recorded = cls.Settings.model_validate({"iterations": 60, "warmup_steps": 6})
+    assert [where for where, _ in cls.config_problems(recorded)] == ["ensemble_every"]
+    assert get_method("lvp").config_problems(get_method("lvp").Settings()) == []
 
 
 def test_an_epoch_schedule_is_checked_when_the_task_starts(tmp_path, tiny_checkpoint, drops):

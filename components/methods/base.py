@@ -195,6 +195,12 @@ class Method:
             text = f"{text} on the first task, then {_parts_text(cls.trained_later)}"
         return f"{text} ({cls.trained_note})" if cls.trained_note else text
 
+    @classmethod
+    def config_problems(cls, settings: BaseModel) -> list[tuple[str, str]]:
+        """(setting, problem) for valid settings that cannot run as configured (a step-counted setting that its
+        schedule cannot hold), found when a config is resolved; a task refuses them again when it starts."""
+        return []
+
     def begin_task(self, state: LearnerState, task: TaskData, ctx: Context) -> None:
         raise NotImplementedError
 

@@ -3,8 +3,10 @@
 Some settings are counted in optimizer steps (the warmup, ZSCL's ensemble interval). The official values
 fit the official schedules (100 warmup steps of 1000 iterations); a shortened schedule that kept them
 would run entirely in warmup, or hold an ensemble of three points. Such a schedule is refused, with the
-setting, its value and the run's length in one line, when the config is resolved (the run's length is
-known there when ``iterations`` is set, also per task) and otherwise when the task starts (``epochs``).
+setting, its value and the run's length in one line: when the config is resolved, where ``iterations``
+gives the run's length (``TuneSettings.schedule_problems``, through ``Method.config_problems``), and always
+when a task starts (``run_problems``), where an ``epochs`` schedule's length is known at last. The
+settings themselves stay valid data: a learned state's recorded settings load (serving) whatever they say.
 
 Each settings class declares its step-counted settings in ``step_intervals``; ``checkpoint_every`` is not
 one of them: it bounds the work a crash loses, and a task shorter than it loses at most itself.
@@ -16,8 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field
 
 from components.pools import PoolConfig
 from components.trainer import TrainSettings
@@ -57,7 +58,7 @@ def task_steps(settings: TrainSettings, train_images: int) -> int:
     return settings.epochs * math.ceil(train_images / max(1, min(settings.batch_size, train_images)))
 
 
-def schedule_problems(settings: TuneSettings, steps: int) -> list[str]:
+def run_problems(settings: TuneSettings, steps: int) -> list[str]:
     """The step-counted settings that a run of ``steps`` steps cannot hold (empty when it can)."""
     problems = (
         rule.problem(name, getattr(settings, name), steps, "steps") for name, rule in settings.step_intervals.items()
@@ -66,7 +67,6 @@ def schedule_problems(settings: TuneSettings, steps: int) -> list[str]:
 
 
 class TuneSettings(TrainSettings):
-    model_config = ConfigDict(validate_default=True)  # a default step count is checked against a shorter run too
     # Settings counted in optimizer steps: each must fit the task's run (a subclass adds its own).
     step_intervals: ClassVar[dict[str, StepInterval]] = {"warmup_steps": WARMUP}
 
@@ -88,33 +88,16 @@ class TuneSettings(TrainSettings):
     )
     pool: PoolConfig = Field(default_factory=PoolConfig, description="LVP pool settings when classifier is pool")
 
-    @field_validator("*")
-    @classmethod
-    def _fits_the_schedule(cls, value: Any, info: ValidationInfo) -> Any:
-        """A step-counted setting against ``iterations``, and each per_task entry's (with what it inherits).
-
-        Fields are validated in declaration order, so each check runs at the later of the setting and
-        ``per_task`` (``info.data`` holds the fields validated before)."""
-        name, data, problems = info.field_name, info.data, []
-        if name in cls.step_intervals:
-            problems.append(cls.step_intervals[name].problem(name, value, data.get("iterations")))
-            checks = [name] if "per_task" in data else []
-            per_task = data.get("per_task") or {}
-        elif name == "per_task":
-            checks = [n for n in cls.step_intervals if n in data]
-            per_task = value or {}
-        else:
-            return value
-        for key, override in per_task.items():
-            if not isinstance(override, dict):
-                continue  # per_task's own validation reports it
-            for interval in checks:
-                own = override.get(interval, value if interval == name else data.get(interval))
-                steps = override.get("iterations", data.get("iterations"))
-                problems.append(
-                    cls.step_intervals[interval].problem(interval, own, steps, f"per_task.{key} iterations")
-                )
-        problems = [p for p in problems if p]
-        if problems:
-            raise PydanticCustomError("schedule", "; ".join(problems))
-        return value
+    def schedule_problems(self) -> list[tuple[str, str]]:
+        """(setting, problem) for each step-counted setting that ``iterations`` cannot hold, and each per_task
+        entry's (with what it inherits). Empty with an epoch schedule: the task's length is not known yet."""
+        problems = [
+            (name, rule.problem(name, getattr(self, name), self.iterations))
+            for name, rule in self.step_intervals.items()
+        ]
+        for key, override in self.per_task.items():
+            steps = override.get("iterations", self.iterations)
+            for name, rule in self.step_intervals.items():
+                own = override.get(name, getattr(self, name))
+                problems.append((f"per_task.{key}", rule.problem(name, own, steps)))
+        return [(where, p) for where, p in problems if p]

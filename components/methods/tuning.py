@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from components.methods.base import Context, Method, MethodError, MethodReport, PoolStats
-from components.methods.settings import TuneSettings, schedule_problems, task_steps
+from components.methods.settings import TuneSettings, run_problems, task_steps
 
 # ---- losses (pure) ------------------------------------------------------------------------------------
 
@@ -172,6 +172,10 @@ class TunedCLIP(Method):
     Settings = TuneSettings
     trained = frozenset({"image", "text"})  # every parameter but the logit scale (select_trainable)
 
+    @classmethod
+    def config_problems(cls, settings) -> list[tuple[str, str]]:
+        return settings.schedule_problems()
+
     def __init__(self, settings=None):
         super().__init__(settings)
         self._pool_scorer: Method | None = None  # LVP scoring the rebuilt pools (it caches their merge)
@@ -213,7 +217,7 @@ class TunedCLIP(Method):
         self.label_tokens = self.tokenize([self.train_prompt(k) for k in self.label_keys])
         # With iterations set the config was checked when resolved; an epoch schedule's length is known only now.
         steps = task_steps(self.settings, len(self.train_dataset()) if self.settings.iterations is None else 0)
-        problems = schedule_problems(self.settings, steps)
+        problems = run_problems(self.settings, steps)
         if problems:
             raise MethodError(f"{self.name}: task {task.task_id} runs {steps} steps: {'; '.join(problems)}")
         for p in self.model.parameters():
