@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from components.callbacks import Callback
 from components.config_loading import load_config
 from components.data import load_task
 from components.learn import context_for, learn_step, make_method
@@ -35,20 +36,14 @@ def _begin(config, task_location: str, state: LearnerState | None = None, locate
     return method, ctx
 
 
-class _LearningRates:
+class _LearningRates(Callback):
     """The learning rate the optimizer holds after each step (what the trainer set, not a formula)."""
 
     def __init__(self):
         self.rates: list[float] = []
 
-    def on_fit_start(self, run):
-        pass
-
     def on_step_end(self, run, step, losses, seconds):
         self.rates.append(run.optimizer.param_groups[0]["lr"])
-
-    def on_fit_end(self, run):
-        pass
 
 
 def test_a_demo_run_of_60_iterations_leaves_warmup_and_decays(tmp_path, tiny_checkpoint, drops):
