@@ -56,13 +56,10 @@ def check_method(config) -> None:
                 for e in exc.errors()
             )
         ) from None
-    problems = cls.config_problems(settings)
+    see = f"(see `cliploop methods {cls.name}`)"
+    problems = [f"method.settings.{where}: {problem} {see}" for where, problem in cls.config_problems(settings)]
     if problems:
-        raise ConfigError(
-            "\n".join(
-                f"method.settings.{where}: {problem} (see `cliploop methods {cls.name}`)" for where, problem in problems
-            )
-        )
+        raise ConfigError("\n".join(problems))
 
 
 def fail(command: str, message: object, code: int) -> int:
@@ -233,8 +230,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(cls.Settings().model_dump(mode="json"), indent=2))
     else:
-        text = method_settings_text(args.name, cls)
-        head, _, rest = text.partition("\n")
+        head, _, rest = method_settings_text(args.name, cls).partition("\n")
         print(f"{head}\ntrains: {cls.trained_text()}\n{rest}")
     return EXIT_OK
 
