@@ -15,6 +15,10 @@ from components.config import Config
 from components.ledger import Ledger
 
 
+class NotAWorkspace(RuntimeError):
+    """A command that writes was run where there is no workspace and none was named: it would have made one."""
+
+
 def workspace_paths(config: Config) -> dict[str, Path]:
     ws = config.workspace_path
     state = ws / versioning.STATE_DIR
@@ -43,6 +47,24 @@ def remote_spec(config: Config) -> versioning.RemoteSpec:
 
 def ensure_workspace(config: Config) -> list[str]:
     return versioning.init_workspace(config.workspace_path, remote_spec(config))
+
+
+def is_initialised(config: Config) -> bool:
+    """The workspace has been set up (git + DVC, ``data.dvc``), by ``cliploop init`` or an earlier ingest."""
+    ws = config.workspace_path
+    return (ws / ".dvc").is_dir() and (ws / "data.dvc").is_file()
+
+
+def require_workspace(config: Config, named: bool) -> None:
+    """Refuse to make a workspace nobody asked for: an uninitialised workspace may be set up by a command only
+    when it was ``named`` (a config file, ``-w``, ``--set workspace=``, ``CLIPLOOP__WORKSPACE``); otherwise the
+    command would silently turn the current folder into a git + DVC repository. Raises NotAWorkspace."""
+    if named or is_initialised(config):
+        return
+    raise NotAWorkspace(
+        f"{config.workspace_path} is not a cliploop workspace (no cliploop.yaml, no git + DVC set-up); "
+        "run `cliploop init` to make it one, or name one with -w DIR or -c FILE"
+    )
 
 
 def s3_settings(config: Config) -> storage.S3Settings:

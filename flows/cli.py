@@ -9,6 +9,8 @@ A user's mistake ends with one clear line and its exit code, never a traceback (
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 
@@ -202,6 +204,7 @@ def _version() -> str:
 # imported cannot have been raised). Order matters: subclasses before their bases.
 USER_ERRORS: list[tuple[str, str, int, str]] = [
     ("components.config", "ConfigError", EXIT_USAGE, "configuration error:\n"),
+    ("components.workspace", "NotAWorkspace", EXIT_USAGE, ""),
     ("components.registry", "NotFound", EXIT_USAGE, ""),
     ("components.registry", "RegistryError", EXIT_INVALID, ""),
     ("components.chain", "PipelineError", EXIT_INVALID, ""),
@@ -226,12 +229,40 @@ def user_error(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+# Libraries whose INFO lines (MLflow's table creation, Prefect's flow-run chatter, GX's temporary folders) are not
+# cliploop's story: the console gets their warnings and errors only. The one place this is decided.
+LIBRARY_LOGGERS = ("mlflow", "alembic", "prefect", "dvc", "great_expectations", "sqlalchemy")
+# Set before the libraries are imported: MLflow and Prefect configure their loggers from these at import.
+LIBRARY_LOG_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PREFECT_LOGGING_LEVEL": "WARNING"}
+# GX sets INFO on this module's logger when it is imported, after us: a filter holds where a level would not.
+GX_INFO_LOGGER = "great_expectations.data_context.types.base"
+
+
+def _warnings_and_worse(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def quiet_library_logs() -> None:
+    """Keep library chatter off the console for a command: their warnings and errors still show."""
+    for name, value in LIBRARY_LOG_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in [*LIBRARY_LOGGERS, *logging.root.manager.loggerDict]:  # the roots, and any configured already
+        if name.split(".")[0] in LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level < logging.WARNING:
+                logger.setLevel(logging.WARNING)
+    gx = logging.getLogger(GX_INFO_LOGGER)
+    if _warnings_and_worse not in gx.filters:
+        gx.addFilter(_warnings_and_worse)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    quiet_library_logs()
     try:
         return args.run(args)
     except KeyboardInterrupt as exc:  # Ctrl-C, or a night stopped by SIGTERM/SIGINT (flows/lifeline.py)

@@ -11,21 +11,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_REFUSED, EXIT_EXTERNAL = 0, 1, 2, 3, 4
 
 
-def resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
-    """The command's configuration: file, environment, ``--set`` and ``-w``, with its method checked."""
-    from components.config_loading import load_config
+def resolve_config(args: argparse.Namespace, extra: list[str] | None = None, writes: bool = False):
+    """The command's configuration: file, environment, ``--set`` and ``-w``, with its method checked.
+
+    ``writes``: the command writes into the workspace, so it must exist already or have been named
+    (:func:`components.workspace.require_workspace`): no folder becomes a workspace behind the user's back."""
+    from components.config_loading import ENV_PREFIX, find_config_file, load_config
 
     overrides = list(getattr(args, "overrides", []) or []) + list(extra or [])
     if getattr(args, "workspace", None):
         overrides.append(f"workspace={Path(args.workspace).resolve()}")
     config = load_config(getattr(args, "config", None), overrides)
     check_method(config)
+    if writes:
+        from components.workspace import require_workspace
+
+        named = (
+            find_config_file(getattr(args, "config", None)) is not None
+            or any(o.partition("=")[0].strip() == "workspace" for o in overrides)
+            or f"{ENV_PREFIX}WORKSPACE" in os.environ
+        )
+        require_workspace(config, named)
     return config
 
 
@@ -119,7 +132,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from components.versioning import VersioningError
     from flows.console import ingest_line
 
-    config = resolve_config(args)
+    config = resolve_config(args, writes=True)
     location = config.location(args.location) if args.location else config.location(config.drop_zone)
     try:
         locations = ingestion.drop_locations(location, config, warn=lambda m: print(f"cliploop: {m}", file=sys.stderr))
@@ -162,13 +175,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from components import drop_check, storage
+    from components import drop_check, storage, workspace
 
     config = resolve_config(args)
     report_dir = Path(args.report_dir).resolve() if args.report_dir else None
     target = args.target
+    by_location = storage.is_s3(target) or Path(target).exists()
+    if not by_location and not workspace.workspace_paths(config)["ledger"].exists():  # opening it would make one
+        return fail("validate", f"no task {target!r}: {config.workspace_path} has no task ledger", EXIT_USAGE)
     try:
-        if storage.is_s3(target) or Path(target).exists():
+        if by_location:
             report = drop_check.validate_location(target, config, report_dir)
         else:
             report = drop_check.validate_task(target, config, report_dir)
@@ -239,9 +255,17 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from components.lineage import LineageError, build_lineage, format_lineage
     from components.registry import from_config
 
-    config = resolve_config(args)
+    config = resolve_config(args, writes=True)  # the registry's database lives in the workspace
+    registry = from_config(config)
+    if not registry.versions():
+        return fail(
+            "lineage",
+            f"no model version of {registry.model_name!r} is registered in {config.workspace_path} yet "
+            "(a night registers one per learned task: `cliploop nightly`)",
+            EXIT_USAGE,
+        )
     try:
-        record = build_lineage(from_config(config), args.ref, config.workspace_path, verify=args.verify)
+        record = build_lineage(registry, args.ref, config.workspace_path, verify=args.verify)
     except LineageError as exc:
         return fail("lineage", exc, EXIT_USAGE)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
@@ -282,7 +306,7 @@ def _review(args: argparse.Namespace, decision: str, note: str) -> int:
     from components.registry import from_config
     from flows.console import review_text
 
-    config = resolve_config(args)
+    config = resolve_config(args, writes=True)
     registry = from_config(config)
     # A version that does not exist and other registry errors are mapped by flows.cli (exit 2 or 4).
     version = registry.resolve(args.version)
@@ -317,14 +341,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from components import review
     from flows.console import rollback_text
 
-    print(rollback_text(review.rollback(resolve_config(args), _reviewer(args), args.note)))
+    print(rollback_text(review.rollback(resolve_config(args, writes=True), _reviewer(args), args.note)))
     return EXIT_OK
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     from components import review
 
-    review.requeue(resolve_config(args), args.task_id)
+    review.requeue(resolve_config(args, writes=True), args.task_id)
     print(f"task {args.task_id} will be learned again next night")
     return EXIT_OK
 
@@ -334,7 +358,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from flows.console import night_text
     from flows.nightly import NightFailed, run_night
 
-    config = resolve_config(args)
+    config = resolve_config(args, writes=True)
     try:
         summary = run_night(config)
     except chain.ChainBusy as exc:
@@ -352,7 +376,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.console import deploy_text
     from flows.deploy import DeployError, deploy
 
-    config = resolve_config(args)
+    config = resolve_config(args, writes=True)
     try:
         values = deploy(config, args.api_url)
     except DeployError as exc:

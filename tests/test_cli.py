@@ -3,6 +3,7 @@ and the documented exit code (README "Exit codes"), never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,21 @@ def test_scenario_subcommands_are_cliploops_own_with_help(capsys):
     assert "no scenario 'nope'" in capsys.readouterr().err
 
 
-def test_every_subcommand_has_help(capsys):
-    commands = build_parser()._subparsers._group_actions[0].choices
-    assert {"init", "ingest", "learn", "approve", "scenario", "demo"} <= set(commands)
-    for name in commands:
-        assert f"usage: cliploop {name}" in _help(capsys, name)
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command path of the real parser, nested subcommands included, found from its subparser actions."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name)
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_command_and_subcommand_has_help(capsys):
+    paths = list(_commands(build_parser()))
+    assert {("init",), ("ingest",), ("approve",), ("scenario",), ("scenario", "convert"), ("demo",)} <= set(paths)
+    for path in paths:
+        text = _help(capsys, *path)
+        assert text.startswith(f"usage: cliploop {' '.join(path)}"), (path, text[:200])
 
 
 def _one_line(err: str) -> str:
