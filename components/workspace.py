@@ -8,7 +8,12 @@ set-up is a change of its own, not of how a drop is accepted.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from components import storage, versioning
 from components.config import Config
@@ -65,6 +70,51 @@ def require_workspace(config: Config, named: bool) -> None:
         f"{config.workspace_path} is not a cliploop workspace (no cliploop.yaml, no git + DVC set-up); "
         "run `cliploop init` to make it one, or name one with -w DIR or -c FILE"
     )
+
+
+def config_text(settings: dict[str, Any]) -> str:
+    """The commented default ``cliploop.yaml`` (what ``cliploop init`` writes) with the given dotted keys set."""
+    from components.config import default_config_yaml
+
+    text = default_config_yaml()
+    for dotted, value in settings.items():
+        text = _set_key(text, dotted, value)
+    return text
+
+
+def _set_key(text: str, dotted: str, value: Any) -> str:
+    # Edits the one line, so every other key keeps its comment. JSON scalars are YAML scalars.
+    *sections, key = dotted.split(".")
+    lines = text.splitlines()
+    start = 0
+    for depth, section in enumerate(sections):
+        start = lines.index("  " * depth + section + ":", start) + 1
+    prefix = "  " * len(sections) + key + ":"
+    at = next(i for i in range(start, len(lines)) if lines[i].startswith(prefix + " "))
+    lines[at] = f"{prefix} {json.dumps(value)}"
+    return "\n".join(lines) + "\n"
+
+
+def demo_model_settings(ws: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo's base model as a workspace's model: built offline (cached), placed in ``.cliploop/models/``
+    and pinned by its SHA-256. The path is absolute: the model loaders read it relative to the working folder."""
+    from components import demo
+    from components.models import cache_dir
+
+    settings: dict[str, Any] = {}
+    for item in demo.model_overrides(cache_dir() / "demo", progress=progress):
+        key, _, value = item.partition("=")
+        settings[key] = None if value == "null" else value
+    source = Path(settings["model.checkpoint"])
+    target = ws.resolve() / versioning.STATE_DIR / "models" / source.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)  # the cache and the workspace usually share a disk: no second copy
+        except OSError:
+            shutil.copyfile(source, target)
+    settings["model.checkpoint"] = str(target)
+    return settings
 
 
 def s3_settings(config: Config) -> storage.S3Settings:

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default=".", help="workspace folder (default: .)")
     p.add_argument("--remote", help="DVC remote: a folder or s3://bucket/prefix (default: local .cliploop/dvc-remote)")
     p.add_argument("--drop-zone", help="drop zone folder or s3:// prefix (default: incoming/)")
+    p.add_argument(
+        "--model",
+        choices=["default", "demo"],
+        default="default",
+        help="the base model: default = ViT-B-16 'openai' (downloaded once: needs the network); demo = the demo's "
+        "small model, built offline (cached) and placed in .cliploop/models/",
+    )
 
     p = command(
         "ingest", commands.cmd_ingest, "ingest a task drop (folder or s3:// prefix), or every new task of a drop zone"

@@ -87,7 +87,6 @@ def external_error(exc: Exception) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from components import workspace
-    from components.config import default_config_yaml
     from components.config_loading import CONFIG_FILENAME, load_config
 
     ws = Path(args.dir).resolve()
@@ -97,15 +96,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         return fail("init", f"cannot make the workspace folder {ws}: {exc.strerror or exc}", EXIT_USAGE)
     cfg_path = ws / CONFIG_FILENAME
     if not cfg_path.exists():
-        text = default_config_yaml()
-        if args.drop_zone:
-            text = text.replace("drop_zone: incoming", f"drop_zone: {json.dumps(args.drop_zone)}")
-        if args.remote:
-            text = text.replace("  remote: null", f"  remote: {json.dumps(args.remote)}", 1)
-        cfg_path.write_text(text)
+        settings = {k: v for k, v in (("drop_zone", args.drop_zone), ("dvc.remote", args.remote)) if v}
+        if args.model == "demo":
+            print("model: the demo's base model (tiny image tower + pretrained MiniLM text tower; no network)")
+            settings |= workspace.demo_model_settings(ws)
+        cfg_path.write_text(workspace.config_text(settings))
         print(f"wrote {cfg_path}")
     else:
-        print(f"kept the existing {cfg_path}")
+        note = "" if args.model == "default" else f" (its model is unchanged: --model {args.model} is for a new one)"
+        print(f"kept the existing {cfg_path}{note}")
     config = load_config(cfg_path)
     if not config.drop_zone.startswith("s3://"):
         config.path(config.drop_zone).mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@ shows is cliploop's own story, not the libraries' INFO lines."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.cli import main
@@ -68,3 +70,35 @@ def test_lineage_in_an_empty_workspace_says_so_without_library_chatter(tmp_path,
         f"cliploop lineage: no model version of 'cliploop' is registered in {tmp_path} yet "
         "(a night registers one per learned task: `cliploop nightly`)"
     )
+
+
+def test_init_with_the_demo_model_starts_an_offline_workspace(tmp_path, capsys):
+    """`cliploop init --model demo`: the demo's base model (built once, cached) placed in the workspace and
+    pinned by its checksum; the workspace's config loads it with no network."""
+    import open_clip
+
+    from components import demo
+    from components.config_loading import load_config
+    from components.models import cache_dir, load_backbone, quiet_loaders, register_builtin_configs, save_weights
+    from components.storage import sha256_file
+
+    # The demo's warm-up (minutes on a loaded 2-core machine; `make demo` and tests/test_flows.py run it) is
+    # not what is tested here: the cache gets an untrained model of the same architecture under its name.
+    register_builtin_configs()
+    with quiet_loaders():
+        save_weights(
+            open_clip.create_model(demo.BASE_MODEL, pretrained=None), demo.base_model_path(cache_dir() / "demo")
+        )
+    ws = tmp_path / "ws"
+    assert main(["init", str(ws), "--model", "demo", "--drop-zone", "drops"]) == 0
+    config = load_config(ws / "cliploop.yaml", env={})
+    model = config.model
+    assert model.name == "cliploop-minilm-tiny" and model.pretrained is None
+    assert Path(model.checkpoint).parent == ws / ".cliploop" / "models"
+    assert sha256_file(Path(model.checkpoint)) == model.sha256
+    assert config.drop_zone == "drops" and (ws / "drops").is_dir()
+    assert "# open_clip pretrained tag" in (ws / "cliploop.yaml").read_text()  # still the commented file
+    assert load_backbone(model) is not None
+    capsys.readouterr()
+    assert main(["init", str(ws), "--model", "demo"]) == 0
+    assert "its model is unchanged" in capsys.readouterr().out
