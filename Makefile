@@ -4,7 +4,8 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 # constraints.txt pins the exact versions this repository is tested with: resolving the full stack
 # without it can backtrack for many minutes (aiobotocore pins botocore to a narrow range).
-INSTALL := $(PIP) install --constraint constraints.txt
+# Quiet: pip says only its warnings and errors; each step announces itself in one line.
+INSTALL := $(PIP) install --quiet --disable-pip-version-check --constraint constraints.txt
 
 .PHONY: install install-test demo test lint clean
 install: $(VENV)/.installed
@@ -12,19 +13,23 @@ install-test: $(VENV)/.installed-test
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cliploop needs Python >= 3.11 (set PYTHON=...)"'
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	@echo "cliploop: making the virtual environment $(VENV)/"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --quiet --disable-pip-version-check --upgrade pip
 
+# The `stack` extra: `cliploop stack up` runs moto's S3-compatible server as the local object store.
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints.txt
-	$(INSTALL) --editable .
+	@echo "cliploop: installing cliploop and its pinned dependencies into $(VENV)/ (a few minutes the first time)"
+	@$(INSTALL) --editable '.[stack]'
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(INSTALL) --editable '.[test]'
+	@echo "cliploop: installing the test tools (pytest, ruff)"
+	@$(INSTALL) --editable '.[stack,test]'
 	@touch $@
 
 demo: install
-	$(VENV)/bin/cliploop demo
+	@$(VENV)/bin/cliploop demo
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the whole suite.
 test: install-test
