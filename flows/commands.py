@@ -367,7 +367,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         summary, code = exc.summary, EXIT_EXTERNAL
     else:
         code = EXIT_OK
-    print(json.dumps(summary, indent=2, default=str) if args.json else night_text(summary))
+    print(json.dumps(summary, indent=2, default=str) if args.json else night_text(summary, config))
     return code
 
 

@@ -73,13 +73,21 @@ def ingest_line(outcome) -> str:
     return f"QUARANTINED {outcome.task_id}:\n{outcome.message}\n  report: {outcome.report_path}"
 
 
-def night_text(summary: dict) -> str:
-    """One night: what was reconciled and ingested, one row per learned task, gate reasons, where it stopped."""
+MAX_RULES = 3  # failed rules named per quarantined task in the night's summary; the rest are counted
+
+
+def night_text(summary: dict, config=None) -> str:
+    """One night: what was reconciled and ingested, one row per learned task, gate reasons, where it stopped, and
+    where its reports, Data Docs and plots are. Each thing is said once. ``config`` (the night's) locates the
+    plots of each version; without it they are left out."""
     lines = []
     for line in summary["reconciled"]:
         lines.append(f"reconciled  {line}")
     for item in summary["ingested"]:
-        lines.append(f"{item['status']:>11} {item['task_id'] or item['location']}: {item['message'].splitlines()[0]}")
+        name = item["task_id"] or item["location"]
+        lines.append(f"{item['status']:>11} {name}: {_ingest_detail(item)}")
+        if item["status"] == "quarantined":
+            lines += [f"{'':>12}{rule}" for rule in failed_rules_text(item)]
     rows = [
         [
             u["task_id"],
@@ -99,10 +107,95 @@ def night_text(summary: dict) -> str:
             if u.get("gate") == "fail" and u.get("reasons")
         ]
     if summary.get("stopped"):
-        lines.append(f"\nchain stopped: {summary['stopped']}")
+        lines.append(f"\nchain stopped: {summary['stopped']}; the tasks after it wait for the next night")
     elif not rows:
         lines.append("nothing new to learn")
+    places = night_places(summary, config)
+    if places:
+        lines += ["", *places]
     return "\n".join(lines)
+
+
+def _ingest_detail(item: dict) -> str:
+    """The ingestion message without what the line says already ("task X accepted: ..." after "accepted X:")."""
+    if item["status"] == "quarantined" and item.get("report"):
+        count = len(_failed_rules(item))
+        if count:
+            return f"{count} validation rule{'s' if count != 1 else ''} failed"
+    first = item["message"].splitlines()[0] if item["message"] else ""
+    tid = item["task_id"]
+    for lead in (f"task {tid} {item['status']}: ", f"task {tid}: ", f"task {tid} "):
+        if tid and first.startswith(lead):
+            return first[len(lead) :]
+    return first
+
+
+def _failed_rules(item: dict) -> list[dict]:
+    """The failed rules of an ingested task's validation report (report.json, beside its Data Docs)."""
+    try:
+        report = json.loads(Path(item["report"]).read_text())
+    except (OSError, ValueError, TypeError):
+        return []
+    return [r for r in report.get("rules", []) if not r.get("success", True)]
+
+
+def failed_rules_text(item: dict, limit: int = MAX_RULES) -> list[str]:
+    """One line per failed rule of a quarantined task (its first problem), the first ``limit``, then the count."""
+    rules = _failed_rules(item)
+    if not rules:  # no readable report: the message's own lines name the rules
+        return [line.strip() for line in item["message"].splitlines() if line.strip().startswith("✗")][:limit]
+    out = []
+    for rule in rules[:limit]:
+        first = (rule.get("failures") or [{}])[0].get("message") or rule.get("description", "")
+        first = first if len(first) <= 100 else first[:99] + "…"
+        more = rule.get("count", 1) - 1
+        out.append(f"✗ [{rule['rule']}] {first}" + (f" (+{more} more)" if more > 0 else ""))
+    if len(rules) > limit:
+        out.append(f"and {len(rules) - limit} more: {', '.join(r['rule'] for r in rules[limit:])}")
+    return out
+
+
+def night_places(summary: dict, config=None) -> list[str]:
+    """Where the night's validation reports, Data Docs and plots are: a heading naming the workspace (the working
+    folder without ``config``), then one line per task and one per version, paths relative to it."""
+    root = config.workspace_path if config is not None else Path.cwd()
+    rows = []
+    for item in summary["ingested"]:
+        if item.get("report"):
+            folder = Path(item["report"]).parent
+            docs = ", Data Docs: data_docs/index.html" if (folder / "data_docs" / "index.html").is_file() else ""
+            rows.append((item["task_id"] or item["location"], f"{_near(folder, root)}/ (report.json{docs})"))
+    for u in summary["updates"]:
+        run_dir = _run_dir(u, config)
+        if run_dir is not None and (run_dir / "eval").is_dir():
+            plots = ", ".join(p.name for p in sorted((run_dir / "eval").glob("*.png")))
+            rows.append((f"v{u['version']} {u['task_id']}", f"{_near(run_dir / 'eval', root)}/ ({plots})"))
+    if not rows:
+        return []
+    width = max(len(name) for name, _ in rows)
+    return [f"where to look, in {root}:"] + [f"  {name:<{width}}  {where}" for name, where in rows]
+
+
+def _run_dir(update: dict, config) -> Path | None:
+    """Where a version's training and evaluation outputs are: the step's folder, keyed by its inputs."""
+    if update.get("out_dir"):
+        return Path(update["out_dir"])
+    if config is None or "parent_version" not in update or update.get("version") is None:
+        return None
+    from components.steps import update_dir
+
+    try:
+        return update_dir(config, update["task_id"], update["parent_version"])
+    except Exception:  # a task no longer in the ledger: its plots are in its MLflow run
+        return None
+
+
+def _near(path: Path, root: Path) -> str:
+    """A path relative to ``root`` when it lies inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def registry_text(config) -> str:
@@ -234,7 +327,7 @@ def demo_text(run) -> str:
     night = run.night_s
     return "\n".join(
         [
-            night_text(summary),
+            night_text(summary, run.config),
             "\ntask ledger:",
             ledger_text(run.ledger),
             run.registry,
@@ -248,8 +341,7 @@ def demo_text(run) -> str:
                 f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{ws / '.cliploop' / 'mlflow.db'} "
                 f"--port 5000   (then http://127.0.0.1:5000)\n"
                 f"  Prefect UI: .venv/bin/prefect server start   "
-                f"(then http://127.0.0.1:4200; the demo's runs are there)\n"
-                f"  reports of quarantined tasks: {ws / '.cliploop' / 'quarantine'}"
+                f"(then http://127.0.0.1:4200; the demo's runs are there)"
             ),
         ]
     )

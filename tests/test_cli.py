@@ -57,8 +57,8 @@ def test_every_command_and_subcommand_has_help(capsys):
 
 
 def _one_line(err: str) -> str:
-    # MLflow announces the creation of a fresh workspace's database; that is not our message.
-    lines = [line for line in err.strip().splitlines() if " INFO mlflow." not in line]
+    # MLflow's announcement of a fresh workspace's database is kept off the console (flows.cli.quiet_library_logs).
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -141,3 +141,65 @@ def test_the_console_script_entry_point_parses_and_dispatches(tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown method" in proc.stderr
+
+
+def test_the_night_summary_names_failed_rules_says_each_thing_once_and_where_things_are(tmp_path):
+    """The summary of a night with an accepted task, a task failing five rules and a rejected version, its ingest
+    entries made by the night's own step (components.steps.ingest)."""
+    from components import steps, workspace
+    from components.config_loading import load_config
+    from flows.console import night_text
+    from tests.drops import append_rows, read_manifest
+
+    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}"], env={}, cwd=tmp_path)
+    workspace.ensure_workspace(cfg)
+    good = make_task(tmp_path / "drops", "t-good", ["cat"])
+    bad = make_task(tmp_path / "drops", "t-bad", ["dog"])
+    first = read_manifest(bad)[1][0]
+    append_rows(
+        bad,
+        [
+            ["img/nope.png", "dog", "train"],  # image-readable
+            ["img/x.png", "zebra", "train"],  # label-declared (and image-readable)
+            [first, "dog", "train"],  # duplicate-rows
+            [first + "b", "dog", "val"],  # split-value
+            ["img/y.png", "", "train"],  # required-values
+        ],
+    )
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    for name in ("heatmap.png", "curves.png"):
+        (run / "eval" / name).write_bytes(b"png")
+    update = {
+        "task_id": "t-good",
+        "version": 1,
+        "parent_version": None,
+        "gate": "fail",
+        "reasons": ["forgetting 12.0 > 10"],
+        "outcome": "rejected",
+        "metrics": {"cl.last": 50.0},
+        "out_dir": str(run),
+    }
+    summary = {
+        "swept": [],
+        "reconciled": [],
+        "ingested": [steps.ingest(str(good), cfg), steps.ingest(str(bad), cfg)],
+        "pools": [],
+        "updates": [update],
+        "stopped": "version 1 (t-good) is rejected",
+    }
+    text = night_text(summary, cfg)
+    lines = text.splitlines()
+    assert "quarantined t-bad: 5 validation rules failed" in lines
+    named = [line.strip() for line in lines if line.strip().startswith("✗ [")]
+    assert len(named) == 3 and "label 'zebra' is not declared" in text
+    assert lines[lines.index(next(x for x in lines if x.strip() == named[-1])) + 1].strip().startswith("and 2 more: ")
+    assert "accepted t-good: 3 train / 2 test images" in text and "task t-good accepted" not in text
+    assert text.count("forgetting 12.0 > 10") == 1 and text.count("chain stopped") == 1
+    heading = next(i for i, line in enumerate(lines) if line.startswith("where to look, in "))
+    assert lines[heading] == f"where to look, in {cfg.workspace_path}:"
+    assert lines[heading + 1 :] == [
+        "  t-good     data/reports/t-good/ (report.json, Data Docs: data_docs/index.html)",
+        "  t-bad      .cliploop/quarantine/t-bad/validation/ (report.json, Data Docs: data_docs/index.html)",
+        f"  v1 t-good  {run / 'eval'}/ (curves.png, heatmap.png)",
+    ]
