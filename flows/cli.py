@@ -238,9 +238,16 @@ def user_error(exc: BaseException) -> tuple[int, str] | None:
 
 # Libraries whose INFO lines (MLflow's table creation, Prefect's flow-run chatter, GX's temporary folders) are not
 # cliploop's story: the console gets their warnings and errors only. The one place this is decided.
-LIBRARY_LOGGERS = ("mlflow", "alembic", "prefect", "dvc", "great_expectations", "sqlalchemy")
-# Set before the libraries are imported: MLflow and Prefect configure their loggers from these at import.
-LIBRARY_LOG_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PREFECT_LOGGING_LEVEL": "WARNING"}
+LIBRARY_LOGGERS = ("mlflow", "alembic", "dvc", "great_expectations", "sqlalchemy")
+# Set before the libraries are imported: MLflow and Prefect configure their logging from these at import.
+# Prefect's console handler, not its loggers: a flow run's INFO lines still reach the Prefect UI. Prefect's
+# temporary server reports telemetry (an ERROR line offline) and MLflow draws a bar per tiny download unless told.
+LIBRARY_LOG_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
 # GX sets INFO on this module's logger when it is imported, after us: a filter holds where a level would not.
 GX_INFO_LOGGER = "great_expectations.data_context.types.base"
 

@@ -83,7 +83,12 @@ def night_text(summary: dict, config=None) -> str:
     lines = []
     for line in summary["reconciled"]:
         lines.append(f"reconciled  {line}")
+    known = [i["task_id"] for i in summary["ingested"] if i["status"] == "unchanged"]
+    if known:  # earlier nights' news: one line, however full the drop zone
+        lines.append(f"{'unchanged':>11} {len(known)} task(s) already known: {', '.join(known)}")
     for item in summary["ingested"]:
+        if item["status"] == "unchanged":
+            continue
         name = item["task_id"] or item["location"]
         lines.append(f"{item['status']:>11} {name}: {_ingest_detail(item)}")
         if item["status"] == "quarantined":
@@ -161,7 +166,7 @@ def night_places(summary: dict, config=None) -> list[str]:
     root = config.workspace_path if config is not None else Path.cwd()
     rows = []
     for item in summary["ingested"]:
-        if item.get("report"):
+        if item.get("report") and item["status"] != "unchanged":  # this night's ingestions only
             folder = Path(item["report"]).parent
             docs = ", Data Docs: data_docs/index.html" if (folder / "data_docs" / "index.html").is_file() else ""
             rows.append((item["task_id"] or item["location"], f"{_near(folder, root)}/ (report.json{docs})"))
@@ -182,10 +187,11 @@ def _run_dir(update: dict, config) -> Path | None:
         return Path(update["out_dir"])
     if config is None or "parent_version" not in update or update.get("version") is None:
         return None
+    from components.config_loading import config_from_doc
     from components.steps import update_dir
 
-    try:
-        return update_dir(config, update["task_id"], update["parent_version"])
+    try:  # the night keyed its steps with the config as it crossed into the flow (run_night: portable)
+        return update_dir(config_from_doc(config.portable()), update["task_id"], update["parent_version"])
     except Exception:  # a task no longer in the ledger: its plots are in its MLflow run
         return None
 

@@ -183,7 +183,7 @@ def test_the_night_summary_names_failed_rules_says_each_thing_once_and_where_thi
     summary = {
         "swept": [],
         "reconciled": [],
-        "ingested": [steps.ingest(str(good), cfg), steps.ingest(str(bad), cfg)],
+        "ingested": [steps.ingest(str(good), cfg), steps.ingest(str(bad), cfg), steps.ingest(str(good), cfg)],
         "pools": [],
         "updates": [update],
         "stopped": "version 1 (t-good) is rejected",
@@ -195,6 +195,7 @@ def test_the_night_summary_names_failed_rules_says_each_thing_once_and_where_thi
     assert len(named) == 3 and "label 'zebra' is not declared" in text
     assert lines[lines.index(next(x for x in lines if x.strip() == named[-1])) + 1].strip().startswith("and 2 more: ")
     assert "accepted t-good: 3 train / 2 test images" in text and "task t-good accepted" not in text
+    assert "  unchanged 1 task(s) already known: t-good" in lines  # the same drop seen again: one line
     assert text.count("forgetting 12.0 > 10") == 1 and text.count("chain stopped") == 1
     heading = next(i for i, line in enumerate(lines) if line.startswith("where to look, in "))
     assert lines[heading] == f"where to look, in {cfg.workspace_path}:"
