@@ -203,6 +203,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = workspace.status(config)
     if args.json:
         print(json.dumps({"workspace": str(config.workspace_path), "tasks": rows}, indent=2, default=str))
+    elif not rows and not workspace.is_initialised(config):
+        print(f"no tasks in {config.workspace_path}: it is not a cliploop workspace yet (`cliploop init` makes one)")
     elif not rows:
         print(f"no tasks in {config.workspace_path} yet (cliploop ingest PATH)")
     else:

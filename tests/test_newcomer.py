@@ -44,6 +44,13 @@ def test_a_command_that_writes_never_makes_a_workspace_of_an_unnamed_folder(argv
     assert list(here.iterdir()) == []  # no .git, no .dvc, no .cliploop, nothing
 
 
+def test_status_outside_a_workspace_points_to_init(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 0
+    assert "not a cliploop workspace yet (`cliploop init` makes one)" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_init_then_ingest_in_the_same_folder(tmp_path, monkeypatch, capsys):
     """The explicit path: `cliploop init` makes the folder a workspace; then ingest works there."""
     drop = make_task(tmp_path / "drops", "t-a", ["cat"])
