@@ -15,6 +15,7 @@ import signal
 import sys
 
 from flows import commands
+from flows import review_commands as reviews
 from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE  # noqa: F401  (the codes, for callers)
 
 
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="show this method's settings, defaults and what they mean")
     p.add_argument("--json", action="store_true", help="the settings' defaults as JSON (for method.settings)")
 
-    p = command("lineage", commands.cmd_lineage, "a model version's chain back to its data, checks, code and config")
+    p = command("lineage", reviews.cmd_lineage, "a model version's chain back to its data, checks, code and config")
     p.add_argument("ref", help="a version number, champion, challenger or previous-champion")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="re-hash every task's DVC-tracked data; exit 1 on a mismatch")
@@ -126,22 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
-    p = command("approve", commands.cmd_approve, "promote a version to champion (resumes its paused flow run, if any)")
+    p = command("approve", reviews.cmd_approve, "promote a version to champion (resumes its paused flow run, if any)")
     p.add_argument("version", help="a version number or challenger")
     p.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
     p.add_argument("--note", default="")
     p.add_argument("--override-gate", action="store_true", help="approve a version that failed the gate")
 
-    p = command("reject", commands.cmd_reject, "reject a challenger version (resumes its paused flow run, if any)")
+    p = command("reject", reviews.cmd_reject, "reject a challenger version (resumes its paused flow run, if any)")
     p.add_argument("version", help="a version number or challenger")
     p.add_argument("--reason", required=True)
     p.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
 
-    p = command("rollback", commands.cmd_rollback, "make previous-champion the champion again")
+    p = command("rollback", reviews.cmd_rollback, "make previous-champion the champion again")
     p.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
     p.add_argument("--note", default="")
 
-    p = command("requeue", commands.cmd_requeue, "learn a rejected task again next night")
+    p = command("requeue", reviews.cmd_requeue, "learn a rejected task again next night")
     p.add_argument("task_id")
 
     p = command(

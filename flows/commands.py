@@ -252,27 +252,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_lineage(args: argparse.Namespace) -> int:
-    from components.lineage import LineageError, build_lineage, format_lineage
-    from components.registry import from_config
-
-    config = resolve_config(args, writes=True)  # the registry's database lives in the workspace
-    registry = from_config(config)
-    if not registry.versions():
-        return fail(
-            "lineage",
-            f"no model version of {registry.model_name!r} is registered in {config.workspace_path} yet "
-            "(a night registers one per learned task: `cliploop nightly`)",
-            EXIT_USAGE,
-        )
-    try:
-        record = build_lineage(registry, args.ref, config.workspace_path, verify=args.verify)
-    except LineageError as exc:
-        return fail("lineage", exc, EXIT_USAGE)
-    print(json.dumps(record, indent=2) if args.json else format_lineage(record))
-    return EXIT_INVALID if record["verified"] is False else EXIT_OK
-
-
 def cmd_scenario(args: argparse.Namespace) -> int:
     from components import scenario
     from flows.console import scenario_tasks_text, scenarios_text
@@ -293,64 +272,6 @@ def cmd_scenario(args: argparse.Namespace) -> int:
             )
     except scenario.ScenarioError as exc:
         return fail("scenario", exc, EXIT_USAGE)
-    return EXIT_OK
-
-
-def _reviewer(args) -> str:
-    import getpass
-
-    return args.reviewer or getpass.getuser()
-
-
-def _review(args: argparse.Namespace, decision: str, note: str) -> int:
-    from components import review
-    from components.registry import from_config
-    from flows.console import review_text
-
-    config = resolve_config(args, writes=True)
-    registry = from_config(config)
-    # A version that does not exist and other registry errors are mapped by flows.cli (exit 2 or 4).
-    version = registry.resolve(args.version)
-    was_pending = registry.version_tags(version).get("review") == "pending"
-    result = review.decide(
-        config, version, decision, _reviewer(args), note, override_gate=getattr(args, "override_gate", False)
-    )
-    resumed: list[str] = []
-    if was_pending:
-        from flows.update import resume_waiting
-
-        try:
-            resumed = resume_waiting(version, decision, _reviewer(args), note)
-        except Exception as exc:  # no Prefect API reachable: the decision stands; the paused run times out
-            print(
-                f"cliploop {decision}: decision recorded, but no paused flow run could be resumed ({exc})",
-                file=sys.stderr,
-            )
-    print(review_text(version, decision, result, resumed))
-    return EXIT_OK
-
-
-def cmd_approve(args: argparse.Namespace) -> int:
-    return _review(args, "approve", args.note)
-
-
-def cmd_reject(args: argparse.Namespace) -> int:
-    return _review(args, "reject", args.reason)
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    from components import review
-    from flows.console import rollback_text
-
-    print(rollback_text(review.rollback(resolve_config(args, writes=True), _reviewer(args), args.note)))
-    return EXIT_OK
-
-
-def cmd_requeue(args: argparse.Namespace) -> int:
-    from components import review
-
-    review.requeue(resolve_config(args, writes=True), args.task_id)
-    print(f"task {args.task_id} will be learned again next night")
     return EXIT_OK
 
 

@@ -183,17 +183,20 @@ def night_places(summary: dict, config=None) -> list[str]:
 
 def _run_dir(update: dict, config) -> Path | None:
     """Where a version's training and evaluation outputs are: the step's folder, keyed by its inputs."""
-    if update.get("out_dir"):
-        return Path(update["out_dir"])
+    if update.get("out_dir"):  # an object store's URI is no folder here: the plots are in the MLflow run
+        return None if "://" in update["out_dir"] else Path(update["out_dir"])
     if config is None or "parent_version" not in update or update.get("version") is None:
         return None
-    from components.config_loading import config_from_doc
-    from components.steps import update_dir
+    from components import step_io
+    from components.steps import update_key
 
-    try:  # the night keyed its steps with the config as it crossed into the flow (run_night: portable)
-        return update_dir(config_from_doc(config.portable()), update["task_id"], update["parent_version"])
+    try:
+        place = step_io.place(
+            step_io.store_of(config), "runs", update_key(config, update["task_id"], update["parent_version"])
+        )
     except Exception:  # a task no longer in the ledger: its plots are in its MLflow run
         return None
+    return None if "://" in place else Path(place)
 
 
 def _near(path: Path, root: Path) -> str:

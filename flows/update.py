@@ -122,6 +122,7 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
         "reasons": verdict["reasons"],
         "outcome": outcome,
         "metrics": update["metrics"],
+        "out_dir": update.get("out_dir"),
         "timings": update.get("timings"),
         "register_s": registered.get("seconds"),
         "cached": update.get("cached", False),
