@@ -62,7 +62,8 @@ def from_config(config) -> Registry:
     root = config.mlflow.artifact_root or (
         None if config.mlflow.tracking_uri else (ws / ".cliploop" / "mlartifacts").as_uri()
     )
-    (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
+    if not config.mlflow.tracking_uri:  # the embedded store lives in the workspace; a server needs no folder here
+        (ws / ".cliploop").mkdir(parents=True, exist_ok=True)
     return Registry(
         tracking_uri=uri,
         model_name=config.mlflow.registered_model,

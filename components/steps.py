@@ -114,7 +114,10 @@ def parent_state(config: Config, version: int | None):
 
     if version is None:
         return None
-    folder = runtime_dir(config) / "states" / f"v{version}"
+    store = step_io.store_of(config)
+    # A worker keeps it in its own cache (keyed by registry and model), never in the orchestrator's folder.
+    base = store.cache / "states" / _digest([registry_of(config).tracking_uri, config.mlflow.registered_model])
+    folder = (base if store.remote else runtime_dir(config) / "states") / f"v{version}"
     if not (folder / "state" / "manifest.json").is_file():
         tmp = folder.with_name(f".v{version}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -93,15 +93,24 @@ WORKER_SILENCE_MIN_S = 15.0  # a worker quiet for longer than this (and 3 heartb
 
 
 def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) -> dict[str, Any]:
-    """Wait for a step's flow run; a run whose worker died is marked Crashed and started again (another worker
-    picks it up and resumes from the step's checkpoints), at most ``orchestration.retries`` times."""
+    """Wait for a step's flow run. A run whose worker died is marked Crashed; a Crashed run (its worker, pod or
+    node failed, not its code) is started again, at most ``orchestration.retries`` times: another worker picks it
+    up and resumes from the step's checkpoints."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + config.orchestration.gpu_timeout_s
     restarts = 0
     with get_client(sync_client=True) as client:
         finished = client.read_flow_run(run.id)
-        while not (finished.state and finished.state.is_final()):
+        while True:
+            if finished.state and finished.state.is_crashed() and restarts < config.orchestration.retries:
+                # Its infrastructure failed (a Kubernetes worker reports a Job whose pod or node died as
+                # Crashed), not its code: started again, it resumes from its checkpoints.
+                restarts += 1
+                run = _start(config, flow_name, call)
+                finished = client.read_flow_run(run.id)
+            if finished.state and finished.state.is_final():
+                break
             if time.monotonic() > deadline:
                 raise chain.PipelineError(
                     f"{flow_name} run {run.id} ({call.get('task_id')}) did not finish within "
@@ -109,16 +118,10 @@ def _wait_and_read(config: Config, flow_name: str, run, call: dict[str, Any]) ->
                     f"{config.orchestration.gpu_pool!r}?)"
                 )
             dead = _dead_worker(client, finished)
-            if dead:
+            if dead:  # marked Crashed: the loop starts it again, or ends with that state
                 _mark_crashed(client, finished, dead)
-                if restarts >= config.orchestration.retries:
-                    raise chain.PipelineError(
-                        f"{flow_name} run {run.id} ({call.get('task_id')}) lost its worker {dead!r} "
-                        f"{restarts + 1} time(s); giving up"
-                    )
-                restarts += 1
-                run = _start(config, flow_name, call)
-            time.sleep(1)
+            else:
+                time.sleep(1)
             finished = client.read_flow_run(run.id)
     if not finished.state.is_completed():
         state = finished.state.name if finished.state else "unknown"
