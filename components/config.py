@@ -194,6 +194,27 @@ class OrchestrationConfig(Section):
     )
 
 
+class ComputeConfig(Section):
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="where pool building encodes a task's shards: local = this process (DataLoader workers); "
+        "ray = Ray Data, a pool of encoder actors (same pool bytes)",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (e.g. auto or ray://head:10001); null = start a local Ray here"
+    )
+    ray_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started here; null = all of them")
+    actors: int | None = Field(
+        None,
+        gt=0,
+        description="encoder actors; null = one per GPU (per CPU when the actors use none), at most one per shard",
+    )
+    actor_gpus: float | None = Field(
+        None, ge=0, description="GPUs each encoder actor asks Ray for; null = 1 when the model runs on CUDA, else 0"
+    )
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs each encoder actor asks Ray for")
+
+
 class Config(Section):
     workspace: str = Field(
         ".", description="the workspace: a git + DVC repository holding data/, data.dvc and .cliploop/"
@@ -213,6 +234,7 @@ class Config(Section):
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     # Where relative paths in this config are anchored (the config file's folder, or the cwd). Not a key.
     _base_dir: Path = Path(".")

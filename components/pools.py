@@ -243,6 +243,35 @@ def build_task_pool(
     if len(embeddings) != len(labels):
         raise PoolError(f"{task_id}: {len(embeddings)} embeddings but {len(labels)} labels")
     sums, counts = class_sums(embeddings, labels, len(class_keys))
+    return pool_from_sums(
+        task_id, sums, counts, embeddings, labels, class_keys, class_names, text, cfg, meta, domain=domain
+    )
+
+
+def needs_embeddings(cfg: PoolConfig) -> bool:
+    """Whether a pool needs every embedding (bank, cluster, LVP-IT/LVP-C), not only per-class sums and counts."""
+    return cfg.mode in ("bank", "cluster") or cfg.variant in ("lvp-it", "lvp-c")
+
+
+def pool_from_sums(
+    task_id: str,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    embeddings: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    class_keys: list[str],
+    class_names: list[str],
+    text: torch.Tensor,
+    cfg: PoolConfig,
+    meta: dict[str, Any] | None = None,
+    domain: str | None = None,
+) -> TaskPool:
+    """A task's pool from its per-class fp64 sums and counts (reduced however they were computed) and, when
+    the mode :func:`needs_embeddings`, every embedding with its label in manifest order."""
+    if needs_embeddings(cfg) and embeddings is None:
+        raise PoolError(f"{task_id}: mode {cfg.mode!r} / variant {cfg.variant!r} needs the embeddings")
+    if embeddings is not None:
+        embeddings, labels = embeddings.float().cpu(), labels.long().cpu()
     pool = TaskPool(
         task_id,
         list(class_keys),

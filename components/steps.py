@@ -133,6 +133,7 @@ def parent_state(config: Config, version: int | None):
 
 def pool_key(config: Config, record: TaskRecord) -> str:
     from components.data import DECODER  # pixels depend on the decoder: a pool decoded otherwise is another pool
+    from components.pool_engine import REDUCE  # sums added per shard in shard order (engine-independent)
 
     identity = config.identity()  # no workspace path: a moved workspace keeps its pools
     return _digest(
@@ -144,6 +145,7 @@ def pool_key(config: Config, record: TaskRecord) -> str:
             "method": identity["method"],
             "templates": config.evaluation.templates,
             "decoder": DECODER,
+            "reduce": REDUCE,
         }
     )
 

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="re-hash every task's DVC-tracked data; exit 1 on a mismatch")
 
+    p = command("pool", commands.cmd_pool, "build one stored task's pool by hand; print where it went and its digest")
+    p.add_argument("task_id", help="a task of the workspace (data/tasks/<id>)")
+    p.add_argument("--engine", choices=["local", "ray"], help="compute.engine for this build (default: the config's)")
+    p.add_argument("--out", help="build into this folder (default: the pipeline's keyed folder, reused when complete)")
+    p.add_argument("--json", action="store_true")
+
     _add_scenario(
         command(
             "scenario",

@@ -85,6 +85,7 @@ class Context:
     progress: Callable[[str], None] | None = None  # where the trainer reports progress
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
     checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
+    pool_engine: Any = None  # where pools encode a split's shards (components/pool_engine.py); None: here
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -274,6 +275,7 @@ def context_for(config, backbone: Backbone, **fields: Any) -> Context:
     the base model (for teachers) and locations resolved as the config says; ``fields``: the rest
     (task prompts, prebuilt pools, how to locate learned tasks, progress, checkpoints)."""
     from components.models import load_backbone
+    from components.pool_engine import engine_for
 
     workers = config.evaluation.workers
     if workers is None:
@@ -286,6 +288,7 @@ def context_for(config, backbone: Backbone, **fields: Any) -> Context:
         seed=config.evaluation.seed,
         load_base=lambda: load_backbone(config.model),
         resolve=config.location,
+        pool_engine=engine_for(config),
         **fields,
     )
 

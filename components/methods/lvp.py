@@ -13,30 +13,45 @@ import torch
 from components.merged_pool import MergedPool, merge, train_head
 from components.methods import register_method
 from components.methods.base import Context, Method, MethodReport, PoolStats, context_for, task_prompts
-from components.pools import PoolConfig, TaskPool, build_task_pool
+from components.pools import PoolConfig, TaskPool, needs_embeddings, pool_from_sums
 
 
 def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats]:
-    """The task's pool, from that task's training images alone, and how fast its images were encoded."""
+    """The task's pool, from its training images alone, and how fast they were encoded: per shard, by the
+    context's engine (``compute.engine``; this process when it has none), reduced in shard order."""
     from components.data import DECODER
+    from components.pool_engine import REDUCE, LocalEngine, reduce_partials
 
     started = time.perf_counter()
-    embeddings, labels = ctx.image_embeddings(task, "train")
-    stats = PoolStats(images=int(len(labels)), seconds=time.perf_counter() - started)
+    gather = needs_embeddings(cfg)
+    partials = (ctx.pool_engine or LocalEngine()).partials(task, "train", ctx, gather)
+    reduced = reduce_partials(partials, len(task.class_keys), ctx.backbone.embed_dim, gather)
+    stats = PoolStats(images=int(reduced.counts.sum()), seconds=time.perf_counter() - started)
     text = ctx.text_embeddings(task.class_names, task.dataset)
     backbone = ctx.backbone
     prompts = ctx.task_prompts.get(task.dataset) if ctx.templates == "task" else None
     meta = {
         "backbone": backbone.reference,
         "preprocess": repr(backbone.preprocess),
-        "decoder": DECODER,  # what ctx.image_embeddings decoded the images with (components/data.py)
+        "decoder": DECODER,  # what the images were decoded with (components/data.py)
+        "reduce": REDUCE,  # sums added up per shard, in shard order (components/pool_engine.py)
         "prompt_templates": prompts or ctx.templates,
         "metric": cfg.metric,
         "variant": cfg.variant,
         "task": task.summary(),
     }
-    pool = build_task_pool(
-        task.task_id, embeddings, labels, task.class_keys, task.class_names, text, cfg, meta, domain=task.domain
+    pool = pool_from_sums(
+        task.task_id,
+        reduced.sums,
+        reduced.counts,
+        reduced.embeddings,
+        reduced.labels,
+        task.class_keys,
+        task.class_names,
+        text,
+        cfg,
+        meta,
+        domain=task.domain,
     )
     return pool, stats
 
@@ -71,6 +86,7 @@ class LVP(Method):
     def prebuilt(self, task, ctx: Context) -> TaskPool:
         """A pool built by the pipeline's build_pool step (maybe on another worker): checked before use."""
         from components.data import DECODER
+        from components.pool_engine import REDUCE
         from components.pools import PoolError
 
         pool = TaskPool.load(ctx.prebuilt_pools[task.task_id], task.task_id)
@@ -78,6 +94,7 @@ class LVP(Method):
             "config": self.settings.model_dump(mode="json"),
             "backbone": ctx.backbone.reference,
             "decoder": DECODER,
+            "reduce": REDUCE,
             "classes": task.class_keys,
             "task": task.summary(),
         }
@@ -85,6 +102,7 @@ class LVP(Method):
             "config": pool.config,
             "backbone": pool.meta.get("backbone"),
             "decoder": pool.meta.get("decoder"),
+            "reduce": pool.meta.get("reduce"),
             "classes": pool.class_keys,
             "task": pool.meta.get("task"),
         }
