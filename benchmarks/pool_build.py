@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/pool_build.py                      # small model on CPU (defaults)
     .venv/bin/python benchmarks/pool_build.py --model ViT-B-16 --side 256 --images 8192 --batch 512 \
         --device cuda --precision bf16                              # on a GPU machine
+    .venv/bin/python benchmarks/pool_build.py --engine ray --shard-mb 2  # local and Ray side by side
 
 Measured, on the same model, device and precision:
   ``bare_encoder``   images/s of the encoder alone on a batch already preprocessed and on the device;
@@ -11,6 +12,10 @@ Measured, on the same model, device and precision:
   ``plain_fp32``     images/s of open_clip's plain fp32 loop on the same batch (the baseline the
                      encoder is compared with).
 Ratios: ``pool_vs_encoder`` (target ≥ 0.90) and ``encoder_vs_plain_fp32`` (target ≥ 2.2 on a GPU).
+With ``--engine ray`` the same pool is also built on Ray Data (``compute.engine: ray``: a local Ray, or
+``--ray-address``; encoder actors, one GPU each on CUDA), and ``engines`` reports images/s of ``local`` and
+``ray`` side by side (a Ray build includes starting its actors and loading the model in them), with whether
+the two pools' tensors are byte-identical. ``--shard-mb`` sets the shard size, hence how many parts Ray spreads.
 The stored task is synthetic JPEGs of ``--side`` pixels (real digits drawn large, with noise) packed into
 shards exactly as ingestion stores them; no network, no DVC.
 """
@@ -18,6 +23,7 @@ shards exactly as ingestion stores them; no network, no DVC.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import platform
@@ -32,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def make_stored_task(folder: Path, n: int, side: int, quality: int = 90) -> Path:
+def make_stored_task(folder: Path, n: int, side: int, quality: int = 90, shard_bytes: int = 256 << 20) -> Path:
     """A stored task (task.yaml, index.csv, shards) of ``n`` JPEGs, as ingestion would write it."""
     import yaml
     from PIL import Image
@@ -45,7 +51,7 @@ def make_stored_task(folder: Path, n: int, side: int, quality: int = 90) -> Path
     rng = np.random.default_rng(0)
     task = folder / "bench"
     (task / "shards").mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(task / "shards", 256 << 20)
+    writer = ShardWriter(task / "shards", shard_bytes)
     rows = []
     for i in range(n):
         k = i % len(images)
@@ -95,6 +101,51 @@ def timed(fn, repeat: int) -> float:
     return best
 
 
+def compare_engines(overrides: list[str], args, task, ctx, settings, backbone, tmp: str) -> dict:
+    """Pool building with the local engine and on Ray, on the same task, model and device: img/s side by side."""
+    from components.config_loading import load_config
+    from components.methods.base import context_for
+    from components.methods.lvp import build_pool
+    from components.models import save_weights
+    from components.pool_engine import split_parts
+
+    # Ray's actors load the model themselves: from a file of these very weights (random unless --pretrained).
+    weights = Path(tmp) / "weights.safetensors"
+    sha = save_weights(backbone.model, weights)
+    sets = ["compute.engine=ray", f"compute.ray_address={args.ray_address or 'null'}"]
+    sets += ["model.pretrained=null", f"model.checkpoint={weights}", f"model.sha256={sha}"]
+    if args.actors:
+        sets.append(f"compute.actors={args.actors}")
+    ray_config = load_config(overrides=[*overrides, *sets], env={})
+    # The driver's model is the same weights: say so, as loading it from that file would have.
+    same_model = dataclasses.replace(backbone, reference={**backbone.reference, "path": str(weights), "sha256": sha})
+    ray_ctx = context_for(ray_config, same_model)
+    pools = {}
+
+    def local():
+        pools["local"] = build_pool(task, ctx, settings)[0]
+
+    def on_ray():
+        pools["ray"] = build_pool(task, ray_ctx, settings)[0]
+
+    local_s = timed(local, args.repeat)
+    ray_s = timed(on_ray, args.repeat)  # the warm-up call starts Ray; every build starts its own actors
+    import ray
+
+    engine, parts = ray_ctx.pool_engine, split_parts(task, "train")
+    same = torch.equal(pools["local"].sums, pools["ray"].sums) and torch.equal(
+        pools["local"].counts, pools["ray"].counts
+    )
+    return {
+        "img_per_s": {"local": round(args.images / local_s, 1), "ray": round(args.images / ray_s, 1)},
+        "ray_vs_local": round(local_s / ray_s, 3),
+        "identical_pools": bool(same),
+        "parts": len(parts),
+        "ray_actors": engine.actors(engine.actor_gpus(backbone), len(parts)),
+        "ray_resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from components.config_loading import load_config
     from components.data import load_task
@@ -114,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: also build on Ray Data")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    parser.add_argument("--actors", type=int, default=None, help="Ray encoder actors (default: one per GPU/CPU)")
+    parser.add_argument("--shard-mb", type=float, default=256, help="shard size of the stored task in MiB")
     args = parser.parse_args(argv)
 
     overrides = [
@@ -130,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone = load_backbone(config.model)
     ctx = context_for(config, backbone)
     with tempfile.TemporaryDirectory() as tmp:
-        task = load_task(make_stored_task(Path(tmp), args.images, args.side))
+        task = load_task(make_stored_task(Path(tmp), args.images, args.side, shard_bytes=int(args.shard_mb * 2**20)))
         settings = PoolConfig()
 
         # One preprocessed batch, already on the device: what the encoder alone can do.
@@ -152,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def pool():
             build_pool(task, ctx, settings)
+
+        engines = None
+        if args.engine == "ray":
+            engines = compare_engines(overrides, args, task, ctx, settings, backbone, tmp)
 
         encoder_s = timed(bare, args.repeat)
         pool_s = timed(pool, args.repeat)
@@ -191,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "targets": {"pool_vs_encoder": 0.90, "encoder_vs_plain_fp32": 2.2},
     }
+    if engines is not None:
+        result["engines"] = engines
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

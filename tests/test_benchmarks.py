@@ -83,3 +83,14 @@ def test_scoring_reports_ms_per_batch_for_each_class_count(tmp_path):
     assert growth["classes_ratio"] == 4.0
     assert growth["80_vs_20"] == round(report["ms_per_batch"]["80"] / report["ms_per_batch"]["20"], 3)
     assert report["target"]["meets"] is None  # 16k classes not measured
+
+
+def test_pool_build_with_ray_reports_local_and_ray_side_by_side(tmp_path):
+    """`--engine ray`: the same pool built locally and on a local Ray (one encoder actor), img/s of both."""
+    args = ("--images", "24", "--repeat", "1", "--engine", "ray", "--shard-mb", "0.02", "--actors", "1")
+    report = _run("pool_build.py", *args)
+    engines = report["engines"]
+    assert set(engines["img_per_s"]) == {"local", "ray"} and all(v > 0 for v in engines["img_per_s"].values())
+    assert engines["parts"] > 1 and engines["ray_actors"] == 1
+    assert engines["identical_pools"] is True
+    assert report["img_per_s"]["pool_build"] > 0  # the existing figures are still there
