@@ -144,3 +144,11 @@ def test_a_changed_shard_fails_the_ray_build_naming_the_shard(tmp_path, tiny_che
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptShard, match=rf"shards/{victim['shard']}, row '{victim['path']}'"):
         _build(folder, _config(tmp_path, tiny_checkpoint, "ray", "compute.actors=1"))
+
+
+def test_cliploop_pool_of_an_unknown_task_is_one_line_and_exit_2(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["pool", "t-nope", "-w", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cliploop pool: no stored task 't-nope'") and len(err.splitlines()) == 1
