@@ -126,7 +126,7 @@ def compare_engines(overrides: list[str], args, task, ctx, settings, backbone, t
         pools["local"] = build_pool(task, ctx, settings)[0]
 
     def on_ray():
-        pools["ray"] = build_pool(task, ray_ctx, settings)[0]
+        pools["ray"] = build_pool(task, ray_ctx, settings, ray_ctx.pool_engine)[0]
 
     local_s = timed(local, args.repeat)
     ray_s = timed(on_ray, args.repeat)  # the warm-up call starts Ray; every build starts its own actors

@@ -70,7 +70,7 @@ def _config(workspace, ckpt, engine: str, *extra: str):
 def _build(folder, cfg):
     task = load_task(str(folder))
     ctx = context_for(cfg, load_backbone(cfg.model))
-    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(cfg.method.settings))
+    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(cfg.method.settings), ctx.pool_engine)
     task.source.close()
     return pool, stats
 

@@ -85,7 +85,7 @@ class Context:
     progress: Callable[[str], None] | None = None  # where the trainer reports progress
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
     checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
-    pool_engine: Any = None  # where pools encode a split's shards (components/pool_engine.py); None: here
+    pool_engine: Any = None  # compute.engine: encodes shards for pools of the base encoder (components/pool_engine.py)
 
     def say(self, message: str) -> None:
         if self.progress is not None:

@@ -16,15 +16,17 @@ from components.methods.base import Context, Method, MethodReport, PoolStats, co
 from components.pools import PoolConfig, TaskPool, needs_embeddings, pool_from_sums
 
 
-def build_pool(task, ctx: Context, cfg: PoolConfig) -> tuple[TaskPool, PoolStats]:
-    """The task's pool, from its training images alone, and how fast they were encoded: per shard, by the
-    context's engine (``compute.engine``; this process when it has none), reduced in shard order."""
+def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPool, PoolStats]:
+    """The task's pool, from its training images alone, and how fast they were encoded: per shard, reduced in
+    shard order. ``engine`` encodes the shards: ``ctx.pool_engine`` (``compute.engine``) for a pool of the
+    configured base encoder, whose weights Ray's actors load themselves; None: this process, with
+    ``ctx.backbone`` as it is (a fine-tuned encoder's pools)."""
     from components.data import DECODER
     from components.pool_engine import REDUCE, LocalEngine, reduce_partials
 
     started = time.perf_counter()
     gather = needs_embeddings(cfg)
-    partials = (ctx.pool_engine or LocalEngine()).partials(task, "train", ctx, gather)
+    partials = (engine or LocalEngine()).partials(task, "train", ctx, gather)
     reduced = reduce_partials(partials, len(task.class_keys), ctx.backbone.embed_dim, gather)
     stats = PoolStats(images=int(reduced.counts.sum()), seconds=time.perf_counter() - started)
     text = ctx.text_embeddings(task.class_names, task.dataset)
@@ -72,7 +74,7 @@ class LVP(Method):
         self._label_space: tuple | None = None
 
     def build_pool(self, task, ctx: Context) -> tuple[TaskPool, PoolStats]:
-        return build_pool(task, ctx, self.settings)
+        return build_pool(task, ctx, self.settings, ctx.pool_engine)  # LVP's pools: the base encoder
 
     def begin_task(self, state, task, ctx: Context) -> None:
         self._state, self._task = state, task
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     task = load_task(args.task)
     ctx = context_for(config, load_backbone(config.model), task_prompts=task_prompts([task]))
-    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(config.method.settings))
+    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(config.method.settings), ctx.pool_engine)
     files = pool.save(args.out)
     print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": stats.img_per_s}))
     return 0
