@@ -208,10 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         def pool():
             build_pool(task, ctx, settings)
 
-        engines = None
-        if args.engine == "ray":
-            engines = compare_engines(overrides, args, task, ctx, settings, backbone, tmp)
-
         encoder_s = timed(bare, args.repeat)
         pool_s = timed(pool, args.repeat)
         restore = {p: p.dtype for p in model.parameters()}
@@ -219,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         plain_s = timed(plain_fp32, args.repeat)
         for p, dtype in restore.items():
             p.data = p.data.to(dtype)
+        engines = None
+        if args.engine == "ray":  # after the figures above: a running Ray shares this machine's cores
+            engines = compare_engines(overrides, args, task, ctx, settings, backbone, tmp)
         encoder = n_batches * len(batch) / encoder_s
         pool_rate = args.images / pool_s
         plain = n_batches * len(batch) / plain_s
