@@ -101,6 +101,10 @@ def test_the_task_has_several_uneven_shards_and_parts_keep_manifest_order(worksp
     assert torch.allclose(pool.sums, one_pass, rtol=0, atol=1e-12)
     assert pool.counts.tolist() == torch.bincount(labels, minlength=3).tolist()
 
+    # DataLoader workers (one loader for the split, batches never crossing a shard) give the same bytes.
+    with_workers, _ = _build(task.location, _config(workspace, tiny_checkpoint, "local", "evaluation.workers=2"))
+    assert torch.equal(with_workers.sums, pool.sums) and torch.equal(with_workers.counts, pool.counts)
+
 
 def test_cliploop_pool_on_ray_gives_the_local_pool_bytes(workspace, tiny_checkpoint, local_ray, capsys):
     """Mean mode, two encoder actors of one logical GPU each: `cliploop pool --engine ray` and `--engine local`
