@@ -255,48 +255,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_pool(args: argparse.Namespace) -> int:
     """One stored task's pool, built with the configured (or --engine) engine into the pipeline's keyed folder
     (reused when complete) or --out; prints the folder and the SHA-256 of the pool's tensors."""
-    import time
-
-    from components import steps
-    from components.data import load_task
-    from components.learn import make_method
-    from components.methods.base import context_for, task_prompts
-    from components.models import load_backbone
+    from components.pool_engine import build_stored_pool
 
     config = resolve_config(args, [f"compute.engine={args.engine}"] if args.engine else [])
-    folder = config.workspace_path / "data" / "tasks" / args.task_id
-    if not (folder / "index.csv").is_file():
-        return fail(
-            "pool", f"no stored task {args.task_id!r} in {config.workspace_path} (see `cliploop status`)", EXIT_USAGE
-        )
-    started = time.perf_counter()
-    if args.out:
-        method = make_method(config)
-        if not method.builds_pools:
-            return fail("pool", f"method {method.name} builds no per-task pools", EXIT_USAGE)
-        task = load_task(str(folder))
-        ctx = context_for(config, load_backbone(config.model), task_prompts=task_prompts([task]))
-        pool, stats = method.build_pool(task, ctx)
-        pool.save(Path(args.out))
-        result = {"pool_dir": str(Path(args.out).resolve()), "img_per_s": stats.img_per_s, "cached": False}
-    else:
-        result = steps.build_pool(config, args.task_id)
-    pool_dir = Path(result["pool_dir"])
-    doc = json.loads((pool_dir / f"{args.task_id}.json").read_text())
-    out = {
-        "task_id": args.task_id,
-        "engine": config.compute.engine,
-        "pool_dir": str(pool_dir),
-        "tensors_sha256": doc["tensors_sha256"],
-        "img_per_s": result.get("img_per_s"),
-        "cached": result.get("cached", False),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    if not (config.workspace_path / "data" / "tasks" / args.task_id / "index.csv").is_file():
+        return fail("pool", f"no stored task {args.task_id!r} in {config.workspace_path} (cliploop status)", EXIT_USAGE)
+    out = build_stored_pool(config, args.task_id, Path(args.out) if args.out else None)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         reused = " (reused: already built)" if out["cached"] else ""
-        print(f"pool of {args.task_id} ({out['engine']}){reused}: {pool_dir}\ntensors sha256: {out['tensors_sha256']}")
+        print(f"pool of {args.task_id} ({out['engine']}){reused}: {out['pool_dir']}\nsha256: {out['tensors_sha256']}")
     return EXIT_OK
 
 
