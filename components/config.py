@@ -266,6 +266,7 @@ class Config(Section):
         "approval",
         "orchestration",
         "artifacts",
+        "compute",  # where pools are encoded; the bytes do not depend on it (tests/test_ray_pools.py)
     )
 
     def identity(self) -> dict[str, Any]:

@@ -198,7 +198,10 @@ def build_stored_pool(config, task_id: str, out=None) -> dict:
         )
         pool.save(Path(out))
         result = {"pool_dir": str(Path(out).resolve()), "img_per_s": stats.img_per_s, "cached": False}
-    doc = json.loads((Path(result["pool_dir"]) / f"{task_id}.json").read_text())
+    from components import step_io
+
+    local = step_io.local(step_io.store_of(config), result["pool_dir"])  # fetched when the store is remote
+    doc = json.loads((local / f"{task_id}.json").read_text())
     return {
         "task_id": task_id,
         "engine": config.compute.engine,
