@@ -31,11 +31,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: install
 	@$(VENV)/bin/cliploop demo
 
-# Lint and format check first (ruff, configured in pyproject.toml), then the whole suite.
+# Lint and format check first (ruff, configured in pyproject.toml), then the whole suite in two processes
+# (pytest-xdist, one test file per process at a time: a file's module fixtures are made once).
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 # Fix what ruff can fix and format the tree (the same rules `make test` checks).
 lint: install-test
