@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.artifact_store import ArtifactStore
-from components.chain import PipelineError, runtime_dir, task_record
+from components.chain import PipelineError, ledger_of, runtime_dir
 from components.config import Config
 
 
@@ -46,13 +46,19 @@ def addresses(config: Config, task_ids: list[str]) -> dict[str, dict]:
     """The orchestrator's side of a hermetic step: each task's DVC content address (its folder hash, the files
     it stands for, the remote), read from the ledger and the workspace's DVC cache."""
     from components.task_fetch import address_of
-    from components.versioning import default_remote
+    from components.versioning import default_remote, entries_by_task
 
-    remote = config.location(config.dvc.remote) if config.dvc.remote else default_remote(config.workspace_path)
+    ws = config.workspace_path
+    remote = config.location(config.dvc.remote) if config.dvc.remote else default_remote(ws)
+    with ledger_of(config) as ledger:  # one read of the ledger and one of the DVC listing, however many tasks
+        records = {t: ledger.get(t) for t in task_ids}
+    listing = entries_by_task(ws)
     out = {}
-    for task_id in task_ids:
-        record = task_record(config, task_id)
-        out[task_id] = address_of(config.workspace_path, task_id, record.dvc_md5, remote).to_dict()
+    for task_id, record in records.items():
+        if record is None:
+            raise PipelineError(f"task {task_id!r} is not in the ledger (ingest it first)")
+        entries = listing.get(task_id, [])
+        out[task_id] = address_of(ws, task_id, record.dvc_md5, remote, entries).to_dict()
     return out
 
 

@@ -115,9 +115,11 @@ def parent_state(config: Config, version: int | None):
     if version is None:
         return None
     store = step_io.store_of(config)
-    # A worker keeps it in its own cache (keyed by registry and model), never in the orchestrator's folder.
-    base = store.cache / "states" / _digest([registry_of(config).tracking_uri, config.mlflow.registered_model])
-    folder = (base if store.remote else runtime_dir(config) / "states") / f"v{version}"
+    if store.remote:  # a worker keeps it in its own cache (keyed by registry and model), never in the workspace
+        base = store.cache / "states" / _digest([registry_of(config).tracking_uri, config.mlflow.registered_model])
+    else:
+        base = runtime_dir(config) / "states"
+    folder = base / f"v{version}"
     if not (folder / "state" / "manifest.json").is_file():
         tmp = folder.with_name(f".v{version}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +162,7 @@ def builds_pools(config: Config) -> bool:
 def build_pool(config: Config, task_id: str, key: str | None = None, address: dict | None = None) -> dict[str, Any]:
     """One task's pool, built by the configured method from the base encoder, in a folder keyed by its
     inputs' digest. A worker is handed the ``key`` and the task's DVC ``address`` (see :func:`addresses`):
-    it reads neither the ledger nor the workspace's copy of the data."""
+    it reads neither the ledger nor the workspace's copy of the data (``components/step_io.py``)."""
     from components.data import load_task
     from components.learn import make_method
     from components.methods.base import context_for, task_prompts
@@ -267,7 +269,7 @@ def run_update(
         shutil.rmtree(out, ignore_errors=True)
         work.replace(out)
         work = out
-    store.publish(work, "runs", key, json.loads(json.dumps(doc, default=str)))  # result.json last
+    store.publish(work, "runs", key, doc)  # result.json last
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     store.drop_checkpoints(key)
     return doc | {"out_dir": step_io.place(store, "runs", key), "cached": False}

@@ -49,11 +49,14 @@ class TaskAddress:
         return f"files/md5/{md5[:2]}/{md5[2:]}"
 
 
-def address_of(ws: Path, task_id: str, md5: str, remote: str) -> TaskAddress:
-    """The orchestrator's side: a stored task's address, from the workspace's DVC cache listing."""
+def address_of(
+    ws: Path, task_id: str, md5: str, remote: str, entries: list[dict[str, str]] | None = None
+) -> TaskAddress:
+    """The orchestrator's side: a stored task's address, from the workspace's DVC cache listing (or the
+    task's ``entries`` already read from it)."""
     from components.versioning import task_entries
 
-    files = tuple(sorted(task_entries(ws, task_id), key=lambda e: e["relpath"]))
+    files = tuple(sorted(task_entries(ws, task_id) if entries is None else entries, key=lambda e: e["relpath"]))
     return TaskAddress(task_id, md5, files, remote)
 
 

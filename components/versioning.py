@@ -200,11 +200,18 @@ def dir_md5(entries: list[dict[str, str]]) -> str:
 
 
 def task_entries(ws: Path, task_id: str, md5: str | None = None) -> list[dict[str, str]]:
-    prefix = f"tasks/{task_id}/"
-    entries = _dir_entries(ws, md5 or data_md5(ws))
-    return [
-        {"md5": e["md5"], "relpath": e["relpath"][len(prefix) :]} for e in entries if e["relpath"].startswith(prefix)
-    ]
+    return entries_by_task(ws, md5).get(task_id, [])
+
+
+def entries_by_task(ws: Path, md5: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Every stored task's ``{md5, relpath}`` entries (relpath inside the task's folder), from one read of
+    the data listing."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for e in _dir_entries(ws, md5 or data_md5(ws)):
+        head, task_id, rest = (e["relpath"].split("/", 2) + ["", ""])[:3]
+        if head == "tasks" and rest:
+            out.setdefault(task_id, []).append({"md5": e["md5"], "relpath": rest})
+    return out
 
 
 def task_md5(ws: Path, task_id: str, md5: str | None = None) -> str:

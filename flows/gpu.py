@@ -55,7 +55,7 @@ def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -
     local = {BUILD_POOL: steps.build_pool, TRAIN_EVALUATE: steps.run_update}[flow_name]
     if not config.orchestration.gpu_pool:
         return [local(config, **call) for call in calls]
-    calls = [_handed(config, flow_name, call) for call in calls]
+    calls = _handed(config, flow_name, calls)
     started = [_start(config, flow_name, call) for call in calls]
     return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
 
@@ -64,18 +64,17 @@ def dispatch(config: Config, flow_name: str, **call: Any) -> dict[str, Any]:
     return dispatch_many(config, flow_name, [call])[0]
 
 
-def _handed(config: Config, flow_name: str, call: dict[str, Any]) -> dict[str, Any]:
-    """What a worker needs besides the config, worked out here: the step's key and the DVC content addresses
+def _handed(config: Config, flow_name: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a worker needs besides the config, worked out here: each step's key and the DVC content addresses
     of the tasks it reads, so that it opens neither the ledger nor the workspace's data."""
-    task_id = call["task_id"]
+    ids = {c["task_id"] for c in calls}
     if flow_name == BUILD_POOL:
-        address = step_io.addresses(config, [task_id])[task_id]
-        return call | {"key": steps.task_pool_key(config, task_id), "address": address}
-    stored = [r.task_id for r in chain.stored_tasks(config)]
-    return call | {
-        "key": steps.update_key(config, task_id, call.get("parent_version")),
-        "addresses": step_io.addresses(config, sorted(set(stored) | {task_id})),
-    }
+        found = step_io.addresses(config, sorted(ids))
+        return [c | {"key": steps.task_pool_key(config, c["task_id"]), "address": found[c["task_id"]]} for c in calls]
+    # Training evaluates every learned task too: it is handed them all.
+    found = step_io.addresses(config, sorted(ids | {r.task_id for r in chain.stored_tasks(config)}))
+    keys = [steps.update_key(config, c["task_id"], c.get("parent_version")) for c in calls]
+    return [c | {"key": key, "addresses": found} for c, key in zip(calls, keys)]
 
 
 def _start(config: Config, flow_name: str, call: dict[str, Any]):

@@ -227,3 +227,19 @@ def test_a_training_step_killed_on_one_worker_resumes_on_another_from_the_store(
     assert steps.register_update(cfg, update)["version"] == 1
     left = boto3.client("s3", endpoint_url=s3_env).list_objects_v2(Bucket=s3_bucket, Prefix=f"art/checkpoints/{key}/")
     assert left.get("KeyCount", 0) == 0  # the completed step's checkpoints are gone from the store
+
+
+def test_an_address_that_contradicts_itself_is_refused_before_any_read(tmp_path):
+    """A worker never trusts a handed address blindly: a file list that does not hash to the task's md5, or a
+    path leaving the task's folder, is refused before the remote is read (the remote here does not exist)."""
+    from components.task_fetch import BadAddress, TaskAddress, fetch_task
+    from components.versioning import dir_md5
+
+    files = ({"relpath": "task.yaml", "md5": "0" * 32},)
+    with pytest.raises(BadAddress, match="does not hash"):
+        fetch_task(TaskAddress("t1", "f" * 32, files, str(tmp_path / "none")), tmp_path / "cache")
+    escaping = ({"relpath": "../../etc/passwd", "md5": "0" * 32},)
+    md5 = dir_md5([dict(f) for f in escaping])
+    with pytest.raises(BadAddress, match="leaves the task's folder"):
+        fetch_task(TaskAddress("t1", md5, escaping, str(tmp_path / "none")), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
