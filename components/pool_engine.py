@@ -162,12 +162,13 @@ class LocalEngine:
         return encode_parts(ctx.backbone, dataset, parts, len(task.class_keys), ctx.batch_size, ctx.workers, gather)
 
 
-def engine_for(config):
-    """The configured pool-building engine (``compute.engine``)."""
+def engine_for(config, addresses: dict[str, dict] | None = None):
+    """The configured pool-building engine (``compute.engine``); ``addresses``: the DVC content addresses a
+    step was handed, which a Ray engine gives its actors instead of this machine's folders."""
     if config.compute.engine == "ray":
         from components.ray_pools import RayEngine
 
-        return RayEngine(config)
+        return RayEngine(config, addresses)
     return LocalEngine()
 
 

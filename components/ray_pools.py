@@ -4,9 +4,11 @@ encoder actors (one GPU each where the model runs on CUDA) turns each into its p
 shard order by the same code, so the pool is bit-identical to a local build for the same decoder and device.
 
 Each actor loads the configured base model once (``components.models.load_backbone``) and opens the task
-itself (its index and shards, by path: a local Ray, or a cluster whose nodes see the same folder); every
-image's bytes are checked against the index SHA-256 as they are read, and a damaged shard fails the build
-with :class:`~components.shards.CorruptShard` naming it. Partials cross back as safetensors bytes.
+itself: on a GPU worker that was handed the task's DVC content address, the actor fetches the task's objects
+from the DVC remote into its own node's cache (each object's md5 checked; nothing shared with the driver but
+object storage); otherwise by path (a local Ray, or nodes that see the driver's folder). Every image's bytes
+are checked against the index SHA-256 as they are read, and a damaged shard fails the build with
+:class:`~components.shards.CorruptShard` naming it. Partials cross back as safetensors bytes.
 Ray's GPU resources are logical: a local Ray that declares GPUs runs the same code on a CPU-only machine.
 """
 
@@ -41,13 +43,15 @@ class PartEncoder:
     def __init__(
         self,
         model: dict,
-        location: str,
+        location: str | None,
         split: str,
         rows: int,
         batch_size: int,
         workers: int,
         gather: bool,
         threads: int,
+        address: dict | None = None,
+        s3: dict | None = None,
     ):
         import torch
 
@@ -60,6 +64,17 @@ class PartEncoder:
             # CPU kernels' rounding depends on the thread count (Ray gives an actor one): the driver's count
             # keeps the embeddings bit-identical to a local build on the driver's machine.
             torch.set_num_threads(threads)
+        self.failed = ""
+        if address is not None:  # by content address, into this node's cache: no path of the driver's is used
+            from components.models import cache_dir
+            from components.storage import S3Settings, StorageError
+            from components.task_fetch import TaskAddress, fetch_task
+
+            try:
+                location = str(fetch_task(TaskAddress.from_dict(address), cache_dir() / "dvc", S3Settings(**s3)))
+            except StorageError as exc:  # a damaged or missing object: handed back, never retried with bad bytes
+                self.failed = str(exc)
+                return
         self.task = load_task(location)
         if len(self.task.split(split)) != rows:
             raise RayEngineError(
@@ -75,6 +90,8 @@ class PartEncoder:
             Part(int(i), str(shard) or None, int(start), int(stop))
             for i, shard, start, stop in zip(batch["part"], batch["shard"], batch["start"], batch["stop"])
         ]
+        if self.failed:
+            return _rows([p.index for p in parts], [b""] * len(parts), [self.failed] * len(parts))
         n_classes = len(self.task.class_keys)
         try:
             found = encode_parts(
@@ -98,9 +115,11 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, config):
+    def __init__(self, config, addresses: dict[str, dict] | None = None):
         self.model = config.model.model_dump(mode="json")
         self.compute = config.compute
+        self.addresses = addresses or {}  # task id -> DVC content address (a worker's step was handed them)
+        self.s3 = {"endpoint_url": config.s3.endpoint_url, "region": config.s3.region}
 
     def actor_gpus(self, backbone) -> float:
         if self.compute.actor_gpus is not None:
@@ -143,7 +162,9 @@ class RayEngine:
         gpus = self.actor_gpus(ctx.backbone)
         encoder_args: dict[str, Any] = {
             "model": self.model,
-            "location": str(task.source.folder),
+            "location": None if task.task_id in self.addresses else str(task.source.folder),
+            "address": self.addresses.get(task.task_id),
+            "s3": self.s3,
             "split": split,
             "rows": len(task.split(split)),
             "batch_size": ctx.batch_size,

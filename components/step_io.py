@@ -42,6 +42,17 @@ def local(store: ArtifactStore, place: str) -> Path:
     return store.fetch(kind, key)
 
 
+def handed_config(config: Config) -> dict:
+    """The configuration a GPU step is started with: the portable one, and, when the artifact store is an object
+    store (workers share nothing else with the orchestrator), without the orchestrator's workspace and drop
+    zone, which such a step never opens (its tasks come by address, its parent and outputs from the store)."""
+    doc = config.portable()
+    if store_of(config).remote:
+        doc.pop("workspace")
+        doc.pop("drop_zone")
+    return doc
+
+
 def addresses(config: Config, task_ids: list[str]) -> dict[str, dict]:
     """The orchestrator's side of a hermetic step: each task's DVC content address (its folder hash, the files
     it stands for, the remote), read from the ledger and the workspace's DVC cache."""

@@ -167,6 +167,7 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     from components.learn import make_method
     from components.methods.base import context_for, task_prompts
     from components.models import load_backbone
+    from components.pool_engine import engine_for
     from components.pools import TaskPool
 
     store = step_io.store_of(config)
@@ -183,7 +184,10 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     backbone = load_backbone(config.model)
     task = load_task(step_io.locator(config, {task_id: address} if address else None)(task_id))
     fault_point("during_pool_build")
-    pool, stats = method.build_pool(task, context_for(config, backbone, task_prompts=task_prompts([task])))
+    engine = engine_for(config, {task_id: address} if address else None)  # Ray actors fetch by address too
+    pool, stats = method.build_pool(
+        task, context_for(config, backbone, task_prompts=task_prompts([task]), pool_engine=engine)
+    )
     folder = store.staging("pools", key)
     pool.save(folder)
     result = {
@@ -264,6 +268,8 @@ def run_update(
         "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()},
         "method": config.method.name,
         "config_sha256": config.sha256(),
+        "host": os.uname().nodename,
+        "parent_pid": os.getppid(),  # under a process worker: the worker that ran the step
     }
     if out is not None:  # a folder root: the run's folder appears whole, then is marked complete
         shutil.rmtree(out, ignore_errors=True)

@@ -82,10 +82,19 @@ def _start(config: Config, flow_name: str, call: dict[str, Any]):
 
     return run_deployment(
         deployment_name(flow_name, config),
-        parameters={"config": config.portable(), **call},
+        parameters={"config": step_io.handed_config(config), **call},
         timeout=0,
-        tags=["cliploop", flow_name],
+        tags=["cliploop", flow_name, chain_tag(config)],
     )
+
+
+def chain_tag(config: Config) -> str:
+    """Names a step's chain (workspace + registered model) on its flow run, without a path: a step handed no
+    workspace is still found by the next night's sweep of runs that a dead worker left Running."""
+    import hashlib
+
+    chain_id = hashlib.sha256(f"{config.workspace_path}\n{config.mlflow.registered_model}".encode()).hexdigest()
+    return f"cliploop-chain:{chain_id[:16]}"
 
 
 WORKER_SILENCE_MIN_S = 15.0  # a worker quiet for longer than this (and 3 heartbeat intervals) is taken for dead

@@ -145,7 +145,8 @@ def sweep_abandoned_runs(cfg) -> list[str]:
             limit=200,
         )
         for run in runs:
-            if str(run.id) in alive or _chain_of(run.parameters or {}) != ours:
+            mine = gpu.chain_tag(cfg) in (run.tags or []) or _chain_of(run.parameters or {}) == ours
+            if str(run.id) in alive or not mine:
                 continue
             client.set_flow_run_state(
                 run.id,

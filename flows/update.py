@@ -124,6 +124,8 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
         "metrics": update["metrics"],
         "out_dir": update.get("out_dir"),
         "timings": update.get("timings"),
+        "train_restarts": update.get("restarts", 0),
+        "train_parent_pid": update.get("parent_pid"),
         "register_s": registered.get("seconds"),
         "cached": update.get("cached", False),
     }

@@ -174,3 +174,26 @@ def test_the_decoder_is_part_of_the_pool_key_and_checked_on_prebuilt_pools(tmp_p
     pool.save(tmp_path / "pools")
     with pytest.raises(PoolError, match="its decoder does not match"):
         method.prebuilt(task, prebuilt)
+
+
+def test_a_prebuilt_pool_is_accepted_for_a_copy_of_its_task_in_another_folder(tmp_path, tiny_checkpoint):
+    """A pool built on one worker from its cached copy of a task is used by a training step on another worker,
+    whose copy of the same task lies in another folder: the folder is not part of what the pool is checked on."""
+    import shutil
+
+    from components import data
+    from components.config_loading import load_config
+    from components.methods.base import Context
+    from components.methods.lvp import LVP, build_pool
+    from components.models import load_backbone
+    from tests.conftest import tiny_overrides
+    from tests.drops import make_task
+
+    config = load_config(overrides=tiny_overrides(tiny_checkpoint, f"workspace={tmp_path / 'ws'}"), env={})
+    here = make_task(tmp_path / "worker-a", "t-a", ["cat", "dog"], train=2, test=1)
+    there = shutil.copytree(here, tmp_path / "worker-b" / "t-a")
+    method, ctx = LVP(), Context(load_backbone(config.model))
+    pool, _ = build_pool(data.load_task(here), ctx, method.settings)
+    pool.save(tmp_path / "pools")
+    prebuilt = Context(ctx.backbone, prebuilt_pools={"t-a": str(tmp_path / "pools")})
+    assert method.prebuilt(data.load_task(there), prebuilt).class_keys == pool.class_keys

@@ -156,3 +156,67 @@ def test_cliploop_pool_of_an_unknown_task_is_one_line_and_exit_2(tmp_path, capsy
     assert main(["pool", "t-nope", "-w", str(tmp_path / "ws")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cliploop pool: no stored task 't-nope'") and len(err.splitlines()) == 1
+
+
+def test_the_kuberay_example_runs_the_ray_cliploop_pins():
+    """Ray refuses a driver whose version differs from the cluster's: the example RayCluster must follow the pin."""
+    import re
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    cluster = yaml.safe_load((REPO / "infra" / "kubernetes" / "raycluster.yaml").read_text())
+    pinned = re.search(r'"ray\[data\]==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert cluster["kind"] == "RayCluster" and cluster["spec"]["rayVersion"] == pinned == ray.__version__
+    workers = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def _on_dvc_remote(folder: Path, remote: Path):
+    """The task's files laid out as a DVC remote holds them (by md5), and the task's content address."""
+    from components.task_fetch import TaskAddress
+    from components.versioning import dir_md5
+
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files.append(
+            {"relpath": path.relative_to(folder).as_posix(), "md5": hashlib.md5(path.read_bytes()).hexdigest()}
+        )
+    address = TaskAddress(folder.name, dir_md5(files), tuple(files), str(remote))
+    for entry in files:
+        target = remote / address.object_path(entry["md5"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((folder / entry["relpath"]).read_bytes())
+    return address
+
+
+def _build_by_address(folder: Path, cfg, address):
+    from components.ray_pools import RayEngine
+
+    task = load_task(str(folder))  # the driver reads the index; the actors get the address, not this folder
+    ctx = context_for(cfg, load_backbone(cfg.model))
+    engine = RayEngine(cfg, {task.task_id: address.to_dict()})
+    try:
+        return build_pool(task, ctx, PoolConfig.model_validate(cfg.method.settings), engine)[0]
+    finally:
+        task.source.close()
+
+
+def test_ray_actors_handed_a_dvc_address_fetch_the_task_themselves(tmp_path, tiny_checkpoint, local_ray):
+    """On a GPU worker handed a task's DVC content address, the encoder actors fetch the task's objects from the
+    DVC remote into their own node's cache (no folder of the driver's is named to them) and the pool has the
+    local build's bytes; a shard object changed on the remote fails the build, naming the shard."""
+    folder = store_task(tmp_path / "src", "t-addr")
+    address = _on_dvc_remote(folder, tmp_path / "remote")
+    local, _ = _build(folder, _config(tmp_path, tiny_checkpoint, "local"))
+    on_ray = _build_by_address(folder, _config(tmp_path, tiny_checkpoint, "ray"), address)
+    assert torch.equal(on_ray.sums, local.sums) and torch.equal(on_ray.counts, local.counts)
+
+    bad = store_task(tmp_path / "src", "t-bad")  # other content, so no actor has it cached
+    address = _on_dvc_remote(bad, tmp_path / "remote")
+    shard = next(f for f in address.files if f["relpath"].startswith("shards/"))
+    damaged = tmp_path / "remote" / address.object_path(shard["md5"])
+    damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(CorruptShard, match=shard["relpath"]):
+        _build_by_address(bad, _config(tmp_path, tiny_checkpoint, "ray", "compute.actors=1"), address)

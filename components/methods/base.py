@@ -288,8 +288,7 @@ def context_for(config, backbone: Backbone, **fields: Any) -> Context:
         seed=config.evaluation.seed,
         load_base=lambda: load_backbone(config.model),
         resolve=config.location,
-        pool_engine=engine_for(config),
-        **fields,
+        **({"pool_engine": engine_for(config)} | fields),
     )
 
 

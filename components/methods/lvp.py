@@ -98,7 +98,7 @@ class LVP(Method):
             "decoder": DECODER,
             "reduce": REDUCE,
             "classes": task.class_keys,
-            "task": task.summary(),
+            "task": _placeless(task.summary()),
         }
         found = {
             "config": pool.config,
@@ -106,7 +106,7 @@ class LVP(Method):
             "decoder": pool.meta.get("decoder"),
             "reduce": pool.meta.get("reduce"),
             "classes": pool.class_keys,
-            "task": pool.meta.get("task"),
+            "task": _placeless(pool.meta.get("task") or {}),
         }
         for name in expected:
             if json.dumps(expected[name], sort_keys=True, default=str) != json.dumps(
@@ -160,6 +160,12 @@ class LVP(Method):
             text = None if state.pools else torch.stack([fallback[k] for k in class_keys])
             cached = self._label_space = (state, ctx, key, fallback, text)
         return cached[3], cached[4]
+
+
+def _placeless(summary: dict) -> dict:
+    """A task's summary without its folder: a pool built from a copy of the task elsewhere (another worker's
+    cache) is the same pool."""
+    return {k: v for k, v in summary.items() if k != "location"}
 
 
 def main(argv: list[str] | None = None) -> int:
