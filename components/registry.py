@@ -26,6 +26,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -231,22 +232,63 @@ class Registry(RunLog):
                     f"version {version} waited: nothing changed"
                 )
 
-    def promote(self, version: int, reviewer: str, note: str = "", expect: dict[str, Any] | None = None) -> int | None:
+    def promote(
+        self,
+        version: int,
+        reviewer: str,
+        note: str = "",
+        expect: dict[str, Any] | None = None,
+        review: str = "approved",
+        parent: int | None = None,
+    ) -> int | None:
         """``version`` becomes champion; the old champion becomes previous-champion. Returns the old one.
 
-        ``expect``: the ``review`` tag and ``champion`` the decision was made on; checked under the lock."""
+        ``expect``: the ``review`` tag and ``champion`` the decision was made on; checked under the lock.
+        ``review``: ``approved`` (a reviewer) or ``auto`` (``approval.auto_promote``). A version that already
+        holds ``champion`` (the alias was moved to it by hand, in the MLflow UI or client) gets the record it
+        lacks: the reviewer's tags, and ``previous-champion`` on ``parent``, the champion it was learned on."""
         with self.locked():
             self._expect(version, "approval", expect)
             old = self.alias("champion")
-            if old == version:
-                return old
-            if old is not None:
-                self.client.set_registered_model_alias(self.model_name, "previous-champion", str(old))
-            self.client.set_registered_model_alias(self.model_name, "champion", str(version))
+            if old != version:
+                if old is not None:
+                    self.client.set_registered_model_alias(self.model_name, "previous-champion", str(old))
+                self.client.set_registered_model_alias(self.model_name, "champion", str(version))
+            else:
+                old = parent
+                if parent is not None and parent != version:
+                    self.client.set_registered_model_alias(self.model_name, "previous-champion", str(parent))
             if self.alias("challenger") == version:
                 self.client.delete_registered_model_alias(self.model_name, "challenger")
-            self.set_tags(version, {"review": "approved", "reviewer": reviewer, "review_note": note})
+            self._record(version, review, reviewer, note)
             return old
+
+    def _record(self, version: int, review: str, reviewer: str, note: str) -> None:
+        """A decision's tags, ``review`` written last: a reader that sees the new ``review`` also sees who
+        decided and ``review_at``, which only cliploop writes (a ``review`` tag without it was set by hand)."""
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.set_tags(version, {"reviewer": reviewer, "review_note": note, "review_at": at, "review": review})
+
+    def mark_manual_alias(self, version: int, expect_review: str | None, reviewer: str, note: str) -> bool:
+        """Record that ``version`` holds ``champion`` without a review (``review=manual-alias``); False (nothing
+        changed) if its review changed or it lost the alias since it was read."""
+        with self.locked():
+            if self.version_tags(version).get("review") != expect_review:
+                return False
+            if not self._in_champion_chain(version):
+                return False
+            self._record(version, "manual-alias", reviewer, note)
+            return True
+
+    def _in_champion_chain(self, version: int) -> bool:
+        current, seen = self.alias("champion"), set()
+        while current is not None and current not in seen:
+            if current == version:
+                return True
+            seen.add(current)
+            parent = self.version_tags(current).get("parent_version", "")
+            current = int(parent) if parent.isdigit() else None
+        return False
 
     def reject(self, version: int, reviewer: str, reason: str, expect: dict[str, Any] | None = None) -> None:
         with self.locked():
@@ -255,7 +297,7 @@ class Registry(RunLog):
                 raise RegistryError(f"version {version} is the champion; use rollback to replace it")
             if self.alias("challenger") == version:
                 self.client.delete_registered_model_alias(self.model_name, "challenger")
-            self.set_tags(version, {"review": "rejected", "reviewer": reviewer, "review_note": reason})
+            self._record(version, "rejected", reviewer, reason)
 
     def rollback(self, reviewer: str, note: str = "", expect_champion: int | None = None) -> tuple[int, int]:
         """previous-champion becomes champion again; returns (restored, demoted).
@@ -269,7 +311,7 @@ class Registry(RunLog):
                 raise DecisionConflict(f"the champion is {_v(current)}, not {_v(expect_champion)}: nothing rolled back")
             self.client.set_registered_model_alias(self.model_name, "champion", str(previous))
             self.client.delete_registered_model_alias(self.model_name, "previous-champion")
-            self.set_tags(current, {"review": "rolled-back", "reviewer": reviewer, "review_note": note})
+            self._record(current, "rolled-back", reviewer, note)
             return previous, current
 
     def set_review_if(self, version: int, value: str, expect_review: tuple[str | None, ...]) -> bool:

@@ -6,6 +6,10 @@ Kept apart from ``components/chain.py`` (the chain's state: lock, reconcile, pen
 builds on the chain's helpers; the chain never imports it. The champion alias is only ever moved here
 (``decide``/``rollback``), under the registry lock, as a compare-and-set (``docs/contracts.md``, "A task's
 life in the ledger").
+
+A decision can also be taken in MLflow itself (``README.md``, "The nightly pipeline"):
+``registry_decision`` reads it for a waiting run, which applies it with ``decide`` like any other; an alias
+moved by hand when no one was waiting is recorded by ``record_manual_alias`` as ``review=manual-alias``.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from components.chain import (
     version_tags_or_none,
 )
 from components.config import Config
-from components.ledger import now
 
 REVIEWER_GATE = "cliploop-gate"
-
-
 REVIEWER_AUTO = "cliploop-auto-promote"
+REVIEWER_UNKNOWN = "unknown"  # MLflow does not record who moved an alias or set a tag
+
+# The ``review`` tag of a version that became champion: by a reviewer, by rule, or by an alias moved by hand.
+PROMOTED = ("approved", "auto", "manual-alias")
+# No one has decided on the version yet (waiting, or no answer in time); lineage --verify refuses these.
+UNDECIDED = (None, "", "pending", "timed-out")
 
 
 def champion_row(registry, exclude: int | None = None) -> dict[str, float] | None:
@@ -59,9 +66,11 @@ def decide(
 ) -> dict[str, Any]:
     """Apply a review decision (``approve`` or ``reject``) to a version and its task; a repeat is a no-op.
 
-    The decision is made on what is read here and applied as a compare-and-set under the registry lock: if
-    another reviewer, the gate or a rollback changed the version's review or the champion in between, it
-    raises ``PipelineError`` saying so and changes nothing (two reviewers racing never both "win")."""
+    The one place a decision is applied, wherever it was taken (``cliploop approve|reject``, the Prefect UI,
+    MLflow: see ``registry_decision``). The decision is made on what is read here and applied as a
+    compare-and-set under the registry lock: if another reviewer, the gate or a rollback changed the
+    version's review or the champion in between, it raises ``PipelineError`` saying so and changes nothing
+    (two reviewers racing never both "win")."""
     from components.faults import fault_point
     from components.registry import DecisionConflict, RegistryError
 
@@ -76,38 +85,42 @@ def decide(
     task_id, review = tags.get("task_id"), tags.get("review")
     champion = registry.alias("champion")
     expect = {"review": review, "champion": champion}
+    recorded = bool(tags.get("review_at"))  # cliploop applied it (a review tag set by hand has no review_at)
     if decision == "approve":
-        if champion == version:
+        if champion == version and review in ("approved", "auto") and recorded:
             return {"version": version, "decision": "approve", "changed": False, "previous": None}
         if tags.get("gate") == "fail" and not override_gate:
             raise PipelineError(
                 f"version {version} failed the gate ({tags.get('gate_reasons')}); "
                 f"approve it anyway with --override-gate"
             )
-        gate_only = review == "rejected" and tags.get("reviewer") == REVIEWER_GATE and override_gate
-        if review in ("rejected", "rolled-back", "superseded") and not gate_only:
-            raise PipelineError(
-                f"version {version} was {review} by {tags.get('reviewer') or 'someone'}"
-                f"{': ' + tags['review_note'] if tags.get('review_note') else ''}; it cannot be "
-                f"approved. `cliploop requeue {task_id}` learns the task again on the champion."
-            )
         parent = tags.get("parent_version", "")
-        if parent != (str(champion) if champion is not None else ""):
-            raise PipelineError(
-                f"version {version} was learned on top of v{parent or ' (base model)'} but the "
-                f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
-                f"drop what the champion learned since. The next night learns task {task_id} again "
-                f"on the champion (or run `cliploop requeue {task_id}`)."
-            )
+        if champion != version:  # else: the alias was moved to it by hand, and the record catches up
+            gate_only = review == "rejected" and tags.get("reviewer") == REVIEWER_GATE and override_gate
+            if review in ("rejected", "rolled-back", "superseded") and not gate_only:
+                raise PipelineError(
+                    f"version {version} was {review} by {tags.get('reviewer') or 'someone'}"
+                    f"{': ' + tags['review_note'] if tags.get('review_note') else ''}; it cannot be "
+                    f"approved. `cliploop requeue {task_id}` learns the task again on the champion."
+                )
+            if parent != (str(champion) if champion is not None else ""):
+                raise PipelineError(
+                    f"version {version} was learned on top of v{parent or ' (base model)'} but the "
+                    f"champion is now {'v' + str(champion) if champion else 'unset'}: promoting it would "
+                    f"drop what the champion learned since. The next night learns task {task_id} again "
+                    f"on the champion (or run `cliploop requeue {task_id}`)."
+                )
         fault_point("after_decision_read")
+        value = "auto" if reviewer == REVIEWER_AUTO else "approved"
         try:
-            previous = registry.promote(version, reviewer, note, expect=expect)
+            previous = registry.promote(
+                version, reviewer, note, expect=expect, review=value, parent=int(parent) if parent.isdigit() else None
+            )
         except DecisionConflict as exc:
             raise PipelineError(f"approval of version {version} lost a race: {exc}") from None
-        registry.set_tags(version, {"review_at": now()})
         _ledger_after_review(config, task_id, version, "promoted", note)
         return {"version": version, "decision": "approve", "changed": True, "previous": previous}
-    if review == "rejected":
+    if review == "rejected" and recorded:
         return {"version": version, "decision": "reject", "changed": False}
     fault_point("after_decision_read")
     try:
@@ -116,7 +129,6 @@ def decide(
         raise PipelineError(f"rejection of version {version} lost a race: {exc}") from None
     except RegistryError as exc:
         raise PipelineError(str(exc)) from None
-    registry.set_tags(version, {"review_at": now()})
     _ledger_after_review(config, task_id, version, "rejected", note)
     return {"version": version, "decision": "reject", "changed": True}
 
@@ -140,7 +152,7 @@ def review_requested(config: Config, version: int) -> None:
 def review_outcome(config: Config, version: int) -> str:
     """promoted | rejected | awaiting-review, from the version's review tag."""
     review = registry_of(config).version_tags(version).get("review")
-    return {"approved": "promoted", "rejected": "rejected"}.get(review, "awaiting-review")
+    return "promoted" if review in PROMOTED else {"rejected": "rejected"}.get(review, "awaiting-review")
 
 
 def review_timed_out(config: Config, version: int) -> bool:
@@ -157,7 +169,6 @@ def rollback(config: Config, reviewer: str, note: str = "", expect_champion: int
         restored, demoted = registry.rollback(reviewer, note, expect_champion=expect_champion)
     except RegistryError as exc:
         raise PipelineError(str(exc)) from None
-    registry.set_tags(demoted, {"review_at": now()})
     changes = reconcile(config)
     return {"restored": restored, "demoted": demoted, "ledger": changes}
 
@@ -173,3 +184,52 @@ def requeue(config: Config, task_id: str) -> dict[str, Any]:
         lambda r: {"reason": "re-queued by an operator"},
     )
     return {"task_id": task_id, "state": "validated"}
+
+
+def registry_decision(config: Config, version: int) -> dict[str, str] | None:
+    """A decision on a waiting version taken in MLflow (UI or client), as the answer a reviewer gives the
+    paused run (decision, reviewer, note); None while there is none.
+
+    ``champion`` moved to the version approves it; its ``cliploop.review`` tag set to ``approved`` or
+    ``rejected`` decides it, with ``cliploop.reviewer`` and ``cliploop.review_note`` if set (else the
+    reviewer is ``unknown``). A decision cliploop recorded already reads back the same way (``decide``
+    then does nothing)."""
+    registry = registry_of(config)
+    tags = version_tags_or_none(registry, version)
+    if tags is None:
+        return None
+    reviewer = tags.get("reviewer") or REVIEWER_UNKNOWN
+    # The alias first: it is what serving loads, whatever a tag says.
+    if registry.alias("champion") == version:
+        note = tags.get("review_note") or "the champion alias was moved to it in MLflow"
+        return {"decision": "approve", "reviewer": reviewer, "note": note}
+    review = (tags.get("review") or "").strip().lower()
+    decision = {"approved": "approve", "approve": "approve", "rejected": "reject", "reject": "reject"}.get(review)
+    if decision is None:
+        return None
+    return {"decision": decision, "reviewer": reviewer, "note": tags.get("review_note") or ""}
+
+
+def record_manual_alias(config: Config, waiting: bool = True) -> list[str]:
+    """Versions that hold, or held, ``champion`` without a decision (the alias moved by hand in MLflow while
+    no run waited for them) are tagged ``review=manual-alias``, reviewer ``unknown``, ``review_at`` when this
+    noticed it; returns one line per version. Called at the start of a night and by ``cliploop lineage``.
+
+    ``waiting``: a ``pending`` version may have a run waiting for it that will record the move as an
+    approval; a night (holding the chain lock: no run of this chain waits) passes False."""
+    registry = registry_of(config)
+    version, seen, head, lines = registry.alias("champion"), set(), True, []
+    while version is not None and version not in seen:
+        seen.add(version)
+        tags = version_tags_or_none(registry, version) or {}
+        review = tags.get("review")
+        # The champion itself had to be decided; an ancestor once held the alias (a night learned on it).
+        undecided = review not in PROMOTED if head else review in UNDECIDED
+        if undecided and not (waiting and review == "pending"):
+            reviewer = (tags.get("reviewer") if review in UNDECIDED else None) or REVIEWER_UNKNOWN
+            note = f"the champion alias was moved to it by hand, without a review (review was {review or 'unset'})"
+            if registry.mark_manual_alias(version, review, reviewer, note):
+                lines.append(f"v{version}: champion without a review (alias moved by hand): review=manual-alias")
+        parent = tags.get("parent_version", "")
+        version, head = (int(parent) if parent.isdigit() else None), False
+    return lines
