@@ -3,7 +3,8 @@
 Every link comes from what was recorded when the version was made (its ``cliploop.*`` tags and MLflow
 run) and from the task ledger (validation result and report). ``verify`` re-hashes each task's
 DVC-tracked files on disk and compares them with the DVC hash the version recorded: any changed,
-missing or extra byte makes the record ``verified: false`` with the file named.
+missing or extra byte makes the record ``verified: false`` with the file named; so does a link no one
+decided on (review ``pending``, ``timed-out`` or unset).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from components.registry import Registry, RegistryError
+from components.review import UNDECIDED
 
 
 class LineageError(RuntimeError):
@@ -99,8 +101,11 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
                     "reviewer": tags.get("reviewer"),
                     "note": tags.get("review_note"),
                     "at": tags.get("review_at"),
+                    "decided": tags.get("review") not in UNDECIDED,
                 },
             }
+            if verify and tags.get("review") in UNDECIDED:
+                problems.append(f"version {current}: never reviewed (review {tags.get('review') or 'unset'})")
             if verify:
                 if not task_id or not tags.get("dvc_md5"):
                     problems.append(f"version {current}: no task id or DVC hash recorded")
@@ -138,8 +143,15 @@ def format_lineage(record: dict[str, Any]) -> str:
             f"  v{link['version']} <- parent {link['parent_version'] or '-'}: task {task['id']} "
             f"dvc {str(task['dvc_md5'])[:12]} commit {str(task['workspace_commit'])[:10]} "
             f"method {link['method']} gate {link['gate']['verdict'] or '-'} "
-            f"review {link['review']['decision'] or '-'} {ok}".rstrip()
+            f"review {_review_text(link['review'])} {ok}".rstrip()
         )
     if record["verified"] is not None:
         lines.append("verified: yes" if record["verified"] else "verified: NO\n  " + "\n  ".join(record["problems"]))
     return "\n".join(lines)
+
+
+def _review_text(review: dict[str, Any]) -> str:
+    if not review["decision"]:
+        return "- (never reviewed)"
+    by = f" by {review['reviewer']}" if review.get("reviewer") else ""
+    return f"{review['decision']}{by}" + ("" if review.get("decided", True) else " (not decided)")

@@ -25,6 +25,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             "(a night registers one per learned task: `cliploop nightly`)",
             EXIT_USAGE,
         )
+    from components.review import record_manual_alias
+
+    # The auditor reads the chain head: an alias moved by hand since the last night is recorded first.
+    for line in record_manual_alias(config):
+        print(f"recorded: {line}", file=sys.stderr)
     try:
         record = build_lineage(registry, args.ref, config.workspace_path, verify=args.verify)
     except LineageError as exc:

@@ -42,6 +42,12 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
             "gate": "pass",
         }
         parent = registry.register(run_id, run_key(parent, task_id, record.dvc_md5, "c" * 64), tags)
+    # Nobody decided on either version yet: --verify names both links and fails.
+    undecided = build_lineage(registry, parent, ws, verify=True)
+    assert undecided["verified"] is False
+    assert undecided["problems"] == [f"version {v}: never reviewed (review unset)" for v in (2, 1)]
+    assert "- (never reviewed)" in format_lineage(undecided)
+    registry.promote(1, "rita", "fine")
     registry.promote(parent, "rita", "fine")
 
     lineage = build_lineage(registry, "champion", ws, verify=True)
@@ -53,7 +59,7 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
     assert first["task"]["validation"]["success"] is True and first["mlflow_run_id"]
     assert lineage["chain"][0]["review"]["decision"] == "approved"
     assert lineage["verified"] is True
-    assert "verified: yes" in format_lineage(lineage)
+    assert "verified: yes" in format_lineage(lineage) and "review approved by rita" in format_lineage(lineage)
     assert build_lineage(registry, 2, ws)["verified"] is None  # not checked without --verify
 
     shard = next((ws / "data" / "tasks" / "t-a" / "shards").glob("*.tar"))
@@ -87,5 +93,6 @@ def test_cli_lineage_uses_the_configured_registry(tmp_path, capsys):
     assert record["model"]["version"] == version and record["chain"][0]["task"]["id"] == "t-x"
     # Recorded without a DVC hash: --verify cannot vouch for it and says so with a non-zero exit.
     assert main(["lineage", str(version), "-w", str(ws), "--verify"]) == 1
-    assert "no task id or DVC hash recorded" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no task id or DVC hash recorded" in out and f"version {version}: never reviewed" in out
     assert main(["lineage", "champion", "-w", str(ws)]) == 2
