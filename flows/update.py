@@ -20,6 +20,8 @@ from flows import gpu
 from flows.retry import step
 
 REVIEW_POLL_S = 2
+# How often a paused run reads MLflow for a decision taken there (a reviewer's move is noticed within this).
+REGISTRY_POLL_S = 5.0
 
 
 class Review(RunInput):
@@ -38,31 +40,76 @@ def _flow_run_id() -> str | None:
 
 
 def await_review(config: Config, version: int, task_id: str) -> str:
-    """Promote by rule (auto_promote), or pause for a reviewer; returns promoted | rejected | awaiting-review."""
+    """Promote by rule (auto_promote), or pause for a reviewer; returns promoted | rejected | awaiting-review.
+
+    The answer comes as the paused run's input (Prefect UI, ``cliploop approve|reject``) or is taken in MLflow
+    (``review.registry_decision``: the ``champion`` alias or the ``cliploop.review`` tag), which a watcher
+    reads every ``REGISTRY_POLL_S`` while the run waits and hands to the run as the same input. Either way
+    ``review.decide`` applies it."""
     from prefect.artifacts import create_markdown_artifact
-    from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
 
     log = get_run_logger()
     if config.approval.auto_promote:
         review.decide(config, version, "approve", review.REVIEWER_AUTO, "gate passed; approval.auto_promote is on")
         log.info("version %s promoted to champion (auto_promote)", version)
         return "promoted"
-    if config.approval.timeout_s <= 0:
+    answer = review.registry_decision(config, version)  # decided in MLflow since the last night
+    if answer is None and config.approval.timeout_s <= 0:
         review.review_timed_out(config, version)
         return "awaiting-review"
-    create_markdown_artifact(
-        key=f"review-v{version}",
-        markdown=(
-            f"# Review version {version} (task `{task_id}`)\n\nThis run is paused for "
-            f"{config.approval.timeout_s} s. Answer here (Resume, with decision/reviewer/note) or from a shell:\n\n"
-            f"    cliploop approve {version} --reviewer NAME --note '...'\n"
-            f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
-            f"`cliploop lineage {version}` shows what it was made from."
-        ),
-        description=f"approval request for version {version}",
-    )
-    review.review_requested(config, version)
-    log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
+    if answer is None:
+        create_markdown_artifact(
+            key=f"review-v{version}",
+            markdown=(
+                f"# Review version {version} (task `{task_id}`)\n\nThis run is paused for "
+                f"{config.approval.timeout_s} s. Answer here (Resume, with decision/reviewer/note), from a "
+                f"shell:\n\n"
+                f"    cliploop approve {version} --reviewer NAME --note '...'\n"
+                f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
+                f"or in MLflow: move the `champion` alias of `{config.mlflow.registered_model}` to version "
+                f"{version}, or set its tags `cliploop.reviewer`, `cliploop.review_note` and then "
+                f"`cliploop.review` = `approved` or `rejected`.\n\n"
+                f"`cliploop lineage {version}` shows what it was made from."
+            ),
+            description=f"approval request for version {version}",
+        )
+        review.review_requested(config, version)
+        log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
+        answer = _pause_for_review(config, version, log)
+        if answer is None:
+            answer = review.registry_decision(config, version)  # one that landed as the wait ended
+            if answer is None and review.review_timed_out(config, version):
+                log.warning("no review of version %s in %ss: it stays challenger", version, config.approval.timeout_s)
+                return "awaiting-review"
+    if answer is not None:
+        try:
+            review.decide(config, version, answer["decision"], answer["reviewer"], answer["note"])
+        except chain.PipelineError as exc:
+            log.error("the review of version %s could not be applied: %s", version, exc)
+    return review.review_outcome(config, version)
+
+
+def _pause_for_review(config: Config, version: int, log) -> dict[str, str] | None:
+    """Pause the flow run for a ``Review`` input (up to ``approval.timeout_s``) while a watcher thread reads the
+    registry; None if no answer came. One pause with one key (``review-<version>``), so the UI, the CLI and
+    the watcher all resume it the same way, and the timeout is Prefect's own."""
+    import contextvars
+    import threading
+
+    from prefect.flow_runs import FlowPauseTimeout, pause_flow_run
+
+    stop = threading.Event()
+    run_id = _flow_run_id()
+    watcher = None
+    if run_id is not None:
+        # The copied context carries this run's Prefect settings (API URL) into the thread.
+        watcher = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(_watch_registry, config, version, run_id, stop, log),
+            name=f"cliploop-review-watch-v{version}",
+            daemon=True,
+        )
+        watcher.start()
     try:
         answer = pause_flow_run(
             wait_for_input=Review,
@@ -71,16 +118,39 @@ def await_review(config: Config, version: int, task_id: str) -> str:
             key=f"review-{version}",
         )
     except FlowPauseTimeout:
-        if review.review_timed_out(config, version):
-            log.warning("no review of version %s within %ss: it stays challenger", version, config.approval.timeout_s)
-            return "awaiting-review"
-        answer = None
-    if answer is not None:
+        return None
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=30)
+    return {"decision": answer.decision, "reviewer": answer.reviewer, "note": answer.note}
+
+
+def _watch_registry(config: Config, version: int, run_id: str, stop, log) -> None:
+    """Until ``stop``: read the registry every ``REGISTRY_POLL_S``; a decision found there resumes the paused
+    run with it as input. Errors (registry or API unreachable) are logged and the next poll tries again."""
+    while not stop.wait(REGISTRY_POLL_S):
         try:
-            review.decide(config, version, answer.decision, answer.reviewer, answer.note)
-        except chain.PipelineError as exc:
-            log.error("the review of version %s could not be applied: %s", version, exc)
-    return review.review_outcome(config, version)
+            answer = review.registry_decision(config, version)
+            if answer is not None and _resume(run_id, version, answer):
+                log.info("found in the registry: %s version %s (%s)", answer["decision"], version, answer["reviewer"])
+                return
+        except Exception as exc:  # the wait goes on; the CLI, the UI and the timeout still end it
+            log.warning("could not read the registry for a review of version %s: %s", version, exc)
+
+
+def _resume(run_id: str, version: int, answer: dict[str, str]) -> bool:
+    """Resume flow run ``run_id`` if it is paused for ``version``'s review (False if not paused yet)."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    details = run.state.state_details if run.state and run.state.is_paused() else None
+    if details is None or details.pause_key != f"review-{version}":
+        return False
+    resume_flow_run(run_id, run_input=answer)
+    return True
 
 
 @flow(name="continual-update", flow_run_name="update-{task_id}", persist_result=False)

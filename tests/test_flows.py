@@ -2,7 +2,8 @@
 temporary local API), real MLflow on a SQLite file, real DVC with a local remote, real Great Expectations.
 
 Each test drives whole nights: a clean night, a quarantined task and a failing gate, a crash in training
-and its rerun, a reviewer approving / rejecting / not answering / rolling back, and an alias moved by hand.
+and its rerun, a reviewer approving / rejecting / not answering / rolling back, an alias moved by hand, and
+a reviewer deciding in MLflow.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):
     assert registry.alias("champion") == 2 and registry.alias("previous-champion") == 1
     tags = registry.version_tags(2)
     assert tags["parent_version"] == "1" and tags["task_id"] == "t-b" and tags["gate"] == "pass"
-    assert tags["review"] == "approved" and tags["flow_run_id"] and tags["code_version"]
+    assert tags["review"] == "auto" and tags["flow_run_id"] and tags["code_version"]
 
     # The MLflow run: metrics per task and for the chain, the resolved config, the task data as a DVC dataset.
     run = registry.client.get_run(registry.client.get_model_version("cliploop", "2").run_id)
@@ -346,7 +347,16 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):
     assert _states(cfg) == before
 
 
-def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):
+def test_alias_moved_by_hand_and_decisions_taken_in_mlflow(tmp_path, tiny_checkpoint, monkeypatch):
+    """A reviewer works in MLflow (plain alias and tag writes, as the UI makes; no cliploop involved).
+
+    Night 1: nobody answers t-a's v1. Between nights the champion alias is moved to v1 by hand: night 2
+    honours it and records ``review=manual-alias``. Night 2 then waits for t-b's v2: the alias moved to it
+    approves it, the run goes on to learn t-c on v2, and v3's review tag set to ``rejected`` rejects it.
+    ``approval.timeout_s=30``: a decision not noticed within 30 s would end the wait as timed-out."""
+    from flows import update
+
+    monkeypatch.setattr(update, "REGISTRY_POLL_S", 0.5)
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=0")
     _drop(tmp_path, "t-a", ["cat", "dog"])
     summary = run_night(cfg)
@@ -354,15 +364,31 @@ def test_alias_moved_by_hand_is_honoured(tmp_path, tiny_checkpoint):
     registry = from_config(cfg)
     assert registry.alias("champion") is None
 
-    # A reviewer sets the alias in the MLflow UI (a plain alias write, no cliploop involved).
     registry.client.set_registered_model_alias("cliploop", "champion", "1")
     _drop(tmp_path, "t-b", ["emu", "owl"])
-    summary = run_night(cfg)
+    _drop(tmp_path, "t-c", ["yak", "elk"])
+    waiting = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=30", "gate.max_forgetting=100")
+    night, result = _in_background(lambda: run_night(waiting))
+    _wait_for_pause(registry, 2)
+    registry.client.set_registered_model_alias("cliploop", "champion", "2")
+    _wait_for_pause(registry, 3)
+    for key, value in (("reviewer", "sam"), ("review_note", "forgets cats"), ("review", "rejected")):
+        registry.client.set_model_version_tag("cliploop", "3", f"cliploop.{key}", value)
+    night.join(180)
+
+    assert "error" not in result, result.get("error")
+    summary = result["value"]
     assert any("t-a: learned -> promoted" in line for line in summary["reconciled"])
-    assert _states(cfg)["t-a"] == "promoted"
-    (update,) = summary["updates"]
-    assert update["task_id"] == "t-b" and update["parent_version"] == 1
-    assert registry.version_tags(update["version"])["parent_version"] == "1"
+    assert "v1: champion without a review (alias moved by hand): review=manual-alias" in summary["reconciled"]
+    assert (registry.version_tags(1)["review"], registry.version_tags(1)["reviewer"]) == ("manual-alias", "unknown")
+    updates = [(u["task_id"], u["parent_version"], u["outcome"]) for u in summary["updates"]]
+    assert updates == [("t-b", 1, "promoted"), ("t-c", 2, "rejected")]
+    approved, rejected = registry.version_tags(2), registry.version_tags(3)
+    assert (approved["review"], approved["reviewer"]) == ("approved", "unknown") and approved["review_at"]
+    assert (rejected["review"], rejected["reviewer"], rejected["review_note"]) == ("rejected", "sam", "forgets cats")
+    assert rejected["review_at"] and registry.alias("challenger") is None
+    assert (registry.alias("champion"), registry.alias("previous-champion")) == (2, 1)
+    assert _states(cfg) == {"t-a": "promoted", "t-b": "promoted", "t-c": "rejected"}
 
 
 def test_one_night_per_chain_at_a_time(tmp_path, tiny_checkpoint):
