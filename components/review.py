@@ -233,3 +233,25 @@ def record_manual_alias(config: Config, waiting: bool = True) -> list[str]:
         parent = tags.get("parent_version", "")
         version, head = (int(parent) if parent.isdigit() else None), False
     return lines
+
+
+def record_registry_changes(config: Config) -> list[str]:
+    """What was decided in MLflow while no run waited, recorded at the start of a night (under the chain lock:
+    no run of this chain waits for a review now): a champion no one decided becomes ``manual-alias``, and a
+    challenger whose ``cliploop.review`` tag was set to ``rejected`` by hand is rejected by ``decide`` (its
+    alias, ``review_at``; ``reconcile`` has moved its task already). An ``approved`` tag is applied when the
+    night asks for the challenger's review again."""
+    lines = record_manual_alias(config, waiting=False)
+    registry = registry_of(config)
+    version = registry.alias("challenger")
+    tags = version_tags_or_none(registry, version) if version is not None else None
+    if tags is None or tags.get("review_at"):
+        return lines
+    answer = registry_decision(config, version)
+    if answer is not None and answer["decision"] == "reject":
+        try:
+            decide(config, version, "reject", answer["reviewer"], answer["note"])
+            lines.append(f"v{version}: rejected in MLflow by {answer['reviewer']}: recorded")
+        except PipelineError as exc:  # e.g. a reviewer's race: reported, the night goes on
+            lines.append(f"v{version}: its rejection in MLflow could not be recorded: {exc}")
+    return lines

@@ -61,8 +61,8 @@ def nightly(
         for run in summary["swept"]:
             log.warning("flow run %s was left Running by a process that died: marked Crashed", run)
         summary["reconciled"] = step(chain.reconcile, cfg)(cfg)
-        # Under the chain lock no run of this chain waits for a review: a hand-moved alias is manual-alias.
-        summary["reconciled"] += step(review.record_manual_alias, cfg)(cfg, waiting=False)
+        # Decisions taken in MLflow since the last night (no run of this chain waits for a review now).
+        summary["reconciled"] += step(review.record_registry_changes, cfg)(cfg)
         for line in summary["reconciled"]:
             log.info("reconciled: %s", line)
         ingest = step(steps.ingest, cfg)

@@ -90,3 +90,10 @@ def test_decisions_read_from_mlflow_and_an_alias_moved_without_review(workspace,
     assert review.decide(cfg, v3, **answer)["changed"] is True
     assert registry.version_tags(v3)["review_at"] and registry.alias("challenger") is None
     assert review.decide(cfg, v3, **answer)["changed"] is False  # recorded: a repeat is a no-op
+
+    # Rejected by hand in MLflow while no run waited: the next night records it (alias, review_at).
+    _, _, v4 = _register(registry, tmp_path, "t4", parent=v2)
+    _mlflow_tags(registry, v4, review="rejected")
+    assert review.record_registry_changes(cfg) == [f"v{v4}: rejected in MLflow by unknown: recorded"]
+    assert registry.version_tags(v4)["review_at"] and registry.alias("challenger") is None
+    assert review.record_registry_changes(cfg) == []
