@@ -160,6 +160,7 @@ class Registry(RunLog):
             )
             fault_point("after_register")
             self.client.set_registered_model_alias(self.model_name, "challenger", version.version)
+            self.write_review_page(int(version.version))  # rewritten with the gate's verdict by review.apply_gate
             return int(version.version)
 
     def _challenger_if_waiting(self, version: int, tags: dict[str, str]) -> None:

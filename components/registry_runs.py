@@ -1,5 +1,7 @@
 """The MLflow runs behind the registry: one run per continual update, with its metrics, loss curves,
-resolved config, evaluation files, lineage record and the learner state as a pyfunc model (no pickle).
+resolved config, evaluation files, the task's validation report and Data Docs, lineage record and the learner
+state as a pyfunc model (no pickle) with a signature and an input example; and the review page a model version
+shows (its description and metric tags, built from its run by ``components/review_page.py``).
 
 ``RunLog`` is a part of ``components.registry.Registry`` (it uses the registry's client, experiment and
 artifact root); it lives here because runs change for other reasons than versions, aliases and reviews.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,36 @@ class RegistryError(RuntimeError):
 
 
 _FLUENT = threading.Lock()  # mlflow's fluent API (log_model) uses a process-wide tracking URI
+
+# The pyfunc's input example: a 32x32 handwritten zero (scikit-learn's digits, rendered as the demo does).
+EXAMPLE_PNG = Path(__file__).parent / "serving_example.png"
+
+# GX's site assets (logos, animations, fonts: about 4 MB per task) are left out of a run's Data Docs: MLflow's
+# artifact viewer shows one HTML page at a time, and the pages read as well without them.
+_DATA_DOCS_SKIP = ("static/images", "static/fonts")
+
+
+def _save_pyfunc(validate_serving_input: bool = True, **kwargs):
+    """``mlflow.pyfunc.save_model``, taking the ``validate_serving_input`` switch ``Model.log`` reads from the
+    same keyword arguments it hands to the flavor (pyfunc's save_model refuses unknown keywords)."""
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.save_model(**kwargs)
+
+
+_PYFUNC_WITHOUT_VALIDATION = types.SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
+def model_signature():
+    """What the pyfunc model takes and answers (``components/serving.py``): a binary ``image`` column in
+    (base64 in a JSON request); ``label``, ``class_key`` and ``score`` out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("string", "class_key"), ColSpec("double", "score")]),
+    )
 
 
 def serving_requirements(model_name: str) -> list[str]:
@@ -77,8 +110,10 @@ class RunLog:
         params: dict[str, Any],
         tags: dict[str, str],
         extra_artifacts: dict[str, Path] | None = None,
+        data_docs: Path | None = None,
     ) -> str:
-        """A finished MLflow run holding one update's results; returns its run id."""
+        """A finished MLflow run holding one update's results; returns its run id. ``data_docs``: the task's
+        GX Data Docs site, logged as ``validation/data_docs`` (without GX's images and fonts)."""
         from mlflow.entities import Metric, Param
 
         run = self.client.create_run(
@@ -113,6 +148,8 @@ class RunLog:
                     self.client.log_artifacts(run_id, str(path), dest)
                 elif Path(path).is_file():
                     self.client.log_artifact(run_id, str(path), dest)
+            if data_docs is not None and (Path(data_docs) / "index.html").is_file():
+                self._log_data_docs(run_id, Path(data_docs))
             self.client.set_tag(run_id, TAG + "task_id", task_id)
             self.client.set_terminated(run_id, "FINISHED")
         except BaseException:  # an interrupted night too: a half-logged run must never look finished or running
@@ -120,6 +157,13 @@ class RunLog:
                 self.client.set_terminated(run_id, "FAILED")
             raise
         return run_id
+
+    def _log_data_docs(self, run_id: str, site: Path) -> None:
+        for path in sorted(p for p in site.rglob("*") if p.is_file()):
+            rel = path.relative_to(site)
+            if not rel.as_posix().startswith(_DATA_DOCS_SKIP):
+                dest = "validation/data_docs" + ("" if rel.parent == Path(".") else f"/{rel.parent.as_posix()}")
+                self.client.log_artifact(run_id, str(path), dest)
 
     def fail_abandoned_runs(self, key: str) -> list[str]:
         """Runs logged for ``key`` and left RUNNING by a process that died mid-upload become FAILED (tagged
@@ -154,6 +198,8 @@ class RunLog:
         """The update's learner state as a pyfunc model of the run; returns (model URI, model id)."""
         import mlflow
         import mlflow.pyfunc
+        import pandas as pd
+        from mlflow.models import Model
 
         import components
 
@@ -162,12 +208,20 @@ class RunLog:
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.tracking_uri)
             with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
+                # Model.log, as mlflow.pyfunc.log_model calls it, but without validating the input example by
+                # serving it: that would load the backbone and embed every class here, in the registering process.
+                info = Model.log(
+                    artifact_path=None,
                     name="model",
+                    flavor=_PYFUNC_WITHOUT_VALIDATION,
+                    flavor_name="pyfunc.ModelFromCode",
                     python_model=str(package / "serving.py"),
                     artifacts={"state": str(out_dir / "state"), "config": str(out_dir / "config.resolved.yaml")},
                     code_paths=[str(package)],
                     pip_requirements=serving_requirements(model_name),
+                    signature=model_signature(),
+                    input_example=pd.DataFrame({"image": [EXAMPLE_PNG.read_bytes()]}),
+                    validate_serving_input=False,
                 )
         return info.model_uri, info.model_id
 
@@ -189,6 +243,37 @@ class RunLog:
     def run_metrics(self, version: int) -> dict[str, float]:
         """The metrics of the run a version was registered from."""
         return dict(self.client.get_run(self.model_version(version).run_id).data.metrics)
+
+    def write_review_page(self, version: int, gate: dict[str, Any] | None = None) -> None:
+        """The version's description for a reviewer and its key metrics as ``cliploop.metric.*`` tags, from its
+        run and the champion's (``components/review_page.py``). ``gate``: the verdict's dict, once known."""
+        from components import review_page
+
+        mv = self.model_version(version)
+        tags = {k[len(TAG) :]: v for k, v in mv.tags.items() if k.startswith(TAG)}
+        metrics = dict(self.client.get_run(mv.run_id).data.metrics)
+        champion = self.alias("champion")
+        artifacts = {
+            a.path
+            for folder in (None, "eval", "validation", "validation/data_docs")
+            for a in self.client.list_artifacts(mv.run_id, folder)
+        }
+        parent = tags.get("parent_version")
+        text = review_page.description(
+            version=version,
+            task_id=tags.get("task_id", ""),
+            parent_version=int(parent) if parent else None,
+            method=tags.get("method", ""),
+            run_id=mv.run_id,
+            metrics=metrics,
+            champion=champion,
+            champion_metrics=self.run_metrics(champion) if champion not in (None, version) else None,
+            gate=gate,
+            artifacts=artifacts,
+        )
+        for key, value in review_page.metric_tags(metrics, tags.get("task_id", "")).items():
+            self.client.set_model_version_tag(self.model_name, str(version), TAG + key, value)
+        self.client.update_model_version(self.model_name, str(version), description=text)
 
     def find_run(self, key: str):
         """A finished run logged for ``key`` earlier (a rerun after a crash between logging and registering)."""

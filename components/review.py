@@ -55,6 +55,7 @@ def apply_gate(config: Config, version: int, update: dict[str, Any]) -> dict[str
         config.gate, update["metrics"], update["final_row"], update["task_id"], champion_row(registry, exclude=version)
     )
     registry.set_tags(version, {"gate": verdict.verdict, "gate_reasons": json.dumps(verdict.reasons)})
+    registry.write_review_page(version, verdict.to_dict())
     doc = verdict.to_dict() | {"version": version, "markdown": verdict.markdown(f"Promotion gate, version {version}")}
     if not verdict.passed:
         decide(config, version, "reject", REVIEWER_GATE, "; ".join(verdict.reasons))

@@ -8,6 +8,10 @@ then predicts::
     model.predict(pandas.DataFrame({"image": [b"<jpeg bytes>", "/path/to/file.png", ...]}))
     -> DataFrame with columns label (class name), class_key ("<dataset>/<name>"), score
 
+The logged model's signature says so (``registry_runs.model_signature``: a binary ``image`` column), and
+``mlflow models serve`` takes the same column as base64 strings in JSON
+(``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}}``), decoded to bytes by the signature.
+
 The backbone's base weights are resolved from the config (pretrained tag, local path or ``s3://`` URI,
 SHA-256 checked); a method that changed the weights stores them in the bundle.
 """

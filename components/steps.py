@@ -339,7 +339,8 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
                 metrics["perf.peak_mem_mb"] = timings["peak_mem_mb"]
             if timings.get("train_step_ms"):
                 metrics["perf.train_step_ms"] = timings["train_step_ms"]
-            run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra)
+            docs = report.parent / "data_docs"  # the task's GX Data Docs, beside its report
+            run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra, docs)
             registry.log_task_dataset(
                 run_id,
                 task_id,
