@@ -123,7 +123,9 @@ def description(
         )
     else:
         lines.append(
-            f"Decide with `cliploop approve {version} --reviewer NAME` or "
-            f"`cliploop reject {version} --reviewer NAME --reason '...'`."
+            f"While it waits for review (tag `cliploop.review` is `pending`), decide with "
+            f"`cliploop approve {version} --reviewer NAME` or `cliploop reject {version} --reviewer NAME --reason "
+            f"'...'`; the decision is recorded in the tags `cliploop.review`, `cliploop.reviewer` and "
+            f"`cliploop.review_note`."
         )
     return "\n".join(lines)
