@@ -272,7 +272,8 @@ class RunLog:
             artifacts=artifacts,
         )
         for key, value in review_page.metric_tags(metrics, tags.get("task_id", "")).items():
-            self.client.set_model_version_tag(self.model_name, str(version), TAG + key, value)
+            if tags.get(key) != value:  # the second write (with the verdict) finds them set
+                self.client.set_model_version_tag(self.model_name, str(version), TAG + key, value)
         self.client.update_model_version(self.model_name, str(version), description=text)
 
     def find_run(self, key: str):
