@@ -1,7 +1,7 @@
 """The registered model as an MLflow pyfunc ("model from code"): images in, labels out.
 
-MLflow loads this file by path (``mlflow.pyfunc.log_model(python_model=<this file>)``), so nothing is
-pickled: the model's artifacts are the learner-state bundle (safetensors + JSON, checksums verified on
+MLflow loads this file by path (``RunLog.log_pyfunc`` logs a pyfunc with ``python_model=<this file>``), so
+nothing is pickled: the model's artifacts are the learner-state bundle (safetensors + JSON, checksums verified on
 load) and the resolved config that names the backbone. ``mlflow.pyfunc.load_model("models:/cliploop@champion")``
 then predicts::
 
