@@ -91,7 +91,7 @@ def _update(root, cfg, task_id, classes, start):
     state.tasks = [{"task_id": task_id}]
     state.save(out / "state")
     (out / "eval").mkdir()
-    (out / "eval" / "heatmap.png").write_bytes((root.parent / "example.png").read_bytes())
+    (out / "eval" / "heatmap.png").write_bytes(EXAMPLE_PNG.read_bytes())  # any PNG: the page names it
     cfg.write_resolved(out)
     return out
 
@@ -100,7 +100,6 @@ def _update(root, cfg, task_id, classes, start):
 def workspace(tmp_path_factory, tiny_checkpoint):
     """Version 1 (t-a: cat, dog) approved as champion; version 2 (t-b, learned on it) rejected by the gate."""
     root = tmp_path_factory.mktemp("page")
-    shutil.copyfile(EXAMPLE_PNG, root / "example.png")
     cfg = load_config(
         overrides=[f"workspace={root / 'ws'}", "method.name=zeroshot", "gate.max_drop_vs_champion=5"]
         + tiny_overrides(tiny_checkpoint),
