@@ -147,6 +147,11 @@ class ArtifactsConfig(Section):
         description="where GPU steps publish their outputs (pools/<key>/, runs/<key>/, result.json last): a folder "
         "or an s3:// prefix that the workers and the orchestrator both reach; null = <workspace>/.cliploop",
     )
+    embedding_cache: bool = Field(
+        True,
+        description="keep a frozen encoder's image embeddings (LVP, zero-shot) in embeddings/<key>/ of the artifact "
+        "store, so each image is encoded once, not at every evaluation; false = encode every time",
+    )
 
 
 class MlflowConfig(Section):

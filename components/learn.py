@@ -32,6 +32,7 @@ from components.data import TaskData, load_task
 from components.methods.base import Method, context_for, task_prompts
 
 if TYPE_CHECKING:
+    from components.embedding_cache import EmbeddingCache
     from components.metrics import AccuracyMatrix
     from components.models import Backbone
     from components.state import LearnerState
@@ -112,6 +113,7 @@ def learn_step(
     method_name: str | None = None,
     out_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    embeddings: EmbeddingCache | None = None,
 ) -> StepResult:
     """Learn one task (a drop, a stored task or a loaded one) on top of ``parent``.
 
@@ -121,8 +123,11 @@ def learn_step(
     ``pools``: task id -> folder of a pool built beforehand (the pipeline's build_pool step).
     ``checkpoint_dir``: where training checkpoints go (``method.settings.checkpoint_every``); a step that
     finds a matching checkpoint there resumes from it.
+    ``embeddings``: the embedding cache to read and fill (default: the configured one, ``for_config``); used only
+    when the method's image encoder is frozen (``Method.encodes_frozen``).
     """
-    from components.evaluation import accuracy
+    from components.embedding_cache import for_config
+    from components.evaluation import evaluate
     from components.metrics import AccuracyMatrix, compute_all
     from components.models import load_backbone
     from components.state import LearnerState, check_backbone
@@ -153,6 +158,8 @@ def learn_step(
     known = {t.task_id: t for t in [*seen, task, *upcoming]}
     zero_shot = load_task(config.location(config.evaluation.zero_shot_set)) if config.evaluation.zero_shot_set else None
     prompts = task_prompts([*seen, task, *upcoming, zero_shot])
+    # Only the base encoder's embeddings are cached: a frozen method's context holds the base model.
+    cache = (embeddings or for_config(config)) if method.encodes_frozen() else None
     ctx = context_for(
         config,
         backbone,
@@ -162,8 +169,9 @@ def learn_step(
         progress=progress,
         checkpoint_dir=checkpoint_dir,
         checkpoint_saved=checkpoint_saved,
+        embedding_cache=cache,
     )
-    base_ctx = context_for(config, base, task_prompts=prompts)
+    base_ctx = context_for(config, base, task_prompts=prompts, embedding_cache=cache)
     torch.manual_seed(config.evaluation.seed)
     state = parent if parent is not None else LearnerState(method=name, backbone=base.reference)
     previous = AccuracyMatrix.from_dict(state.history) if state.history else None
@@ -173,13 +181,14 @@ def learn_step(
     # Before learning: the base model on the new columns, the parent's transfer to a task not seen yet.
     t0 = time.perf_counter()
     fresh, empty = make_method(config, name), LearnerState(method=name, backbone=base.reference)
-    initial_new = [round(accuracy(fresh, empty, t, base_ctx), 6) for t in new_columns]
+    initial = evaluate(fresh, empty, new_columns, base_ctx)
+    initial_new = [round(initial[t.task_id], 6) for t in new_columns]
     transfer = None
     if parent is not None and previous is not None and previous.matrix and task.task_id not in old_ids:
-        transfer = round(accuracy(method, state, task, ctx), 6)
+        transfer = round(evaluate(method, state, [task], ctx)[task.task_id], 6)
     zs_initial = (previous.zero_shot or {}).get("initial") if previous and previous.zero_shot else None
     if zero_shot is not None and zs_initial is None:
-        zs_initial = round(accuracy(fresh, empty, zero_shot, base_ctx), 6)
+        zs_initial = round(evaluate(fresh, empty, [zero_shot], base_ctx)[zero_shot.task_id], 6)
     evaluate_before_s = time.perf_counter() - t0
 
     say(f"learning {task.task_id} ({len(task.train)} train images) with {method.name}")
@@ -190,8 +199,8 @@ def learn_step(
     t0 = time.perf_counter()
     evaluated = [*seen, task, *(upcoming if config.evaluation.future_tasks else [])]
     say(f"evaluating {len(evaluated)} task(s)")
-    after = {t.task_id: round(accuracy(method, state, t, ctx), 6) for t in evaluated}
-    zs_after = round(accuracy(method, state, zero_shot, ctx), 6) if zero_shot is not None else None
+    after = {k: round(v, 6) for k, v in evaluate(method, state, evaluated, ctx).items()}
+    zs_after = round(evaluate(method, state, [zero_shot], ctx)[zero_shot.task_id], 6) if zero_shot is not None else None
     evaluate_s = time.perf_counter() - t0
 
     ids = old_ids + [t.task_id for t in new_columns]

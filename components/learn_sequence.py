@@ -110,6 +110,7 @@ def learn(
     parent: LearnerState | None = None,
 ) -> LearnResult:
     """Learn task drops or stored tasks in the order given, one ``learn_step`` each (on top of ``parent``)."""
+    from components.embedding_cache import for_config
     from components.models import load_backbone
 
     started = time.perf_counter()
@@ -130,9 +131,18 @@ def learn(
 
     steps: list[StepResult] = []
     state = parent
+    embeddings = for_config(config)  # one for the sequence: kept in memory across its steps too
     for i, task in enumerate(tasks):
         step = learn_step(
-            task, config, state, locate=locate, upcoming=tasks[i + 1 :], base=base, method_name=name, progress=progress
+            task,
+            config,
+            state,
+            locate=locate,
+            upcoming=tasks[i + 1 :],
+            base=base,
+            method_name=name,
+            progress=progress,
+            embeddings=embeddings,
         )
         steps.append(step)
         state = step.state

@@ -21,6 +21,7 @@ import torch
 from components.pools import class_sums
 
 REDUCE = "per-shard"  # how a pool's sums are added up (in the pool key and each pool's meta): per part, in order
+encoded_images = 0  # images this process has encoded in encode_parts (benchmarks/chain_eval.py reads it)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def encode_parts(
     against the index SHA-256 as it reads them)."""
     from components.models import encode_batch
 
+    global encoded_images
     stream = load_batches(dataset, parts, batch_size, workers)
     out = []
     for part in parts:
@@ -120,6 +122,7 @@ def encode_parts(
         for images, batch_labels in itertools.islice(stream, n_batches):
             feats.append(encode_batch(backbone, images))
             labels.append(batch_labels.long())
+            encoded_images += len(batch_labels)
         embeddings, labels = torch.cat(feats), torch.cat(labels)
         sums, counts = class_sums(embeddings, labels, n_classes)
         out.append(Partial(part.index, sums, counts, *((embeddings, labels) if gather else (None, None))))

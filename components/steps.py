@@ -164,6 +164,7 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     inputs' digest. A worker is handed the ``key`` and the task's DVC ``address`` (see :func:`addresses`):
     it reads neither the ledger nor the workspace's copy of the data (``components/step_io.py``)."""
     from components.data import load_task
+    from components.embedding_cache import for_config
     from components.learn import make_method
     from components.methods.base import context_for, task_prompts
     from components.models import load_backbone
@@ -185,9 +186,10 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     task = load_task(step_io.locator(config, {task_id: address} if address else None)(task_id))
     fault_point("during_pool_build")
     engine = engine_for(config, {task_id: address} if address else None)  # Ray actors fetch by address too
-    pool, stats = method.build_pool(
-        task, context_for(config, backbone, task_prompts=task_prompts([task]), pool_engine=engine)
+    ctx = context_for(
+        config, backbone, task_prompts=task_prompts([task]), embedding_cache=for_config(config), pool_engine=engine
     )
+    pool, stats = method.build_pool(task, ctx)  # the train split's embeddings go to the cache for later pools
     folder = store.staging("pools", key)
     pool.save(folder)
     result = {

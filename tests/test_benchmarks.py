@@ -94,3 +94,17 @@ def test_pool_build_with_ray_reports_local_and_ray_side_by_side(tmp_path):
     assert engines["parts"] > 1 and engines["ray_actors"] == 1
     assert engines["identical_pools"] is True
     assert report["img_per_s"]["pool_build"] > 0  # the existing figures are still there
+
+
+def test_chain_eval_counts_each_image_once_with_the_cache(tmp_path):
+    out = tmp_path / "chain.json"
+    report = _run("chain_eval.py", "--tasks", "3", "--train", "1", "--test", "2", "--out", str(out))
+    assert json.loads(out.read_text()) == report
+    assert report["distinct_images"] == 3 * 2 * (1 + 2)
+    assert report["images_encoded"] == report["distinct_images"] and report["target"]["each_image_once"]
+    assert sum(report["encoded_per_step"]) == report["images_encoded"]
+    # Without the cache step t encodes its train split and the t test splits learned so far (step 1 also the
+    # base model's pass over every task's test split).
+    assert report["no_cache"]["encoded_per_step"] == [2 + 12 + 4, 2 + 8, 2 + 12]
+    assert len(report["step_seconds"]) == len(report["no_cache"]["step_seconds"]) == 3
+    assert report["identical_matrices"] is True

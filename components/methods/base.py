@@ -86,6 +86,9 @@ class Context:
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
     checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
     pool_engine: Any = None  # compute.engine: encodes shards for pools of the base encoder (components/pool_engine.py)
+    # Embeddings of the base encoder, each split encoded once (components/embedding_cache.py); only on a context
+    # whose backbone is the base model of a method that ``encodes_frozen``. None: encode every time.
+    embedding_cache: Any = None
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -268,6 +271,25 @@ class Method:
         ctx: Context,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def embedding_scores(
+        self,
+        state: LearnerState,
+        embeddings: torch.Tensor,
+        class_keys: list[str],
+        class_names: dict[str, str],
+        ctx: Context,
+    ) -> torch.Tensor:
+        """``scores`` from the images' L2-normalised fp32 embeddings under ``ctx.backbone``, for a method whose
+        scores depend on the images through those alone (see ``encodes_frozen``)."""
+        raise NotImplementedError(f"{self.name} scores images, not embeddings")
+
+    @classmethod
+    def encodes_frozen(cls) -> bool:
+        """Whether evaluation may score this method from embeddings read from the embedding cache: it trains no
+        image tower (``trained``) and scores by ``embedding_scores``."""
+        frozen = "image" not in cls.trained | (cls.trained_later or frozenset())
+        return frozen and cls.embedding_scores is not Method.embedding_scores
 
 
 def context_for(config, backbone: Backbone, **fields: Any) -> Context:

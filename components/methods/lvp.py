@@ -20,13 +20,15 @@ def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPo
     """The task's pool, from its training images alone, and how fast they were encoded: per shard, reduced in
     shard order. ``engine`` encodes the shards: ``ctx.pool_engine`` (``compute.engine``) for a pool of the
     configured base encoder, whose weights Ray's actors load themselves; None: this process, with
-    ``ctx.backbone`` as it is (a fine-tuned encoder's pools)."""
+    ``ctx.backbone`` as it is (a fine-tuned encoder's pools). With ``ctx.embedding_cache`` the embeddings are read
+    from it, or encoded by the engine and stored (components/embedding_cache.py)."""
     from components.data import DECODER
-    from components.pool_engine import REDUCE, LocalEngine, reduce_partials
+    from components.embedding_cache import pool_partials
+    from components.pool_engine import REDUCE, reduce_partials
 
     started = time.perf_counter()
     gather = needs_embeddings(cfg)
-    partials = (engine or LocalEngine()).partials(task, "train", ctx, gather)
+    partials = pool_partials(ctx, task, "train", engine, gather)  # the embedding cache's, when the context has it
     reduced = reduce_partials(partials, len(task.class_keys), ctx.backbone.embed_dim, gather)
     stats = PoolStats(images=int(reduced.counts.sum()), seconds=time.perf_counter() - started)
     text = ctx.text_embeddings(task.class_names, task.dataset)
@@ -143,7 +145,9 @@ class LVP(Method):
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
         from components.models import encode_batch
 
-        embeddings = encode_batch(ctx.backbone, images)
+        return self.embedding_scores(state, encode_batch(ctx.backbone, images), class_keys, class_names, ctx)
+
+    def embedding_scores(self, state, embeddings, class_keys, class_names, ctx: Context) -> torch.Tensor:
         fallback, text = self.label_space(state, class_keys, class_names, ctx)
         if not state.pools:
             return embeddings @ text.T

@@ -29,5 +29,8 @@ class ZeroShot(Method):
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
         from components.models import encode_batch
 
+        return self.embedding_scores(state, encode_batch(ctx.backbone, images), class_keys, class_names, ctx)
+
+    def embedding_scores(self, state, embeddings, class_keys, class_names, ctx: Context) -> torch.Tensor:
         text = self.key_text(class_keys, class_names, ctx)
-        return encode_batch(ctx.backbone, images) @ torch.stack([text[k] for k in class_keys]).T
+        return embeddings @ torch.stack([text[k] for k in class_keys]).T

@@ -1,0 +1,166 @@
+"""The frozen-encoder embedding cache (components/embedding_cache.py): what its key holds, that a hit is the
+bits of a fresh encode, that an unfinished or damaged entry is rebuilt, and that a chain of LVP steps encodes each
+image once (counted where images are encoded, ``pool_engine.encode_parts``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from components import learn_sequence, pool_engine
+from components.artifact_store import ArtifactStore
+from components.config_loading import load_config
+from components.data import load_task
+from components.embedding_cache import KIND, TENSORS, EmbeddingCache, entry_identity, entry_key, split_embeddings
+from components.methods import get_method
+from components.methods.base import context_for
+from components.methods.lvp import build_pool
+from components.models import load_backbone
+from components.pool_engine import split_parts
+from components.pools import PoolConfig
+from components.shards import ShardWriter, write_index
+from tests.conftest import tiny_overrides
+from tests.drops import png_bytes
+
+
+def _config(tmp_path, ckpt, *extra):
+    sets = [f"workspace={tmp_path / 'ws'}", f"artifacts.root={tmp_path / 'store'}", "method.name=lvp", *extra]
+    return load_config(overrides=tiny_overrides(ckpt, "evaluation.batch_size=3", *sets), env={})
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_checkpoint, drops):
+    config = _config(tmp_path, tiny_checkpoint)
+    backbone = load_backbone(config.model)
+    store = ArtifactStore(tmp_path / "store", tmp_path / "cache")
+    return config, backbone, store, [load_task(str(d)) for d in drops[:2]]
+
+
+def _stored_task(root: Path) -> Path:
+    """A stored task whose train split spans several shards (parts)."""
+    folder = root / "stored"
+    writer = ShardWriter(folder / "shards", 1500)
+    rows = []
+    for i in range(10):
+        data = png_bytes(500 + i)
+        sha = hashlib.sha256(data).hexdigest()
+        writer.add(sha, ".png", data)
+        split = "test" if i % 4 == 3 else "train"
+        rows.append({"path": f"i/{i}.png", "label": ["cat", "dog"][i % 2], "split": split, "sha256": sha})
+    located = writer.close()
+    for row in rows:
+        where = located[row["sha256"] + ".png"]
+        row.update(shard=where.shard, offset=where.offset, size=where.size, format="PNG")
+    write_index(folder / "index.csv", rows)
+    spec = {"task_id": "stored", "scenario": "class-incremental", "dataset": "toy", "classes": ["cat", "dog"]}
+    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "manifest.csv").write_text(
+        "path,label,split\n" + "".join(f"{r['path']},{r['label']},{r['split']}\n" for r in rows)
+    )
+    return folder
+
+
+def test_a_hit_returns_the_tensors_of_a_fresh_encode(setup):
+    config, backbone, store, tasks = setup
+    fresh = split_embeddings(context_for(config, backbone), tasks, "test")  # no cache: encoded
+    ctx = context_for(config, backbone, embedding_cache=EmbeddingCache(store))
+    before = pool_engine.encoded_images
+    assert all(torch.equal(a, b) for a, b in zip(split_embeddings(ctx, tasks, "test"), fresh))  # a miss: stored
+    assert pool_engine.encoded_images - before == sum(len(t.test) for t in tasks)
+    reread = context_for(config, backbone, embedding_cache=EmbeddingCache(store))  # nothing in memory: from disk
+    hits = split_embeddings(reread, tasks, "test")
+    assert pool_engine.encoded_images - before == sum(len(t.test) for t in tasks)  # nothing encoded again
+    assert all(torch.equal(a, b) for a, b in zip(hits, fresh))
+
+
+def test_the_key_changes_with_weights_decoder_content_and_split_and_holds_no_path(setup, tmp_path):
+    config, backbone, _, (task, other) = setup
+    ident = entry_identity(backbone, task, "test", 3, "pillow-draft2x")
+    key = entry_key(ident)
+    assert entry_key(entry_identity(backbone, task, "test", 3, "pillow-draft2x")) == key
+    assert entry_key(entry_identity(backbone, task, "test", 3, "pillow")) != key
+    assert entry_key(entry_identity(backbone, task, "train", 3, "pillow-draft2x")) != key
+    assert entry_key(entry_identity(backbone, other, "test", 3, "pillow-draft2x")) != key
+    assert entry_key(entry_identity(backbone, task, "test", 4, "pillow-draft2x")) != key
+    assert str(tmp_path) not in json.dumps(ident)
+    with torch.no_grad():  # weights changed in place: the digest follows
+        next(backbone.model.visual.parameters()).add_(1e-3)
+    assert entry_key(entry_identity(backbone, task, "test", 3, "pillow-draft2x")) != key
+
+
+@pytest.mark.parametrize("damage", ["no-marker", "flipped-byte"])
+def test_an_unfinished_or_damaged_entry_is_rebuilt_not_used(setup, damage):
+    config, backbone, store, (task, _) = setup
+    ctx = context_for(config, backbone, embedding_cache=EmbeddingCache(store))
+    (good,) = split_embeddings(ctx, [task], "test")
+    key = entry_key(entry_identity(backbone, task, "test", ctx.batch_size, "pillow-draft2x"))
+    folder = Path(store.root) / KIND / key
+    if damage == "no-marker":
+        (folder / "result.json").unlink()
+    else:
+        data = bytearray((folder / TENSORS).read_bytes())
+        data[-1] ^= 0xFF
+        (folder / TENSORS).write_bytes(bytes(data))
+    cache = EmbeddingCache(store)
+    assert cache.load(key) is None
+    before = pool_engine.encoded_images
+    (again,) = split_embeddings(context_for(config, backbone, embedding_cache=cache), [task], "test")
+    assert pool_engine.encoded_images - before == len(task.test) and torch.equal(again, good)
+    assert torch.equal(EmbeddingCache(store).load(key), good)  # complete again
+    assert [p.name for p in folder.parent.iterdir()] == [key]  # no staging or stale folder left behind
+
+
+def test_a_pool_from_cached_embeddings_is_byte_identical_to_one_encoded_on_the_spot(setup, tmp_path):
+    config, backbone, store, _ = setup
+    task = load_task(str(_stored_task(tmp_path)))
+    assert len(split_parts(task, "train")) > 1
+    cfg = PoolConfig(mode="bank")
+    plain, _ = build_pool(task, context_for(config, backbone), cfg)
+    cached = context_for(config, backbone, embedding_cache=EmbeddingCache(store))
+    first, _ = build_pool(task, cached, cfg)  # a miss: encoded by the engine, stored
+    before = pool_engine.encoded_images
+    second, _ = build_pool(task, context_for(config, backbone, embedding_cache=EmbeddingCache(store)), cfg)
+    assert pool_engine.encoded_images == before  # read from the store
+    for pool in (first, second):
+        assert all(torch.equal(pool.tensors()[k], v) for k, v in plain.tensors().items())
+
+
+def test_an_lvp_chain_encodes_each_image_once_with_the_cache_and_scores_the_same(tmp_path, tiny_checkpoint, drops):
+    locations = [str(d) for d in drops[:2]]
+    tasks = [load_task(loc) for loc in locations]
+    distinct = sum(len(t.train) + len(t.test) for t in tasks)
+    results = {}
+    for cache in ("true", "false"):
+        config = _config(tmp_path, tiny_checkpoint, f"artifacts.embedding_cache={cache}")
+        before = pool_engine.encoded_images
+        result = learn_sequence.learn(locations, config, validate_first=False)
+        results[cache] = (pool_engine.encoded_images - before, result.matrix.to_dict())
+    assert results["true"][0] == distinct  # each test image once, though both tasks are evaluated at every step
+    assert results["false"][0] > distinct
+    assert results["true"][1] == results["false"][1]
+
+
+def test_only_methods_that_train_no_image_tower_are_scored_from_cached_embeddings():
+    assert get_method("lvp").encodes_frozen() and get_method("zeroshot").encodes_frozen()
+    for name in ("finetune", "zscl", "sg", "cvm"):
+        assert not get_method(name).encodes_frozen()
+
+
+def test_an_object_store_entry_round_trips_and_an_unmarked_one_is_a_miss(tmp_path, s3_bucket, tiny_checkpoint, drops):
+    import boto3
+
+    config = _config(tmp_path, tiny_checkpoint)
+    backbone = load_backbone(config.model)
+    task = load_task(str(drops[0]))
+    store = ArtifactStore(f"s3://{s3_bucket}/art", tmp_path / "worker")
+    (encoded,) = split_embeddings(context_for(config, backbone, embedding_cache=EmbeddingCache(store)), [task], "test")
+    key = entry_key(entry_identity(backbone, task, "test", config.evaluation.batch_size, "pillow-draft2x"))
+    elsewhere = EmbeddingCache(ArtifactStore(f"s3://{s3_bucket}/art", tmp_path / "orchestrator"))
+    assert torch.equal(elsewhere.load(key), encoded)
+    boto3.client("s3").delete_object(Bucket=s3_bucket, Key=f"art/{KIND}/{key}/result.json")
+    assert EmbeddingCache(ArtifactStore(f"s3://{s3_bucket}/art", tmp_path / "third")).load(key) is None
