@@ -65,12 +65,13 @@ def evaluate(
     if method.encodes_frozen():
         from components.embedding_cache import split_embeddings
 
-        for tally, embeddings in zip(tallies, split_embeddings(ctx, tasks, split)):
-            labels = torch.tensor([label for _, label in tally.task.split(split)], dtype=torch.long)
-            for start in range(0, len(labels), ctx.batch_size):
-                batch = embeddings[start : start + ctx.batch_size]
-                scores = method.embedding_scores(state, batch, tally.keys, tally.names, ctx)
-                tally.add(scores, labels[start : start + len(batch)])
+        for group in _groups(tallies, split):  # a bounded number of embeddings in memory at a time
+            for tally, embeddings in zip(group, split_embeddings(ctx, [t.task for t in group], split)):
+                labels = torch.tensor([label for _, label in tally.task.split(split)], dtype=torch.long)
+                for start in range(0, len(labels), ctx.batch_size):
+                    batch = embeddings[start : start + ctx.batch_size]
+                    scores = method.embedding_scores(state, batch, tally.keys, tally.names, ctx)
+                    tally.add(scores, labels[start : start + len(batch)])
     else:
         owners, loader = _one_loader(tasks, split, ctx)
         for owner, (images, labels) in zip(owners, loader):
@@ -82,6 +83,23 @@ def evaluate(
 def accuracy(method: Method, state: LearnerState, task: TaskData, ctx: Context, split: str = "test") -> float:
     """Top-1 accuracy in percent of one task's split."""
     return evaluate(method, state, [task], ctx, split)[task.task_id]
+
+
+GROUP_IMAGES = 65536  # embeddings of at most this many images (or one split) held at once: 200 MB at 768 dims
+
+
+def _groups(tallies: list[_Tally], split: str) -> list[list[_Tally]]:
+    """Consecutive tasks whose splits hold together at most GROUP_IMAGES images (a larger split alone)."""
+    groups: list[list[_Tally]] = []
+    size = 0
+    for tally in tallies:
+        n = len(tally.task.split(split))
+        if not groups or size + n > GROUP_IMAGES:
+            groups.append([])
+            size = 0
+        groups[-1].append(tally)
+        size += n
+    return groups
 
 
 def _one_loader(tasks: list[TaskData], split: str, ctx: Context):

@@ -164,3 +164,21 @@ def test_an_object_store_entry_round_trips_and_an_unmarked_one_is_a_miss(tmp_pat
     assert torch.equal(elsewhere.load(key), encoded)
     boto3.client("s3").delete_object(Bucket=s3_bucket, Key=f"art/{KIND}/{key}/result.json")
     assert EmbeddingCache(ArtifactStore(f"s3://{s3_bucket}/art", tmp_path / "third")).load(key) is None
+
+
+def test_frozen_evaluation_from_embeddings_scores_what_images_score(setup, monkeypatch):
+    from components import evaluation
+    from components.state import LearnerState
+
+    config, backbone, store, tasks = setup
+    method = get_method("zeroshot")()
+    state = LearnerState(method="zeroshot", backbone=backbone.reference)
+    ctx = context_for(config, backbone, embedding_cache=EmbeddingCache(store))
+    from_embeddings = evaluation.evaluate(method, state, tasks, ctx)
+    owners, loader = evaluation._one_loader(tasks, "test", ctx)  # the path of methods that fine-tune the encoder
+    tallies = [evaluation._Tally(task, state) for task in tasks]
+    for owner, (images, labels) in zip(owners, loader):
+        tallies[owner].add(method.scores(state, images, tallies[owner].keys, tallies[owner].names, ctx), labels)
+    assert from_embeddings == {t.task.task_id: t.percent("test") for t in tallies}
+    monkeypatch.setattr(evaluation, "GROUP_IMAGES", 1)  # one task's embeddings in memory at a time
+    assert evaluation.evaluate(method, state, tasks, ctx) == from_embeddings
