@@ -30,6 +30,7 @@ else refers to it. ``artifacts.embedding_cache: false`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,6 +82,8 @@ def encoder_digest(backbone: Backbone) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     with _LOCK:
+        for gone in [k for k, (ref, _, _) in _ENCODER_DIGESTS.items() if ref() is None]:
+            del _ENCODER_DIGESTS[gone]
         _ENCODER_DIGESTS[id(tower)] = (weakref.ref(tower), versions, digest.hexdigest())
     return digest.hexdigest()
 
@@ -99,6 +102,8 @@ def content_digest(task: TaskData, split: str) -> str:
             digest.update(storage.sha256_bytes(task.source.read(ref, 1 << 30)).encode())
         digest.update(b"\n")
     with _LOCK:
+        for gone in [k for k, (ref, _) in _CONTENT_DIGESTS.items() if ref() is None]:
+            del _CONTENT_DIGESTS[gone]
         _CONTENT_DIGESTS[(id(task), split)] = (weakref.ref(task), digest.hexdigest())
     return digest.hexdigest()
 
@@ -153,9 +158,8 @@ class EmbeddingCache:
         if self.store is None:
             return
         result = {"key": key, "identity": identity, "images": len(embeddings), "dim": int(embeddings.shape[1])}
-        if self.store.remote:
-            folder = self.store.staging(KIND, key)
-            shutil.rmtree(folder, ignore_errors=True)
+        if self.store.remote:  # a staging folder of this writer's own (threads of one process included)
+            folder = self.store.cache / "staging" / KIND / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             _write_tensors(folder, embeddings)
             self.store.publish(folder, KIND, key, result)  # result.json last
             return
@@ -164,18 +168,18 @@ class EmbeddingCache:
         try:
             _write_tensors(tmp, embeddings)
             self.store.publish(tmp, KIND, key, result)  # a folder store writes the markers into tmp
-            if final.exists():  # an unfinished or damaged entry (else it was not a miss), or one just written
-                stale = final.with_name(f".{key}.stale.{uuid.uuid4().hex[:8]}")
-                try:
-                    os.replace(final, stale)
-                except OSError:
-                    pass  # moved away by another writer meanwhile
-                shutil.rmtree(stale, ignore_errors=True)
-            try:
-                os.replace(tmp, final)
-            except OSError:  # another process put its whole entry there first: as good as ours
-                if not (final / "result.json").is_file():
-                    raise
+            for _ in range(8):  # other writers of the key may move entries meanwhile: retry a few times
+                if _intact(final):
+                    return  # another writer's whole entry: as good as ours
+                if final.exists():  # unfinished or damaged: moved aside (one rename), then removed
+                    stale = final.with_name(f".{key}.stale.{uuid.uuid4().hex[:8]}")
+                    with contextlib.suppress(OSError):  # moved away by another writer meanwhile
+                        os.replace(final, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+                with contextlib.suppress(OSError):  # a folder appeared there first: look again
+                    os.replace(tmp, final)
+                    return
+            raise storage.StorageError(f"cannot put the embedding cache entry {final} in place")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -208,6 +212,19 @@ class EmbeddingCache:
             self._memory.move_to_end(key)
             while sum(t.numel() * t.element_size() for t in self._memory.values()) > self.memory_bytes:
                 self._memory.popitem(last=False)
+
+
+def _intact(folder: Path) -> bool:
+    """A folder entry with its completion marker whose tensors match its manifest."""
+    from components.artifact_store import MANIFEST, RESULT
+
+    try:
+        if not (folder / RESULT).is_file():
+            return False
+        expected = json.loads((folder / MANIFEST).read_text())[TENSORS]["sha256"]
+        return storage.sha256_file(folder / TENSORS) == expected
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _write_tensors(folder: Path, embeddings: torch.Tensor) -> None:

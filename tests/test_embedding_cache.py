@@ -182,3 +182,15 @@ def test_frozen_evaluation_from_embeddings_scores_what_images_score(setup, monke
     assert from_embeddings == {t.task.task_id: t.percent("test") for t in tallies}
     monkeypatch.setattr(evaluation, "GROUP_IMAGES", 1)  # one task's embeddings in memory at a time
     assert evaluation.evaluate(method, state, tasks, ctx) == from_embeddings
+
+
+def test_writers_racing_on_one_key_leave_one_complete_entry(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensor = torch.randn(2000, 64)
+    for round_ in range(5):
+        store = ArtifactStore(tmp_path / f"store{round_}", tmp_path / "cache")
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda cache: cache.save("k" * 32, tensor, {}), [EmbeddingCache(store) for _ in range(24)]))
+        assert torch.equal(EmbeddingCache(store).load("k" * 32), tensor)
+        assert [p.name for p in (Path(store.root) / KIND).iterdir()] == ["k" * 32]  # no staging folder left
