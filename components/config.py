@@ -91,6 +91,17 @@ class ModelConfig(Section):
         "bf16-weights casts the frozen model "
         "(pool building and evaluation only)",
     )
+    frozen_precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = Field(
+        "auto",
+        description="precision of frozen encoders (LVP's pools and evaluation, teachers); auto = bf16-weights on "
+        "CUDA and fp32 on CPU when precision is auto, else what precision says",
+    )
+    decoder: Literal["auto", "pillow", "pillow-draft2x", "torch-jpeg", "nvjpeg"] = Field(
+        "auto",
+        description="image decoder of frozen encoders (part of every pool and run key): auto = nvjpeg (batched "
+        "JPEG decoding and preprocessing on the GPU) when the model runs on CUDA, pillow-draft2x on CPU; "
+        "torch-jpeg = the same tensor path on the CPU",
+    )
 
 
 class MethodConfig(Section):

@@ -10,7 +10,15 @@ Decoders (named, because pixels depend on them: the name is part of every pool k
   input size on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (Pillow's draft mode), never below the
   input size, before the model's own resize. Decoding and preprocessing such an image for a 224-px model took
   about a third of the time on one core (448 to 2048-px JPEGs), and the embeddings stay within cosine 0.995 of
-  full decoding (tests/test_decoding.py); every other image gives the same bytes as ``pillow``.
+  full decoding (tests/test_decoding.py); every other image gives the same bytes as ``pillow``;
+- ``nvjpeg``: JPEGs decoded in batches on the GPU by nvJPEG, then resized, cropped and normalised there with the
+  backbone's own eval-transform parameters (components/tensor_decode.py); the DataLoader workers only read and
+  check the bytes. PNG, WebP, CMYK JPEGs and anything nvJPEG refuses go through ``pillow``, image by image;
+- ``torch-jpeg``: the same algorithm on the CPU (libjpeg-turbo through torchvision), which is how CI tests it.
+
+``model.decoder`` chooses one: ``auto`` (the default) is ``nvjpeg`` when the model runs on CUDA and ``DECODER``
+on the CPU (:func:`resolve_decoder`). The tensor decoders serve frozen encoders' eval transforms (pools,
+evaluation); training transforms (random crops) always decode with Pillow.
 """
 
 from __future__ import annotations
@@ -22,13 +30,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from components.shards import StoredTask
 from components.tasks import DropSource, normalise_class_name, open_drop, parse_manifest, parse_task_yaml
 
-DECODERS = ("pillow", "pillow-draft2x")
+DECODERS = ("pillow", "pillow-draft2x", "torch-jpeg", "nvjpeg")
 DECODER = "pillow-draft2x"  # what a dataset decodes with unless told otherwise; part of every pool key
+TENSOR_DECODERS = {"torch-jpeg": "cpu", "nvjpeg": "cuda"}  # decoder -> the kind of device it decodes on
+
+
+def resolve_decoder(setting: str, device: str) -> str:
+    """The decoder a ``model.decoder`` setting means for a model on ``device``: ``auto`` is ``nvjpeg`` on
+    CUDA and ``DECODER`` elsewhere."""
+    on_cuda = str(device).startswith("cuda")
+    if setting == "auto":
+        return "nvjpeg" if on_cuda else DECODER
+    if setting not in DECODERS:
+        raise ValueError(f"unknown decoder {setting!r} (known: auto, {', '.join(DECODERS)})")
+    if setting == "nvjpeg" and not on_cuda:
+        raise ValueError("decoder nvjpeg needs the model on a CUDA device; torch-jpeg runs the same algorithm on CPU")
+    return setting
+
+
+def decoder_key(model_cfg) -> str:
+    """The decoder as a config determines it on any machine (in every pool and run key): resolved where
+    ``model.device`` names the device; with ``device: auto`` and ``decoder: auto``, the rule itself."""
+    if model_cfg.decoder == "auto" and model_cfg.device == "auto":
+        return f"auto(cuda:nvjpeg,cpu:{DECODER})"
+    return resolve_decoder(model_cfg.decoder, "cuda" if model_cfg.device == "auto" else model_cfg.device)
 
 
 def class_key(dataset: str, name: str) -> str:
@@ -53,8 +83,10 @@ class TaskData:
     def split(self, name: str) -> list[tuple[Any, int]]:
         return {"train": self.train, "test": self.test}[name]
 
-    def dataset_for(self, split: str, transform: Callable, decoder: str = DECODER) -> ImageDataset:
-        return ImageDataset(self.source, self.split(split), transform, decoder)
+    def dataset_for(
+        self, split: str, transform: Callable, decoder: str = DECODER, device: str | None = None
+    ) -> ImageDataset:
+        return ImageDataset(self.source, self.split(split), transform, decoder, device)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -128,12 +160,33 @@ def input_size(transform: Callable) -> tuple[int, int] | None:
 
 
 class ImageDataset(Dataset):
-    def __init__(self, source: Any, items: list[tuple[Any, int]], transform: Callable, decoder: str = DECODER):
+    """(image, label) samples. With a Pillow decoder an image is the transform's tensor, made in the worker; with
+    a tensor decoder (``TENSOR_DECODERS``) it is the encoded bytes as a uint8 tensor, and :meth:`finish_batch`
+    decodes and preprocesses a collated batch on ``device`` (the model's device for ``nvjpeg``)."""
+
+    def __init__(
+        self,
+        source: Any,
+        items: list[tuple[Any, int]],
+        transform: Callable,
+        decoder: str = DECODER,
+        device: str | None = None,
+    ):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r} (known: {', '.join(DECODERS)})")
         self.source, self.items, self.transform, self.decoder = source, items, transform, decoder
         # Draft mode needs the size the model resizes to; a transform that does not say decodes in full.
         self.draft_to = input_size(transform) if decoder == "pillow-draft2x" else None
+        self.tensor_spec = None
+        if decoder in TENSOR_DECODERS:
+            from components.tensor_decode import tensor_preprocess
+
+            kind = TENSOR_DECODERS[decoder]
+            device = device if device is not None and str(device).startswith(kind) else kind
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise ValueError("decoder nvjpeg needs a CUDA device; torch-jpeg runs the same algorithm on CPU")
+            self.tensor_spec = tensor_preprocess(transform)  # raises on a transform it cannot reproduce
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.items)
@@ -145,14 +198,61 @@ class ImageDataset(Dataset):
         return self.source.read(ref, 1 << 30)
 
     def __getitem__(self, index: int):
+        if self.tensor_spec is not None:  # decoded a batch at a time by finish_batch
+            return torch.frombuffer(bytearray(self.read_bytes(index)), dtype=torch.uint8), self.items[index][1]
         return self.transform(decode_rgb(self.read_bytes(index), self.draft_to)), self.items[index][1]
+
+    def collate(self, samples: list[tuple]) -> tuple:
+        """A batch of samples: stacked tensors (Pillow decoders), or the list of encoded images (tensor ones)."""
+        from torch.utils.data import default_collate
+
+        if self.tensor_spec is None:
+            return default_collate(samples)
+        return [image for image, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.long)
+
+    def finish_batch(self, images):
+        """A collated batch's images ready for the encoder: as they are (Pillow decoders), or decoded and
+        preprocessed on the dataset's device (tensor decoders; non-JPEGs through the Pillow transform)."""
+        if self.tensor_spec is None:
+            return images
+        from components.tensor_decode import decode_batch
+
+        return decode_batch(images, self.tensor_spec, self.device, self._fallback)[0]
+
+    def _fallback(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode_rgb(data))
+
+
+class ConcatImages(ConcatDataset):
+    """Several splits' ImageDatasets as one (one loader for all of them), batched and finished as the first one
+    does: they share a transform, a decoder and a device."""
+
+    def __init__(self, datasets: list[ImageDataset]):
+        super().__init__(datasets)
+        first = datasets[0]
+        self.tensor_spec, self.device = first.tensor_spec, first.device
+        self.collate, self.finish_batch = first.collate, first.finish_batch
+
+
+class DecodedLoader:
+    """A DataLoader over an ImageDataset whose batches are finished (decoded on the device) as they come."""
+
+    def __init__(self, loader: DataLoader, dataset: ImageDataset):
+        self.loader, self.dataset = loader, dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield self.dataset.finish_batch(images), labels
 
 
 def make_loader(
     dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -162,4 +262,6 @@ def make_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
+        collate_fn=getattr(dataset, "collate", None),
     )
+    return DecodedLoader(loader, dataset) if getattr(dataset, "tensor_spec", None) is not None else loader

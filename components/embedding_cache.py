@@ -10,7 +10,7 @@ The key is a digest of what decides the embeddings, never of where anything lies
 - ``encoder``: SHA-256 of the image tower's tensors as loaded (names, dtypes, shapes, bytes), with the device
   type and the autocast dtype it runs at. Learned weights are another digest, so a fine-tuned encoder can never
   read a frozen one's embeddings (fine-tuned encoders are evaluated as before, without the cache);
-- ``preprocess`` (the eval transform's repr) and ``decoder`` (``components.data.DECODER``): pixels depend on both;
+- ``preprocess`` (the eval transform's repr) and ``decoder`` (``Context.decoder``): pixels depend on both;
 - ``batching``: the batch size, batches never crossing a shard (``pool_engine.part_batches``), so a hit holds
   the same bits a fresh encode would, and a pool built from cached embeddings is byte-identical to one encoded
   on the spot;
@@ -258,13 +258,12 @@ def encode_splits(
     """Embeddings of each (task, split), encoded by ``pool_engine.encode_parts`` over one loader for all of them
     (its workers start once, not once per split), batches never crossing a part, so each split gets the bits it
     would get alone."""
-    from torch.utils.data import ConcatDataset
-
+    from components.data import ConcatImages
     from components.pool_engine import Part, encode_parts, split_parts
 
     datasets, parts, bounds, offset = [], [], [], 0
     for task, split in requests:
-        datasets.append(task.dataset_for(split, backbone.preprocess, decoder))
+        datasets.append(task.dataset_for(split, backbone.preprocess, decoder, backbone.device))
         for part in split_parts(task, split):
             parts.append(Part(len(parts), part.shard, part.start + offset, part.stop + offset))
         bounds.append((offset, offset + len(datasets[-1])))
@@ -272,7 +271,7 @@ def encode_splits(
     if not parts:
         return [torch.zeros(0, backbone.embed_dim) for _ in requests]
     n_classes = 1 + max(label for task, split in requests for _, label in task.split(split))
-    partials = encode_parts(backbone, ConcatDataset(datasets), parts, n_classes, batch_size, workers, gather=True)
+    partials = encode_parts(backbone, ConcatImages(datasets), parts, n_classes, batch_size, workers, gather=True)
     embeddings = torch.cat([p.embeddings for p in partials])
     return [embeddings[start:stop].clone() for start, stop in bounds]
 
@@ -280,9 +279,7 @@ def encode_splits(
 def split_embeddings(ctx, tasks: list[TaskData], split: str, decoder: str | None = None) -> list[torch.Tensor]:
     """Each task's ``split`` embeddings under ``ctx.backbone``: read from ``ctx.embedding_cache`` where it has them;
     the rest encoded together (:func:`encode_splits`) and stored. No cache on the context: all encoded."""
-    from components.data import DECODER
-
-    decoder = decoder or DECODER
+    decoder = decoder or ctx.decoder
     cache = ctx.embedding_cache
     out: list[torch.Tensor | None] = [None] * len(tasks)
     entries: dict[int, tuple[str, dict[str, Any]]] = {}
@@ -307,7 +304,6 @@ def pool_partials(ctx, task: TaskData, split: str, engine, gather: bool) -> list
     """A pool's per-part partials (``pool_engine.Partial``) from the cached embeddings of the split, or, on a
     miss, from ``engine`` (every embedding gathered, then stored). From the cache, each part's sums are added up
     exactly as ``encode_parts`` adds them, so the pool is byte-identical to one encoded on the spot."""
-    from components.data import DECODER
     from components.pool_engine import LocalEngine, Partial, split_parts
     from components.pools import class_sums
 
@@ -315,7 +311,7 @@ def pool_partials(ctx, task: TaskData, split: str, engine, gather: bool) -> list
     cache = ctx.embedding_cache
     if cache is None:
         return engine.partials(task, split, ctx, gather)
-    identity = entry_identity(ctx.backbone, task, split, ctx.batch_size, DECODER)
+    identity = entry_identity(ctx.backbone, task, split, ctx.batch_size, ctx.decoder)
     key = entry_key(identity)
     embeddings = cache.load(key)
     if embeddings is None:

@@ -105,20 +105,24 @@ def _groups(tallies: list[_Tally], split: str) -> list[list[_Tally]]:
 def _one_loader(tasks: list[TaskData], split: str, ctx: Context):
     """One DataLoader over the splits of all ``tasks`` (its workers start once), each batch within one task, in the
     batches a loader per task would make; and the index of the task each batch belongs to."""
-    from torch.utils.data import ConcatDataset, DataLoader
+    from torch.utils.data import DataLoader
 
-    datasets = [task.dataset_for(split, ctx.backbone.preprocess) for task in tasks]
+    from components.data import ConcatImages, finished_batches
+
+    datasets = [task.dataset_for(split, ctx.backbone.preprocess, ctx.decoder, ctx.backbone.device) for task in tasks]
     batches, owners, offset = [], [], 0
     for owner, dataset in enumerate(datasets):
         for start in range(0, len(dataset), ctx.batch_size):
             batches.append(list(range(offset + start, offset + min(start + ctx.batch_size, len(dataset)))))
             owners.append(owner)
         offset += len(dataset)
+    joined = ConcatImages(datasets)
     loader = DataLoader(
-        ConcatDataset(datasets),
+        joined,
         batch_sampler=batches,
         num_workers=ctx.workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if ctx.workers > 0 else None,
+        collate_fn=joined.collate,
     )
-    return owners, loader
+    return owners, finished_batches(loader, joined)  # a tensor decoder's batches decoded on the device

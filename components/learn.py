@@ -142,12 +142,16 @@ def learn_step(
             f"{name!r}; a chain keeps one method (start a new chain to switch)"
         )
     method = make_method(config, name)
-    base = base if base is not None else load_backbone(config.model)
+    base = base if base is not None else load_backbone(config.model, frozen=True)  # the model itself only if frozen
     if parent is not None:
         check_backbone(parent.backbone, base.reference, "the parent model")
     weights = parent.weights if parent is not None else None
     # The model that learns: the parent's weights, in a copy of its own when training would change the base.
-    backbone = base if weights is None and not method.trains else load_backbone(config.model, weights=weights)
+    backbone = (
+        base
+        if weights is None and not method.trains
+        else load_backbone(config.model, weights=weights, frozen=not method.trains)
+    )
 
     task = _as_task(task)
     learned = parent.task_ids if parent is not None else []

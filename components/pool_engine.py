@@ -92,17 +92,22 @@ def load_batches(dataset, parts: list[Part], batch_size: int, workers: int) -> I
     from torch.utils.data import DataLoader, default_collate
 
     batches = part_batches(parts, batch_size)
+    collate = getattr(dataset, "collate", default_collate)  # a tensor decoder's batch: the encoded images
+    finish = getattr(dataset, "finish_batch", lambda images: images)  # ...decoded here, on the model's device
     if workers <= 0:
-        return (default_collate([dataset[i] for i in rows]) for rows in batches)
-    return iter(
-        DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4,
+        loaded = (collate([dataset[i] for i in rows]) for rows in batches)
+    else:
+        loaded = iter(
+            DataLoader(
+                dataset,
+                batch_sampler=batches,
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=4,
+                collate_fn=collate,
+            )
         )
-    )
+    return ((finish(images), labels) for images, labels in loaded)
 
 
 def encode_parts(
@@ -120,10 +125,12 @@ def encode_parts(
         n_batches = -(-(part.stop - part.start) // batch_size)
         feats, labels = [], []
         for images, batch_labels in itertools.islice(stream, n_batches):
-            feats.append(encode_batch(backbone, images))
+            feats.append(encode_batch(backbone, images, on_device=True))  # no wait for the host per batch
             labels.append(batch_labels.long())
             encoded_images += len(batch_labels)
-        embeddings, labels = torch.cat(feats), torch.cat(labels)
+        # One copy to the host per part. The fp64 sums are made there: CUDA's index_add_ adds with atomics, in
+        # an order that varies from run to run, and a pool's bits must not.
+        embeddings, labels = torch.cat(feats).cpu(), torch.cat(labels)
         sums, counts = class_sums(embeddings, labels, n_classes)
         out.append(Partial(part.index, sums, counts, *((embeddings, labels) if gather else (None, None))))
     return out
@@ -160,7 +167,7 @@ class LocalEngine:
     name = "local"
 
     def partials(self, task, split: str, ctx, gather: bool) -> list[Partial]:
-        dataset = task.dataset_for(split, ctx.backbone.preprocess)
+        dataset = task.dataset_for(split, ctx.backbone.preprocess, ctx.decoder, ctx.backbone.device)
         parts = split_parts(task, split)
         return encode_parts(ctx.backbone, dataset, parts, len(task.class_keys), ctx.batch_size, ctx.workers, gather)
 
@@ -198,7 +205,7 @@ def build_stored_pool(config, task_id: str, out=None) -> dict:
             raise steps.PipelineError(f"method {method.name} builds no per-task pools")
         task = load_task(str(config.workspace_path / "data" / "tasks" / task_id))
         pool, stats = method.build_pool(
-            task, context_for(config, load_backbone(config.model), task_prompts=task_prompts([task]))
+            task, context_for(config, load_backbone(config.model, frozen=True), task_prompts=task_prompts([task]))
         )
         pool.save(Path(out))
         result = {"pool_dir": str(Path(out).resolve()), "img_per_s": stats.img_per_s, "cached": False}

@@ -56,10 +56,11 @@ class PartEncoder:
         import torch
 
         from components.config import ModelConfig
-        from components.data import load_task
+        from components.data import load_task, resolve_decoder
         from components.models import load_backbone
 
-        self.backbone = load_backbone(ModelConfig.model_validate(model))
+        model_cfg = ModelConfig.model_validate(model)
+        self.backbone = load_backbone(model_cfg, frozen=True)
         if not str(self.backbone.device).startswith("cuda"):
             # CPU kernels' rounding depends on the thread count (Ray gives an actor one): the driver's count
             # keeps the embeddings bit-identical to a local build on the driver's machine.
@@ -80,7 +81,8 @@ class PartEncoder:
             raise RayEngineError(
                 f"{location}: the {split} split has {len(self.task.split(split))} rows here, {rows} on the driver"
             )
-        self.dataset = self.task.dataset_for(split, self.backbone.preprocess)
+        decoder = resolve_decoder(model_cfg.decoder, self.backbone.device)
+        self.dataset = self.task.dataset_for(split, self.backbone.preprocess, decoder, self.backbone.device)
         self.batch_size, self.workers, self.gather = batch_size, workers, gather
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

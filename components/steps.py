@@ -134,7 +134,7 @@ def parent_state(config: Config, version: int | None):
 
 
 def pool_key(config: Config, record: TaskRecord) -> str:
-    from components.data import DECODER  # pixels depend on the decoder: a pool decoded otherwise is another pool
+    from components.data import decoder_key  # pixels depend on the decoder: a pool decoded otherwise is another
     from components.pool_engine import REDUCE  # sums added per shard in shard order (engine-independent)
 
     identity = config.identity()  # no workspace path: a moved workspace keeps its pools
@@ -146,7 +146,7 @@ def pool_key(config: Config, record: TaskRecord) -> str:
             "model": identity["model"],
             "method": identity["method"],
             "templates": config.evaluation.templates,
-            "decoder": DECODER,
+            "decoder": decoder_key(config.model),
             "reduce": REDUCE,
         }
     )
@@ -182,7 +182,7 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     if not method.builds_pools:
         raise PipelineError(f"method {method.name} builds no per-task pools")
     started = time.perf_counter()
-    backbone = load_backbone(config.model)
+    backbone = load_backbone(config.model, frozen=True)  # pools come from the frozen base encoder
     task = load_task(step_io.locator(config, {task_id: address} if address else None)(task_id))
     fault_point("during_pool_build")
     engine = engine_for(config, {task_id: address} if address else None)  # Ray actors fetch by address too
@@ -214,10 +214,12 @@ def task_pool_key(config: Config, task_id: str) -> str:
 
 
 def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
+    from components.data import decoder_key
     from components.registry import run_key
 
     record = task_record(config, task_id)
-    return run_key(parent_version, task_id, record.dvc_md5, config.sha256())
+    # The decoder as resolved (auto's rule names cliploop's default Pillow decoder): evaluation's pixels depend on it.
+    return run_key(parent_version, task_id, record.dvc_md5, f"{config.sha256()}+{decoder_key(config.model)}")
 
 
 def run_update(

@@ -133,7 +133,7 @@ def test_images_draft_mode_does_not_touch_give_the_same_bytes(tiny_backbone):
         for i in range(len(items)):
             assert torch.equal(plain[i][0], draft[i][0]), items[i]
     with pytest.raises(ValueError, match="unknown decoder"):
-        ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "nvjpeg")
+        ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "dali")  # nvjpeg is one now
 
 
 def _wide_jpeg(width: int, height: int) -> bytes:

@@ -89,6 +89,7 @@ class Context:
     # Embeddings of the base encoder, each split encoded once (components/embedding_cache.py); only on a context
     # whose backbone is the base model of a method that ``encodes_frozen``. None: encode every time.
     embedding_cache: Any = None
+    decoder: str = "pillow-draft2x"  # how frozen encoders' images are decoded (components/data.py, resolve_decoder)
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -117,7 +118,7 @@ class Context:
         from components.data import make_loader
         from components.models import encode_batch
 
-        dataset = task.dataset_for(split, self.backbone.preprocess)
+        dataset = task.dataset_for(split, self.backbone.preprocess, self.decoder, self.backbone.device)
         feats, labels = [], []
         for images, batch_labels in make_loader(dataset, self.batch_size, self.workers):
             feats.append(encode_batch(self.backbone, images))
@@ -296,6 +297,7 @@ def context_for(config, backbone: Backbone, **fields: Any) -> Context:
     """The context of a configured run: batch size, workers, prompts and seed from ``config.evaluation``;
     the base model (for teachers) and locations resolved as the config says; ``fields``: the rest
     (task prompts, prebuilt pools, how to locate learned tasks, progress, checkpoints)."""
+    from components.data import resolve_decoder
     from components.models import load_backbone
     from components.pool_engine import engine_for
 
@@ -308,9 +310,12 @@ def context_for(config, backbone: Backbone, **fields: Any) -> Context:
         workers=workers,
         templates=config.evaluation.templates,
         seed=config.evaluation.seed,
-        load_base=lambda: load_backbone(config.model),
+        load_base=lambda: load_backbone(config.model, frozen=True),  # teachers only run forward
         resolve=config.location,
-        **({"pool_engine": engine_for(config)} | fields),
+        **(
+            {"pool_engine": engine_for(config), "decoder": resolve_decoder(config.model.decoder, backbone.device)}
+            | fields
+        ),
     )
 
 

@@ -22,7 +22,6 @@ def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPo
     configured base encoder, whose weights Ray's actors load themselves; None: this process, with
     ``ctx.backbone`` as it is (a fine-tuned encoder's pools). With ``ctx.embedding_cache`` the embeddings are read
     from it, or encoded by the engine and stored (components/embedding_cache.py)."""
-    from components.data import DECODER
     from components.embedding_cache import pool_partials
     from components.pool_engine import REDUCE, reduce_partials
 
@@ -37,7 +36,7 @@ def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPo
     meta = {
         "backbone": backbone.reference,
         "preprocess": repr(backbone.preprocess),
-        "decoder": DECODER,  # what the images were decoded with (components/data.py)
+        "decoder": ctx.decoder,  # what the images were decoded with (components/data.py)
         "reduce": REDUCE,  # sums added up per shard, in shard order (components/pool_engine.py)
         "prompt_templates": prompts or ctx.templates,
         "metric": cfg.metric,
@@ -89,7 +88,6 @@ class LVP(Method):
 
     def prebuilt(self, task, ctx: Context) -> TaskPool:
         """A pool built by the pipeline's build_pool step (maybe on another worker): checked before use."""
-        from components.data import DECODER
         from components.pool_engine import REDUCE
         from components.pools import PoolError
 
@@ -97,7 +95,7 @@ class LVP(Method):
         expected = {
             "config": self.settings.model_dump(mode="json"),
             "backbone": ctx.backbone.reference,
-            "decoder": DECODER,
+            "decoder": ctx.decoder,
             "reduce": REDUCE,
             "classes": task.class_keys,
             "task": _placeless(task.summary()),
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     task = load_task(args.task)
-    ctx = context_for(config, load_backbone(config.model), task_prompts=task_prompts([task]))
+    ctx = context_for(config, load_backbone(config.model, frozen=True), task_prompts=task_prompts([task]))
     pool, stats = build_pool(task, ctx, PoolConfig.model_validate(config.method.settings), ctx.pool_engine)
     files = pool.save(args.out)
     print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": stats.img_per_s}))

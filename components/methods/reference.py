@@ -122,7 +122,7 @@ class ReferenceDistillation(FineTune):
         with torch.no_grad(), base.autocast():
             image = torch.cat(
                 [
-                    normalize(base.model.encode_image(chunk.to(self.device)).float())
+                    normalize(base.model.encode_image(chunk.to(self.device, base.weights_dtype)).float())
                     for chunk in self.reference.images.split(256)
                 ]
             )
