@@ -24,7 +24,7 @@ evaluation); training transforms (random crops) always decode with Pillow.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,7 @@ class ImageDataset(Dataset):
                 raise ValueError("decoder nvjpeg needs a CUDA device; torch-jpeg runs the same algorithm on CPU")
             self.tensor_spec = tensor_preprocess(transform)  # raises on a transform it cannot reproduce
         self.device = device
+        self.fallbacks = 0  # images a tensor decoder handed to Pillow (not JPEG, CMYK, or refused)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -220,6 +221,7 @@ class ImageDataset(Dataset):
         return decode_batch(images, self.tensor_spec, self.device, self._fallback)[0]
 
     def _fallback(self, data: bytes) -> torch.Tensor:
+        self.fallbacks += 1  # counted where batches are finished (the caller's process)
         return self.transform(decode_rgb(data))
 
 
@@ -244,8 +246,50 @@ class DecodedLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield self.dataset.finish_batch(images), labels
+        return finished_batches(self.loader, self.dataset)
+
+
+def finished_batches(loaded: Iterable[tuple], dataset: Any, ahead: int = 2) -> Iterator[tuple]:
+    """(images, labels) batches with their images finished by the dataset, in order. A tensor decoder's batches
+    are decoded in a background thread, up to ``ahead`` batches before the caller asks (on CUDA on a stream of
+    their own), so decoding overlaps the caller's encoding; other datasets' batches pass as they come."""
+    if getattr(dataset, "tensor_spec", None) is None:
+        yield from loaded
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    stream = torch.cuda.Stream(device=dataset.device) if str(dataset.device).startswith("cuda") else None
+
+    def finish(images):
+        if stream is None:
+            return dataset.finish_batch(images), None
+        with torch.cuda.stream(stream):
+            out = dataset.finish_batch(images)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out, done
+
+    def ready(future, labels):
+        out, done = future.result()
+        if done is not None:  # the caller's stream waits for the decode, and keeps the memory until it is done
+            current = torch.cuda.current_stream(out.device)
+            current.wait_event(done)
+            out.record_stream(current)
+        return out, labels
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="cliploop-decode") as pool:
+        try:
+            for images, labels in loaded:
+                pending.append((pool.submit(finish, images), labels))
+                if len(pending) > ahead:
+                    yield ready(*pending.popleft())
+            while pending:
+                yield ready(*pending.popleft())
+        finally:
+            for future, _ in pending:
+                future.cancel()
 
 
 def make_loader(

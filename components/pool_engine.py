@@ -91,9 +91,10 @@ def load_batches(dataset, parts: list[Part], batch_size: int, workers: int) -> I
     ``workers`` DataLoader processes (one loader for all the parts, so workers start once per split)."""
     from torch.utils.data import DataLoader, default_collate
 
+    from components.data import finished_batches
+
     batches = part_batches(parts, batch_size)
-    collate = getattr(dataset, "collate", default_collate)  # a tensor decoder's batch: the encoded images
-    finish = getattr(dataset, "finish_batch", lambda images: images)  # ...decoded here, on the model's device
+    collate = getattr(dataset, "collate", default_collate)  # a tensor decoder's batch: the encoded images...
     if workers <= 0:
         loaded = (collate([dataset[i] for i in rows]) for rows in batches)
     else:
@@ -107,7 +108,7 @@ def load_batches(dataset, parts: list[Part], batch_size: int, workers: int) -> I
                 collate_fn=collate,
             )
         )
-    return ((finish(images), labels) for images, labels in loaded)
+    return finished_batches(loaded, dataset)  # ...decoded on the model's device, ahead of the encoder
 
 
 def encode_parts(

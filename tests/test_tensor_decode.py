@@ -68,7 +68,7 @@ def test_tensor_path_embeddings_agree_with_pillows_and_other_formats_fall_back(t
     tensor = ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "torch-jpeg")
     assert isinstance(tensor[0][0], torch.Tensor) and tensor[0][0].dtype == torch.uint8  # the workers read bytes
     reference, decoded = _batch(pillow), _batch(tensor)
-    assert decoded.shape == reference.shape == (len(blobs), 3, 32, 32)
+    assert decoded.shape == reference.shape == (len(blobs), 3, 32, 32) and tensor.fallbacks == 2
     cosine = (encode_batch(tiny_backbone, reference) * encode_batch(tiny_backbone, decoded)).sum(dim=1)
     assert cosine.min() >= 0.995, cosine
     # At most a level or two of 255 apart (libjpeg's IDCT and the resize's rounding), never another picture.
@@ -132,26 +132,33 @@ def _drop(root, classes: int = 3, train: int = 4, test: int = 6) -> str:
     return str(folder)
 
 
-def test_an_lvp_pool_built_and_evaluated_either_way_gives_the_same_top1(tmp_path, tiny_backbone):
+def _same_top1_either_way(tmp_path, backbone, decoder: str) -> None:
+    """An LVP pool built, and the task evaluated, with Pillow and with ``decoder``: the same top-1."""
     from components.evaluation import accuracy
     from components.methods.base import Context
-    from components.methods.lvp import LVP
+    from components.methods.lvp import LVP, build_pool
     from components.state import LearnerState
 
     task = load_task(_drop(tmp_path))
     results = {}
-    for decoder in ("pillow-draft2x", "torch-jpeg"):
-        method, ctx = LVP(), Context(tiny_backbone, batch_size=8, decoder=decoder)
-        state = LearnerState(method="lvp", backbone=tiny_backbone.reference)
+    for name in ("pillow-draft2x", decoder):
+        method, ctx = LVP(), Context(backbone, batch_size=8, decoder=name)
+        state = LearnerState(method="lvp", backbone=backbone.reference)
         method.begin_task(state, task, ctx)
         state = method.end_task()
-        assert state.pools["t-jpeg"].meta["decoder"] == decoder  # the pool says how it was decoded
-        results[decoder] = (accuracy(method, state, task, ctx), state.pools["t-jpeg"])
-    (pillow_top1, pillow_pool), (tensor_top1, tensor_pool) = results["pillow-draft2x"], results["torch-jpeg"]
+        assert state.pools["t-jpeg"].meta["decoder"] == name  # the pool says how it was decoded
+        results[name] = (accuracy(method, state, task, ctx), state.pools["t-jpeg"])
+    (pillow_top1, pillow_pool), (tensor_top1, tensor_pool) = results["pillow-draft2x"], results[decoder]
     assert pillow_top1 > 100 / 3 + 10  # the classes are told apart: the agreement below is about something
     assert abs(pillow_top1 - tensor_top1) <= 0.5
     cosine = torch.nn.functional.cosine_similarity(pillow_pool.image_means(), tensor_pool.image_means(), dim=1)
     assert cosine.min() >= 0.995 and torch.equal(pillow_pool.counts, tensor_pool.counts)
+    again, _ = build_pool(task, Context(backbone, batch_size=8, decoder=decoder), LVP().settings)
+    assert torch.equal(again.sums, tensor_pool.sums)  # decoded ahead in a thread, still the same bits
+
+
+def test_an_lvp_pool_built_and_evaluated_either_way_gives_the_same_top1(tmp_path, tiny_backbone):
+    _same_top1_either_way(tmp_path, tiny_backbone, "torch-jpeg")
 
 
 def test_the_decoder_is_in_the_pool_and_run_keys(tmp_path, tiny_checkpoint):
@@ -204,14 +211,27 @@ def test_frozen_encoders_take_bf16_weights_on_cuda_and_stay_fp32_on_cpu(tiny_che
     assert on_device.dtype == torch.float32 and (on_device * encode_batch(plain, images)).sum(dim=1).min() > 0.98
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_nvjpeg_embeddings_agree_with_pillows_on_cuda(tiny_backbone, tiny_checkpoint):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def gpu_backbone(tiny_checkpoint):
     from components.config import ModelConfig
-    from components.models import encode_batch, load_backbone
+    from components.models import load_backbone
 
     path, sha = tiny_checkpoint
-    gpu = load_backbone(ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha))
+    return load_backbone(
+        ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha, device="cuda"),
+        frozen=True,  # bf16 weights, as pools are built on a GPU
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nvjpeg_embeddings_agree_with_pillows_on_cuda(tiny_backbone, gpu_backbone):
+    from components.models import encode_batch
+
+    gpu = gpu_backbone
     blobs = {f"{w}.jpg": _picture(w, w * 3 // 4, seed=w, kind=w % 4) for w in SIDES} | {"a.png": _picture(50, 50, 5)}
     items = [(name, 0) for name in blobs]
     pillow = ImageDataset(_Bytes(blobs), items, gpu.preprocess, "pillow")
@@ -220,3 +240,10 @@ def test_nvjpeg_embeddings_agree_with_pillows_on_cuda(tiny_backbone, tiny_checkp
     assert decoded.device.type == "cuda"
     cosine = (encode_batch(tiny_backbone, _batch(pillow)) * encode_batch(tiny_backbone, decoded.cpu())).sum(dim=1)
     assert cosine.min() >= 0.995, cosine
+    assert nvjpeg.fallbacks == 1  # the PNG
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_an_lvp_pool_built_with_nvjpeg_gives_pillows_top1_on_cuda(tmp_path, gpu_backbone):
+    _same_top1_either_way(tmp_path, gpu_backbone, "nvjpeg")
