@@ -52,7 +52,9 @@ def test_pool_build_reports_throughput_and_ratios(tmp_path):
     assert json.loads(out.read_text()) == report
     assert report["images"] == 64 and report["device"] == "cpu"
     rates = report["img_per_s"]
-    assert all(rates[k] > 0 for k in ("pool_build", "bare_encoder", "plain_fp32"))
+    assert all(rates[k] > 0 for k in ("pool_build", "bare_encoder", "ceiling", "plain_fp32"))
+    assert report["decoder"] == "pillow-draft2x" and report["weights_dtype"] == "torch.float32"  # CPU defaults
+    assert report["ratios"]["encoder_vs_ceiling"] > 0
     # The ratio is of the unrounded rates: the printed ones (rounded to 0.1) give it to within their rounding.
     ratio = rates["pool_build"] / rates["bare_encoder"]
     slack = ratio * (0.05 / rates["pool_build"] + 0.05 / rates["bare_encoder"]) + 0.0005
