@@ -56,6 +56,7 @@ def test_a_moved_workspace_reuses_every_completed_step(tmp_path, tiny_checkpoint
     texts += [i.dataset.source for i in run.inputs.dataset_inputs]
     for text in texts:
         assert str(tmp_path / "one") not in text and str(tmp_path / "two") not in text, text
+    registry.promote(version, "rita", "fine")  # --verify vouches only for reviewed links
     record = build_lineage(registry, version, moved.workspace_path, verify=True)
     assert record["verified"] is True
 
@@ -170,6 +171,8 @@ def test_steps_publish_to_an_s3_artifact_store_and_the_orchestrator_registers_fr
     version = steps.register_update(cfg, update)["version"]
     registry = from_config(cfg)
     assert registry.version_tags(version)["parent_version"] == "1"
+    for reviewed in (1, version):  # --verify vouches only for reviewed links
+        registry.promote(reviewed, "rita", "fine")
     assert build_lineage(registry, version, cfg.workspace_path, verify=True)["verified"] is True
 
 
