@@ -1,6 +1,7 @@
 """The training loop's callbacks: the work around each optimisation step that is not the method's.
 
-Step timing, the loss log, progress lines and resumable checkpoints (trainable weights, optimizer moments and
+Step timing, the loss log, loss lines, progress (steps done, rate, ETA, to whatever shows it: components/progress.py)
+and resumable checkpoints (trainable weights, optimizer moments and
 the method's own running state, in safetensors + JSON, never pickled). They change when what a run records or
 how it resumes changes, not when the loop's optimisation does; ``components/trainer.py`` drives them through
 ``FitRun``, the loop's state as they see it. Like the trainer, no platform library is imported here.
@@ -70,7 +71,9 @@ class LossLog(Callback):
             self.rows.append({"step": step, "lr": run.lr, **{k: round(v, 6) for k, v in losses.items()}})
 
 
-class Progress(Callback):
+class LossLines(Callback):
+    """A line with the lr and every loss term, every N steps (``cliploop learn``'s story of a run)."""
+
     def __init__(self, say, every: int = 50) -> None:
         self.say, self.every = say, every
 
@@ -78,6 +81,24 @@ class Progress(Callback):
         if step % self.every == 0 or step == run.total - 1:
             terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
             self.say(f"  step {step + 1}/{run.total} lr={run.lr:.2e} {terms}")
+
+
+class StepProgress(Callback):
+    """The steps this process runs, as one piece of tracked work (from ``first``: a resumed run starts there)."""
+
+    def __init__(self, what: str, first: int = 0) -> None:
+        self.what, self.first, self.bar = what, first, None
+
+    def on_fit_start(self, run):
+        from components.progress import track
+
+        self.bar = track(run.total - self.first, self.what, unit="step")
+
+    def on_step_end(self, run, step, losses, seconds):
+        self.bar.advance(1)
+
+    def on_fit_end(self, run):
+        self.bar.close()
 
 
 class Checkpoint(Callback):

@@ -18,6 +18,7 @@ import torch
 
 from components.data import TaskData
 from components.methods.base import Context, Method
+from components.progress import tracked
 
 if TYPE_CHECKING:
     from components.state import LearnerState
@@ -74,9 +75,12 @@ def evaluate(
                     tally.add(scores, labels[start : start + len(batch)])
     else:
         owners, loader = _one_loader(tasks, split, ctx)
-        for owner, (images, labels) in zip(owners, loader):
-            tally = tallies[owner]
-            tally.add(method.scores(state, images, tally.keys, tally.names, ctx), labels)
+        total = sum(len(task.split(split)) for task in tasks)
+        with tracked(total, f"evaluate {split} ({len(tasks)} task(s))", unit="img") as done:
+            for owner, (images, labels) in zip(owners, loader):
+                tally = tallies[owner]
+                tally.add(method.scores(state, images, tally.keys, tally.names, ctx), labels)
+                done.advance(len(labels))
     return {tally.task.task_id: tally.percent(split) for tally in tallies}
 
 

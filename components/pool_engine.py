@@ -112,28 +112,31 @@ def load_batches(dataset, parts: list[Part], batch_size: int, workers: int) -> I
 
 
 def encode_parts(
-    backbone, dataset, parts: list[Part], n_classes: int, batch_size: int, workers: int, gather: bool
+    backbone, dataset, parts: list[Part], n_classes: int, batch_size: int, workers: int, gather: bool, what="encode"
 ) -> list[Partial]:
     """decode → preprocess → encode → per-class fp64 sums, one :class:`Partial` per part, in part order: the
     one function every engine calls (``dataset``: the split's ImageDataset, which checks each image's bytes
     against the index SHA-256 as it reads them)."""
     from components.models import encode_batch
+    from components.progress import tracked
 
     global encoded_images
     stream = load_batches(dataset, parts, batch_size, workers)
     out = []
-    for part in parts:
-        n_batches = -(-(part.stop - part.start) // batch_size)
-        feats, labels = [], []
-        for images, batch_labels in itertools.islice(stream, n_batches):
-            feats.append(encode_batch(backbone, images, on_device=True))  # no wait for the host per batch
-            labels.append(batch_labels.long())
-            encoded_images += len(batch_labels)
-        # One copy to the host per part. The fp64 sums are made there: CUDA's index_add_ adds with atomics, in
-        # an order that varies from run to run, and a pool's bits must not.
-        embeddings, labels = torch.cat(feats).cpu(), torch.cat(labels)
-        sums, counts = class_sums(embeddings, labels, n_classes)
-        out.append(Partial(part.index, sums, counts, *((embeddings, labels) if gather else (None, None))))
+    with tracked(sum(p.stop - p.start for p in parts), what, unit="img") as done:
+        for part in parts:
+            n_batches = -(-(part.stop - part.start) // batch_size)
+            feats, labels = [], []
+            for images, batch_labels in itertools.islice(stream, n_batches):
+                feats.append(encode_batch(backbone, images, on_device=True))  # no wait for the host per batch
+                labels.append(batch_labels.long())
+                encoded_images += len(batch_labels)
+                done.advance(len(batch_labels))
+            # One copy to the host per part. The fp64 sums are made there: CUDA's index_add_ adds with atomics,
+            # in an order that varies from run to run, and a pool's bits must not.
+            embeddings, labels = torch.cat(feats).cpu(), torch.cat(labels)
+            sums, counts = class_sums(embeddings, labels, n_classes)
+            out.append(Partial(part.index, sums, counts, *((embeddings, labels) if gather else (None, None))))
     return out
 
 
@@ -170,7 +173,8 @@ class LocalEngine:
     def partials(self, task, split: str, ctx, gather: bool) -> list[Partial]:
         dataset = task.dataset_for(split, ctx.backbone.preprocess, ctx.decoder, ctx.backbone.device)
         parts = split_parts(task, split)
-        return encode_parts(ctx.backbone, dataset, parts, len(task.class_keys), ctx.batch_size, ctx.workers, gather)
+        n_classes, what = len(task.class_keys), f"pool {task.task_id}"
+        return encode_parts(ctx.backbone, dataset, parts, n_classes, ctx.batch_size, ctx.workers, gather, what)
 
 
 def engine_for(config, addresses: dict[str, dict] | None = None):

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from components.callbacks import Callback, Checkpoint, FitRun, LossLog, Progress, StepTimer, load_checkpoint
+from components.callbacks import (
+    Callback,
+    Checkpoint,
+    FitRun,
+    LossLines,
+    LossLog,
+    StepProgress,
+    StepTimer,
+    load_checkpoint,
+)
 from components.methods.base import MethodReport
 
 if TYPE_CHECKING:
@@ -215,7 +224,7 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     timer, log = StepTimer(), LossLog()
     callbacks = [timer, log, *(callbacks or [])]
     if ctx.progress is not None:
-        callbacks.append(Progress(ctx.say, every=max(1, total // 10)))
+        callbacks.append(LossLines(ctx.say, every=max(1, total // 10)))
     start = 0
     if ctx.checkpoint_dir is not None and settings.checkpoint_every:
         folder = Path(ctx.checkpoint_dir) / task.task_id
@@ -223,6 +232,8 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
         callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved))
         if start:
             ctx.say(f"  resuming {task.task_id} at step {start + 1}/{total} from {folder}")
+    steps_done = StepProgress(f"train {task.task_id} ({method.name})", first=start)
+    callbacks.append(steps_done)
     device = torch.device(ctx.backbone.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -232,23 +243,28 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     batches = _batches(loader, ctx.seed)
     for _ in range(start):  # a resumed run sees the batches it would have seen
         next(batches)
-    for step in range(start, total):
-        images, labels, *rest = next(batches)
-        t0 = time.perf_counter()
-        factor = lr_factor(step, total, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * factor
-        run.lr = settings.lr * factor
-        try:
-            losses = optimization_step(method, optimizer, named, images, labels, ctx, step, rest[0] if rest else None)
-        except TrainError as exc:
-            raise TrainError(f"task {task.task_id}: {exc}") from None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        for cb in callbacks:
-            cb.on_step_end(run, step, values, seconds)
+    try:
+        for step in range(start, total):
+            images, labels, *rest = next(batches)
+            t0 = time.perf_counter()
+            factor = lr_factor(step, total, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * factor
+            run.lr = settings.lr * factor
+            try:
+                losses = optimization_step(
+                    method, optimizer, named, images, labels, ctx, step, rest[0] if rest else None
+                )
+            except TrainError as exc:
+                raise TrainError(f"task {task.task_id}: {exc}") from None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for cb in callbacks:
+                cb.on_step_end(run, step, values, seconds)
+    finally:  # a failed or interrupted run's progress ends too (closing twice is harmless)
+        steps_done.bar.close()
     method.after_fit()
     for cb in callbacks:
         cb.on_fit_end(run)

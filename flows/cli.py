@@ -284,8 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     quiet_library_logs()
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # piped: its lines keep their place among the progress lines
+    from flows.progress import console_progress
+
     try:
-        return args.run(args)
+        with console_progress():  # long work shows its progress on stderr (flows/progress.py)
+            return args.run(args)
     except KeyboardInterrupt as exc:  # Ctrl-C, or a night stopped by SIGTERM/SIGINT (flows/lifeline.py)
         signum = getattr(exc, "signum", 2)
         print(

@@ -16,9 +16,10 @@ from typing import Any
 
 from prefect import flow
 
-from components import chain, step_io, steps
+from components import chain, progress, step_io, steps
 from components.config import Config
 from components.config_loading import config_from_doc
+from flows.progress import PrefectProgress
 
 BUILD_POOL = "cliploop-build-pool"
 TRAIN_EVALUATE = "cliploop-train-evaluate"
@@ -30,7 +31,8 @@ def build_pool_flow(
     config: dict[str, Any], task_id: str, key: str | None = None, address: dict | None = None
 ) -> dict[str, Any]:
     """One task's label-vector pool from the frozen encoder (independent of every other task)."""
-    return steps.build_pool(config_from_doc(config), task_id, key, address)
+    with progress.reporting(PrefectProgress()):  # on a worker: this run's progress artifacts
+        return steps.build_pool(config_from_doc(config), task_id, key, address)
 
 
 @flow(name=TRAIN_EVALUATE, flow_run_name="train-{task_id}", persist_result=False)
@@ -43,7 +45,8 @@ def train_evaluate_flow(
     addresses: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """One continual step (train + evaluate) on top of ``parent_version``."""
-    return steps.run_update(config_from_doc(config), task_id, parent_version, pools, key, addresses)
+    with progress.reporting(PrefectProgress()):
+        return steps.run_update(config_from_doc(config), task_id, parent_version, pools, key, addresses)
 
 
 def deployment_name(flow_name: str, config: Config) -> str:

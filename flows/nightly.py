@@ -13,9 +13,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components import chain, review, steps
+from components import chain, progress, review, steps
 from components.config_loading import config_from_doc, load_config
 from flows import gpu
+from flows.progress import PrefectProgress
 from flows.retry import step
 from flows.update import await_review, continual_update
 
@@ -56,7 +57,7 @@ def nightly(
         "updates": [],
         "stopped": None,
     }
-    with chain.chain_lock(cfg):
+    with chain.chain_lock(cfg), progress.reporting(PrefectProgress()):
         summary["swept"] = sweep_abandoned_runs(cfg)
         for run in summary["swept"]:
             log.warning("flow run %s was left Running by a process that died: marked Crashed", run)
@@ -66,16 +67,19 @@ def nightly(
         for line in summary["reconciled"]:
             log.info("reconciled: %s", line)
         ingest = step(steps.ingest, cfg)
-        for location in step(steps.discover, cfg)(cfg):
-            outcome = ingest(location, cfg)
-            summary["ingested"].append(outcome)
-            if outcome["status"] in ("quarantined", "refused"):
-                log.warning(
-                    "%s %s: %s",
-                    outcome["status"].upper(),
-                    outcome["task_id"] or location,
-                    outcome["message"].splitlines()[0],
-                )
+        locations = step(steps.discover, cfg)(cfg)
+        with progress.tracked(len(locations), "ingest + validate", unit="drop") as ingested:
+            for location in locations:
+                outcome = ingest(location, cfg)
+                summary["ingested"].append(outcome)
+                ingested.advance(1)
+                if outcome["status"] in ("quarantined", "refused"):
+                    log.warning(
+                        "%s %s: %s",
+                        outcome["status"].upper(),
+                        outcome["task_id"] or location,
+                        outcome["message"].splitlines()[0],
+                    )
         for waiting in chain.awaiting_review(cfg):
             if waiting["gate"] != "pass":
                 continue
@@ -95,7 +99,9 @@ def nightly(
         todo = step(chain.pending_tasks, cfg)(cfg)
         pools: dict[str, str] = {}
         if todo and steps.builds_pools(cfg):
-            built = gpu.dispatch_many(cfg, gpu.BUILD_POOL, [{"task_id": t} for t in todo])
+            with progress.tracked(len(todo), "build pools", unit="task") as pooled:
+                built = gpu.dispatch_many(cfg, gpu.BUILD_POOL, [{"task_id": t} for t in todo])
+                pooled.advance(len(built))
             summary["pools"] = built
             pools = {b["task_id"]: b["pool_dir"] for b in built}
         for task_id in todo:

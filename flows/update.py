@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.input import RunInput
 
-from components import chain, review, steps
+from components import chain, progress, review, steps
 from components.config import Config
 from components.config_loading import config_from_doc
 from flows import gpu
@@ -164,10 +164,13 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
     step(chain.start_learning, cfg)(cfg, task_id)
     try:
         pools = dict(pools or {})
-        if steps.builds_pools(cfg) and task_id not in pools:
-            pools[task_id] = gpu.dispatch(cfg, gpu.BUILD_POOL, task_id=task_id)["pool_dir"]
-        update = gpu.dispatch(cfg, gpu.TRAIN_EVALUATE, task_id=task_id, parent_version=parent, pools=pools)
-        registered = step(steps.register_update, cfg)(cfg, update, _flow_run_id())
+        with progress.tracked(2, f"learn + register {task_id}", unit="step") as done:
+            if steps.builds_pools(cfg) and task_id not in pools:
+                pools[task_id] = gpu.dispatch(cfg, gpu.BUILD_POOL, task_id=task_id)["pool_dir"]
+            update = gpu.dispatch(cfg, gpu.TRAIN_EVALUATE, task_id=task_id, parent_version=parent, pools=pools)
+            done.advance(1)
+            registered = step(steps.register_update, cfg)(cfg, update, _flow_run_id())
+            done.advance(1)
     except BaseException as exc:
         chain.mark_failed(cfg, task_id, f"{type(exc).__name__}: {exc}")
         raise

@@ -171,6 +171,33 @@ def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, ti
     assert _states(strict)["t-c"] == "rejected"
 
 
+def test_progress_inside_a_flow_run_is_a_prefect_progress_artifact():
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.context import FlowRunContext
+
+    from components import progress
+    from flows.progress import PrefectProgress
+
+    @flow(persist_result=False)
+    def work() -> str:
+        with progress.reporting(PrefectProgress(every_s=0)), progress.tracked(4, "train t-x", unit="step") as steps:
+            for _ in range(4):
+                steps.advance(1)
+        return str(FlowRunContext.get().flow_run.id)
+
+    run_id = work()
+    with progress.reporting(PrefectProgress(every_s=0)), progress.tracked(2, "outside t-x") as done:
+        done.advance(2)  # no flow run: no artifact
+    with get_client(sync_client=True) as client:
+        keys = ["progress-train-t-x", "progress-outside-t-x"]
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    (artifact,) = found
+    assert (artifact.key, artifact.type, str(artifact.flow_run_id)) == ("progress-train-t-x", "progress", run_id)
+    assert float(artifact.data) == 100.0 and artifact.description == "train t-x: 4 step"
+
+
 def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, tiny_checkpoint, monkeypatch):
     import components.learn
     import components.registry
