@@ -73,8 +73,8 @@ def nightly(
                 outcome = ingest(location, cfg)
                 summary["ingested"].append(outcome)
                 ingested.advance(1)
-                if outcome["status"] in ("quarantined", "refused"):
-                    log.warning(
+                if outcome["status"] in ("quarantined", "refused"):  # INFO: the night's summary says it on the console
+                    log.info(
                         "%s %s: %s",
                         outcome["status"].upper(),
                         outcome["task_id"] or location,
