@@ -1,10 +1,10 @@
 """The training loop's callbacks: the work around each optimisation step that is not the method's.
 
-Step timing, the loss log, loss lines, progress (steps done, rate, ETA, to whatever shows it: components/progress.py)
-and resumable checkpoints (trainable weights, optimizer moments and
-the method's own running state, in safetensors + JSON, never pickled). They change when what a run records or
-how it resumes changes, not when the loop's optimisation does; ``components/trainer.py`` drives them through
-``FitRun``, the loop's state as they see it. Like the trainer, no platform library is imported here.
+Step timing, the loss log, loss lines, progress (the steps done, to whatever shows it: components/progress.py)
+and resumable checkpoints (trainable weights, optimizer moments and the method's own running state, in
+safetensors + JSON, never pickled). They change when what a run records or how it resumes changes, not when the
+loop's optimisation does; ``components/trainer.py`` drives them through ``FitRun``, the loop's state as they see
+it. Like the trainer, no platform library is imported here.
 """
 
 from __future__ import annotations
