@@ -188,8 +188,13 @@ def run_night(config, **flow_options) -> dict[str, Any]:
     from flows.lifeline import supervised
 
     flow_fn = nightly.with_options(**flow_options) if flow_options else nightly
-    return supervised(
-        lambda: flow_fn(config=config.portable()),
-        on_hard_stop=lambda signum: chain.interrupted(config, signum),
-        grace_s=SHUTDOWN_GRACE_S,
-    )
+    # The whole night as one piece of work: what no finer piece covers (Prefect's temporary server starting, the
+    # reconcile, a registration) still shows on the console as time going by.
+    with progress.tracked(1, "night", unit="night") as night:
+        summary = supervised(
+            lambda: flow_fn(config=config.portable()),
+            on_hard_stop=lambda signum: chain.interrupted(config, signum),
+            grace_s=SHUTDOWN_GRACE_S,
+        )
+        night.advance(1)
+    return summary
