@@ -76,7 +76,8 @@ def evaluate(
     else:
         owners, loader = _one_loader(tasks, split, ctx)
         total = sum(len(task.split(split)) for task in tasks)
-        with tracked(total, f"evaluate {split} ({len(tasks)} task(s))", unit="img") as done:
+        what = f"evaluate {tasks[0].task_id} ({split})" if len(tasks) == 1 else f"evaluate {len(tasks)} tasks ({split})"
+        with tracked(total, what, unit="img") as done:
             for owner, (images, labels) in zip(owners, loader):
                 tally = tallies[owner]
                 tally.add(method.scores(state, images, tally.keys, tally.names, ctx), labels)
