@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         command(
             "scenario",
             commands.cmd_scenario,
-            "benchmark scenarios: list | show NAME | convert NAME --root R --out O",
+            "benchmark scenarios: list | show NAME | convert NAME --root R --out O | glyphs --out O",
             config=False,
         )
     )
@@ -202,6 +202,16 @@ def _add_scenario(p: argparse.ArgumentParser) -> None:
     s.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     s.add_argument("--limit-per-class", type=int, help="at most N images per class and split")
     s.add_argument("--tasks", help="comma-separated task ids (default: all)")
+    s = actions.add_parser(
+        "glyphs",
+        help="write the offline glyph proving ground's drops",
+        description="write the glyph proving ground (components/glyph_bench.py): reference, tasks, held-out set",
+    )
+    s.add_argument("--out", required=True, help="folder for the task drops")
+    s.add_argument("--seed", type=int, default=0, help="the sequence's seed (tasks, classes, images)")
+    s.add_argument("--pretrain-seed", type=int, default=0, help="the pretraining classes and images")
+    s.add_argument("--size", action="append", default=[], metavar="KEY=N", help="a size, e.g. task_classes=10")
+    s.add_argument("--pretrain", action="store_true", help="also write the pretraining corpus as a drop")
 
 
 def _version() -> str:

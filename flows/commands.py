@@ -278,6 +278,15 @@ def cmd_scenario(args: argparse.Namespace) -> int:
             print(scenarios_text(scenario.list_scenarios()))
         elif args.action == "show":
             print(scenario_tasks_text(scenario.load_scenario(args.name)))
+        elif args.action == "glyphs":
+            from components.glyph_bench import GlyphBench, write_bench
+
+            try:  # pydantic's ValidationError is a ValueError, as is a benchmark larger than the fonts allow
+                sizes = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.size)}
+                bench = GlyphBench(seed=args.seed, pretrain_seed=args.pretrain_seed, **sizes)
+                write_bench(bench, Path(args.out), include_pretrain=args.pretrain)
+            except ValueError as exc:
+                raise scenario.ScenarioError(f"glyphs: {exc}") from None
         else:
             scenario.convert(
                 scenario.load_scenario(args.name),

@@ -1,0 +1,205 @@
+"""The proving ground: every registered method over the glyph sequence, from the glyph base model, as JSON.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/proving_ground.py --seed 0 --quick > proving-seed0.json
+
+Offline and deterministic from ``--seed`` (which tasks, classes and images the sequence gets; the pretraining
+corpus and so the base model stay those of ``--pretrain-seed``, so one cached base serves every seed). Steps:
+the drops are written (``components.glyph_bench``), the base model is pretrained or found in the cache
+(``components.glyph_model``, under ``$CLIPLOOP_CACHE/glyph``), and each method learns the tasks in order
+through ``components.learn.learn_step``, as ``cliploop learn`` does (no Prefect, MLflow or DVC).
+
+Methods compared side by side run on one schedule: ``iterations`` steps of batch 64 a task, every
+step-counted setting (warmup, ZSCL's ensemble interval) a tenth of the run, and one AdamW peak lr
+(``--lr``; the official 1e-5 is for ViT-B/16 over 1000 steps, this model is 1000x smaller and the run 10x
+shorter). SG keeps its official SGD step size, which is on another scale; each method keeps its own lr
+shape and losses. ZSCL and GNSP distil on the reference drop (images of the pretraining distribution).
+
+Printed, per method: ``matrix`` (accuracy %, rows after learning task i; CIL tasks scored over every class
+seen), ``initial`` (the base model), ``forgetting`` (the usual definition, label space growing),
+``forgetting_fixed`` (each task scored among its own classes only: drift without growth), ``new_task``
+(each task right after learning it), ``transfer`` / ``avg`` / ``last`` (MTIL's), ``zero_shot_retention``
+(held-out classes, after minus before, points), ``zero_shot_after`` and ``seconds``. Also the base model's
+``zero_shot_heldout`` accuracy (20-way and over the whole held-out set, with chance). ``--quick`` sizes
+the run to fit 15 minutes on 2 free cores once the base model is cached (pretraining it takes longer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads collapse on shared cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUICK = {"iterations": 50, "train_per_class": 30, "test_per_class": 15}
+FULL = {"iterations": 150, "train_per_class": 40, "test_per_class": 20}
+
+
+def method_overrides(name: str, iterations: int, lr: float, reference: Path) -> list[str]:
+    """The matched schedule for a method that trains (nothing for one that does not)."""
+    from components.methods import get_method
+
+    cls = get_method(name)
+    if not cls.trains:
+        return []
+    settings = cls.Settings()
+    out = [
+        f"method.settings.iterations={iterations}",
+        "method.settings.batch_size=64",
+        *(f"method.settings.{s}={max(1, iterations // 10)}" for s in getattr(settings, "step_intervals", {})),
+    ]
+    if settings.optimizer == "adamw":
+        out.append(f"method.settings.lr={lr}")
+    if "reference_set" in type(settings).model_fields:
+        out.append(f"method.settings.reference_set={reference}")
+    return out
+
+
+def own_space_accuracy(config, state, tasks, name: str) -> list[float]:
+    """Each task's test accuracy among its own classes only, for the learner ``state`` (the serving path:
+    the method rebuilt from the state's settings, the backbone from its weights)."""
+    import torch
+
+    from components.data import make_loader
+    from components.learn import make_method
+    from components.methods.base import context_for
+    from components.models import load_backbone
+
+    method = make_method(config, name)
+    method.settings = method.Settings.model_validate(state.method_settings or method.settings.model_dump())
+    backbone = load_backbone(config.model, weights=state.weights)
+    by_id = {t.task_id: t for t in tasks}
+    ctx = context_for(config, backbone, locate_task=lambda task_id: by_id[task_id])
+    names = {c.key: c.name for c in state.classes}
+    out = []
+    with torch.inference_mode():
+        for task in tasks:
+            keys = list(task.class_keys)
+            names.update(zip(task.class_keys, task.class_names))
+            correct = total = 0
+            for images, labels in make_loader(task.dataset_for("test", backbone.preprocess), 256, 0):
+                scores = method.scores(state, images, keys, names, ctx)
+                correct += int((scores.argmax(1).cpu() == labels).sum())
+                total += len(labels)
+            out.append(round(100.0 * correct / total, 4))
+    return out
+
+
+def run_method(name: str, config, tasks, base) -> dict:
+    from components.learn import learn_step
+    from components.metrics import AccuracyMatrix, forgetting
+
+    started = time.perf_counter()
+    state, fixed_rows, step = None, [], None
+    by_id = {t.task_id: t for t in tasks}
+    for i, task in enumerate(tasks):
+        step = learn_step(task, config, state, locate=by_id.__getitem__, upcoming=tasks[i + 1 :], base=base)
+        state = step.state
+        learned = tasks[: i + 1]
+        fixed_rows.append(own_space_accuracy(config, state, learned, name) + [None] * (len(tasks) - i - 1))
+    seconds = time.perf_counter() - started
+    m, metrics = step.matrix, step.metrics
+    fixed = AccuracyMatrix(tasks=m.tasks, matrix=fixed_rows, test_sizes=m.test_sizes)
+    zs = m.zero_shot or {}
+    return {
+        "matrix": m.matrix,
+        "initial": m.initial,
+        "forgetting": metrics["cl.forgetting"],
+        "forgetting_fixed": forgetting(fixed),
+        "matrix_fixed": fixed_rows,
+        "new_task": sum(m.matrix[i][i] for i in range(len(tasks))) / len(tasks),
+        "transfer": metrics["mtil.transfer"],
+        "avg": metrics["mtil.avg"],
+        "last": metrics["mtil.last"],
+        "zero_shot_retention": metrics["zs.retention_abs"],
+        "zero_shot_after": (zs.get("after") or [None])[-1],
+        "seconds": round(seconds, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="the sequence's seed (tasks, classes, images)")
+    parser.add_argument("--pretrain-seed", type=int, default=0, help="the pretraining corpus (the base model)")
+    parser.add_argument("--quick", action="store_true", help="shorter tasks: fits 15 minutes on 2 cores")
+    parser.add_argument("--methods", help="comma-separated subset (default: every registered method)")
+    parser.add_argument("--iterations", type=int, help="steps per task (default: 50 quick, 150 full)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="the AdamW peak lr of every AdamW method")
+    parser.add_argument("--work", help="folder for the drops and runs (default: a temporary one)")
+    parser.add_argument("--bench", default="{}", help="JSON of GlyphBench sizes to change (tests: tiny runs)")
+    parser.add_argument("--base-steps", type=int, help="pretraining steps (default: the recipe's)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from components.config_loading import load_config
+    from components.data import load_task
+    from components.glyph_bench import GlyphBench, write_bench
+    from components.glyph_model import build_base_model, model_overrides, zero_shot
+    from components.methods import available_methods
+    from components.models import cache_dir, load_backbone
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    sizes = QUICK if args.quick else FULL
+    fields = {"train_per_class": sizes["train_per_class"], "test_per_class": sizes["test_per_class"]}
+    bench = GlyphBench(seed=args.seed, pretrain_seed=args.pretrain_seed, **{**fields, **json.loads(args.bench)})
+    iterations = args.iterations or sizes["iterations"]
+    names = args.methods.split(",") if args.methods else list(available_methods())
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    work = Path(args.work or tempfile.mkdtemp(prefix="proving-ground-"))
+    drops = work / "drops"
+    layout = write_bench(bench, drops, say=say)
+    changes = {"steps": args.base_steps} if args.base_steps else {}
+    base_started = time.perf_counter()
+    path = build_base_model(bench, cache_dir() / "glyph", progress=say, **changes)
+    base_s = time.perf_counter() - base_started
+    common = [
+        *model_overrides(path),
+        f"workspace={work / 'workspace'}",
+        f"evaluation.zero_shot_set={drops / layout['heldout']}",
+        f"evaluation.seed={args.seed}",
+        "evaluation.batch_size=256",
+        "model.device=cpu",
+    ]
+    config = load_config(overrides=common, env={}, cwd=work)
+    base = load_backbone(config.model)
+    heldout = zero_shot(base, load_task(drops / layout["heldout"]), seed=args.seed)
+    tasks = [load_task(drops / t) for t in layout["tasks"]]
+    say(f"base model {path.name}: held-out zero-shot {heldout}")
+    results = {}
+    for name in names:
+        say(f"-- {name}")
+        overrides = [
+            *common,
+            f"method.name={name}",
+            *method_overrides(name, iterations, args.lr, drops / layout["reference"]),
+        ]
+        method_config = load_config(overrides=overrides, env={}, cwd=work)
+        results[name] = run_method(name, method_config, tasks, base)
+        say(f"   forgetting {results[name]['forgetting']}, last {results[name]['last']}, {results[name]['seconds']} s")
+    doc = {
+        "seed": args.seed,
+        "pretrain_seed": args.pretrain_seed,
+        "quick": args.quick,
+        "iterations": iterations,
+        "adamw_lr": args.lr,
+        "bench": bench.model_dump(),
+        "tasks": layout["tasks"],
+        "base_model": {"file": path.name, "build_or_load_s": round(base_s, 1)},
+        "zero_shot_heldout": heldout,
+        "methods": results,
+        "seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

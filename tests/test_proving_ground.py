@@ -1,0 +1,136 @@
+"""The glyph proving ground: its drops are deterministic, disjoint and valid, its base model is cached by
+recipe and loads like any checkpoint, and the benchmark prints its JSON (a micro run, marked slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from components import glyph_bench, glyph_model, glyphs
+from components.glyph_bench import GlyphBench
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "pretrain_classes": 12,
+    "pretrain_per_class": 2,
+    "reference_per_class": 1,
+    "tasks": 3,
+    "task_classes": 3,
+    "train_per_class": 2,
+    "test_per_class": 2,
+    "heldout_classes": 3,
+    "heldout_per_class": 2,
+}
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_the_drops_are_the_same_bytes_from_a_seed_and_others_from_another(tmp_path):
+    say = lambda message: None  # noqa: E731
+    glyph_bench.write_bench(GlyphBench(seed=3, **TINY), tmp_path / "a", say=say)
+    glyph_bench.write_bench(GlyphBench(seed=3, **TINY), tmp_path / "b", say=say)
+    glyph_bench.write_bench(GlyphBench(seed=4, **TINY), tmp_path / "c", say=say)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    tasks = json.loads((tmp_path / "a" / "bench.json").read_text())["tasks"]
+    assert _digest(tmp_path / "a" / tasks[0]) != _digest(tmp_path / "c" / tasks[0])
+
+
+def test_look_alikes_are_one_class_named_after_the_first():
+    kept = {g.char for g in glyphs.candidates()}
+    # Latin A, Greek Alpha and Cyrillic A draw the same picture: only Latin A (the lowest code point) stays.
+    assert "A" in kept and "\u0391" not in kept and "\u0410" not in kept
+    assert "\u03b1" in kept  # Greek small alpha has a shape of its own
+    keys = [glyphs._shape_key(g.char, g.fonts[0]) for g in glyphs.candidates()]
+    assert len(set(keys)) == len(keys) and None not in keys
+    assert all(g.name == unicodedata.name(g.char).lower() for g in glyphs.candidates()[:50])
+
+
+def test_sequence_and_held_out_classes_are_never_pretrained_on_and_one_base_serves_every_seed():
+    a, b = (glyph_bench.plan(GlyphBench(seed=s, **TINY)) for s in (1, 2))
+    for p in (a, b):
+        cil = [t for t in p.tasks if t.scenario == "class-incremental"]
+        assert not set(p.pretrain) & p.task_classes() and not set(p.heldout) & (set(p.pretrain) | p.task_classes())
+        assert sum(len(t.classes) for t in cil) == len({c for t in cil for c in t.classes})  # tasks disjoint
+        assert set(p.tasks[-1].classes) == p.task_classes()  # the domain-incremental task keeps the label space
+        assert not {t.domain for t in p.tasks} & set(glyphs.PRETRAIN_DOMAINS)
+    assert a.pretrain == b.pretrain and a.tasks != b.tasks
+    with pytest.raises(ValueError, match="packaged fonts give"):
+        glyph_bench.plan(GlyphBench(pretrain_classes=len(glyphs.candidates())))
+
+
+def test_the_drops_pass_cliploops_own_validation_in_order(tmp_path):
+    from components.config_loading import load_config
+    from components.drop_check import validate_location
+    from components.learn_sequence import validate_sequence
+
+    layout = glyph_bench.write_bench(GlyphBench(seed=0, **TINY), tmp_path / "drops", say=lambda m: None)
+    config = load_config(overrides=[f"workspace={tmp_path / 'ws'}"], env={}, cwd=tmp_path)
+    validate_sequence([str(tmp_path / "drops" / t) for t in layout["tasks"]], config)  # raises when refused
+    for drop in (layout["reference"], layout["heldout"]):
+        assert validate_location(str(tmp_path / "drops" / drop), config).success
+
+
+def test_the_cut_vocabulary_tokenises_like_clips_and_the_base_model_is_cached_by_recipe(tmp_path):
+    import open_clip
+
+    from components.config import ModelConfig
+    from components.models import load_backbone, register_builtin_configs
+
+    register_builtin_configs()
+    cut, full = open_clip.get_tokenizer(glyph_model.MODEL), open_clip.get_tokenizer("ViT-B-32")
+    config = json.loads((glyph_model.CONFIG_DIR / f"{glyph_model.MODEL}.json").read_text())
+    assert config["text_cfg"]["vocab_size"] == cut.vocab_size < 4000
+    texts = [g.name for g in glyphs.candidates()[::97]] + ["a red glyph of upwards double arrow"]
+    decode = lambda tok, text: [tok.decoder[i] for i in tok.encode(text)]  # noqa: E731
+    assert all(decode(cut, t) == decode(full, t) for t in texts)
+
+    bench = GlyphBench(**TINY)
+    key = glyph_model.recipe_key
+    assert key(glyph_model.recipe(bench)) == key(glyph_model.recipe(bench.model_copy(update={"seed": 9})))
+    assert key(glyph_model.recipe(bench)) != key(glyph_model.recipe(bench, steps=7))
+    assert key(glyph_model.recipe(bench)) != key(glyph_model.recipe(bench.model_copy(update={"pretrain_seed": 1})))
+    path = glyph_model.build_base_model(bench, tmp_path, progress=lambda m: None, steps=3, warmup=1)
+    assert path.name == f"glyph-base-{key(glyph_model.recipe(bench, steps=3, warmup=1))}.safetensors"
+    mtime = path.stat().st_mtime_ns
+    assert glyph_model.build_base_model(bench, tmp_path, progress=None, steps=3, warmup=1) == path
+    assert path.stat().st_mtime_ns == mtime  # found in the cache, not rebuilt
+    overrides = dict(o.split("=", 1) for o in glyph_model.model_overrides(path))
+    backbone = load_backbone(
+        ModelConfig(name=overrides["model.name"], checkpoint=str(path), sha256=overrides["model.sha256"], device="cpu")
+    )
+    assert backbone.reference["sha256"] == overrides["model.sha256"] and backbone.embed_dim == 128
+
+
+@pytest.mark.slow  # about 100 s on 2 shared cores: every method learns two tiny tasks
+def test_the_benchmark_prints_every_methods_figures(tmp_path):
+    from components.methods import available_methods
+
+    sizes = {**TINY, "tasks": 2, "pretrain_classes": 30, "pretrain_per_class": 3}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "proving_ground.py"), "--seed", "1", "--iterations", "3"]
+        + ["--base-steps", "5", "--work", str(tmp_path), "--bench", json.dumps(sizes)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert set(report["methods"]) == set(available_methods())
+    keys = {"matrix", "forgetting", "forgetting_fixed", "new_task", "transfer", "avg", "last"}
+    for figures in report["methods"].values():
+        assert keys | {"zero_shot_retention", "seconds"} <= set(figures)
+        assert len(figures["matrix"]) == 2 and figures["forgetting"] is not None
+    assert report["methods"]["zeroshot"]["zero_shot_retention"] == 0
+    assert {"all", "3_way", "3_way_chance"} <= set(report["zero_shot_heldout"])
