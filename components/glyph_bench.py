@@ -34,6 +34,10 @@ from components import glyphs
 from components.glyphs import Glyph
 
 DATASET = "glyphs"
+# The held-out and reference sets are datasets of their own: cliploop scores a test set among the classes of
+# its dataset that the learner knows, so under the tasks' name the held-out set's label space would grow
+# with every task and its accuracy before and after would not compare.
+HELDOUT_DATASET, REFERENCE_DATASET = "glyphs-heldout", "glyphs-pretraining"
 PROMPT = "a glyph of {}"
 SPLIT_CODES = {"pretrain": 1, "reference": 2, "task": 3, "heldout": 4}
 
@@ -134,6 +138,7 @@ def _write_drop(
     domain: str,
     classes: list[Glyph],
     images: Iterator[tuple[str, str, np.ndarray]],
+    dataset: str = DATASET,
 ) -> Path:
     """A drop of the ordinary format: task.yaml, manifest.csv, images/ (a finished one is replaced)."""
     folder = root / task_id
@@ -143,7 +148,7 @@ def _write_drop(
     spec = {
         "task_id": task_id,
         "scenario": scenario,
-        "dataset": DATASET,
+        "dataset": dataset,
         "domain": domain,
         "classes": [{"name": g.name, "description": f"the character {g.char!r} ({g.family})"} for g in classes],
         "prompts": [PROMPT],
@@ -192,11 +197,15 @@ def write_bench(bench: GlyphBench, out: Path, include_pretrain: bool = False, sa
     if include_pretrain:
         counts = {"train": bench.pretrain_per_class - 1, "test": 1}
         images = _images(bench, "pretrain", p.pretrain, counts, glyphs.PRETRAIN_DOMAINS)
-        _write_drop(out, "glyphs-pretrain", "class-incremental", "pretraining", pick(p.pretrain), images)
+        _write_drop(
+            out, "glyphs-pretrain", "class-incremental", "pretraining", pick(p.pretrain), images, REFERENCE_DATASET
+        )
         written["pretrain"] = "glyphs-pretrain"
     counts = {"train": bench.reference_per_class, "test": 1}
     images = _images(bench, "reference", p.pretrain, counts, glyphs.PRETRAIN_DOMAINS)
-    _write_drop(out, "glyphs-reference", "class-incremental", "pretraining", pick(p.pretrain), images)
+    _write_drop(
+        out, "glyphs-reference", "class-incremental", "pretraining", pick(p.pretrain), images, REFERENCE_DATASET
+    )
     written["reference"] = "glyphs-reference"
     tasks = []
     for i, t in enumerate(p.tasks):
@@ -208,7 +217,7 @@ def write_bench(bench: GlyphBench, out: Path, include_pretrain: bool = False, sa
     written["tasks"] = tasks
     counts = {"train": 1, "test": bench.heldout_per_class}
     images = _images(bench, "heldout", p.heldout, counts, glyphs.PRETRAIN_DOMAINS)
-    _write_drop(out, "glyphs-heldout", "class-incremental", "pretraining", pick(p.heldout), images)
+    _write_drop(out, "glyphs-heldout", "class-incremental", "pretraining", pick(p.heldout), images, HELDOUT_DATASET)
     written["heldout"] = "glyphs-heldout"
     (out / "bench.json").write_text(json.dumps(written, indent=2) + "\n")
     return written

@@ -48,11 +48,11 @@ RECIPE = {
     "model": MODEL,
     "steps": 3400,
     "batch": 64,
-    "lr": 2e-3,
+    "lr": 1e-3,
     "warmup": 100,
     "weight_decay": 0.1,
     "seed": 0,
-    "version": 1,
+    "version": 2,
 }
 
 
@@ -181,8 +181,12 @@ def build_base_model(bench: GlyphBench, cache_dir: Path, progress=print, **chang
     tokens = tokenizer(captions)
     progress(f"  glyph corpus: {len(images)} images rendered in {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=doc["lr"], weight_decay=doc["weight_decay"])
+    # Matrices decay; gains, biases and the logit scale do not (decaying the scale toward 0 flattens the
+    # logits). Version 1 decayed everything at lr 2e-3 and stayed on the loss plateau for 3,400 steps.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n != "logit_scale"]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n != "logit_scale")]
+    groups = [{"params": decay, "weight_decay": doc["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=doc["lr"])
     steps, warmup = doc["steps"], doc["warmup"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

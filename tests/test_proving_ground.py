@@ -71,14 +71,18 @@ def test_sequence_and_held_out_classes_are_never_pretrained_on_and_one_base_serv
 
 def test_the_drops_pass_cliploops_own_validation_in_order(tmp_path):
     from components.config_loading import load_config
+    from components.data import load_task
     from components.drop_check import validate_location
     from components.learn_sequence import validate_sequence
 
-    layout = glyph_bench.write_bench(GlyphBench(seed=0, **TINY), tmp_path / "drops", say=lambda m: None)
+    bench = GlyphBench(seed=0, **{**TINY, "tasks": 2})
+    layout = glyph_bench.write_bench(bench, tmp_path / "drops", say=lambda m: None)
     config = load_config(overrides=[f"workspace={tmp_path / 'ws'}"], env={}, cwd=tmp_path)
     validate_sequence([str(tmp_path / "drops" / t) for t in layout["tasks"]], config)  # raises when refused
-    for drop in (layout["reference"], layout["heldout"]):
-        assert validate_location(str(tmp_path / "drops" / drop), config).success
+    assert validate_location(str(tmp_path / "drops" / layout["heldout"]), config).success
+    # The held-out set is a dataset of its own: scored among its own classes before and after every task.
+    datasets = {load_task(tmp_path / "drops" / d).dataset for d in layout["tasks"]}
+    assert load_task(tmp_path / "drops" / layout["heldout"]).dataset not in datasets
 
 
 def test_the_cut_vocabulary_tokenises_like_clips_and_the_base_model_is_cached_by_recipe(tmp_path):
