@@ -21,7 +21,7 @@ seen), ``initial`` (the base model), ``forgetting`` (the usual definition, label
 (held-out classes, after minus before, points), ``zero_shot_after`` and ``seconds``. Also the base model's
 ``zero_shot_heldout`` accuracy (20-way and over the whole held-out set, with chance). ``--quick`` sizes
 the run to fit 15 minutes on 2 cores: seed 0 took 14 min 22 s with the base model pretrained first (about
-6.5 minutes of it) and 7 min 40 s with it cached, on 2 mostly free cores; busy cores take several times longer.
+6.5 minutes of it; 7 min 40 s the rest) on 2 mostly free cores; on busy cores a run took several times longer.
 """
 
 from __future__ import annotations
