@@ -67,12 +67,11 @@ class PartEncoder:
             torch.set_num_threads(threads)
         self.failed = ""
         if address is not None:  # by content address, into this node's cache: no path of the driver's is used
-            from components.models import cache_dir
+            from components.step_io import fetched
             from components.storage import S3Settings, StorageError
-            from components.task_fetch import TaskAddress, fetch_task
 
             try:
-                location = str(fetch_task(TaskAddress.from_dict(address), cache_dir() / "dvc", S3Settings(**s3)))
+                location = fetched(address, S3Settings(**s3))
             except StorageError as exc:  # a damaged or missing object: handed back, never retried with bad bytes
                 self.failed = str(exc)
                 return

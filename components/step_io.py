@@ -78,13 +78,20 @@ def locator(config: Config, addresses: dict[str, dict] | None) -> Callable[[str]
     (a worker), else the workspace's stored copy."""
     if not addresses:
         return lambda task_id: str(config.workspace_path / "data" / "tasks" / task_id)
-    from components.models import cache_dir
-    from components.task_fetch import TaskAddress, fetch_task
     from components.workspace import s3_settings
 
     def locate(task_id: str) -> str:
         if task_id not in addresses:
             raise PipelineError(f"task {task_id} is needed by this step but was not handed to it")
-        return str(fetch_task(TaskAddress.from_dict(addresses[task_id]), cache_dir() / "dvc", s3_settings(config)))
+        return fetched(addresses[task_id], s3_settings(config))
 
     return locate
+
+
+def fetched(address: dict, s3) -> str:
+    """The folder of a task handed by its content address: fetched into this machine's cache, every file's md5
+    checked (``task_fetch.fetch_task``)."""
+    from components.models import cache_dir
+    from components.task_fetch import TaskAddress, fetch_task
+
+    return str(fetch_task(TaskAddress.from_dict(address), cache_dir() / "dvc", s3))

@@ -122,6 +122,27 @@ def tiny_checkpoint(tmp_path_factory):
     return path, save_weights(model, path)
 
 
+class MemoryImages:
+    """A drop-like source of images held in memory (``read(relpath, max_bytes)``)."""
+
+    def __init__(self, blobs: dict[str, bytes]):
+        self.blobs = blobs
+
+    def read(self, relpath: str, max_bytes: int) -> bytes:
+        return self.blobs[relpath]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_checkpoint):
+    """The tiny model with the session's fixed weights, on the CPU."""
+    from components.config import ModelConfig
+    from components.models import load_backbone
+
+    path, sha = tiny_checkpoint
+    cfg = ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha, device="cpu")
+    return load_backbone(cfg)
+
+
 def tiny_overrides(ckpt, *extra) -> list[str]:
     """Config overrides that point cliploop at the tiny checkpoint (small evaluation batches)."""
     path, sha = ckpt

@@ -12,6 +12,7 @@ from PIL import Image
 from components import shards
 from components.data import decode_rgb
 from components.shards import read_index, write_index
+from tests.conftest import MemoryImages
 
 
 def _rows(n: int, shard: str = "shard-00000.tar") -> list[dict]:
@@ -64,26 +65,6 @@ def _jpeg(side: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-class _Bytes:
-    """A drop-like source of images held in memory."""
-
-    def __init__(self, blobs: dict[str, bytes]):
-        self.blobs = blobs
-
-    def read(self, relpath: str, max_bytes: int) -> bytes:
-        return self.blobs[relpath]
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tiny_checkpoint):
-    from components.config import ModelConfig
-    from components.models import load_backbone
-
-    path, sha = tiny_checkpoint
-    cfg = ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha, device="cpu")
-    return load_backbone(cfg)
-
-
 def test_draft_mode_shrinks_large_jpegs_and_keeps_their_embeddings(tiny_backbone):
     from components.data import ImageDataset, input_size
     from components.models import encode_batch
@@ -92,8 +73,8 @@ def test_draft_mode_shrinks_large_jpegs_and_keeps_their_embeddings(tiny_backbone
     assert input_size(preprocess) == (32, 32) and input_size(tiny_backbone.preprocess_train) == (32, 32)
     blobs = {f"big{i}.jpg": _jpeg(1024, seed=i) for i in range(3)}
     items = [(name, 0) for name in blobs]
-    plain = ImageDataset(_Bytes(blobs), items, preprocess, "pillow")
-    draft = ImageDataset(_Bytes(blobs), items, preprocess, "pillow-draft2x")
+    plain = ImageDataset(MemoryImages(blobs), items, preprocess, "pillow")
+    draft = ImageDataset(MemoryImages(blobs), items, preprocess, "pillow-draft2x")
     assert decode_rgb(blobs["big0.jpg"], draft.draft_to).size == (128, 128)  # 1/8 scale: still >= 32 px
     assert decode_rgb(blobs["big0.jpg"]).size == (1024, 1024)
     full = torch.stack([plain[i][0] for i in range(len(items))])
@@ -128,12 +109,12 @@ def test_images_draft_mode_does_not_touch_give_the_same_bytes(tiny_backbone):
     }
     items = [(name, 0) for name in blobs]
     for transform in (tiny_backbone.preprocess, lambda im: torch.tensor(np.asarray(im))):
-        plain = ImageDataset(_Bytes(blobs), items, transform, "pillow")
-        draft = ImageDataset(_Bytes(blobs), items, transform, "pillow-draft2x")
+        plain = ImageDataset(MemoryImages(blobs), items, transform, "pillow")
+        draft = ImageDataset(MemoryImages(blobs), items, transform, "pillow-draft2x")
         for i in range(len(items)):
             assert torch.equal(plain[i][0], draft[i][0]), items[i]
     with pytest.raises(ValueError, match="unknown decoder"):
-        ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "dali")  # nvjpeg is one now
+        ImageDataset(MemoryImages(blobs), items, tiny_backbone.preprocess, "dali")  # nvjpeg is one now
 
 
 def _wide_jpeg(width: int, height: int) -> bytes:

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from components.data import ImageDataset, decode_rgb, decoder_key, load_task, resolve_decoder
+from tests.conftest import MemoryImages
 from tests.drops import write_manifest
 
 SIDES = (40, 63, 100, 150, 257)  # under, near and over the tiny model's 32-px input; odd sizes too
@@ -33,23 +34,6 @@ def _picture(width: int, height: int, seed: int, kind: int = 0, fmt: str = "JPEG
     return buf.getvalue()
 
 
-class _Bytes:
-    def __init__(self, blobs: dict[str, bytes]):
-        self.blobs = blobs
-
-    def read(self, relpath: str, max_bytes: int) -> bytes:
-        return self.blobs[relpath]
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tiny_checkpoint):
-    from components.config import ModelConfig
-    from components.models import load_backbone
-
-    path, sha = tiny_checkpoint
-    return load_backbone(ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha))
-
-
 def _batch(dataset: ImageDataset) -> torch.Tensor:
     images, _ = dataset.collate([dataset[i] for i in range(len(dataset))])
     return dataset.finish_batch(images)
@@ -64,8 +48,8 @@ def test_tensor_path_embeddings_agree_with_pillows_and_other_formats_fall_back(t
     blobs["art.png"] = _picture(120, 80, seed=2, fmt="PNG")  # not a JPEG: the Pillow path
     blobs["cmyk.jpg"] = _picture(64, 48, seed=3, mode="CMYK")  # four components: the Pillow path
     items = [(name, 0) for name in blobs]
-    pillow = ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "pillow")
-    tensor = ImageDataset(_Bytes(blobs), items, tiny_backbone.preprocess, "torch-jpeg")
+    pillow = ImageDataset(MemoryImages(blobs), items, tiny_backbone.preprocess, "pillow")
+    tensor = ImageDataset(MemoryImages(blobs), items, tiny_backbone.preprocess, "torch-jpeg")
     assert isinstance(tensor[0][0], torch.Tensor) and tensor[0][0].dtype == torch.uint8  # the workers read bytes
     reference, decoded = _batch(pillow), _batch(tensor)
     assert decoded.shape == reference.shape == (len(blobs), 3, 32, 32) and tensor.fallbacks == 2
@@ -107,7 +91,7 @@ def test_transforms_the_tensor_path_cannot_reproduce_are_refused():
 
     train = open_clip.image_transform(32, is_train=True)  # random resized crop: training decodes with Pillow
     with pytest.raises(UnsupportedTransform, match="RandomResizedCrop"):
-        ImageDataset(_Bytes({}), [], train, "torch-jpeg")
+        ImageDataset(MemoryImages({}), [], train, "torch-jpeg")
     with pytest.raises(ValueError, match="needs a CUDA device|torch-jpeg runs the same"):
         resolve_decoder("nvjpeg", "cpu")
 
@@ -234,8 +218,8 @@ def test_nvjpeg_embeddings_agree_with_pillows_on_cuda(tiny_backbone, gpu_backbon
     gpu = gpu_backbone
     blobs = {f"{w}.jpg": _picture(w, w * 3 // 4, seed=w, kind=w % 4) for w in SIDES} | {"a.png": _picture(50, 50, 5)}
     items = [(name, 0) for name in blobs]
-    pillow = ImageDataset(_Bytes(blobs), items, gpu.preprocess, "pillow")
-    nvjpeg = ImageDataset(_Bytes(blobs), items, gpu.preprocess, "nvjpeg", gpu.device)
+    pillow = ImageDataset(MemoryImages(blobs), items, gpu.preprocess, "pillow")
+    nvjpeg = ImageDataset(MemoryImages(blobs), items, gpu.preprocess, "nvjpeg", gpu.device)
     decoded = _batch(nvjpeg)
     assert decoded.device.type == "cuda"
     cosine = (encode_batch(tiny_backbone, _batch(pillow)) * encode_batch(tiny_backbone, decoded.cpu())).sum(dim=1)
