@@ -37,8 +37,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads collapse on shared cores
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QUICK = {"iterations": 50, "train_per_class": 30, "test_per_class": 15}
-FULL = {"iterations": 150, "train_per_class": 40, "test_per_class": 20}
+QUICK = {"iterations": 100, "train_per_class": 30, "test_per_class": 15}
+FULL = {"iterations": 300, "train_per_class": 40, "test_per_class": 20}
 
 
 def method_overrides(name: str, iterations: int, lr: float, reference: Path) -> list[str]:
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-seed", type=int, default=0, help="the pretraining corpus (the base model)")
     parser.add_argument("--quick", action="store_true", help="shorter tasks: fits 15 minutes on 2 cores")
     parser.add_argument("--methods", help="comma-separated subset (default: every registered method)")
-    parser.add_argument("--iterations", type=int, help="steps per task (default: 50 quick, 150 full)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="the AdamW peak lr of every AdamW method")
+    parser.add_argument("--iterations", type=int, help="steps per task (default: 100 quick, 300 full)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the AdamW peak lr of every AdamW method")
     parser.add_argument("--work", help="folder for the drops and runs (default: a temporary one)")
     parser.add_argument("--bench", default="{}", help="JSON of GlyphBench sizes to change (tests: tiny runs)")
     parser.add_argument("--base-steps", type=int, help="pretraining steps (default: the recipe's)")

@@ -212,6 +212,7 @@ def _add_scenario(p: argparse.ArgumentParser) -> None:
     s.add_argument("--pretrain-seed", type=int, default=0, help="the pretraining classes and images")
     s.add_argument("--size", action="append", default=[], metavar="KEY=N", help="a size, e.g. task_classes=10")
     s.add_argument("--pretrain", action="store_true", help="also write the pretraining corpus as a drop")
+    s.add_argument("--domains", help="comma-separated domains of the sequence's tasks (default: all but pixelated)")
 
 
 def _version() -> str:

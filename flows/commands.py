@@ -279,13 +279,20 @@ def cmd_scenario(args: argparse.Namespace) -> int:
         elif args.action == "show":
             print(scenario_tasks_text(scenario.load_scenario(args.name)))
         elif args.action == "glyphs":
+            from pydantic import ValidationError
+
             from components.glyph_bench import GlyphBench, write_bench
 
-            try:  # pydantic's ValidationError is a ValueError, as is a benchmark larger than the fonts allow
-                sizes = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.size)}
+            try:
+                sizes: dict = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.size)}
+                if args.domains:
+                    sizes["domains"] = tuple(d.strip() for d in args.domains.split(","))
                 bench = GlyphBench(seed=args.seed, pretrain_seed=args.pretrain_seed, **sizes)
                 write_bench(bench, Path(args.out), include_pretrain=args.pretrain)
-            except ValueError as exc:
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise scenario.ScenarioError(f"glyphs: {problems}") from None
+            except ValueError as exc:  # a benchmark larger than the fonts allow
                 raise scenario.ScenarioError(f"glyphs: {exc}") from None
         else:
             scenario.convert(

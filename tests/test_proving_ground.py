@@ -69,6 +69,16 @@ def test_sequence_and_held_out_classes_are_never_pretrained_on_and_one_base_serv
         glyph_bench.plan(GlyphBench(pretrain_classes=len(glyphs.candidates())))
 
 
+def test_the_sequence_takes_only_the_chosen_new_domains_and_refuses_others():
+    assert "pixelated" not in GlyphBench().domains  # erases the glyph at 32 pixels: left out by default
+    chosen = ("dotted", "inverted")
+    p = glyph_bench.plan(GlyphBench(seed=5, domains=chosen, **TINY))
+    assert {t.domain for t in p.tasks} <= set(chosen)
+    for wrong in (("filled", "dotted"), ("dotted", "sepia")):  # a pretraining domain; not a domain at all
+        with pytest.raises(ValueError, match="not a domain pretraining never saw"):
+            GlyphBench(domains=wrong)
+
+
 def test_the_drops_pass_cliploops_own_validation_in_order(tmp_path):
     from components.config_loading import load_config
     from components.data import load_task

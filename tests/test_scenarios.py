@@ -166,3 +166,6 @@ def test_bad_scenarios_and_the_cli(tmp_path, capsys):
         == 2
     )  # MNIST is not there and download was not asked for
     assert "MNIST" in capsys.readouterr().err
+    # The glyph proving ground's writer refuses a domain pretraining saw, in one line, before writing anything.
+    assert main(["scenario", "glyphs", "--out", str(tmp_path / "g"), "--domains", "dotted,filled"]) == 2
+    assert "not a domain pretraining never saw" in capsys.readouterr().err and not (tmp_path / "g").exists()
