@@ -7,9 +7,9 @@ bytes. From the look-alike-free glyph classes (``components.glyphs.candidates``)
   pretraining domains: filled, outlined, blurred, faded);
 - ``reference``: a few images per pretraining class, in the same domains (what ZSCL and GNSP distil on,
   ``method.settings.reference_set``);
-- the continual sequence, on classes pretraining never saw and in domains it never saw: ``tasks - 1``
-  class-incremental tasks (``task_classes`` new classes each, one new domain each), then one
-  domain-incremental task (every class of those tasks again, in another new domain);
+- the continual sequence, on classes pretraining never saw and in domains it never saw (``domains``, taken
+  in turn): ``tasks - 1`` class-incremental tasks (``task_classes`` new classes each, one new domain each),
+  then one domain-incremental task (every class of those tasks again, in another new domain);
 - ``heldout``: classes that neither pretraining nor any task uses, in the pretraining domains: the
   zero-shot set (``evaluation.zero_shot_set``), whose accuracy before and after shows what a method keeps.
 

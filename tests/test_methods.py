@@ -455,3 +455,26 @@ def load_weights_of(tiny):
 
     path = next(o.split("=", 1)[1] for o in tiny["overrides"] if o.startswith("model.checkpoint="))
     return load_file(path)
+
+
+def test_reference_captions_take_the_learners_prompt_form_unless_a_caption_is_set(tiny, tmp_path):
+    """ZSCL and GNSP distil on reference captions. The official "a photo of a {}" is CLIP's own prompt (cliploop's
+    default template); a model pretrained on other captions (the glyph base's "a glyph of {}") would be distilled
+    on text it never saw, so the captions follow the configured template unless reference_caption says otherwise."""
+    from components.methods.reference import ReferenceSet, ReferenceSettings
+    from components.models import load_backbone
+
+    task = load_task(str(tiny["drops"][0]))
+    name = task.class_names[0]
+    for templates, caption, expected in (
+        (None, None, f"a photo of a {name}"),  # the default templates: the official caption
+        ("a glyph of {}", None, f"a glyph of {name}"),
+        ("a glyph of {}", "an image of {}", f"an image of {name}"),
+    ):
+        extra = [f"evaluation.templates={templates}"] if templates else []
+        config = load_config(overrides=[*tiny["overrides"], *extra], env={}, cwd=tmp_path)
+        ctx = context_for(config, load_backbone(config.model))
+        reference = ReferenceSet(task, ctx, size=50, batch_size=4, seed=0, caption=caption)
+        assert expected in reference.distinct
+    with pytest.raises(ValueError, match="needs a {}"):
+        ReferenceSettings(reference_caption="no slot")

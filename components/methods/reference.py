@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.methods.base import Context, MethodError
 from components.methods.finetune import FineTune, FineTuneSettings
@@ -31,6 +31,19 @@ class ReferenceSettings(FineTuneSettings):
     reference_batch_size: int = Field(64, ge=1)
     reference_seed: int = Field(42)
     temperature: float = Field(2.0, gt=0, description="temperature of the image-text distillation")
+    reference_caption: str | None = Field(
+        None,
+        description="caption of a reference image, {} its class name; null = the first prompt template of the "
+        "reference set's dataset, as the task's class prompts are made (default templates: 'a photo of a {}', "
+        "the official caption)",
+    )
+
+    @field_validator("reference_caption")
+    @classmethod
+    def _has_slot(cls, value: str | None) -> str | None:
+        if value is not None and "{}" not in value:
+            raise ValueError("needs a {} where the class name goes")
+        return value
 
 
 class ReferenceSet:
@@ -43,7 +56,7 @@ class ReferenceSet:
     task, not every step.
     """
 
-    def __init__(self, task, ctx: Context, size: int, batch_size: int, seed: int):
+    def __init__(self, task, ctx: Context, size: int, batch_size: int, seed: int, caption: str | None = None):
         from components.data import make_loader
         from components.prompts import clean_class_name
 
@@ -59,7 +72,10 @@ class ReferenceSet:
         if not images:
             raise MethodError(f"reference set {task.task_id} has no training images")
         self.images = torch.cat(images).to(ctx.backbone.weights_dtype)
-        captions = [f"a photo of a {clean_class_name(task.class_names[int(y)])}" for y in torch.cat(labels)]
+        # The reference set's captions are in the learner's own prompt form: a model pretrained on other captions
+        # than CLIP's would otherwise be distilled on text it never saw.
+        template = caption.format if caption else ctx.templates_for(task.dataset)[0]
+        captions = [template(clean_class_name(task.class_names[int(y)])) for y in torch.cat(labels)]
         self.distinct = sorted(set(captions))
         self.caption_index = torch.tensor([self.distinct.index(c) for c in captions])
         self.batch_size, self.cursor = batch_size, 0
@@ -83,7 +99,14 @@ def reference_for(settings: ReferenceSettings, task, ctx: Context) -> ReferenceS
         source = load_task(location)
     else:
         source = task
-    return ReferenceSet(source, ctx, settings.reference_size, settings.reference_batch_size, settings.reference_seed)
+    return ReferenceSet(
+        source,
+        ctx,
+        settings.reference_size,
+        settings.reference_batch_size,
+        settings.reference_seed,
+        settings.reference_caption,
+    )
 
 
 @dataclass(frozen=True)
