@@ -58,8 +58,8 @@ class GlyphBench(BaseModel):
     test_per_class: int = Field(15, ge=1)
     heldout_classes: int = Field(20, ge=2, description="classes of the zero-shot set (its label space)")
     heldout_per_class: int = Field(30, ge=1, description="zero-shot set test images per class")
-    # Pixelated is left out by default: at 32 pixels its blocks erase what tells one character from another
-    # (fine-tuning learned 10-way pixelated tasks barely above zero-shot; REPRODUCIBILITY.md, "Small scale").
+    # Pixelated is left out by default: drawn at 10 x 10 and blown up to 32, little of a character's shape is left
+    # (look at a drop's images), so a task in it tests the resolution more than the method.
     domains: tuple[str, ...] = Field(
         tuple(d for d in glyphs.NEW_DOMAINS if d != "pixelated"),
         min_length=2,
