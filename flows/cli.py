@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".cliploop/demo", help="where the demo's drop zone and workspace go")
     p.add_argument("--no-bad-task", action="store_true", help="leave out the deliberately broken task")
     p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="a method that trains is also run as plain fine-tuning on the same tasks, for comparison; skip that",
+    )
+    p.add_argument(
         "--method",
         "-m",
         default="lvp",

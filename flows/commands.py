@@ -371,6 +371,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         get_method(args.method)
     except MethodError as exc:
         return fail("demo", exc, EXIT_USAGE)
-    run = run_demo(args.method, args.dir, not args.no_bad_task, args.overrides, check=check_method)
+    run = run_demo(
+        args.method, args.dir, not args.no_bad_task, args.overrides, check=check_method, compare=not args.no_baseline
+    )
     print(demo_text(run))
     return EXIT_INVALID if run.chain_stopped else EXIT_OK

@@ -326,6 +326,29 @@ def stack_status_text(rows: list[dict]) -> str:
     )
 
 
+def baseline_text(run) -> list[str]:
+    """A method's figures beside plain fine-tuning of the same tasks with the same schedule (empty without one)."""
+    b = run.baseline
+    learned = [u for u in run.summary["updates"] if u.get("metrics")]
+    if not b or not learned:
+        return []
+    mine = learned[-1]["metrics"]
+    rows = [
+        [run.config.method.name, number(mine.get("cl.forgetting")), number(mine.get("cl.last")), "this night"],
+        [
+            b["method"],
+            number(b["forgetting"]),
+            number(b["last"]),
+            f"learned here in {b['seconds']:.1f} s, not registered",
+        ],
+    ]
+    return [
+        f"\n{run.config.method.name} against plain fine-tuning of the same tasks ({', '.join(b['tasks'])}), same "
+        "schedule and seed:",
+        table(rows, ["method", "forgetting", "cl.last", ""]),
+    ]
+
+
 def demo_text(run) -> str:
     """The demo's closing report: the night, the ledger, the registry, where the time went, what to run next."""
     summary, ws = run.summary, run.config.workspace_path
@@ -337,6 +360,7 @@ def demo_text(run) -> str:
     return "\n".join(
         [
             night_text(summary, run.config),
+            *baseline_text(run),
             "\ntask ledger:",
             ledger_text(run.ledger),
             run.registry,

@@ -47,6 +47,43 @@ def demo_schedule(method: str, user_overrides: list[str]) -> list[str]:
     return out
 
 
+# A method's demo also learns the same tasks with plain fine-tuning, so that what the method changes shows
+# (REPRODUCIBILITY.md, "Small scale: the glyph proving ground (offline, 2 CPU cores)": every anti-forgetting method
+# is measured against it).
+BASELINE = "finetune"
+
+
+def baseline_overrides(user_overrides: list[str]) -> list[str]:
+    """The baseline's method config: its demo schedule, and the user's schedule settings that it also has."""
+    from components.methods import get_method
+
+    fields = get_method(BASELINE).Settings.model_fields
+    own = [
+        o
+        for o in user_overrides
+        if o.startswith("method.settings.") and o.split("=", 1)[0].strip()[len("method.settings.") :] in fields
+    ]
+    return [f"method.name={BASELINE}", *demo_schedule(BASELINE, own), *own]
+
+
+def learn_baseline(config, task_ids: list[str]) -> dict[str, Any]:
+    """Plain fine-tuning (``config``: the baseline's) over the stored tasks the night learned, outside the
+    pipeline: nothing is ingested, registered or promoted."""
+    from components.learn import stored_task_locator
+    from components.learn_sequence import learn
+
+    started = time.perf_counter()
+    stored = stored_task_locator(config)
+    result = learn([stored(t) for t in task_ids], config, validate_first=False)
+    return {
+        "method": config.method.name,
+        "tasks": task_ids,
+        "forgetting": result.metrics.get("cl.forgetting"),
+        "last": result.metrics.get("cl.last"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def demo_root(folder: str, method: str) -> Path:
     """A chain keeps one method: another method's demo gets its own folder."""
     return Path(folder if method == "lvp" else f"{folder}-{method}").resolve()
@@ -60,6 +97,7 @@ class DemoRun:
     registry: str  # the registry view, rendered ("" when empty)
     night_s: float
     elapsed_s: float
+    baseline: dict[str, Any] | None = None  # plain fine-tuning of the same tasks (learn_baseline), for a method's demo
 
     @property
     def chain_stopped(self) -> bool:
@@ -74,9 +112,11 @@ def run_demo(
     overrides: list[str],
     say: Callable[[str], None] = print,
     check: Callable[[Any], None] | None = None,
+    compare: bool = True,
 ) -> DemoRun:
     """Build the drop zone and the base model (cached), then run one night on them. ``check`` vets the
-    resolved config (the user's ``--set`` included) before the workspace is made."""
+    resolved config (the user's ``--set`` included) before the workspace is made. With ``compare``, a method
+    that trains (other than the baseline itself) is set beside plain fine-tuning of the tasks the night learned."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own summary
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the champion's download is instant here
@@ -106,19 +146,8 @@ def run_demo(
             f"(official for {method}: {length}; --set method.settings.iterations=N for your own, with its warmup)"
         )
     # The nightly flow on the embedded default: Prefect without a server, MLflow on SQLite, DVC local remote.
-    config = load_config(
-        overrides=[
-            f"workspace={root / 'workspace'}",
-            f"drop_zone={drop_zone}",
-            *model,
-            *DEMO_POLICY,
-            f"method.name={method}",
-            *schedule,
-            *overrides,
-        ],
-        env={},
-        cwd=root,
-    )
+    common = [f"workspace={root / 'workspace'}", f"drop_zone={drop_zone}", *model, *DEMO_POLICY]
+    config = load_config(overrides=[*common, f"method.name={method}", *schedule, *overrides], env={}, cwd=root)
     if check is not None:
         check(config)
     workspace.ensure_workspace(config)
@@ -135,7 +164,14 @@ def run_demo(
     night = time.perf_counter() - night_started
     ledger = workspace.status(config)
     registry = registry_text(config)
-    return DemoRun(summary, config, ledger, registry, night, time.perf_counter() - started)
+    baseline = None
+    learned = [u["task_id"] for u in summary["updates"] if u.get("metrics")]
+    if compare and learned and method != BASELINE and get_method(method).trains:
+        say(f"\nlearning the same {len(learned)} task(s) with plain fine-tuning, for comparison (nothing registered)")
+        others = [o for o in overrides if not o.startswith("method.")]
+        baseline_config = load_config(overrides=[*common, *baseline_overrides(overrides), *others], env={}, cwd=root)
+        baseline = learn_baseline(baseline_config, learned)
+    return DemoRun(summary, config, ledger, registry, night, time.perf_counter() - started, baseline)
 
 
 def quiet_library_logs() -> None:

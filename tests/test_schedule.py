@@ -182,3 +182,35 @@ def test_cliploop_methods_says_what_each_method_trains(capsys):
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert "trains: nothing (frozen)" in listing and "trains: image tower (its last block only)" in listing
+
+
+def test_a_methods_demo_sets_it_beside_fine_tuning_on_a_matched_schedule():
+    """The baseline keeps the demo's schedule, or the user's schedule settings that fine-tuning also has (a
+    method's own settings, such as a reference set, are not fine-tuning's); its figures print beside the method's."""
+    from types import SimpleNamespace
+
+    from flows.console import baseline_text
+    from flows.demo import DEMO_ADAMW_LR, DEMO_ITERATIONS, baseline_overrides
+
+    default = baseline_overrides([])
+    assert default[0] == "method.name=finetune" and f"method.settings.iterations={DEMO_ITERATIONS}" in default
+    assert f"method.settings.lr={DEMO_ADAMW_LR}" in default
+    assert f"method.settings.warmup_steps={DEMO_ITERATIONS // 10}" in default
+    mine = ["method.settings.iterations=40", "method.settings.warmup_steps=4", "method.settings.reference_set=r"]
+    chosen = baseline_overrides([*mine, "method.settings.lr=0.001", "gate.max_forgetting=5"])
+    assert chosen == ["method.name=finetune", *mine[:2], "method.settings.lr=0.001"]
+
+    updates = [
+        {"task_id": "a", "version": 1, "metrics": {"cl.last": 90.0, "cl.forgetting": None}},
+        {"task_id": "b", "version": 2, "metrics": {"cl.last": 70.0, "cl.forgetting": 12.0}},
+    ]
+    run = SimpleNamespace(
+        summary={"updates": updates},
+        config=SimpleNamespace(method=SimpleNamespace(name="gnsp")),
+        baseline={"method": "finetune", "tasks": ["a", "b"], "forgetting": 62.0, "last": 35.5, "seconds": 9.0},
+    )
+    text = "\n".join(baseline_text(run))
+    assert "gnsp against plain fine-tuning of the same tasks (a, b)" in text
+    rows = {line.split()[0]: line.split()[1:3] for line in text.splitlines()[4:]}
+    assert rows == {"gnsp": ["12.00", "70.00"], "finetune": ["62.00", "35.50"]}
+    assert baseline_text(SimpleNamespace(**{**vars(run), "baseline": None})) == []
