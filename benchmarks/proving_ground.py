@@ -134,7 +134,15 @@ def summary(figures: dict) -> str:
 
 
 def method_figures(
-    name: str, common: list[str], work: Path, drops: Path, layout: dict, iterations: int, lr: float, threads: int
+    name: str,
+    common: list[str],
+    work: Path,
+    drops: Path,
+    layout: dict,
+    iterations: int,
+    lr: float,
+    threads: int,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """One method over the sequence (everything loaded here, so that a worker process can run it)."""
     import torch
@@ -144,7 +152,8 @@ def method_figures(
     from components.models import load_backbone
 
     torch.set_num_threads(threads)
-    overrides = [*common, f"method.name={name}", *method_overrides(name, iterations, lr, drops / layout["reference"])]
+    schedule = method_overrides(name, iterations, lr, drops / layout["reference"])
+    overrides = [*common, f"method.name={name}", *schedule, *extra]
     config = load_config(overrides=overrides, env={}, cwd=work)
     tasks = [load_task(drops / t) for t in layout["tasks"]]
     return run_method(name, config, tasks, load_backbone(config.model))
@@ -161,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="folder for the drops and runs (default: a temporary one)")
     parser.add_argument("--bench", default="{}", help="JSON of GlyphBench sizes to change (tests: tiny runs)")
     parser.add_argument("--base-steps", type=int, help="pretraining steps (default: the recipe's)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every method run, after the matched schedule (an experiment, e.g. "
+        "method.settings.alpha=0.5 with --methods wise-ft: a method's setting only with methods that have it)",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -208,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = max(1, min(args.jobs or cores, len(names)))
     threads = max(1, cores // jobs) if args.jobs else 1
-    work_items = [(name, common, work, drops, layout, iterations, args.lr, threads) for name in names]
+    extra = tuple(args.overrides)
+    work_items = [(name, common, work, drops, layout, iterations, args.lr, threads, extra) for name in names]
     results = {}
     if jobs == 1:
         for job in work_items:
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "iterations": iterations,
         "adamw_lr": args.lr,
+        "overrides": list(extra),
         "bench": bench.model_dump(),
         "tasks": layout["tasks"],
         "base_model": {"file": path.name, "build_or_load_s": round(base_s, 1)},

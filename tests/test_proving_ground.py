@@ -133,7 +133,8 @@ def test_the_benchmark_prints_every_methods_figures(tmp_path):
     sizes = {**TINY, "tasks": 2, "pretrain_classes": 30, "pretrain_per_class": 3}
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "proving_ground.py"), "--seed", "1", "--iterations", "3"]
-        + ["--base-steps", "5", "--work", str(tmp_path), "--bench", json.dumps(sizes)],
+        + ["--base-steps", "5", "--work", str(tmp_path), "--bench", json.dumps(sizes)]
+        + ["--set", "evaluation.batch_size=64"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -147,4 +148,5 @@ def test_the_benchmark_prints_every_methods_figures(tmp_path):
         assert keys | {"zero_shot_retention", "seconds"} <= set(figures)
         assert len(figures["matrix"]) == 2 and figures["forgetting"] is not None
     assert report["methods"]["zeroshot"]["zero_shot_retention"] == 0
+    assert report["overrides"] == ["evaluation.batch_size=64"] and report["jobs"] >= 1
     assert {"all", "3_way", "3_way_chance"} <= set(report["zero_shot_heldout"])
