@@ -478,3 +478,24 @@ def test_reference_captions_take_the_learners_prompt_form_unless_a_caption_is_se
         assert expected in reference.distinct
     with pytest.raises(ValueError, match="needs a {}"):
         ReferenceSettings(reference_caption="no slot")
+
+
+def test_cvm_concepts_take_the_learners_prompt_form_unless_a_prompt_is_set(tiny, tmp_path):
+    """CVM's concept table is its classifier. Its prompt was fixed at "a photo of a {}" while every other
+    method and the evaluation prompt through the configured templates: a model pretrained on other captions
+    (the glyph base's "a glyph of {}") lost held-out accuracy to the switch of prompt, not to forgetting."""
+    from components.models import load_backbone
+
+    key, name = "d/cat", "cat"
+    for templates, prompt, expected in (
+        (None, None, "a photo of a cat"),  # the default templates: what the setting's old default said
+        ("a glyph of {}", None, "a glyph of cat"),
+        ("a glyph of {}", "an image of {}", "an image of cat"),
+    ):
+        extra = [f"evaluation.templates={templates}"] if templates else []
+        config = load_config(overrides=[*tiny["overrides"], *extra], env={}, cwd=tmp_path)
+        ctx = context_for(config, load_backbone(config.model))
+        method = get_method("cvm")({"prompt": prompt} if prompt else {})
+        assert method.prompt_for(key, name, ctx) == expected
+    with pytest.raises(ValueError, match="needs a {}"):
+        get_method("cvm").Settings(prompt="no slot")

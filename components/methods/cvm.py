@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.methods import register_method
 from components.methods.base import Context, MethodError
@@ -105,12 +105,23 @@ class CVMSettings(TuneSettings):
         description="frozen concept space: the backbone's text tower, or a Hugging "
         "Face model folder / package:<module>/<folder>",
     )
-    prompt: str = Field("a photo of a {}", description="how a class name is put to the language model")
+    prompt: str | None = Field(
+        None,
+        description="how a class name is put to the language model, {} the name; null = the first prompt template "
+        "of the class's dataset ('a photo of a {}' with the default templates), the form the backbone was trained on",
+    )
     tau: float = Field(0.07, gt=0)
     loss_classes: Literal["task", "seen"] = Field("seen")
     lr: float = Field(1e-4, gt=0)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, value: str | None) -> str | None:
+        if value is not None and "{}" not in value:
+            raise ValueError("needs a {} where the class name goes")
+        return value
 
 
 @register_method("cvm")
@@ -130,10 +141,14 @@ class CVM(TunedCLIP):
             self._encoder = ConceptEncoder(self.settings.language_model, ctx.backbone)
         return self._encoder
 
-    def prompt_for(self, name: str) -> str:
+    def prompt_for(self, key: str, name: str, ctx: Context) -> str:
+        """A class's prompt to the language model: the configured one, else its dataset's first template (a
+        backbone pretrained on other captions than CLIP's, such as the glyph model, gets its own form)."""
         from components.prompts import clean_class_name
 
-        return self.settings.prompt.format(clean_class_name(name))
+        if self.settings.prompt:
+            return self.settings.prompt.format(clean_class_name(name))
+        return ctx.templates_for(key.split("/", 1)[0])[0](clean_class_name(name))
 
     def select_trainable(self):
         return [(n, p) for n, p in self.model.named_parameters() if n.startswith("visual.")]
@@ -151,7 +166,7 @@ class CVM(TunedCLIP):
             table = ConceptTable([], torch.zeros(0, encoder.dim), projection)
         new = [k for k in self.label_keys if k not in table.keys]
         if new:  # appended once, never updated: old classes' targets cannot drift
-            rows = encoder([self.prompt_for(self.class_names[k]) for k in new])
+            rows = encoder([self.prompt_for(k, self.class_names[k], self.ctx) for k in new])
             table = ConceptTable(table.keys + new, torch.cat([table.concepts, rows]), table.projection)
         self.table = table
         self.projection = torch.nn.Parameter(table.projection.clone().to(self.device))
@@ -185,7 +200,8 @@ class CVM(TunedCLIP):
         known = dict(zip(table.keys, table.concepts))
         missing = [k for k in class_keys if k not in known and k not in cache]
         if missing:  # classes no task has taught: their concept, computed the same way, for zero-shot scoring
-            for key, row in zip(missing, self.encoder(ctx)([self.prompt_for(class_names[k]) for k in missing])):
+            prompts = [self.prompt_for(k, class_names[k], ctx) for k in missing]
+            for key, row in zip(missing, self.encoder(ctx)(prompts)):
                 cache[key] = row
         concepts = torch.stack([known[k] if k in known else cache[k] for k in class_keys])
         mapped = encode_batch(ctx.backbone, images) @ table.projection.T
