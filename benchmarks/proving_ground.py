@@ -21,7 +21,9 @@ Printed, per method: ``matrix`` (accuracy %, rows after learning task i; CIL tas
 seen), ``initial`` (the base model), ``forgetting`` (the usual definition, label space growing),
 ``forgetting_fixed`` (each task scored among its own classes only: drift without growth), ``new_task``
 (each task right after learning it), ``transfer`` / ``avg`` / ``last`` (MTIL's), ``zero_shot_retention``
-(held-out classes, after minus before, points), ``zero_shot_after`` and ``seconds``. Also the base model's
+(held-out classes, after minus before, points), ``zero_shot_after``, ``held_out_by_tower`` (the held-out
+20-way accuracy of the learned CLIP weights, and with only the image or only the text tower learned, the
+other put back to the base model's: which tower lost it) and ``seconds``. Also the base model's
 ``zero_shot_heldout`` accuracy (20-way and over the whole held-out set, with chance).
 
 Methods run in worker processes, one per core (``--jobs``), each on one thread: this model's training
@@ -97,7 +99,30 @@ def own_space_accuracy(config, state, tasks, name: str) -> list[float]:
     return out
 
 
-def run_method(name: str, config, tasks, base) -> dict:
+def held_out_by_tower(config, state, base, heldout, seed: int) -> dict | None:
+    """Held-out 20-way zero-shot accuracy (%, CLIP's text classifier) of the learner's weights, and with one
+    tower learned and the other put back to the base model's: which tower lost what the method lost."""
+    from components.glyph_model import zero_shot
+    from components.methods.tuning import TEXT_TOWER
+    from components.models import load_backbone
+
+    if not state.weights or heldout is None:
+        return None
+    start = base.model.state_dict()
+    out = {}
+    for label, keep in (
+        ("learned", lambda k: True),
+        ("image_learned", lambda k: not k.startswith(TEXT_TOWER)),
+        ("text_learned", lambda k: k.startswith(TEXT_TOWER)),
+    ):
+        mixed = {k: state.weights[k] if keep(k) and k in state.weights else v for k, v in start.items()}
+        backbone = load_backbone(config.model, weights=mixed)
+        figures = zero_shot(backbone, heldout, seed=seed)
+        out[label] = round(100 * next(v for k, v in figures.items() if k.endswith("_way")), 2)  # 20-way (or fewer)
+    return out
+
+
+def run_method(name: str, config, tasks, base, heldout=None) -> dict:
     from components.learn import learn_step
     from components.metrics import AccuracyMatrix, forgetting
 
@@ -125,6 +150,7 @@ def run_method(name: str, config, tasks, base) -> dict:
         "last": metrics["mtil.last"],
         "zero_shot_retention": metrics["zs.retention_abs"],
         "zero_shot_after": (zs.get("after") or [None])[-1],
+        "held_out_by_tower": held_out_by_tower(config, state, base, heldout, config.evaluation.seed),
         "seconds": round(seconds, 1),
     }
 
@@ -156,7 +182,7 @@ def method_figures(
     overrides = [*common, f"method.name={name}", *schedule, *extra]
     config = load_config(overrides=overrides, env={}, cwd=work)
     tasks = [load_task(drops / t) for t in layout["tasks"]]
-    return run_method(name, config, tasks, load_backbone(config.model))
+    return run_method(name, config, tasks, load_backbone(config.model), load_task(drops / layout["heldout"]))
 
 
 def main(argv: list[str] | None = None) -> int:

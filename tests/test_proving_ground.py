@@ -149,4 +149,7 @@ def test_the_benchmark_prints_every_methods_figures(tmp_path):
         assert len(figures["matrix"]) == 2 and figures["forgetting"] is not None
     assert report["methods"]["zeroshot"]["zero_shot_retention"] == 0
     assert report["overrides"] == ["evaluation.batch_size=64"] and report["jobs"] >= 1
+    towers = report["methods"]["finetune"]["held_out_by_tower"]
+    assert set(towers) == {"learned", "image_learned", "text_learned"}
+    assert all(0 <= v <= 100 for v in towers.values()) and report["methods"]["zeroshot"]["held_out_by_tower"] is None
     assert {"all", "3_way", "3_way_chance"} <= set(report["zero_shot_heldout"])
