@@ -482,8 +482,8 @@ def test_reference_captions_take_the_learners_prompt_form_unless_a_caption_is_se
 
 def test_cvm_concepts_take_the_learners_prompt_form_unless_a_prompt_is_set(tiny, tmp_path):
     """CVM's concept table is its classifier. Its prompt was fixed at "a photo of a {}" while every other
-    method and the evaluation prompt through the configured templates: a model pretrained on other captions
-    (the glyph base's "a glyph of {}") lost held-out accuracy to the switch of prompt, not to forgetting."""
+    method and the evaluation prompt through the configured templates, so a model pretrained on other captions
+    (the glyph base's "a glyph of {}") was scored through text it never saw once CVM took over."""
     from components.models import load_backbone
 
     key, name = "d/cat", "cat"
