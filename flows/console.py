@@ -345,7 +345,7 @@ def baseline_text(run) -> list[str]:
     return [
         f"\n{run.config.method.name} against plain fine-tuning of the same tasks ({', '.join(b['tasks'])}), same "
         "schedule and seed:",
-        table(rows, ["method", "forgetting", "cl.last", ""]),
+        table(rows, ["method", "forgetting", "cl.last", "run"]),
     ]
 
 
