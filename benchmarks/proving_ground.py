@@ -155,6 +155,22 @@ def run_method(name: str, config, tasks, base, heldout=None) -> dict:
     }
 
 
+def settings_problem(names: list[str], iterations: int, lr: float, overrides: list[str]) -> str | None:
+    """Why a method's configuration (its name, the matched schedule, the --set overrides) would be refused."""
+    from components.config_loading import ConfigError, load_config
+    from components.learn import LearnError, make_method
+    from components.methods import MethodError
+
+    cwd = Path(tempfile.gettempdir())
+    for name in names:
+        try:
+            schedule = method_overrides(name, iterations, lr, Path("reference"))
+            make_method(load_config(overrides=[f"method.name={name}", *schedule, *overrides], env={}, cwd=cwd), name)
+        except (ConfigError, MethodError, LearnError) as exc:
+            return f"{name}: {exc}"
+    return None
+
+
 def summary(figures: dict) -> str:
     return f"forgetting {figures['forgetting']}, last {figures['last']}, {figures['seconds']} s"
 
@@ -229,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     iterations = args.iterations or sizes["iterations"]
     names = args.methods.split(",") if args.methods else list(available_methods())
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    problem = settings_problem(names, iterations, args.lr, args.overrides)
+    if problem:  # before minutes of pretraining, and in one line
+        print(f"proving_ground: {problem}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="proving-ground-"))
     drops = work / "drops"

@@ -15,8 +15,10 @@ every accuracy):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 Template = Callable[[str], str]
 
@@ -44,6 +46,16 @@ def get_templates(name: str) -> list[Template]:
 def task_templates(prompts: list[str] | None) -> list[Template]:
     """A task's own prompts (task.yaml ``prompts``); without them, CLIP's ensemble."""
     return [_fmt(p) for p in prompts] if prompts else get_templates("ensemble")
+
+
+def _with_slot(value: str) -> str:
+    if "{}" not in value:
+        raise ValueError("needs a {} where the class name goes")
+    return value
+
+
+# A prompt template a user writes in a setting: refused without the {} its class name goes into.
+PromptTemplate = Annotated[str, AfterValidator(_with_slot)]
 
 
 def clean_class_name(name: str) -> str:

@@ -461,6 +461,8 @@ def test_reference_captions_take_the_learners_prompt_form_unless_a_caption_is_se
     """ZSCL and GNSP distil on reference captions. The official "a photo of a {}" is CLIP's own prompt (cliploop's
     default template); a model pretrained on other captions (the glyph base's "a glyph of {}") would be distilled
     on text it never saw, so the captions follow the configured template unless reference_caption says otherwise."""
+    import dataclasses
+
     from components.methods.reference import ReferenceSet, ReferenceSettings
     from components.models import load_backbone
 
@@ -476,6 +478,11 @@ def test_reference_captions_take_the_learners_prompt_form_unless_a_caption_is_se
         ctx = context_for(config, load_backbone(config.model))
         reference = ReferenceSet(task, ctx, size=50, batch_size=4, seed=0, caption=caption)
         assert expected in reference.distinct
+    # With templates "task", a reference set outside the stream brings its own task.yaml prompts.
+    config = load_config(overrides=[*tiny["overrides"], "evaluation.templates=task"], env={}, cwd=tmp_path)
+    ctx = context_for(config, load_backbone(config.model))
+    sketched = dataclasses.replace(task, prompts=["a sketch of {}"])
+    assert f"a sketch of {name}" in ReferenceSet(sketched, ctx, size=50, batch_size=4, seed=0).distinct
     with pytest.raises(ValueError, match="needs a {}"):
         ReferenceSettings(reference_caption="no slot")
 

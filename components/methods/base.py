@@ -127,12 +127,13 @@ class Context:
             return torch.zeros(0, self.backbone.embed_dim), torch.zeros(0, dtype=torch.long)
         return torch.cat(feats), torch.cat(labels)
 
-    def templates_for(self, dataset: str | None) -> list:
-        """The prompt templates of a dataset: its own (task.yaml) when templates is "task", else the configured set."""
+    def templates_for(self, dataset: str | None, own: list[str] | None = None) -> list:
+        """The prompt templates of a dataset: its own (task.yaml) when templates is "task", else the configured set.
+        ``own``: the prompts of a task outside the stream (a reference set), for a dataset the context lacks."""
         from components.prompts import get_templates, task_templates
 
         if self.templates == "task":
-            return task_templates(self.task_prompts.get(dataset or ""))
+            return task_templates(self.task_prompts.get(dataset or "") or own)
         return get_templates(self.templates)
 
     def text_embeddings(self, class_names: Iterable[str], dataset: str | None = None) -> torch.Tensor:

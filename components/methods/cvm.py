@@ -17,11 +17,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from components.methods import register_method
 from components.methods.base import Context, MethodError
 from components.methods.tuning import TunedCLIP, TuneSettings, normalize
+from components.prompts import PromptTemplate
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ class CVMSettings(TuneSettings):
         description="frozen concept space: the backbone's text tower, or a Hugging "
         "Face model folder / package:<module>/<folder>",
     )
-    prompt: str | None = Field(
+    prompt: PromptTemplate | None = Field(
         None,
         description="how a class name is put to the language model, {} the name; null = the first prompt template "
         "of the class's dataset ('a photo of a {}' with the default templates), the form the backbone was trained on",
@@ -115,13 +116,6 @@ class CVMSettings(TuneSettings):
     lr: float = Field(1e-4, gt=0)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _has_slot(cls, value: str | None) -> str | None:
-        if value is not None and "{}" not in value:
-            raise ValueError("needs a {} where the class name goes")
-        return value
 
 
 @register_method("cvm")

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from components.methods.base import Context, MethodError
 from components.methods.finetune import FineTune, FineTuneSettings
 from components.methods.tuning import normalize
+from components.prompts import PromptTemplate
 
 
 class ReferenceSettings(FineTuneSettings):
@@ -31,19 +32,12 @@ class ReferenceSettings(FineTuneSettings):
     reference_batch_size: int = Field(64, ge=1)
     reference_seed: int = Field(42)
     temperature: float = Field(2.0, gt=0, description="temperature of the image-text distillation")
-    reference_caption: str | None = Field(
+    reference_caption: PromptTemplate | None = Field(
         None,
         description="caption of a reference image, {} its class name; null = the first prompt template of the "
         "reference set's dataset, as the task's class prompts are made (default templates: 'a photo of a {}', "
         "the official caption)",
     )
-
-    @field_validator("reference_caption")
-    @classmethod
-    def _has_slot(cls, value: str | None) -> str | None:
-        if value is not None and "{}" not in value:
-            raise ValueError("needs a {} where the class name goes")
-        return value
 
 
 class ReferenceSet:
@@ -74,7 +68,7 @@ class ReferenceSet:
         self.images = torch.cat(images).to(ctx.backbone.weights_dtype)
         # The reference set's captions are in the learner's own prompt form: a model pretrained on other captions
         # than CLIP's would otherwise be distilled on text it never saw.
-        template = caption.format if caption else ctx.templates_for(task.dataset)[0]
+        template = caption.format if caption else ctx.templates_for(task.dataset, task.prompts)[0]
         captions = [template(clean_class_name(task.class_names[int(y)])) for y in torch.cat(labels)]
         self.distinct = sorted(set(captions))
         self.caption_index = torch.tensor([self.distinct.index(c) for c in captions])
