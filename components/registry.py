@@ -88,6 +88,15 @@ def is_unavailable(exc: BaseException) -> bool:
     return came_over_http and (status >= 500 or status == 429)
 
 
+def _without_userinfo(uri: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def _v(version: int | None) -> str:
     return "unset" if version is None else f"v{version}"
 
@@ -114,14 +123,20 @@ class Registry(RunLog):
         if self.lock_dir is None:
             self.lock_dir = Path(os.environ.get("CLIPLOOP_CACHE") or Path.home() / ".cache" / "cliploop") / "locks"
 
+    @property
+    def identity(self) -> str:
+        """A short digest naming this registered model on this tracking store, the same for every client of it
+        (credentials in the URI left out): what a review decision, a pause key or a lock is scoped to, so
+        that version 3 of one workspace's chain is never mistaken for version 3 of another's."""
+        return hashlib.sha256(f"{_without_userinfo(self.tracking_uri)}|{self.model_name}".encode()).hexdigest()[:16]
+
     # ---- locking ---------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """One writer at a time per registered model (registrations and alias moves)."""
         self.lock_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(f"{self.tracking_uri}|{self.model_name}".encode()).hexdigest()[:16]
-        with open(self.lock_dir / f"registry-{digest}.lock", "w") as fh:
+        with open(self.lock_dir / f"registry-{self.identity}.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

@@ -145,6 +145,13 @@ def _ledger_after_review(config: Config, task_id: str | None, version: int, to_s
             ledger.transition(task_id, to_state, expect=sources, reason=note or None, detail={"version": version})
 
 
+def pause_key(config: Config, version: int) -> str:
+    """The key a flow run waiting for ``version``'s review pauses under. It names the registered model and its
+    tracking store as well as the version: runs of several workspaces share one Prefect server, and each
+    chain numbers its versions from 1, so a decision must find the run of its own registry only."""
+    return f"review-{registry_of(config).identity}-v{version}"
+
+
 def review_requested(config: Config, version: int) -> None:
     """The version waits for a reviewer (tagged ``pending``: a wait resumed on a later night finds it)."""
     registry_of(config).set_review_if(version, "pending", (None, "pending", "timed-out"))

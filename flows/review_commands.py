@@ -62,7 +62,7 @@ def _review(args: argparse.Namespace, decision: str, note: str) -> int:
         from flows.update import resume_waiting
 
         try:
-            resumed = resume_waiting(version, decision, _reviewer(args), note)
+            resumed = resume_waiting(config, version, decision, _reviewer(args), note)
         except Exception as exc:  # no Prefect API reachable: the decision stands; the paused run times out
             print(
                 f"cliploop {decision}: decision recorded, but no paused flow run could be resumed ({exc})",

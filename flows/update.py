@@ -91,8 +91,8 @@ def await_review(config: Config, version: int, task_id: str) -> str:
 
 def _pause_for_review(config: Config, version: int, log) -> dict[str, str] | None:
     """Pause the flow run for a ``Review`` input (up to ``approval.timeout_s``) while a watcher thread reads the
-    registry; None if no answer came. One pause with one key (``review-<version>``), so the UI, the CLI and
-    the watcher all resume it the same way, and the timeout is Prefect's own."""
+    registry; None if no answer came. One pause with one key (``review.pause_key``: the registry and the
+    version), so the UI, the CLI and the watcher all resume it the same way, and the timeout is Prefect's own."""
     import contextvars
     import threading
 
@@ -115,7 +115,7 @@ def _pause_for_review(config: Config, version: int, log) -> dict[str, str] | Non
             wait_for_input=Review,
             timeout=config.approval.timeout_s,
             poll_interval=REVIEW_POLL_S,
-            key=f"review-{version}",
+            key=review.pause_key(config, version),
         )
     except FlowPauseTimeout:
         return None
@@ -132,22 +132,22 @@ def _watch_registry(config: Config, version: int, run_id: str, stop, log) -> Non
     while not stop.wait(REGISTRY_POLL_S):
         try:
             answer = review.registry_decision(config, version)
-            if answer is not None and _resume(run_id, version, answer):
+            if answer is not None and _resume(run_id, review.pause_key(config, version), answer):
                 log.info("found in the registry: %s version %s (%s)", answer["decision"], version, answer["reviewer"])
                 return
         except Exception as exc:  # the wait goes on; the CLI, the UI and the timeout still end it
             log.warning("could not read the registry for a review of version %s: %s", version, exc)
 
 
-def _resume(run_id: str, version: int, answer: dict[str, str]) -> bool:
-    """Resume flow run ``run_id`` if it is paused for ``version``'s review (False if not paused yet)."""
+def _resume(run_id: str, key: str, answer: dict[str, str]) -> bool:
+    """Resume flow run ``run_id`` if it is paused under ``key`` (False if not paused yet)."""
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
     details = run.state.state_details if run.state and run.state.is_paused() else None
-    if details is None or details.pause_key != f"review-{version}":
+    if details is None or details.pause_key != key:
         return False
     resume_flow_run(run_id, run_input=answer)
     return True
@@ -204,8 +204,10 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
     }
 
 
-def resume_waiting(version: int, decision: str, reviewer: str, note: str = "") -> list[str]:
-    """Hand a decision made outside Prefect (``cliploop approve``) to the flow runs paused for ``version``."""
+def resume_waiting(config: Config, version: int, decision: str, reviewer: str, note: str = "") -> list[str]:
+    """Hand a decision made outside Prefect (``cliploop approve``) to the flow runs paused for ``version`` of
+    this configuration's registered model (``review.pause_key``); runs of other workspaces on the same
+    Prefect server, waiting for their own version of that number, are left alone."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -214,10 +216,11 @@ def resume_waiting(version: int, decision: str, reviewer: str, note: str = "") -
     flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     with get_client(sync_client=True) as client:
         paused = client.read_flow_runs(flow_run_filter=flt, limit=200)
+    key = review.pause_key(config, version)
     resumed = []
     for run in paused:
         details = run.state.state_details if run.state else None
-        if details is not None and details.pause_key == f"review-{version}":
+        if details is not None and details.pause_key == key:
             resume_flow_run(run.id, run_input={"decision": decision, "reviewer": reviewer, "note": note})
             resumed.append(str(run.id))
     return resumed

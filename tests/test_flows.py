@@ -316,7 +316,8 @@ def _in_background(fn):
     return thread, result
 
 
-def _wait_for_pause(registry, version: int, timeout: float = 120) -> None:
+def _wait_for_pause(cfg, version: int, timeout: float = 120, task_id: str | None = None) -> None:
+    """Until a flow run is paused for ``version``'s review (``task_id``: the run learning that task)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -326,7 +327,9 @@ def _wait_for_pause(registry, version: int, timeout: float = 120) -> None:
     while time.time() < deadline:
         with get_client(sync_client=True) as client:
             for run in client.read_flow_runs(flow_run_filter=flt):
-                if run.state.state_details.pause_key == f"review-{version}":
+                if run.state.state_details.pause_key == review.pause_key(cfg, version) and (
+                    task_id is None or run.name == f"update-{task_id}"
+                ):
                     return
         time.sleep(0.5)
     raise AssertionError(f"no flow run paused for version {version}")
@@ -354,7 +357,7 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):
     # Night 1: the flow pauses for a reviewer; `cliploop approve` decides and resumes it.
     _drop(tmp_path, "t-a", ["cat", "dog"])
     night, result = _in_background(lambda: run_night(cfg))
-    _wait_for_pause(registry, 1)
+    _wait_for_pause(cfg, 1)
     assert registry.version_tags(1)["review"] == "pending" and registry.alias("challenger") == 1
     assert main(["approve", "1", "--reviewer", "rita", "--note", "looks right", *ws]) == 0
     night.join(120)
@@ -365,8 +368,8 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):
     # Night 2: the reviewer rejects through the paused run's input (as in the Prefect UI).
     _drop(tmp_path, "t-b", ["emu", "owl"])
     night, result = _in_background(lambda: run_night(cfg))
-    _wait_for_pause(registry, 2)
-    assert len(resume_waiting(2, "reject", "sam", "forgets cats")) == 1
+    _wait_for_pause(cfg, 2)
+    assert len(resume_waiting(cfg, 2, "reject", "sam", "forgets cats")) == 1
     night.join(120)
     assert result["value"]["updates"][0]["outcome"] == "rejected"
     assert registry.alias("champion") == 1 and registry.version_tags(2)["review_note"] == "forgets cats"
@@ -393,6 +396,56 @@ def test_approve_reject_timeout_and_rollback(tmp_path, tiny_checkpoint):
     assert _states(cfg) == before
 
 
+def _cli_workspace(cfg, ckpt) -> list[str]:
+    return [
+        "-w",
+        str(cfg.workspace_path),
+        *[f"--set={kv}" for kv in (f"model.checkpoint={ckpt[0]}", f"model.sha256={ckpt[1]}")],
+        "--set=model.name=cliploop-tiny",
+        "--set=model.pretrained=null",
+    ]
+
+
+def test_an_approval_reaches_only_its_own_workspaces_paused_run(tmp_path, tiny_checkpoint):
+    """Two workspaces on one Prefect server, each night paused for the review of its own version 1 (both
+    chains number from 1). ``cliploop approve 1 -w A`` must resume A's run only: B's run stays paused, B's
+    version 1 stays pending with no reviewer, until B's own reviewer rejects it."""
+    from flows.cli import main
+
+    cfg_a = _cfg(tmp_path / "a", tiny_checkpoint, "approval.timeout_s=150")
+    cfg_b = _cfg(tmp_path / "b", tiny_checkpoint, "approval.timeout_s=150")
+    _drop(tmp_path / "a", "t-a", ["cat", "dog"])
+    _drop(tmp_path / "b", "t-b", ["emu", "owl"])
+    # One after the other: registering uses MLflow's process-wide tracking URI (nights run in their own
+    # processes in production; here they share the test's process and its Prefect server).
+    night_a, result_a = _in_background(lambda: run_night(cfg_a))
+    _wait_for_pause(cfg_a, 1, timeout=240, task_id="t-a")
+    night_b, result_b = _in_background(lambda: run_night(cfg_b))
+    _wait_for_pause(cfg_b, 1, timeout=240, task_id="t-b")
+    assert review.pause_key(cfg_a, 1) != review.pause_key(cfg_b, 1)
+
+    assert main(["approve", "1", "--reviewer", "rita", *_cli_workspace(cfg_a, tiny_checkpoint)]) == 0
+    night_a.join(120)
+    assert result_a["value"]["updates"][0]["outcome"] == "promoted"
+    registry_a, registry_b = from_config(cfg_a), from_config(cfg_b)
+    assert registry_a.alias("champion") == 1 and registry_a.version_tags(1)["reviewer"] == "rita"
+    # B's run still waits, its version undecided.
+    assert night_b.is_alive()
+    _wait_for_pause(cfg_b, 1, timeout=5, task_id="t-b")
+    tags_b = registry_b.version_tags(1)
+    assert registry_b.alias("champion") is None and tags_b["review"] == "pending" and "reviewer" not in tags_b
+
+    assert (
+        main(
+            ["reject", "1", "--reason", "not mine to say", "--reviewer", "sam", *_cli_workspace(cfg_b, tiny_checkpoint)]
+        )
+        == 0
+    )
+    night_b.join(120)
+    assert result_b["value"]["updates"][0]["outcome"] == "rejected"
+    assert registry_b.version_tags(1)["reviewer"] == "sam" and registry_a.version_tags(1)["review"] == "approved"
+
+
 def test_alias_moved_by_hand_and_decisions_taken_in_mlflow(tmp_path, tiny_checkpoint, monkeypatch):
     """A reviewer works in MLflow (plain alias and tag writes, as the UI makes; no cliploop involved).
 
@@ -415,9 +468,9 @@ def test_alias_moved_by_hand_and_decisions_taken_in_mlflow(tmp_path, tiny_checkp
     _drop(tmp_path, "t-c", ["yak", "elk"])
     waiting = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=30", "gate.max_forgetting=100")
     night, result = _in_background(lambda: run_night(waiting))
-    _wait_for_pause(registry, 2)
+    _wait_for_pause(waiting, 2)
     registry.client.set_registered_model_alias("cliploop", "champion", "2")
-    _wait_for_pause(registry, 3)
+    _wait_for_pause(waiting, 3)
     for key, value in (("reviewer", "sam"), ("review_note", "forgets cats"), ("review", "rejected")):
         registry.client.set_model_version_tag("cliploop", "3", f"cliploop.{key}", value)
     night.join(180)
