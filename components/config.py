@@ -269,7 +269,11 @@ class Config(Section):
         return value if value.startswith("s3://") else str(self.path(value))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML, credentials redacted (what ``cliploop config`` prints and
+        ``config.resolved.yaml`` holds: docs/security.md)."""
+        from components.credentials import redacted
+
+        return yaml.safe_dump(redacted(self.model_dump(mode="json")), sort_keys=False)
 
     # Where things are and how the night is run, not what a step computes: left out of identity() so that
     # keys survive a moved workspace, another drop zone, registry, object store or work pool.
@@ -312,8 +316,12 @@ class Config(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def portable(self) -> dict[str, Any]:
-        """The resolved config as plain data with absolute paths: what crosses to another process or worker."""
-        doc = self.model_dump(mode="json")
+        """The resolved config as plain data with absolute paths: what crosses to another process or worker (a
+        Prefect flow-run parameter, the deployed config), so credentials are redacted; the receiving side gets
+        them from its environment, or, in this process, back from :func:`components.credentials.restore`."""
+        from components.credentials import redacted
+
+        doc = redacted(self.model_dump(mode="json"))
         doc["workspace"] = str(self.workspace_path)
         doc["drop_zone"] = self.location(self.drop_zone)
         for section, key in (

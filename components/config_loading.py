@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from components import credentials
 from components.config import Config, ConfigError
 
 CONFIG_FILENAME = "cliploop.yaml"
@@ -121,6 +122,7 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(_explain(exc, file_path)) from None
     config._base_dir = file_path.parent if file_path else (cwd or Path.cwd()).resolve()
+    credentials.secure(config)  # a password in a URI: moved to the environment, or kept here only
     return config
 
 
@@ -145,10 +147,11 @@ def yaml_problem(path: Path | str, text: str, exc: yaml.YAMLError) -> str:
 def config_from_doc(doc: Mapping[str, Any]) -> Config:
     """A config sent as data by :meth:`Config.portable` (its paths are absolute already)."""
     try:
-        config = Config.model_validate(dict(doc))
+        config = Config.model_validate(credentials.restore(dict(doc)))  # what portable() redacted, if kept here
     except ValidationError as exc:
         raise ConfigError(_explain(exc, None)) from None
     config._base_dir = Path(config.workspace).resolve() if Path(config.workspace).is_absolute() else Path.cwd()
+    credentials.secure(config)
     return config
 
 

@@ -116,6 +116,8 @@ class RunLog:
         GX Data Docs site, logged as ``validation/data_docs`` (without GX's images and fonts)."""
         from mlflow.entities import Metric, Param
 
+        from components.credentials import redact
+
         run = self.client.create_run(
             self.experiment_id(), run_name=f"update-{task_id}", tags={TAG + k: str(v) for k, v in tags.items()}
         )
@@ -126,7 +128,7 @@ class RunLog:
             stamp = int(run.info.start_time)
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in sorted(values.items())])
             self._log_loss_curves(run_id, Path(out_dir) / "eval" / "training.json", stamp)
-            flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+            flat = [Param(k, redact(str(v))[:6000]) for k, v in sorted(params.items())]  # docs/security.md
             for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(run_id, params=flat[start : start + 100])
             if (Path(out_dir) / "eval").is_dir():

@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         code, line = known
         # ConfigError keeps its historical "cliploop: configuration error:" lead; others name the command.
         where = "cliploop" if line.startswith("configuration error") else f"cliploop {args.command}"
-        print(f"{where}: {line}", file=sys.stderr)
+        from components.credentials import redact  # an error may quote a URI with its password (a --set value)
+
+        print(f"{where}: {redact(line)}", file=sys.stderr)
         return code
 
 

@@ -76,12 +76,18 @@ def check_method(config) -> None:
 
 
 def fail(command: str, message: object, code: int) -> int:
-    print(f"cliploop {command}: {message}", file=sys.stderr)
+    from components.credentials import redact  # a tool's message may quote a URI with its password
+
+    print(f"cliploop {command}: {redact(str(message))}", file=sys.stderr)
     return code
 
 
 def external_error(exc: Exception) -> int:
-    print(f"cliploop: {exc}\n(nothing was lost; fix the cause and re-run the same command)", file=sys.stderr)
+    from components.credentials import redact
+
+    print(
+        f"cliploop: {redact(str(exc))}\n(nothing was lost; fix the cause and re-run the same command)", file=sys.stderr
+    )
     return EXIT_EXTERNAL
 
 
