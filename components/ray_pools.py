@@ -26,15 +26,28 @@ class RayEngineError(RuntimeError):
 
 
 def start_ray(compute) -> None:
-    """Join ``compute.ray_address``, or start a local Ray (``compute.ray_cpus``); nothing when Ray is already up."""
+    """Join ``compute.ray_address``, or start a local Ray (``compute.ray_cpus``) that listens on 127.0.0.1 only;
+    nothing when Ray is already up."""
     import ray
 
     if ray.is_initialized():
         return
     if compute.ray_address:
         ray.init(address=compute.ray_address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=compute.ray_cpus, include_dashboard=False, log_to_driver=False)
+        return
+    # A local Ray is this process's alone, so nothing of it may listen beyond 127.0.0.1 (docs/security.md). Its
+    # GCS, raylet, agents and workers listen on the node's address, and on Linux Ray takes that to be the one
+    # other machines reach (listening on every interface), turning a 127.0.0.1 handed to ray.init back into it.
+    # Ray's rule on macOS and Windows, a loopback node, is one constant read when the address is resolved: it
+    # holds for this start only (a later join of a cluster in this process resolves as Ray means it to).
+    from ray._private import ray_constants
+
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=compute.ray_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 class PartEncoder:
