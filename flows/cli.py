@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="up: MLflow behind basic auth and Prefect behind an auth string, with the credentials in "
+        "MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD and PREFECT_API_AUTH_STRING (docs/security.md)",
+    )
     for name, port in (("s3", 9000), ("mlflow", 5000), ("prefect", 4200)):
         p.add_argument(f"--port-{name}", type=int, default=None, help=f"port of the {name} service (default {port})")
 

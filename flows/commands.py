@@ -355,7 +355,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             ports = {n: getattr(args, f"port_{n}") for n in ("s3", "mlflow", "prefect") if getattr(args, f"port_{n}")}
-            state = stack.up(ports, progress=(lambda m: None) if args.json else print)
+            state = stack.up(ports, progress=(lambda m: None) if args.json else print, auth=args.auth)
             print(json.dumps(state, indent=2) if args.json else stack_up_text(state))
             return EXIT_OK
         if args.action == "down":

@@ -6,12 +6,18 @@ and ``env`` (the variables that point cliploop, Prefect, MLflow and boto3 at the
 ``up`` is idempotent: services already running and healthy are left alone. The object store is moto's
 S3-compatible server (in memory: what it holds is gone after ``down``); point ``s3.endpoint_url`` at a
 real S3 or MinIO for anything that must last.
+
+``up --auth`` puts the MLflow server behind its basic-auth app and the Prefect server behind an auth string,
+both from the environment of the shell that runs it (``AUTH_VARIABLES``; docs/security.md, "The stack's
+servers"): the same variables the clients read, so one shell holds them for the servers and for cliploop.
+No credential is written to the stack's folder or printed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,7 +35,17 @@ S3_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "cliploop-local",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}
+HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}  # answered without credentials
+# What `up --auth` reads: MLflow's client variables (the server's admin user is made from them) and Prefect's
+# client auth string (the server's own is set to it).
+AUTH_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+# The basic-auth app's settings: its user database in the stack's folder (MLflow's default is the working
+# folder), and no access for a user the admin has not granted any.
+MLFLOW_AUTH_INI = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///{db}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
 
 
 class StackError(RuntimeError):
@@ -55,7 +71,7 @@ class Stack:
 
     # ---- services --------------------------------------------------------------------------------------
 
-    def _command(self, name: str, port: int, ports: dict[str, int]) -> list[str]:
+    def _command(self, name: str, port: int, ports: dict[str, int], auth: bool = False) -> list[str]:
         bin_dir = Path(sys.executable).parent
         if name == "s3":
             return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
@@ -73,6 +89,7 @@ class Stack:
                 f"s3://{BUCKET}/mlflow",
                 "--workers",
                 "1",
+                *(["--app-name", "basic-auth"] if auth else []),
             ]
         return [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
 
@@ -89,30 +106,52 @@ class Stack:
             **S3_CREDENTIALS,
         }
 
-    def _service_env(self, name: str, ports: dict[str, int]) -> dict[str, str]:
+    def _service_env(self, name: str, ports: dict[str, int], auth: bool = False) -> dict[str, str]:
         env = dict(os.environ)
         env.update(S3_CREDENTIALS)
         if name == "mlflow":
             env["MLFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{ports['s3']}"
+            if auth:
+                ini = self.root / "mlflow-auth.ini"
+                ini.write_text(MLFLOW_AUTH_INI.format(db=self.root / "mlflow-auth.db"))
+                env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+                # Read when the user database is made (the first start): the admin is the clients' user.
+                env["MLFLOW_AUTH_ADMIN_USERNAME"] = os.environ["MLFLOW_TRACKING_USERNAME"]
+                env["MLFLOW_AUTH_ADMIN_PASSWORD"] = os.environ["MLFLOW_TRACKING_PASSWORD"]
+                # The key of the app's CSRF tokens (the UI's forms), which it refuses to start without: this one
+                # server's own unless the shell sets one.
+                env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
         if name == "prefect":
             env["PREFECT_HOME"] = str(self.root / "prefect")
             env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
             env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
+            if auth:
+                env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
         return env
 
-    def up(self, ports: dict[str, int] | None = None, timeout: float = 120, progress=print) -> dict[str, Any]:
+    def up(
+        self, ports: dict[str, int] | None = None, timeout: float = 120, progress=print, auth: bool = False
+    ) -> dict[str, Any]:
+        """Start what is not running yet; ``auth``: behind credentials from the environment (``AUTH_VARIABLES``)."""
         try:
             import moto  # noqa: F401
         except ImportError:
             raise StackError(
                 "the local object store needs moto's server: pip install 'moto[server]' (or `pip install -e .[stack]`)"
             ) from None
+        missing = [name for name in AUTH_VARIABLES if auth and not os.environ.get(name)]
+        if missing:
+            raise StackError(f"--auth takes the credentials from the environment: set {', '.join(missing)}")
         state = self.read()
         wanted = {**DEFAULT_PORTS, **(state.get("ports") or {}), **(ports or {})}
-        services = state.get("services", {})
+        running = state.get("services", {})
+        if running and bool(state.get("auth")) != auth and any(_alive(s["pid"]) for s in running.values()):
+            raise StackError(
+                f"the stack runs {'with' if state.get('auth') else 'without'} auth: `cliploop stack down` first"
+            )
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         for name in ("s3", "mlflow", "prefect"):  # MLflow's artifact root lives in S3: the store comes first
-            found = services.get(name)
+            found = running.get(name)
             if found and _alive(found["pid"]) and _healthy(found["url"] + HEALTH[name]):
                 progress(f"{name}: already running (pid {found['pid']}, {found['url']})")
                 continue
@@ -123,24 +162,26 @@ class Stack:
                 )
             log = open(self.root / "logs" / f"{name}.log", "ab")
             proc = subprocess.Popen(
-                self._command(name, port, wanted),
+                self._command(name, port, wanted, auth),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._service_env(name, wanted),
+                env=self._service_env(name, wanted, auth),
                 start_new_session=True,
                 cwd=self.root,
             )
             url = f"http://127.0.0.1:{port}"
-            services[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
-            self.write({"ports": wanted, "services": services})
+            running[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
+            self.write({"ports": wanted, "services": running, "auth": auth})
             _wait_healthy(name, url + HEALTH[name], proc, timeout, self.root / "logs" / f"{name}.log")
-            progress(f"{name}: started (pid {proc.pid}, {url})")
+            progress(f"{name}: started (pid {proc.pid}, {url}{', auth on' if auth and name != 's3' else ''})")
             if name == "s3":
                 self._make_bucket(url)
         self._work_pools(wanted, progress)
         env = self.env(wanted)
-        (self.root / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-        state = {"ports": wanted, "services": services, "env_file": str(self.root / "env")}
+        # Names only: the values stay in the shell that started the stack.
+        needs = f"# auth on: set {', '.join(AUTH_VARIABLES)} in the shell too\n" if auth else ""
+        (self.root / "env").write_text(needs + "".join(f"export {k}={v}\n" for k, v in env.items()))
+        state = {"ports": wanted, "services": running, "env_file": str(self.root / "env"), "auth": auth}
         self.write(state)
         return state
 
