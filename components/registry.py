@@ -154,8 +154,9 @@ class Registry(RunLog):
         with self.locked():
             existing = self.find_version(key)
             if existing is not None:
-                self._challenger_if_waiting(int(existing.version), existing.tags)
-                return int(existing.version)
+                version = self._one_version_for(key)
+                self._challenger_if_waiting(version, existing.tags)
+                return version
             try:
                 self.client.get_registered_model(self.model_name)
             except Exception as exc:
@@ -166,17 +167,41 @@ class Registry(RunLog):
             model_uri = run.data.tags.get(TAG + "model_uri")
             if not model_uri:
                 raise RegistryError(f"run {run_id} has no logged model (was the update's state/ folder missing?)")
-            version = self.client.create_model_version(
-                self.model_name,
-                model_uri,
-                run_id,
-                tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
-                model_id=run.data.tags.get(TAG + "model_id"),
-            )
+            try:
+                self.client.create_model_version(
+                    self.model_name,
+                    model_uri,
+                    run_id,
+                    tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
+                    model_id=run.data.tags.get(TAG + "model_id"),
+                )
+            except Exception:
+                # The server may have created it and lost the answer: a version found now is the one.
+                if self.find_version(key) is None:
+                    raise
+            version = self._one_version_for(key)
             fault_point("after_register")
-            self.client.set_registered_model_alias(self.model_name, "challenger", version.version)
-            self.write_review_page(int(version.version))  # rewritten with the gate's verdict by review.apply_gate
-            return int(version.version)
+            self.client.set_registered_model_alias(self.model_name, "challenger", str(version))
+            self.write_review_page(version)  # rewritten with the gate's verdict by review.apply_gate
+            return version
+
+    def _one_version_for(self, key: str) -> int:
+        """The one version of ``key``: the first registered. MLflow's HTTP client retries a POST whose answer
+        was lost (a reset connection, a proxy's timeout), and the server then creates a second version from
+        the same request; every later one is deleted, and the survivor records their numbers
+        (``cliploop.duplicates_removed``), so the alias, the ledger and lineage all name one version."""
+        versions = sorted(
+            int(v.version)
+            for v in self.client.search_model_versions(f"name = '{self.model_name}' and tag.`{TAG}run_key` = '{key}'")
+        )
+        keep, extra = versions[0], versions[1:]
+        for number in extra:
+            self.client.delete_model_version(self.model_name, str(number))
+        if extra:
+            removed = self.version_tags(keep).get("duplicates_removed", "")
+            numbers = ",".join(x for x in [removed, *map(str, extra)] if x)
+            self.client.set_model_version_tag(self.model_name, str(keep), TAG + "duplicates_removed", numbers)
+        return keep
 
     def _challenger_if_waiting(self, version: int, tags: dict[str, str]) -> None:
         """Registration and the ``challenger`` alias are one resumable step: a rerun that finds the version a

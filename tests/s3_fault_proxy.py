@@ -82,6 +82,7 @@ class S3FaultProxy:
         reset_at: str = "request",
         match: str | None = None,
         draw: str = "request",
+        limit: int | None = None,
         max_lifetime: float = 300.0,
     ):
         parts = urlsplit(upstream)
@@ -100,6 +101,7 @@ class S3FaultProxy:
         self.reset_at = "request"
         self.match: re.Pattern | None = None
         self.draw = "request"
+        self.limit: int | None = None
         self._sequence = 0
         self.set(
             reset=reset,
@@ -109,6 +111,7 @@ class S3FaultProxy:
             reset_at=reset_at,
             match=match,
             draw=draw,
+            limit=limit,
         )
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
@@ -125,9 +128,11 @@ class S3FaultProxy:
         reset_at: str | None = None,
         match: str | None = None,
         draw: str | None = None,
+        limit: int | None = None,
     ) -> S3FaultProxy:
         """Change the fault shares (fractions of requests) or the latency; None keeps the current value
-        (``match=""`` removes the filter)."""
+        (``match=""`` removes the filter). ``limit``: at most that many faults in all, then every request is
+        forwarded (``limit=1`` with a share of 1: exactly the first matching request is broken)."""
         with self._lock:
             shares = dict(self.shares)
             for name, value in (("reset", reset), ("slowdown", slowdown), ("blackhole", blackhole)):
@@ -148,6 +153,8 @@ class S3FaultProxy:
                 if draw not in ("request", "sequence"):
                     raise ValueError(f"draw is 'request' or 'sequence', not {draw!r}")
                 self.draw = draw
+            if limit is not None:
+                self.limit = int(limit)
         return self
 
     def clear(self) -> S3FaultProxy:
@@ -157,6 +164,7 @@ class S3FaultProxy:
             self._sequence = 0
             self.counts.clear()
             self.log.clear()
+            self.limit = None
         return self.set(
             reset=0.0, slowdown=0.0, blackhole=0.0, latency=0.0, reset_at="request", match="", draw="request"
         )
@@ -223,7 +231,10 @@ class S3FaultProxy:
             self._sequence += 1
             self.counts["requests"] += 1
             shares = dict(self.shares)
-            if self.match is not None and not self.match.search(key):
+            injected = sum(self.counts[name] for name in ("reset", "slowdown", "blackhole"))
+            if (self.match is not None and not self.match.search(key)) or (
+                self.limit is not None and injected >= self.limit
+            ):
                 shares = {name: 0.0 for name in shares}
         digest = hashlib.sha256(f"{self.seed}|{basis}".encode()).digest()
         u = struct.unpack(">Q", digest[:8])[0] / 2.0**64

@@ -476,6 +476,40 @@ def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_ve
         _kill_group(server)
 
 
+def test_a_lost_answer_to_create_model_version_leaves_exactly_one_version(tmp_path, tiny_checkpoint, ingested):
+    """The tracking server creates the version and the connection is reset before its answer arrives (the fault
+    proxy, ``reset_at="response"``, once). MLflow's HTTP client retries the POST and the server creates a
+    second version of the same run key. One version must survive, and the alias, the ledger and the step's
+    result must all name it; the duplicate's number is recorded on the survivor."""
+    from tests.s3_fault_proxy import S3FaultProxy
+
+    port = _free_port()
+    server = _mlflow_server(tmp_path, port)
+    try:
+        direct = f"http://127.0.0.1:{port}"
+        with S3FaultProxy(
+            direct, reset=1.0, reset_at="response", match=r"^POST .*/model-versions/create", limit=1
+        ) as proxy:
+            cfg = _cfg(tmp_path, tiny_checkpoint, f"mlflow.tracking_uri={proxy.url}", start=ingested)
+            chain.start_learning(cfg, "t-a")
+            pools = {"t-a": steps.build_pool(cfg, "t-a")["pool_dir"]}
+            update = steps.run_update(cfg, "t-a", None, pools)
+            result = steps.register_update(cfg, update)
+            assert proxy.counts["reset"] == 1  # the fault happened
+            creates = [a for k, a in proxy.log if "model-versions/create" in k]
+            assert creates == ["reset", "forward"]  # and MLflow's client did send the request twice
+        cfg = _with_tracking(cfg, direct)
+        registry = from_config(cfg)
+        assert [int(v.version) for v in registry.versions()] == [1] and result["version"] == 1
+        assert registry.alias("challenger") == 1 and registry.version_tags(1)["duplicates_removed"] == "2"
+        with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+            assert (ledger.get("t-a").state, ledger.get("t-a").model_version) == ("learned", "1")
+        # The step run again (a retry after the answer was lost for good) finds the same one version.
+        assert steps.register_update(cfg, update)["version"] == 1
+    finally:
+        _kill_group(server)
+
+
 def _try(fn, *args) -> dict:
     try:
         return {"value": fn(*args)}
