@@ -31,6 +31,18 @@ class S3Config(Section):
         description="S3-compatible endpoint URL; null = from the AWS configuration (AWS_ENDPOINT_URL, ~/.aws/config)",
     )
     region: str | None = Field(None, description="S3 region; null = from the AWS configuration")
+    # One store that accepts a request and never answers must not hold a night: every S3 request, cliploop's
+    # own and DVC's, is bounded by these (docs/storage.md).
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds to open a connection to S3, per attempt")
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="seconds S3 may stay silent on a request, per attempt, before the attempt fails"
+    )
+    max_attempts: int | None = Field(
+        None,
+        ge=1,
+        description="attempts per S3 request, the first included; null = from the AWS configuration "
+        "(AWS_MAX_ATTEMPTS, ~/.aws/config), else 6",
+    )
 
 
 class DvcConfig(Section):
@@ -40,6 +52,12 @@ class DvcConfig(Section):
     )
     remote_name: str = Field("storage", description="name of the DVC remote in the workspace's .dvc/config")
     push: bool = Field(True, description="push every accepted task to the remote right after it is committed")
+    transfer_timeout_s: int | None = Field(
+        3600,
+        gt=0,
+        description="longest a dvc push may run; then it is stopped and the command ends as a storage failure "
+        "(safe to re-run: the next push goes on where it stopped); null = no limit",
+    )
 
 
 class ValidationConfig(Section):

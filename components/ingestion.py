@@ -212,7 +212,7 @@ def _finish_accept(
         ws, f"cliploop: ingest task {record.task_id} (dvc {task_md5})", ["data.dvc", ".gitignore", ".dvc/config"]
     )
     if config.dvc.push:
-        versioning.push(ws)
+        versioning.push(ws, s3_settings(config), config.dvc.transfer_timeout_s)
     if digests is None:
         digests = [(f.sha256, f.split) for f in facts if f.sha256 and f.split]
     ledger.record_images(record.task_id, digests)

@@ -110,7 +110,8 @@ class S3Settings:
     configuration's (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``, ``max_attempts``/``retry_mode`` in
     ``~/.aws/config``), else 6 attempts in botocore's ``standard`` mode (which retries resets, timeouts,
     5xx and throttling with backoff).
-    The timeouts bound a store that accepts connections and never answers.
+    The timeouts bound a store that accepts connections and never answers (``s3.connect_timeout_s`` and
+    ``s3.read_timeout_s`` in cliploop's config, per attempt; DVC's transfers get the same, docs/storage.md).
     """
 
     endpoint_url: str | None = None
@@ -146,6 +147,12 @@ def retry_config(settings: S3Settings | None = None, botocore_session=None) -> d
     attempts = settings.max_attempts or os.environ.get("AWS_MAX_ATTEMPTS") or profile.get("max_attempts")
     mode = settings.retry_mode or os.environ.get("AWS_RETRY_MODE") or profile.get("retry_mode")
     return {"total_max_attempts": int(attempts or DEFAULT_MAX_ATTEMPTS), "mode": mode or DEFAULT_RETRY_MODE}
+
+
+def retry_env(settings: S3Settings | None = None) -> dict[str, str]:
+    """The same attempts as :func:`retry_config`, as the AWS variables a child process (DVC's s3fs) reads."""
+    retries = retry_config(settings)
+    return {"AWS_MAX_ATTEMPTS": str(retries["total_max_attempts"]), "AWS_RETRY_MODE": retries["mode"]}
 
 
 def s3_client(settings: S3Settings | None = None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,24 +32,45 @@ class VersioningError(RuntimeError):
     """git or DVC failed; the message carries the command and its output."""
 
 
+class RemoteUnavailable(VersioningError, storage.StorageUnavailable):
+    """A DVC transfer did not get through to the remote: its requests timed out, were refused or throttled
+    after their attempts, or the transfer outlived ``dvc.transfer_timeout_s``. Nothing half is published (DVC
+    uploads a directory's listing last), so the command is safe to re-run."""
+
+
 def _run(
-    cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, shown: list[str] | None = None
+    cmd: list[str],
+    cwd: Path,
+    check: bool = True,
+    env: dict | None = None,
+    shown: list[str] | None = None,
+    timeout_s: float | None = None,
 ) -> subprocess.CompletedProcess:
+    """Run ``cmd``; past ``timeout_s`` it is killed and ``subprocess.TimeoutExpired`` raised."""
     full_env = dict(os.environ)
     full_env.setdefault("DVC_NO_ANALYTICS", "1")
     full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
     if env:
         full_env.update(env)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, check=False)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=False,
+        stdin=subprocess.DEVNULL,  # DVC asks before it drops data when it has a terminal: it never gets one
+        timeout=timeout_s,
+    )
     if check and proc.returncode != 0:
         raise VersioningError(
             f"`{' '.join(shown or cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
-            f"{_shorten((proc.stderr or proc.stdout).strip())}"
+            f"{shorten((proc.stderr or proc.stdout).strip())}"
         )
     return proc
 
 
-def _shorten(text: str, head: int = 3, tail: int = 2) -> str:
+def shorten(text: str, head: int = 3, tail: int = 2) -> str:
     """A failed push names every file it could not move; the first few and the summary say enough."""
     lines = text.splitlines()
     if len(lines) <= head + tail + 1:
@@ -67,18 +89,64 @@ except (OSError, AttributeError):
     pass  # not Linux: no parent-death signal
 if os.getppid() != int(os.environ["CLIPLOOP_DVC_PARENT"]):
     sys.exit(143)  # the parent died before the signal was armed
-runpy.run_module("dvc", run_name="__main__", alter_sys=True)
+if os.environ.get("CLIPLOOP_DVC_S3_BOUNDED"):
+    from components.versioning import bound_s3_requests
+
+    bound_s3_requests()
+runpy.run_module(os.environ.get("CLIPLOOP_DVC_MODULE", "dvc"), run_name="__main__", alter_sys=True)
 """
 
 
-def dvc(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
+def dvc(
+    args: list[str],
+    ws: Path,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    module: str = "dvc",
+) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in ``ws`` (or ``python -m MODULE ARGS``, a module of ours that uses DVC's API, in the same
+    kind of child process)."""
     return _run(
         [sys.executable, "-c", _DVC_LAUNCHER, *args],
         ws,
         check=check,
-        env={"CLIPLOOP_DVC_PARENT": str(os.getpid())},
-        shown=["dvc", *args],
+        env={"CLIPLOOP_DVC_PARENT": str(os.getpid()), "CLIPLOOP_DVC_MODULE": module, **(env or {})},
+        shown=["dvc" if module == "dvc" else f"python -m {module}", *args],
+        timeout_s=timeout_s,
     )
+
+
+def bound_s3_requests() -> None:
+    """In a DVC child process, before DVC starts: make ``read_timeout`` bound every S3 request, and
+    ``AWS_MAX_ATTEMPTS`` the number of attempts (docs/storage.md).
+
+    botocore marks every upload ``Expect: 100-continue``, and aiohttp (under s3fs) waits for the "100 Continue"
+    with no timeout at all: its read timeout starts once the body is sent, which it never is. One upload
+    swallowed by the store hung ``dvc push`` for good. S3 does not need the header (boto3's own client waits
+    for it 1 s, then sends the body anyway), so it is not sent. And s3fs repeats a failed call 5 times around
+    botocore's attempts, which would make a silent store cost 5 x attempts x read timeout per object."""
+    import botocore.handlers
+    import s3fs
+
+    botocore.handlers.BUILTIN_HANDLERS[:] = [
+        spec for spec in botocore.handlers.BUILTIN_HANDLERS if spec[1] is not botocore.handlers.add_expect_header
+    ]
+    s3fs.S3FileSystem.retries = 1
+
+
+def remote_env(ws: Path, s3: storage.S3Settings | None = None) -> dict[str, str]:
+    """The environment of a DVC child that talks to the workspace's remote: bounded, when the remote is S3."""
+    if not storage.is_s3(remote_url(ws)):
+        return {}
+    return {"CLIPLOOP_DVC_S3_BOUNDED": "1", **storage.retry_env(s3)}
+
+
+def remote_url(ws: Path) -> str | None:
+    """The URL of the workspace's default DVC remote (None when it has none)."""
+    config = _dvc_config(ws)
+    name = config.get("core", {}).get("remote")
+    return _remote_section(config, name).get("url") if name else None
 
 
 def git(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -102,6 +170,8 @@ class RemoteSpec:
     name: str = "storage"
     endpoint_url: str | None = None
     region: str | None = None
+    connect_timeout: float | None = None  # seconds, per attempt (S3 only; None: s3fs's own default)
+    read_timeout: float | None = None
 
 
 def default_remote(ws: Path) -> str:
@@ -151,18 +221,32 @@ def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
         stored = os.path.relpath(target, ws / ".dvc") if inside else str(target)
     else:
         stored = url
-    current = _dvc_config(ws).get(f'remote "{remote.name}"', {})
+    current = _remote_section(_dvc_config(ws), remote.name)
     done: list[str] = []
     if current.get("url") != stored:
         dvc(["remote", "add", "--force", "--default", remote.name, url], ws)
         done.append(f"DVC remote '{remote.name}' -> {url}")
     if storage.is_s3(url):
         # Endpoint and region are per-machine settings: keep them out of the committed .dvc/config.
-        local = _dvc_config(ws, local=True).get(f'remote "{remote.name}"', {})
-        for key, value in (("endpointurl", remote.endpoint_url), ("region", remote.region)):
+        local = _remote_section(_dvc_config(ws, local=True), remote.name)
+        for key, value in (
+            ("endpointurl", remote.endpoint_url),
+            ("region", remote.region),
+            ("connect_timeout", _number(remote.connect_timeout)),
+            ("read_timeout", _number(remote.read_timeout)),
+        ):
             if value and local.get(key) != value:
                 dvc(["remote", "modify", "--local", remote.name, key, value], ws)
     return done
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
+def _remote_section(config: dict[str, dict[str, str]], name: str) -> dict[str, str]:
+    # DVC writes the section as ['remote "NAME"']: configparser keeps the single quotes in its name.
+    return config.get(f"'remote \"{name}\"'") or config.get(f'remote "{name}"') or {}
 
 
 def _dvc_config(ws: Path, local: bool = False) -> dict[str, dict[str, str]]:
@@ -285,5 +369,30 @@ def head(ws: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def push(ws: Path) -> None:
-    dvc(["push"], ws)  # not -q: with it a failed push says nothing about why
+# What DVC prints when the store, not the request, was the problem (botocore's and aiohttp's phrasing).
+_UNAVAILABLE = re.compile(
+    r"timeout|timed out|could not connect|connection (was )?(closed|reset|refused)|SlowDown|reduce your request rate"
+    r"|ServiceUnavailable|InternalError|max retries",
+    re.IGNORECASE,
+)
+
+
+def unavailable(output: str) -> bool:
+    """Whether DVC's output says the store, not the request, failed (a timeout, a refused connection, throttling)."""
+    return bool(_UNAVAILABLE.search(output))
+
+
+def push(ws: Path, s3: storage.S3Settings | None = None, timeout_s: float | None = None) -> None:
+    """``dvc push``, bounded: every request by the remote's timeouts and ``s3``'s attempts, the whole push by
+    ``timeout_s``. A push the store did not let through raises RemoteUnavailable (safe to re-run)."""
+    try:
+        proc = dvc(["push"], ws, check=False, env=remote_env(ws, s3), timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RemoteUnavailable(
+            f"`dvc push` did not finish within {timeout_s:g} s (dvc.transfer_timeout_s) and was stopped; "
+            "what it uploaded stays, the next push goes on from there (safe to re-run)"
+        ) from None
+    if proc.returncode != 0:  # not -q: with it a failed push says nothing about why
+        output = (proc.stderr or proc.stdout).strip()
+        error = RemoteUnavailable if unavailable(output) else VersioningError
+        raise error(f"`dvc push` failed in {ws} (exit {proc.returncode}):\n{shorten(output)}")

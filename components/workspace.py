@@ -46,7 +46,12 @@ def remote_spec(config: Config) -> versioning.RemoteSpec:
     url = config.dvc.remote
     url = config.location(url) if url else versioning.default_remote(config.workspace_path)
     return versioning.RemoteSpec(
-        url=url, name=config.dvc.remote_name, endpoint_url=config.s3.endpoint_url, region=config.s3.region
+        url=url,
+        name=config.dvc.remote_name,
+        endpoint_url=config.s3.endpoint_url,
+        region=config.s3.region,
+        connect_timeout=config.s3.connect_timeout_s,
+        read_timeout=config.s3.read_timeout_s,
     )
 
 
@@ -118,7 +123,13 @@ def demo_model_settings(ws: Path, progress: Callable[[str], None] = print) -> di
 
 
 def s3_settings(config: Config) -> storage.S3Settings:
-    return storage.S3Settings(endpoint_url=config.s3.endpoint_url, region=config.s3.region)
+    return storage.S3Settings(
+        endpoint_url=config.s3.endpoint_url,
+        region=config.s3.region,
+        max_attempts=config.s3.max_attempts,
+        connect_timeout=config.s3.connect_timeout_s,
+        read_timeout=config.s3.read_timeout_s,
+    )
 
 
 def status(config: Config) -> list[dict]:
