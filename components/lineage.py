@@ -120,6 +120,8 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
     finally:
         if ledger is not None:
             ledger.close()
+    if verify:
+        problems.extend(_remote_problems(Path(workspace), chain))
     return {
         "model": {
             "name": registry.model_name,
@@ -131,6 +133,16 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
         "verified": (not problems) if verify else None,
         "problems": problems,
     }
+
+
+def _remote_problems(workspace: Path, chain: list[dict[str, Any]]) -> list[str]:
+    """The DVC remote still holds every link's data (its commit's data listing and its task's files): files on
+    disk that re-hash right prove nothing about the copy a fresh clone would pull (``dvc gc -w -c`` deleted a
+    champion's listing). Lines naming what is missing, or none."""
+    from components.data_gc import remote_problems
+
+    links = [(f"version {link['version']}", link["task"]["id"], link["task"]["workspace_commit"]) for link in chain]
+    return remote_problems(workspace, links)
 
 
 def format_lineage(record: dict[str, Any]) -> str:

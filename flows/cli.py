@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from flows import commands
+from flows import commands, data_commands
 from flows import review_commands as reviews
 from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE  # noqa: F401  (the codes, for callers)
 
@@ -109,7 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lineage", reviews.cmd_lineage, "a model version's chain back to its data, checks, code and config")
     p.add_argument("ref", help="a version number, champion, challenger or previous-champion")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--verify", action="store_true", help="re-hash every task's DVC-tracked data; exit 1 on a mismatch")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every task's DVC-tracked data and check that the DVC remote still holds it; exit 1 if not",
+    )
+
+    p = command(
+        "gc",
+        data_commands.cmd_gc,
+        "delete the DVC objects (cache and remote) that no registered version, task or the workspace uses "
+        "(dry run unless --yes; docs/storage.md)",
+    )
+    p.add_argument("--yes", action="store_true", help="delete them (default: only say what would go)")
+    p.add_argument("--json", action="store_true")
 
     p = command("pool", commands.cmd_pool, "build one stored task's pool by hand; print where it went and its digest")
     p.add_argument("task_id", help="a task of the workspace (data/tasks/<id>)")
