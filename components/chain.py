@@ -94,8 +94,15 @@ def chain_tasks(registry, version: int | None) -> list[str]:
 
 
 def reconcile(config: Config) -> list[str]:
-    """Make the ledger agree with the registry before a night starts; returns what changed, one line each."""
+    """Make the ledger agree with the registry before a night starts; returns what changed, one line each.
+
+    First the registry must be the one the ledger's versions live in (``registry_check``): another or an
+    empty one would read as "every version gone" and reject every promoted task. It raises, changing nothing."""
+    from components import registry_check
+
     registry = registry_of(config)
+    with ledger_of(config) as ledger:
+        registry_check.check(ledger, registry)
     champion = registry.alias("champion")
     in_chain = set(chain_tasks(registry, champion))
     changes = []

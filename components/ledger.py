@@ -73,6 +73,10 @@ CREATE TABLE IF NOT EXISTS images (
   PRIMARY KEY (sha256, task_id, split)
 );
 CREATE INDEX IF NOT EXISTS images_by_sha ON images (sha256);
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 """
 
 
@@ -231,6 +235,24 @@ class Ledger:
                 (task_id, stamp, current, to_state, json.dumps(detail or {}, default=str)),
             )
         return self.get(task_id)
+
+    def meta(self, key: str) -> Any:
+        """A workspace-wide fact the ledger keeps (JSON), e.g. which registry its versions live in; None if unset."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else None
+
+    def set_meta(self, key: str, value: Any, events: dict[str, dict[str, Any]] | None = None) -> None:
+        """Set a fact; ``events``: per task id, a record of why (the task keeps its state), in the same
+        transaction, so the fact and its history never disagree."""
+        stamp = now()
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            for task_id, detail in (events or {}).items():
+                row = conn.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                conn.execute(
+                    "INSERT INTO events (task_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+                    (task_id, stamp, row["state"], row["state"], json.dumps(detail, default=str)),
+                )
 
     def update(self, task_id: str, **fields: Any) -> TaskRecord:
         """Change fields without a state change (e.g. the DVC hash once the push is done)."""

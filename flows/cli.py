@@ -16,7 +16,7 @@ import sys
 
 from flows import commands, data_commands
 from flows import review_commands as reviews
-from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE  # noqa: F401  (the codes, for callers)
+from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_REFUSED, EXIT_USAGE  # noqa: F401  (the codes, for callers)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_id")
 
     p = command(
+        "move-registry",
+        reviews.cmd_move_registry,
+        "make the configured MLflow registry this workspace's (tasks whose versions it lacks are learned again)",
+    )
+    p.add_argument("--yes", action="store_true", help="do it (without: show what would change, change nothing)")
+
+    p = command(
         "deploy",
         commands.cmd_deploy,
         "register the nightly and GPU deployments (infra/prefect.yaml) on a Prefect server",
@@ -255,6 +262,7 @@ USER_ERRORS: list[tuple[str, str, int, str]] = [
     ("components.config", "ConfigError", EXIT_USAGE, "configuration error:\n"),
     ("components.workspace", "NotAWorkspace", EXIT_USAGE, ""),
     ("components.registry", "NotFound", EXIT_USAGE, ""),
+    ("components.registry_check", "RegistryMismatch", EXIT_REFUSED, ""),
     ("components.registry", "RegistryError", EXIT_INVALID, ""),
     ("components.chain", "PipelineError", EXIT_INVALID, ""),
     ("components.models", "CheckpointError", EXIT_USAGE, ""),

@@ -34,8 +34,23 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         record = build_lineage(registry, args.ref, config.workspace_path, verify=args.verify)
     except LineageError as exc:
         return fail("lineage", exc, EXIT_USAGE)
+    if args.verify:
+        _verify_registry(config, registry, record)
     print(json.dumps(record, indent=2) if args.json else format_lineage(record))
     return EXIT_INVALID if record["verified"] is False else EXIT_OK
+
+
+def _verify_registry(config, registry, record: dict) -> None:
+    """``--verify`` also holds the registry to the ledger: a version the ledger says was registered and the
+    registry lacks (or holds as another task's) is a mismatch, as much as a changed byte of data."""
+    from components import registry_check
+    from components.workspace import open_ledger
+
+    with open_ledger(config) as ledger:
+        found = registry_check.problems(ledger, registry)
+    if found:
+        record["problems"] = [*record["problems"], *(f"registry and ledger disagree: {line}" for line in found)]
+        record["verified"] = False
 
 
 def _reviewer(args) -> str:
@@ -93,4 +108,32 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
     review.requeue(resolve_config(args, writes=True), args.task_id)
     print(f"task {args.task_id} will be learned again next night")
+    return EXIT_OK
+
+
+def cmd_move_registry(args: argparse.Namespace) -> int:
+    """The deliberate move to another registry (a new tracking server, another database): the ledger records
+    the configured registry as the workspace's, and the tasks whose versions it lacks are learned again."""
+    from components import registry_check
+    from components.chain import chain_lock
+    from components.registry import from_config
+    from components.workspace import open_ledger
+
+    config = resolve_config(args, writes=True)
+    registry = from_config(config)
+    where = registry_check.describe(registry)
+    with chain_lock(config), open_ledger(config) as ledger:  # no night of this chain runs meanwhile
+        before = ledger.meta(registry_check.META_KEY)
+        moves = registry_check.adopt(ledger, registry) if args.yes else registry_check.plan_move(ledger, registry)
+    print(
+        f"{'moved' if args.yes else 'would move'} this workspace's registry "
+        + (f"from model {before['model']!r} at {before['uri']} " if before else "")
+        + f"to model {where['model']!r} at {where['uri']}"
+    )
+    for move in moves:
+        print(f"  {move['task_id']}: v{move['version']} is not there; {move['from']} -> {move['to']}")
+    if not moves:
+        print("  every version the ledger names is there: no task changes")
+    if not args.yes:
+        print("nothing changed; run again with --yes to move")
     return EXIT_OK

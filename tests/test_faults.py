@@ -592,6 +592,62 @@ def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(
     assert chain.reconcile(cfg) == [] and _states(cfg) == before  # MLflow back: nothing to change
 
 
+def _events(cfg) -> list[dict]:
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        return ledger.events()
+
+
+def test_an_empty_registry_changes_nothing_and_names_what_it_lacks(
+    tmp_path, tiny_checkpoint, ingested, prefect_api, capsys
+):
+    """A night pointed at a reachable but empty registry (``--set mlflow.tracking_uri=sqlite:///empty.db``, as an
+    operator moving to the stack's new server would) must stop before reconciling, name that registry and the
+    versions it lacks, and change nothing; back on the workspace's registry the night goes on as before; a
+    deliberate move is ``cliploop move-registry`` (a dry run first); ``lineage --verify`` fails while the
+    registry lacks a version the ledger names."""
+    from flows.cli import main
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, start=ingested)
+    version = _learn(cfg)
+    review.decide(cfg, version, "approve", "rita")
+    assert chain.reconcile(cfg) == [] and _states(cfg) == {"t-a": "promoted"}
+    args, events = _cli_args(cfg, tiny_checkpoint), _events(cfg)
+    empty = ["--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'empty.db'}"]
+
+    capsys.readouterr()
+    assert main(["nightly", *args, *empty]) == 3
+    err = capsys.readouterr().err
+    assert "empty.db" in err and "v1 (task t-a, promoted) is missing" in err and "move-registry" in err
+    assert _states(cfg) == {"t-a": "promoted"} and _events(cfg) == events
+
+    assert main(["nightly", *args]) == 0  # the workspace's own registry: nothing to do, nothing changed
+    assert _states(cfg) == {"t-a": "promoted"} and from_config(cfg).alias("champion") == version
+
+    assert main(["move-registry", *args, *empty]) == 0  # a dry run
+    assert "t-a: v1 is not there; promoted -> validated" in capsys.readouterr().out
+    assert _states(cfg) == {"t-a": "promoted"}
+
+    # A version the ledger names, deleted from the registry by hand: lineage --verify says so (exit 1).
+    registry = from_config(cfg)
+    _ingest(cfg, tmp_path, "t-b", ["emu", "owl"])
+    rejected = _learn(cfg, "t-b")
+    review.decide(cfg, rejected, "reject", "sam", "not yet")
+    assert main(["lineage", "champion", "--verify", *args]) == 0
+    registry.client.delete_model_version(registry.model_name, str(rejected))
+    capsys.readouterr()
+    assert main(["lineage", "champion", "--verify", *args]) == 1
+    assert f"v{rejected} (task t-b, rejected) is missing" in capsys.readouterr().out
+
+    assert main(["move-registry", "--yes", *args, *empty]) == 0
+    assert _states(cfg) == {"t-a": "validated", "t-b": "rejected"}
+    with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
+        assert ledger.get("t-a").model_version is None and ledger.get("t-b").model_version is None
+        assert [e["to_state"] for e in ledger.events("t-a")][-2:] == ["rejected", "validated"]
+    capsys.readouterr()
+    assert main(["nightly", *args]) == 3  # the old registry is not the workspace's any more
+    assert "empty.db" in capsys.readouterr().err
+
+
 # ---- defect 3: shard bytes trained on without a check -------------------------------------------------------
 
 
