@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from components.faults import fault_point
-from components.registry_runs import _FLUENT, TAG, RegistryError, RunLog
+from components.model_pins import fetch_verified, pin_run_model
+from components.registry_runs import TAG, RegistryError, RunLog
 
 ALIASES = ("champion", "challenger", "previous-champion")
 
@@ -167,13 +169,15 @@ class Registry(RunLog):
             model_uri = run.data.tags.get(TAG + "model_uri")
             if not model_uri:
                 raise RegistryError(f"run {run_id} has no logged model (was the update's state/ folder missing?)")
+            model_id = run.data.tags.get(TAG + "model_id")
+            pins = pin_run_model(self, run_id, model_id, model_uri)  # the version exists only pinned
             try:
                 self.client.create_model_version(
                     self.model_name,
                     model_uri,
                     run_id,
-                    tags={TAG + k: str(v) for k, v in {**tags, "run_key": key}.items()},
-                    model_id=run.data.tags.get(TAG + "model_id"),
+                    tags={TAG + k: str(v) for k, v in {**tags, **pins, "run_key": key}.items()},
+                    model_id=model_id,
                 )
             except Exception:
                 # The server may have created it and lost the answer: a version found now is the one.
@@ -378,23 +382,16 @@ class Registry(RunLog):
             return True
 
     def download_state(self, version: int, dest: Path) -> Path:
-        """The version's learner-state bundle in ``dest`` (callers load it with checksums verified)."""
-        import mlflow
+        """The version's learner-state bundle in ``dest``, from a copy of its model checked file by file against
+        the digests pinned at registration (``components/model_pins.py``); callers load it with the bundle's
+        own checksums verified too."""
+        import tempfile
 
-        mv = self.model_version(version)
         Path(dest).mkdir(parents=True, exist_ok=True)
-        with _FLUENT:
-            mlflow.set_registry_uri(self.tracking_uri)
-            model_id = mv.model_id or (mv.source[len("models:/") :] if mv.source.startswith("models:/m-") else None)
-            location = self.client.get_logged_model(model_id).artifact_location if model_id else mv.source
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{location.rstrip('/')}/artifacts/state",
-                    dst_path=str(dest),
-                    tracking_uri=self.tracking_uri,
-                )
-            )
-        return local
+        with tempfile.TemporaryDirectory(prefix="cliploop-state-", dir=dest) as tmp:
+            model = fetch_verified(self, version, Path(tmp) / "model")
+            shutil.move(str(model / "artifacts" / "state"), str(Path(dest) / "state"))
+        return Path(dest) / "state"
 
     def versions(self) -> list:
         """Every version of the registered model (none before the first registration)."""

@@ -109,7 +109,8 @@ def ingest(location: str, config: Config) -> dict[str, Any]:
 
 
 def parent_state(config: Config, version: int | None):
-    """The learner state of ``version`` (downloaded once into the workspace, checksums verified on load)."""
+    """The learner state of ``version`` (downloaded once into the workspace; every use checked against the
+    digests pinned in the registry, then the bundle's own checksums on load)."""
     from components.state import LearnerState
 
     if version is None:
@@ -120,13 +121,18 @@ def parent_state(config: Config, version: int | None):
     else:
         base = runtime_dir(config) / "states"
     folder = base / f"v{version}"
+    registry = registry_of(config)
     if not (folder / "state" / "manifest.json").is_file():
         tmp = folder.with_name(f".v{version}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        registry_of(config).download_state(version, tmp)
+        registry.download_state(version, tmp)  # checked against the digests the registry pinned
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.replace(folder)
+    else:  # kept from an earlier night: still what the registry pinned
+        from components.model_pins import verify_state
+
+        verify_state(registry, version, folder / "state")
     return LearnerState.load(folder / "state")
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from flows import commands, data_commands
+from flows import commands, data_commands, model_commands
 from flows import review_commands as reviews
 from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_REFUSED, EXIT_USAGE  # noqa: F401  (the codes, for callers)
 
@@ -163,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("requeue", reviews.cmd_requeue, "learn a rejected task again next night")
     p.add_argument("task_id")
+
+    p = command(
+        "predict",
+        model_commands.cmd_predict,
+        "label images with a registered version, loaded only after every file is checked against its pinned digest",
+    )
+    p.add_argument("ref", help="a version number, champion, challenger or previous-champion")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "export-model",
+        model_commands.cmd_export_model,
+        "copy a registered version's MLflow model into a new folder, every file checked (for mlflow models serve)",
+    )
+    p.add_argument("ref", help="a version number, champion, challenger or previous-champion")
+    p.add_argument("dir", help="a new folder")
 
     p = command(
         "move-registry",

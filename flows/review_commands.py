@@ -41,15 +41,19 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def _verify_registry(config, registry, record: dict) -> None:
-    """``--verify`` also holds the registry to the ledger: a version the ledger says was registered and the
-    registry lacks (or holds as another task's) is a mismatch, as much as a changed byte of data."""
+    """``--verify`` also holds the registry to the ledger (a version the ledger says was registered and the
+    registry lacks, or holds as another task's, is a mismatch, as much as a changed byte of data) and the
+    version's stored model to the digests its registration pinned."""
     from components import registry_check
+    from components.model_pins import verify_version
     from components.workspace import open_ledger
 
     with open_ledger(config) as ledger:
-        found = registry_check.problems(ledger, registry)
+        found = [f"registry and ledger disagree: {line}" for line in registry_check.problems(ledger, registry)]
+    # The model's own files, re-hashed against the digests pinned at registration.
+    found += verify_version(registry, int(record["model"]["version"]))
     if found:
-        record["problems"] = [*record["problems"], *(f"registry and ledger disagree: {line}" for line in found)]
+        record["problems"] = [*record["problems"], *found]
         record["verified"] = False
 
 
