@@ -70,7 +70,7 @@ def collect(repo, revs: list[str], delete: bool) -> dict[str, Any]:
                 removed = dvc_collect(odb, used, dry=False) if delete and unused else 0
                 stores.append(
                     {
-                        "store": f"{where} {odb.path}",
+                        "store": f"{where} {odb.fs.unstrip_protocol(odb.path)}",
                         "objects": len(present),
                         "unused": len(unused),
                         "bytes": size,

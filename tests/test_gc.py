@@ -176,3 +176,45 @@ def test_verify_fails_when_the_remote_lost_the_champions_data_listing(chain_ws, 
     assert "verified: NO" in out and "version 2: the DVC remote lacks" in out, out
     assert f"data listing {champion_listing}" in out, out
     print(f"\nROW dvc gc -w -c -f, then lineage --verify | exit {code} | names {champion_listing}")
+
+
+def test_gc_and_the_remote_check_on_an_s3_remote(tmp_path, s3_bucket, s3_env, capsys):
+    """The same through s3fs on the S3 server: listing, sizes, deleting, and the remote check of --verify."""
+    import boto3
+
+    from components.data_gc import remote_problems
+    from tests.conftest import S3_REGION
+
+    ws = tmp_path / "ws"
+    cfg = load_config(overrides=[f"workspace={ws}", f"dvc.remote=s3://{s3_bucket}/dvc"], env={}, cwd=tmp_path)
+    assert ingestion.ingest(str(make_task(tmp_path / "drops", "s3-a", ["cat"])), cfg).status == "accepted"
+    (ws / "data" / "junk").mkdir()
+    (ws / "data" / "junk" / "blob.bin").write_bytes(JUNK)
+    versioning.track_data(ws)
+    versioning.push(ws)
+    shutil.rmtree(ws / "data" / "junk")
+    versioning.track_data(ws)
+    direct = boto3.client("s3", endpoint_url=s3_env, region_name=S3_REGION)
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in direct.list_objects_v2(Bucket=s3_bucket, Prefix="dvc/").get("Contents", [])}
+
+    before = keys()
+    assert main(["gc", "-w", str(ws), "--yes"]) == 0
+    remote_line = next(line for line in capsys.readouterr().out.splitlines() if "remote s3://" in line)
+    removed = before - keys()
+    junk = hashlib.md5(JUNK).hexdigest()
+    assert remote_line.endswith("removed 2") and len(removed) == 2  # the junk file and the listing that named it
+    assert f"dvc/files/md5/{junk[:2]}/{junk[2:]}" in removed
+    commit = _task_commit(ws, "s3-a")
+    assert remote_problems(ws, [("version 1", "s3-a", commit)]) == []
+    index = next(e["md5"] for e in versioning.task_entries(ws, "s3-a") if e["relpath"] == "index.csv")
+    direct.delete_object(Bucket=s3_bucket, Key=f"dvc/files/md5/{index[:2]}/{index[2:]}")
+    assert remote_problems(ws, [("version 1", "s3-a", commit)]) == [
+        f"version 1: the DVC remote lacks 1 object(s) of its data: data/tasks/s3-a/index.csv ({index})"
+    ]
+
+
+def _task_commit(ws: Path, task_id: str) -> str:
+    with Ledger(ws / ".cliploop" / "ledger.sqlite") as ledger:
+        return ledger.get(task_id).workspace_commit
