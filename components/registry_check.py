@@ -22,6 +22,7 @@ from components.registry import NotFound, Registry, RegistryError
 META_KEY = "registry"
 # A task in these states names the registered version it became (the others name none, or an old one).
 NAMES_A_VERSION = ("learned", "promoted", "rejected")
+MOVING = 'docs/reliability.md, "Moving to another registry"'
 
 
 class RegistryMismatch(RegistryError):
@@ -68,9 +69,8 @@ def check(ledger: Ledger, registry: Registry) -> None:
             f"the registry {_where(describe(registry))} does not hold what this workspace's ledger says was "
             "registered; nothing was changed:\n  - "
             + "\n  - ".join(found)
-            + "\nPoint mlflow.tracking_uri / mlflow.registered_model back at the workspace's registry, or move "
-            "the workspace to this one on purpose: `cliploop move-registry` (docs/reliability.md, "
-            '"Moving to another registry").'
+            + f"\nPoint mlflow.tracking_uri / mlflow.registered_model back at the workspace's registry, or move "
+            f"the workspace to this one on purpose: `cliploop move-registry` ({MOVING})."
         )
     if ledger.meta(META_KEY) != describe(registry):
         ledger.set_meta(META_KEY, describe(registry))
