@@ -149,7 +149,12 @@ def pause_key(config: Config, version: int) -> str:
     """The key a flow run waiting for ``version``'s review pauses under. It names the registered model and its
     tracking store as well as the version: runs of several workspaces share one Prefect server, and each
     chain numbers its versions from 1, so a decision must find the run of its own registry only."""
-    return f"review-{registry_of(config).identity}-v{version}"
+    return f"{pause_prefix(config)}{version}"
+
+
+def pause_prefix(config: Config) -> str:
+    """What every pause key of this registry's reviews starts with (the version number follows)."""
+    return f"review-{registry_of(config).identity}-v"
 
 
 def review_requested(config: Config, version: int) -> None:

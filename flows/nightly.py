@@ -18,7 +18,7 @@ from components.config_loading import config_from_doc, load_config
 from flows import gpu
 from flows.progress import PrefectProgress
 from flows.retry import step
-from flows.update import await_review, continual_update
+from flows.update import apply_left_decisions, await_review, continual_update
 
 
 class NightFailed(chain.PipelineError):
@@ -58,10 +58,10 @@ def nightly(
         "stopped": None,
     }
     with chain.chain_lock(cfg), progress.reporting(PrefectProgress()):
-        summary["swept"] = sweep_abandoned_runs(cfg)
+        summary["swept"] = sweep_abandoned_runs(cfg, summary["reconciled"])
         for run in summary["swept"]:
-            log.warning("flow run %s was left Running by a process that died: marked Crashed", run)
-        summary["reconciled"] = step(chain.reconcile, cfg)(cfg)
+            log.warning("flow run %s was left Running or Paused by a process that died: marked Crashed", run)
+        summary["reconciled"] += step(chain.reconcile, cfg)(cfg)
         # Decisions taken in MLflow since the last night (no run of this chain waits for a review now).
         summary["reconciled"] += step(review.record_registry_changes, cfg)(cfg)
         for line in summary["reconciled"]:
@@ -121,12 +121,14 @@ def nightly(
     return summary
 
 
-def sweep_abandoned_runs(cfg) -> list[str]:
-    """Flow runs of this chain left ``Running`` by a process or worker that died become ``Crashed``.
+def sweep_abandoned_runs(cfg, decisions: list[str] | None = None) -> list[str]:
+    """Flow runs of this chain left ``Running`` or ``Paused`` by a process or worker that died become ``Crashed``.
 
-    Prefect never does this by itself (a dead worker's run stays Running for good). Called under the chain
-    lock: no other night of this chain is alive, so a Running run of ours for the same workspace and
-    registered model, other than this one and its parents, is a dead one."""
+    Prefect never does this by itself (a dead worker's run stays Running for good, a killed night's review
+    stays Paused and can still be resumed in the UI). Called under the chain lock: no other night of this chain
+    is alive, so a Running or Paused run of ours for the same workspace and registered model, other than this
+    one and its parents, is a dead one. A review decision given to such a run is applied first
+    (``update.apply_left_decisions``; its lines go to ``decisions``), never dropped."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -148,7 +150,7 @@ def sweep_abandoned_runs(cfg) -> list[str]:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=names)),
             flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PAUSED]))
             ),
             limit=200,
         )
@@ -156,6 +158,8 @@ def sweep_abandoned_runs(cfg) -> list[str]:
             mine = gpu.chain_tag(cfg) in (run.tags or []) or _chain_of(run.parameters or {}) == ours
             if str(run.id) in alive or not mine:
                 continue
+            if decisions is not None:
+                decisions.extend(apply_left_decisions(client, run, cfg))
             client.set_flow_run_state(
                 run.id,
                 Crashed(message="its process or worker died while it was running; swept by the next night (cliploop)"),

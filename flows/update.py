@@ -224,3 +224,33 @@ def resume_waiting(config: Config, version: int, decision: str, reviewer: str, n
             resume_flow_run(run.id, run_input={"decision": decision, "reviewer": reviewer, "note": note})
             resumed.append(str(run.id))
     return resumed
+
+
+def apply_left_decisions(client, run, config: Config) -> list[str]:
+    """Review decisions given to a flow run of this chain whose night is gone (resumed in the Prefect UI after
+    the process died: Prefect stores the input and marks the run Running, and no one reads it). Applied with
+    ``review.decide`` like any other, unless the version was decided since; one line each."""
+    import json
+
+    prefix = f"paused-{review.pause_prefix(config)}"  # Prefect stores a paused run's input under this key
+    lines = []
+    for found in client.filter_flow_run_input(run.id, key_prefix=prefix, limit=20, exclude_keys=set()):
+        number = found.key[len(prefix) :].removesuffix("-response")
+        if not found.key.endswith("-response") or not number.isdigit():
+            continue
+        version, answer = int(number), json.loads(found.value)
+        tags = chain.version_tags_or_none(chain.registry_of(config), version) or {}
+        if tags.get("review") not in review.UNDECIDED:
+            lines.append(
+                f"v{version}: a decision left on dead flow run {run.id} ignored: decided since ({tags.get('review')})"
+            )
+            continue
+        try:
+            review.decide(config, version, answer["decision"], answer["reviewer"], answer.get("note", ""))
+            lines.append(
+                f"v{version}: {answer['decision']} by {answer['reviewer']}, given to flow run {run.id} after its "
+                "night died: applied"
+            )
+        except chain.PipelineError as exc:
+            lines.append(f"v{version}: the decision left on dead flow run {run.id} could not be applied: {exc}")
+    return lines

@@ -592,6 +592,64 @@ def test_an_mlflow_outage_is_retried_and_never_rewrites_the_ledger(
     assert chain.reconcile(cfg) == [] and _states(cfg) == before  # MLflow back: nothing to change
 
 
+def _paused_run(cfg, version: int, timeout: float = 240):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(flow_run_filter=flt):
+                if run.state.state_details.pause_key == review.pause_key(cfg, version):
+                    return run
+        time.sleep(0.5)
+    raise AssertionError(f"no flow run paused for version {version}")
+
+
+def test_a_decision_given_after_the_night_died_is_applied_by_the_next_night(
+    tmp_path, tiny_checkpoint, ingested, prefect_api
+):
+    """The night is SIGKILLed while its run waits for a review; a reviewer then resumes that run from the Prefect
+    UI with an approval (the API call the UI makes): Prefect stores the input and marks the run Running, with
+    no process to read it. The next night must apply the approval (not tag the version timed-out) and mark the
+    dead run Crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.nightly import run_night
+
+    cfg = _cfg(tmp_path, tiny_checkpoint, "approval.timeout_s=600", start=ingested)
+    log = tmp_path / "night.log"
+    with open(log, "w") as out:
+        night = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "nightly", *_cli_args(cfg, tiny_checkpoint)]
+            + ["--set", "approval.timeout_s=600", "--set", f"drop_zone={tmp_path / 'incoming'}"],
+            cwd=REPO,
+            env=_env_with_prefect_api(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        run = _paused_run(cfg, 1)
+    finally:
+        _kill_group(night)
+    assert from_config(cfg).version_tags(1)["review"] == "pending", log.read_text()[-2000:]
+    resume_flow_run(run.id, run_input={"decision": "approve", "reviewer": "rita", "note": "looks right"})
+
+    summary = run_night(cfg)
+    assert any(line.startswith("v1: approve by rita") and "applied" in line for line in summary["reconciled"])
+    assert str(run.id) in summary["swept"]
+    registry = from_config(cfg)
+    tags = registry.version_tags(1)
+    assert registry.alias("champion") == 1 and (tags["review"], tags["reviewer"]) == ("approved", "rita")
+    assert _states(cfg) == {"t-a": "promoted"}
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run.id).state.type.value == "CRASHED"
+
+
 def _events(cfg) -> list[dict]:
     with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
         return ledger.events()
