@@ -117,7 +117,7 @@ def normalise_class_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per row: no __dict__ each, for manifests of a million rows
 class ManifestRow:
     line: int  # line number in manifest.csv (the header is line 1)
     path: str
@@ -181,6 +181,12 @@ def parse_manifest(data: bytes, where: str = "manifest.csv") -> Manifest:
     columns = tuple(h.strip() for h in header)
     index = {name: i for i, name in enumerate(columns)}
     rows: list[ManifestRow] = []
+    # Labels, splits and domains repeat on every row: one string object per distinct value, not one per row.
+    shared: dict[str, str] = {}
+
+    def one(value: str | None) -> str | None:
+        return shared.setdefault(value, value) if value else value
+
     try:
         for record in reader:
             line = reader.line_num
@@ -197,9 +203,9 @@ def parse_manifest(data: bytes, where: str = "manifest.csv") -> Manifest:
                 ManifestRow(
                     line=line,
                     path=cell("path") or "",
-                    label=cell("label") or "",
-                    split=cell("split") or "",
-                    domain=cell("domain") or None,
+                    label=one(cell("label")) or "",
+                    split=one(cell("split")) or "",
+                    domain=one(cell("domain")) or None,
                 )
             )
     except csv.Error as exc:

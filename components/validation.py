@@ -10,21 +10,23 @@ rule's failures come back as rows, which are phrased here.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
 
 from components import storage
 from components.config import ValidationConfig
-from components.expectations import IMAGE_COLUMNS, run_expectations
+from components.expectations import run_expectations
 from components.images import SUFFIX, probe_image
 from components.tasks import SPLITS, DropSource, Manifest, TaskSpec, normalise_class_name, path_problem
-from components.validation_report import RULES, Failure, Report, RuleResult
+from components.validation_report import MAX_LISTED, MAX_ROWS_PER_RULE, RULES, Failure, Report, RuleResult, listing
 
 
-@dataclass
+@dataclass(slots=True)  # one per manifest row: without a __dict__ each, a million rows cost far less memory
 class RowFacts:
     """One manifest row with what was found about its image."""
 
@@ -96,31 +98,49 @@ def scan_images(
         )
         if acceptable and sink is not None:
             sink(fact.sha256, SUFFIX[probe.format], data)
+    del probed  # a row's worth of memory for every path: freed before the leak check builds its own
     _mark_leaks(facts)
     return facts
 
 
 def _mark_leaks(facts: list[RowFacts]) -> None:
-    first_by_split: dict[tuple[str, str], int] = {}
+    # content -> first line, one dict per split (not one keyed by (content, split): a tuple per row)
+    first_line: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     for fact in facts:
         if fact.sha256 and fact.split in SPLITS:
-            first_by_split.setdefault((fact.sha256, fact.split), fact.line)
+            first_line[fact.split].setdefault(fact.sha256, fact.line)
     for fact in facts:
         if fact.sha256 and fact.split in SPLITS:
             other = "test" if fact.split == "train" else "train"
-            fact.leak_with = first_by_split.get((fact.sha256, other))
+            fact.leak_with = first_line[other].get(fact.sha256)
 
 
 def content_digest(spec_bytes: bytes, manifest_bytes: bytes, facts: list[RowFacts]) -> str:
-    """Identity of a drop's payload: its metadata files and the content of every listed image."""
-    listing = {
-        "task.yaml": storage.sha256_bytes(spec_bytes),
-        "manifest.csv": storage.sha256_bytes(manifest_bytes),
-        "images": sorted(
-            {(f.path, f.sha256 or f"unreadable:{f.image_error or f.path_problem}") for f in facts if f.path}
-        ),
-    }
-    return storage.sha256_bytes(json.dumps(listing, sort_keys=True).encode())
+    """Identity of a drop's payload: its metadata files and the content of every listed image.
+
+    The SHA-256 of ``json.dumps({"images": sorted({(path, sha256 or "unreadable:<why>")}), "manifest.csv":
+    <sha256>, "task.yaml": <sha256>}, sort_keys=True)``, hashed piece by piece as that text would be written:
+    built whole, the text and its bytes took 200 MB at a million rows. (The ledger compares digests across
+    runs, so the text may never change.)"""
+    digest = hashlib.sha256(b'{"images": [')
+    pieces: list[str] = []
+    for item in _listed_images(facts):
+        pieces.append(json.dumps(item))
+        if len(pieces) == 10_000:
+            digest.update((", ".join(pieces) + ", ").encode())
+            pieces = []
+    digest.update(", ".join(pieces).encode())
+    metadata = {"manifest.csv": storage.sha256_bytes(manifest_bytes), "task.yaml": storage.sha256_bytes(spec_bytes)}
+    digest.update(("], " + json.dumps(metadata, sort_keys=True)[1:]).encode())
+    return digest.hexdigest()
+
+
+def _listed_images(facts: list[RowFacts]) -> Iterator[tuple[str, str]]:
+    """The distinct (path, sha256 or "unreadable:<why>") of the listed images, in sorted order."""
+    listed = sorted((f for f in facts if f.path), key=attrgetter("path"))
+    for path, rows in groupby(listed, key=attrgetter("path")):
+        for content in sorted({f.sha256 or f"unreadable:{f.image_error or f.path_problem}" for f in rows}):
+            yield path, content
 
 
 def _where(fact: RowFacts) -> str:
@@ -165,44 +185,46 @@ def validate(
     }
 
     def fail(rule: str, message: str, fact: RowFacts | None = None) -> None:
-        res = results[rule]
-        res.success = False
-        if fact is not None and any(f.line == fact.line for f in res.failures):
-            return  # one message per row and rule
-        res.failures.append(Failure(message, fact.line if fact else None, fact.path if fact else None))
+        results[rule].add(Failure(message, fact.line if fact else None, fact.path if fact else None))
 
-    by_line = {f.line: f for f in facts}
-    expectations = run_expectations(spec, manifest, *_tables(manifest, facts), cfg, docs_dir)
+    expectations = run_expectations(spec, manifest, facts, cfg, docs_dir, MAX_ROWS_PER_RULE)
     missing, extra = manifest.missing_columns, manifest.extra_columns
     declared = {normalise_class_name(n) for n in spec.class_names}
-    lines_of: dict[str, list[int]] = {}
-    for f in facts:
-        if f.path:
-            lines_of.setdefault(f.path, []).append(f.line)
+    failed = [exp for exp in expectations if not exp["success"]]
+    # Great Expectations lists the first failing rows of each expectation and counts the rest; only the listed
+    # rows are phrased, so only they are looked up (a dict of every row would be as large as the facts).
+    wanted = {line for exp in failed for line in exp["lines"]}
+    by_line = {f.line: f for f in facts if f.line in wanted}
+    duplicated = {
+        by_line[n].path for exp in failed if exp["rule"] == "duplicate-rows" for n in exp["lines"] if n in by_line
+    }
+    lines_of = _lines_listing(facts, duplicated)
 
-    for exp in expectations:
-        if exp["success"]:
-            continue
+    for exp in failed:
         rule = exp["rule"]
         if rule == "columns":
             parts = []
             if missing:
                 parts.append(f"missing column(s): {', '.join(missing)}")
             if extra:
-                parts.append(f"unexpected column(s): {', '.join(extra)}")
+                parts.append(f"unexpected column(s): {listing(extra)}")
             fail(
                 "columns",
                 f"manifest.csv: {'; '.join(parts) or 'columns do not match'} "
-                f"(expected path,label,split[,domain]; found {','.join(manifest.columns)})",
+                f"(expected path,label,split[,domain]; found {listing(list(manifest.columns), sep=',')})",
             )
             continue
         if rule == "split-nonempty":
             continue  # phrased below from the counts
+        listed = 0
         for line in exp["lines"]:
             fact = by_line.get(line)
             if fact is None:
                 continue
             fail(rule, _row_message(rule, fact, exp, cfg, spec, lines_of), fact)
+            listed += 1
+        # One problem per failing row and expectation (a row missing both label and split has two).
+        results[rule].add_unlisted((exp["unexpected_count"] or 0) - listed)
 
     counts = {split: sum(1 for f in facts if f.split == split) for split in SPLITS}
     if not missing:
@@ -249,40 +271,27 @@ def validate(
     )
 
 
-def _tables(manifest: Manifest, facts: list[RowFacts]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rows the expectations run on: the manifest as read, and the facts of each listed image."""
-    manifest_rows = []
+def _lines_listing(facts: list[RowFacts], paths: set[str]) -> dict[str, tuple[list[int], int]]:
+    """For each of ``paths``: its first lines (enough to name MAX_LISTED besides any one of them) and how many
+    rows list it. One pass, whatever the number of duplicates: naming every other line in every duplicate
+    row's message made a manifest of one path listed n times cost n² in time and memory."""
+    first: dict[str, list[int]] = {p: [] for p in paths}
+    total = dict.fromkeys(paths, 0)
     for f in facts:
-        row = {"line": f.line, "path": f.path, "label": f.label, "split": f.split}
-        if "domain" in manifest.columns:
-            row["domain"] = f.domain
-        manifest_rows.append(row)
-    # format only for an image that was read and decoded: a refused file is reported by its own rule
-    image_rows = [
-        dict(
-            zip(
-                IMAGE_COLUMNS,
-                (
-                    f.line,
-                    f.path,
-                    f.path_problem,
-                    f.image_error,
-                    f.format if f.image_error is None and f.path_problem is None else None,
-                    f.pixels,
-                    min(f.width, f.height) if f.width and f.height else None,
-                    f.leak_with is not None,
-                    f.seen_in,
-                ),
-            )
-        )
-        for f in facts
-        if f.path
-    ]
-    return manifest_rows, image_rows
+        if f.path in first:
+            total[f.path] += 1
+            if len(first[f.path]) <= MAX_LISTED:
+                first[f.path].append(f.line)
+    return {p: (first[p], total[p]) for p in paths}
 
 
 def _row_message(
-    rule: str, fact: RowFacts, exp: dict, cfg: ValidationConfig, spec: TaskSpec, lines_of: dict[str, list[int]]
+    rule: str,
+    fact: RowFacts,
+    exp: dict,
+    cfg: ValidationConfig,
+    spec: TaskSpec,
+    lines_of: dict[str, tuple[list[int], int]],
 ) -> str:
     where = _where(fact)
     if rule == "required-values":
@@ -290,11 +299,11 @@ def _row_message(
     if rule == "split-value":
         return f"{where}: split {fact.split!r} is not 'train' or 'test'"
     if rule == "label-declared":
-        shown = ", ".join(spec.class_names[:10]) + (" …" if len(spec.classes) > 10 else "")
-        return f"{where}: label {fact.label!r} is not declared in task.yaml (declared: {shown})"
+        return f"{where}: label {fact.label!r} is not declared in task.yaml (declared: {listing(spec.class_names)})"
     if rule == "duplicate-rows":
-        others = [str(n) for n in lines_of.get(fact.path or "", []) if n != fact.line]
-        return f"{where}: the same path is also listed on line(s) {', '.join(others)}"
+        first, total = lines_of.get(fact.path or "", ([], 1))
+        others = [str(n) for n in first if n != fact.line]
+        return f"{where}: the same path is also listed on line(s) {listing(others, total - 1)}"
     if rule == "path-safe":
         return f"{where}: {fact.path_problem}"
     if rule == "image-readable":
@@ -335,11 +344,11 @@ def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]
             fail(
                 "scenario-classes",
                 f"task.yaml: domain-incremental task declares class(es) unknown to dataset "
-                f"{spec.dataset!r}: {', '.join(new)}",
+                f"{spec.dataset!r}: {listing(new)}",
             )
         if absent:
             fail(
                 "scenario-classes",
                 f"task.yaml: domain-incremental task lacks known class(es) of dataset "
-                f"{spec.dataset!r}: {', '.join(absent)}",
+                f"{spec.dataset!r}: {listing(absent)}",
             )

@@ -38,6 +38,21 @@ RULES: dict[str, str] = {
 }
 
 
+# A rule keeps the messages of its first failing rows and counts the rest: the report shows no more than these
+# anyway, and keeping a message for every row of a million-row manifest would cost memory for nothing.
+MAX_ROWS_PER_RULE = 200
+MAX_LISTED = 10  # items one message names before "and N more"
+
+
+def listing(items: list[str], total: int | None = None, limit: int = MAX_LISTED, sep: str = ", ") -> str:
+    """``a, b, c and 1,234 more``: the first ``limit`` of ``items`` (``total`` of them in all, when only the
+    first few were collected), so that no message grows with the manifest."""
+    total = len(items) if total is None else total
+    shown = sep.join(items[:limit])
+    more = total - min(len(items), limit)
+    return f"{shown} and {more:,} more" if more > 0 else shown
+
+
 @dataclass
 class Failure:
     message: str
@@ -52,10 +67,24 @@ class RuleResult:
     description: str
     failures: list[Failure] = field(default_factory=list)
     skipped: str | None = None
+    unlisted: int = 0  # failures counted beyond the first MAX_ROWS_PER_RULE kept in ``failures``
 
     @property
     def count(self) -> int:
-        return len(self.failures)
+        return len(self.failures) + self.unlisted
+
+    def add(self, failure: Failure) -> None:
+        self.success = False
+        if len(self.failures) < MAX_ROWS_PER_RULE:
+            self.failures.append(failure)
+        else:
+            self.unlisted += 1
+
+    def add_unlisted(self, n: int) -> None:
+        """Count ``n`` failures whose rows were not listed (Great Expectations returns only the first ones)."""
+        if n > 0:
+            self.success = False
+            self.unlisted += n
 
 
 @dataclass
@@ -70,12 +99,12 @@ class Report:
     expectations: list[dict[str, Any]] = field(default_factory=list)
     data_docs: str | None = None
 
-    MAX_ROWS_PER_RULE = 200
+    MAX_ROWS_PER_RULE = MAX_ROWS_PER_RULE
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for rule in out["rules"]:
-            rule["count"] = len(rule["failures"])
+            rule["count"] = len(rule["failures"]) + rule.pop("unlisted")
             rule["failures"] = rule["failures"][: self.MAX_ROWS_PER_RULE]
         return out
 
@@ -96,7 +125,7 @@ class Report:
             for failure in rule.failures[:max_rows]:
                 lines.append(f"      {failure.message}")
             if rule.count > max_rows:
-                lines.append(f"      … and {rule.count - max_rows} more (see the report)")
+                lines.append(f"      … and {rule.count - max_rows:,} more (see the report)")
         return "\n".join(lines)
 
 

@@ -110,3 +110,19 @@ def test_chain_eval_counts_each_image_once_with_the_cache(tmp_path):
     assert report["no_cache"]["encoded_per_step"] == [2 + 12 + 4, 2 + 8, 2 + 12]
     assert len(report["step_seconds"]) == len(report["no_cache"]["step_seconds"]) == 3
     assert report["identical_matrices"] is True
+
+
+def test_validation_scale_reports_time_memory_and_growth_per_size(tmp_path):
+    out = tmp_path / "validation.json"
+    report = _run("validation_scale.py", "--sizes", "40,80", "--out", str(out))
+    assert json.loads(out.read_text()) == report and report["sizes"] == [40, 80]
+    for variant in ("clean", "bad"):
+        for n in ("40", "80"):
+            row = report["results"][variant][n]
+            assert row["rows"] == int(n) and row["seconds"] > 0 and row["peak_rss_mb"] >= row["import_rss_mb"] > 0
+    assert all(row["success"] for row in report["results"]["clean"].values())
+    # One row in ten is bad: alternately a file not in the drop and a repeat of the first row (flagged with it).
+    assert report["results"]["bad"]["80"]["failed"] == {"image-readable": 4, "duplicate-rows": 5}
+    growth = report["growth"]["bad"]["80_vs_40"]
+    assert growth["rows_ratio"] == 2.0 and abs(growth["seconds_vs_linear"] - growth["seconds_ratio"] / 2) < 0.01
+    assert report["target"]["under_limit_at_1m"] is None  # 1M rows not measured
