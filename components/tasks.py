@@ -22,9 +22,10 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from components import storage
+from components.class_names import SAME_NAME, confusable_key, name_problem, shown
 from components.config_loading import yaml_problem
 
 TASK_ID_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
@@ -55,6 +56,9 @@ class ClassSpec(BaseModel):
         value = value.strip()
         if not value:
             raise ValueError("class name is empty")
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 
@@ -97,15 +101,19 @@ class TaskSpec(BaseModel):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
 
-    @model_validator(mode="after")
-    def _unique_classes(self) -> TaskSpec:
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[ClassSpec]) -> list[ClassSpec]:
         seen: dict[str, str] = {}
-        for cls_ in self.classes:
-            key = normalise_class_name(cls_.name)
+        for cls_ in value:
+            key = confusable_key(cls_.name)
             if key in seen:
-                raise ValueError(f"class {cls_.name!r} is declared twice (as {seen[key]!r})")
+                earlier = seen[key]
+                if normalise_class_name(earlier) == normalise_class_name(cls_.name):
+                    raise ValueError(f"class {cls_.name!r} is declared twice (as {earlier!r})")
+                raise ValueError(f"classes {shown(earlier)} and {shown(cls_.name)} are {SAME_NAME}")
             seen[key] = cls_.name
-        return self
+        return value
 
     @property
     def class_names(self) -> list[str]:

@@ -19,6 +19,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from components import storage
+from components.class_names import SAME_NAME, confusable_key, shown
 from components.config import ValidationConfig
 from components.expectations import run_expectations
 from components.images import SUFFIX, probe_image
@@ -327,6 +328,19 @@ def _row_message(
 def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]) -> None:
     declared = {normalise_class_name(n): n for n in spec.class_names}
     known = ctx.known_classes
+    # A declared class that is not a known one yet reads as one (after NFKC, case folding, without invisible
+    # characters) would be a second class under the first one's name, whatever the scenario.
+    look_alikes = {confusable_key(key): key for key in known}
+    confused: dict[str, str] = {}  # declared key -> the known key it reads as
+    for key, name in declared.items():
+        twin = look_alikes.get(confusable_key(name))
+        if twin is not None and key not in known:
+            confused[key] = twin
+            fail(
+                "scenario-classes",
+                f"task.yaml: class {shown(name)} and class {shown(twin)} of task {known[twin]} (dataset "
+                f"{spec.dataset!r}) are {SAME_NAME}; use the known name as it is written, or a visibly different one",
+            )
     if spec.scenario == "class-incremental":
         for key, name in declared.items():
             if key in known:
@@ -338,8 +352,8 @@ def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]
                     f"(use scenario: domain-incremental for new data of known classes)",
                 )
     elif known:  # domain-incremental: same label space as the dataset's earlier tasks
-        new = sorted(name for key, name in declared.items() if key not in known)
-        absent = sorted(key for key in known if key not in declared)
+        new = sorted(name for key, name in declared.items() if key not in known and key not in confused)
+        absent = sorted(key for key in known if key not in declared and key not in confused.values())
         if new:
             fail(
                 "scenario-classes",
