@@ -172,6 +172,7 @@ class RemoteSpec:
     region: str | None = None
     connect_timeout: float | None = None  # seconds, per attempt (S3 only; None: s3fs's own default)
     read_timeout: float | None = None
+    configured: bool = True  # False: ``url`` is the default; a remote the workspace has already is kept
 
 
 def default_remote(ws: Path) -> str:
@@ -210,6 +211,10 @@ def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
     """Point the workspace's default DVC remote at ``remote`` (idempotent)."""
     ws = Path(ws).resolve()
     url = remote.url
+    current = _remote_section(_dvc_config(ws), remote.name)
+    if current.get("url") and not remote.configured:
+        # No remote configured here: the one `init --remote` or the workspace's config chose stays.
+        url = current["url"] if storage.is_s3(current["url"]) else str((ws / ".dvc" / current["url"]).resolve())
     if not storage.is_s3(url):
         target = Path(url).resolve()
         target.mkdir(parents=True, exist_ok=True)
@@ -221,7 +226,6 @@ def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
         stored = os.path.relpath(target, ws / ".dvc") if inside else str(target)
     else:
         stored = url
-    current = _remote_section(_dvc_config(ws), remote.name)
     done: list[str] = []
     if current.get("url") != stored:
         dvc(["remote", "add", "--force", "--default", remote.name, url], ws)

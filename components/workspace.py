@@ -52,6 +52,7 @@ def remote_spec(config: Config) -> versioning.RemoteSpec:
         region=config.s3.region,
         connect_timeout=config.s3.connect_timeout_s,
         read_timeout=config.s3.read_timeout_s,
+        configured=bool(config.dvc.remote),
     )
 
 

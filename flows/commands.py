@@ -26,15 +26,19 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None, wri
     from components.config_loading import ENV_PREFIX, find_config_file, load_config
 
     overrides = list(getattr(args, "overrides", []) or []) + list(extra or [])
+    home = None
     if getattr(args, "workspace", None):
-        overrides.append(f"workspace={Path(args.workspace).resolve()}")
-    config = load_config(getattr(args, "config", None), overrides)
+        home = Path(args.workspace).resolve()
+        overrides.append(f"workspace={home}")
+    # With -w, the workspace's own cliploop.yaml (or none) is read, not one that happens to be in the current
+    # folder: that one belongs to another workspace (its remote, its drop zone) unless -c names it.
+    config = load_config(getattr(args, "config", None), overrides, cwd=home)
     check_method(config)
     if writes:
         from components.workspace import require_workspace
 
         named = (
-            find_config_file(getattr(args, "config", None)) is not None
+            find_config_file(getattr(args, "config", None), cwd=home) is not None
             or any(o.partition("=")[0].strip() == "workspace" for o in overrides)
             or f"{ENV_PREFIX}WORKSPACE" in os.environ
         )

@@ -200,6 +200,30 @@ def test_init_writes_a_commented_config_and_a_workspace(tmp_path, capsys):
     assert "kept the existing" in capsys.readouterr().out
 
 
+def test_ingest_with_w_reads_that_workspaces_config_and_keeps_its_remote(tmp_path, monkeypatch, capsys):
+    """``cliploop ingest DROP -w WS`` run from another workspace's folder: WS's own cliploop.yaml is the one
+    read (its remote, not the current folder's default), and no ingest repoints WS's DVC remote, even one run
+    with no config at all."""
+    ws, other, remote = tmp_path / "ws", tmp_path / "other", tmp_path / "elsewhere" / "remote"
+    assert main(["init", str(ws), "--remote", str(remote)]) == 0
+    assert main(["init", str(other)]) == 0
+    before = (ws / ".dvc" / "config").read_text()
+    assert str(remote) in before and "dvc-remote" not in before
+    make_task(tmp_path / "drops", "t-a", ["cat", "dog"], train=2, test=1)
+    monkeypatch.chdir(other)  # the current folder is another workspace, with its own cliploop.yaml
+
+    assert main(["ingest", str(tmp_path / "drops" / "t-a"), "-w", str(ws)]) == 0
+    assert (ws / ".dvc" / "config").read_text() == before
+    assert "dvc-remote" not in _git(ws, "log", "-p", "--", ".dvc/config")
+    assert any(remote.rglob("*")) and not (ws / ".cliploop" / "dvc-remote").exists()  # pushed where WS says
+
+    (ws / "cliploop.yaml").rename(tmp_path / "moved.yaml")  # no config for WS at all: the remote still stays
+    make_task(tmp_path / "drops", "t-b", ["emu", "owl"], train=2, test=1)
+    assert main(["ingest", str(tmp_path / "drops" / "t-b"), "-w", str(ws)]) == 0
+    assert (ws / ".dvc" / "config").read_text() == before
+    assert not (ws / ".cliploop" / "dvc-remote").exists()
+
+
 def test_demo_drop_zone_is_deterministic_and_meaningful(tmp_path):
     from components import demo
 
