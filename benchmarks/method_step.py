@@ -86,8 +86,8 @@ def prepare(name: str, settings: dict, tasks, config, args, teacher_forwards: in
     """A method set up on task 2 (after task 1's end-of-task state), and a function doing one timed step."""
     from components.data import make_loader
     from components.methods import get_method
-    from components.methods.base import context_for
     from components.models import load_backbone
+    from components.run_context import context_for
     from components.state import LearnerState
     from components.trainer import make_optimizer, optimization_step
 

@@ -111,10 +111,10 @@ def timed(fn, repeat: int) -> float:
 def compare_engines(overrides: list[str], args, task, ctx, settings, backbone, tmp: str) -> dict:
     """Pool building with the local engine and on Ray, on the same task, model and device: img/s side by side."""
     from components.config_loading import load_config
-    from components.methods.base import context_for
     from components.methods.lvp import build_pool
     from components.models import save_weights
     from components.pool_engine import split_parts
+    from components.run_context import context_for
 
     # Ray's actors load the model themselves: from a file of these very weights (random unless --pretrained).
     weights = Path(tmp) / "weights.safetensors"
@@ -172,10 +172,10 @@ def ceiling_rate(args, device: str, dtype: torch.dtype, image_size: tuple[int, i
 def main(argv: list[str] | None = None) -> int:
     from components.config_loading import load_config
     from components.data import load_task
-    from components.methods.base import context_for
     from components.methods.lvp import build_pool
     from components.models import encode_batch, load_backbone, quiet_loaders
     from components.pools import PoolConfig
+    from components.run_context import context_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cliploop-tiny")

@@ -76,8 +76,8 @@ def own_space_accuracy(config, state, tasks, name: str) -> list[float]:
 
     from components.data import make_loader
     from components.learn import make_method
-    from components.methods.base import context_for
     from components.models import load_backbone
+    from components.run_context import context_for
 
     method = make_method(config, name)
     method.settings = method.Settings.model_validate(state.method_settings or method.settings.model_dump())

@@ -29,7 +29,8 @@ import torch
 
 from components.config import Config
 from components.data import TaskData, load_task
-from components.methods.base import Method, context_for, task_prompts
+from components.methods.base import Method, task_prompts
+from components.run_context import context_for
 
 if TYPE_CHECKING:
     from components.embedding_cache import EmbeddingCache

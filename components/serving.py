@@ -60,8 +60,8 @@ class _CliploopModel:
 
         from components.config_loading import load_config
         from components.learn import make_method
-        from components.methods.base import context_for
         from components.models import load_backbone
+        from components.run_context import context_for
         from components.state import LearnerState
 
         config = load_config(context.artifacts["config"], env={})

@@ -172,10 +172,10 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     from components.data import load_task
     from components.embedding_cache import for_config
     from components.learn import make_method
-    from components.methods.base import context_for, task_prompts
+    from components.methods.base import task_prompts
     from components.models import load_backbone
-    from components.pool_engine import engine_for
     from components.pools import TaskPool
+    from components.run_context import context_for, engine_for
 
     store = step_io.store_of(config)
     key = key or pool_key(config, task_record(config, task_id))

@@ -265,7 +265,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_pool(args: argparse.Namespace) -> int:
     """One stored task's pool, built with the configured (or --engine) engine into the pipeline's keyed folder
     (reused when complete) or --out; prints the folder and the SHA-256 of the pool's tensors."""
-    from components.pool_engine import build_stored_pool
+    from components.stored_pool import build_stored_pool
 
     config = resolve_config(args, [f"compute.engine={args.engine}"] if args.engine else [])
     if not (config.workspace_path / "data" / "tasks" / args.task_id / "index.csv").is_file():

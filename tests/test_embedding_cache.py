@@ -18,11 +18,11 @@ from components.config_loading import load_config
 from components.data import load_task
 from components.embedding_cache import KIND, TENSORS, EmbeddingCache, entry_identity, entry_key, split_embeddings
 from components.methods import get_method
-from components.methods.base import context_for
 from components.methods.lvp import build_pool
 from components.models import load_backbone
 from components.pool_engine import split_parts
 from components.pools import PoolConfig
+from components.run_context import context_for
 from components.shards import ShardWriter, write_index
 from tests.conftest import tiny_overrides
 from tests.drops import png_bytes

@@ -14,11 +14,11 @@ import yaml
 
 from components.config_loading import load_config
 from components.data import load_task
-from components.methods.base import context_for
 from components.methods.lvp import build_pool
 from components.models import load_backbone
 from components.pool_engine import LocalEngine, split_parts
 from components.pools import PoolConfig
+from components.run_context import context_for
 from components.shards import CorruptShard, ShardWriter, write_index
 from tests.conftest import tiny_overrides
 from tests.drops import png_bytes

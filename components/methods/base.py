@@ -294,32 +294,6 @@ class Method:
         return frozen and cls.embedding_scores is not Method.embedding_scores
 
 
-def context_for(config, backbone: Backbone, **fields: Any) -> Context:
-    """The context of a configured run: batch size, workers, prompts and seed from ``config.evaluation``;
-    the base model (for teachers) and locations resolved as the config says; ``fields``: the rest
-    (task prompts, prebuilt pools, how to locate learned tasks, progress, checkpoints)."""
-    from components.data import resolve_decoder
-    from components.models import load_backbone
-    from components.pool_engine import engine_for
-
-    workers = config.evaluation.workers
-    if workers is None:
-        workers = min(8, torch.get_num_threads()) if str(backbone.device).startswith("cuda") else 0
-    return Context(
-        backbone=backbone,
-        batch_size=config.evaluation.batch_size,
-        workers=workers,
-        templates=config.evaluation.templates,
-        seed=config.evaluation.seed,
-        load_base=lambda: load_backbone(config.model, frozen=True),  # teachers only run forward
-        resolve=config.location,
-        **(
-            {"pool_engine": engine_for(config), "decoder": resolve_decoder(config.model.decoder, backbone.device)}
-            | fields
-        ),
-    )
-
-
 def task_prompts(tasks: Iterable[TaskData | None]) -> dict[str, list[str]]:
     """Dataset -> its own prompt templates, from the first of ``tasks`` that brings some (for ``Context``)."""
     prompts: dict[str, list[str]] = {}

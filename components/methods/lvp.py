@@ -12,7 +12,7 @@ import torch
 
 from components.merged_pool import MergedPool, merge, train_head
 from components.methods import register_method
-from components.methods.base import Context, Method, MethodReport, PoolStats, context_for, task_prompts
+from components.methods.base import Context, Method, MethodReport, PoolStats, task_prompts
 from components.pools import PoolConfig, TaskPool, needs_embeddings, pool_from_sums
 
 
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.config_loading import load_config
     from components.data import load_task
     from components.models import load_backbone
+    from components.run_context import context_for
 
     parser = argparse.ArgumentParser(prog="python -m components.methods.lvp", description=main.__doc__)
     parser.add_argument("task", help="a stored task folder or a task drop")
