@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -250,3 +253,25 @@ def _decode(data: bytes):
 
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
+
+
+def demo_model_settings(ws: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo's base model as a workspace's model: built offline (cached), placed in ``.cliploop/models/``
+    and pinned by its SHA-256. The path is absolute: the model loaders read it relative to the working folder."""
+    from components.models import cache_dir
+    from components.versioning import STATE_DIR
+
+    settings: dict[str, Any] = {}
+    for item in model_overrides(cache_dir() / "demo", progress=progress):
+        key, _, value = item.partition("=")
+        settings[key] = None if value == "null" else value
+    source = Path(settings["model.checkpoint"])
+    target = ws.resolve() / STATE_DIR / "models" / source.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)  # the cache and the workspace usually share a disk: no second copy
+        except OSError:
+            shutil.copyfile(source, target)
+    settings["model.checkpoint"] = str(target)
+    return settings

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from components.registry import Registry, RegistryError
-from components.review import UNDECIDED
+from components.registry_runs import UNDECIDED
 
 
 class LineageError(RuntimeError):

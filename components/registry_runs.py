@@ -19,6 +19,10 @@ from typing import Any
 from components.faults import fault_point
 
 TAG = "cliploop."
+# The ``review`` tag of a version that became champion: by a reviewer, by rule, or by an alias moved by hand.
+PROMOTED = ("approved", "auto", "manual-alias")
+# No one has decided on the version yet (waiting, or no answer in time); lineage --verify refuses these.
+UNDECIDED = (None, "", "pending", "timed-out")
 
 
 class RegistryError(RuntimeError):

@@ -26,15 +26,11 @@ from components.chain import (
     version_tags_or_none,
 )
 from components.config import Config
+from components.registry_runs import PROMOTED, UNDECIDED
 
 REVIEWER_GATE = "cliploop-gate"
 REVIEWER_AUTO = "cliploop-auto-promote"
 REVIEWER_UNKNOWN = "unknown"  # MLflow does not record who moved an alias or set a tag
-
-# The ``review`` tag of a version that became champion: by a reviewer, by rule, or by an alias moved by hand.
-PROMOTED = ("approved", "auto", "manual-alias")
-# No one has decided on the version yet (waiting, or no answer in time); lineage --verify refuses these.
-UNDECIDED = (None, "", "pending", "timed-out")
 
 
 def champion_row(registry, exclude: int | None = None) -> dict[str, float] | None:

@@ -1,5 +1,7 @@
 """``cliploop pool``: one stored task's pool built by hand, with the configured method and engine, into the
-pipeline's keyed folder or a folder of the user's choosing; where it went and the SHA-256 of its tensors."""
+pipeline's keyed folder or a folder of the user's choosing; where it went and the SHA-256 of its tensors.
+``python -m components.stored_pool TASK --out DIR`` builds the LVP pool of a stored task or a drop in a process of
+its own, with no workspace."""
 
 from __future__ import annotations
 
@@ -45,3 +47,35 @@ def build_stored_pool(config, task_id: str, out=None) -> dict:
         "cached": bool(result.get("cached")),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m components.stored_pool TASK --out DIR``: build one task's LVP pool in its own process."""
+    import argparse
+    import json
+
+    from components.config_loading import load_config
+    from components.data import load_task
+    from components.methods.base import task_prompts
+    from components.methods.lvp import build_pool
+    from components.models import load_backbone
+    from components.pools import PoolConfig
+    from components.run_context import context_for
+
+    parser = argparse.ArgumentParser(prog="python -m components.stored_pool", description=main.__doc__)
+    parser.add_argument("task", help="a stored task folder or a task drop")
+    parser.add_argument("--out", required=True, help="folder for <task_id>.safetensors and <task_id>.json")
+    parser.add_argument("--config", "-c")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    task = load_task(args.task)
+    ctx = context_for(config, load_backbone(config.model, frozen=True), task_prompts=task_prompts([task]))
+    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(config.method.settings), ctx.pool_engine)
+    files = pool.save(args.out)
+    print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": stats.img_per_s}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

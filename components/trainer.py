@@ -6,7 +6,7 @@ loop that calls the callbacks (timing, loss logging, progress and checkpoints, i
 So every method is trained, timed and checkpointed the same way, and method modules stay small and free of
 platform code.
 
-The optimiser settings are part of each method's settings (``TrainSettings``), with the official code's
+The optimiser settings are part of each method's settings (``methods.settings.TrainSettings``), with the official code's
 defaults, so the resolved config logged with a run says exactly how it was trained.
 """
 
@@ -16,10 +16,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from components.callbacks import (
     Callback,
@@ -32,6 +31,7 @@ from components.callbacks import (
     load_checkpoint,
 )
 from components.methods.base import MethodReport
+from components.methods.settings import TrainSettings
 
 if TYPE_CHECKING:
     from components.data import TaskData
@@ -41,42 +41,6 @@ if TYPE_CHECKING:
 
 class TrainError(RuntimeError):
     """Training cannot go on: a non-finite loss, no trainable parameter, an empty task."""
-
-
-class TrainSettings(BaseModel):
-    """How a method is optimised. Each method's settings extend this with its official defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer, re-created at every task")
-    lr: float = Field(1e-5, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, description="SGD momentum")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    epochs: int = Field(1, ge=1, description="passes over the task when iterations is null")
-    iterations: int | None = Field(None, ge=1, description="optimizer steps per task (overrides epochs)")
-    batch_size: int = Field(64, ge=1)
-    warmup_steps: int = Field(0, ge=0, description="linear warmup lr*(step+1)/warmup, then the schedule")
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr: float = Field(0.0, ge=0, description="cosine floor")
-    grad_clip: float | None = Field(None, gt=0, description="max gradient norm, applied after any projection")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: bool = Field(True, description="train with open_clip's training transform (random resized crop)")
-    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
-    per_task: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="settings for one task, by task id or dataset name, e.g. {aircraft: {lr: 5e-5, iterations: 100}} "
-        "(the official per-dataset schedules)",
-    )
-
-    def for_task(self, task_id: str, dataset: str) -> TrainSettings:
-        """These settings with the task's own overrides applied (by task id, else by dataset name)."""
-        override = self.per_task.get(task_id) or self.per_task.get(dataset)
-        if not override:
-            return self
-        if "per_task" in override:
-            raise ValueError("per_task entries cannot nest per_task")
-        return type(self).model_validate({**self.model_dump(), **override})
 
 
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
@@ -229,7 +193,7 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     if ctx.checkpoint_dir is not None and settings.checkpoint_every:
         folder = Path(ctx.checkpoint_dir) / task.task_id
         start = load_checkpoint(folder, run)
-        callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved))
+        callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved, ctx.fence))
         if start:
             ctx.say(f"  resuming {task.task_id} at step {start + 1}/{total} from {folder}")
     steps_done = StepProgress(f"train {task.task_id} ({method.name})", first=start)

@@ -9,9 +9,6 @@ set-up is a change of its own, not of how a drop is accepted.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,28 +96,6 @@ def _set_key(text: str, dotted: str, value: Any) -> str:
     at = next(i for i in range(start, len(lines)) if lines[i].startswith(prefix + " "))
     lines[at] = f"{prefix} {json.dumps(value)}"
     return "\n".join(lines) + "\n"
-
-
-def demo_model_settings(ws: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """The demo's base model as a workspace's model: built offline (cached), placed in ``.cliploop/models/``
-    and pinned by its SHA-256. The path is absolute: the model loaders read it relative to the working folder."""
-    from components import demo
-    from components.models import cache_dir
-
-    settings: dict[str, Any] = {}
-    for item in demo.model_overrides(cache_dir() / "demo", progress=progress):
-        key, _, value = item.partition("=")
-        settings[key] = None if value == "null" else value
-    source = Path(settings["model.checkpoint"])
-    target = ws.resolve() / versioning.STATE_DIR / "models" / source.name
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)  # the cache and the workspace usually share a disk: no second copy
-        except OSError:
-            shutil.copyfile(source, target)
-    settings["model.checkpoint"] = str(target)
-    return settings
 
 
 def s3_settings(config: Config) -> storage.S3Settings:

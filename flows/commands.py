@@ -96,7 +96,7 @@ def external_error(exc: Exception) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from components import workspace
+    from components import demo, workspace
     from components.config_loading import CONFIG_FILENAME, load_config
 
     ws = Path(args.dir).resolve()
@@ -109,7 +109,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         settings = {k: v for k, v in (("drop_zone", args.drop_zone), ("dvc.remote", args.remote)) if v}
         if args.model == "demo":
             print("model: the demo's base model (tiny image tower + pretrained MiniLM text tower; no network)")
-            settings |= workspace.demo_model_settings(ws)
+            settings |= demo.demo_model_settings(ws)
         cfg_path.write_text(workspace.config_text(settings))
         print(f"wrote {cfg_path}")
     else:

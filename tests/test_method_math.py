@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from components.methods import ctp, cvm, gnsp, sg, wise_ft, zscl
+from components.methods.settings import TrainSettings
 from components.methods.tuning import herding, kl_batchmean, soft_ce_distill, symmetric_info_nce
-from components.trainer import TrainSettings, lr_factor
+from components.trainer import lr_factor
 
 # ---- GNSP -------------------------------------------------------------------------------------------------
 

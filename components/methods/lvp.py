@@ -12,7 +12,7 @@ import torch
 
 from components.merged_pool import MergedPool, merge, train_head
 from components.methods import register_method
-from components.methods.base import Context, Method, MethodReport, PoolStats, task_prompts
+from components.methods.base import Context, Method, MethodReport, PoolStats
 from components.pools import PoolConfig, TaskPool, needs_embeddings, pool_from_sums
 
 
@@ -168,31 +168,3 @@ def _placeless(summary: dict) -> dict:
     """A task's summary without its folder: a pool built from a copy of the task elsewhere (another worker's
     cache) is the same pool."""
     return {k: v for k, v in summary.items() if k != "location"}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m components.methods.lvp TASK --out DIR``: build one task's pool in its own process."""
-    import argparse
-
-    from components.config_loading import load_config
-    from components.data import load_task
-    from components.models import load_backbone
-    from components.run_context import context_for
-
-    parser = argparse.ArgumentParser(prog="python -m components.methods.lvp", description=main.__doc__)
-    parser.add_argument("task", help="a stored task folder or a task drop")
-    parser.add_argument("--out", required=True, help="folder for <task_id>.safetensors and <task_id>.json")
-    parser.add_argument("--config", "-c")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    task = load_task(args.task)
-    ctx = context_for(config, load_backbone(config.model, frozen=True), task_prompts=task_prompts([task]))
-    pool, stats = build_pool(task, ctx, PoolConfig.model_validate(config.method.settings), ctx.pool_engine)
-    files = pool.save(args.out)
-    print(json.dumps({"task_id": pool.task_id, "files": files, "img_per_s": stats.img_per_s}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,10 +18,45 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from components.pools import PoolConfig
-from components.trainer import TrainSettings
+
+
+class TrainSettings(BaseModel):
+    """How a method is optimised. Each method's settings extend this with its official defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer, re-created at every task")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    epochs: int = Field(1, ge=1, description="passes over the task when iterations is null")
+    iterations: int | None = Field(None, ge=1, description="optimizer steps per task (overrides epochs)")
+    batch_size: int = Field(64, ge=1)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup lr*(step+1)/warmup, then the schedule")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = Field(0.0, ge=0, description="cosine floor")
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm, applied after any projection")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = Field(True, description="train with open_clip's training transform (random resized crop)")
+    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    per_task: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="settings for one task, by task id or dataset name, e.g. {aircraft: {lr: 5e-5, iterations: 100}} "
+        "(the official per-dataset schedules)",
+    )
+
+    def for_task(self, task_id: str, dataset: str) -> TrainSettings:
+        """These settings with the task's own overrides applied (by task id, else by dataset name)."""
+        override = self.per_task.get(task_id) or self.per_task.get(dataset)
+        if not override:
+            return self
+        if "per_task" in override:
+            raise ValueError("per_task entries cannot nest per_task")
+        return type(self).model_validate({**self.model_dump(), **override})
 
 
 @dataclass(frozen=True)
