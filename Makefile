@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` and `make test`. See README.md, "Installing".
+# Two commands for a fresh machine: `make demo` and `make test`. See docs/install.md, "Installing".
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip

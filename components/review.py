@@ -7,7 +7,7 @@ builds on the chain's helpers; the chain never imports it. The champion alias is
 (``decide``/``rollback``), under the registry lock, as a compare-and-set (``docs/contracts.md``, "A task's
 life in the ledger").
 
-A decision can also be taken in MLflow itself (``README.md``, "The nightly pipeline"):
+A decision can also be taken in MLflow itself (``docs/pipeline.md``, "Reviewing in MLflow"):
 ``registry_decision`` reads it for a waiting run, which applies it with ``decide`` like any other; an alias
 moved by hand when no one was waiting is recorded by ``record_manual_alias`` as ``review=manual-alias``.
 """

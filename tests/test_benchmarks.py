@@ -1,5 +1,6 @@
-"""The benchmark scripts run and print the JSON their README section describes. Only their shape and
-bookkeeping are checked here: speed targets are read from their output, never asserted in tests."""
+"""The benchmark scripts run and print the JSON that docs/benchmarks.md ("Throughput measurements") describes.
+Only their shape and bookkeeping are checked here: speed targets are read from their output, never asserted in
+tests."""
 
 from __future__ import annotations
 

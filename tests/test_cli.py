@@ -1,5 +1,5 @@
 """The command line: real subcommands with their own --help, and a user's mistake ends with one clear line
-and the documented exit code (README "Exit codes"), never a traceback."""
+and the documented exit code (docs/commands.md, "Exit codes"), never a traceback."""
 
 from __future__ import annotations
 
