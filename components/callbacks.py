@@ -10,6 +10,7 @@ it. Like the trainer, no platform library is imported here.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,20 +105,26 @@ class StepProgress(Callback):
 class Checkpoint(Callback):
     """Trainable weights, optimizer moments and the step, every N steps (safetensors + JSON, no pickle).
 
-    ``fit`` resumes from it when the same method and task are trained again (a crashed run's rerun).
+    ``fit`` resumes from it when the same method and task are trained again (a crashed run's rerun). ``fence``,
+    called before each write (saving, removing), raises when this process may no longer write them: another
+    attempt of the same step took the folder over (``components/fencing.py``).
     """
 
-    def __init__(self, folder: Path, every: int, saved=None) -> None:
-        self.folder, self.every, self.saved = Path(folder), every, saved
+    def __init__(self, folder: Path, every: int, saved=None, fence=None) -> None:
+        self.folder, self.every, self.saved, self.fence = Path(folder), every, saved, fence
 
     def on_step_end(self, run, step, losses, seconds):
         if (step + 1) % self.every == 0 and step + 1 < run.total:
+            if self.fence is not None:
+                self.fence()
             save_checkpoint(self.folder, run, step + 1)
             if self.saved is not None:  # e.g. mirrored to the artifact store, for another worker to resume
                 self.saved(self.folder)
             fault_point("after_checkpoint")
 
     def on_fit_end(self, run):
+        if self.fence is not None:
+            self.fence()
         for name in ("checkpoint.safetensors", "checkpoint.json"):
             (self.folder / name).unlink(missing_ok=True)
 
@@ -139,7 +146,7 @@ def save_checkpoint(folder: Path, run: FitRun, next_step: int) -> None:
                 moments.setdefault(names[id(p)], {})[key] = float(value)
     for key, value in run.method.training_state().items():
         tensors[f"method/{key}"] = value.detach().cpu().contiguous().clone()
-    tmp = folder / ".checkpoint.safetensors.tmp"
+    tmp = folder / f".checkpoint.safetensors.{os.getpid()}.tmp"  # two writers never share a half-written file
     save_file(tensors, str(tmp))
     tmp.replace(folder / "checkpoint.safetensors")
     atomic_write_text(

@@ -6,6 +6,7 @@ that point, the action happens there, for real:
 
 - ``kill``: SIGKILL to this process (no cleanup, no finally blocks: a power cut);
 - ``term``: SIGTERM to this process (what a scheduler sends before it kills);
+- ``stop``: SIGSTOP to this process (a hung machine or process: it goes on where it was once sent SIGCONT);
 - ``raise``: an ``InjectedFault`` exception (a bug at that point);
 - ``sleep=SECONDS``: a pause there (widens a race window for a test);
 - ``mark=PATH``: create the file PATH (tells a test the process got there).
@@ -44,6 +45,8 @@ def fault_point(point: str) -> None:
         elif action == "term":
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler runs between bytecodes; give it the chance before going on
+        elif action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif action == "raise":
             raise InjectedFault(f"fault injected at {point} ({ENV})")
         elif action.startswith("sleep="):
@@ -52,4 +55,5 @@ def fault_point(point: str) -> None:
             with open(action.split("=", 1)[1], "w") as fh:
                 fh.write(str(os.getpid()))
         else:
-            raise ValueError(f"{ENV}: unknown action {action!r} at {point!r} (kill, term, raise, sleep=S, mark=PATH)")
+            known = "kill, term, stop, raise, sleep=S, mark=PATH"
+            raise ValueError(f"{ENV}: unknown action {action!r} at {point!r} ({known})")

@@ -111,6 +111,7 @@ def learn_step(
     pools: dict[str, str] | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_saved: Callable[[Path], None] | None = None,
+    fence: Callable[[], None] | None = None,
     method_name: str | None = None,
     out_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
@@ -123,7 +124,8 @@ def learn_step(
     matrix from the start. ``base``: the base model, already loaded (it is never trained).
     ``pools``: task id -> folder of a pool built beforehand (the pipeline's build_pool step).
     ``checkpoint_dir``: where training checkpoints go (``method.settings.checkpoint_every``); a step that
-    finds a matching checkpoint there resumes from it.
+    finds a matching checkpoint there resumes from it. ``fence``: called before each checkpoint write; raises
+    when this attempt of the step was superseded (``components/fencing.py``).
     ``embeddings``: the embedding cache to read and fill (default: the configured one, ``for_config``); used only
     when the method's image encoder is frozen (``Method.encodes_frozen``).
     """
@@ -174,6 +176,7 @@ def learn_step(
         progress=progress,
         checkpoint_dir=checkpoint_dir,
         checkpoint_saved=checkpoint_saved,
+        fence=fence,
         embedding_cache=cache,
     )
     base_ctx = context_for(config, base, task_prompts=prompts, embedding_cache=cache)

@@ -8,7 +8,8 @@ never as Python objects). Steps are idempotent, so a rerun after a crash redoes 
 
 - ``build_pool`` and ``run_update`` write into content-addressed folders (the key is a digest of their
   inputs) and mark completion last with ``result.json``; a rerun that finds it returns it (a cache keyed by
-  input digests, persisted as JSON, never pickle);
+  input digests, persisted as JSON, never pickle). Each run of them is an attempt that owns the key
+  (``components/fencing.py``): one that another attempt superseded writes nothing more under it;
 - ``register_update`` finds the run and the version logged for the same key before logging another, and
   finishes what a killed attempt left undone (the challenger alias, the lineage record).
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import step_io, storage
+from components import fencing, step_io, storage
 from components.chain import PipelineError, ledger_of, registry_of, runtime_dir, task_record
 from components.config import Config
 from components.faults import fault_point
@@ -165,10 +166,13 @@ def builds_pools(config: Config) -> bool:
     return get_method(config.method.name).builds_pools
 
 
-def build_pool(config: Config, task_id: str, key: str | None = None, address: dict | None = None) -> dict[str, Any]:
+def build_pool(
+    config: Config, task_id: str, key: str | None = None, address: dict | None = None, attempt: str | None = None
+) -> dict[str, Any]:
     """One task's pool, built by the configured method from the base encoder, in a folder keyed by its
-    inputs' digest. A worker is handed the ``key`` and the task's DVC ``address`` (see :func:`addresses`):
-    it reads neither the ledger nor the workspace's copy of the data (``components/step_io.py``)."""
+    inputs' digest. A worker is handed the ``key``, the task's DVC ``address`` (see :func:`addresses`): it reads
+    neither the ledger nor the workspace's copy of the data (``components/step_io.py``), and the ``attempt``
+    that its dispatcher made the key's owner (none: this call takes the key over itself)."""
     from components.data import load_task
     from components.embedding_cache import for_config
     from components.learn import make_method
@@ -180,7 +184,9 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
     store = step_io.store_of(config)
     key = key or pool_key(config, task_record(config, task_id))
     done = store.result("pools", key)
-    if done is not None:
+    held = None if done is not None else _attempt_of(store, "pools", key, attempt)
+    if held is None:
+        done = done or store.result("pools", key)
         if not store.remote:
             TaskPool.load(Path(store.root) / "pools" / key, task_id)  # verifies the checksum of the cached pool
         return done | {"pool_dir": step_io.place(store, "pools", key), "cached": True}  # here, wherever it was made
@@ -196,7 +202,8 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
         config, backbone, task_prompts=task_prompts([task]), embedding_cache=for_config(config), pool_engine=engine
     )
     pool, stats = method.build_pool(task, ctx)  # the train split's embeddings go to the cache for later pools
-    folder = store.staging("pools", key)
+    folder = store.staging("pools", key, held)
+    shutil.rmtree(folder, ignore_errors=True)
     pool.save(folder)
     result = {
         "task_id": task_id,
@@ -207,8 +214,8 @@ def build_pool(config: Config, task_id: str, key: str | None = None, address: di
         "pid": os.getpid(),
         "parent_pid": os.getppid(),
     }
-    store.publish(folder, "pools", key, result)  # result.json last: the pool is complete
-    return result | {"pool_dir": step_io.place(store, "pools", key), "cached": False}
+    store.publish(folder, "pools", key, result, held)  # result.json last: the pool is complete
+    return result | {"attempt": held.id, "pool_dir": step_io.place(store, "pools", key), "cached": False}
 
 
 # ---- train + evaluate ---------------------------------------------------------------------------------------
@@ -235,39 +242,49 @@ def run_update(
     pools: dict[str, str] | None = None,
     key: str | None = None,
     addresses: dict[str, dict] | None = None,
+    attempt: str | None = None,
 ) -> dict[str, Any]:
     """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete).
-    A worker is handed the ``key`` and the DVC ``addresses`` of this task and every learned one."""
+    A worker is handed the ``key``, the DVC ``addresses`` of this task and every learned one, and the
+    ``attempt`` that its dispatcher made the key's owner (none: this call takes the key over itself). Every
+    checkpoint and result file is written only while the attempt owns the key (else ``fencing.Superseded``)."""
     from components import learn
     from components.state import LearnerState
 
     store = step_io.store_of(config)
     key = key or update_key(config, task_id, parent_version)
     done = store.result("runs", key)
-    if done is not None:
+    held = None if done is not None else _attempt_of(store, "runs", key, attempt)
+    if held is None:  # complete, perhaps by the attempt that this one just found done
+        done = done or store.result("runs", key)
         if not store.remote:
             LearnerState.load(Path(store.root) / "runs" / key / "state")  # verifies every checksum of the state
         return done | {"out_dir": step_io.place(store, "runs", key), "cached": True}  # here, wherever it was made
-    out = None if store.remote else Path(store.root) / "runs" / key
-    work = store.staging("runs", key) if out is None else out.with_name(f".{key}.{os.getpid()}")
+    fault_point("after_claim")
+    work = store.staging("runs", key, held)
     shutil.rmtree(work, ignore_errors=True)
-    parent = parent_state(config, parent_version)
     # Training checkpoints live under the run's key, so a rerun after a crash resumes from them; with an
     # object store they are mirrored there too, and a rerun on another worker starts from the latest.
     checkpoints = (store.cache if store.remote else runtime_dir(config)) / "checkpoints" / key
-    store.pull_checkpoints(key, checkpoints)
-    locate = step_io.locator(config, addresses)
-    pools = {t: str(step_io.local(store, place)) for t, place in (pools or {}).items()}
-    result = learn.learn_step(
-        locate(task_id),
-        config,
-        parent,
-        out_dir=work,
-        pools=pools,
-        checkpoint_dir=checkpoints,
-        checkpoint_saved=(lambda folder: store.push_checkpoint(key, folder)) if store.remote else None,
-        locate=locate,
-    )
+    try:
+        parent = parent_state(config, parent_version)
+        store.pull_checkpoints(key, checkpoints, held)
+        locate = step_io.locator(config, addresses)
+        pools = {t: str(step_io.local(store, place)) for t, place in (pools or {}).items()}
+        result = learn.learn_step(
+            locate(task_id),
+            config,
+            parent,
+            out_dir=work,
+            pools=pools,
+            checkpoint_dir=checkpoints,
+            checkpoint_saved=(lambda folder: store.push_checkpoint(key, folder, held)) if store.remote else None,
+            fence=held.check,
+            locate=locate,
+        )
+    except BaseException:  # the attempt's own folder: no other attempt finishes it
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     final = result.matrix.matrix[-1]
     doc = {
         "task_id": task_id,
@@ -281,14 +298,16 @@ def run_update(
         "host": os.uname().nodename,
         "parent_pid": os.getppid(),  # under a process worker: the worker that ran the step
     }
-    if out is not None:  # a folder root: the run's folder appears whole, then is marked complete
-        shutil.rmtree(out, ignore_errors=True)
-        work.replace(out)
-        work = out
-    store.publish(work, "runs", key, doc)  # result.json last
+    store.publish(work, "runs", key, doc, held)  # complete by this attempt alone, result.json last
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     store.drop_checkpoints(key)
-    return doc | {"out_dir": step_io.place(store, "runs", key), "cached": False}
+    return doc | {"attempt": held.id, "out_dir": step_io.place(store, "runs", key), "cached": False}
+
+
+def _attempt_of(store, kind: str, key: str, attempt: str | None) -> fencing.Attempt | None:
+    """This call's hold on ``kind/key``: the attempt it was handed (checked to own the key), or a new one that
+    supersedes whatever attempt came before (in-process, no one else dispatches it); None: the step is done."""
+    return store.hold(kind, key, attempt) if attempt else store.claim(kind, key)
 
 
 def _peak_memory_mb() -> float:

@@ -6,7 +6,9 @@ tasks, to work pools).
 a deployment run otherwise. Either way the arguments are plain data (the portable config, ids, the step's key,
 the DVC content addresses of the tasks it reads) and the result is read back from the step's content-keyed
 prefix in the artifact store (``artifacts.root``): artifacts cross as storage locations, never as Python
-objects, and a worker never opens the orchestrator's ledger or folder.
+objects, and a worker never opens the orchestrator's ledger or folder. Each start of a deployment run is an
+attempt that the dispatcher makes the step key's owner first (``components/fencing.py``): when a silent worker's
+run is started again, the first run's process, if it still lives, can no longer write under the key.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ KINDS = {BUILD_POOL: "pools", TRAIN_EVALUATE: "runs"}  # where each step publish
 
 @flow(name=BUILD_POOL, flow_run_name="pool-{task_id}", persist_result=False)
 def build_pool_flow(
-    config: dict[str, Any], task_id: str, key: str | None = None, address: dict | None = None
+    config: dict[str, Any],
+    task_id: str,
+    key: str | None = None,
+    address: dict | None = None,
+    attempt: str | None = None,
 ) -> dict[str, Any]:
     """One task's label-vector pool from the frozen encoder (independent of every other task)."""
     with progress.reporting(PrefectProgress()):  # on a worker: this run's progress artifacts
-        return steps.build_pool(config_from_doc(config), task_id, key, address)
+        return steps.build_pool(config_from_doc(config), task_id, key, address, attempt)
 
 
 @flow(name=TRAIN_EVALUATE, flow_run_name="train-{task_id}", persist_result=False)
@@ -43,10 +49,11 @@ def train_evaluate_flow(
     pools: dict[str, str] | None = None,
     key: str | None = None,
     addresses: dict[str, dict] | None = None,
+    attempt: str | None = None,
 ) -> dict[str, Any]:
     """One continual step (train + evaluate) on top of ``parent_version``."""
     with progress.reporting(PrefectProgress()):
-        return steps.run_update(config_from_doc(config), task_id, parent_version, pools, key, addresses)
+        return steps.run_update(config_from_doc(config), task_id, parent_version, pools, key, addresses, attempt)
 
 
 def deployment_name(flow_name: str, config: Config) -> str:
@@ -83,9 +90,12 @@ def _handed(config: Config, flow_name: str, calls: list[dict[str, Any]]) -> list
 def _start(config: Config, flow_name: str, call: dict[str, Any]):
     from prefect.deployments import run_deployment
 
+    # A new attempt owns the step's key from now on: a run started before (a silent worker's, marked Crashed)
+    # whose process still lives can no longer write under it. None: the step is complete, the run returns it.
+    held = step_io.store_of(config).claim(KINDS[flow_name], call["key"])
     return run_deployment(
         deployment_name(flow_name, config),
-        parameters={"config": step_io.handed_config(config), **call},
+        parameters={"config": step_io.handed_config(config), **call, "attempt": held.id if held else None},
         timeout=0,
         tags=["cliploop", flow_name, chain_tag(config)],
     )

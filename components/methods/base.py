@@ -85,6 +85,7 @@ class Context:
     progress: Callable[[str], None] | None = None  # where the trainer reports progress
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
     checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
+    fence: Callable[[], None] | None = None  # raises when the run may no longer write its checkpoints (superseded)
     pool_engine: Any = None  # compute.engine: encodes shards for pools of the base encoder (components/pool_engine.py)
     # Embeddings of the base encoder, each split encoded once (components/embedding_cache.py); only on a context
     # whose backbone is the base model of a method that ``encodes_frozen``. None: encode every time.
