@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     from components.glyph_bench import GlyphBench, write_bench
     from components.glyph_model import build_base_model, model_overrides, zero_shot
     from components.methods import available_methods
-    from components.models import cache_dir, load_backbone
+    from components.models import load_backbone
+    from components.storage import cache_dir
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     sizes = QUICK if args.quick else FULL

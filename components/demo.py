@@ -258,7 +258,7 @@ def _decode(data: bytes):
 def demo_model_settings(ws: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo's base model as a workspace's model: built offline (cached), placed in ``.cliploop/models/``
     and pinned by its SHA-256. The path is absolute: the model loaders read it relative to the working folder."""
-    from components.models import cache_dir
+    from components.storage import cache_dir
     from components.versioning import STATE_DIR
 
     settings: dict[str, Any] = {}

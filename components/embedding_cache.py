@@ -243,7 +243,7 @@ def for_config(config) -> EmbeddingCache | None:
     from components.workspace import is_initialised
 
     if config.artifacts.root or is_initialised(config):
-        from components.step_io import store_of
+        from components.workspace import store_of
 
         return EmbeddingCache(store_of(config))
     return EmbeddingCache(None)

@@ -62,11 +62,6 @@ class Backbone:
         return torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype)
 
 
-def cache_dir() -> Path:
-    """Where downloaded weights and built models are kept (``CLIPLOOP_CACHE``, else ``~/.cache/cliploop``)."""
-    return Path(os.environ.get("CLIPLOOP_CACHE") or Path.home() / ".cache" / "cliploop")
-
-
 # ---- model configs ---------------------------------------------------------------------------------
 
 _registered: Path | None = None
@@ -265,7 +260,7 @@ def fetch_checkpoint(
             # From storage only safetensors (checksummed) is read: torch.load's weights_only has had bypasses.
             raise CheckpointError(f"{location}: checkpoints from object storage must be .safetensors files")
         try:
-            return storage.download(location, cache_dir() / "weights", expected_sha256, settings=s3_settings)
+            return storage.download(location, storage.cache_dir() / "weights", expected_sha256, settings=s3_settings)
         except storage.ChecksumMismatch as exc:
             raise CheckpointError(str(exc)) from None
         except storage.StorageError as exc:
@@ -304,7 +299,7 @@ def load_backbone(
     try:
         with quiet_loaders():
             model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, cache_dir=str(cache_dir() / "open_clip"), weights_only=True
+                name, pretrained=tag, cache_dir=str(storage.cache_dir() / "open_clip"), weights_only=True
             )
     except pickle.UnpicklingError as exc:  # a pretrained file that is more than weights
         raise pickled_checkpoint(tag, exc) from None

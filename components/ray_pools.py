@@ -80,8 +80,8 @@ class PartEncoder:
             torch.set_num_threads(threads)
         self.failed = ""
         if address is not None:  # by content address, into this node's cache: no path of the driver's is used
-            from components.step_io import fetched
             from components.storage import S3Settings, StorageError
+            from components.task_fetch import fetched
 
             try:
                 location = fetched(address, S3Settings(**s3))

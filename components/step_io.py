@@ -3,8 +3,8 @@ nothing with the orchestrator but object storage (and runs the same way in-proce
 
 - Inputs: stored tasks by their DVC content address (:func:`addresses` on the orchestrator's side,
   :func:`locator` on the step's side, ``components/task_fetch.py`` underneath).
-- Outputs: the artifact store (``artifacts.root``: a folder or an ``s3://`` prefix; by default the workspace's
-  ``.cliploop`` folder, today's step folders), ``components/artifact_store.py`` underneath. A completed step is
+- Outputs: the artifact store (``workspace.store_of``: ``artifacts.root``, a folder or an ``s3://`` prefix; by
+  default the workspace's ``.cliploop`` folder), ``components/artifact_store.py`` underneath. A completed step is
   named by a URI (``s3://…/pools/<key>``) or a local folder, and :func:`local` turns either into a folder.
 """
 
@@ -14,16 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.artifact_store import ArtifactStore
-from components.chain import PipelineError, ledger_of, runtime_dir
+from components.chain import PipelineError, ledger_of
 from components.config import Config
-
-
-def store_of(config: Config) -> ArtifactStore:
-    from components.models import cache_dir
-    from components.workspace import s3_settings
-
-    root = config.location(config.artifacts.root) if config.artifacts.root else str(runtime_dir(config))
-    return ArtifactStore(root, cache_dir() / "artifacts", s3_settings(config))
+from components.task_fetch import fetched
+from components.workspace import store_of
 
 
 def place(store: ArtifactStore, kind: str, key: str) -> str:
@@ -86,12 +80,3 @@ def locator(config: Config, addresses: dict[str, dict] | None) -> Callable[[str]
         return fetched(addresses[task_id], s3_settings(config))
 
     return locate
-
-
-def fetched(address: dict, s3) -> str:
-    """The folder of a task handed by its content address: fetched into this machine's cache, every file's md5
-    checked (``task_fetch.fetch_task``)."""
-    from components.models import cache_dir
-    from components.task_fetch import TaskAddress, fetch_task
-
-    return str(fetch_task(TaskAddress.from_dict(address), cache_dir() / "dvc", s3))

@@ -345,3 +345,8 @@ def open_local_no_follow(root: Path, relpath: str) -> BinaryIO:
             raise PermissionError(f"{relpath}: '{'/'.join(parts[: i + 1])}' is a symbolic link")
     fd = os.open(current, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     return os.fdopen(fd, "rb")
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights and built models are kept (``CLIPLOOP_CACHE``, else ``~/.cache/cliploop``)."""
+    return Path(os.environ.get("CLIPLOOP_CACHE") or Path.home() / ".cache" / "cliploop")

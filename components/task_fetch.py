@@ -118,3 +118,9 @@ def _reader(remote: str, s3: storage.S3Settings | None):
             raise storage.StorageError(f"DVC remote {root} has no object {rel} (was the task pushed?)") from exc
 
     return local
+
+
+def fetched(address: dict, s3) -> str:
+    """The folder of a task handed by its content address: fetched into this machine's cache, every file's md5
+    checked (``task_fetch.fetch_task``)."""
+    return str(fetch_task(TaskAddress.from_dict(address), storage.cache_dir() / "dvc", s3))

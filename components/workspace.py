@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from components import storage, versioning
+from components.artifact_store import ArtifactStore
 from components.config import Config
 from components.ledger import Ledger
 
@@ -114,3 +115,15 @@ def status(config: Config) -> list[dict]:
         return []
     with open_ledger(config) as ledger:
         return [r.to_dict() for r in ledger.all()]
+
+
+def store_of(config: Config) -> ArtifactStore:
+    """The configured artifact store (``artifacts.root``, else the workspace's ``.cliploop`` folder), with this
+    machine's cache."""
+    if config.artifacts.root:
+        root = config.location(config.artifacts.root)
+    else:
+        state = workspace_paths(config)["state"]
+        state.mkdir(parents=True, exist_ok=True)
+        root = str(state)
+    return ArtifactStore(root, storage.cache_dir() / "artifacts", s3_settings(config))

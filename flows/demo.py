@@ -124,7 +124,7 @@ def run_demo(
     from components import demo, workspace
     from components.config_loading import load_config
     from components.methods import get_method
-    from components.models import cache_dir
+    from components.storage import cache_dir
     from flows.console import registry_text
     from flows.nightly import NightFailed, run_night
 

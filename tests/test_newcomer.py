@@ -86,8 +86,8 @@ def test_init_with_the_demo_model_starts_an_offline_workspace(tmp_path, capsys):
 
     from components import demo
     from components.config_loading import load_config
-    from components.models import cache_dir, load_backbone, quiet_loaders, register_builtin_configs, save_weights
-    from components.storage import sha256_file
+    from components.models import load_backbone, quiet_loaders, register_builtin_configs, save_weights
+    from components.storage import cache_dir, sha256_file
 
     # The demo's warm-up (minutes on a loaded 2-core machine; `make demo` and tests/test_flows.py run it) is
     # not what is tested here: the cache gets an untrained model of the same architecture under its name.
