@@ -89,7 +89,7 @@ def test_pool_built_in_another_process_equals_inline(tmp_path, tiny_checkpoint, 
     assert stats.images == 8 and stats.seconds > 0
     inline_files = inline.save(tmp_path / "inline")
 
-    args = [sys.executable, "-m", "components.methods.lvp", str(drops[0]), "--out", str(tmp_path / "sub")]
+    args = [sys.executable, "-m", "components.stored_pool", str(drops[0]), "--out", str(tmp_path / "sub")]
     for item in tiny_overrides(tiny_checkpoint):
         args += ["--set", item]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
