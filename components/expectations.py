@@ -7,6 +7,7 @@ GX context that also writes the HTML data docs. What the facts are and how failu
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -22,7 +23,8 @@ IMAGE_COLUMNS = ("line", "path", "path_problem", "image_error", "format", "pixel
 # Each column: how it is read off a row's facts (:class:`components.validation.RowFacts`) and how it reaches
 # pandas. The frames, and the filtered copies GX makes of them, are most of what a manifest of a million rows
 # costs beyond its facts, so: repeated values as categories (a byte or two a row), numbers and flags as arrays,
-# and paths as "object", which keeps the rows' own strings (pandas 3 would copy each into a new string array).
+# and paths as "object", which keeps the rows' own strings (pandas 3 would copy each into a new string array, in
+# Arrow's memory pool, which keeps what it once held).
 COLUMNS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "line": (attrgetter("line"), "int"),
     "path": (attrgetter("path"), "object"),
@@ -56,8 +58,12 @@ def _frame(facts: Sequence[Any], names: Sequence[str]):
         if kind == "number":
             floats = np.fromiter((np.nan if v is None else v for v in values), dtype=np.float64, count=len(facts))
             return pd.array(floats, dtype="Float64")  # NaN becomes <NA>: a missing size, not a number
-        if kind == "category":
-            return pd.Categorical(list(values))
+        if kind == "category":  # coded here: pandas would first copy every value into an Arrow string array
+            index: dict[Any, int] = {}
+            codes = np.fromiter(
+                (-1 if v is None else index.setdefault(v, len(index)) for v in values), dtype=np.int32, count=len(facts)
+            )
+            return pd.Categorical.from_codes(codes, categories=pd.Index(list(index), dtype=object))
         return pd.Series(list(values), dtype=object)
 
     return pd.DataFrame({name: column(name) for name in names}, columns=list(names), copy=False)
@@ -93,6 +99,7 @@ def _release(context) -> None:
         return
     if current is context:
         project_manager.set_project(None)
+        gc.collect()  # GX's objects refer to each other in cycles: only the collector frees them
 
 
 def run_expectations(

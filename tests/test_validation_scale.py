@@ -12,6 +12,7 @@ from pathlib import Path
 from components import storage, validation
 from components.config_loading import load_config
 from components.drop_check import validate_location
+from components.tasks import ManifestRow
 from components.validation import RowFacts, content_digest
 from components.validation_report import Failure, Report
 from tests.drops import png_bytes, write_manifest
@@ -114,7 +115,7 @@ def test_content_digest_is_the_hash_of_its_definition():
             ('img/"q".png', "33" * 32, None),
         ]
     ):
-        fact = RowFacts(i + 2, path, "cat", "train", None)
+        fact = RowFacts(ManifestRow(i + 2, path or "", "cat", "train", None))
         fact.sha256, fact.image_error = sha, error
         facts.append(fact)
     text = (
