@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 # Quiet: pip says only its warnings and errors; each step announces itself in one line.
 INSTALL := $(PIP) install --quiet --disable-pip-version-check --constraint constraints.txt
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install install-test demo test check lint clean
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -37,6 +37,13 @@ test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+
+# The edit-test loop: lint, then every test that starts no server (S3, Prefect, MLflow, Ray: the `server` marker,
+# set in tests/conftest.py); a test that reaches for a Prefect API there fails at once instead of starting one.
+check: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	CLIPLOOP_TEST_NO_SERVERS=1 $(VENV)/bin/python -m pytest -m "not server" -n 2
 
 # Fix what ruff can fix and format the tree (the same rules `make test` checks).
 lint: install-test

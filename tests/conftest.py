@@ -20,6 +20,34 @@ S3_KEY = "testing"
 S3_REGION = "us-east-1"
 
 
+# What starts a server: the fixtures of the S3-compatible server and of a Prefect API, and the modules whose tests
+# run flows (a flow run without an API starts Prefect's temporary server), a Ray cluster or an MLflow server.
+SERVER_FIXTURES = {"s3_endpoint", "s3_env", "s3_bucket", "prefect_api"}
+SERVER_MODULES = {
+    "test_faults",
+    "test_faults_artifacts",
+    "test_faults_fencing",
+    "test_faults_s3",
+    "test_faults_storage",
+    "test_flows",
+    "test_gc",
+    "test_portable",
+    "test_ray_pools",
+    "test_secrets",
+    "test_stack",
+}
+# `make check` sets this: a test that reaches for a Prefect API then fails at once instead of starting a server,
+# so a test missing from the lists above shows up as a failure of the fast suite, not as a slow one.
+NO_SERVERS = os.environ.get("CLIPLOOP_TEST_NO_SERVERS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in SERVER_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's real config, caches or cloud credentials."""
@@ -44,6 +72,8 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     for name in list(os.environ):
         if name.startswith(("AWS_", "CLIPLOOP__")) or name == "CLIPLOOP_CONFIG":
             monkeypatch.delenv(name, raising=False)
+    if NO_SERVERS:  # port 9 (discard): nothing answers there
+        monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
 
 
 def _free_port() -> int:
