@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/chain_eval.py                       # 20 tasks, cliploop-tiny on CPU
     .venv/bin/python benchmarks/chain_eval.py --tasks 50 --test 32   # a longer chain
 
-Each step learns one task on top of the previous state (``components.learn.learn_step``, as ``cliploop learn``
+Each step learns one task on top of the previous state (``components.training.learn.learn_step``, as ``cliploop learn``
 and the pipeline do) and evaluates every task learned so far (``evaluation.future_tasks`` off, so that the work
 of step t grows with t). Printed, with the cache on (``artifacts.embedding_cache``, entries in a temporary
 artifact store):
@@ -72,10 +72,10 @@ def slope(values: list[float]) -> float | None:
 
 def run_chain(config, drops: list[Path], base) -> dict:
     """Learn the drops in order, one learn_step each; time and count the encodes of each step."""
-    from components import pool_engine
-    from components.data import load_task
-    from components.embedding_cache import for_config
-    from components.learn import learn_step
+    from components.model import pool_engine
+    from components.model.data import load_task
+    from components.model.embedding_cache import for_config
+    from components.training.learn import learn_step
 
     tasks = [load_task(str(d)) for d in drops]
     by_id = {t.task_id: t for t in tasks}
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import open_clip
 
-    from components.config_loading import load_config
-    from components.models import load_backbone, quiet_loaders, register_builtin_configs, save_weights
+    from components.model.backbones import load_backbone, quiet_loaders, register_builtin_configs, save_weights
+    from components.settings.config_loading import load_config
 
     with tempfile.TemporaryDirectory(prefix="cliploop-chain-") as tmp:
         root = Path(tmp)

@@ -67,7 +67,7 @@ def _sync(device: str) -> None:
 
 
 def _config(args, workspace: Path):
-    from components.config_loading import load_config
+    from components.settings.config_loading import load_config
 
     overrides = [
         f"workspace={workspace}",
@@ -84,12 +84,12 @@ def _config(args, workspace: Path):
 
 def prepare(name: str, settings: dict, tasks, config, args, teacher_forwards: int = 0, double_batch: bool = False):
     """A method set up on task 2 (after task 1's end-of-task state), and a function doing one timed step."""
-    from components.data import make_loader
     from components.methods import get_method
-    from components.models import load_backbone
-    from components.run_context import context_for
-    from components.state import LearnerState
-    from components.trainer import make_optimizer, optimization_step
+    from components.model.backbones import load_backbone
+    from components.model.data import make_loader
+    from components.model.state import LearnerState
+    from components.training.run_context import context_for
+    from components.training.trainer import make_optimizer, optimization_step
 
     torch.manual_seed(0)
     backbone = load_backbone(config.model)
@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from components.data import load_task
-    from components.demo import build_drop_zone
-    from components.models import register_builtin_configs, save_weights
+    from components.model.backbones import register_builtin_configs, save_weights
+    from components.model.data import load_task
+    from components.scenarios.demo import build_drop_zone
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

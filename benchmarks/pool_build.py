@@ -12,7 +12,7 @@ on CUDA, fp32 on CPU; ``--frozen-precision``):
   ``pool_build``     images/s of cliploop's pool building from a stored task (shards → decode with ``--decoder``
                      (``auto``: nvjpeg on CUDA, pillow-draft2x on CPU) → preprocess → encode → per-class
                      sums), end to end;
-  ``bare_encoder``   images/s of cliploop's encoder (``components.models.encode_batch``) alone on a batch
+  ``bare_encoder``   images/s of cliploop's encoder (``components.model.backbones.encode_batch``) alone on a batch
                      already decoded, preprocessed and on the device;
   ``ceiling``        images/s of the open_clip model called directly (created by open_clip, not cliploop), in
                      the same weights dtype, on a random batch on the device: what the GPU can encode;
@@ -50,9 +50,9 @@ def make_stored_task(folder: Path, n: int, side: int, quality: int = 90, shard_b
     import yaml
     from PIL import Image
 
-    from components.demo import NAMES, _digits
-    from components.shards import ShardWriter, write_index
-    from components.storage import sha256_bytes
+    from components.intake.shards import ShardWriter, write_index
+    from components.scenarios.demo import NAMES, _digits
+    from components.support.storage import sha256_bytes
 
     images, targets = _digits()
     rng = np.random.default_rng(0)
@@ -110,11 +110,11 @@ def timed(fn, repeat: int) -> float:
 
 def compare_engines(overrides: list[str], args, task, ctx, settings, backbone, tmp: str) -> dict:
     """Pool building with the local engine and on Ray, on the same task, model and device: img/s side by side."""
-    from components.config_loading import load_config
     from components.methods.lvp import build_pool
-    from components.models import save_weights
-    from components.pool_engine import split_parts
-    from components.run_context import context_for
+    from components.model.backbones import save_weights
+    from components.model.pool_engine import split_parts
+    from components.settings.config_loading import load_config
+    from components.training.run_context import context_for
 
     # Ray's actors load the model themselves: from a file of these very weights (random unless --pretrained).
     weights = Path(tmp) / "weights.safetensors"
@@ -170,12 +170,12 @@ def ceiling_rate(args, device: str, dtype: torch.dtype, image_size: tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config_loading import load_config
-    from components.data import load_task
     from components.methods.lvp import build_pool
-    from components.models import encode_batch, load_backbone, quiet_loaders
-    from components.pools import PoolConfig
-    from components.run_context import context_for
+    from components.model.backbones import encode_batch, load_backbone, quiet_loaders
+    from components.model.data import load_task
+    from components.model.pools import PoolConfig
+    from components.settings.config_loading import load_config
+    from components.training.run_context import context_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cliploop-tiny")

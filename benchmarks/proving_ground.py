@@ -4,9 +4,9 @@
 
 Offline and deterministic from ``--seed`` (which tasks, classes and images the sequence gets; the pretraining
 corpus and so the base model stay those of ``--pretrain-seed``, so one cached base serves every seed). Steps:
-the drops are written (``components.glyph_bench``), the base model is pretrained or found in the cache
-(``components.glyph_model``, under ``$CLIPLOOP_CACHE/glyph``), and each method learns the tasks in order
-through ``components.learn.learn_step``, as ``cliploop learn`` does (no Prefect, MLflow or DVC).
+the drops are written (``components.scenarios.glyph_bench``), the base model is pretrained or found in the cache
+(``components.scenarios.glyph_model``, under ``$CLIPLOOP_CACHE/glyph``), and each method learns the tasks in order
+through ``components.training.learn.learn_step``, as ``cliploop learn`` does (no Prefect, MLflow or DVC).
 
 Methods compared side by side run on one schedule: ``iterations`` steps of batch 64 a task (100 with
 ``--quick``, 300 without), every step-counted setting (warmup, ZSCL's ensemble interval) a tenth of the run,
@@ -74,10 +74,10 @@ def own_space_accuracy(config, state, tasks, name: str) -> list[float]:
     the method rebuilt from the state's settings, the backbone from its weights)."""
     import torch
 
-    from components.data import make_loader
-    from components.learn import make_method
-    from components.models import load_backbone
-    from components.run_context import context_for
+    from components.model.backbones import load_backbone
+    from components.model.data import make_loader
+    from components.training.learn import make_method
+    from components.training.run_context import context_for
 
     method = make_method(config, name)
     method.settings = method.Settings.model_validate(state.method_settings or method.settings.model_dump())
@@ -102,9 +102,9 @@ def own_space_accuracy(config, state, tasks, name: str) -> list[float]:
 def held_out_by_tower(config, state, base, heldout, seed: int) -> dict | None:
     """Held-out 20-way zero-shot accuracy (%, CLIP's text classifier) of the learner's weights, and with one
     tower learned and the other put back to the base model's: which tower lost what the method lost."""
-    from components.glyph_model import zero_shot
     from components.methods.tuning import TEXT_TOWER
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
+    from components.scenarios.glyph_model import zero_shot
 
     if not state.weights or heldout is None:
         return None
@@ -123,8 +123,8 @@ def held_out_by_tower(config, state, base, heldout, seed: int) -> dict | None:
 
 
 def run_method(name: str, config, tasks, base, heldout=None) -> dict:
-    from components.learn import learn_step
-    from components.metrics import AccuracyMatrix, forgetting
+    from components.training.learn import learn_step
+    from components.training.metrics import AccuracyMatrix, forgetting
 
     started = time.perf_counter()
     state, fixed_rows, step = None, [], None
@@ -157,9 +157,9 @@ def run_method(name: str, config, tasks, base, heldout=None) -> dict:
 
 def settings_problem(names: list[str], iterations: int, lr: float, overrides: list[str]) -> str | None:
     """Why a method's configuration (its name, the matched schedule, the --set overrides) would be refused."""
-    from components.config_loading import ConfigError, load_config
-    from components.learn import LearnError, make_method
     from components.methods import MethodError
+    from components.settings.config_loading import ConfigError, load_config
+    from components.training.learn import LearnError, make_method
 
     cwd = Path(tempfile.gettempdir())
     for name in names:
@@ -189,9 +189,9 @@ def method_figures(
     """One method over the sequence (everything loaded here, so that a worker process can run it)."""
     import torch
 
-    from components.config_loading import load_config
-    from components.data import load_task
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
+    from components.model.data import load_task
+    from components.settings.config_loading import load_config
 
     torch.set_num_threads(threads)
     schedule = method_overrides(name, iterations, lr, drops / layout["reference"])
@@ -231,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from components.config_loading import load_config
-    from components.data import load_task
-    from components.glyph_bench import GlyphBench, write_bench
-    from components.glyph_model import build_base_model, model_overrides, zero_shot
     from components.methods import available_methods
-    from components.models import load_backbone
-    from components.storage import cache_dir
+    from components.model.backbones import load_backbone
+    from components.model.data import load_task
+    from components.scenarios.glyph_bench import GlyphBench, write_bench
+    from components.scenarios.glyph_model import build_base_model, model_overrides, zero_shot
+    from components.settings.config_loading import load_config
+    from components.support.storage import cache_dir
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     sizes = QUICK if args.quick else FULL

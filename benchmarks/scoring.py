@@ -41,8 +41,8 @@ TASK_CLASSES = 1000
 
 def merged_pool(n_classes: int, entries: int, dim: int, seed: int = 0):
     """Bank-mode pools of ``TASK_CLASSES`` classes per task (``entries`` embeddings each), merged."""
-    from components.merged_pool import merge
-    from components.pools import PoolConfig, build_task_pool
+    from components.model.merged_pool import merge
+    from components.model.pools import PoolConfig, build_task_pool
 
     cfg = PoolConfig(mode="bank")
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +60,7 @@ def merged_pool(n_classes: int, entries: int, dim: int, seed: int = 0):
 
 def per_key_scores(pool, embeddings, keys):
     """The scoring this benchmark's figures replaced: the class index rebuilt and one column per asked key."""
-    from components.merged_pool import per_class_max, similarity
+    from components.model.merged_pool import per_class_max, similarity
 
     position = {k: i for i, k in enumerate(pool.class_keys)}
     best = per_class_max(similarity(embeddings, pool.vectors, pool.cfg.metric), pool.entry_class, len(position))
@@ -69,7 +69,7 @@ def per_key_scores(pool, embeddings, keys):
 
 def learner_state(pool):
     """A learner state that has learned the pool's classes (what LVP's label space is worked out against)."""
-    from components.state import LearnerState
+    from components.model.state import LearnerState
 
     state = LearnerState(method="lvp", backbone={})
     state.add_classes("bench", "bench", list(zip(pool.class_keys, pool.class_names)))

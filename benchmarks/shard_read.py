@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/shard_read.py --side 512 --images 256
 
 Every read of a stored task's bytes (training, pool building, re-validation) is checked against the
-SHA-256 its index recorded (``components/shards.py``): a flipped bit stops the step instead of being
+SHA-256 its index recorded (``components/intake/shards.py``): a flipped bit stops the step instead of being
 trained on. Measured per image, in microseconds, over the same stored task:
   ``read``            the bytes from the shard, unchecked;
   ``read_checked``    the same read with the SHA-256 check (what cliploop does);
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from PIL import Image
 
     from benchmarks.pool_build import make_stored_task
-    from components.shards import Located, StoredTask
+    from components.intake.shards import Located, StoredTask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)

@@ -96,8 +96,8 @@ def measure_one(drop: Path, report_dir: Path, workspace: Path) -> dict:
     import pandas  # noqa: F401
     import PIL.Image  # noqa: F401
 
-    from components.config_loading import load_config
-    from components.drop_check import validate_location
+    from components.intake.drop_check import validate_location
+    from components.settings.config_loading import load_config
 
     config = load_config(overrides=[f"workspace={workspace}"], env={}, cwd=workspace)
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         write_images(drop, sizes[-1])
         generated = time.perf_counter() - t0
-        from components.config_loading import load_config
-        from components.workspace import open_ledger
+        from components.intake.workspace import open_ledger
+        from components.settings.config_loading import load_config
 
         workspace.mkdir(parents=True, exist_ok=True)
         open_ledger(load_config(overrides=[f"workspace={workspace}"], env={}, cwd=workspace)).close()  # empty

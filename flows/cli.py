@@ -253,7 +253,8 @@ def _add_scenario(p: argparse.ArgumentParser) -> None:
     s = actions.add_parser(
         "glyphs",
         help="write the offline glyph proving ground's drops",
-        description="write the glyph proving ground (components/glyph_bench.py): reference, tasks, held-out set",
+        description="write the glyph proving ground (components/scenarios/glyph_bench.py): reference, tasks, "
+        "held-out set",
     )
     s.add_argument("--out", required=True, help="folder for the task drops")
     s.add_argument("--seed", type=int, default=0, help="the sequence's seed (tasks, classes, images)")
@@ -276,18 +277,18 @@ def _version() -> str:
 # Looked up in sys.modules, so checking them imports nothing (an error class whose module was never
 # imported cannot have been raised). Order matters: subclasses before their bases.
 USER_ERRORS: list[tuple[str, str, int, str]] = [
-    ("components.config", "ConfigError", EXIT_USAGE, "configuration error:\n"),
-    ("components.workspace", "NotAWorkspace", EXIT_USAGE, ""),
-    ("components.registry", "NotFound", EXIT_USAGE, ""),
-    ("components.registry_check", "RegistryMismatch", EXIT_REFUSED, ""),
-    ("components.registry", "RegistryError", EXIT_INVALID, ""),
-    ("components.chain", "PipelineError", EXIT_INVALID, ""),
-    ("components.models", "CheckpointError", EXIT_USAGE, ""),
+    ("components.settings.config", "ConfigError", EXIT_USAGE, "configuration error:\n"),
+    ("components.intake.workspace", "NotAWorkspace", EXIT_USAGE, ""),
+    ("components.registry.registry", "NotFound", EXIT_USAGE, ""),
+    ("components.registry.registry_check", "RegistryMismatch", EXIT_REFUSED, ""),
+    ("components.registry.registry", "RegistryError", EXIT_INVALID, ""),
+    ("components.pipeline.chain", "PipelineError", EXIT_INVALID, ""),
+    ("components.model.backbones", "CheckpointError", EXIT_USAGE, ""),
     ("components.methods.base", "MethodError", EXIT_USAGE, ""),
-    ("components.tasks", "DropError", EXIT_INVALID, ""),  # a drop that cannot be read as a task
-    ("components.shards", "CorruptShard", EXIT_INVALID, "stored task data damaged: "),
-    ("components.storage", "StorageError", EXIT_EXTERNAL, "storage failed (safe to re-run): "),
-    ("components.versioning", "VersioningError", EXIT_EXTERNAL, "git or DVC failed (safe to re-run): "),
+    ("components.intake.tasks", "DropError", EXIT_INVALID, ""),  # a drop that cannot be read as a task
+    ("components.intake.shards", "CorruptShard", EXIT_INVALID, "stored task data damaged: "),
+    ("components.support.storage", "StorageError", EXIT_EXTERNAL, "storage failed (safe to re-run): "),
+    ("components.intake.versioning", "VersioningError", EXIT_EXTERNAL, "git or DVC failed (safe to re-run): "),
     ("mlflow.exceptions", "MlflowException", EXIT_EXTERNAL, "the model registry failed (safe to re-run): "),
 ]
 
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         code, line = known
         # ConfigError keeps its historical "cliploop: configuration error:" lead; others name the command.
         where = "cliploop" if line.startswith("configuration error") else f"cliploop {args.command}"
-        from components.credentials import redact  # an error may quote a URI with its password (a --set value)
+        from components.settings.credentials import redact  # an error may quote a URI with its password (a --set value)
 
         print(f"{where}: {redact(line)}", file=sys.stderr)
         return code

@@ -22,8 +22,8 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None, wri
     """The command's configuration: file, environment, ``--set`` and ``-w``, with its method checked.
 
     ``writes``: the command writes into the workspace, so it must exist already or have been named
-    (:func:`components.workspace.require_workspace`): no folder becomes a workspace behind the user's back."""
-    from components.config_loading import ENV_PREFIX, find_config_file, load_config
+    (:func:`components.intake.workspace.require_workspace`): no folder becomes a workspace behind the user's back."""
+    from components.settings.config_loading import ENV_PREFIX, find_config_file, load_config
 
     overrides = list(getattr(args, "overrides", []) or []) + list(extra or [])
     home = None
@@ -35,7 +35,7 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None, wri
     config = load_config(getattr(args, "config", None), overrides, cwd=home)
     check_method(config)
     if writes:
-        from components.workspace import require_workspace
+        from components.intake.workspace import require_workspace
 
         named = (
             find_config_file(getattr(args, "config", None), cwd=home) is not None
@@ -52,7 +52,7 @@ def check_method(config) -> None:
     when a night reaches training. Raises ConfigError."""
     from pydantic import ValidationError
 
-    from components.config import ConfigError, MethodConfig
+    from components.settings.config import ConfigError, MethodConfig
 
     if config.method == MethodConfig():
         return  # the default method with its defaults is valid, and needs no import of the methods (torch)
@@ -80,14 +80,14 @@ def check_method(config) -> None:
 
 
 def fail(command: str, message: object, code: int) -> int:
-    from components.credentials import redact  # a tool's message may quote a URI with its password
+    from components.settings.credentials import redact  # a tool's message may quote a URI with its password
 
     print(f"cliploop {command}: {redact(str(message))}", file=sys.stderr)
     return code
 
 
 def external_error(exc: Exception) -> int:
-    from components.credentials import redact
+    from components.settings.credentials import redact
 
     print(
         f"cliploop: {redact(str(exc))}\n(nothing was lost; fix the cause and re-run the same command)", file=sys.stderr
@@ -96,8 +96,9 @@ def external_error(exc: Exception) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from components import demo, workspace
-    from components.config_loading import CONFIG_FILENAME, load_config
+    from components.intake import workspace
+    from components.scenarios import demo
+    from components.settings.config_loading import CONFIG_FILENAME, load_config
 
     ws = Path(args.dir).resolve()
     try:
@@ -121,7 +122,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         done = workspace.ensure_workspace(config)
         if cfg_path.parent == config.workspace_path:  # the config is part of the workspace's history
-            from components.versioning import commit
+            from components.intake.versioning import commit
 
             commit(config.workspace_path, "cliploop: configuration", [cfg_path.name])
     except Exception as exc:
@@ -136,9 +137,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from components import ingestion, tasks
-    from components.storage import StorageError
-    from components.versioning import VersioningError
+    from components.intake import ingestion, tasks
+    from components.intake.versioning import VersioningError
+    from components.support.storage import StorageError
     from flows.console import ingest_line
 
     config = resolve_config(args, writes=True)
@@ -184,7 +185,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from components import drop_check, storage, workspace
+    from components.intake import drop_check, workspace
+    from components.support import storage
 
     config = resolve_config(args)
     report_dir = Path(args.report_dir).resolve() if args.report_dir else None
@@ -206,7 +208,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from components import workspace
+    from components.intake import workspace
     from flows.console import status_text
 
     config = resolve_config(args)
@@ -228,13 +230,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from components import metrics
+    from components.training import metrics
 
     return metrics.main([args.matrix] + (["--json"] if args.json else []))
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from components import learn_sequence
+    from components.training import learn_sequence
 
     # The method that will run (--method, else method.name) is checked with its settings before anything loads.
     resolve_config(args, [f"method.name={args.method}"] if args.method else [])
@@ -265,7 +267,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_pool(args: argparse.Namespace) -> int:
     """One stored task's pool, built with the configured (or --engine) engine into the pipeline's keyed folder
     (reused when complete) or --out; prints the folder and the SHA-256 of the pool's tensors."""
-    from components.stored_pool import build_stored_pool
+    from components.pipeline.stored_pool import build_stored_pool
 
     config = resolve_config(args, [f"compute.engine={args.engine}"] if args.engine else [])
     if not (config.workspace_path / "data" / "tasks" / args.task_id / "index.csv").is_file():
@@ -280,7 +282,7 @@ def cmd_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_scenario(args: argparse.Namespace) -> int:
-    from components import scenario
+    from components.scenarios import catalog as scenario
     from flows.console import scenario_tasks_text, scenarios_text
 
     try:
@@ -291,7 +293,7 @@ def cmd_scenario(args: argparse.Namespace) -> int:
         elif args.action == "glyphs":
             from pydantic import ValidationError
 
-            from components.glyph_bench import GlyphBench, write_bench
+            from components.scenarios.glyph_bench import GlyphBench, write_bench
 
             try:
                 sizes: dict = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.size)}
@@ -319,7 +321,7 @@ def cmd_scenario(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from components import chain
+    from components.pipeline import chain
     from flows.console import night_text
     from flows.nightly import NightFailed, run_night
 

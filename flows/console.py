@@ -187,8 +187,8 @@ def _run_dir(update: dict, config) -> Path | None:
         return None if "://" in update["out_dir"] else Path(update["out_dir"])
     if config is None or "parent_version" not in update or update.get("version") is None:
         return None
-    from components import step_io
-    from components.steps import update_key
+    from components.pipeline import step_io
+    from components.pipeline.steps import update_key
 
     try:
         place = step_io.place(
@@ -209,7 +209,7 @@ def _near(path: Path, root: Path) -> str:
 
 def registry_text(config) -> str:
     """Every version of the registered model with its task, parent, gate, review and alias ("" when none)."""
-    from components.registry import from_config
+    from components.registry.registry import from_config
 
     registry = from_config(config)
     try:

@@ -11,7 +11,7 @@ from flows.commands import EXIT_EXTERNAL, EXIT_OK, EXIT_REFUSED, fail, resolve_c
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from components.data_gc import CollectRefused, collect
+    from components.registry.data_gc import CollectRefused, collect
 
     config = resolve_config(args, writes=True)
     try:

@@ -1,6 +1,6 @@
 """``cliploop demo``: the embedded demo's policy and its run (the nightly flow on the embedded default).
 
-The data and the base model come from :mod:`components.demo`; this module decides how the demo's night
+The data and the base model come from :mod:`components.scenarios.demo`; this module decides how the demo's night
 is configured (promotion by rule, gate rules, a short schedule) and runs it. What it prints at the end
 is :func:`flows.console.demo_text`.
 """
@@ -69,8 +69,8 @@ def baseline_overrides(user_overrides: list[str]) -> list[str]:
 def learn_baseline(config, task_ids: list[str]) -> dict[str, Any]:
     """Plain fine-tuning (``config``: the baseline's) over the stored tasks the night learned, outside the
     pipeline: nothing is ingested, registered or promoted."""
-    from components.learn import stored_task_locator
-    from components.learn_sequence import learn
+    from components.training.learn import stored_task_locator
+    from components.training.learn_sequence import learn
 
     started = time.perf_counter()
     stored = stored_task_locator(config)
@@ -92,7 +92,7 @@ def demo_root(folder: str, method: str) -> Path:
 @dataclass
 class DemoRun:
     summary: dict[str, Any]  # the night's summary (flows.nightly.run_night)
-    config: Any  # the resolved components.config.Config of the demo's workspace
+    config: Any  # the resolved components.settings.config.Config of the demo's workspace
     ledger: list[dict]  # the task ledger's rows after the night
     registry: str  # the registry view, rendered ("" when empty)
     night_s: float
@@ -121,10 +121,11 @@ def run_demo(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls from the temporary server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the champion's download is instant here
     quiet_library_logs()
-    from components import demo, workspace
-    from components.config_loading import load_config
+    from components.intake import workspace
     from components.methods import get_method
-    from components.storage import cache_dir
+    from components.scenarios import demo
+    from components.settings.config_loading import load_config
+    from components.support.storage import cache_dir
     from flows.console import registry_text
     from flows.nightly import NightFailed, run_night
 

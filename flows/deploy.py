@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from components.config import Config
+from components.settings.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "infra" / "prefect.yaml"

@@ -7,7 +7,7 @@ a deployment run otherwise. Either way the arguments are plain data (the portabl
 the DVC content addresses of the tasks it reads) and the result is read back from the step's content-keyed
 prefix in the artifact store (``artifacts.root``): artifacts cross as storage locations, never as Python
 objects, and a worker never opens the orchestrator's ledger or folder. Each start of a deployment run is an
-attempt that the dispatcher makes the step key's owner first (``components/fencing.py``): when a silent worker's
+attempt that the dispatcher makes the step key's owner first (``components/support/fencing.py``): when a silent worker's
 run is started again, the first run's process, if it still lives, can no longer write under the key.
 """
 
@@ -18,9 +18,10 @@ from typing import Any
 
 from prefect import flow
 
-from components import chain, progress, step_io, steps
-from components.config import Config
-from components.config_loading import config_from_doc
+from components.pipeline import chain, step_io, steps
+from components.settings.config import Config
+from components.settings.config_loading import config_from_doc
+from components.support import progress
 from flows.progress import PrefectProgress
 
 BUILD_POOL = "cliploop-build-pool"

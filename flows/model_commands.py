@@ -1,5 +1,5 @@
 """The consumer's commands: ``predict`` and ``export-model`` load a registered version only from a copy checked
-against the digests its registration pinned (``components/model_pins.py``), so nothing planted in the artifact
+against the digests its registration pinned (``components/registry/model_pins.py``), so nothing planted in the artifact
 store is imported or read. Same contract as :mod:`flows.commands`: parsed arguments in, an exit code out."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from flows.commands import EXIT_OK, EXIT_USAGE, fail, resolve_config
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from components.model_pins import load_verified
-    from components.registry import from_config
+    from components.registry.model_pins import load_verified
+    from components.registry.registry import from_config
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
@@ -33,8 +33,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from components.model_pins import fetch_verified
-    from components.registry import from_config
+    from components.registry.model_pins import fetch_verified
+    from components.registry.registry import from_config
 
     config = resolve_config(args, writes=True)  # an existing workspace: its registry is read, nothing made
     registry = from_config(config)

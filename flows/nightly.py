@@ -13,8 +13,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components import chain, progress, review, steps
-from components.config_loading import config_from_doc, load_config
+from components.pipeline import chain, review, steps
+from components.settings.config_loading import config_from_doc, load_config
+from components.support import progress
 from flows import gpu
 from flows.progress import PrefectProgress
 from flows.retry import step

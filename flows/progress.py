@@ -1,4 +1,4 @@
-"""Where the progress of long work is shown (the contract is ``components/progress.py``): the console and the
+"""Where the progress of long work is shown (the contract is ``components/support/progress.py``): the console and the
 Prefect UI.
 
 - :class:`ConsoleProgress` (installed by the command line, ``flows/cli.py``): on a terminal, a live tqdm bar per
@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from components import progress
+from components.support import progress
 
 LINE = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
 

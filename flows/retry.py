@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from components.config import Config
+from components.settings.config import Config
 
 
 def _retry_transient(task_, task_run, state) -> bool:
@@ -39,7 +39,7 @@ def is_transient(exc: BaseException) -> bool:
     """Errors worth a retry with backoff: storage and registry hiccups, not bad data or bugs."""
     import sqlite3
 
-    from components.registry import is_unavailable
+    from components.registry.registry import is_unavailable
 
     names = {type(e).__name__ for e in _causes(exc)}
     if names & {

@@ -13,8 +13,8 @@ from flows.commands import EXIT_INVALID, EXIT_OK, EXIT_USAGE, fail, resolve_conf
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from components.lineage import LineageError, build_lineage, format_lineage
-    from components.registry import from_config
+    from components.registry.lineage import LineageError, build_lineage, format_lineage
+    from components.registry.registry import from_config
 
     config = resolve_config(args, writes=True)  # the registry's database lives in the workspace
     registry = from_config(config)
@@ -25,7 +25,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             "(a night registers one per learned task: `cliploop nightly`)",
             EXIT_USAGE,
         )
-    from components.review import record_manual_alias
+    from components.pipeline.review import record_manual_alias
 
     # The auditor reads the chain head: an alias moved by hand since the last night is recorded first.
     for line in record_manual_alias(config):
@@ -44,9 +44,9 @@ def _verify_registry(config, registry, record: dict) -> None:
     """``--verify`` also holds the registry to the ledger (a version the ledger says was registered and the
     registry lacks, or holds as another task's, is a mismatch, as much as a changed byte of data) and the
     version's stored model to the digests its registration pinned."""
-    from components import registry_check
-    from components.model_pins import verify_version
-    from components.workspace import open_ledger
+    from components.intake.workspace import open_ledger
+    from components.registry import registry_check
+    from components.registry.model_pins import verify_version
 
     with open_ledger(config) as ledger:
         found = [f"registry and ledger disagree: {line}" for line in registry_check.problems(ledger, registry)]
@@ -64,8 +64,8 @@ def _reviewer(args) -> str:
 
 
 def _review(args: argparse.Namespace, decision: str, note: str) -> int:
-    from components import review
-    from components.registry import from_config
+    from components.pipeline import review
+    from components.registry.registry import from_config
     from flows.console import review_text
 
     config = resolve_config(args, writes=True)
@@ -100,7 +100,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from components import review
+    from components.pipeline import review
     from flows.console import rollback_text
 
     print(rollback_text(review.rollback(resolve_config(args, writes=True), _reviewer(args), args.note)))
@@ -108,7 +108,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from components import review
+    from components.pipeline import review
 
     review.requeue(resolve_config(args, writes=True), args.task_id)
     print(f"task {args.task_id} will be learned again next night")
@@ -118,10 +118,10 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 def cmd_move_registry(args: argparse.Namespace) -> int:
     """The deliberate move to another registry (a new tracking server, another database): the ledger records
     the configured registry as the workspace's, and the tasks whose versions it lacks are learned again."""
-    from components import registry_check
-    from components.chain import chain_lock
-    from components.registry import from_config
-    from components.workspace import open_ledger
+    from components.intake.workspace import open_ledger
+    from components.pipeline.chain import chain_lock
+    from components.registry import registry_check
+    from components.registry.registry import from_config
 
     config = resolve_config(args, writes=True)
     registry = from_config(config)

@@ -1,6 +1,6 @@
 """``continual_update``: one task through validate-checked → pool → train → evaluate → register → gate → review.
 
-A thin Prefect wrapper over ``components.steps`` and ``components.chain``: steps with retries
+A thin Prefect wrapper over ``components.pipeline.steps`` and ``components.pipeline.chain``: steps with retries
 (``flows/retry.py``), a markdown artifact with the gate's verdict, and the reviewer's decision as a
 typed input of a paused flow run. Results are not persisted by Prefect (its default serializer is
 pickle); the steps cache their own results as JSON in content-addressed folders.
@@ -13,9 +13,10 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.input import RunInput
 
-from components import chain, progress, review, steps
-from components.config import Config
-from components.config_loading import config_from_doc
+from components.pipeline import chain, review, steps
+from components.settings.config import Config
+from components.settings.config_loading import config_from_doc
+from components.support import progress
 from flows import gpu
 from flows.retry import step
 

@@ -143,7 +143,7 @@ def tiny_checkpoint(tmp_path_factory):
     import open_clip
     import torch
 
-    from components.models import register_builtin_configs, save_weights
+    from components.model.backbones import register_builtin_configs, save_weights
 
     register_builtin_configs()
     torch.manual_seed(0)
@@ -165,8 +165,8 @@ class MemoryImages:
 @pytest.fixture(scope="module")
 def tiny_backbone(tiny_checkpoint):
     """The tiny model with the session's fixed weights, on the CPU."""
-    from components.config import ModelConfig
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
+    from components.settings.config import ModelConfig
 
     path, sha = tiny_checkpoint
     cfg = ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha, device="cpu")
@@ -211,8 +211,8 @@ def drops(tmp_path_factory):
 def pipeline_config(tmp_path, ckpt, *extra):
     """A resolved config for whole-pipeline tests: workspace ``tmp_path/ws`` (initialised), drop zone
     ``tmp_path/incoming``, the tiny checkpoint, no retry delay."""
-    from components.config_loading import load_config
-    from components.workspace import ensure_workspace
+    from components.intake.workspace import ensure_workspace
+    from components.settings.config_loading import load_config
 
     cfg = load_config(
         overrides=[

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from components import chain, steps
+from components.pipeline import chain, steps
 
 
 def learn_steps(cfg, task_id: str) -> tuple[int, dict]:
@@ -25,6 +25,6 @@ def learn_steps(cfg, task_id: str) -> tuple[int, dict]:
 
 
 if __name__ == "__main__":
-    from components.config_loading import config_from_doc
+    from components.settings.config_loading import config_from_doc
 
     learn_steps(config_from_doc(json.loads(sys.argv[1])), sys.argv[2])

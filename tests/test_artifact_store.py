@@ -1,4 +1,4 @@
-"""The artifact store of step outputs (``components/artifact_store.py``) on a folder and on the S3-compatible
+"""The artifact store of step outputs (``components/support/artifact_store.py``) on a folder and on the S3-compatible
 server: ``result.json`` published last and trusted only with a manifest that every fetched file matches."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from components.artifact_store import ArtifactStore, IncompleteArtifact
+from components.support.artifact_store import ArtifactStore, IncompleteArtifact
 from tests.conftest import S3_REGION
 from tests.s3_fault_proxy import S3FaultProxy
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.class_names import SAME_NAME, confusable_key, shown
-from components.config_loading import load_config
-from components.tasks import DropError, open_drop, parse_task_yaml, read_metadata
-from components.validation import TaskContext, scan_images, validate
+from components.intake.class_names import SAME_NAME, confusable_key, shown
+from components.intake.tasks import DropError, open_drop, parse_task_yaml, read_metadata
+from components.intake.validation import TaskContext, scan_images, validate
+from components.settings.config_loading import load_config
 from flows.cli import main
 from tests.drops import make_task
 

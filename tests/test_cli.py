@@ -145,9 +145,10 @@ def test_the_console_script_entry_point_parses_and_dispatches(tmp_path):
 
 def test_the_night_summary_names_failed_rules_says_each_thing_once_and_where_things_are(tmp_path):
     """The summary of a night with an accepted task, a task failing five rules and a rejected version, its ingest
-    entries made by the night's own step (components.steps.ingest)."""
-    from components import steps, workspace
-    from components.config_loading import load_config
+    entries made by the night's own step (components.pipeline.steps.ingest)."""
+    from components.intake import workspace
+    from components.pipeline import steps
+    from components.settings.config_loading import load_config
     from flows.console import night_text
     from tests.drops import append_rows, read_manifest
 

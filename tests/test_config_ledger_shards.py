@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ConfigError, default_config_yaml
-from components.config_loading import load_config
-from components.ledger import IllegalTransition, Ledger
-from components.shards import ShardReader, ShardWriter
-from components.storage import sha256_bytes
+from components.intake.ledger import IllegalTransition, Ledger
+from components.intake.shards import ShardReader, ShardWriter
+from components.settings.config import ConfigError, default_config_yaml
+from components.settings.config_loading import load_config
+from components.support.storage import sha256_bytes
 
 
 def test_precedence_defaults_file_env_flags(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from components import shards
-from components.data import decode_rgb
-from components.shards import read_index, write_index
+from components.intake import shards
+from components.intake.shards import read_index, write_index
+from components.model.data import decode_rgb
 from tests.conftest import MemoryImages
 
 
@@ -66,8 +66,8 @@ def _jpeg(side: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
 
 
 def test_draft_mode_shrinks_large_jpegs_and_keeps_their_embeddings(tiny_backbone):
-    from components.data import ImageDataset, input_size
-    from components.models import encode_batch
+    from components.model.backbones import encode_batch
+    from components.model.data import ImageDataset, input_size
 
     preprocess = tiny_backbone.preprocess
     assert input_size(preprocess) == (32, 32) and input_size(tiny_backbone.preprocess_train) == (32, 32)
@@ -88,7 +88,7 @@ def test_draft_mode_at_vit_b_16_input_size_keeps_the_preprocessed_pixels():
     """ViT-B/16's own eval transform (224 px): at 2x and 4x the input, the model sees nearly the same tensor."""
     import open_clip
 
-    from components.data import input_size
+    from components.model.data import input_size
 
     preprocess = open_clip.image_transform(224, is_train=False)
     assert input_size(preprocess) == (224, 224)
@@ -100,7 +100,7 @@ def test_draft_mode_at_vit_b_16_input_size_keeps_the_preprocessed_pixels():
 
 
 def test_images_draft_mode_does_not_touch_give_the_same_bytes(tiny_backbone):
-    from components.data import ImageDataset
+    from components.model.data import ImageDataset
 
     blobs = {
         "small.jpg": _jpeg(63),  # under twice the 32-px input on a side: decoded in full
@@ -125,13 +125,14 @@ def _wide_jpeg(width: int, height: int) -> bytes:
 
 
 def test_the_decoder_is_part_of_the_pool_key_and_checked_on_prebuilt_pools(tmp_path, tiny_checkpoint, monkeypatch):
-    from components import data, steps
-    from components.config_loading import load_config
-    from components.ledger import TaskRecord
+    from components.intake.ledger import TaskRecord
     from components.methods.base import Context
     from components.methods.lvp import LVP, build_pool
-    from components.models import load_backbone
-    from components.pools import PoolError
+    from components.model import data
+    from components.model.backbones import load_backbone
+    from components.model.pools import PoolError
+    from components.pipeline import steps
+    from components.settings.config_loading import load_config
     from tests.conftest import tiny_overrides
     from tests.drops import make_task
 
@@ -162,11 +163,11 @@ def test_a_prebuilt_pool_is_accepted_for_a_copy_of_its_task_in_another_folder(tm
     whose copy of the same task lies in another folder: the folder is not part of what the pool is checked on."""
     import shutil
 
-    from components import data
-    from components.config_loading import load_config
     from components.methods.base import Context
     from components.methods.lvp import LVP, build_pool
-    from components.models import load_backbone
+    from components.model import data
+    from components.model.backbones import load_backbone
+    from components.settings.config_loading import load_config
     from tests.conftest import tiny_overrides
     from tests.drops import make_task
 

@@ -1,4 +1,4 @@
-"""The frozen-encoder embedding cache (components/embedding_cache.py): what its key holds, that a hit is the
+"""The frozen-encoder embedding cache (components/model/embedding_cache.py): what its key holds, that a hit is the
 bits of a fresh encode, that an unfinished or damaged entry is rebuilt, and that a chain of LVP steps encodes each
 image once (counted where images are encoded, ``pool_engine.encode_parts``)."""
 
@@ -12,18 +12,19 @@ import pytest
 import torch
 import yaml
 
-from components import learn_sequence, pool_engine
-from components.artifact_store import ArtifactStore
-from components.config_loading import load_config
-from components.data import load_task
-from components.embedding_cache import KIND, TENSORS, EmbeddingCache, entry_identity, entry_key, split_embeddings
+from components.intake.shards import ShardWriter, write_index
 from components.methods import get_method
 from components.methods.lvp import build_pool
-from components.models import load_backbone
-from components.pool_engine import split_parts
-from components.pools import PoolConfig
-from components.run_context import context_for
-from components.shards import ShardWriter, write_index
+from components.model import pool_engine
+from components.model.backbones import load_backbone
+from components.model.data import load_task
+from components.model.embedding_cache import KIND, TENSORS, EmbeddingCache, entry_identity, entry_key, split_embeddings
+from components.model.pool_engine import split_parts
+from components.model.pools import PoolConfig
+from components.settings.config_loading import load_config
+from components.support.artifact_store import ArtifactStore
+from components.training import learn_sequence
+from components.training.run_context import context_for
 from tests.conftest import tiny_overrides
 from tests.drops import png_bytes
 
@@ -167,8 +168,8 @@ def test_an_object_store_entry_round_trips_and_an_unmarked_one_is_a_miss(tmp_pat
 
 
 def test_frozen_evaluation_from_embeddings_scores_what_images_score(setup, monkeypatch):
-    from components import evaluation
-    from components.state import LearnerState
+    from components.model.state import LearnerState
+    from components.training import evaluation
 
     config, backbone, store, tasks = setup
     method = get_method("zeroshot")()

@@ -1,7 +1,7 @@
 """The fault suite (``pytest -m faults``): each test injects one fault for real and checks what must hold.
 
 Faults are real: a second process racing on the registry (its timing widened with ``CLIPLOOP_FAULT``, see
-``components/faults.py`` and ``tests/README.md``), a tracking server that refuses connections or answers 503,
+``components/support/faults.py`` and ``tests/README.md``), a tracking server that refuses connections or answers 503,
 a bit flipped in a stored shard on disk. Nothing of cliploop, MLflow or the ledger is mocked. The pipeline's
 steps are called directly (as the flows call them) where Prefect adds nothing to what is checked.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from components import chain, review, steps
-from components.ledger import Ledger
-from components.registry import NotFound, from_config
+from components.intake.ledger import Ledger
+from components.pipeline import chain, review, steps
+from components.registry.registry import NotFound, from_config
 from flows import retry
 from tests.conftest import REPO, pipeline_config
 from tests.drops import make_task
@@ -710,7 +710,7 @@ def test_an_empty_registry_changes_nothing_and_names_what_it_lacks(
 
 
 def _flip_a_bit_inside_an_image(cfg, task_id: str) -> dict:
-    from components.shards import read_index
+    from components.intake.shards import read_index
 
     folder = cfg.workspace_path / "data" / "tasks" / task_id
     row = next(r for r in read_index(folder / "index.csv") if r["split"] == "train")
@@ -726,8 +726,8 @@ def _flip_a_bit_inside_an_image(cfg, task_id: str) -> dict:
 def test_a_flipped_bit_in_a_stored_shard_stops_the_step_naming_shard_and_row(
     tmp_path, tiny_checkpoint, ingested, method, capsys
 ):
-    from components.data import decode_rgb
-    from components.shards import CorruptShard
+    from components.intake.shards import CorruptShard
+    from components.model.data import decode_rgb
 
     extra = (
         ["method.settings.iterations=2", "method.settings.batch_size=2", "method.settings.warmup_steps=0"]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from components import chain, model_pins, review, steps
-from components.registry import from_config
+from components.pipeline import chain, review, steps
+from components.registry import model_pins
+from components.registry.registry import from_config
 from tests.conftest import pipeline_config
 from tests.drops import make_task
 from tests.fault_steps import learn_steps
@@ -67,7 +68,7 @@ def test_a_registered_version_is_pinned_and_loads_verified(registered, tmp_path,
     # The pin covers every stored file of the model: its code, MLmodel, the state bundle and the config.
     files = model_pins.file_digests(folder)
     manifest = json.loads(model_pins.manifest_bytes(files, registry.model_version(1).source))
-    assert {"MLmodel", "artifacts/state/manifest.json", "code/components/state.py"} <= set(manifest["files"])
+    assert {"MLmodel", "artifacts/state/manifest.json", "code/components/model/state.py"} <= set(manifest["files"])
     assert tag == hashlib.sha256(model_pins.manifest_bytes(files, registry.model_version(1).source)).hexdigest()
 
     image = next((root / "incoming" / "t-a").rglob("*.png"))
@@ -80,7 +81,7 @@ def test_a_registered_version_is_pinned_and_loads_verified(registered, tmp_path,
 
 
 def test_planted_code_in_the_stored_model_is_never_run(registered, tmp_path, capsys):
-    """A line appended to the packaged ``code/components/state.py`` (which ``load_context`` imports): the
+    """A line appended to the packaged ``code/components/model/state.py`` (which ``load_context`` imports): the
     verified loaders refuse before importing it; the mark it would write never appears."""
     from flows.cli import main
 
@@ -91,15 +92,15 @@ def test_planted_code_in_the_stored_model_is_never_run(registered, tmp_path, cap
     def plant(path: Path) -> None:
         path.write_text(path.read_text() + f"\nopen({str(mark)!r}, 'w').write('ran')\n")
 
-    with planted(folder / "code" / "components" / "state.py", plant):
+    with planted(folder / "code" / "components" / "model" / "state.py", plant):
         capsys.readouterr()
         assert main(_cli(cfg, "predict", "champion", str(image))) == 1
         err = capsys.readouterr().err
-        assert "code/components/state.py: changed" in err and "Traceback" not in err
+        assert "code/components/model/state.py: changed" in err and "Traceback" not in err
         assert main(_cli(cfg, "export-model", "champion", str(tmp_path / "out"))) == 1
         assert not (tmp_path / "out").exists()
         assert main(_cli(cfg, "lineage", "champion", "--verify")) == 1
-        assert "code/components/state.py: changed" in capsys.readouterr().out
+        assert "code/components/model/state.py: changed" in capsys.readouterr().out
         with pytest.raises(model_pins.ArtifactsTampered):
             model_pins.load_verified(from_config(cfg), "champion")
     assert not mark.exists()
@@ -166,7 +167,7 @@ def test_swapped_weights_with_recomputed_bundle_hashes_are_refused_as_a_parent(r
     shutil.rmtree(cache, ignore_errors=True)
     try:
         _swap_pool_and_rehash(state)
-        from components.state import LearnerState
+        from components.model.state import LearnerState
 
         LearnerState.load(state)  # the bundle checks itself and is fooled: the pin is what catches it
         with pytest.raises(model_pins.ArtifactsTampered, match=r"artifacts/state/manifest\.json: changed"):

@@ -1,4 +1,4 @@
-"""Fault suite: two attempts of one step key at once (``components/fencing.py``).
+"""Fault suite: two attempts of one step key at once (``components/support/fencing.py``).
 
 The night takes a hung worker for dead and starts its step again elsewhere while the first flow-run process lives
 on. Here the first attempt is a real child process that stops itself (SIGSTOP, ``CLIPLOOP_FAULT=<point>:stop``)
@@ -24,9 +24,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from components import step_io, steps
-from components.artifact_store import ArtifactStore
-from components.fencing import Superseded
+from components.pipeline import step_io, steps
+from components.support.artifact_store import ArtifactStore
+from components.support.fencing import Superseded
 from tests.conftest import REPO, S3_REGION, pipeline_config
 from tests.drops import make_task
 
@@ -42,7 +42,8 @@ TRAINING = [  # a run that checkpoints: 4 steps, a checkpoint after step 2
 # What a worker's flow run does: the training step under the key it was handed, as the attempt it was handed
 # (none: it takes the key over itself).
 WORKER = (
-    "import json, sys; from components import steps; from components.config_loading import config_from_doc; "
+    "import json, sys; from components.pipeline import steps; "
+    "from components.settings.config_loading import config_from_doc; "
     "steps.run_update(config_from_doc(json.loads(sys.argv[1])), 't-a', None, None, sys.argv[2], None, "
     "sys.argv[3] or None)"
 )

@@ -23,10 +23,11 @@ from pathlib import Path
 import boto3
 import pytest
 
-from components import storage, versioning
-from components import workspace as workspace_mod
-from components.config_loading import load_config
-from components.shards import StoredTask, read_index
+from components.intake import versioning
+from components.intake import workspace as workspace_mod
+from components.intake.shards import StoredTask, read_index
+from components.settings.config_loading import load_config
+from components.support import storage
 from flows.cli import main
 from tests.conftest import REPO, S3_REGION
 from tests.drops import make_task
@@ -367,7 +368,7 @@ def _update_folder(root: Path) -> Path:
 
 @pytest.mark.parametrize("rate", RATES)
 def test_mlflow_artifacts_to_s3_under_faults(rate, tmp_path, s3_bucket, direct, proxy, monkeypatch):
-    from components.registry import Registry
+    from components.registry.registry import Registry
 
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.url)
     registry = Registry(
@@ -446,7 +447,9 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-PUSH = "import sys; from pathlib import Path; from components import versioning; versioning.push(Path(sys.argv[1]))"
+PUSH = (
+    "import sys; from pathlib import Path; from components.intake import versioning; versioning.push(Path(sys.argv[1]))"
+)
 
 
 @pytest.mark.parametrize("how", ["kill-9", "sigterm"])

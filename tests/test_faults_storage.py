@@ -20,9 +20,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from components import storage, workspace
-from components.artifact_store import ArtifactStore
-from components.config_loading import load_config
+from components.intake import workspace
+from components.settings.config_loading import load_config
+from components.support import storage
+from components.support.artifact_store import ArtifactStore
 from tests.conftest import REPO, S3_REGION
 from tests.drops import make_task
 from tests.s3_fault_proxy import S3FaultProxy

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from components import chain, review
-from components.config_loading import load_config
-from components.ledger import Ledger
-from components.registry import from_config
+from components.intake.ledger import Ledger
+from components.pipeline import chain, review
+from components.registry.registry import from_config
+from components.settings.config_loading import load_config
 from flows import retry
 from flows.nightly import NightFailed, run_night
 from tests.conftest import pipeline_config
@@ -101,7 +101,7 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):
     assert predicted["score"].between(0, 1).all()
 
     # Lineage of the champion verifies; a second night finds nothing to do and registers nothing.
-    from components.lineage import build_lineage
+    from components.registry.lineage import build_lineage
 
     record = build_lineage(registry, "champion", cfg.workspace_path, verify=True)
     assert record["verified"] is True and [c["task"]["id"] for c in record["chain"]] == ["t-b", "t-a"]
@@ -134,7 +134,7 @@ def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, ti
     assert run.data.params["method.name"] == "gnsp" and "perf.train_step_ms" in run.data.metrics
     history = registry.client.get_metric_history(run.info.run_id, "train.ce")
     assert [m.step for m in history] == [0, 1, 2]
-    from components.state import LearnerState
+    from components.model.state import LearnerState
 
     state = LearnerState.load(registry.download_state(2, tmp_path / "v2"))
     assert state.method == "gnsp" and state.task_ids == ["t-a", "t-b"] and state.weights is not None
@@ -196,7 +196,7 @@ def test_progress_inside_a_flow_run_is_a_prefect_progress_artifact():
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.context import FlowRunContext
 
-    from components import progress
+    from components.support import progress
     from flows.progress import PrefectProgress
 
     @flow(persist_result=False)
@@ -218,17 +218,17 @@ def test_progress_inside_a_flow_run_is_a_prefect_progress_artifact():
 
 
 def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, tiny_checkpoint, monkeypatch):
-    import components.learn
-    import components.registry
+    import components.registry.registry
+    import components.training.learn
 
     cfg = _cfg(tmp_path, tiny_checkpoint, "approval.auto_promote=true")
     _drop(tmp_path, "t-a", ["cat", "dog"])
-    real_learn = components.learn.learn_step
+    real_learn = components.training.learn.learn_step
 
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
-    monkeypatch.setattr(components.learn, "learn_step", crash)
+    monkeypatch.setattr(components.training.learn, "learn_step", crash)
     with pytest.raises(NightFailed) as failed:
         run_night(cfg)
     assert "illegal memory access" in failed.value.summary["stopped"]
@@ -239,17 +239,17 @@ def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, ti
     assert record.state == "failed" and "illegal memory access" in record.reason
 
     # The next attempt dies after the MLflow run is logged, before the version exists.
-    monkeypatch.setattr(components.learn, "learn_step", real_learn)
-    real_register = components.registry.Registry.register
+    monkeypatch.setattr(components.training.learn, "learn_step", real_learn)
+    real_register = components.registry.registry.Registry.register
 
     def die_registering(self, *args, **kwargs):
         raise RuntimeError("killed while registering (injected)")
 
-    monkeypatch.setattr(components.registry.Registry, "register", die_registering)
+    monkeypatch.setattr(components.registry.registry.Registry, "register", die_registering)
     with pytest.raises(NightFailed):
         run_night(cfg)
     assert _versions(registry) == [] and _states(cfg)["t-a"] == "failed"
-    monkeypatch.setattr(components.registry.Registry, "register", real_register)
+    monkeypatch.setattr(components.registry.registry.Registry, "register", real_register)
 
     # A process that died mid-learning leaves the entry in `learning`: the next night reclaims it.
     with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
@@ -265,7 +265,7 @@ def test_crash_in_training_then_rerun_registers_exactly_one_version(tmp_path, ti
 
 
 def test_a_crash_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
-    import components.trainer
+    import components.training.trainer
 
     cfg = _cfg(
         tmp_path,
@@ -278,20 +278,20 @@ def test_a_crash_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_ch
         "method.settings.warmup_steps=0",
     )
     _drop(tmp_path, "t-a", ["cat", "dog"])
-    real_step = components.trainer.optimization_step
+    real_step = components.training.trainer.optimization_step
 
     def dies_at_step_2(method, optimizer, named, images, labels, ctx, step, indices=None):
         if step == 2:
             raise RuntimeError("worker lost (injected)")
         return real_step(method, optimizer, named, images, labels, ctx, step, indices)
 
-    monkeypatch.setattr(components.trainer, "optimization_step", dies_at_step_2)
+    monkeypatch.setattr(components.training.trainer, "optimization_step", dies_at_step_2)
     with pytest.raises(NightFailed):
         run_night(cfg)
     assert _states(cfg)["t-a"] == "failed"
     assert list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("checkpoint.json"))
 
-    monkeypatch.setattr(components.trainer, "optimization_step", real_step)
+    monkeypatch.setattr(components.training.trainer, "optimization_step", real_step)
     summary = run_night(cfg)
     assert summary["updates"][0]["outcome"] == "promoted"
     run_dir = next((cfg.workspace_path / ".cliploop" / "runs").iterdir())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from components.config import GateConfig
-from components.gate import evaluate_gate
+from components.registry.gate import evaluate_gate
+from components.settings.config import GateConfig
 
 METRICS = {"cl.forgetting": 6.0, "zs.retention_rel": 0.97, "cl.last": 71.0}
 ROW = {"t1": 70.0, "t2": 80.0, "t3": 60.0}

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from components import ingestion, versioning
-from components.config_loading import load_config
-from components.ledger import Ledger
-from components.registry import from_config, run_key
-from components.state import LearnerState
+from components.intake import ingestion, versioning
+from components.intake.ledger import Ledger
+from components.model.state import LearnerState
+from components.registry.registry import from_config, run_key
+from components.settings.config_loading import load_config
 from flows.cli import main
 from tests.conftest import _empty_mlflow_store
 from tests.drops import make_task
@@ -182,7 +182,7 @@ def test_gc_and_the_remote_check_on_an_s3_remote(tmp_path, s3_bucket, s3_env, ca
     """The same through s3fs on the S3 server: listing, sizes, deleting, and the remote check of --verify."""
     import boto3
 
-    from components.data_gc import remote_problems
+    from components.registry.data_gc import remote_problems
     from tests.conftest import S3_REGION
 
     ws = tmp_path / "ws"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.config import ModelConfig
-from components.models import encode_batch, load_backbone, register_builtin_configs, save_weights
+from components.model.backbones import encode_batch, load_backbone, register_builtin_configs, save_weights
+from components.settings.config import ModelConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -33,9 +33,9 @@ def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_pa
     """Two tiny tasks on the GPU (bf16 autocast, fp32 master weights): finite losses, weights moved."""
     import open_clip
 
-    from components.config_loading import load_config
-    from components.learn_sequence import learn
     from components.methods import get_method
+    from components.settings.config_loading import load_config
+    from components.training.learn_sequence import learn
     from tests.drops import make_task
 
     register_builtin_configs()

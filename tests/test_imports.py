@@ -14,6 +14,9 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGES = ("components", "flows", "infra", "benchmarks")
+# The areas of components/, lowest first: a module imports from its own area or a lower one, never a higher one
+# (docs/architecture.md, "The rooms").
+AREAS = ("support", "settings", "intake", "model", "methods", "training", "registry", "pipeline", "scenarios")
 
 
 def module_files(root: Path, packages=PACKAGES) -> dict[str, Path]:
@@ -112,6 +115,39 @@ def test_the_project_has_no_import_circle():
     graph = import_graph(module_files(REPO))
     assert len(graph) > 50  # the walk found the project
     assert circles(graph) == []
+
+
+def upward_imports(graph: dict[str, set[str]], areas=AREAS) -> list[str]:
+    """``a -> b`` for every import from a module of ``components/<area>/`` to one of a higher area."""
+
+    def area(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if parts[0] == "components" and len(parts) > 2 and parts[1] in areas else None
+
+    out = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            low, high = area(module), area(target)
+            if low and high and areas.index(high) > areas.index(low):
+                out.append(f"{module} -> {target}")
+    return out
+
+
+def test_every_module_of_components_lives_in_an_area_and_areas_import_downward_only():
+    modules = module_files(REPO, ("components",))
+    loose = [m for m in modules if m.count(".") == 1 and m.split(".")[1] not in AREAS]
+    assert loose == []  # components/ holds area folders only (and its __init__)
+    assert upward_imports(import_graph(modules)) == []
+
+
+def test_an_upward_import_is_found(tmp_path):
+    for area, text in (("model", "from components.training import learn\n"), ("training", "")):
+        (tmp_path / "components" / area).mkdir(parents=True)
+        (tmp_path / "components" / area / "__init__.py").write_text("")
+        (tmp_path / "components" / area / ("pools.py" if area == "model" else "learn.py")).write_text(text)
+    (tmp_path / "components" / "__init__.py").write_text("")
+    graph = import_graph(module_files(tmp_path, ("components",)))
+    assert upward_imports(graph) == ["components.model.pools -> components.training.learn"]
 
 
 def test_the_checker_finds_a_planted_circle_through_a_local_import(tmp_path):

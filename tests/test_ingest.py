@@ -11,9 +11,9 @@ import boto3
 import pytest
 import yaml
 
-from components import ingestion, versioning, workspace
-from components.config_loading import load_config
-from components.shards import StoredTask
+from components.intake import ingestion, versioning, workspace
+from components.intake.shards import StoredTask
+from components.settings.config_loading import load_config
 from flows.cli import main
 from tests.drops import append_rows, make_task, png_bytes
 
@@ -225,7 +225,7 @@ def test_ingest_with_w_reads_that_workspaces_config_and_keeps_its_remote(tmp_pat
 
 
 def test_demo_drop_zone_is_deterministic_and_meaningful(tmp_path):
-    from components import demo
+    from components.scenarios import demo
 
     first = demo.build_drop_zone(tmp_path / "a")
     second = demo.build_drop_zone(tmp_path / "b")
@@ -247,7 +247,7 @@ def test_module_entry_point_runs_without_the_console_script(tmp_path):
 
 def test_a_symlink_in_the_drop_zone_is_reported_and_not_followed(tmp_path, capsys, caplog):
     """A link out of the drop zone could lead anywhere on the machine: it is not followed, and it is said."""
-    from components import tasks
+    from components.intake import tasks
 
     ws, zone = tmp_path / "ws", tmp_path / "zone"
     make_task(zone, "a-real", ["cat"])

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import ingestion
-from components.config_loading import load_config
-from components.data import load_task
-from components.learn import context_for
-from components.learn_sequence import learn
-from components.merged_pool import merge
+from components.intake import ingestion
 from components.methods import available_methods, get_method
-from components.state import LearnerState, StateError
+from components.model.data import load_task
+from components.model.merged_pool import merge
+from components.model.state import LearnerState, StateError
+from components.settings.config_loading import load_config
+from components.training.learn import context_for
+from components.training.learn_sequence import learn
 from flows.cli import main
 from tests.conftest import tiny_overrides
 from tests.drops import make_task
@@ -81,7 +81,7 @@ def test_order_invariance_through_real_ingestion(tmp_path, tiny_checkpoint, drop
 
 def test_pool_built_in_another_process_equals_inline(tmp_path, tiny_checkpoint, drops):
     from components.methods.lvp import build_pool
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
 
     cfg = _cfg(tmp_path, tiny_checkpoint)
     ctx = context_for(cfg, load_backbone(cfg.model))
@@ -89,7 +89,7 @@ def test_pool_built_in_another_process_equals_inline(tmp_path, tiny_checkpoint, 
     assert stats.images == 8 and stats.seconds > 0
     inline_files = inline.save(tmp_path / "inline")
 
-    args = [sys.executable, "-m", "components.stored_pool", str(drops[0]), "--out", str(tmp_path / "sub")]
+    args = [sys.executable, "-m", "components.pipeline.stored_pool", str(drops[0]), "--out", str(tmp_path / "sub")]
     for item in tiny_overrides(tiny_checkpoint):
         args += ["--set", item]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
@@ -161,12 +161,12 @@ def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_u
     # A fresh process loads the bundle and predicts the same labels as the run that made it.
     script = f"""
 import json, sys, torch
-from components.config_loading import load_config
-from components.data import load_task
-from components.evaluation import accuracy
-from components.learn import context_for, make_method
-from components.models import load_backbone
-from components.state import LearnerState
+from components.settings.config_loading import load_config
+from components.model.data import load_task
+from components.training.evaluation import accuracy
+from components.training.learn import context_for, make_method
+from components.model.backbones import load_backbone
+from components.model.state import LearnerState
 cfg = load_config(overrides={tiny_overrides(tiny_checkpoint)!r}, env={{}})
 state = LearnerState.load({str(out / "state")!r})
 ctx = context_for(cfg, load_backbone(cfg.model))
@@ -179,7 +179,7 @@ print(json.dumps([accuracy(method, state, load_task(p), ctx) for p in {[str(drop
 
 
 def test_learn_refuses_an_invalid_drop(tmp_path, tiny_checkpoint, drops):
-    from components.learn import LearnError
+    from components.training.learn import LearnError
     from tests.drops import append_rows
 
     bad = make_task(tmp_path, "t-bad", ["yak"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from components import ingestion
-from components.config_loading import load_config
-from components.ledger import Ledger
-from components.lineage import LineageError, build_lineage, format_lineage
-from components.registry import Registry, run_key
-from components.state import LearnerState
+from components.intake import ingestion
+from components.intake.ledger import Ledger
+from components.model.state import LearnerState
+from components.registry.lineage import LineageError, build_lineage, format_lineage
+from components.registry.registry import Registry, run_key
+from components.settings.config_loading import load_config
 from tests.drops import make_task
 
 
@@ -76,7 +76,7 @@ def test_chain_back_to_the_first_task_and_verification(tmp_path):
 
 
 def test_cli_lineage_uses_the_configured_registry(tmp_path, capsys):
-    from components.registry import from_config
+    from components.registry.registry import from_config
     from flows.cli import main
 
     ws = tmp_path / "ws"

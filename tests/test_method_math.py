@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from components.methods import ctp, cvm, gnsp, sg, wise_ft, zscl
 from components.methods.settings import TrainSettings
 from components.methods.tuning import herding, kl_batchmean, soft_ce_distill, symmetric_info_nce
-from components.trainer import lr_factor
+from components.training.trainer import lr_factor
 
 # ---- GNSP -------------------------------------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ def test_task_grams_hook_the_mlp_inputs_and_the_projection_input_of_a_vit():
     import open_clip
 
     from components.methods.sg import trunk_features
-    from components.models import register_builtin_configs
+    from components.model.backbones import register_builtin_configs
 
     register_builtin_configs()
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_kd_loss_is_zero_for_identical_logits_and_t_squared_kl_otherwise():
 def test_sg_teacher_block_on_the_shared_trunk_equals_the_full_model():
     import open_clip
 
-    from components.models import register_builtin_configs
+    from components.model.backbones import register_builtin_configs
 
     register_builtin_configs()
     torch.manual_seed(1)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config_loading import load_config
-from components.data import load_task
-from components.learn import context_for
-from components.learn_sequence import learn
 from components.methods import available_methods, get_method
-from components.state import LearnerState
+from components.model.data import load_task
+from components.model.state import LearnerState
+from components.settings.config_loading import load_config
+from components.training.learn import context_for
+from components.training.learn_sequence import learn
 from tests.drops import make_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     """Fixed random tiny-model weights and two class-incremental tasks."""
     import open_clip
 
-    from components.models import register_builtin_configs, save_weights
+    from components.model.backbones import register_builtin_configs, save_weights
 
     root = tmp_path_factory.mktemp("methods")
     register_builtin_configs()
@@ -91,7 +91,7 @@ def test_method_learns_two_tasks_and_a_fresh_process_predicts_the_same(name, tin
 
     # In this process: the scores the run's model gives the test images of both tasks.
     loaded = LearnerState.load(tmp_path / "out" / "state")
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
 
     backbone = load_backbone(config.model, weights=loaded.weights)
     ctx = context_for(config, backbone)
@@ -105,12 +105,12 @@ def test_method_learns_two_tasks_and_a_fresh_process_predicts_the_same(name, tin
     script = f"""
 import json, torch
 from pathlib import Path
-from components.config_loading import load_config
-from components.data import load_task
-from components.learn import context_for
+from components.settings.config_loading import load_config
+from components.model.data import load_task
+from components.training.learn import context_for
 from components.methods import get_method
-from components.models import load_backbone
-from components.state import LearnerState
+from components.model.backbones import load_backbone
+from components.model.state import LearnerState
 from tests.test_methods import _test_images
 config = load_config(overrides={overrides!r}, env={{}}, cwd=Path({str(tmp_path)!r}))
 state = LearnerState.load({str(tmp_path / "out" / "state")!r})
@@ -129,7 +129,7 @@ print(json.dumps(scores.tolist()))
 
 
 def _test_images(location: str):
-    from components.data import decode_rgb
+    from components.model.data import decode_rgb
 
     task = load_task(location)
     dataset = task.dataset_for("test", lambda im: im)
@@ -149,9 +149,9 @@ def _learn(tiny, tmp_path, name, *settings):
 
 
 def test_gnsp_second_task_moves_only_the_projected_matrices_and_only_in_the_null_space(tiny, tmp_path):
-    from components.learn import learn_step
     from components.methods import gnsp
     from components.methods.gnsp import GRAM_PREFIX, projector
+    from components.training.learn import learn_step
 
     cfg = load_config(
         overrides=[
@@ -195,7 +195,7 @@ def test_a_fine_tuned_encoder_can_rebuild_the_lvp_pools(tiny, tmp_path):
     assert state.pools["t-a"].class_keys == ["toy/cat", "toy/dog"]
     # The pools are the fine-tuned encoder's: rebuilding t-a's from the final weights gives the same sums.
     from components.methods.lvp import build_pool
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
 
     config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
     ctx = context_for(config, load_backbone(config.model, weights=state.weights))
@@ -250,9 +250,9 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
 ):
     """The checkpoint carries the trainable weights, the optimizer moments and the method's own running state
     (ZSCL's weight ensemble, CTP's momentum model and queues, the reference-set cursor)."""
-    from components.callbacks import Callback
-    from components.models import load_backbone
-    from components.trainer import fit
+    from components.model.backbones import load_backbone
+    from components.training.callbacks import Callback
+    from components.training.trainer import fit
 
     config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
     task = load_task(str(tiny["drops"][0]))
@@ -267,7 +267,7 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
     }
 
     def run(folder, crash_at=None):
-        from components.state import LearnerState
+        from components.model.state import LearnerState
 
         backbone = load_backbone(config.model)
         ctx = context_for(config, backbone, checkpoint_dir=folder)
@@ -295,10 +295,10 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_where_an_u
 
 def test_zscl_ensembles_the_weights_after_steps_0_every_2_and_the_final_ones(tiny, tmp_path):
     """The official loop merges after ``optimizer.step()`` at iterations 0, 100, ...; the final weights join."""
-    from components.callbacks import Callback
-    from components.models import load_backbone
-    from components.state import LearnerState
-    from components.trainer import fit
+    from components.model.backbones import load_backbone
+    from components.model.state import LearnerState
+    from components.training.callbacks import Callback
+    from components.training.trainer import fit
 
     config = load_config(overrides=[*tiny["overrides"]], env={}, cwd=tmp_path)
     task = load_task(str(tiny["drops"][0]))
@@ -331,7 +331,7 @@ def test_zscl_ensembles_the_weights_after_steps_0_every_2_and_the_final_ones(tin
 
 
 def test_reproduction_configs_load_and_their_method_settings_validate():
-    from components.learn import make_method
+    from components.training.learn import make_method
 
     configs = sorted((REPO / "benchmarks" / "reproduce").glob("*.yaml"))
     assert len(configs) >= 6
@@ -356,8 +356,9 @@ def test_cvm_can_map_into_a_separate_pretrained_language_model(tiny, tmp_path):
 
 def test_the_pipeline_asks_the_method_whether_it_builds_pools(tmp_path, monkeypatch):
     """Pool building is a capability a method class declares, not a method name the pipeline knows."""
-    from components import methods, steps
+    from components import methods
     from components.methods.lvp import LVP
+    from components.pipeline import steps
 
     def config(name):
         return load_config(overrides=[f"workspace={tmp_path}", f"method.name={name}"], env={}, cwd=tmp_path)
@@ -375,8 +376,8 @@ def test_method_code_imports_no_platform_library():
     import ast
 
     files = sorted((REPO / "components" / "methods").glob("*.py")) + [
-        REPO / "components" / "trainer.py",
-        REPO / "components" / "callbacks.py",
+        REPO / "components" / "training" / "trainer.py",
+        REPO / "components" / "training" / "callbacks.py",
     ]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -420,7 +421,7 @@ def test_the_demo_gives_every_training_method_one_schedule_unless_the_user_chose
 
 
 def test_a_diverging_loss_stops_training_with_a_clear_error(tiny, tmp_path):
-    from components.trainer import TrainError
+    from components.training.trainer import TrainError
 
     with pytest.raises(TrainError, match=r"task t-a: .*loss is (nan|inf).*lower the lr"):
         _learn(tiny, tmp_path, "finetune", "lr=1e30", "optimizer=sgd")
@@ -464,7 +465,7 @@ def test_reference_captions_take_the_learners_prompt_form_unless_a_caption_is_se
     import dataclasses
 
     from components.methods.reference import ReferenceSet, ReferenceSettings
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
 
     task = load_task(str(tiny["drops"][0]))
     name = task.class_names[0]
@@ -491,7 +492,7 @@ def test_cvm_concepts_take_the_learners_prompt_form_unless_a_prompt_is_set(tiny,
     """CVM's concept table is its classifier. Its prompt was fixed at "a photo of a {}" while every other
     method and the evaluation prompt through the configured templates, so a model pretrained on other captions
     (the glyph base's "a glyph of {}") was scored through text it never saw once CVM took over."""
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
 
     key, name = "d/cat", "cat"
     for templates, prompt, expected in (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components import plots
-from components.metrics import AccuracyMatrix, MatrixError, compute_all, seen_accuracy
+from components.training import plots
+from components.training.metrics import AccuracyMatrix, MatrixError, compute_all, seen_accuracy
 from flows.cli import main
 
 DATA = Path(__file__).with_name("data")

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import ModelConfig
-from components.models import (
+from components.model.backbones import (
     CheckpointError,
     encode_batch,
     load_backbone,
@@ -18,7 +17,8 @@ from components.models import (
     register_builtin_configs,
     save_weights,
 )
-from components.prompts import class_text_embeddings, get_templates, task_templates
+from components.model.prompts import class_text_embeddings, get_templates, task_templates
+from components.settings.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +164,9 @@ def test_prompt_templates_and_text_embeddings(tiny_weights):
 def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
     """The demo's base model: a tiny image tower warmed up against the real pretrained MiniLM text tower
     (shipped in a package) on a base split disjoint from the demo tasks."""
-    from components import demo
-    from components.config_loading import load_config
-    from components.learn_sequence import learn
+    from components.scenarios import demo
+    from components.settings.config_loading import load_config
+    from components.training.learn_sequence import learn
 
     checkpoint = demo.build_base_model(tmp_path / "cache", progress=None)
     assert demo.build_base_model(tmp_path / "cache", progress=None) == checkpoint  # cached by recipe

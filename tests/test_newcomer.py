@@ -84,10 +84,10 @@ def test_init_with_the_demo_model_starts_an_offline_workspace(tmp_path, capsys):
     pinned by its checksum; the workspace's config loads it with no network."""
     import open_clip
 
-    from components import demo
-    from components.config_loading import load_config
-    from components.models import load_backbone, quiet_loaders, register_builtin_configs, save_weights
-    from components.storage import cache_dir, sha256_file
+    from components.model.backbones import load_backbone, quiet_loaders, register_builtin_configs, save_weights
+    from components.scenarios import demo
+    from components.settings.config_loading import load_config
+    from components.support.storage import cache_dir, sha256_file
 
     # The demo's warm-up (minutes on a loaded 2-core machine; `make demo` and tests/test_flows.py run it) is
     # not what is tested here: the cache gets an untrained model of the same architecture under its name.

@@ -7,8 +7,16 @@ import itertools
 import pytest
 import torch
 
-from components.merged_pool import MergedPool, merge, per_class_max, similarity, train_head
-from components.pools import PoolConfig, PoolError, TaskPool, build_task_pool, class_sums, kmeans_l1, train_it_scalars
+from components.model.merged_pool import MergedPool, merge, per_class_max, similarity, train_head
+from components.model.pools import (
+    PoolConfig,
+    PoolError,
+    TaskPool,
+    build_task_pool,
+    class_sums,
+    kmeans_l1,
+    train_it_scalars,
+)
 
 D = 8
 META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}

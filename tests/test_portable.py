@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from components import chain, step_io, steps
-from components.lineage import build_lineage
-from components.registry import from_config
+from components.pipeline import chain, step_io, steps
+from components.registry.lineage import build_lineage
+from components.registry.registry import from_config
 from tests.conftest import pipeline_config
 from tests.drops import make_task
 
@@ -65,7 +65,7 @@ def test_a_moved_workspace_reuses_every_completed_step(tmp_path, tiny_checkpoint
 
 
 def _ingested(tmp_path, *overrides):
-    from components import ingestion
+    from components.intake import ingestion
     from tests.test_ingest import _config
 
     ws = tmp_path / "ws"
@@ -80,9 +80,9 @@ def _files(folder) -> dict[str, bytes]:
 
 
 def test_a_task_fetched_by_content_address_from_a_local_remote_is_the_stored_task(tmp_path):
-    from components.data import load_task
-    from components.task_fetch import CorruptObject, TaskAddress, address_of, fetch_task
-    from components.versioning import default_remote
+    from components.intake.task_fetch import CorruptObject, TaskAddress, address_of, fetch_task
+    from components.intake.versioning import default_remote
+    from components.model.data import load_task
 
     ws, md5 = _ingested(tmp_path)
     address = address_of(ws, "t1", md5, default_remote(ws))
@@ -106,8 +106,8 @@ def test_a_task_fetched_by_content_address_from_a_local_remote_is_the_stored_tas
 
 
 def test_a_task_fetched_from_an_s3_remote(tmp_path, s3_bucket, s3_env):
-    from components.storage import S3Settings
-    from components.task_fetch import address_of, fetch_task
+    from components.intake.task_fetch import address_of, fetch_task
+    from components.support.storage import S3Settings
 
     remote = f"s3://{s3_bucket}/dvc"
     ws, md5 = _ingested(tmp_path, f"dvc.remote={remote}", f"s3.endpoint_url={s3_env}")
@@ -207,7 +207,8 @@ def test_a_training_step_killed_on_one_worker_resumes_on_another_from_the_store(
     key, addresses = steps.update_key(cfg, "t-a", None), step_io.addresses(cfg, ["t-a"])
 
     code = (
-        "import json, sys; from components import steps; from components.config_loading import config_from_doc; "
+        "import json, sys; from components.pipeline import steps; "
+        "from components.settings.config_loading import config_from_doc; "
         "steps.run_update(config_from_doc(json.loads(sys.argv[1])), 't-a', None, {}, sys.argv[2], "
         "json.loads(sys.argv[3]))"
     )
@@ -235,8 +236,8 @@ def test_a_training_step_killed_on_one_worker_resumes_on_another_from_the_store(
 def test_an_address_that_contradicts_itself_is_refused_before_any_read(tmp_path):
     """A worker never trusts a handed address blindly: a file list that does not hash to the task's md5, or a
     path leaving the task's folder, is refused before the remote is read (the remote here does not exist)."""
-    from components.task_fetch import BadAddress, TaskAddress, fetch_task
-    from components.versioning import dir_md5
+    from components.intake.task_fetch import BadAddress, TaskAddress, fetch_task
+    from components.intake.versioning import dir_md5
 
     files = ({"relpath": "task.yaml", "md5": "0" * 32},)
     with pytest.raises(BadAddress, match="does not hash"):

@@ -1,4 +1,4 @@
-"""Progress of long work: pool building, training and evaluation report it through ``components/progress.py``;
+"""Progress of long work: pool building, training and evaluation report it through ``components/support/progress.py``;
 the console shows it (``flows/progress.py``), also when its output is not a terminal. The Prefect artifact sink is
 tested in tests/test_flows.py, which has a Prefect API at hand."""
 
@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from components import progress
-from components.config_loading import load_config
-from components.learn import learn_step
+from components.settings.config_loading import load_config
+from components.support import progress
+from components.training.learn import learn_step
 from flows.progress import ConsoleProgress, artifact_key
 from tests.conftest import tiny_overrides
 

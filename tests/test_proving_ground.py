@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from components import glyph_bench, glyph_model, glyphs
-from components.glyph_bench import GlyphBench
+from components.scenarios import glyph_bench, glyph_model, glyphs
+from components.scenarios.glyph_bench import GlyphBench
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -80,10 +80,10 @@ def test_the_sequence_takes_only_the_chosen_new_domains_and_refuses_others():
 
 
 def test_the_drops_pass_cliploops_own_validation_in_order(tmp_path):
-    from components.config_loading import load_config
-    from components.data import load_task
-    from components.drop_check import validate_location
-    from components.learn_sequence import validate_sequence
+    from components.intake.drop_check import validate_location
+    from components.model.data import load_task
+    from components.settings.config_loading import load_config
+    from components.training.learn_sequence import validate_sequence
 
     bench = GlyphBench(seed=0, **{**TINY, "tasks": 2})
     layout = glyph_bench.write_bench(bench, tmp_path / "drops", say=lambda m: None)
@@ -98,8 +98,8 @@ def test_the_drops_pass_cliploops_own_validation_in_order(tmp_path):
 def test_the_cut_vocabulary_tokenises_like_clips_and_the_base_model_is_cached_by_recipe(tmp_path):
     import open_clip
 
-    from components.config import ModelConfig
-    from components.models import load_backbone, register_builtin_configs
+    from components.model.backbones import load_backbone, register_builtin_configs
+    from components.settings.config import ModelConfig
 
     register_builtin_configs()
     cut, full = open_clip.get_tokenizer(glyph_model.MODEL), open_clip.get_tokenizer("ViT-B-32")

@@ -1,4 +1,4 @@
-"""Pool building on Ray Data (components/ray_pools.py) against the local engine, on a 2-core machine: a local Ray
+"""Pool building on Ray Data (components/model/ray_pools.py) against the local engine, on a 2-core machine: a local Ray
 with 2 CPUs and 2 logical GPUs (the encoder actors ask for one each), the tiny model on CPU, and a stored task
 of several shards of uneven sizes. Ray starts once for the module (several seconds)."""
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 
-from components.config_loading import load_config
-from components.data import load_task
+from components.intake.shards import CorruptShard, ShardWriter, write_index
 from components.methods.lvp import build_pool
-from components.models import load_backbone
-from components.pool_engine import LocalEngine, split_parts
-from components.pools import PoolConfig
-from components.run_context import context_for
-from components.shards import CorruptShard, ShardWriter, write_index
+from components.model.backbones import load_backbone
+from components.model.data import load_task
+from components.model.pool_engine import LocalEngine, split_parts
+from components.model.pools import PoolConfig
+from components.settings.config_loading import load_config
+from components.training.run_context import context_for
 from tests.conftest import tiny_overrides
 from tests.drops import png_bytes
 
@@ -175,8 +175,8 @@ def test_the_kuberay_example_runs_the_ray_cliploop_pins():
 
 def _on_dvc_remote(folder: Path, remote: Path):
     """The task's files laid out as a DVC remote holds them (by md5), and the task's content address."""
-    from components.task_fetch import TaskAddress
-    from components.versioning import dir_md5
+    from components.intake.task_fetch import TaskAddress
+    from components.intake.versioning import dir_md5
 
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -192,7 +192,7 @@ def _on_dvc_remote(folder: Path, remote: Path):
 
 
 def _build_by_address(folder: Path, cfg, address):
-    from components.ray_pools import RayEngine
+    from components.model.ray_pools import RayEngine
 
     task = load_task(str(folder))  # the driver reads the index; the actors get the address, not this folder
     ctx = context_for(cfg, load_backbone(cfg.model))

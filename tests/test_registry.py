@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from components.config_loading import load_config
-from components.registry import Registry, RegistryError, run_key
-from components.state import LearnerState
+from components.model.state import LearnerState
+from components.registry.registry import Registry, RegistryError, run_key
+from components.settings.config_loading import load_config
 
 
 @pytest.fixture

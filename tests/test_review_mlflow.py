@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 
-from components import review
-from components.config_loading import load_config
-from components.lineage import build_lineage
-from components.registry import from_config
+from components.pipeline import review
+from components.registry.lineage import build_lineage
+from components.registry.registry import from_config
+from components.settings.config_loading import load_config
 from tests.conftest import _empty_mlflow_store
 from tests.test_registry import _register
 

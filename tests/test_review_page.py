@@ -1,4 +1,5 @@
-"""What a reviewer sees on a model version in MLflow: the description and metric tags (``components/review_page.py``),
+"""What a reviewer sees on a model version in MLflow: the description and metric tags
+(``components/registry/review_page.py``),
 the pyfunc's signature and input example, the task's Data Docs with the run, and the champion served by
 ``mlflow models serve`` answering a PNG with a label.
 
@@ -23,11 +24,12 @@ import warnings
 
 import pytest
 
-from components import review, review_page
-from components.config_loading import load_config
-from components.registry import from_config
-from components.registry_runs import EXAMPLE_PNG
-from components.state import ClassEntry, LearnerState
+from components.model.state import ClassEntry, LearnerState
+from components.pipeline import review
+from components.registry import review_page
+from components.registry.registry import from_config
+from components.registry.registry_runs import EXAMPLE_PNG
+from components.settings.config_loading import load_config
 from tests.conftest import _empty_mlflow_store, _free_port, tiny_overrides
 
 GATE_FAIL = {"verdict": "fail", "reasons": ["max_drop_vs_champion[t-a]: t-a: champion 60.00%, challenger 45.00%"]}

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from components.config_loading import load_config
-from components.learn_sequence import validate_sequence
-from components.scenario import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario
+from components.scenarios.catalog import COMPLETE, ScenarioError, convert, list_scenarios, load_scenario
+from components.settings.config_loading import load_config
+from components.training.learn_sequence import validate_sequence
 from flows.cli import main
 
 ORDER_I = [

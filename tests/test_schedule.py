@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from components.callbacks import Callback
-from components.config_loading import load_config
-from components.data import load_task
-from components.learn import context_for, learn_step, make_method
 from components.methods import available_methods, get_method
 from components.methods.base import MethodError
 from components.methods.tuning import TEXT_TOWER
-from components.models import load_backbone
-from components.state import LearnerState
-from components.trainer import fit
+from components.model.backbones import load_backbone
+from components.model.data import load_task
+from components.model.state import LearnerState
+from components.settings.config_loading import load_config
+from components.training.callbacks import Callback
+from components.training.learn import context_for, learn_step, make_method
+from components.training.trainer import fit
 from flows.cli import main
 from flows.demo import DEMO_ITERATIONS, demo_schedule
 from tests.conftest import tiny_overrides

@@ -1,4 +1,4 @@
-"""Scoring against merged pools (components/merged_pool.py) gives the same numbers as scoring every asked class
+"""Scoring against merged pools (components/model/merged_pool.py) gives the same numbers as scoring every asked class
 on its own, the straightforward way, while working out the class index once and not per key and batch."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.merged_pool import MergedPool, merge, per_class_max, similarity, train_head
-from components.pools import PoolConfig, PoolError, build_task_pool
+from components.model.merged_pool import MergedPool, merge, per_class_max, similarity, train_head
+from components.model.pools import PoolConfig, PoolError, build_task_pool
 
 D = 16
 META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from components import credentials, step_io
-from components.config_loading import config_from_doc, load_config
-from components.registry import from_config
+from components.pipeline import step_io
+from components.registry.registry import from_config
+from components.settings import credentials
+from components.settings.config_loading import config_from_doc, load_config
 from flows.cli import main
 from tests.conftest import REPO, pipeline_config
 from tests.drops import make_task
@@ -72,8 +73,8 @@ def test_a_local_ray_listens_on_loopback_only():
     socket listening in its processes (GCS, raylet, agents, a worker that ran a task) is on 127.0.0.1."""
     script = """
 import json, psutil, ray
-from components.config import ComputeConfig
-from components.ray_pools import start_ray
+from components.settings.config import ComputeConfig
+from components.model.ray_pools import start_ray
 
 start_ray(ComputeConfig(engine="ray", ray_cpus=1))
 assert ray.get(ray.remote(lambda: 1).remote()) == 1
@@ -175,9 +176,13 @@ def test_stack_auth_refuses_anonymous_requests_and_admits_cliploop(auth_stack, t
     registry = from_config(cfg)
     assert registry.versions() == [] and registry.alias("champion") is None
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:  # the work pools `stack up` made through the same auth string
-        assert {"cpu", "gpu"} <= {pool.name for pool in client.read_work_pools()}
+    # The same values as the environment above, as a settings context: a test module run earlier in this process
+    # may have left Prefect's settings context pointing elsewhere (a test harness), which the variables don't move.
+    with temporary_settings({PREFECT_API_URL: prefect, PREFECT_API_AUTH_STRING: f"{USER}:{CANARY}"}):
+        with get_client(sync_client=True) as client:  # the work pools `stack up` made through the auth string
+            assert {"cpu", "gpu"} <= {pool.name for pool in client.read_work_pools()}
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
     with pytest.raises(Exception, match="401"):
         from_config(cfg).versions()

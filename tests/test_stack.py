@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from components import step_io, workspace
-from components.config_loading import load_config
-from components.lineage import build_lineage
-from components.registry import from_config
+from components.intake import workspace
+from components.pipeline import step_io
+from components.registry.lineage import build_lineage
+from components.registry.registry import from_config
+from components.settings.config_loading import load_config
 from flows.cli import main
 from tests.drops import make_task
 

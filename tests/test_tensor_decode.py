@@ -1,4 +1,4 @@
-"""The tensor decode path (components/tensor_decode.py): batched JPEG decoding and preprocessing as tensor
+"""The tensor decode path (components/model/tensor_decode.py): batched JPEG decoding and preprocessing as tensor
 operations. On CPU (``torch-jpeg``) CI checks the algorithm against the Pillow path; the ``gpu`` tests check
 nvJPEG's kernel where a CUDA device is present."""
 
@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from components.data import ImageDataset, decode_rgb, decoder_key, load_task, resolve_decoder
+from components.model.data import ImageDataset, decode_rgb, decoder_key, load_task, resolve_decoder
 from tests.conftest import MemoryImages
 from tests.drops import write_manifest
 
@@ -40,8 +40,8 @@ def _batch(dataset: ImageDataset) -> torch.Tensor:
 
 
 def test_tensor_path_embeddings_agree_with_pillows_and_other_formats_fall_back(tiny_backbone):
-    from components.models import encode_batch
-    from components.tensor_decode import decode_batch
+    from components.model.backbones import encode_batch
+    from components.model.tensor_decode import decode_batch
 
     blobs = {f"{w}x{h}.jpg": _picture(w, h, seed=w + h, kind=w % 4) for w in SIDES for h in (w, w * 2 // 3 + 7)}
     blobs["grey.jpg"] = _picture(90, 70, seed=1, mode="L")
@@ -69,7 +69,7 @@ def test_tensor_path_embeddings_agree_with_pillows_and_other_formats_fall_back(t
 def test_a_jpeg_the_decoder_refuses_falls_back_alone():
     import open_clip
 
-    from components.tensor_decode import decode_batch, tensor_preprocess
+    from components.model.tensor_decode import decode_batch, tensor_preprocess
 
     preprocess = open_clip.image_transform(32, is_train=False)
     good = _picture(80, 60, seed=4)
@@ -87,7 +87,7 @@ def test_a_jpeg_the_decoder_refuses_falls_back_alone():
 def test_transforms_the_tensor_path_cannot_reproduce_are_refused():
     import open_clip
 
-    from components.tensor_decode import UnsupportedTransform
+    from components.model.tensor_decode import UnsupportedTransform
 
     train = open_clip.image_transform(32, is_train=True)  # random resized crop: training decodes with Pillow
     with pytest.raises(UnsupportedTransform, match="RandomResizedCrop"):
@@ -118,10 +118,10 @@ def _drop(root, classes: int = 3, train: int = 4, test: int = 6) -> str:
 
 def _same_top1_either_way(tmp_path, backbone, decoder: str) -> None:
     """An LVP pool built, and the task evaluated, with Pillow and with ``decoder``: the same top-1."""
-    from components.evaluation import accuracy
     from components.methods.base import Context
     from components.methods.lvp import LVP, build_pool
-    from components.state import LearnerState
+    from components.model.state import LearnerState
+    from components.training.evaluation import accuracy
 
     task = load_task(_drop(tmp_path))
     results = {}
@@ -146,9 +146,9 @@ def test_an_lvp_pool_built_and_evaluated_either_way_gives_the_same_top1(tmp_path
 
 
 def test_the_decoder_is_in_the_pool_and_run_keys(tmp_path, tiny_checkpoint):
-    from components import steps
-    from components.config_loading import load_config
-    from components.ledger import TaskRecord
+    from components.intake.ledger import TaskRecord
+    from components.pipeline import steps
+    from components.settings.config_loading import load_config
     from tests.conftest import tiny_overrides
 
     record = TaskRecord("t-a", "learned", "digest", dvc_md5="md5")
@@ -170,7 +170,7 @@ def test_the_decoder_is_in_the_pool_and_run_keys(tmp_path, tiny_checkpoint):
     assert steps.pool_key(auto, record) != steps.pool_key(tensor, record)
 
     def run_key(cfg):
-        from components.registry import run_key
+        from components.registry.registry import run_key
 
         return run_key(None, "t-a", "md5", f"{cfg.sha256()}+{decoder_key(cfg.model)}")
 
@@ -178,8 +178,8 @@ def test_the_decoder_is_in_the_pool_and_run_keys(tmp_path, tiny_checkpoint):
 
 
 def test_frozen_encoders_take_bf16_weights_on_cuda_and_stay_fp32_on_cpu(tiny_checkpoint):
-    from components.config import ModelConfig
-    from components.models import encode_batch, frozen_precision, load_backbone
+    from components.model.backbones import encode_batch, frozen_precision, load_backbone
+    from components.settings.config import ModelConfig
 
     path, sha = tiny_checkpoint
     cfg = ModelConfig(name="cliploop-tiny", pretrained=None, checkpoint=str(path), sha256=sha, device="cpu")
@@ -200,8 +200,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture
 def gpu_backbone(tiny_checkpoint):
-    from components.config import ModelConfig
-    from components.models import load_backbone
+    from components.model.backbones import load_backbone
+    from components.settings.config import ModelConfig
 
     path, sha = tiny_checkpoint
     return load_backbone(
@@ -213,7 +213,7 @@ def gpu_backbone(tiny_checkpoint):
 @pytest.mark.gpu
 @needs_cuda
 def test_nvjpeg_embeddings_agree_with_pillows_on_cuda(tiny_backbone, gpu_backbone):
-    from components.models import encode_batch
+    from components.model.backbones import encode_batch
 
     gpu = gpu_backbone
     blobs = {f"{w}.jpg": _picture(w, w * 3 // 4, seed=w, kind=w % 4) for w in SIDES} | {"a.png": _picture(50, 50, 5)}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from components.learn import LearnError, learn_step
-from components.learn_sequence import learn
-from components.state import LearnerState
+from components.model.state import LearnerState
+from components.training.learn import LearnError, learn_step
+from components.training.learn_sequence import learn
 from tests.test_learn import _cfg
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import ingestion, workspace
-from components.config_loading import load_config
+from components.intake import ingestion, workspace
+from components.settings.config_loading import load_config
 from flows.cli import main
 from tests.drops import append_rows, make_task, png_bytes, read_manifest, write_manifest
 

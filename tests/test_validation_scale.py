@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components import storage, validation
-from components.config_loading import load_config
-from components.drop_check import validate_location
-from components.tasks import ManifestRow
-from components.validation import RowFacts, content_digest
-from components.validation_report import Failure, Report
+from components.intake import validation
+from components.intake.drop_check import validate_location
+from components.intake.tasks import ManifestRow
+from components.intake.validation import RowFacts, content_digest
+from components.intake.validation_report import Failure, Report
+from components.settings.config_loading import load_config
+from components.support import storage
 from tests.drops import png_bytes, write_manifest
 
 

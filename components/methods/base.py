@@ -16,7 +16,7 @@ images against any set of classes. Its hooks::
 A method that builds a per-task pool from the task alone says so (``builds_pools``) and makes it with
 ``build_pool(task, ctx)``, so the pipeline can build pools as a step of their own.
 
-The shared trainer (components.trainer) owns the loop, devices, precision, optimizer and schedule, and
+The shared trainer (components.training.trainer) owns the loop, devices, precision, optimizer and schedule, and
 runs the callbacks for checkpoints, logging, timing and progress.
 Method code imports no prefect, mlflow or boto3.
 """
@@ -33,10 +33,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # type names only: importing them here would load the data and pool modules with every method
-    from components.data import TaskData
-    from components.models import Backbone
-    from components.pools import TaskPool
-    from components.state import LearnerState
+    from components.model.backbones import Backbone
+    from components.model.data import TaskData
+    from components.model.pools import TaskPool
+    from components.model.state import LearnerState
 
 
 class MethodError(RuntimeError):
@@ -86,11 +86,15 @@ class Context:
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
     checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
     fence: Callable[[], None] | None = None  # raises when the run may no longer write its checkpoints (superseded)
-    pool_engine: Any = None  # compute.engine: encodes shards for pools of the base encoder (components/pool_engine.py)
-    # Embeddings of the base encoder, each split encoded once (components/embedding_cache.py); only on a context
+    pool_engine: Any = (
+        None  # compute.engine: encodes shards for pools of the base encoder (components/model/pool_engine.py)
+    )
+    # Embeddings of the base encoder, each split encoded once (components/model/embedding_cache.py); only on a context
     # whose backbone is the base model of a method that ``encodes_frozen``. None: encode every time.
     embedding_cache: Any = None
-    decoder: str = "pillow-draft2x"  # how frozen encoders' images are decoded (components/data.py, resolve_decoder)
+    decoder: str = (
+        "pillow-draft2x"  # how frozen encoders' images are decoded (components/model/data.py, resolve_decoder)
+    )
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -116,8 +120,8 @@ class Context:
 
     def image_embeddings(self, task: TaskData, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised fp32 embeddings (on CPU) and labels of a task split, in manifest order."""
-        from components.data import make_loader
-        from components.models import encode_batch
+        from components.model.backbones import encode_batch
+        from components.model.data import make_loader
 
         dataset = task.dataset_for(split, self.backbone.preprocess, self.decoder, self.backbone.device)
         feats, labels = [], []
@@ -131,7 +135,7 @@ class Context:
     def templates_for(self, dataset: str | None, own: list[str] | None = None) -> list:
         """The prompt templates of a dataset: its own (task.yaml) when templates is "task", else the configured set.
         ``own``: the prompts of a task outside the stream (a reference set), for a dataset the context lacks."""
-        from components.prompts import get_templates, task_templates
+        from components.model.prompts import get_templates, task_templates
 
         if self.templates == "task":
             return task_templates(self.task_prompts.get(dataset or "") or own)
@@ -139,7 +143,7 @@ class Context:
 
     def text_embeddings(self, class_names: Iterable[str], dataset: str | None = None) -> torch.Tensor:
         """Normalised text embeddings of class names, averaged over the dataset's templates."""
-        from components.prompts import class_text_embeddings
+        from components.model.prompts import class_text_embeddings
 
         return class_text_embeddings(self.backbone, list(class_names), self.templates_for(dataset))
 

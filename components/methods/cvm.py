@@ -22,7 +22,7 @@ from pydantic import Field
 from components.methods import register_method
 from components.methods.base import Context, MethodError
 from components.methods.tuning import TunedCLIP, TuneSettings, normalize
-from components.prompts import PromptTemplate
+from components.model.prompts import PromptTemplate
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
 
@@ -75,7 +75,7 @@ class ConceptEncoder:
             return
         from transformers import AutoModel, AutoTokenizer
 
-        from components.models import quiet_loaders, resolve_package_path
+        from components.model.backbones import quiet_loaders, resolve_package_path
 
         path = resolve_package_path(spec) if spec.startswith("package:") else spec
         try:
@@ -89,7 +89,7 @@ class ConceptEncoder:
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self.spec == "backbone":
-            from components.models import encode_texts
+            from components.model.backbones import encode_texts
 
             return encode_texts(self.backbone, texts)
         batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
@@ -138,7 +138,7 @@ class CVM(TunedCLIP):
     def prompt_for(self, key: str, name: str, ctx: Context) -> str:
         """A class's prompt to the language model: the configured one, else its dataset's first template (a
         backbone pretrained on other captions than CLIP's, such as the glyph model, gets its own form)."""
-        from components.prompts import clean_class_name
+        from components.model.prompts import clean_class_name
 
         if self.settings.prompt:
             return self.settings.prompt.format(clean_class_name(name))
@@ -185,7 +185,7 @@ class CVM(TunedCLIP):
         ConceptTable(self.table.keys, self.table.concepts, self.projection.detach().cpu()).to_bundle(state)
 
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
-        from components.models import encode_batch
+        from components.model.backbones import encode_batch
 
         table = ConceptTable.from_bundle(state)
         if table is None:  # nothing learned yet: zero-shot CLIP

@@ -273,7 +273,7 @@ class GNSP(ReferenceDistillation):
 
     def export(self, state) -> None:
         """This task's Grams from the final model, added to the running sums in the state."""
-        from components.data import make_loader
+        from components.model.data import make_loader
 
         backbone = self.ctx.backbone
         augment = self.settings.augment and backbone.preprocess_train is not None  # the official pass augments

@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from components.merged_pool import MergedPool, merge, train_head
 from components.methods import register_method
 from components.methods.base import Context, Method, MethodReport, PoolStats
-from components.pools import PoolConfig, TaskPool, needs_embeddings, pool_from_sums
+from components.model.merged_pool import MergedPool, merge, train_head
+from components.model.pools import PoolConfig, TaskPool, needs_embeddings, pool_from_sums
 
 
 def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPool, PoolStats]:
@@ -21,9 +21,9 @@ def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPo
     shard order. ``engine`` encodes the shards: ``ctx.pool_engine`` (``compute.engine``) for a pool of the
     configured base encoder, whose weights Ray's actors load themselves; None: this process, with
     ``ctx.backbone`` as it is (a fine-tuned encoder's pools). With ``ctx.embedding_cache`` the embeddings are read
-    from it, or encoded by the engine and stored (components/embedding_cache.py)."""
-    from components.embedding_cache import pool_partials
-    from components.pool_engine import REDUCE, reduce_partials
+    from it, or encoded by the engine and stored (components/model/embedding_cache.py)."""
+    from components.model.embedding_cache import pool_partials
+    from components.model.pool_engine import REDUCE, reduce_partials
 
     started = time.perf_counter()
     gather = needs_embeddings(cfg)
@@ -36,8 +36,8 @@ def build_pool(task, ctx: Context, cfg: PoolConfig, engine=None) -> tuple[TaskPo
     meta = {
         "backbone": backbone.reference,
         "preprocess": repr(backbone.preprocess),
-        "decoder": ctx.decoder,  # what the images were decoded with (components/data.py)
-        "reduce": REDUCE,  # sums added up per shard, in shard order (components/pool_engine.py)
+        "decoder": ctx.decoder,  # what the images were decoded with (components/model/data.py)
+        "reduce": REDUCE,  # sums added up per shard, in shard order (components/model/pool_engine.py)
         "prompt_templates": prompts or ctx.templates,
         "metric": cfg.metric,
         "variant": cfg.variant,
@@ -88,8 +88,8 @@ class LVP(Method):
 
     def prebuilt(self, task, ctx: Context) -> TaskPool:
         """A pool built by the pipeline's build_pool step (maybe on another worker): checked before use."""
-        from components.pool_engine import REDUCE
-        from components.pools import PoolError
+        from components.model.pool_engine import REDUCE
+        from components.model.pools import PoolError
 
         pool = TaskPool.load(ctx.prebuilt_pools[task.task_id], task.task_id)
         expected = {
@@ -141,7 +141,7 @@ class LVP(Method):
         return self._merged_cache[1]
 
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
-        from components.models import encode_batch
+        from components.model.backbones import encode_batch
 
         return self.embedding_scores(state, encode_batch(ctx.backbone, images), class_keys, class_names, ctx)
 

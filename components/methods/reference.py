@@ -18,7 +18,7 @@ from pydantic import Field
 from components.methods.base import Context, MethodError
 from components.methods.finetune import FineTune, FineTuneSettings
 from components.methods.tuning import normalize
-from components.prompts import PromptTemplate
+from components.model.prompts import PromptTemplate
 
 
 class ReferenceSettings(FineTuneSettings):
@@ -51,8 +51,8 @@ class ReferenceSet:
     """
 
     def __init__(self, task, ctx: Context, size: int, batch_size: int, seed: int, caption: str | None = None):
-        from components.data import make_loader
-        from components.prompts import clean_class_name
+        from components.model.data import make_loader
+        from components.model.prompts import clean_class_name
 
         dataset = task.dataset_for("train", ctx.backbone.preprocess)
         rows = list(range(len(dataset)))
@@ -86,7 +86,7 @@ class ReferenceSet:
 
 
 def reference_for(settings: ReferenceSettings, task, ctx: Context) -> ReferenceSet:
-    from components.data import load_task
+    from components.model.data import load_task
 
     if settings.reference_set:
         location = ctx.resolve(settings.reference_set) if ctx.resolve else settings.reference_set

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from components.pools import PoolConfig
+from components.model.pools import PoolConfig
 
 
 class TrainSettings(BaseModel):

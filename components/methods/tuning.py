@@ -140,7 +140,7 @@ class Indexed(torch.utils.data.Dataset):
 def cached_image_features(model: torch.nn.Module, dataset, ctx: Context) -> torch.Tensor:
     """Normalised image features of every sample of ``dataset`` (on the device), for a frozen model whose
     outputs on a fixed image never change during the task. Exact only when the images are not augmented."""
-    from components.data import make_loader
+    from components.model.data import make_loader
 
     backbone, rows = ctx.backbone, []
     for batch in make_loader(dataset, ctx.batch_size, ctx.workers):
@@ -291,7 +291,7 @@ class TunedCLIP(Method):
 
     def train_prompt(self, key: str) -> str:
         """The first template of the configured set, as the official codes train with one template."""
-        from components.prompts import clean_class_name
+        from components.model.prompts import clean_class_name
 
         return self.ctx.templates_for(key.split("/", 1)[0])[0](clean_class_name(self.class_names[key]))
 
@@ -358,7 +358,7 @@ class TunedCLIP(Method):
     # ---- prediction ----------------------------------------------------------------------------------------
 
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
-        from components.models import encode_batch
+        from components.model.backbones import encode_batch
 
         if self.settings.classifier == "pool" and state.pools:
             if self._pool_scorer is None:  # LVP's own scoring, merged pools cached until they change

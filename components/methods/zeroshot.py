@@ -27,7 +27,7 @@ class ZeroShot(Method):
         return state
 
     def scores(self, state, images, class_keys, class_names, ctx: Context) -> torch.Tensor:
-        from components.models import encode_batch
+        from components.model.backbones import encode_batch
 
         return self.embedding_scores(state, encode_batch(ctx.backbone, images), class_keys, class_names, ctx)
 

@@ -1,0 +1,402 @@
+"""The workspace's versioning: git for metadata, DVC for the task data under ``data/``.
+
+``data/`` is one DVC output (the workspace's ``data.dvc``); a task's own DVC hash is the hash DVC
+gives its folder ``data/tasks/<task_id>`` (the md5 of the sorted JSON listing of its files' md5s), read
+from the cached ``.dir`` object, so it can be checked against ``dvc add`` of that folder alone.
+
+DVC and git run as subprocesses: DVC's Python API keeps global state (logging, locks, caches) that
+a long-lived worker process should not inherit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from components.support import storage
+
+DATA_DIR = "data"
+STATE_DIR = ".cliploop"
+WORKSPACE_GITIGNORE = ["/.cliploop/"]
+
+
+class VersioningError(RuntimeError):
+    """git or DVC failed; the message carries the command and its output."""
+
+
+class RemoteUnavailable(VersioningError, storage.StorageUnavailable):
+    """A DVC transfer did not get through to the remote: its requests timed out, were refused or throttled
+    after their attempts, or the transfer outlived ``dvc.transfer_timeout_s``. Nothing half is published (DVC
+    uploads a directory's listing last), so the command is safe to re-run."""
+
+
+def _run(
+    cmd: list[str],
+    cwd: Path,
+    check: bool = True,
+    env: dict | None = None,
+    shown: list[str] | None = None,
+    timeout_s: float | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``cmd``; past ``timeout_s`` it is killed and ``subprocess.TimeoutExpired`` raised."""
+    full_env = dict(os.environ)
+    full_env.setdefault("DVC_NO_ANALYTICS", "1")
+    full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=False,
+        stdin=subprocess.DEVNULL,  # DVC asks before it drops data when it has a terminal: it never gets one
+        timeout=timeout_s,
+    )
+    if check and proc.returncode != 0:
+        raise VersioningError(
+            f"`{' '.join(shown or cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
+            f"{shorten((proc.stderr or proc.stdout).strip())}"
+        )
+    return proc
+
+
+def shorten(text: str, head: int = 3, tail: int = 2) -> str:
+    """A failed push names every file it could not move; the first few and the summary say enough."""
+    lines = text.splitlines()
+    if len(lines) <= head + tail + 1:
+        return text
+    return "\n".join(lines[:head] + [f"... ({len(lines) - head - tail} more lines)"] + lines[-tail:])
+
+
+# `python -m dvc`, armed to get SIGTERM when the thread that started it dies. Without it, a cliploop killed
+# or stopped by SIGTERM during `dvc push` left the push running on its own, holding the workspace's DVC
+# lock against the rerun. Set in the child itself (not preexec_fn, which is unsafe with threads).
+_DVC_LAUNCHER = """\
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # not Linux: no parent-death signal
+if os.getppid() != int(os.environ["CLIPLOOP_DVC_PARENT"]):
+    sys.exit(143)  # the parent died before the signal was armed
+if os.environ.get("CLIPLOOP_DVC_S3_BOUNDED"):
+    from components.intake.versioning import bound_s3_requests
+
+    bound_s3_requests()
+runpy.run_module(os.environ.get("CLIPLOOP_DVC_MODULE", "dvc"), run_name="__main__", alter_sys=True)
+"""
+
+
+def dvc(
+    args: list[str],
+    ws: Path,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    module: str = "dvc",
+) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in ``ws`` (or ``python -m MODULE ARGS``, a module of ours that uses DVC's API, in the same
+    kind of child process)."""
+    return _run(
+        [sys.executable, "-c", _DVC_LAUNCHER, *args],
+        ws,
+        check=check,
+        env={"CLIPLOOP_DVC_PARENT": str(os.getpid()), "CLIPLOOP_DVC_MODULE": module, **(env or {})},
+        shown=["dvc" if module == "dvc" else f"python -m {module}", *args],
+        timeout_s=timeout_s,
+    )
+
+
+def bound_s3_requests() -> None:
+    """In a DVC child process, before DVC starts: make ``read_timeout`` bound every S3 request, and
+    ``AWS_MAX_ATTEMPTS`` the number of attempts (docs/storage.md).
+
+    botocore marks every upload ``Expect: 100-continue``, and aiohttp (under s3fs) waits for the "100 Continue"
+    with no timeout at all: its read timeout starts once the body is sent, which it never is. One upload
+    swallowed by the store hung ``dvc push`` for good. S3 does not need the header (boto3's own client waits
+    for it 1 s, then sends the body anyway), so it is not sent. And s3fs repeats a failed call 5 times around
+    botocore's attempts, which would make a silent store cost 5 x attempts x read timeout per object."""
+    import botocore.handlers
+    import s3fs
+
+    botocore.handlers.BUILTIN_HANDLERS[:] = [
+        spec for spec in botocore.handlers.BUILTIN_HANDLERS if spec[1] is not botocore.handlers.add_expect_header
+    ]
+    s3fs.S3FileSystem.retries = 1
+
+
+def remote_env(ws: Path, s3: storage.S3Settings | None = None) -> dict[str, str]:
+    """The environment of a DVC child that talks to the workspace's remote: bounded, when the remote is S3."""
+    if not storage.is_s3(remote_url(ws)):
+        return {}
+    return {"CLIPLOOP_DVC_S3_BOUNDED": "1", **storage.retry_env(s3)}
+
+
+def remote_url(ws: Path) -> str | None:
+    """The URL of the workspace's default DVC remote (None when it has none)."""
+    config = _dvc_config(ws)
+    name = config.get("core", {}).get("remote")
+    return _remote_section(config, name).get("url") if name else None
+
+
+def git(args: list[str], ws: Path, check: bool = True) -> subprocess.CompletedProcess:
+    # A workspace may be created by a service account with no git identity: give commits one.
+    ident = []
+    if not _git_identity(ws):
+        ident = ["-c", "user.name=cliploop", "-c", "user.email=cliploop@localhost"]
+    return _run(["git", *ident, *args], ws, check=check)
+
+
+def _git_identity(ws: Path) -> bool:
+    if os.environ.get("GIT_AUTHOR_NAME") and os.environ.get("GIT_AUTHOR_EMAIL"):
+        return True
+    proc = subprocess.run(["git", "config", "user.email"], cwd=ws, capture_output=True, text=True)
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    url: str  # folder or s3:// URI
+    name: str = "storage"
+    endpoint_url: str | None = None
+    region: str | None = None
+    connect_timeout: float | None = None  # seconds, per attempt (S3 only; None: s3fs's own default)
+    read_timeout: float | None = None
+    configured: bool = True  # False: ``url`` is the default; a remote the workspace has already is kept
+
+
+def default_remote(ws: Path) -> str:
+    return str(Path(ws) / STATE_DIR / "dvc-remote")
+
+
+def init_workspace(ws: Path, remote: RemoteSpec) -> list[str]:
+    """Make ``ws`` a cliploop workspace (idempotent). Returns what was done, for the user."""
+    ws = Path(ws)
+    ws.mkdir(parents=True, exist_ok=True)
+    done: list[str] = []
+    if not (ws / ".git").exists():
+        git(["init", "-q"], ws)
+        done.append("git repository initialised")
+    if not (ws / ".dvc").exists():
+        dvc(["init", "-q"], ws)
+        dvc(["config", "core.autostage", "false"], ws)
+        done.append("DVC initialised")
+    gitignore = ws / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    missing = [entry for entry in WORKSPACE_GITIGNORE if entry not in lines]
+    if missing:
+        storage.atomic_write_text(gitignore, "\n".join(lines + missing) + "\n")
+    (ws / DATA_DIR / "tasks").mkdir(parents=True, exist_ok=True)
+    done += configure_remote(ws, remote)
+    if not (ws / "data.dvc").exists():
+        track_data(ws)
+        done.append("data/ tracked by DVC (data.dvc)")
+    commit(
+        ws, "cliploop: initialise workspace", [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data.dvc"]
+    )
+    return done
+
+
+def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
+    """Point the workspace's default DVC remote at ``remote`` (idempotent)."""
+    ws = Path(ws).resolve()
+    url = remote.url
+    current = _remote_section(_dvc_config(ws), remote.name)
+    if current.get("url") and not remote.configured:
+        # No remote configured here: the one `init --remote` or the workspace's config chose stays.
+        url = current["url"] if storage.is_s3(current["url"]) else str((ws / ".dvc" / current["url"]).resolve())
+    if not storage.is_s3(url):
+        target = Path(url).resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        # DVC stores local remote paths relative to .dvc/; a remote inside the workspace stays relative,
+        # so a moved or cloned workspace keeps working and no machine path is committed.
+        # (`dvc remote add` takes a path relative to the cwd and stores it relative to .dvc/.)
+        inside = target.is_relative_to(ws)
+        url = os.path.relpath(target, ws) if inside else str(target)
+        stored = os.path.relpath(target, ws / ".dvc") if inside else str(target)
+    else:
+        stored = url
+    done: list[str] = []
+    if current.get("url") != stored:
+        dvc(["remote", "add", "--force", "--default", remote.name, url], ws)
+        done.append(f"DVC remote '{remote.name}' -> {url}")
+    if storage.is_s3(url):
+        # Endpoint and region are per-machine settings: keep them out of the committed .dvc/config.
+        local = _remote_section(_dvc_config(ws, local=True), remote.name)
+        for key, value in (
+            ("endpointurl", remote.endpoint_url),
+            ("region", remote.region),
+            ("connect_timeout", _number(remote.connect_timeout)),
+            ("read_timeout", _number(remote.read_timeout)),
+        ):
+            if value and local.get(key) != value:
+                dvc(["remote", "modify", "--local", remote.name, key, value], ws)
+    return done
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
+def _remote_section(config: dict[str, dict[str, str]], name: str) -> dict[str, str]:
+    # DVC writes the section as ['remote "NAME"']: configparser keeps the single quotes in its name.
+    return config.get(f"'remote \"{name}\"'") or config.get(f'remote "{name}"') or {}
+
+
+def _dvc_config(ws: Path, local: bool = False) -> dict[str, dict[str, str]]:
+    import configparser
+
+    path = Path(ws) / ".dvc" / ("config.local" if local else "config")
+    parser = configparser.ConfigParser()
+    if path.exists():
+        parser.read(path)
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def track_data(ws: Path) -> str:
+    """``dvc add data`` and return the new md5 of data/ (with its .dir suffix stripped)."""
+    dvc(["add", "-q", DATA_DIR], ws)
+    return data_md5(ws)
+
+
+def data_md5(ws: Path) -> str:
+    meta = yaml.safe_load((Path(ws) / "data.dvc").read_text())
+    return meta["outs"][0]["md5"].removesuffix(".dir")
+
+
+def _dir_entries(ws: Path, md5: str) -> list[dict[str, str]]:
+    path = Path(ws) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / (md5[2:] + ".dir")
+    if not path.exists():
+        raise VersioningError(f"DVC cache has no directory listing {md5}.dir (run `dvc pull` in {ws})")
+    return json.loads(path.read_text())
+
+
+def dir_md5(entries: list[dict[str, str]]) -> str:
+    """DVC's directory hash of a listing of ``{"md5", "relpath"}`` entries."""
+    ordered = sorted(entries, key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(ordered, sort_keys=True).encode()).hexdigest()
+
+
+def task_entries(ws: Path, task_id: str, md5: str | None = None) -> list[dict[str, str]]:
+    return entries_by_task(ws, md5).get(task_id, [])
+
+
+def entries_by_task(ws: Path, md5: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Every stored task's ``{md5, relpath}`` entries (relpath inside the task's folder), from one read of
+    the data listing."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for e in _dir_entries(ws, md5 or data_md5(ws)):
+        head, task_id, rest = (e["relpath"].split("/", 2) + ["", ""])[:3]
+        if head == "tasks" and rest:
+            out.setdefault(task_id, []).append({"md5": e["md5"], "relpath": rest})
+    return out
+
+
+def task_md5(ws: Path, task_id: str, md5: str | None = None) -> str:
+    entries = task_entries(ws, task_id, md5)
+    if not entries:
+        raise VersioningError(f"task {task_id} is not in the DVC-tracked data of {ws}")
+    return dir_md5(entries)
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(storage.CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Verification:
+    task_id: str
+    expected: str
+    actual: str | None
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_task(ws: Path, task_id: str, expected_md5: str) -> Verification:
+    """Re-hash the task's files on disk and compare with the DVC hash recorded for it.
+
+    The files' md5s are recomputed from their bytes (DVC's own status may trust cached stat info),
+    and the folder hash is recomputed from them.
+    """
+    folder = Path(ws) / DATA_DIR / "tasks" / task_id
+    problems: list[str] = []
+    if not folder.is_dir():
+        return Verification(task_id, expected_md5, None, [f"{folder} is missing (try `dvc pull`)"])
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        entries.append({"md5": file_md5(path), "relpath": path.relative_to(folder).as_posix()})
+    actual = dir_md5(entries)
+    if actual != expected_md5:
+        recorded = {}
+        try:
+            recorded = {e["relpath"]: e["md5"] for e in task_entries(ws, task_id)}
+        except VersioningError:
+            pass
+        on_disk = {e["relpath"]: e["md5"] for e in entries}
+        for rel in sorted(set(recorded) | set(on_disk)):
+            if recorded.get(rel) != on_disk.get(rel):
+                state = "missing" if rel not in on_disk else "unexpected" if rel not in recorded else "changed"
+                problems.append(f"data/tasks/{task_id}/{rel}: {state}")
+        problems.insert(0, f"task {task_id}: files hash to {actual}, recorded DVC hash is {expected_md5}")
+    return Verification(task_id, expected_md5, actual, problems)
+
+
+def commit(ws: Path, message: str, paths: list[str]) -> str:
+    """Commit exactly ``paths`` (nothing else the user has staged) and return HEAD. No-op when unchanged."""
+    present = [p for p in paths if (Path(ws) / p).exists()]
+    git(["add", "--", *present], ws)
+    staged = git(["diff", "--cached", "--name-only", "--", *present], ws).stdout.strip()
+    if staged:
+        git(["commit", "-q", "-m", message, "--", *present], ws)
+    return head(ws)
+
+
+def head(ws: Path) -> str | None:
+    proc = git(["rev-parse", "HEAD"], ws, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+# What DVC prints when the store, not the request, was the problem (botocore's and aiohttp's phrasing).
+_UNAVAILABLE = re.compile(
+    r"timeout|timed out|could not connect|connection (was )?(closed|reset|refused)|SlowDown|reduce your request rate"
+    r"|ServiceUnavailable|InternalError|max retries",
+    re.IGNORECASE,
+)
+
+
+def unavailable(output: str) -> bool:
+    """Whether DVC's output says the store, not the request, failed (a timeout, a refused connection, throttling)."""
+    return bool(_UNAVAILABLE.search(output))
+
+
+def push(ws: Path, s3: storage.S3Settings | None = None, timeout_s: float | None = None) -> None:
+    """``dvc push``, bounded: every request by the remote's timeouts and ``s3``'s attempts, the whole push by
+    ``timeout_s``. A push the store did not let through raises RemoteUnavailable (safe to re-run)."""
+    try:
+        proc = dvc(["push"], ws, check=False, env=remote_env(ws, s3), timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RemoteUnavailable(
+            f"`dvc push` did not finish within {timeout_s:g} s (dvc.transfer_timeout_s) and was stopped; "
+            "what it uploaded stays, the next push goes on from there (safe to re-run)"
+        ) from None
+    if proc.returncode != 0:  # not -q: with it a failed push says nothing about why
+        output = (proc.stderr or proc.stdout).strip()
+        error = RemoteUnavailable if unavailable(output) else VersioningError
+        raise error(f"`dvc push` failed in {ws} (exit {proc.returncode}):\n{shorten(output)}")

@@ -1,0 +1,421 @@
+"""The night's steps that do the work, as plain functions the Prefect flows in ``flows/`` wrap: discover and
+ingest drops, build a task's pool, learn a task on top of a parent version (train + evaluate), register the
+result in MLflow.
+
+Every step takes the resolved config and JSON-able arguments and returns a JSON-able dict, so it can run
+in-process or as a flow run on another worker (arguments and results cross as data and storage paths,
+never as Python objects). Steps are idempotent, so a rerun after a crash redoes nothing that finished:
+
+- ``build_pool`` and ``run_update`` write into content-addressed folders (the key is a digest of their
+  inputs) and mark completion last with ``result.json``; a rerun that finds it returns it (a cache keyed by
+  input digests, persisted as JSON, never pickle). Each run of them is an attempt that owns the key
+  (``components/support/fencing.py``): one that another attempt superseded writes nothing more under it;
+- ``register_update`` finds the run and the version logged for the same key before logging another, and
+  finishes what a killed attempt left undone (the challenger alias, the lineage record).
+
+The chain's state (ledger moves) lives in ``components/pipeline/chain.py``, the gate and review in
+``components/pipeline/review.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from components.intake.ledger import TaskRecord
+from components.pipeline import step_io
+from components.pipeline.chain import PipelineError, ledger_of, registry_of, runtime_dir, task_record
+from components.settings.config import Config
+from components.support import fencing, storage
+from components.support.faults import fault_point
+
+
+def code_version() -> str:
+    """The cliploop version, plus the git commit of the code when it runs from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("cliploop")
+    except PackageNotFoundError:
+        release = "unknown"
+    here = Path(__file__).resolve().parents[2]  # the checkout: components/pipeline/ is two folders down
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{release}+g{commit}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return release
+
+
+def _digest(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ---- discover and ingest ------------------------------------------------------------------------------------
+
+
+def discover(config: Config) -> list[str]:
+    """Task drops in the drop zone, in name (arrival) order; an absent local drop zone has none."""
+    from components.intake.ingestion import drop_locations
+
+    zone = config.location(config.drop_zone)
+    if not storage.is_s3(zone) and not Path(zone).is_dir():
+        return []
+    return drop_locations(zone, config)
+
+
+def ingest(location: str, config: Config) -> dict[str, Any]:
+    from components.intake.ingestion import IngestRefused
+    from components.intake.ingestion import ingest as ingest_drop
+
+    started = time.perf_counter()
+    try:
+        outcome = ingest_drop(location, config)
+    except IngestRefused as exc:
+        return {
+            "location": location,
+            "task_id": None,
+            "status": "refused",
+            "state": None,
+            "message": str(exc),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    return {
+        "location": location,
+        "task_id": outcome.task_id,
+        "status": outcome.status,
+        "state": outcome.state,
+        "report": outcome.report_path,
+        "message": outcome.message,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# ---- the chain ----------------------------------------------------------------------------------------------
+
+
+def parent_state(config: Config, version: int | None):
+    """The learner state of ``version`` (downloaded once into the workspace; every use checked against the
+    digests pinned in the registry, then the bundle's own checksums on load)."""
+    from components.model.state import LearnerState
+
+    if version is None:
+        return None
+    store = step_io.store_of(config)
+    if store.remote:  # a worker keeps it in its own cache (keyed by registry and model), never in the workspace
+        base = store.cache / "states" / _digest([registry_of(config).tracking_uri, config.mlflow.registered_model])
+    else:
+        base = runtime_dir(config) / "states"
+    folder = base / f"v{version}"
+    registry = registry_of(config)
+    if not (folder / "state" / "manifest.json").is_file():
+        tmp = folder.with_name(f".v{version}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        registry.download_state(version, tmp)  # checked against the digests the registry pinned
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    else:  # kept from an earlier night: still what the registry pinned
+        from components.registry.model_pins import verify_state
+
+        verify_state(registry, version, folder / "state")
+    return LearnerState.load(folder / "state")
+
+
+# ---- build_pool ---------------------------------------------------------------------------------------------
+
+
+def pool_key(config: Config, record: TaskRecord) -> str:
+    from components.model.data import decoder_key  # pixels depend on the decoder: a pool decoded otherwise is another
+    from components.model.pool_engine import REDUCE  # sums added per shard in shard order (engine-independent)
+
+    identity = config.identity()  # no workspace path: a moved workspace keeps its pools
+    return _digest(
+        {
+            "task": record.task_id,
+            "dvc_md5": record.dvc_md5,
+            "content": record.content_digest,
+            "model": identity["model"],
+            "method": identity["method"],
+            "templates": config.evaluation.templates,
+            "decoder": decoder_key(config.model),
+            "reduce": REDUCE,
+        }
+    )
+
+
+def builds_pools(config: Config) -> bool:
+    """Pools are built as their own step when the configured method says it builds per-task pools."""
+    from components.methods import get_method
+
+    return get_method(config.method.name).builds_pools
+
+
+def build_pool(
+    config: Config, task_id: str, key: str | None = None, address: dict | None = None, attempt: str | None = None
+) -> dict[str, Any]:
+    """One task's pool, built by the configured method from the base encoder, in a folder keyed by its
+    inputs' digest. A worker is handed the ``key``, the task's DVC ``address`` (see :func:`addresses`): it reads
+    neither the ledger nor the workspace's copy of the data (``components/pipeline/step_io.py``), and the ``attempt``
+    that its dispatcher made the key's owner (none: this call takes the key over itself)."""
+    from components.methods.base import task_prompts
+    from components.model.backbones import load_backbone
+    from components.model.data import load_task
+    from components.model.embedding_cache import for_config
+    from components.model.pools import TaskPool
+    from components.training.learn import make_method
+    from components.training.run_context import context_for, engine_for
+
+    store = step_io.store_of(config)
+    key = key or pool_key(config, task_record(config, task_id))
+    done = store.result("pools", key)
+    held = None if done is not None else _attempt_of(store, "pools", key, attempt)
+    if held is None:
+        done = done or store.result("pools", key)
+        if not store.remote:
+            TaskPool.load(Path(store.root) / "pools" / key, task_id)  # verifies the checksum of the cached pool
+        return done | {"pool_dir": step_io.place(store, "pools", key), "cached": True}  # here, wherever it was made
+    method = make_method(config)
+    if not method.builds_pools:
+        raise PipelineError(f"method {method.name} builds no per-task pools")
+    started = time.perf_counter()
+    backbone = load_backbone(config.model, frozen=True)  # pools come from the frozen base encoder
+    task = load_task(step_io.locator(config, {task_id: address} if address else None)(task_id))
+    fault_point("during_pool_build")
+    engine = engine_for(config, {task_id: address} if address else None)  # Ray actors fetch by address too
+    ctx = context_for(
+        config, backbone, task_prompts=task_prompts([task]), embedding_cache=for_config(config), pool_engine=engine
+    )
+    pool, stats = method.build_pool(task, ctx)  # the train split's embeddings go to the cache for later pools
+    folder = store.staging("pools", key, held)
+    shutil.rmtree(folder, ignore_errors=True)
+    pool.save(folder)
+    result = {
+        "task_id": task_id,
+        "key": key,
+        "img_per_s": stats.img_per_s,
+        "seconds": round(time.perf_counter() - started, 3),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+        "parent_pid": os.getppid(),
+    }
+    store.publish(folder, "pools", key, result, held)  # result.json last: the pool is complete
+    return result | {"attempt": held.id, "pool_dir": step_io.place(store, "pools", key), "cached": False}
+
+
+# ---- train + evaluate ---------------------------------------------------------------------------------------
+
+
+def task_pool_key(config: Config, task_id: str) -> str:
+    """The key of a stored task's pool under this config (read from the ledger: the orchestrator's side)."""
+    return pool_key(config, task_record(config, task_id))
+
+
+def update_key(config: Config, task_id: str, parent_version: int | None) -> str:
+    from components.model.data import decoder_key
+    from components.registry.registry import run_key
+
+    record = task_record(config, task_id)
+    # The decoder as resolved (auto's rule names cliploop's default Pillow decoder): evaluation's pixels depend on it.
+    return run_key(parent_version, task_id, record.dvc_md5, f"{config.sha256()}+{decoder_key(config.model)}")
+
+
+def run_update(
+    config: Config,
+    task_id: str,
+    parent_version: int | None,
+    pools: dict[str, str] | None = None,
+    key: str | None = None,
+    addresses: dict[str, dict] | None = None,
+    attempt: str | None = None,
+) -> dict[str, Any]:
+    """Train + evaluate one task on top of ``parent_version`` into ``runs/<key>/`` (reused when complete).
+    A worker is handed the ``key``, the DVC ``addresses`` of this task and every learned one, and the
+    ``attempt`` that its dispatcher made the key's owner (none: this call takes the key over itself). Every
+    checkpoint and result file is written only while the attempt owns the key (else ``fencing.Superseded``)."""
+    from components.model.state import LearnerState
+    from components.training import learn
+
+    store = step_io.store_of(config)
+    key = key or update_key(config, task_id, parent_version)
+    done = store.result("runs", key)
+    held = None if done is not None else _attempt_of(store, "runs", key, attempt)
+    if held is None:  # complete, perhaps by the attempt that this one just found done
+        done = done or store.result("runs", key)
+        if not store.remote:
+            LearnerState.load(Path(store.root) / "runs" / key / "state")  # verifies every checksum of the state
+        return done | {"out_dir": step_io.place(store, "runs", key), "cached": True}  # here, wherever it was made
+    fault_point("after_claim")
+    work = store.staging("runs", key, held)
+    shutil.rmtree(work, ignore_errors=True)
+    # Training checkpoints live under the run's key, so a rerun after a crash resumes from them; with an
+    # object store they are mirrored there too, and a rerun on another worker starts from the latest.
+    checkpoints = (store.cache if store.remote else runtime_dir(config)) / "checkpoints" / key
+    try:
+        parent = parent_state(config, parent_version)
+        store.pull_checkpoints(key, checkpoints, held)
+        locate = step_io.locator(config, addresses)
+        pools = {t: str(step_io.local(store, place)) for t, place in (pools or {}).items()}
+        result = learn.learn_step(
+            locate(task_id),
+            config,
+            parent,
+            out_dir=work,
+            pools=pools,
+            checkpoint_dir=checkpoints,
+            checkpoint_saved=(lambda folder: store.push_checkpoint(key, folder, held)) if store.remote else None,
+            fence=held.check,
+            locate=locate,
+        )
+    except BaseException:  # the attempt's own folder: no other attempt finishes it
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    final = result.matrix.matrix[-1]
+    doc = {
+        "task_id": task_id,
+        "run_key": key,
+        "parent_version": parent_version,
+        "metrics": result.metrics,
+        "final_row": dict(zip(result.matrix.tasks, final)),
+        "timings": result.timings.to_dict() | {"peak_mem_mb": _peak_memory_mb()},
+        "method": config.method.name,
+        "config_sha256": config.sha256(),
+        "host": os.uname().nodename,
+        "parent_pid": os.getppid(),  # under a process worker: the worker that ran the step
+    }
+    store.publish(work, "runs", key, doc, held)  # complete by this attempt alone, result.json last
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+    store.drop_checkpoints(key)
+    return doc | {"attempt": held.id, "out_dir": step_io.place(store, "runs", key), "cached": False}
+
+
+def _attempt_of(store, kind: str, key: str, attempt: str | None) -> fencing.Attempt | None:
+    """This call's hold on ``kind/key``: the attempt it was handed (checked to own the key), or a new one that
+    supersedes whatever attempt came before (in-process, no one else dispatches it); None: the step is done."""
+    return store.hold(kind, key, attempt) if attempt else store.claim(kind, key)
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory of this process when it used CUDA, else its peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---- register + gate ----------------------------------------------------------------------------------------
+
+
+def register_update(config: Config, update: dict[str, Any], flow_run_id: str | None = None) -> dict[str, Any]:
+    """An MLflow run and a model version (alias challenger) for a finished update; idempotent by its key."""
+    started = time.perf_counter()
+    registry = registry_of(config)
+    task_id, key = update["task_id"], update["run_key"]
+    record = task_record(config, task_id)
+    existing = registry.find_version(key)
+    if existing is not None:  # registered by an earlier attempt; register() resumes what it left undone
+        run_id = existing.run_id
+        version = registry.register(run_id, key, {})
+        if not registry.has_artifact(run_id, "lineage.json"):
+            _log_lineage(config, registry, version, run_id)
+    else:
+        run = registry.find_run(key)
+        tags = {
+            "task_id": task_id,
+            "method": config.method.name,
+            "run_key": key,
+            "parent_version": "" if update["parent_version"] is None else str(update["parent_version"]),
+            "dvc_md5": record.dvc_md5 or "",
+            "workspace_commit": record.workspace_commit or "",
+            "config_sha256": config.sha256(),
+            "code_version": code_version(),
+            "flow_run_id": flow_run_id or "",
+            "scenario": record.scenario or "",
+            "content_digest": record.content_digest,
+        }
+        if run is None:
+            registry.fail_abandoned_runs(key)  # we register this key now: a RUNNING run of it is a dead one
+            out = step_io.local(step_io.store_of(config), update["out_dir"])  # fetched, checked, if remote
+            extra = {}
+            report = config.workspace_path / "data" / "reports" / task_id / "report.json"  # where ingest put it
+            if report.exists():
+                extra["validation"] = report
+            params = _flatten(config.model_dump(mode="json"))
+            params.update({f"timing.{k}": v for k, v in update.get("timings", {}).items()})
+            metrics = dict(update["metrics"])
+            timings = update.get("timings", {})
+            if timings.get("pool_img_per_s"):
+                metrics["perf.pool_img_per_s"] = timings["pool_img_per_s"]
+            if timings.get("peak_mem_mb"):
+                metrics["perf.peak_mem_mb"] = timings["peak_mem_mb"]
+            if timings.get("train_step_ms"):
+                metrics["perf.train_step_ms"] = timings["train_step_ms"]
+            docs = report.parent / "data_docs"  # the task's GX Data Docs, beside its report
+            run_id = registry.log_update(out, task_id, metrics, update["final_row"], params, tags, extra, docs)
+            registry.log_task_dataset(
+                run_id,
+                task_id,
+                record.dvc_md5 or record.content_digest,
+                {  # where in the workspace's git + DVC history, not where the workspace happens to be
+                    "dvc_md5": record.dvc_md5,
+                    "path": f"data/tasks/{task_id}",
+                    "commit": record.workspace_commit,
+                },
+            )
+        else:
+            run_id = run.info.run_id
+        version = registry.register(
+            run_id, key, {k: v for k, v in tags.items() if k != "run_key"} | {"review": "pending"}
+        )
+        _log_lineage(config, registry, version, run_id)
+    with ledger_of(config) as ledger:
+        current = ledger.get(task_id)
+        if current.state == "learning":
+            ledger.transition(task_id, "learned", expect=["learning"], model_version=str(version))
+        elif current.model_version != str(version):
+            ledger.update(task_id, model_version=str(version))
+    return {
+        "task_id": task_id,
+        "version": version,
+        "run_id": run_id,
+        "run_key": key,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _log_lineage(config: Config, registry, version: int, run_id: str) -> None:
+    """The version's lineage record as the run's ``lineage.json`` (what an auditor reads in the MLflow UI)."""
+    from components.registry.lineage import build_lineage
+
+    record = build_lineage(registry, version, config.workspace_path, verify=False)
+    registry.log_json(run_id, record, "lineage.json")
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out

@@ -1,0 +1,1 @@
+"""Benchmark scenarios, the embedded demo and the glyph proving ground (data and base models made offline)."""
