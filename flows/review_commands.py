@@ -129,11 +129,14 @@ def cmd_move_registry(args: argparse.Namespace) -> int:
     with chain_lock(config), open_ledger(config) as ledger:  # no night of this chain runs meanwhile
         before = ledger.meta(registry_check.META_KEY)
         moves = registry_check.adopt(ledger, registry) if args.yes else registry_check.plan_move(ledger, registry)
-    print(
-        f"{'moved' if args.yes else 'would move'} this workspace's registry "
-        + (f"from model {before['model']!r} at {before['uri']} " if before else "")
-        + f"to model {where['model']!r} at {where['uri']}"
-    )
+    if before is not None and before.get("identity") == where["identity"]:
+        print(f"model {where['model']!r} at {where['uri']} is this workspace's registry already")
+    else:
+        print(
+            f"{'moved' if args.yes else 'would move'} this workspace's registry "
+            + (f"from model {before['model']!r} at {before['uri']} " if before else "")
+            + f"to model {where['model']!r} at {where['uri']}"
+        )
     for move in moves:
         print(f"  {move['task_id']}: v{move['version']} is not there; {move['from']} -> {move['to']}")
     if not moves:
