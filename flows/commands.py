@@ -46,6 +46,20 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None, wri
     return config
 
 
+def resolve_existing(args: argparse.Namespace):
+    """The configuration of a command that only reads a workspace (``lineage``, ``predict``, ``export-model``):
+    the workspace must exist already, named or not, so that a mistyped ``-w`` creates nothing (no folder, no
+    registry database) and says so in one line."""
+    from components.intake.workspace import is_initialised, require_workspace
+
+    config = resolve_config(args)
+    ws = config.workspace_path
+    # A workspace that has its own registry database but no git + DVC set-up (one a registry was made in) counts.
+    if not ws.is_dir() or not (is_initialised(config) or (ws / ".cliploop").is_dir() or config.mlflow.tracking_uri):
+        require_workspace(config, named=False)
+    return config
+
+
 def check_method(config) -> None:
     """An unknown method, settings its method does not accept, or settings that cannot run as configured (a
     schedule its step counts cannot follow) are a configuration error found when the config is resolved, not

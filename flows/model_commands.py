@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flows.commands import EXIT_OK, EXIT_USAGE, fail, resolve_config
+from flows.commands import EXIT_OK, EXIT_USAGE, fail, resolve_existing
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         return fail("predict", f"no such image file: {', '.join(missing)}", EXIT_USAGE)
-    config = resolve_config(args, writes=True)  # an existing workspace: its registry is read, nothing made
+    config = resolve_existing(args)  # an existing workspace: its registry is read, nothing made
     model = load_verified(from_config(config), args.ref)
     table = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in args.images]}))
     rows = [{"image": p, **row} for p, row in zip(args.images, table.to_dict("records"))]
@@ -36,7 +36,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     from components.registry.model_pins import fetch_verified
     from components.registry.registry import from_config
 
-    config = resolve_config(args, writes=True)  # an existing workspace: its registry is read, nothing made
+    config = resolve_existing(args)  # an existing workspace: its registry is read, nothing made
     registry = from_config(config)
     version = registry.resolve(args.ref)
     dest = Path(args.dir)

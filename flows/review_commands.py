@@ -9,14 +9,14 @@ import argparse
 import json
 import sys
 
-from flows.commands import EXIT_INVALID, EXIT_OK, EXIT_USAGE, fail, resolve_config
+from flows.commands import EXIT_INVALID, EXIT_OK, EXIT_USAGE, fail, resolve_config, resolve_existing
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     from components.registry.lineage import LineageError, build_lineage, format_lineage
     from components.registry.registry import from_config
 
-    config = resolve_config(args, writes=True)  # the registry's database lives in the workspace
+    config = resolve_existing(args)  # the registry's database lives in the workspace
     registry = from_config(config)
     if not registry.versions():
         return fail(

@@ -79,6 +79,24 @@ def test_lineage_in_an_empty_workspace_says_so_without_library_chatter(tmp_path,
     )
 
 
+@pytest.mark.parametrize(
+    "argv", [["lineage", "champion"], ["predict", "champion", "x.png"], ["export-model", "1", "m"]]
+)
+def test_a_read_only_command_on_a_mistyped_workspace_creates_nothing(tmp_path, monkeypatch, capsys, argv):
+    """``cliploop lineage champion -w <typo>`` made the folder and an empty MLflow database: a command that only
+    reads a workspace says in one line that there is none, and leaves the disk as it was."""
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "predict":
+        (tmp_path / "x.png").write_bytes(b"")
+    typo = tmp_path / "my-workspcae"
+    assert main([*argv, "-w", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{typo} is not a cliploop workspace" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    )
+    assert not typo.exists() and not (tmp_path / "m").exists()
+
+
 def test_init_with_the_demo_model_starts_an_offline_workspace(tmp_path, capsys):
     """`cliploop init --model demo`: the demo's base model (built once, cached) placed in the workspace and
     pinned by its checksum; the workspace's config loads it with no network."""
