@@ -47,14 +47,13 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None, wri
 
 
 def resolve_existing(args: argparse.Namespace):
-    """The configuration of a command that only reads a workspace (``lineage``, ``predict``, ``export-model``):
-    the workspace must exist already, named or not, so that a mistyped ``-w`` creates nothing (no folder, no
-    registry database) and says so in one line."""
+    """The configuration of a command that only reads a workspace: it must exist already, so a mistyped ``-w``
+    creates nothing (no folder, no registry database)."""
     from components.intake.workspace import is_initialised, require_workspace
 
     config = resolve_config(args)
     ws = config.workspace_path
-    # A workspace that has its own registry database but no git + DVC set-up (one a registry was made in) counts.
+    # One with a registry database of its own but no git + DVC set-up counts.
     if not ws.is_dir() or not (is_initialised(config) or (ws / ".cliploop").is_dir() or config.mlflow.tracking_uri):
         require_workspace(config, named=False)
     return config

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.input import RunInput
 
-from components.pipeline import chain, review, steps
+from components.pipeline import chain, registration, review, steps
 from components.settings.config import Config
 from components.settings.config_loading import config_from_doc
 from components.support import progress
@@ -170,7 +170,7 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
                 pools[task_id] = gpu.dispatch(cfg, gpu.BUILD_POOL, task_id=task_id)["pool_dir"]
             update = gpu.dispatch(cfg, gpu.TRAIN_EVALUATE, task_id=task_id, parent_version=parent, pools=pools)
             done.advance(1)
-            registered = step(steps.register_update, cfg)(cfg, update, _flow_run_id())
+            registered = step(registration.register_update, cfg)(cfg, update, _flow_run_id())
             done.advance(1)
     except BaseException as exc:
         chain.mark_failed(cfg, task_id, f"{type(exc).__name__}: {exc}")

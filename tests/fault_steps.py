@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from components.pipeline import chain, steps
+from components.pipeline import chain, registration, steps
 
 
 def learn_steps(cfg, task_id: str) -> tuple[int, dict]:
@@ -21,7 +21,7 @@ def learn_steps(cfg, task_id: str) -> tuple[int, dict]:
     chain.start_learning(cfg, task_id)
     pools = {task_id: steps.build_pool(cfg, task_id)["pool_dir"]} if steps.builds_pools(cfg) else {}
     update = steps.run_update(cfg, task_id, parent, pools)
-    return steps.register_update(cfg, update)["version"], update
+    return registration.register_update(cfg, update)["version"], update
 
 
 if __name__ == "__main__":

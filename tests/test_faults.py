@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from components.intake.ledger import Ledger
-from components.pipeline import chain, review, steps
+from components.pipeline import chain, registration, review, steps
 from components.registry.registry import NotFound, from_config
 from flows import retry
 from tests.conftest import REPO, pipeline_config
@@ -455,7 +455,7 @@ def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_ve
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         monkeypatch.setenv("CLIPLOOP_FAULT", f"after_register:mark={mark},after_register:sleep=3")
         outcome: dict = {}
-        worker = threading.Thread(target=lambda: outcome.update(_try(steps.register_update, cfg, update)))
+        worker = threading.Thread(target=lambda: outcome.update(_try(registration.register_update, cfg, update)))
         worker.start()
         deadline = time.time() + 120
         while not mark.exists() and worker.is_alive() and time.time() < deadline:
@@ -469,7 +469,7 @@ def test_the_mlflow_server_killed_during_registration_and_restarted_gives_one_ve
         server = _mlflow_server(tmp_path, port)  # back, on the same database
         registry = from_config(cfg)
         assert [int(v.version) for v in registry.versions()] == [1] and registry.alias("challenger") is None
-        assert steps.register_update(cfg, update)["version"] == 1  # the retry
+        assert registration.register_update(cfg, update)["version"] == 1  # the retry
         assert [int(v.version) for v in registry.versions()] == [1] and registry.alias("challenger") == 1
         assert _states(cfg) == {"t-a": "learned"}
     finally:
@@ -494,7 +494,7 @@ def test_a_lost_answer_to_create_model_version_leaves_exactly_one_version(tmp_pa
             chain.start_learning(cfg, "t-a")
             pools = {"t-a": steps.build_pool(cfg, "t-a")["pool_dir"]}
             update = steps.run_update(cfg, "t-a", None, pools)
-            result = steps.register_update(cfg, update)
+            result = registration.register_update(cfg, update)
             assert proxy.counts["reset"] == 1  # the fault happened
             creates = [a for k, a in proxy.log if "model-versions/create" in k]
             assert creates == ["reset", "forward"]  # and MLflow's client did send the request twice
@@ -505,7 +505,7 @@ def test_a_lost_answer_to_create_model_version_leaves_exactly_one_version(tmp_pa
         with Ledger(cfg.workspace_path / ".cliploop" / "ledger.sqlite") as ledger:
             assert (ledger.get("t-a").state, ledger.get("t-a").model_version) == ("learned", "1")
         # The step run again (a retry after the answer was lost for good) finds the same one version.
-        assert steps.register_update(cfg, update)["version"] == 1
+        assert registration.register_update(cfg, update)["version"] == 1
     finally:
         _kill_group(server)
 

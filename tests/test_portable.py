@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from components.pipeline import chain, step_io, steps
+from components.pipeline import chain, registration, step_io, steps
 from components.registry.lineage import build_lineage
 from components.registry.registry import from_config
 from tests.conftest import pipeline_config
@@ -47,7 +47,7 @@ def test_a_moved_workspace_reuses_every_completed_step(tmp_path, tiny_checkpoint
     assert all(r["pool_dir"].startswith(str(tmp_path / "two")) for r in rebuilt.values())
     again = steps.run_update(moved, "t-a", None, {"t-a": rebuilt["t-a"]["pool_dir"]})
     assert again["cached"] is True and again["out_dir"].startswith(str(tmp_path / "two"))
-    version = steps.register_update(moved, again)["version"]
+    version = registration.register_update(moved, again)["version"]
 
     registry = from_config(moved)
     run = registry.client.get_run(registry.model_version(version).run_id)
@@ -168,7 +168,7 @@ def test_steps_publish_to_an_s3_artifact_store_and_the_orchestrator_registers_fr
     assert update["out_dir"] == f"s3://{s3_bucket}/art/runs/{update['run_key']}"
     assert not (cfg.workspace_path / ".cliploop" / "pools").exists()
     assert not (cfg.workspace_path / ".cliploop" / "runs").exists()
-    version = steps.register_update(cfg, update)["version"]
+    version = registration.register_update(cfg, update)["version"]
     registry = from_config(cfg)
     assert registry.version_tags(version)["parent_version"] == "1"
     for reviewed in (1, version):  # --verify vouches only for reviewed links
@@ -228,7 +228,7 @@ def test_a_training_step_killed_on_one_worker_resumes_on_another_from_the_store(
     out = step_io.local(step_io.store_of(cfg), update["out_dir"])
     training = json.loads((out / "eval" / "training.json").read_text())
     assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
-    assert steps.register_update(cfg, update)["version"] == 1
+    assert registration.register_update(cfg, update)["version"] == 1
     left = boto3.client("s3", endpoint_url=s3_env).list_objects_v2(Bucket=s3_bucket, Prefix=f"art/checkpoints/{key}/")
     assert left.get("KeyCount", 0) == 0  # the completed step's checkpoints are gone from the store
 

@@ -38,6 +38,21 @@ def _where(doc: dict[str, str]) -> str:
     return f"model {doc['model']!r} at {doc['uri']}"
 
 
+def _unheld(ledger: Ledger, registry: Registry) -> list[tuple[Any, str | None]]:
+    """Each ledger record naming a version the registry lacks (None) or holds as another task (that task)."""
+    out = []
+    for record in ledger.all():
+        if record.state not in NAMES_A_VERSION or not record.model_version:
+            continue
+        try:
+            task = registry.version_tags(int(record.model_version)).get("task_id") or ""
+        except NotFound:
+            task = None
+        if task != record.task_id:
+            out.append((record, task))
+    return out
+
+
 def problems(ledger: Ledger, registry: Registry) -> list[str]:
     """Each way the registry disagrees with the ledger, one line each; empty when they agree. Reads only."""
     recorded = ledger.meta(META_KEY)
@@ -47,16 +62,12 @@ def problems(ledger: Ledger, registry: Registry) -> list[str]:
             f"this workspace's versions were registered in {_where(recorded)}, but the configuration points at "
             f"{_where(describe(registry))}"
         )
-    for record in ledger.all():
-        if record.state not in NAMES_A_VERSION or not record.model_version:
-            continue
-        try:
-            task = registry.version_tags(int(record.model_version)).get("task_id")
-        except NotFound:
-            out.append(f"v{record.model_version} (task {record.task_id}, {record.state}) is missing")
-            continue
-        if task != record.task_id:
-            out.append(f"v{record.model_version} is task {task!r} there, not {record.task_id!r} as the ledger says")
+    for record, task in _unheld(ledger, registry):
+        version = f"v{record.model_version}"
+        if task is None:
+            out.append(f"{version} (task {record.task_id}, {record.state}) is missing")
+        else:
+            out.append(f"{version} is task {task!r} there, not {record.task_id!r} as the ledger says")
     return out
 
 
@@ -78,18 +89,15 @@ def check(ledger: Ledger, registry: Registry) -> None:
 
 def plan_move(ledger: Ledger, registry: Registry) -> list[dict[str, Any]]:
     """What ``adopt`` would do: each task whose version this registry lacks (or holds as another task's)."""
-    out = []
-    for record in ledger.all():
-        if record.state not in NAMES_A_VERSION or not record.model_version:
-            continue
-        try:
-            same = registry.version_tags(int(record.model_version)).get("task_id") == record.task_id
-        except NotFound:
-            same = False
-        if not same:
-            to = "validated" if record.state in ("learned", "promoted") else record.state
-            out.append({"task_id": record.task_id, "version": record.model_version, "from": record.state, "to": to})
-    return out
+    return [
+        {
+            "task_id": record.task_id,
+            "version": record.model_version,
+            "from": record.state,
+            "to": "validated" if record.state in ("learned", "promoted") else record.state,
+        }
+        for record, _ in _unheld(ledger, registry)
+    ]
 
 
 def adopt(ledger: Ledger, registry: Registry) -> list[dict[str, Any]]:
