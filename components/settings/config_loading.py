@@ -88,6 +88,7 @@ def load_config(
     env = os.environ if env is None else env
     tree: dict = dict(base or {})
     sources: list[tuple[str, str]] = []
+    origins: list[tuple[str, str]] = []  # (dotted key, the variable or --set that gave it), in the order applied
 
     file_path = find_config_file(path, env, cwd)
     if file_path is not None:
@@ -109,6 +110,7 @@ def load_config(
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, _scalar(env[name]), f"environment variable {name}")
             sources.append(("env", name))
+            origins.append((dotted, f"environment variable {name} ({dotted})"))
 
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -116,11 +118,12 @@ def load_config(
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         _set_dotted(tree, key.strip(), _scalar(value), f"--set {key.strip()}")
         sources.append(("flag", key.strip()))
+        origins.append((key.strip(), f"--set {key.strip()}"))
 
     try:
         config = Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, file_path)) from None
+        raise ConfigError(_explain(exc, file_path, origins)) from None
     config._base_dir = file_path.parent if file_path else (cwd or Path.cwd()).resolve()
     credentials.secure(config)  # a password in a URI: moved to the environment, or kept here only
     return config
@@ -155,8 +158,20 @@ def config_from_doc(doc: Mapping[str, Any]) -> Config:
     return config
 
 
-def _explain(exc: ValidationError, file_path: Path | None) -> str:
-    where = str(file_path) if file_path else "configuration"
+def _origin(key: str, origins: list[tuple[str, str]]) -> tuple[str, bool] | None:
+    """The last variable or --set that wrote ``key``, a section above it (``--set method={...}``) or a key
+    below it (``--set trainng.epochs=3`` makes the unknown section ``trainng``), and whether it wrote ``key``
+    itself; None: the file or a default did."""
+    for dotted, where in reversed(origins):
+        dotted = ".".join(p for p in dotted.split(".") if p)
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return where, dotted == key
+    return None
+
+
+def _explain(exc: ValidationError, file_path: Path | None, origins: list[tuple[str, str]] | None = None) -> str:
+    # Each bad key is blamed on where its value came from: a typo in --set or in a variable is not the file's.
+    fallback = str(file_path) if file_path else "configuration"
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -165,5 +180,11 @@ def _explain(exc: ValidationError, file_path: Path | None) -> str:
             if err["type"] == "extra_forbidden"
             else err["msg"]
         )
-        lines.append(f"{where}: {key}: {msg}")
+        origin = _origin(key, origins or [])
+        if origin is None:
+            lines.append(f"{fallback}: {key}: {msg}")
+        elif origin[1]:  # the source names the key already
+            lines.append(f"{origin[0]}: {msg}")
+        else:
+            lines.append(f"{origin[0]}: {key}: {msg}")
     return "\n".join(lines)
