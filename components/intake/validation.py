@@ -1,5 +1,6 @@
 """Validation of a task drop: the facts about every listed image, Great Expectations suites over them
-and over the manifest, plus the checks that span tasks (scenario and class consistency). The result is
+and over the manifest, plus the checks that span tasks (scenario and class consistency, in
+:mod:`components.intake.cross_task`). The result is
 a :class:`~components.intake.validation_report.Report` (JSON, its rule catalogue and phrasing of a result live in
 :mod:`components.intake.validation_report`) and GX's HTML data docs.
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 from operator import attrgetter
 from pathlib import Path
 
-from components.intake.class_names import SAME_NAME, confusable_key, shown
+from components.intake.cross_task import TaskContext, scenario_checks
 from components.intake.expectations import run_expectations
 from components.intake.images import SUFFIX, probe_image
 from components.intake.tasks import (
@@ -192,22 +193,6 @@ def _where(fact: RowFacts) -> str:
     return f"manifest.csv line {fact.line} ({fact.path})" if fact.path else f"manifest.csv line {fact.line}"
 
 
-@dataclass
-class TaskContext:
-    """What validation needs to know about earlier tasks."""
-
-    known_classes: dict[str, str] = field(default_factory=dict)  # normalised class name -> task id
-    seen_images: dict[str, str] = field(default_factory=dict)  # sha256 -> task id
-
-    @classmethod
-    def from_ledger(cls, ledger, dataset: str, task_id: str, facts: list[RowFacts]) -> TaskContext:
-        """The classes and images the ledger's other tasks already hold (a task never clashes with itself)."""
-        return cls(
-            known_classes=ledger.known_classes(dataset, exclude_task=task_id),
-            seen_images=ledger.tasks_holding([f.sha256 for f in facts if f.sha256], exclude_task=task_id),
-        )
-
-
 def validate(
     spec: TaskSpec,
     manifest: Manifest,
@@ -303,7 +288,7 @@ def validate(
             if rule.rule != "columns" and rule.success and rule.rule not in ("scenario-classes",):
                 rule.skipped = "manifest columns are missing"
 
-    _scenario_checks(spec, ctx, fail)
+    scenario_checks(spec, ctx, fail)
     rules = list(results.values())
     return Report(
         task_id=spec.task_id,
@@ -369,46 +354,3 @@ def _row_message(
     if rule == "seen-before":
         return f"{where}: same image content was already ingested in task {fact.seen_in}"
     return f"{where}: fails {rule}"
-
-
-def _scenario_checks(spec: TaskSpec, ctx: TaskContext, fail: Callable[..., None]) -> None:
-    declared = {normalise_class_name(n): n for n in spec.class_names}
-    known = ctx.known_classes
-    # A declared class that is not a known one yet reads as one (after NFKC, case folding, without invisible
-    # characters) would be a second class under the first one's name, whatever the scenario.
-    look_alikes = {confusable_key(key): key for key in known}
-    confused: dict[str, str] = {}  # declared key -> the known key it reads as
-    for key, name in declared.items():
-        twin = look_alikes.get(confusable_key(name))
-        if twin is not None and key not in known:
-            confused[key] = twin
-            fail(
-                "scenario-classes",
-                f"task.yaml: class {shown(name)} and class {shown(twin)} of task {known[twin]} (dataset "
-                f"{spec.dataset!r}) are {SAME_NAME}; use the known name as it is written, or a visibly different one",
-            )
-    if spec.scenario == "class-incremental":
-        for key, name in declared.items():
-            if key in known:
-                fail(
-                    "scenario-classes",
-                    f"task.yaml: class {name!r} was already learned in task {known[key]} "
-                    f"of dataset {spec.dataset!r}; a class-incremental task brings new "
-                    f"classes only "
-                    f"(use scenario: domain-incremental for new data of known classes)",
-                )
-    elif known:  # domain-incremental: same label space as the dataset's earlier tasks
-        new = sorted(name for key, name in declared.items() if key not in known and key not in confused)
-        absent = sorted(key for key in known if key not in declared and key not in confused.values())
-        if new:
-            fail(
-                "scenario-classes",
-                f"task.yaml: domain-incremental task declares class(es) unknown to dataset "
-                f"{spec.dataset!r}: {listing(new)}",
-            )
-        if absent:
-            fail(
-                "scenario-classes",
-                f"task.yaml: domain-incremental task lacks known class(es) of dataset "
-                f"{spec.dataset!r}: {listing(absent)}",
-            )
