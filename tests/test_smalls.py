@@ -52,3 +52,33 @@ def test_a_typo_in_the_file_is_still_the_files_and_the_command_says_it_in_one_li
         "cliploop: configuration error:",
         f"environment variable CLIPLOOP__TRAINNG__EPOCHS (trainng.epochs): trainng: {UNKNOWN}",
     ]
+
+
+# ---- `cliploop init --model demo` gives a general workspace a general prompt ------------------------------------
+
+
+def test_init_with_the_demo_model_keeps_the_general_prompt_and_the_demo_keeps_its_digits(tmp_path):
+    """The demo's model in a workspace of other images: its prompt must not speak of handwritten digits.
+    What ``cliploop init --model demo`` writes is ``config_text(demo_model_settings(ws))`` (flows/commands.py);
+    those two are called here, without init's git and DVC set-up (tests/test_newcomer.py runs the command)."""
+    from components.intake.workspace import config_text
+    from components.model.prompts import get_templates
+    from components.scenarios import demo
+    from components.support.storage import cache_dir
+
+    # init places and pins the demo's model file without loading it: the cache gets a stand-in under its name
+    # (the demo's warm-up takes minutes, and what is tested is the config init writes, not the model).
+    cached = demo.base_model_path(cache_dir() / "demo")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"a stand-in for the demo's base model")
+    ws = tmp_path / "textures"
+    text = config_text(demo.demo_model_settings(ws, progress=None))
+    (ws / "cliploop.yaml").write_text(text)
+    config = load_config(ws / "cliploop.yaml", env={})
+    assert config.model.name == "cliploop-minilm-tiny" and config.model.checkpoint  # the demo's model, as asked
+    # The general default (components/model/prompts.py: the lvp set is "a photo of a {}").
+    assert [t("stone") for t in get_templates(config.evaluation.templates)] == ["a photo of a stone"]
+    assert "handwritten" not in text
+    # The demo itself still asks about digits.
+    demo_overrides = demo.model_overrides(cache_dir() / "demo", progress=None)
+    assert "evaluation.templates=a photo of the handwritten digit {}" in demo_overrides

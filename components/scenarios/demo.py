@@ -257,14 +257,18 @@ def _decode(data: bytes):
 
 def demo_model_settings(ws: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo's base model as a workspace's model: built offline (cached), placed in ``.cliploop/models/``
-    and pinned by its SHA-256. The path is absolute: the model loaders read it relative to the working folder."""
+    and pinned by its SHA-256. The path is absolute: the model loaders read it relative to the working folder.
+
+    The model only: the demo's digit prompt stays the demo's, so a workspace of other images keeps the general
+    default of ``evaluation.templates``."""
     from components.intake.versioning import STATE_DIR
     from components.support.storage import cache_dir
 
     settings: dict[str, Any] = {}
     for item in model_overrides(cache_dir() / "demo", progress=progress):
         key, _, value = item.partition("=")
-        settings[key] = None if value == "null" else value
+        if key.startswith("model."):
+            settings[key] = None if value == "null" else value
     source = Path(settings["model.checkpoint"])
     target = ws.resolve() / STATE_DIR / "models" / source.name
     if not target.is_file():
