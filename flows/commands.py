@@ -223,17 +223,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from components.intake import workspace
     from flows.console import status_text
+    from flows.deploy import drift, drift_text
 
     config = resolve_config(args)
     rows = workspace.status(config)
+    differences = drift(config)  # None: never deployed; [] deployed as it is now
     if args.json:
-        print(json.dumps({"workspace": str(config.workspace_path), "tasks": rows}, indent=2, default=str))
+        doc = {"workspace": str(config.workspace_path), "tasks": rows, "deployed_config_differs": differences}
+        print(json.dumps(doc, indent=2, default=str))
     elif not rows and not workspace.is_initialised(config):
         print(f"no tasks in {config.workspace_path}: it is not a cliploop workspace yet (`cliploop init` makes one)")
     elif not rows:
         print(f"no tasks in {config.workspace_path} yet (cliploop ingest PATH)")
     else:
         print(status_text(rows, config.workspace_path))
+    if differences and not args.json:
+        print(drift_text(config, differences))
     return EXIT_OK
 
 
@@ -354,7 +359,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.console import deploy_text
-    from flows.deploy import DeployError, deploy
+    from flows.deploy import DEPLOYED_NOTE, DeployError, deploy
 
     config = resolve_config(args, writes=True)
     try:
@@ -362,6 +367,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except DeployError as exc:
         return fail("deploy", exc, EXIT_EXTERNAL)
     print(deploy_text(values, config.orchestration.gpu_pool))
+    print(DEPLOYED_NOTE)
     return EXIT_OK
 
 

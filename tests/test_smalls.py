@@ -82,3 +82,35 @@ def test_init_with_the_demo_model_keeps_the_general_prompt_and_the_demo_keeps_it
     # The demo itself still asks about digits.
     demo_overrides = demo.model_overrides(cache_dir() / "demo", progress=None)
     assert "evaluation.templates=a photo of the handwritten digit {}" in demo_overrides
+
+
+# ---- `cliploop deploy` runs a copy of the config: it says so, and `cliploop status` says when they differ -------
+
+
+def test_status_says_when_the_deployed_config_is_not_the_workspaces_and_deploy_says_it_is_a_copy(
+    tmp_path, monkeypatch, capsys
+):
+    """``write_deployed`` is the copy `cliploop deploy` makes before it registers the deployments (which needs a
+    Prefect server: tests/test_stack.py deploys for real)."""
+    from flows.deploy import DEPLOYED_NOTE, write_deployed
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "cliploop.yaml").write_text("method:\n  name: lvp\n")
+    monkeypatch.chdir(ws)
+    assert main(["status"]) == 0
+    assert "deployed" not in capsys.readouterr().out  # never deployed: nothing to compare
+
+    copy = write_deployed(load_config(ws / "cliploop.yaml", env={}))
+    assert main(["status"]) == 0
+    assert "deployed" not in capsys.readouterr().out  # deployed as it is
+
+    (ws / "cliploop.yaml").write_text("method:\n  name: finetune\n")  # edited after deploying
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"scheduled nights run {copy}" in out and "method.name: deployed lvp, here finetune" in out, out
+    assert "run `cliploop deploy` again" in out
+    assert main(["status", "--json"]) == 0
+    assert '"method.name: deployed lvp, here finetune"' in capsys.readouterr().out
+    # What `cliploop deploy` prints after deploying (flows/commands.py, cmd_deploy).
+    assert "not cliploop.yaml" in DEPLOYED_NOTE and "cliploop deploy" in DEPLOYED_NOTE
