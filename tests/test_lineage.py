@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from components.intake import ingestion
@@ -96,3 +98,58 @@ def test_cli_lineage_uses_the_configured_registry(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no task id or DVC hash recorded" in out and f"version {version}: never reviewed" in out
     assert main(["lineage", "champion", "-w", str(ws)]) == 2
+
+
+def test_verify_holds_the_kept_config_to_the_one_pinned_at_registration(tmp_path):
+    """Issue 24, item 2: a version's lineage pins the exact configuration it ran with. Registration sets the
+    SHA-256 of the ``config.resolved.yaml`` the step wrote as a version tag; ``--verify`` fails when the copy its
+    run keeps (what the MLflow UI shows an auditor) is another one, naming the setting that differs. A version
+    registered before the tag existed is held to its model's pinned manifest instead."""
+    import hashlib
+    from urllib.parse import urlparse
+
+    import yaml
+
+    from components.registry.model_pins import CONFIG_PIN_TAG
+    from components.registry.registry_runs import TAG
+
+    cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}", "method.name=lvp"], env={}, cwd=tmp_path)
+    registry = Registry(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=str(tmp_path / "art"),
+        lock_dir=tmp_path / "locks",
+    )
+    out = tmp_path / "out"
+    LearnerState(method="lvp", backbone={"name": "cliploop-tiny"}).save(out / "state")
+    ran_with = cfg.write_resolved(out).read_bytes()
+    run_id = registry.log_update(out, "t-x", {}, {}, {}, {})
+    version = registry.register(run_id, "k", {"task_id": "t-x"})
+
+    def config_problems(record):
+        return [p for p in record["problems"] if "configuration" in p]
+
+    record = build_lineage(registry, version, cfg.workspace_path)
+    assert record["chain"][0]["config_file_sha256"] == hashlib.sha256(ran_with).hexdigest()
+    assert f"config {hashlib.sha256(ran_with).hexdigest()[:12]}" in format_lineage(record)
+    checked = build_lineage(registry, version, cfg.workspace_path, verify=True)
+    assert checked["chain"][0]["config_verified"] is True and config_problems(checked) == []
+
+    # The copy the run keeps is rewritten in the artifact store: another method than the one it ran with.
+    kept = Path(urlparse(registry.client.get_run(run_id).info.artifact_uri).path) / "config.resolved.yaml"
+    assert kept.read_bytes() == ran_with
+    doc = yaml.safe_load(ran_with)
+    doc["method"]["name"] = "lwf"
+    kept.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tampered = build_lineage(registry, version, cfg.workspace_path, verify=True)
+    assert tampered["verified"] is False and tampered["chain"][0]["config_verified"] is False
+    [line] = config_problems(tampered)
+    assert line.startswith(f"version {version}: the config.resolved.yaml its run keeps")
+    assert line.endswith('method.name: "lvp" -> "lwf"'), line
+
+    # Registered before the tag existed: the model's manifest (pinned by artifacts_sha256) holds the same digest.
+    registry.client.delete_model_version_tag(registry.model_name, str(version), TAG + CONFIG_PIN_TAG)
+    assert build_lineage(registry, version, cfg.workspace_path)["chain"][0]["config_file_sha256"] is None
+    [line] = config_problems(build_lineage(registry, version, cfg.workspace_path, verify=True))
+    assert line.endswith('method.name: "lvp" -> "lwf"'), line
+    kept.write_bytes(ran_with)
+    assert config_problems(build_lineage(registry, version, cfg.workspace_path, verify=True)) == []

@@ -4,7 +4,8 @@ Every link comes from what was recorded when the version was made (its ``cliploo
 run) and from the task ledger (validation result and report). ``verify`` re-hashes each task's
 DVC-tracked files on disk and compares them with the DVC hash the version recorded: any changed,
 missing or extra byte makes the record ``verified: false`` with the file named; so does a link no one
-decided on (review ``pending``, ``timed-out`` or unset).
+decided on (review ``pending``, ``timed-out`` or unset), and a configuration its run keeps that is not the
+one pinned for it (``lineage_config``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from components.registry.lineage_config import config_problems
+from components.registry.model_pins import CONFIG_PIN_TAG
 from components.registry.registry import Registry, RegistryError
 from components.registry.registry_runs import UNDECIDED
 
@@ -89,6 +92,7 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
                     "validation": _validation(record, Path(workspace)),
                 },
                 "config_sha256": tags.get("config_sha256"),
+                "config_file_sha256": tags.get(CONFIG_PIN_TAG),
                 "code_version": tags.get("code_version"),
                 "flow_run_id": tags.get("flow_run_id"),
                 "mlflow_run_id": mv.run_id,
@@ -107,6 +111,9 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
             if verify and tags.get("review") in UNDECIDED:
                 problems.append(f"version {current}: never reviewed (review {tags.get('review') or 'unset'})")
             if verify:
+                found = config_problems(registry, current, mv.run_id, tags)
+                entry["config_verified"] = not found
+                problems.extend(found)
                 if not task_id or not tags.get("dvc_md5"):
                     problems.append(f"version {current}: no task id or DVC hash recorded")
                 else:
@@ -154,7 +161,8 @@ def format_lineage(record: dict[str, Any]) -> str:
         lines.append(
             f"  v{link['version']} <- parent {link['parent_version'] or '-'}: task {task['id']} "
             f"dvc {str(task['dvc_md5'])[:12]} commit {str(task['workspace_commit'])[:10]} "
-            f"method {link['method']} gate {link['gate']['verdict'] or '-'} "
+            f"config {str(link.get('config_file_sha256'))[:12]} method {link['method']} "
+            f"gate {link['gate']['verdict'] or '-'} "
             f"review {_review_text(link['review'])} {ok}".rstrip()
         )
     if record["verified"] is not None:

@@ -32,6 +32,9 @@ from components.registry.registry_runs import _FLUENT, TAG, RegistryError
 
 PIN_TAG = "artifacts_sha256"  # on the model version, with the registry's ``cliploop.`` prefix
 MANIFEST_PATH = "cliploop/pins.json"  # in the version's run
+# The config the version ran with, as its model carries it, and the version tag that pins its SHA-256 (lineage_config)
+CONFIG_IN_MODEL = "artifacts/config.resolved.yaml"
+CONFIG_PIN_TAG = "config_file_sha256"
 # Formats that execute code when read: a model of cliploop's never holds one (safetensors + JSON + code).
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth", ".bin")
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of a "model from code" (imports a .py file)
@@ -92,7 +95,8 @@ def pin_run_model(registry, run_id: str, model_id: str | None, model_uri: str) -
         refuse_pickles(root, files)
     data = manifest_bytes(files, model_uri)
     registry.client.log_text(run_id, data.decode(), MANIFEST_PATH)
-    return {PIN_TAG: hashlib.sha256(data).hexdigest()}
+    config = {CONFIG_PIN_TAG: files[CONFIG_IN_MODEL]} if CONFIG_IN_MODEL in files else {}
+    return {PIN_TAG: hashlib.sha256(data).hexdigest(), **config}
 
 
 def refuse_pickles(root: Path, files: dict[str, str]) -> None:
