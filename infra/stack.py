@@ -150,13 +150,47 @@ class Stack:
                 f"the stack runs {'with' if state.get('auth') else 'without'} auth: `cliploop stack down` first"
             )
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        to_start = []
         for name in ("s3", "mlflow", "prefect"):  # MLflow's artifact root lives in S3: the store comes first
             found = running.get(name)
             if found and _alive(found["pid"]) and _healthy(found["url"] + HEALTH[name]):
                 progress(f"{name}: already running (pid {found['pid']}, {found['url']})")
-                continue
+            else:
+                to_start.append(name)
+        # Every port is checked before anything starts: a busy third port must not leave the first server running.
+        for name in to_start:
+            if _port_busy(wanted[name]):
+                raise StackError(
+                    f"{name}: port {wanted[name]} on 127.0.0.1 is taken by another program; "
+                    f"choose another with --port-{name} (nothing was started)"
+                )
+        started: list[str] = []
+        try:
+            self._start(to_start, wanted, running, started, auth, timeout, progress)
+            self._work_pools(wanted, progress)
+        except BaseException as exc:
+            # What this call started goes again (a port taken meanwhile, a server that did not come up, Ctrl-C):
+            # the stack is as it was before, and a second `up` starts from there.
+            for name in started:
+                _stop(running[name]["pid"], 10)
+                running.pop(name)
+            self.write({"ports": wanted, "services": running, "auth": auth})
+            if isinstance(exc, StackError) and started:
+                raise StackError(f"{exc}; stopped what this `up` had started: {', '.join(started)}") from None
+            raise
+        env = self.env(wanted)
+        # Names only: the values stay in the shell that started the stack.
+        needs = f"# auth on: set {', '.join(AUTH_VARIABLES)} in the shell too\n" if auth else ""
+        (self.root / "env").write_text(needs + "".join(f"export {k}={v}\n" for k, v in env.items()))
+        state = {"ports": wanted, "services": running, "env_file": str(self.root / "env"), "auth": auth}
+        self.write(state)
+        return state
+
+    def _start(self, names, wanted, running, started, auth, timeout, progress) -> None:
+        """Start ``names`` in order, each healthy before the next; ``started`` gets each one as it is launched."""
+        for name in names:
             port = wanted[name]
-            if _port_busy(port):
+            if _port_busy(port):  # taken since the check in `up`
                 raise StackError(
                     f"{name}: port {port} on 127.0.0.1 is taken by another program; choose another with --port-{name}"
                 )
@@ -171,19 +205,12 @@ class Stack:
             )
             url = f"http://127.0.0.1:{port}"
             running[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
+            started.append(name)
             self.write({"ports": wanted, "services": running, "auth": auth})
             _wait_healthy(name, url + HEALTH[name], proc, timeout, self.root / "logs" / f"{name}.log")
             progress(f"{name}: started (pid {proc.pid}, {url}{', auth on' if auth and name != 's3' else ''})")
             if name == "s3":
                 self._make_bucket(url)
-        self._work_pools(wanted, progress)
-        env = self.env(wanted)
-        # Names only: the values stay in the shell that started the stack.
-        needs = f"# auth on: set {', '.join(AUTH_VARIABLES)} in the shell too\n" if auth else ""
-        (self.root / "env").write_text(needs + "".join(f"export {k}={v}\n" for k, v in env.items()))
-        state = {"ports": wanted, "services": running, "env_file": str(self.root / "env"), "auth": auth}
-        self.write(state)
-        return state
 
     def _make_bucket(self, url: str) -> None:
         import boto3

@@ -4,6 +4,9 @@ No servers here (the ones that need a server are in tests/test_smalls_servers.py
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 
 from components.settings.config import ConfigError
@@ -114,3 +117,35 @@ def test_status_says_when_the_deployed_config_is_not_the_workspaces_and_deploy_s
     assert '"method.name: deployed lvp, here finetune"' in capsys.readouterr().out
     # What `cliploop deploy` prints after deploying (flows/commands.py, cmd_deploy).
     assert "not cliploop.yaml" in DEPLOYED_NOTE and "cliploop deploy" in DEPLOYED_NOTE
+
+
+# ---- `cliploop stack up` on a busy port leaves nothing running -------------------------------------------------
+
+
+def _listening() -> socket.socket:
+    """Another program on a port of 127.0.0.1 (the caller closes it)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_stack_up_with_a_busy_port_says_which_and_starts_nothing(tmp_path, capsys):
+    """The object store came up first, then MLflow's port was found taken, and the store kept running."""
+    from flows.lifeline import descendants, running, terminate
+
+    with _listening() as free:
+        s3_port = free.getsockname()[1]  # free again once closed
+    before = descendants(os.getpid())
+    with _listening() as busy:
+        port = busy.getsockname()[1]
+        ports = ["--port-s3", str(s3_port), "--port-mlflow", str(port)]
+        try:
+            code = main(["stack", "up", "-w", str(tmp_path / "ws"), *ports])
+        finally:
+            left = running(descendants(os.getpid()) - before)
+            terminate(left)  # whatever the old code left, so the suite is not left with it
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and len(err.splitlines()) == 1, err
+    assert f"mlflow: port {port} on 127.0.0.1 is taken by another program" in err and "--port-mlflow" in err
+    assert left == set(), "stack up left a server running"
