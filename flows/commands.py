@@ -152,6 +152,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from components.intake import ingestion, tasks
     from components.intake.versioning import VersioningError
+    from components.pipeline.label_scoring import champion_scorer
     from components.support.storage import StorageError
     from flows.console import ingest_line
 
@@ -168,7 +169,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     outcomes = []
     for loc in locations:
         try:
-            outcome = ingestion.ingest(loc, config)
+            outcome = ingestion.ingest(loc, config, scorer=champion_scorer(config))
         except ingestion.IngestRefused as exc:
             print(f"REFUSED {loc}: {exc}", file=sys.stderr)
             worst = max(worst, EXIT_REFUSED)
@@ -339,11 +340,15 @@ def cmd_scenario(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from components.pipeline import chain
+    from components.pipeline import chain, chain_method
     from flows.console import night_text
     from flows.nightly import NightFailed, run_night
 
     config = resolve_config(args, writes=True)
+    try:
+        chain_method.check(config)  # at once, before Prefect starts (the night checks again, for deployed runs)
+    except chain_method.MethodSwitch as exc:
+        return fail("nightly", exc, EXIT_USAGE)
     try:
         summary = run_night(config)
     except chain.ChainBusy as exc:

@@ -13,10 +13,13 @@ import os
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.intake.tasks import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SPLITS, Manifest, TaskSpec
 from components.settings.config import ValidationConfig
+
+if TYPE_CHECKING:
+    from components.intake.label_doubt import LabelDoubts
 
 IMAGE_COLUMNS = ("line", "path", "path_problem", "image_error", "format", "pixels", "min_side", "leak", "seen_in")
 
@@ -102,6 +105,26 @@ def _release(context) -> None:
         gc.collect()  # GX's objects refer to each other in cycles: only the collector frees them
 
 
+def _doubt_table(doubts: LabelDoubts | None, cfg: ValidationConfig, meta: dict):
+    """The scored training rows and the label-doubt suite: at most ``label_doubt_max_share`` of them doubted
+    (GX's ``mostly``: the share of rows that must pass). Neither when no row was scored."""
+    import great_expectations as gx
+    import pandas as pd
+
+    if doubts is None or not doubts.scored:
+        return None, []
+    doubted = {d.line: d.suggested for d in doubts.doubts}
+    frame = pd.DataFrame(
+        {"line": doubts.lines, "doubted_as": pd.Series([doubted.get(n) for n in doubts.lines], dtype=object)}
+    )
+    suite = [
+        gx.expectations.ExpectColumnValuesToBeNull(
+            column="doubted_as", mostly=1.0 - cfg.label_doubt_max_share, meta=meta
+        )
+    ]
+    return frame, suite
+
+
 def run_expectations(
     spec: TaskSpec,
     manifest: Manifest,
@@ -109,12 +132,15 @@ def run_expectations(
     cfg: ValidationConfig,
     docs_dir: Path | None,
     max_lines: int,
+    doubts: LabelDoubts | None = None,
 ) -> list[dict[str, Any]]:
     """Run the suites; return one dict per expectation: rule, type, column, success, the number of failing rows
     (``unexpected_count``) and the manifest lines of the first ``max_lines`` of them (``lines``).
 
     ``facts``: one :class:`components.intake.validation.RowFacts` per manifest row. The suites run on two tables made
-    of them: the manifest (line, path, label, split[, domain]) and the listed images (:data:`IMAGE_COLUMNS`).
+    of them: the manifest (line, path, label, split[, domain]) and the listed images (:data:`IMAGE_COLUMNS`); with
+    ``doubts`` that scored rows, a third, the scored training rows (line, doubted_as: the class the model gives a
+    doubted row, else empty), checked by the ``label-doubt`` expectation.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -165,6 +191,7 @@ def run_expectations(
     ]
     if "path" not in manifest_cols:
         image_suite = []
+    doubt_df, doubt_suite = _doubt_table(doubts, cfg, meta("label-doubt"))
 
     context = gx.get_context(mode="ephemeral")
     try:
@@ -181,7 +208,11 @@ def run_expectations(
         source = context.data_sources.add_pandas(f"task-{spec.task_id}")
         definitions = []
         frames = {}
-        for name, frame, expectations in (("manifest", manifest_df, manifest_suite), ("images", image_df, image_suite)):
+        for name, frame, expectations in (
+            ("manifest", manifest_df, manifest_suite),
+            ("images", image_df, image_suite),
+            ("label_doubt", doubt_df, doubt_suite),
+        ):
             if not expectations:
                 continue
             asset = source.add_dataframe_asset(name)

@@ -24,8 +24,10 @@ from pathlib import Path
 
 from components.intake import ledger as ledger_mod
 from components.intake import tasks, versioning
+from components.intake.images import SUFFIX
+from components.intake.label_doubt import LabelScorer, check_labels
 from components.intake.ledger import Ledger, TaskRecord
-from components.intake.shards import ShardWriter, read_index, write_index
+from components.intake.shards import ShardReader, ShardWriter, read_index, write_index
 from components.intake.tasks import DropError, fallback_task_id, open_drop, read_metadata
 from components.intake.validation import TaskContext, content_digest, scan_images, validate
 from components.intake.validation_report import Report, report_for_drop_error
@@ -57,7 +59,8 @@ class Outcome:
 # ---- ingest --------------------------------------------------------------------------------------
 
 
-def ingest(location: str, config: Config) -> Outcome:
+def ingest(location: str, config: Config, scorer: LabelScorer | None = None) -> Outcome:
+    """``scorer``: the model that scores the training labels (``validation.label_doubt``; none: not checked)."""
     paths = workspace_paths(config)
     if not (paths["ws"] / ".dvc").exists() or not (paths["ws"] / "data.dvc").exists():
         ensure_workspace(config)
@@ -67,12 +70,14 @@ def ingest(location: str, config: Config) -> Outcome:
     staging = Path(tempfile.mkdtemp(prefix="stage-", dir=paths["staging"]))
     try:
         with open_ledger(config) as ledger:
-            return _ingest(source, config, ledger, staging, paths, checked_at)
+            return _ingest(source, config, ledger, staging, paths, checked_at, scorer)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[str, Path], checked_at: str) -> Outcome:
+def _ingest(
+    source, config: Config, ledger: Ledger, staging: Path, paths: dict[str, Path], checked_at: str, scorer
+) -> Outcome:
     try:
         spec, manifest, spec_bytes, manifest_bytes = read_metadata(source)
     except DropError as exc:
@@ -120,6 +125,14 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
     ctx = TaskContext.from_ledger(ledger, spec.dataset, task_id, facts)
     task_dir = staging / "task"
     reports_dir = staging / "reports"
+    with ShardReader(shard_dir) as shards:  # the accepted images, read back from the staged shards
+        doubts = check_labels(
+            spec,
+            facts,
+            lambda f: shards.read(located[f"{f.sha256}{SUFFIX[f.format]}"], f.sha256),
+            scorer,
+            config.validation,
+        )
     report = validate(
         spec,
         manifest,
@@ -130,6 +143,7 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
         checked_at=checked_at,
         digest=digest,
         docs_dir=reports_dir / "data_docs",
+        doubts=doubts,
     )
     fields = dict(
         content_digest=digest,
@@ -186,7 +200,22 @@ def _ingest(source, config: Config, ledger: Ledger, staging: Path, paths: dict[s
             attempts=(existing.attempts + 1) if existing else 1,
             **fields,
         )
-    return _finish_accept(record, config, ledger, paths, facts)
+    return _warned(_finish_accept(record, config, ledger, paths, facts), report)
+
+
+def _warned(outcome: Outcome, report: Report) -> Outcome:
+    """An accepted task's warnings (label-doubt) in its message: named on the first line, which the night's
+    summary shows, and said in full after it."""
+    warned = [r for r in report.rules if r.warning]
+    if warned:
+        first, _, rest = outcome.message.partition("\n")
+        names = ", ".join(r.rule for r in warned)
+        lines = [
+            f"{first}; WARNING {names} (report: {outcome.report_path})",
+            *[f"  ! [{r.rule}] {r.warning}" for r in warned],
+        ]
+        outcome.message = "\n".join([*lines, rest] if rest else lines)
+    return outcome
 
 
 def _resume(record: TaskRecord, config: Config, ledger: Ledger, paths: dict[str, Path]) -> Outcome:
@@ -315,8 +344,6 @@ def _relocate(path: str | None, old_root: Path, new_root: Path) -> str | None:
 
 
 def _index_rows(facts, located) -> list[dict]:
-    from components.intake.images import SUFFIX
-
     rows = []
     for f in facts:
         where = located[f"{f.sha256}{SUFFIX[f.format]}"]

@@ -22,6 +22,8 @@ from pathlib import Path
 from components.intake.cross_task import TaskContext, scenario_checks
 from components.intake.expectations import run_expectations
 from components.intake.images import SUFFIX, probe_image
+from components.intake.label_doubt import LabelDoubts
+from components.intake.label_doubt import judge as judge_doubts
 from components.intake.tasks import (
     SPLITS,
     DropSource,
@@ -204,7 +206,11 @@ def validate(
     checked_at: str,
     digest: str | None,
     docs_dir: Path | None = None,
+    doubts: LabelDoubts | None = None,
 ) -> Report:
+    """Every rule of :data:`~components.intake.validation_report.RULES` but the two about reading the metadata;
+    ``doubts``: the training rows a model scored (:func:`components.intake.label_doubt.check_labels`; without
+    them the ``label-doubt`` rule is skipped)."""
     for fact in facts:
         if fact.sha256 and fact.sha256 in ctx.seen_images:
             fact.seen_in = ctx.seen_images[fact.sha256]
@@ -228,7 +234,7 @@ def validate(
         "unique_images": len({f.sha256 for f in facts if f.sha256}),
         "bytes": sum(f.size or 0 for f in {f.path: f for f in facts if f.path}.values()),
     }
-    expectations = run_expectations(spec, manifest, facts, cfg, docs_dir, MAX_ROWS_PER_RULE)
+    expectations = run_expectations(spec, manifest, facts, cfg, docs_dir, MAX_ROWS_PER_RULE, doubts)
     missing, extra = manifest.missing_columns, manifest.extra_columns
     declared = {normalise_class_name(n) for n in spec.class_names}
     failed = [exp for exp in expectations if not exp["success"]]
@@ -255,8 +261,8 @@ def validate(
                 f"(expected path,label,split[,domain]; found {listing(list(manifest.columns), sep=',')})",
             )
             continue
-        if rule == "split-nonempty":
-            continue  # phrased below from the counts
+        if rule in ("split-nonempty", "label-doubt"):
+            continue  # phrased below, from the counts and from the doubts
         listed = 0
         for line in exp["lines"]:
             fact = by_line.get(line)
@@ -289,6 +295,7 @@ def validate(
                 rule.skipped = "manifest columns are missing"
 
     scenario_checks(spec, ctx, fail)
+    judge_doubts(results["label-doubt"], doubts, expectations, cfg)
     rules = list(results.values())
     return Report(
         task_id=spec.task_id,
@@ -300,6 +307,7 @@ def validate(
         stats=stats,
         expectations=[{k: v for k, v in e.items() if k != "lines"} for e in expectations],
         data_docs=str(docs_dir / "index.html") if docs_dir and (docs_dir / "index.html").exists() else None,
+        label_doubt=doubts.to_dict() if doubts is not None else None,
     )
 
 

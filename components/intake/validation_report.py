@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components.intake import report_page
 from components.intake.tasks import DropError
 from components.support import storage
 
@@ -35,6 +36,8 @@ RULES: dict[str, str] = {
     "class-has-train": "every declared class has training images",
     "scenario-classes": "classes are consistent with the scenario (new for class-incremental, "
     "the known set for domain-incremental)",
+    "label-doubt": "the model does not contradict more training labels with high confidence than "
+    "validation.label_doubt_max_share allows (a warning unless validation.label_doubt is quarantine)",
 }
 
 
@@ -67,6 +70,7 @@ class RuleResult:
     description: str
     failures: list[Failure] = field(default_factory=list)
     skipped: str | None = None
+    warning: str | None = None  # a check that only warns (label-doubt by default) and found something
     unlisted: int = 0  # failures counted beyond the first MAX_ROWS_PER_RULE kept in ``failures``
 
     @property
@@ -98,6 +102,7 @@ class Report:
     stats: dict[str, Any] = field(default_factory=dict)
     expectations: list[dict[str, Any]] = field(default_factory=list)
     data_docs: str | None = None
+    label_doubt: dict[str, Any] | None = None  # components.intake.label_doubt.LabelDoubts, as a dict
 
     MAX_ROWS_PER_RULE = MAX_ROWS_PER_RULE
 
@@ -109,7 +114,11 @@ class Report:
         return out
 
     def save(self, path: Path) -> Path:
-        storage.atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """``report.json`` at ``path``, and beside it ``report.html``: the same report as a page that renders
+        offline (:mod:`components.intake.report_page`)."""
+        doc = self.to_dict()
+        storage.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        report_page.write_page(doc, path.with_name(report_page.PAGE_NAME))
         return path
 
     @property
@@ -117,9 +126,10 @@ class Report:
         return [r for r in self.rules if not r.success]
 
     def summary(self, max_rows: int = 5) -> str:
+        warned = [f"  ! [{r.rule}] {r.warning}" for r in self.rules if r.warning]
         if self.success:
-            return f"task {self.task_id}: valid ({len(self.rules)} rules passed)"
-        lines = [f"task {self.task_id}: INVALID ({len(self.failed_rules)} rule(s) failed)"]
+            return "\n".join([f"task {self.task_id}: valid ({len(self.rules)} rules passed)", *warned])
+        lines = [f"task {self.task_id}: INVALID ({len(self.failed_rules)} rule(s) failed)", *warned]
         for rule in self.failed_rules:
             lines.append(f"  ✗ [{rule.rule}] {rule.description}: {rule.count} problem(s)")
             for failure in rule.failures[:max_rows]:

@@ -54,10 +54,11 @@ def discover(config: Config) -> list[str]:
 def ingest(location: str, config: Config) -> dict[str, Any]:
     from components.intake.ingestion import IngestRefused
     from components.intake.ingestion import ingest as ingest_drop
+    from components.pipeline.label_scoring import champion_scorer
 
     started = time.perf_counter()
     try:
-        outcome = ingest_drop(location, config)
+        outcome = ingest_drop(location, config, scorer=champion_scorer(config))
     except IngestRefused as exc:
         return {
             "location": location,
