@@ -1,4 +1,4 @@
-"""Config precedence and errors, ledger transitions, and shard round trips."""
+"""Config precedence and errors, and shard round trips (the ledger's transitions: tests/test_ledger.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.intake.ledger import IllegalTransition, Ledger
 from components.intake.shards import ShardReader, ShardWriter
-from components.settings.config import ConfigError, default_config_yaml
+from components.settings.config import ConfigError
+from components.settings.config_file import default_config_yaml
 from components.settings.config_loading import load_config
 from components.support.storage import sha256_bytes
 
@@ -55,20 +55,6 @@ def test_default_file_round_trips_and_resolved_config_is_written(tmp_path):
     written = cfg.write_resolved(tmp_path / "out")
     assert yaml.safe_load(written.read_text())["validation"]["max_pixels"] == cfg.validation.max_pixels
     assert len(cfg.sha256()) == 64
-
-
-def test_ledger_transitions_are_checked(tmp_path):
-    with Ledger(tmp_path / "l.sqlite") as ledger:
-        ledger.transition("t", "ingested", expect=[None], content_digest="d")
-        with pytest.raises(IllegalTransition):
-            ledger.transition("t", "promoted")
-        with pytest.raises(IllegalTransition):
-            ledger.transition("t", "validated", expect=["quarantined"])  # a concurrent change
-        ledger.transition("t", "validated", expect=["ingested"], dvc_md5="m")
-        assert ledger.get("t").state == "validated" and ledger.get("t").dvc_md5 == "m"
-        assert [e["to_state"] for e in ledger.events("t")] == ["ingested", "validated"]
-    with Ledger(tmp_path / "l.sqlite") as reopened:  # durable
-        assert reopened.get("t").state == "validated"
 
 
 def test_shards_round_trip_dedupe_and_are_byte_identical(tmp_path):
