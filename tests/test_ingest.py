@@ -194,7 +194,10 @@ def test_init_writes_a_commented_config_and_a_workspace(tmp_path, capsys):
     assert "# largest accepted image in pixels" in text
     assert (target / ".git").is_dir() and (target / ".dvc").is_dir() and (target / "data.dvc").is_file()
     assert (target / "incoming").is_dir()
-    assert "../.cliploop/dvc-remote" in (target / ".dvc" / "config").read_text()  # relative: no machine path
+    # Committed: the absolute path, which a clone on this machine reaches; the workspace's own config.local (read
+    # first, never committed) names it relative to .dvc/, so the workspace moved elsewhere keeps its remote.
+    assert f"url = {target.resolve() / '.cliploop' / 'dvc-remote'}\n" in (target / ".dvc" / "config").read_text()
+    assert "url = ../.cliploop/dvc-remote\n" in (target / ".dvc" / "config.local").read_text()
     assert _git(target, "status", "--porcelain") == ""
     assert main(["init", str(target)]) == 0  # a second init is harmless
     assert "kept the existing" in capsys.readouterr().out

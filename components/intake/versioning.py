@@ -41,10 +41,10 @@ def remote_env(ws: Path, s3: storage.S3Settings | None = None) -> dict[str, str]
 
 
 def remote_url(ws: Path) -> str | None:
-    """The URL of the workspace's default DVC remote (None when it has none)."""
-    config = _dvc_config(ws)
-    name = config.get("core", {}).get("remote")
-    return _remote_section(config, name).get("url") if name else None
+    """The URL of the workspace's default DVC remote as DVC reads it, ``config.local`` first (None: none)."""
+    name = _dvc_config(ws).get("core", {}).get("remote")
+    committed, local = _remote_urls(ws, name) if name else (None, None)
+    return local or committed
 
 
 @dataclass(frozen=True)
@@ -91,40 +91,52 @@ def init_workspace(ws: Path, remote: RemoteSpec) -> list[str]:
 
 
 def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
-    """Point the workspace's default DVC remote at ``remote`` (idempotent)."""
+    """Point the workspace's default DVC remote at ``remote`` (idempotent).
+
+    A folder remote is named twice. The committed ``.dvc/config`` holds its absolute path, so a clone of the
+    workspace on this machine (an auditor's ``git clone`` + ``dvc pull``) reaches it: a path relative to
+    ``.dvc/`` would name a folder inside the clone, and the default remote lies in the git-ignored
+    ``.cliploop/``, which no clone has. A remote inside the workspace is also named relative to ``.dvc/`` in
+    the uncommitted ``.dvc/config.local``, which DVC reads over the committed file: the workspace moved to
+    another folder still pushes into the remote it carries along, and the next set-up there rewrites the
+    committed path to the new place (the same remote, spelled for clones; never another one)."""
     ws = Path(ws).resolve()
     url = remote.url
-    current = _remote_section(_dvc_config(ws), remote.name)
-    if current.get("url") and not remote.configured:
+    committed, local = _remote_urls(ws, remote.name)
+    current = local or committed
+    if current and not remote.configured:
         # No remote configured here: the one `init --remote` or the workspace's config chose stays.
-        url = current["url"] if storage.is_s3(current["url"]) else str((ws / ".dvc" / current["url"]).resolve())
+        url = current if storage.is_s3(current) else str((ws / ".dvc" / current).resolve())
+    own = None  # the workspace's own spelling of a remote inside it, relative to .dvc/
     if not storage.is_s3(url):
         target = Path(url).resolve()
         target.mkdir(parents=True, exist_ok=True)
-        # DVC stores local remote paths relative to .dvc/; a remote inside the workspace stays relative,
-        # so a moved or cloned workspace keeps working and no machine path is committed.
-        # (`dvc remote add` takes a path relative to the cwd and stores it relative to .dvc/.)
-        inside = target.is_relative_to(ws)
-        url = os.path.relpath(target, ws) if inside else str(target)
-        stored = os.path.relpath(target, ws / ".dvc") if inside else str(target)
-    else:
-        stored = url
+        url = str(target)
+        own = os.path.relpath(target, ws / ".dvc") if target.is_relative_to(ws) else None
     done: list[str] = []
-    if current.get("url") != stored:
+    if committed != url:
         dvc(["remote", "add", "--force", "--default", remote.name, url], ws)
         done.append(f"DVC remote '{remote.name}' -> {url}")
+    if local != own:  # `dvc remote modify` takes a path relative to the cwd and stores it relative to .dvc/
+        change = ["url", os.path.relpath(url, ws)] if own else ["--unset", "url"]
+        dvc(["remote", "modify", "--local", remote.name, *change], ws)
     if storage.is_s3(url):
         # Endpoint and region are per-machine settings: keep them out of the committed .dvc/config.
-        local = _remote_section(_dvc_config(ws, local=True), remote.name)
+        settings = _remote_section(_dvc_config(ws, local=True), remote.name)
         for key, value in (
             ("endpointurl", remote.endpoint_url),
             ("region", remote.region),
             ("connect_timeout", _number(remote.connect_timeout)),
             ("read_timeout", _number(remote.read_timeout)),
         ):
-            if value and local.get(key) != value:
+            if value and settings.get(key) != value:
                 dvc(["remote", "modify", "--local", remote.name, key, value], ws)
     return done
+
+
+def _remote_urls(ws: Path, name: str) -> tuple[str | None, str | None]:
+    """The URL of remote ``name`` in the committed ``.dvc/config`` and in ``.dvc/config.local`` (None: unset)."""
+    return tuple(_remote_section(_dvc_config(ws, local=local), name).get("url") for local in (False, True))
 
 
 def _number(value: float | None) -> str | None:
