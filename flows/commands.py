@@ -340,11 +340,15 @@ def cmd_scenario(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from components.pipeline import chain
+    from components.pipeline import chain, chain_method
     from flows.console import night_text
     from flows.nightly import NightFailed, run_night
 
     config = resolve_config(args, writes=True)
+    try:
+        chain_method.check(config)  # at once, before Prefect starts (the night checks again, for deployed runs)
+    except chain_method.MethodSwitch as exc:
+        return fail("nightly", exc, EXIT_USAGE)
     try:
         summary = run_night(config)
     except chain.ChainBusy as exc:

@@ -97,7 +97,7 @@ def night_text(summary: dict, config=None) -> str:
         [
             u["task_id"],
             str(u.get("version", "")),
-            u.get("gate", ""),
+            "unchecked" if u.get("gate_checked") is False else u.get("gate", ""),
             u["outcome"],
             number((u.get("metrics") or {}).get("cl.last")),
             number((u.get("metrics") or {}).get("cl.forgetting")),
@@ -246,6 +246,25 @@ def review_text(version: int, decision: str, result: dict, resumed: list[str]) -
         + ("" if result["changed"] else " (already)")
         + (f"; previous champion v{result['previous']} kept as previous-champion" if result.get("previous") else "")
         + (f"; resumed flow run(s) {', '.join(resumed)}" if resumed else "")
+    )
+
+
+def review_wait_text(version: int, task_id: str, model: str, timeout_s: float) -> str:
+    """What a night says when it starts waiting for a reviewer: which version, for how long at most, and the three
+    ways to decide (the command line, the MLflow tag, the MLflow alias)."""
+    from flows.progress import duration_text
+
+    return "\n".join(
+        [
+            f"version {version} (task {task_id}) waits for a review, for at most {duration_text(timeout_s)} "
+            "(approval.timeout_s); decide in one of three ways:",
+            f"  cliploop approve {version} --reviewer NAME"
+            f"  (or: cliploop reject {version} --reviewer NAME --reason '...')",
+            f"  in MLflow, model {model!r} version {version}: set the tag cliploop.review to approved (or rejected)",
+            f"  in MLflow, model {model!r}: move the alias champion to version {version} (approves it)",
+            f"the night goes on as soon as one is taken; with none, version {version} stays challenger and the next "
+            "night asks again",
+        ]
     )
 
 

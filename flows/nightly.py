@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components.pipeline import chain, review, steps
+from components.pipeline import chain, chain_method, review, steps
 from components.settings.config_loading import config_from_doc, load_config
 from components.support import progress
 from flows import gpu
@@ -48,6 +48,7 @@ def nightly(
         get_method(method)  # an unknown name fails here, naming the registered ones
         # The configured settings belong to the configured method: the chosen one starts from its defaults.
         cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": method, "settings": {}})})
+    chain_method.check(cfg)  # another method than the chain's: refused before anything changes (reads only)
     doc = cfg.portable()
     log = get_run_logger()
     summary: dict[str, Any] = {

@@ -4,7 +4,9 @@ Prefect UI.
 - :class:`ConsoleProgress` (installed by the command line, ``flows/cli.py``): on a terminal, a live tqdm bar per
   piece of work (nested ones below it), with rate and ETA; anywhere else (a pipe, a log file, CI) one line of
   tqdm's meter every ``every_s`` seconds while work is under way, so a long night is never silent. Work that took
-  longer than ``every_s`` leaves a closing line; shorter work leaves nothing.
+  longer than ``every_s`` leaves a closing line; shorter work leaves nothing. Work counted in seconds (unit
+  ``s``: a night waiting for a reviewer) is a wait: it shows the time waited against the most it may last, and
+  off a terminal its lines come every ``wait_every_s`` (a minute), not every ``every_s``.
 - :class:`PrefectProgress` (installed by the flows that do the work): a progress artifact in the flow run the work
   belongs to, updated at most every ``every_s`` seconds; work done sooner creates none.
 """
@@ -22,15 +24,38 @@ from typing import TextIO
 from components.support import progress
 
 LINE = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
+WAIT_UNIT = "s"  # a piece of work counted in seconds is a wait (what it counts is time, not things done)
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as a person reads it: ``45 s``, ``2 min 5 s``, ``1 h``, ``1 h 30 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 else "")
+    return f"{s // 3600} h" + (f" {s % 3600 // 60} min" if s % 3600 // 60 else "")
+
+
+def say(text: str) -> None:
+    """A message for whoever watches this command (a night that waits for a reviewer says so): every console sink
+    installed in this process prints it, on a terminal or not. With none (a flow run on a worker) it goes nowhere;
+    the flow run's log says the same in the Prefect UI."""
+    for sink in progress.installed():
+        if isinstance(sink, ConsoleProgress):
+            sink.say(text)
 
 
 class ConsoleProgress:
     """The console sink. ``tty`` (default: whether ``stream`` is a terminal) chooses live bars or periodic lines."""
 
-    def __init__(self, stream: TextIO | None = None, every_s: float = 10.0, tty: bool | None = None) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, every_s: float = 10.0, tty: bool | None = None, wait_every_s: float = 60.0
+    ) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.every_s = every_s
+        self.wait_every_s = wait_every_s
         self.open: list[_ConsoleBar] = []
         self.last_line = time.monotonic()
         self.lock = threading.RLock()
@@ -58,9 +83,11 @@ class ConsoleProgress:
             if self.tty:
                 for bar in self.open:
                     bar.bar.refresh()
-            elif time.monotonic() - self.last_line >= self.every_s:
-                self.say(self.open[-1].line())
-                self.open[-1].said = True
+            else:
+                inner = self.open[-1]
+                if time.monotonic() - self.last_line >= (self.wait_every_s if inner.waits else self.every_s):
+                    self.say(inner.line())
+                    inner.said = True
 
     def _opened(self, bar: _ConsoleBar) -> None:
         with self.lock:
@@ -88,15 +115,26 @@ class ConsoleProgress:
 
 class _ConsoleBar:
     def __init__(self, sink: ConsoleProgress) -> None:
-        self.sink, self.bar, self.said = sink, None, False
+        self.sink, self.bar, self.said, self.waits = sink, None, False, False
 
     def start(self, total: int, what: str, unit: str) -> None:
         from tqdm import tqdm
 
         self.what, self.unit, self.total, self.n, self.t0 = what, unit, total, 0, time.monotonic()
+        self.waits = unit == WAIT_UNIT
+        # A wait's bar shows the time waited (tqdm's {elapsed}, refreshed by tick), not a count.
+        fmt = f"{{desc}}: {{elapsed}} waited of at most {duration_text(total)}" if self.waits else None
         if self.sink.tty:
             with self.sink.lock:
-                self.bar = tqdm(total=total, desc=what, unit=unit, file=self.sink.stream, leave=False, mininterval=0.5)
+                self.bar = tqdm(
+                    total=total,
+                    desc=what,
+                    unit=unit,
+                    file=self.sink.stream,
+                    leave=False,
+                    mininterval=0.5,
+                    bar_format=fmt,
+                )
         self.sink._opened(self)
 
     def advance(self, n: int) -> None:
@@ -109,6 +147,8 @@ class _ConsoleBar:
         from tqdm import tqdm
 
         elapsed = time.monotonic() - self.t0
+        if self.waits:
+            return f"{self.what}: {duration_text(elapsed)} waited of at most {duration_text(self.total)}"
         return tqdm.format_meter(self.n, self.total, elapsed, prefix=self.what, unit=self.unit, bar_format=LINE)
 
     def close(self) -> None:

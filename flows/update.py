@@ -18,6 +18,8 @@ from components.settings.config import Config
 from components.settings.config_loading import config_from_doc
 from components.support import progress
 from flows import gpu
+from flows.console import review_wait_text
+from flows.progress import WAIT_UNIT, say
 from flows.retry import step
 
 REVIEW_POLL_S = 2
@@ -75,8 +77,12 @@ def await_review(config: Config, version: int, task_id: str) -> str:
             description=f"approval request for version {version}",
         )
         review.review_requested(config, version)
-        log.info("waiting up to %ss for a review of version %s", config.approval.timeout_s, version)
-        answer = _pause_for_review(config, version, log)
+        text = review_wait_text(version, task_id, config.mlflow.registered_model, config.approval.timeout_s)
+        log.info("%s", text)
+        # Prefect's own console lines stop at warnings: the console is told here, then shown the time waited.
+        say(text)
+        with progress.tracked(config.approval.timeout_s, f"waiting for a review of v{version}", unit=WAIT_UNIT):
+            answer = _pause_for_review(config, version, log)
         if answer is None:
             answer = review.registry_decision(config, version)  # one that landed as the wait ended
             if answer is None and review.review_timed_out(config, version):
@@ -193,6 +199,7 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
         "version": version,
         "parent_version": parent,
         "gate": verdict["verdict"],
+        "gate_checked": verdict["checked"],
         "reasons": verdict["reasons"],
         "outcome": outcome,
         "metrics": update["metrics"],

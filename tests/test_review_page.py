@@ -71,7 +71,8 @@ def test_the_description_says_what_a_reviewer_decides_on():
     first = _page(parent_version=None, champion=None)
     assert "the base model" in first and "not run yet" in first and "no champion to compare with" in first
     assert "cliploop approve 2 --reviewer NAME" in first and "Where to look" not in first
-    passed = _page(champion=2, champion_metrics={"cl.last": 1.0}, gate={"verdict": "pass", "reasons": []})
+    check = {"rule": "max_forgetting", "passed": True, "value": 15.0, "threshold": 20, "detail": ""}
+    passed = _page(champion=2, champion_metrics={"cl.last": 1.0}, gate={"verdict": "pass", "checks": [check]})
     assert "**Gate: PASS**" in passed and "every configured rule passed" in passed and "champion v" not in passed
 
 
@@ -142,7 +143,9 @@ def test_each_version_shows_its_page_metrics_and_data_docs(workspace):
     assert "champion v1" in mv.description and "`eval/heatmap.png`" in mv.description
     tags = registry.version_tags(2)
     assert (tags["metric.last"], tags["metric.forgetting"], tags["metric.new_task"]) == ("52.5", "15", "60")
-    assert "**Gate: PASS**" in registry.model_version(1).description
+    # Version 1 had no champion to compare with: its one rule checked nothing, and its page says so.
+    first = registry.model_version(1).description
+    assert "**Gate: nothing checked**" in first and "`max_drop_vs_champion` (no champion to compare with)" in first
     docs = {
         a.path
         for folder in ("validation/data_docs", "validation/data_docs/static")

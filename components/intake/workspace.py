@@ -79,7 +79,7 @@ def require_workspace(config: Config, named: bool) -> None:
 
 def config_text(settings: dict[str, Any]) -> str:
     """The commented default ``cliploop.yaml`` (what ``cliploop init`` writes) with the given dotted keys set."""
-    from components.settings.config import default_config_yaml
+    from components.settings.config_file import default_config_yaml
 
     text = default_config_yaml()
     for dotted, value in settings.items():

@@ -3,6 +3,8 @@
 A verdict is ``pass`` or ``fail`` with one reason per failed rule, each naming the rule, the measured
 value and the threshold, so a reviewer can read why without opening a notebook. A rule left ``null``
 is not applied; a rule whose metric could not be measured fails the gate unless ``on_missing: skip``.
+A verdict no rule judged (none configured, or none that applies, as for the first version of a chain) passes,
+since nothing stops it, but says that nothing was checked (``Verdict.checked``), never just PASS.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from components.settings.config import GateConfig
+
+RULES = [name for name in GateConfig.model_fields if name != "on_missing"]  # every rule a config can set
 
 
 @dataclass
@@ -27,17 +31,33 @@ class Verdict:
     verdict: str  # "pass" | "fail"
     reasons: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    configured: list[str] = field(default_factory=list)  # the rules set in the config
+    not_applied: dict[str, str] = field(default_factory=dict)  # a configured rule that made no check: why
 
     @property
     def passed(self) -> bool:
         return self.verdict == "pass"
 
+    @property
+    def checked(self) -> bool:
+        """Some rule judged the version. A pass with nothing checked is no evidence: the version page and the
+        night's summary say so instead of PASS."""
+        return any(c.passed is not None for c in self.checks)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "reasons": self.reasons, "checks": [asdict(c) for c in self.checks]}
+        return {
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "checks": [asdict(c) for c in self.checks],
+            "configured": self.configured,
+            "not_applied": self.not_applied,
+            "checked": self.checked,
+        }
 
     def markdown(self, title: str = "Promotion gate") -> str:
+        headline = self.verdict.upper() if self.checked or not self.passed else "PASS, NOTHING CHECKED"
         lines = [
-            f"# {title}: **{self.verdict.upper()}**",
+            f"# {title}: **{headline}**",
             "",
             "| rule | value | threshold | result |",
             "|---|---|---|---|",
@@ -46,8 +66,9 @@ class Verdict:
             result = "skipped" if c.passed is None else ("pass" if c.passed else "**fail**")
             value = "not measured" if c.value is None else f"{c.value:.4g}"
             lines.append(f"| {c.rule} | {value} | {c.threshold:g} | {result} |")
-        if not self.checks:
-            lines.append("| (no rules configured) | | | pass |")
+        if not self.configured:
+            lines.append("| (no rules configured) | | | nothing checked |")
+        lines += [f"| {rule} | | | not applied: {why} |" for rule, why in self.not_applied.items()]
         if self.reasons:
             lines += ["", "Reasons:", *[f"- {r}" for r in self.reasons]]
         return "\n".join(lines)
@@ -103,6 +124,10 @@ def evaluate_gate(
         lambda v, t: v >= t,
         "cl.last must be at least the threshold",
     )
+    configured = [name for name in RULES if getattr(cfg, name) is not None]
+    not_applied = {}
+    if cfg.max_drop_vs_champion is not None and not any(v is not None for v in (champion_row or {}).values()):
+        not_applied["max_drop_vs_champion"] = "no champion to compare with"
     if cfg.max_drop_vs_champion is not None and champion_row:
         for task_id, before in sorted(champion_row.items()):
             if before is None:
@@ -121,4 +146,4 @@ def evaluate_gate(
         for c in checks
         if c.passed is False
     ]
-    return Verdict("fail" if reasons else "pass", reasons, checks)
+    return Verdict("fail" if reasons else "pass", reasons, checks, configured, not_applied)

@@ -70,7 +70,7 @@ def description(
     gate: dict[str, Any] | None = None,
     artifacts: Iterable[str] = (),
 ) -> str:
-    """The version's description (markdown). ``gate``: the verdict's dict (``verdict``, ``reasons``), None
+    """The version's description (markdown). ``gate``: the verdict's dict (``Verdict.to_dict``), None
     before the gate ran; ``champion``: the champion it is compared with (None: none, or this version);
     ``artifacts``: the run's artifact paths (only those listed in ``ARTIFACTS`` are named)."""
     parent = f"version {parent_version}" if parent_version is not None else "the base model"
@@ -80,12 +80,7 @@ def description(
         f"Learned task `{task_id}` on top of {parent} with method `{method}` (MLflow run `{run_id}`).",
         "",
     ]
-    if gate is None:
-        lines.append("**Gate:** not run yet.")
-    else:
-        lines.append(f"**Gate: {str(gate.get('verdict', '?')).upper()}**")
-        reasons = list(gate.get("reasons") or [])
-        lines += [f"- {r}" for r in reasons] if reasons else ["- every configured rule passed"]
+    lines += gate_lines(gate)
     lines.append("")
 
     compare = champion is not None and champion != version and champion_metrics is not None
@@ -122,10 +117,52 @@ def description(
             f"it anyway; `cliploop requeue {task_id}` learns the task again."
         )
     else:
-        lines.append(
-            f"While it waits for review (tag `cliploop.review` is `pending`), decide with "
-            f"`cliploop approve {version} --reviewer NAME` or `cliploop reject {version} --reviewer NAME --reason "
-            f"'...'`; the decision is recorded in the tags `cliploop.review`, `cliploop.reviewer` and "
-            f"`cliploop.review_note`."
-        )
+        lines += decide_here(version)
     return "\n".join(lines)
+
+
+def gate_lines(gate: dict[str, Any] | None) -> list[str]:
+    """The gate's verdict as the page says it. A version no rule judged is not said to pass: with no rule
+    configured, or none that applied to it (the first version of a chain has no champion and nothing to forget),
+    the page says that nothing was checked."""
+    if gate is None:
+        return ["**Gate:** not run yet."]
+    reasons = list(gate.get("reasons") or [])
+    if gate.get("verdict") == "fail":
+        return ["**Gate: FAIL**", *(f"- {r}" for r in reasons)]
+    checks = gate.get("checks") or []
+    applied = [c for c in checks if c.get("passed") is not None]
+    # Configured rules that judged nothing: skipped checks, and rules that made no check (no champion, say).
+    idle = [f"`{c['rule']}` ({c['detail']})" for c in checks if c.get("passed") is None]
+    idle += [f"`{rule}` ({why})" for rule, why in (gate.get("not_applied") or {}).items()]
+    if applied:
+        lines = ["**Gate: PASS**", "- every configured rule passed:"]
+        lines += [f"  - `{c['rule']}`: {_fmt(c['value'])} (threshold {c['threshold']:g})" for c in applied]
+        return lines + ([f"- not applied: {'; '.join(idle)}"] if idle else [])
+    if not gate.get("configured"):
+        why = "no gate rule is configured (`gate:` in the workspace's cliploop.yaml)"
+    else:
+        why = f"no configured rule applied to this version: {'; '.join(idle)}"
+    return ["**Gate: nothing checked**", f"- {why}; nothing stopped this version: judge it on the metrics below"]
+
+
+def decide_here(version: int) -> list[str]:
+    """How to decide on this version, first in MLflow itself (the reviewer is reading this page there), then from a
+    shell; the MLflow ways are those ``components/pipeline/review.py`` reads (``registry_decision``)."""
+    return [
+        "### Decide here, in MLflow",
+        "",
+        "- **Approve**: set this version's tag `cliploop.review` to `approved`, or add the alias `champion` to it "
+        "(Aliases, at the top of this page).",
+        "- **Reject**: set this version's tag `cliploop.review` to `rejected`.",
+        "- Set the tags `cliploop.reviewer` (your name) and `cliploop.review_note` first, and `cliploop.review` last: "
+        "the decision records them (MLflow does not record who moved an alias).",
+        "",
+        "A night waiting for this review (tag `cliploop.review` is `pending`) takes the decision within seconds; "
+        "otherwise the next night does (an alias moved while no night waits is recorded as `manual-alias`, not as "
+        "an approval: use the tag then).",
+        "",
+        f"From a shell: `cliploop approve {version} --reviewer NAME` or `cliploop reject {version} --reviewer NAME "
+        "--reason '...'`. The decision is recorded in the tags `cliploop.review`, `cliploop.reviewer` and "
+        "`cliploop.review_note`.",
+    ]

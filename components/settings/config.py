@@ -1,4 +1,5 @@
-"""Typed, validated configuration: every section, key, default and meaning, and the commented default file.
+"""Typed, validated configuration: every section, key, default and meaning (the commented file `cliploop init` writes
+from them is :mod:`components.settings.config_file`).
 
 This module says what the settings are; :mod:`components.settings.config_loading` resolves their values (defaults →
 cliploop.yaml → environment → command-line overrides) and reports bad ones. A new key changes this file only.
@@ -380,32 +381,3 @@ class Config(Section):
         header = "# cliploop resolved configuration (defaults → file → environment → flags)\n"
         atomic_write_text(path, header + self.to_yaml())
         return path
-
-
-# ---- a commented default file ----------------------------------------------------------------------
-
-
-def default_config_yaml() -> str:
-    """The default configuration as YAML, every key preceded by its meaning (written by `cliploop init`)."""
-    lines = [
-        "# cliploop configuration. Precedence: defaults < this file < CLIPLOOP__SECTION__KEY env vars < --set flags.",
-        "# Relative paths are relative to this file's folder.",
-        "",
-    ]
-    _emit(Config(), lines, indent=0)
-    return "\n".join(lines) + "\n"
-
-
-def _emit(model: BaseModel, lines: list[str], indent: int) -> None:
-    pad = "  " * indent
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            lines.append(f"{pad}{name}:")
-            _emit(value, lines, indent + 1)
-            continue
-        if field.description:
-            lines.append(f"{pad}# {field.description}")
-        dumped = yaml.safe_dump({name: value}, default_flow_style=True, sort_keys=False).strip()
-        # Flow style wraps the pair in braces: remove only those (a value may be "{}" itself).
-        lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
