@@ -229,3 +229,16 @@ def test_the_base_model_scores_when_there_is_no_champion(tmp_path, tiny_checkpoi
     probs = scorer("paint", ["red", "green", "blue"], images)
     assert probs.shape == (5, 3) and np.allclose(probs.sum(axis=1), 1.0) and (probs >= 0).all()
     assert scorer.name.startswith("the base model")
+
+
+def test_a_model_that_does_not_know_the_images_judges_nothing(tmp_path):
+    """Every label rotated to the next colour: the model agrees with none of them (under the 50% floor), so its
+    contradictions are not evidence and the drop is not judged on them."""
+    folder, _ = colour_drop(tmp_path, "paint-r")
+    rows = (folder / "manifest.csv").read_text().splitlines()
+    turn = {"red": "green", "green": "blue", "blue": "red"}
+    rotated = [",".join([*r.split(",")[:1], turn[r.split(",")[1]], r.split(",")[2]]) for r in rows[1:]]
+    (folder / "manifest.csv").write_text("\n".join([rows[0], *rotated]) + "\n")
+    report, rule = _validate(folder, ColourModel(), "validation.label_doubt=quarantine")
+    assert report.success and rule.success and report.label_doubt["doubts"] == []
+    assert report.label_doubt["agreement"] == 0.0 and "agrees with only 0%" in rule.skipped
