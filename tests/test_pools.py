@@ -1,4 +1,6 @@
-"""LVP-CLIP pools (docs/methods/lvp.md) on hand-made embeddings: the mathematics, order invariance, persistence."""
+"""LVP-CLIP pools (docs/methods/lvp.md) on hand-made embeddings: the mathematics, order invariance, persistence,
+merges of two tasks in every mode against the definition (tests/pool_reference.py), LVP-IT's and LVP-C's training
+written out from the page, and the checks on a pool built elsewhere."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from components.model.pools import (
     kmeans_l1,
     train_it_scalars,
 )
+from tests import pool_reference
 
 D = 8
 META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}
@@ -91,15 +94,62 @@ def test_lvp_t_is_zero_shot_text_and_lvp_i_uses_images():
     assert accuracy > 0.9
 
 
-def test_bank_is_one_nearest_neighbour_and_cluster_keeps_k_centroids():
-    cfg = PoolConfig(mode="bank")
-    pool, e, labels = _random_task("t", ["d/a", "d/b", "d/c"], 7, seed=4, cfg=cfg)
-    merged = merge([pool], cfg)
-    assert len(merged.vectors) == len(e)
-    assert torch.equal(merged.scores(e).argmax(1), labels)  # every training point is its own nearest entry
+def _two_tasks(cfg):
+    """t-a teaches a, b, c; t-b teaches x and a again, so merged, t-b's labels 0 and 1 are the pool's 3 and 0."""
+    return [
+        _random_task("t-a", ["d/a", "d/b", "d/c"], 7, seed=4, cfg=cfg),
+        _random_task("t-b", ["d/x", "d/a"], 6, seed=14, cfg=cfg),
+    ]
+
+
+def _same_rows(got, want, atol=1e-6):
+    """The same rows, in any order."""
+    distance = torch.cdist(got.double(), want.double())
+    return got.shape == want.shape and distance.min(0).values.max() < atol and distance.min(1).values.max() < atol
+
+
+TWO_TASK_CONFIGS = [
+    PoolConfig(),
+    PoolConfig(metric="l1"),
+    PoolConfig(mode="bank"),
+    PoolConfig(mode="bank", metric="l1"),
+    PoolConfig(mode="cluster", clusters=3),
+    PoolConfig(variant="lvp-t"),
+    PoolConfig(variant="lvp-it", it_epochs=2, it_lr=0.05),
+]
+
+
+@pytest.mark.parametrize("cfg", TWO_TASK_CONFIGS, ids=lambda c: f"{c.variant}-{c.mode}-{c.metric}")
+def test_two_tasks_merge_into_the_entries_the_definition_gives(cfg):
+    tasks = _two_tasks(cfg)
+    merged = merge([pool for pool, _, _ in reversed(tasks)], cfg)
+    assert merged.class_keys == ["d/a", "d/b", "d/c", "d/x"] and merged.task_ids == ["t-a", "t-b"]
+    table = pool_reference.entries(tasks, cfg)
+    for c, key in enumerate(merged.class_keys):
+        assert _same_rows(merged.vectors[merged.entry_class == c], torch.stack(table[key]).float()), key
+    e = torch.cat([e for _, e, _ in tasks])
+    expected = pool_reference.scores(tasks, cfg, e, merged.class_keys)
+    assert torch.allclose(merged.scores(e), expected, rtol=0, atol=2e-5)
+
+
+def test_bank_and_cluster_entries_keep_their_class_across_tasks():
+    """Every training point of either task is its own nearest bank entry, so the bank recognises all of them
+    (with owners left task-local, t-b's points are read as t-a's classes: accuracy 0.5); every centroid
+    likewise is recognised as the class it was built from."""
+    tasks = _two_tasks(PoolConfig(mode="bank"))
+    merged = merge([pool for pool, _, _ in tasks], PoolConfig(mode="bank"))
+    assert len(merged.vectors) == 21 + 12
+    for pool, e, labels in tasks:
+        assert merged.predict(e) == [pool.class_keys[i] for i in labels]
 
     cfg = PoolConfig(mode="cluster", clusters=3)
-    pool, e, labels = _random_task("t", ["d/a", "d/b"], 7, seed=5, cfg=cfg)
+    tasks = _two_tasks(cfg)
+    merged = merge([pool for pool, _, _ in tasks], cfg)
+    assert merged.entry_class.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 0]
+    for pool, _, _ in tasks:
+        assert merged.predict(pool.centroids) == [pool.class_keys[i] for i in pool.centroid_labels]
+
+    pool, _, _ = _random_task("t", ["d/a", "d/b"], 7, seed=5, cfg=cfg)
     assert pool.centroids.shape == (6, D) and pool.centroid_labels.tolist() == [0, 0, 0, 1, 1, 1]
     again, _, _ = _random_task("t", ["d/a", "d/b"], 7, seed=5, cfg=cfg)
     assert torch.equal(again.centroids, pool.centroids)  # seeded initialisation
@@ -128,6 +178,59 @@ def test_lvp_it_scalars_start_at_the_code_defaults_and_learn():
         e, labels, pool.text, pool.image_means(), cfg.model_copy(update={"it_double_softmax": True})
     )
     assert (double - untrained).abs().sum() < (trained - untrained).abs().sum()
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_lvp_it_scalars_are_sgd_on_l1_logits_against_the_class_means(double):
+    """Written out from docs/methods/lvp.md: u_c = a_c t_c + b_c i_c with i_c the class MEAN of the task's
+    embeddings, CE on −‖e − u_c‖₁ (after a softmax too, with it_double_softmax), plain SGD, unshuffled batches."""
+    cfg = PoolConfig(variant="lvp-it", it_epochs=3, it_lr=0.05, it_batch=7, it_double_softmax=double)
+    pool, e, labels = _random_task("t", ["d/a", "d/b", "d/c"], 5, seed=6, cfg=cfg)
+    means = torch.stack([e[labels == c].mean(0) for c in range(3)])
+    a = torch.full((3,), 0.5, requires_grad=True)
+    b = torch.full((3,), 1.0, requires_grad=True)
+    for _ in range(3):
+        for start in range(0, len(e), 7):  # 15 points: batches of 7, 7 and 1, in order
+            x, y = e[start : start + 7], labels[start : start + 7]
+            u = a[:, None] * pool.text + b[:, None] * means
+            logits = -(x[:, None, :] - u[None, :, :]).abs().sum(-1)
+            if double:
+                logits = torch.softmax(logits, dim=1)
+            loss = -(logits - torch.logsumexp(logits, 1, keepdim=True))[torch.arange(len(y)), y].mean()
+            grad_a, grad_b = torch.autograd.grad(loss, [a, b])
+            with torch.no_grad():
+                a -= 0.05 * grad_a
+                b -= 0.05 * grad_b
+    assert torch.allclose(pool.it_ab, torch.stack([a, b], dim=1).detach(), atol=1e-5)
+    assert (pool.it_ab - torch.tensor([[0.5, 1.0]])).abs().max() > 1e-3  # they did move
+
+
+def test_lvp_c_head_is_adam_on_the_two_tasks_lvp_it_vectors():
+    """The head h(e) = W e + b, initialised under the seed, trained with Adam on one LVP-IT vector per (class,
+    task), in task-id order, in batches of the number of classes."""
+    cfg = PoolConfig(variant="lvp-c", it_epochs=2, c_epochs=4, c_lr=0.03, seed=3)
+    tasks = _two_tasks(cfg)
+    merged = train_head(merge([pool for pool, _, _ in reversed(tasks)], cfg), cfg)
+    vectors, targets = [], []
+    for pool, e, labels in tasks:  # t-a: a, b, c; t-b: x, a
+        for c, key in enumerate(pool.class_keys):
+            a, b = pool.it_ab[c]
+            vectors.append(a * pool.text[c] + b * e[labels == c].mean(0))
+            targets.append(["d/a", "d/b", "d/c", "d/x"].index(key))
+    vectors, targets = torch.stack(vectors), torch.tensor(targets)
+    torch.manual_seed(3)
+    head = torch.nn.Linear(D, 4)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.03)
+    for _ in range(4):
+        for start in range(0, 5, 4):
+            logits = head(vectors[start : start + 4])
+            y = targets[start : start + 4]
+            loss = -(logits - torch.logsumexp(logits, 1, keepdim=True))[torch.arange(len(y)), y].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert torch.allclose(merged.head.weight, head.weight, atol=1e-5)
+    assert torch.allclose(merged.head.bias, head.bias, atol=1e-5)
 
 
 def test_lvp_it_entries_and_lvp_c_head():
@@ -186,3 +289,47 @@ def test_merge_refuses_pools_from_different_backbones_and_bad_settings():
     with pytest.raises(ValueError):
         PoolConfig(colour="red")
     assert isinstance(merge([a], PoolConfig()), MergedPool)
+
+
+# ---- a pool built elsewhere -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tiny_backbone, tmp_path_factory):
+    from components.methods.base import Context
+    from components.methods.lvp import build_pool
+    from components.model.data import load_task
+    from tests.drops import make_task
+
+    task = load_task(make_task(tmp_path_factory.mktemp("prebuilt"), "t-a", ["cat", "dog"], train=2, test=1))
+    pool, _ = build_pool(task, Context(tiny_backbone), PoolConfig(clusters=3))
+    return task, pool
+
+
+CHANGES = {  # what another run may have built a pool with, and how the pool records it
+    "config": lambda pool: None,  # the pool as built; the run asks for other settings (below)
+    "backbone": lambda pool: pool.meta.update(backbone={**pool.meta["backbone"], "sha256": "0" * 64}),
+    "decoder": lambda pool: pool.meta.update(decoder="pillow"),
+    "reduce": lambda pool: pool.meta.update(reduce="arrival order"),
+    "classes": lambda pool: pool.class_keys.reverse(),
+    "task": lambda pool: pool.meta.update(task={**pool.meta["task"], "n_train": 5}),
+}
+
+
+@pytest.mark.parametrize("field", CHANGES)
+def test_a_prebuilt_pool_is_used_only_when_everything_it_was_built_from_matches(field, built, tiny_backbone, tmp_path):
+    import copy
+
+    from components.methods.base import Context
+    from components.methods.lvp import LVP
+
+    task, pool = built
+    ctx = Context(tiny_backbone, prebuilt_pools={"t-a": str(tmp_path)})
+    pool.save(tmp_path)
+    assert LVP(PoolConfig(clusters=3)).prebuilt(task, ctx).class_keys == pool.class_keys
+    changed = copy.deepcopy(pool)
+    CHANGES[field](changed)
+    changed.save(tmp_path)
+    settings = PoolConfig(clusters=4) if field == "config" else PoolConfig(clusters=3)
+    with pytest.raises(PoolError, match=f"prebuilt pool of t-a in .*: its {field} does not match this run's"):
+        LVP(settings).prebuilt(task, ctx)

@@ -1,48 +1,42 @@
-"""Scoring against merged pools (components/model/merged_pool.py) gives the same numbers as scoring every asked class
-on its own, the straightforward way, while working out the class index once and not per key and batch."""
+"""Scoring against merged pools (components/model/merged_pool.py) gives the numbers LVP-CLIP's definition gives
+(docs/methods/lvp.md; tests/pool_reference.py works them out from each task's own embeddings, never from the merged
+pool), for every class asked, in any order, with text fallbacks, while working out the class index once and not
+per key and batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from components.model.merged_pool import MergedPool, merge, per_class_max, similarity, train_head
+from components.model.merged_pool import merge, train_head
 from components.model.pools import PoolConfig, PoolError, build_task_pool
+from tests import pool_reference
 
 D = 16
 META = {"backbone": {"name": "m", "sha256": "x"}, "prompt_templates": "lvp"}
 
 
-def _pools(cfg: PoolConfig, n_tasks: int = 3, classes_per_task: int = 5, per_class: int = 6, seed: int = 0):
-    """Random task pools; neighbouring tasks share a class, so merged classes have entries from several tasks."""
+def _tasks(cfg: PoolConfig, n_tasks: int = 3, classes_per_task: int = 5, per_class: int = 6, seed: int = 0):
+    """Random task pools with their embeddings and labels; neighbouring tasks share a class, so merged classes
+    have entries from several tasks. A class's text is one vector whichever task brings it (one prompt, one
+    text tower)."""
     g = torch.Generator().manual_seed(seed)
-    pools = []
+    n_keys = n_tasks * (classes_per_task - 1) + 1
+    text_of = torch.nn.functional.normalize(torch.randn(n_keys, D, generator=g), dim=-1)
+    tasks = []
     for t in range(n_tasks):
-        keys = [f"d/c{t * (classes_per_task - 1) + i}" for i in range(classes_per_task)]
+        first = t * (classes_per_task - 1)
+        keys = [f"d/c{first + i}" for i in range(classes_per_task)]
         labels = torch.arange(classes_per_task).repeat_interleave(per_class)
         e = torch.nn.functional.normalize(torch.randn(len(labels), D, generator=g), dim=-1)
-        text = torch.nn.functional.normalize(torch.randn(classes_per_task, D, generator=g), dim=-1)
         names = [k.split("/")[1] for k in keys]
-        pools.append(build_task_pool(f"t{t}", e, labels, keys, names, text, cfg, META))
-    return pools
+        pool = build_task_pool(f"t{t}", e, labels, keys, names, text_of[first : first + classes_per_task], cfg, META)
+        tasks.append((pool, e, labels))
+    return tasks
 
 
-def reference_scores(pool: MergedPool, embeddings, keys, fallback_text=None) -> torch.Tensor:
-    """Every asked class scored on its own: the pool's best entry, or its fallback text, one column at a time."""
-    position = {k: i for i, k in enumerate(pool.class_keys)}
-    embeddings = embeddings.float()
-    if pool.head is not None and all(k in position for k in keys):
-        return pool.head(embeddings)[:, [position[k] for k in keys]]
-    best = per_class_max(similarity(embeddings, pool.vectors, pool.cfg.metric), pool.entry_class, len(pool.class_keys))
-    columns = []
-    for key in keys:
-        if key in position:
-            columns.append(best[:, position[key]])
-        elif fallback_text and key in fallback_text:
-            columns.append(similarity(embeddings, fallback_text[key][None].float(), pool.cfg.metric)[:, 0])
-        else:
-            raise PoolError(f"class {key!r} is in no pool and has no text fallback")
-    return torch.stack(columns, dim=1)
+def _pools(cfg: PoolConfig, **kwargs):
+    return [pool for pool, _, _ in _tasks(cfg, **kwargs)]
 
 
 CONFIGS = [
@@ -57,50 +51,45 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.variant}-{c.mode}-{c.metric}")
-def test_scores_match_the_per_class_reference(cfg):
-    merged = merge(_pools(cfg), cfg)
+def test_scores_match_the_definition(cfg):
+    tasks = _tasks(cfg)
+    merged = merge([pool for pool, _, _ in reversed(tasks)], cfg)  # any order: merged in task-id order
     g = torch.Generator().manual_seed(1)
     e = torch.nn.functional.normalize(torch.randn(40, D, generator=g), dim=-1)
-    keys = list(merged.class_keys)
+    keys = [f"d/c{i}" for i in range(13)]
+    assert merged.class_keys == keys  # classes in order of first appearance, tasks in task-id order
     # Pool classes, in pool order, shuffled, a subset, and with classes no pool has (text fallback).
     fallback = {f"d/new{i}": torch.randn(D, generator=g) for i in range(4)}
     shuffled = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
     mixed = [shuffled[0], "d/new2", *shuffled[1:5], "d/new0", "d/new3", shuffled[-1]]
     for asked in (keys, shuffled, shuffled[:3], mixed):
-        for _ in range(2):  # the second call runs from the cached plan and matrices
-            got = merged.scores(e, asked, fallback_text=fallback)
-            expected = reference_scores(merged, e, asked, fallback)
-            learned = [i for i, k in enumerate(asked) if k in merged.position]
-            assert got.shape == expected.shape
-            assert torch.equal(got[:, learned], expected[:, learned])  # bit-identical
-            texts = [i for i, k in enumerate(asked) if k not in merged.position]
-            if cfg.metric == "l1" or not texts:
-                assert torch.equal(got[:, texts], expected[:, texts])
-            else:
-                # Cosine fallbacks are one matmul, not one matrix-vector product per class: the same up to
-                # the float rounding of the summation order.
-                assert torch.allclose(got[:, texts], expected[:, texts], rtol=0, atol=1e-6)
-                stacked = torch.stack([fallback[asked[i]] for i in texts])
-                assert torch.equal(got[:, texts], similarity(e, stacked, "cosine"))
-    assert torch.equal(merged.scores(e), reference_scores(merged, e, keys))
-    assert merged.predict(e) == [keys[i] for i in reference_scores(merged, e, keys).argmax(1).tolist()]
+        expected = pool_reference.scores(tasks, cfg, e, asked, fallback)
+        first = merged.scores(e, asked, fallback_text=fallback)
+        assert first.shape == expected.shape
+        assert torch.allclose(first, expected, rtol=0, atol=2e-5)
+        # The second call runs from the cached plan and matrices: the same bits.
+        assert torch.equal(merged.scores(e, asked, fallback_text=fallback), first)
+    expected = pool_reference.scores(tasks, cfg, e, keys)
+    assert torch.allclose(merged.scores(e), expected, rtol=0, atol=2e-5)
+    assert merged.predict(e) == [keys[i] for i in merged.scores(e).argmax(1).tolist()]
 
 
 def test_lvp_c_head_scores_match_and_fall_back_without_it():
     cfg = PoolConfig(variant="lvp-c", it_epochs=1, c_epochs=3)
-    merged = train_head(merge(_pools(cfg), cfg), cfg)
+    tasks = _tasks(cfg)
+    merged = train_head(merge([pool for pool, _, _ in tasks], cfg), cfg)
     g = torch.Generator().manual_seed(2)
     e = torch.nn.functional.normalize(torch.randn(30, D, generator=g), dim=-1)
     keys = list(merged.class_keys)
+    logits = e @ merged.head.weight.T + merged.head.bias  # h(e) = W e + b, one column per pool class
     reordered = keys[::-1][:7]
-    assert torch.equal(merged.scores(e), reference_scores(merged, e, keys))
-    assert torch.equal(merged.scores(e, reordered), reference_scores(merged, e, reordered))
-    # A class no pool has: the head cannot score it, so nearest entries and the text fallback do.
+    assert torch.allclose(merged.scores(e), logits, rtol=0, atol=1e-6)
+    assert torch.allclose(merged.scores(e, reordered), logits[:, [keys.index(k) for k in reordered]], atol=1e-6)
+    # A class no pool has: the head cannot score it, so nearest entries (LVP-IT's) and the text fallback do.
     fallback = {"d/new": torch.randn(D, generator=g)}
     asked = [*reordered, "d/new"]
     got = merged.scores(e, asked, fallback_text=fallback)
-    assert torch.equal(got[:, :-1], reference_scores(merged, e, asked, fallback)[:, :-1])
-    assert not torch.equal(got[:, :-1], merged.scores(e, reordered))  # not the head's logits
+    assert torch.allclose(got, pool_reference.scores(tasks, cfg, e, asked, fallback), rtol=0, atol=2e-5)
 
 
 def test_plans_and_fallbacks_are_cached_and_checked():
