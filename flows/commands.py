@@ -217,7 +217,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return fail("validate", exc, EXIT_USAGE)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     if report_dir and not args.json:
-        print(f"report: {report_dir / 'report.json'}")
+        print(f"report: {report_dir / 'report.html'} (opens offline; report.json beside it)")
     return EXIT_OK if report.success else EXIT_INVALID
 
 

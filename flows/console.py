@@ -169,7 +169,8 @@ def night_places(summary: dict, config=None) -> list[str]:
         if item.get("report") and item["status"] != "unchanged":  # this night's ingestions only
             folder = Path(item["report"]).parent
             docs = ", Data Docs: data_docs/index.html" if (folder / "data_docs" / "index.html").is_file() else ""
-            rows.append((item["task_id"] or item["location"], f"{_near(folder, root)}/ (report.json{docs})"))
+            page = "report.html, " if (folder / "report.html").is_file() else ""  # the one that opens offline
+            rows.append((item["task_id"] or item["location"], f"{_near(folder, root)}/ ({page}report.json{docs})"))
     for u in summary["updates"]:
         run_dir = _run_dir(u, config)
         if run_dir is not None and (run_dir / "eval").is_dir():

@@ -201,7 +201,8 @@ def test_the_night_summary_names_failed_rules_says_each_thing_once_and_where_thi
     heading = next(i for i, line in enumerate(lines) if line.startswith("where to look, in "))
     assert lines[heading] == f"where to look, in {cfg.workspace_path}:"
     assert lines[heading + 1 :] == [
-        "  t-good     data/reports/t-good/ (report.json, Data Docs: data_docs/index.html)",
-        "  t-bad      .cliploop/quarantine/t-bad/validation/ (report.json, Data Docs: data_docs/index.html)",
+        "  t-good     data/reports/t-good/ (report.html, report.json, Data Docs: data_docs/index.html)",
+        "  t-bad      .cliploop/quarantine/t-bad/validation/ "
+        "(report.html, report.json, Data Docs: data_docs/index.html)",
         f"  v1 t-good  {run / 'eval'}/ (curves.png, heatmap.png)",
     ]

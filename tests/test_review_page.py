@@ -118,6 +118,11 @@ def workspace(tmp_path_factory, tiny_checkpoint):
         (docs / page).write_text(page)
     runs = root / "runs"
     runs.mkdir()
+    report = root / "report"  # a task's report and its offline page, logged side by side (registration.py)
+    report.mkdir()
+    (report / "report.json").write_text("{}\n")
+    (report / "report.html").write_text("<!doctype html>\n")
+    extra = {"validation": [report / "report.json", report / "report.html"]}
     steps = [
         ("t-a", ["cat", "dog"], None, {"cl.last": 60.0, "zs.retention_rel": 1.0}, {"t-a": 60.0}),
         ("t-b", ["emu", "owl"], 1, {"cl.last": 52.5, "cl.forgetting": 15.0}, {"t-a": 45.0, "t-b": 60.0}),
@@ -126,7 +131,7 @@ def workspace(tmp_path_factory, tiny_checkpoint):
     for i, (task, classes, parent, metrics, row) in enumerate(steps):
         tags = {"task_id": task, "method": "zeroshot", "parent_version": "" if parent is None else str(parent)}
         out = _update(runs, cfg, task, classes, 2 * i)
-        run_id = registry.log_update(out, task, metrics, row, {"model.name": "cliploop-tiny"}, tags, None, docs)
+        run_id = registry.log_update(out, task, metrics, row, {"model.name": "cliploop-tiny"}, tags, extra, docs)
         version = registry.register(run_id, f"key-{task}", tags | {"review": "pending"})
         update = {"task_id": task, "metrics": metrics, "final_row": row}
         verdicts.append(review.apply_gate(cfg, version, update))
@@ -153,6 +158,14 @@ def test_each_version_shows_its_page_metrics_and_data_docs(workspace):
     }
     assert {"validation/data_docs/index.html", "validation/data_docs/static/styles"} <= docs
     assert "validation/data_docs/static/images" not in docs  # GX's logos and fonts are left out
+    # The report a reviewer can open offline is in the run, and the page names it before the JSON and the docs.
+    assert {"validation/report.html", "validation/report.json"} <= {
+        a.path for a in registry.client.list_artifacts(mv.run_id, "validation")
+    }
+    where = mv.description[mv.description.index("### Where to look") :]
+    assert where.index("`validation/report.html`: the task's data-validation report, one page that opens offline") < (
+        where.index("`validation/report.json`")
+    )
 
 
 def test_the_champion_has_a_signature_and_an_input_example_that_predicts(workspace):

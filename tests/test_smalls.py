@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from html.parser import HTMLParser
 
 import pytest
 
@@ -149,3 +150,54 @@ def test_stack_up_with_a_busy_port_says_which_and_starts_nothing(tmp_path, capsy
     assert code == 4 and len(err.splitlines()) == 1, err
     assert f"mlflow: port {port} on 127.0.0.1 is taken by another program" in err and "--port-mlflow" in err
     assert left == set(), "stack up left a server running"
+
+
+# ---- the validation report a reviewer opens renders without the network -----------------------------------------
+
+
+class _Page(HTMLParser):
+    """Every element with its attributes, and the text a reader sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_the_validation_report_page_needs_no_network_and_holds_every_finding(tmp_path):
+    """GX's Data Docs index loads its styles and scripts from CDNs and draws its table with them: offline it is
+    blank. ``report.html`` (beside report.json, wherever a report is written) has no external link or script,
+    and the findings are in the page itself, shown as text even when a label is written as markup."""
+    from components.intake.drop_check import validate_location
+    from tests.drops import make_task, read_manifest, write_manifest
+
+    drop = make_task(tmp_path / "drops", "t-a", ["cat", "dog"])
+    rows = read_manifest(drop)[1:]  # after the header
+    rows[0][1] = "<i>kat</i>"  # a label task.yaml does not declare
+    write_manifest(drop, rows)
+    config = load_config(env={}, cwd=tmp_path, overrides=[f"workspace={tmp_path / 'ws'}"])
+    report = validate_location(str(drop), config, tmp_path / "report")
+    assert not report.success
+
+    html = (tmp_path / "report" / "report.html").read_text()
+    page = _Page()
+    page.feed(html)
+    tags = [tag for tag, _ in page.tags]
+    assert "script" not in tags and "img" not in tags and "i" not in tags  # the label stayed text
+    links = [a.get("href") or a.get("src") or "" for _, a in page.tags]
+    assert not [u for u in links if "//" in u or u.startswith(("http:", "https:", "data:"))], links
+    assert "http://" not in html and "https://" not in html and "@import" not in html  # nothing in the style either
+    assert [a["href"] for tag, a in page.tags if tag == "a"] == ["data_docs/index.html"]  # GX's site, relative
+    assert (tmp_path / "report" / "data_docs" / "index.html").is_file()
+
+    text = " ".join(" ".join(page.text).split())
+    assert "Task t-a: INVALID (1 of" in text
+    # The rule, its verdict and the row, as task.yaml and the manifest make them (line 2: the first data row).
+    assert "label-declared every label is a class declared in task.yaml FAILED: 1 problem(s)" in text
+    assert f"2 {rows[0][0]} manifest.csv line 2 ({rows[0][0]}): label '<i>kat</i>' is not declared" in text

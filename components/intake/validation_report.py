@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components.intake import report_page
 from components.intake.tasks import DropError
 from components.support import storage
 
@@ -113,7 +114,11 @@ class Report:
         return out
 
     def save(self, path: Path) -> Path:
-        storage.atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """``report.json`` at ``path``, and beside it ``report.html``: the same report as a page that renders
+        offline (:mod:`components.intake.report_page`)."""
+        doc = self.to_dict()
+        storage.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        report_page.write_page(doc, path.with_name(report_page.PAGE_NAME))
         return path
 
     @property

@@ -76,8 +76,8 @@ def register_update(config: Config, update: dict[str, Any], flow_run_id: str | N
             out = step_io.local(step_io.store_of(config), update["out_dir"])  # fetched, checked, if remote
             extra = {}
             report = config.workspace_path / "data" / "reports" / task_id / "report.json"  # where ingest put it
-            if report.exists():
-                extra["validation"] = report
+            if report.exists():  # with the page that renders it offline (components/intake/report_page.py)
+                extra["validation"] = [report, report.with_name("report.html")]
             params = _flatten(config.model_dump(mode="json"))
             params.update({f"timing.{k}": v for k, v in update.get("timings", {}).items()})
             metrics = dict(update["metrics"])

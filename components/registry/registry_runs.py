@@ -113,7 +113,7 @@ class RunLog:
         final_row: dict[str, float | None],
         params: dict[str, Any],
         tags: dict[str, str],
-        extra_artifacts: dict[str, Path] | None = None,
+        extra_artifacts: dict[str, Path | list[Path]] | None = None,
         data_docs: Path | None = None,
     ) -> str:
         """A finished MLflow run holding one update's results; returns its run id. ``data_docs``: the task's
@@ -149,11 +149,12 @@ class RunLog:
             resolved = Path(out_dir) / "config.resolved.yaml"
             if resolved.is_file():
                 self.client.log_artifact(run_id, str(resolved))
-            for dest, path in (extra_artifacts or {}).items():
-                if Path(path).is_dir():
-                    self.client.log_artifacts(run_id, str(path), dest)
-                elif Path(path).is_file():
-                    self.client.log_artifact(run_id, str(path), dest)
+            for dest, paths in (extra_artifacts or {}).items():
+                for path in paths if isinstance(paths, list) else [paths]:  # several files may share a folder
+                    if Path(path).is_dir():
+                        self.client.log_artifacts(run_id, str(path), dest)
+                    elif Path(path).is_file():
+                        self.client.log_artifact(run_id, str(path), dest)
             if data_docs is not None and (Path(data_docs) / "index.html").is_file():
                 self._log_data_docs(run_id, Path(data_docs))
             self.client.set_tag(run_id, TAG + "task_id", task_id)

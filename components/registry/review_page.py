@@ -35,8 +35,9 @@ ARTIFACTS: list[tuple[str, str]] = [
     ("eval/curves.png", "accuracy per task after each step"),
     ("eval/accuracy_matrix.json", "the accuracy matrix"),
     ("eval/metrics.json", "every metric and the step's timings"),
-    ("validation/report.json", "the task's data-validation report"),
-    ("validation/data_docs/index.html", "the task's Great Expectations Data Docs"),
+    ("validation/report.html", "the task's data-validation report, one page that opens offline"),
+    ("validation/report.json", "the same report as JSON"),
+    ("validation/data_docs/index.html", "the task's Great Expectations Data Docs (their styles come from the network)"),
     ("lineage.json", "lineage: task data, config, code and parents"),
 ]
 
