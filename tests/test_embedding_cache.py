@@ -1,11 +1,11 @@
-"""The frozen-encoder embedding cache (components/model/embedding_cache.py): what its key holds, that a hit is the
-bits of a fresh encode, that an unfinished or damaged entry is rebuilt, and that a chain of LVP steps encodes each
-image once (counted where images are encoded, ``pool_engine.encode_parts``)."""
+"""The frozen-encoder embedding cache (components/model/embedding_cache.py): that a hit is the bits of a fresh encode,
+that an unfinished or damaged entry is rebuilt, that partials arriving out of order are stored in part order, what
+memory keeps, and that a chain of LVP steps encodes each image once (counted where images are encoded,
+``pool_engine.encode_parts``). What its key holds: tests/test_embedding_key.py."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,17 @@ from components.methods.lvp import build_pool
 from components.model import pool_engine
 from components.model.backbones import load_backbone
 from components.model.data import load_task
-from components.model.embedding_cache import KIND, TENSORS, EmbeddingCache, entry_identity, entry_key, split_embeddings
-from components.model.pool_engine import split_parts
+from components.model.embedding_cache import (
+    KIND,
+    TENSORS,
+    EmbeddingCache,
+    entry_identity,
+    entry_key,
+    for_config,
+    pool_partials,
+    split_embeddings,
+)
+from components.model.pool_engine import LocalEngine, split_parts
 from components.model.pools import PoolConfig
 from components.settings.config_loading import load_config
 from components.support.artifact_store import ArtifactStore
@@ -79,21 +88,6 @@ def test_a_hit_returns_the_tensors_of_a_fresh_encode(setup):
     assert all(torch.equal(a, b) for a, b in zip(hits, fresh))
 
 
-def test_the_key_changes_with_weights_decoder_content_and_split_and_holds_no_path(setup, tmp_path):
-    config, backbone, _, (task, other) = setup
-    ident = entry_identity(backbone, task, "test", 3, "pillow-draft2x")
-    key = entry_key(ident)
-    assert entry_key(entry_identity(backbone, task, "test", 3, "pillow-draft2x")) == key
-    assert entry_key(entry_identity(backbone, task, "test", 3, "pillow")) != key
-    assert entry_key(entry_identity(backbone, task, "train", 3, "pillow-draft2x")) != key
-    assert entry_key(entry_identity(backbone, other, "test", 3, "pillow-draft2x")) != key
-    assert entry_key(entry_identity(backbone, task, "test", 4, "pillow-draft2x")) != key
-    assert str(tmp_path) not in json.dumps(ident)
-    with torch.no_grad():  # weights changed in place: the digest follows
-        next(backbone.model.visual.parameters()).add_(1e-3)
-    assert entry_key(entry_identity(backbone, task, "test", 3, "pillow-draft2x")) != key
-
-
 @pytest.mark.parametrize("damage", ["no-marker", "flipped-byte"])
 def test_an_unfinished_or_damaged_entry_is_rebuilt_not_used(setup, damage):
     config, backbone, store, (task, _) = setup
@@ -129,6 +123,66 @@ def test_a_pool_from_cached_embeddings_is_byte_identical_to_one_encoded_on_the_s
     assert pool_engine.encoded_images == before  # read from the store
     for pool in (first, second):
         assert all(torch.equal(pool.tensors()[k], v) for k, v in plain.tensors().items())
+
+
+class ArrivalOrder:
+    """The local engine's partials handed back last part first, as Ray's actors may finish them."""
+
+    name = "reversed"
+
+    def partials(self, task, split, ctx, gather):
+        return list(reversed(LocalEngine().partials(task, split, ctx, gather)))
+
+
+def test_partials_arriving_out_of_order_are_stored_and_returned_in_part_order(setup, tmp_path):
+    """On a miss the engine's partials are stored as the split's embeddings: row i of the entry must be manifest row
+    i whatever order the parts came back in, or every later hit (and every pool built from it) is scrambled."""
+    config, backbone, store, _ = setup
+    task = load_task(str(_stored_task(tmp_path)))
+    parts = split_parts(task, "train")
+    assert len(parts) > 1
+    in_order = LocalEngine().partials(task, "train", context_for(config, backbone), gather=True)
+    expected = torch.cat([p.embeddings for p in in_order])
+    ctx = context_for(config, backbone, embedding_cache=EmbeddingCache(store))
+    for gather in (True, False):
+        got = pool_partials(ctx, task, "train", ArrivalOrder(), gather)  # a miss the first time, then a hit
+        assert [p.part for p in got] == list(range(len(parts)))
+        for p, want in zip(got, in_order):
+            assert torch.equal(p.sums, want.sums) and torch.equal(p.counts, want.counts)
+            if gather:
+                assert torch.equal(p.embeddings, want.embeddings) and torch.equal(p.labels, want.labels)
+            else:
+                assert p.embeddings is None and p.labels is None
+    key = entry_key(entry_identity(backbone, task, "train", ctx.batch_size, ctx.decoder))
+    assert torch.equal(EmbeddingCache(store).load(key), expected)  # read back from the store, not from memory
+
+
+def test_memory_keeps_the_most_recently_used_entries_within_its_budget():
+    """Without a store the cache is memory only: entries over the budget are never kept, and when the budget is
+    full the least recently used (saved or loaded) entry goes first."""
+    one = torch.zeros(4, 8)  # 128 bytes of fp32
+    cache = EmbeddingCache(None, memory_bytes=3 * 128)
+    for name in "abc":
+        cache.save(name, one + ord(name), {})
+    assert all(torch.equal(cache.load(n), one + ord(n)) for n in "abc")  # exactly at the budget: all kept
+    single = EmbeddingCache(None, memory_bytes=128)
+    single.save("x", one, {})
+    assert single.load("x") is not None  # one entry of exactly the budget fits
+    assert cache.load("a") is not None  # a is now the most recently used; b the least
+    cache.save("d", one, {})
+    assert cache.load("b") is None and all(cache.load(n) is not None for n in "acd")
+    cache.save("big", torch.zeros(4 * 3 + 1, 8), {})  # one row over the whole budget
+    assert cache.load("big") is None and all(cache.load(n) is not None for n in "acd")
+    cache.save("e", torch.zeros(4, 8, dtype=torch.float64), {})  # stored as fp32: 128 bytes, not 256
+    assert cache.load("e").dtype == torch.float32 and sum(cache.load(n) is not None for n in "acde") == 3
+
+
+def test_the_configured_cache_is_off_in_memory_or_in_the_artifact_store(tmp_path, tiny_checkpoint):
+    assert for_config(_config(tmp_path, tiny_checkpoint, "artifacts.embedding_cache=false")) is None
+    stored = for_config(_config(tmp_path, tiny_checkpoint))  # artifacts.root set
+    assert stored.store is not None and Path(stored.store.root) == tmp_path / "store"
+    outside = load_config(overrides=tiny_overrides(tiny_checkpoint, f"workspace={tmp_path / 'none'}"), env={})
+    assert for_config(outside).store is None and not (tmp_path / "none").exists()  # nothing written there
 
 
 def test_an_lvp_chain_encodes_each_image_once_with_the_cache_and_scores_the_same(tmp_path, tiny_checkpoint, drops):
