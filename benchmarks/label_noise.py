@@ -91,6 +91,8 @@ def run_domain(work: Path, domain: str, noise: float, seed: int, overrides: list
         "planted": len(flipped),
         "model": section["model"],
         "scored": section["scored"],
+        "agreement": section["agreement"],  # with the drop's (noisy) labels
+        "not_checked": section["not_checked"],
         "status": outcome.status,
         "first_line": outcome.message.splitlines()[0],
         "seconds": round(seconds, 1),
