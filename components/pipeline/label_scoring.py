@@ -3,14 +3,16 @@ or, while there is none, the base model under the configured method with nothing
 update starts from). Intake only sees the :class:`components.intake.label_doubt.LabelScorer` made here: it may not
 reach up to the registry or the model.
 
-The champion is loaded as ``cliploop predict`` loads it (its files checked against the digests the registry pinned,
-``steps.parent_state``), and it scores the images as evaluation does: the method's ``scores`` over the drop's declared
-classes, times the backbone's learned temperature, through a softmax.
+The champion is loaded as ``cliploop predict`` loads it (its files checked against the digests the registry
+pinned), and it scores the images as evaluation does: the method's ``scores`` over the drop's declared classes,
+times the backbone's learned temperature, through a softmax.
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +73,6 @@ def champion_scorer(config: Config) -> ChampionScorer:
 def _load(config: Config, version: int | None) -> dict[str, Any]:
     from components.model.backbones import load_backbone
     from components.model.state import LearnerState
-    from components.pipeline.steps import parent_state
     from components.training.learn import make_method
     from components.training.run_context import context_for
 
@@ -82,7 +83,7 @@ def _load(config: Config, version: int | None) -> dict[str, Any]:
         state = LearnerState(method=method.name, backbone=backbone.reference)
         name = f"the base model ({config.model.name}; no champion yet)"
     else:
-        state = parent_state(config, version)
+        state = _champion_state(config, version)
         method = make_method(config, state.method)
         method.settings = method.Settings.model_validate(state.method_settings or {})
         if state.weights is None:
@@ -99,6 +100,17 @@ def _load(config: Config, version: int | None) -> dict[str, Any]:
         "logit_scale": logit_scale,
         "name": name,
     }
+
+
+def _champion_state(config: Config, version: int):
+    """The version's learner state, its files checked against the digests the registry pinned (a copy of its own,
+    gone once loaded: ``steps.parent_state`` keeps the night's)."""
+    from components.model.state import LearnerState
+    from components.pipeline.chain import registry_of, runtime_dir
+
+    with tempfile.TemporaryDirectory(prefix="label-scoring-", dir=runtime_dir(config)) as tmp:
+        registry_of(config).download_state(version, Path(tmp))
+        return LearnerState.load(Path(tmp) / "state")
 
 
 def _check_tag(config: Config) -> None:
