@@ -21,6 +21,7 @@ from components.settings.config_loading import load_config
 from components.training.learn import context_for
 from components.training.learn_sequence import learn
 from flows.cli import main
+from tests.cl_reference import expected_metrics
 from tests.conftest import tiny_overrides
 from tests.drops import make_task
 
@@ -154,9 +155,15 @@ def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_u
         "state/manifest.json",
     ):
         assert (out / rel).is_file(), rel
-    # `cliploop metrics` recomputes the same metrics from the saved matrix file (an auditor's check).
+    # The run's metrics and those `cliploop metrics` recomputes from the saved matrix file (an auditor's check) are
+    # the definitions of docs/metrics.md applied to that file.
+    saved = json.loads((out / "eval" / "accuracy_matrix.json").read_text())
+    assert saved == matrix
+    expected = expected_metrics(saved)
+    assert expected["cl.forgetting"] is not None and expected["zs.retention_rel"] is not None  # all of them checked
+    assert payload["metrics"] == pytest.approx(expected, abs=1e-6)
     assert main(["metrics", str(out / "eval" / "accuracy_matrix.json"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["metrics"] == payload["metrics"]
+    assert json.loads(capsys.readouterr().out)["metrics"] == pytest.approx(expected, abs=1e-6)
 
     # A fresh process loads the bundle and predicts the same labels as the run that made it.
     script = f"""

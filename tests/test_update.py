@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from components.model.state import LearnerState
 from components.training.learn import LearnError, learn_step
 from components.training.learn_sequence import learn
+from tests.cl_reference import expected_metrics
 from tests.test_learn import _cfg
 
 
@@ -30,8 +31,13 @@ def test_chained_steps_through_saved_states_match_a_whole_sequence(tmp_path, tin
     assert m.matrix[0][1] == w.matrix[0][1] and m.matrix[1][2] == w.matrix[1][2]  # transfer before learning
     assert m.matrix[0][2] is None  # a task two steps ahead was not known yet
     assert m.initial == w.initial
-    assert result.metrics["cl.bwt"] == whole.metrics["cl.bwt"]
-    assert result.metrics["cl.forgetting"] == whole.metrics["cl.forgetting"]
+    # The step's metrics are the definitions (docs/metrics.md) applied to its matrix, not merely the sequence's.
+    assert result.metrics == pytest.approx(expected_metrics(m.to_dict()), abs=1e-6)
+    a = m.matrix  # by hand for the two a reviewer reads first: tasks 1 and 2 against the last row
+    assert result.metrics["cl.bwt"] == pytest.approx(((a[2][0] - a[0][0]) + (a[2][1] - a[1][1])) / 2, abs=1e-6)
+    forgetting = ((max(a[0][0], a[1][0]) - a[2][0]) + (a[1][1] - a[2][1])) / 2
+    assert result.metrics["cl.forgetting"] == pytest.approx(forgetting, abs=1e-6)
+    assert whole.metrics == pytest.approx(expected_metrics(w.to_dict()), abs=1e-6)
     assert [t["task_id"] for t in parent.tasks] == ["t-a", "t-b", "t-c"]
 
     with pytest.raises(LearnError, match="already learned"):
