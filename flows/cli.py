@@ -15,6 +15,7 @@ import signal
 import sys
 
 from flows import commands, data_commands, model_commands
+from flows import library_commands as library
 from flows import review_commands as reviews
 from flows.commands import EXIT_EXTERNAL, EXIT_INVALID, EXIT_OK, EXIT_REFUSED, EXIT_USAGE  # noqa: F401  (the codes, for callers)
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "metrics",
-        commands.cmd_metrics,
+        library.cmd_metrics,
         "recompute every continual-learning metric from an accuracy-matrix file",
         config=False,
     )
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command(
-        "learn", commands.cmd_learn, "run a method over task drops in the given order (no Prefect/MLflow/DVC/S3)"
+        "learn", library.cmd_learn, "run a method over task drops in the given order (no Prefect/MLflow/DVC/S3)"
     )
     p.add_argument("tasks", nargs="+", help="task drops or stored task folders, in learning order")
     p.add_argument("--method", "-m", help="method name (default: method.name from the config; see `cliploop methods`)")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "methods",
-        commands.cmd_methods,
+        library.cmd_methods,
         "the registered continual-learning methods, one line each; with a name, its settings",
         config=False,
     )
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="delete them (default: only say what would go)")
     p.add_argument("--json", action="store_true")
 
-    p = command("pool", commands.cmd_pool, "build one stored task's pool by hand; print where it went and its digest")
+    p = command("pool", library.cmd_pool, "build one stored task's pool by hand; print where it went and its digest")
     p.add_argument("task_id", help="a task of the workspace (data/tasks/<id>)")
     p.add_argument("--engine", choices=["local", "ray"], help="compute.engine for this build (default: the config's)")
     p.add_argument("--out", help="build into this folder (default: the pipeline's keyed folder, reused when complete)")
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario(
         command(
             "scenario",
-            commands.cmd_scenario,
+            library.cmd_scenario,
             "benchmark scenarios: list | show NAME | convert NAME --root R --out O | glyphs --out O",
             config=False,
         )
