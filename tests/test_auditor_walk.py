@@ -116,6 +116,8 @@ def test_the_auditor_walk_from_a_clone(tmp_path, capsys):
     task = clone / "data" / "tasks" / "t-a"
     assert link["task"]["dvc_md5"] == _dvc_dir_hash(task)
     assert link["task"]["content_digest"] == _content_digest(task)
+    # No ledger in a clone: the validation comes from the report pulled with the data.
+    assert link["task"]["validation"] == {"success": True, "report": "data/reports/t-a/report.json", "state": None}
     commit = link["task"]["workspace_commit"]
     assert _git(clone, "rev-parse", "HEAD") == commit  # the clone's history holds it: the last ingest
     data_dvc = yaml.safe_load(_git(clone, "show", f"{commit}:data.dvc"))

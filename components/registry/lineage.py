@@ -24,18 +24,24 @@ class LineageError(RuntimeError):
     pass
 
 
-def _validation(ledger_record, workspace: Path) -> dict[str, Any]:
+def _validation(ledger_record, workspace: Path, task_id: str | None) -> dict[str, Any]:
     if ledger_record is None:
-        return {"success": None, "report": None}
+        # No ledger (an auditor's clone: it lives in the git-ignored .cliploop/), but the accepted task's report
+        # is part of the DVC-tracked data/, pulled with it.
+        stored = Path("data", "reports", str(task_id), "report.json")
+        if not task_id or not (workspace / stored).is_file():
+            return {"success": None, "report": None}
+        return {"success": _success(workspace / stored), "report": stored.as_posix(), "state": None}
     report = ledger_record.report
-    success = None
-    if report:
-        path = _report_in(workspace, Path(report))
-        try:
-            success = bool(json.loads(path.read_text()).get("success"))
-        except (OSError, json.JSONDecodeError):
-            success = None
+    success = _success(_report_in(workspace, Path(report))) if report else None
     return {"success": success, "report": report, "state": ledger_record.state}
+
+
+def _success(path: Path) -> bool | None:
+    try:
+        return bool(json.loads(path.read_text()).get("success"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _report_in(workspace: Path, report: Path) -> Path:
@@ -89,7 +95,7 @@ def build_lineage(registry: Registry, ref: str | int, workspace: Path, verify: b
                     "content_digest": tags.get("content_digest") or (record.content_digest if record else None),
                     "dvc_md5": tags.get("dvc_md5"),
                     "workspace_commit": tags.get("workspace_commit"),
-                    "validation": _validation(record, Path(workspace)),
+                    "validation": _validation(record, Path(workspace), task_id),
                 },
                 "config_sha256": tags.get("config_sha256"),
                 "config_file_sha256": tags.get(CONFIG_PIN_TAG),
