@@ -27,7 +27,9 @@ SERVER_MODULES = {
     "test_faults",
     "test_faults_artifacts",
     "test_faults_fencing",
+    "test_faults_registry",
     "test_faults_s3",
+    "test_faults_s3_dvc",
     "test_faults_storage",
     "test_flows",
     "test_gc",
@@ -134,6 +136,17 @@ def s3_bucket(s3_env, request):
     name = f"{name}-{os.getpid() % 10000}-{int(time.time() * 1000) % 100000}"
     client.create_bucket(Bucket=name)
     yield name
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (Prefect's test harness: its own database) for every test of this process that
+    asks for one: starting one costs seconds on 2 cores, so the suite pays for it once per process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,8 @@ import threading
 import time
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-MAX_HEAD = 64 * 1024
+from tests import http_wire as wire
+
 HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"expect"}
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
@@ -255,22 +256,22 @@ class S3FaultProxy:
         client.settimeout(60)
         rfile = client.makefile("rb")
         try:
-            head = _read_head(rfile)
+            head = wire.read_head(rfile)
             if head is None:
                 return
-            request_line, headers = _split_head(head)
+            request_line, headers = wire.split_head(head)
             method, target = request_line.split(b" ")[:2]
             action, key = self._decide(method.decode("latin-1"), target.decode("latin-1"))
             if action == "blackhole":
                 self._stop.wait()
                 return
             if action == "reset" and self.reset_at == "request":
-                _reset(client)
+                wire.reset(client)
                 return
-            expects = _header(headers, b"expect").lower() == b"100-continue"
+            expects = wire.header(headers, b"expect").lower() == b"100-continue"
             if action == "slowdown":
                 if not expects:
-                    _relay_body(rfile, None, headers)
+                    wire.relay_body(rfile, None, headers)
                 _send_slowdown(client, method, key)
                 return
             if self.latency:
@@ -295,107 +296,26 @@ class S3FaultProxy:
     ) -> None:
         with socket.create_connection(self.upstream, timeout=60) as upstream:
             kept = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
-            upstream.sendall(_join_head(request_line, kept + [(b"Connection", b"close")]))
+            upstream.sendall(wire.join_head(request_line, kept + [(b"Connection", b"close")]))
             if expects:
                 client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            _relay_body(rfile, upstream, headers)
+            wire.relay_body(rfile, upstream, headers)
             ufile = upstream.makefile("rb")
             try:
-                head = _read_head(ufile)
+                head = wire.read_head(ufile)
                 if head is None:
                     raise OSError("the S3 server closed the connection without an answer")
                 if reset_after:  # the server did it; the client never hears
-                    _reset(client)
+                    wire.reset(client)
                     return
-                status_line, resp_headers = _split_head(head)
+                status_line, resp_headers = wire.split_head(head)
                 kept = [(k, v) for k, v in resp_headers if k.lower() not in HOP_HEADERS]
-                client.sendall(_join_head(status_line, kept + [(b"Connection", b"close")]))
+                client.sendall(wire.join_head(status_line, kept + [(b"Connection", b"close")]))
                 # The server closes after this one answer (we asked it to): relay until it does.
                 while chunk := ufile.read1(65536):
                     client.sendall(chunk)
             finally:
                 ufile.close()
-
-
-def _read_head(rfile) -> bytes | None:
-    lines = []
-    size = 0
-    while True:
-        line = rfile.readline(MAX_HEAD)
-        if not line:
-            return None if not lines else b"".join(lines)
-        if line in (b"\r\n", b"\n"):
-            if not lines:
-                continue  # stray blank line between requests
-            return b"".join(lines)
-        lines.append(line)
-        size += len(line)
-        if size > MAX_HEAD:
-            raise ValueError("request head too large")
-
-
-def _split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    lines = head.split(b"\r\n") if b"\r\n" in head else head.split(b"\n")
-    first, headers = lines[0].strip(), []
-    for line in lines[1:]:
-        if not line.strip():
-            continue
-        name, _, value = line.partition(b":")
-        headers.append((name.strip(), value.strip()))
-    return first, headers
-
-
-def _join_head(first: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    return first + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n"
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return b""
-
-
-def _relay_body(rfile, sink: socket.socket | None, headers: list[tuple[bytes, bytes]]) -> None:
-    """Copy one request body as it came (framing included) to ``sink``, or read and drop it (None)."""
-
-    def emit(data: bytes) -> None:
-        if sink is not None and data:
-            sink.sendall(data)
-
-    def copy(n: int) -> None:
-        while n > 0:
-            chunk = rfile.read(min(n, 65536))
-            if not chunk:
-                raise OSError("the client closed the connection inside a request body")
-            emit(chunk)
-            n -= len(chunk)
-
-    if b"chunked" in _header(headers, b"transfer-encoding").lower():
-        while True:
-            line = rfile.readline(MAX_HEAD)
-            if not line:
-                raise OSError("the client closed the connection inside a chunked body")
-            emit(line)
-            size = int(line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while True:  # trailers (botocore sends its checksums here), then a blank line
-                    trailer = rfile.readline(MAX_HEAD)
-                    emit(trailer)
-                    if trailer in (b"\r\n", b"\n", b""):
-                        return
-            copy(size + 2)  # the chunk and its CRLF
-    length = _header(headers, b"content-length")
-    if length:
-        copy(int(length))
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the kernel sends RST instead of FIN, as a dropped connection does."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    finally:
-        sock.close()
 
 
 def _send_slowdown(client: socket.socket, method: bytes, key: str) -> None:
@@ -407,4 +327,4 @@ def _send_slowdown(client: socket.socket, method: bytes, key: str) -> None:
         (b"x-amz-request-id", request_id.encode()),
         (b"Connection", b"close"),
     ]
-    client.sendall(_join_head(b"HTTP/1.1 503 Slow Down", headers) + (b"" if method == b"HEAD" else body))
+    client.sendall(wire.join_head(b"HTTP/1.1 503 Slow Down", headers) + (b"" if method == b"HEAD" else body))
