@@ -124,18 +124,6 @@ def test_zscl_losses_and_the_l2_gradient_after_backward(setting):
     assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6) for a, p in zip(got, trained))
 
 
-def test_zscl_after_backward_alone_is_two_lambda_times_the_distance():
-    from components.methods.zscl import ZSCL
-
-    method = ZSCL({"l2_weight": 0.7})
-    weight = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
-    method.trainable, method.start = [("w", weight)], [torch.tensor([[0.0, -1.0], [0.5, 1.0]])]
-    assert method._l2_value().item() == pytest.approx(0.7 * (1 + 1 + 0 + 4))
-    weight.grad = torch.full((2, 2), 10.0)
-    method.after_backward()
-    assert torch.allclose(weight.grad, torch.tensor([[11.4, 8.6], [10.0, 12.8]]))  # 10 + 2 · 0.7 · (θ − θ_start)
-
-
 def test_wise_ft_interpolates_every_float_weight_with_the_task_start(setting):
     bench, data = setting
     method, backbone, start = bench.begin("wise-ft", {"alpha": 0.3}, data["t-a"]), bench.backbone, bench.base.model

@@ -280,14 +280,24 @@ def test_per_task_settings_override_by_task_id_or_dataset():
 
 
 def test_zscl_l2_gradient_added_after_backward_equals_autograd():
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(3, 2))
-    start = weight.detach().clone() - 0.5
-    (zscl.l2_anchor([weight], [start]) * 0.7).backward()
-    expected = weight.grad.clone()
-    weight.grad = torch.zeros_like(weight)
-    torch._foreach_add_([weight.grad], torch._foreach_sub([weight], [start]), alpha=2 * 0.7)
-    assert torch.allclose(weight.grad, expected)
+    """ZSCL logs λ·Σ‖θ − θ_start‖² without a graph and adds its gradient 2λ(θ − θ_start) in ``after_backward``:
+    the method's own hooks, on a hand-made parameter, against the hand-computed value and autograd."""
+    from components.methods.zscl import ZSCL
+
+    method = ZSCL({"l2_weight": 0.7})
+    weight = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    start = torch.tensor([[0.0, -1.0], [0.5, 1.0]])
+    method.trainable, method.start = [("w", weight)], [start]
+    assert method._l2_value().item() == pytest.approx(0.7 * (1 + 1 + 0 + 4))
+    weight.grad = torch.full((2, 2), 10.0)  # what the other terms' backward left
+    method.after_backward()
+    assert torch.allclose(weight.grad, torch.tensor([[11.4, 8.6], [10.0, 12.8]]))  # 10 + 2 · 0.7 · (θ − θ_start)
+    reference = torch.nn.Parameter(weight.detach().clone())
+    (0.7 * ((reference - start) ** 2).sum()).backward()
+    assert torch.allclose(weight.grad - 10.0, reference.grad)
+    method.settings = method.settings.model_copy(update={"l2_weight": 0.0})
+    method.after_backward()  # weight 0: nothing added
+    assert torch.allclose(weight.grad, torch.tensor([[11.4, 8.6], [10.0, 12.8]]))
 
 
 def test_reservoir_keeps_every_item_with_equal_probability():
