@@ -148,7 +148,11 @@ class _ConsoleBar:
 
         elapsed = time.monotonic() - self.t0
         if self.waits:
-            return f"{self.what}: {duration_text(elapsed)} waited of at most {duration_text(self.total)}"
+            waited, most = duration_text(elapsed), duration_text(self.total)
+            # A wait that ran its course ends a poll or two past its limit.
+            return f"{self.what}: {waited} waited " + (
+                f"of at most {most}" if elapsed < self.total else f"(limit {most})"
+            )
         return tqdm.format_meter(self.n, self.total, elapsed, prefix=self.what, unit=self.unit, bar_format=LINE)
 
     def close(self) -> None:

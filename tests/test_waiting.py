@@ -21,6 +21,14 @@ from flows.console import review_wait_text
 from flows.progress import ConsoleProgress, duration_text, say
 
 
+def test_a_wait_past_its_limit_says_so():
+    bar = ConsoleProgress(io.StringIO(), tty=False)()
+    bar.start(60, "waiting for a review of v3", "s")
+    bar.t0 -= 62  # started 62 s ago: the pause ended a poll after its 60 s
+    assert bar.line() == "waiting for a review of v3: 1 min 2 s waited (limit 1 min)"
+    bar.close()
+
+
 def test_durations_read_as_a_person_says_them():
     cases = {0: "0 s", 45: "45 s", 60: "1 min", 125: "2 min 5 s", 3600: "1 h", 5400: "1 h 30 min", 7260: "2 h 1 min"}
     assert {s: duration_text(s) for s in cases} == cases
@@ -123,4 +131,5 @@ def test_a_paused_review_tells_the_console_and_shows_the_time_waited(tmp_path, p
     )
     assert f"cliploop approve {version} --reviewer NAME" in lines[1] and "cliploop.review" in lines[2]
     waited = [line for line in lines if line.startswith(f"waiting for a review of v{version}: ")]
-    assert waited and all(line.endswith("waited of at most 3 s") for line in waited), lines
+    assert waited and waited[0].endswith(" s waited of at most 3 s"), lines
+    assert waited[-1].endswith((" s waited of at most 3 s", " s waited (limit 3 s)")), lines  # its closing line
