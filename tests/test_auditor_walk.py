@@ -1,4 +1,4 @@
-"""The auditor's walk (README, "The auditor"; docs/pipeline.md, "Auditing a version from a clone"), end to end on
+"""The auditor's walk (README, "The auditor"; docs/audit.md), end to end on
 real parts: a workspace made by ``cliploop init`` and ``cliploop ingest``, a version registered the way a night
 registers it (MLflow on SQLite), then ``git clone``, ``dvc pull`` in the clone, every hash ``cliploop lineage``
 reports recomputed from the pulled files by its definition, and ``--verify`` in the clone failing after one
