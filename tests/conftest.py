@@ -150,6 +150,22 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
+def ingested(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A workspace with task ``t-a`` (cat, dog; JPEG images) ingested for real, made once per test process:
+    ingestion (git, DVC, Great Expectations) takes seconds, and many rows start from exactly this state. Tests
+    copy it (``tests.fault_kit.fault_cfg(..., start=ingested)``), never change it."""
+    from components.pipeline import steps
+    from tests.drops import make_task
+
+    root = tmp_path_factory.mktemp("ingested")
+    cfg = pipeline_config(root, tiny_checkpoint, "gate.max_forgetting=100")
+    make_task(root / "incoming", "t-a", ["cat", "dog"], train=3, test=2, image_format="jpg")
+    for location in steps.discover(cfg):
+        steps.ingest(location, cfg)
+    return root / "ws"
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Fixed random weights of the tiny model config, saved once per session as (path, sha256), so every
     test and every child process loads the same model without a download."""

@@ -14,8 +14,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 from components.intake.ledger import Ledger
 from components.pipeline import review, steps
 from tests.conftest import REPO, pipeline_config
@@ -24,19 +22,10 @@ from tests.fault_steps import learn_steps
 
 
 def fault_cfg(tmp_path, ckpt, *extra, start: Path | None = None):
-    """The test's config; with ``start``, its workspace begins as a copy of that one (see ``ingested``)."""
+    """The test's config; with ``start``, its workspace begins as a copy of that one (``ingested``, conftest)."""
     if start is not None:
         shutil.copytree(start, tmp_path / "ws", symlinks=True)
     return pipeline_config(tmp_path, ckpt, "gate.max_forgetting=100", *extra)
-
-
-@pytest.fixture(scope="module")
-def ingested(tmp_path_factory, tiny_checkpoint) -> Path:
-    """A workspace with task ``t-a`` (cat, dog; JPEG images) ingested for real, made once per module: ingestion
-    (git, DVC, Great Expectations) takes seconds, and most rows start from exactly this state."""
-    root = tmp_path_factory.mktemp("ingested")
-    ingest(fault_cfg(root, tiny_checkpoint), root, "t-a", ["cat", "dog"], image_format="jpg")
-    return root / "ws"
 
 
 def cli_args(cfg, ckpt) -> list[str]:

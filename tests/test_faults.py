@@ -21,7 +21,6 @@ from components.intake.ledger import Ledger
 from components.pipeline import chain, review, steps
 from components.registry.registry import from_config
 from flows import retry
-from tests import fault_kit
 from tests.conftest import REPO
 from tests.fault_kit import (
     cli_args,
@@ -34,7 +33,6 @@ from tests.fault_kit import (
 from tests.fault_steps import learn_steps
 
 pytestmark = pytest.mark.faults
-ingested = fault_kit.ingested  # the module's workspace with t-a ingested (a fixture)
 
 
 # ---- defect 1: a reviewer's reject overridden by a concurrent approve ---------------------------------------

@@ -28,7 +28,6 @@ from components.pipeline import step_io, steps
 from components.support.artifact_store import ArtifactStore
 from components.support.fencing import Superseded
 from tests.conftest import REPO, S3_REGION, pipeline_config
-from tests.drops import make_task
 
 pytestmark = pytest.mark.faults
 
@@ -47,17 +46,6 @@ WORKER = (
     "steps.run_update(config_from_doc(json.loads(sys.argv[1])), 't-a', None, None, sys.argv[2], None, "
     "sys.argv[3] or None)"
 )
-
-
-@pytest.fixture(scope="module")
-def ingested(tmp_path_factory, tiny_checkpoint) -> Path:
-    """A workspace with task ``t-a`` ingested (git, DVC, Great Expectations: seconds), copied by each test."""
-    root = tmp_path_factory.mktemp("ingested")
-    cfg = pipeline_config(root, tiny_checkpoint)
-    make_task(root / "incoming", "t-a", ["cat", "dog"], train=3, test=2)
-    for location in steps.discover(cfg):
-        steps.ingest(location, cfg)
-    return root / "ws"
 
 
 def _config(tmp_path, tiny_checkpoint, ingested, *extra):

@@ -19,7 +19,6 @@ from components.intake.ledger import Ledger
 from components.pipeline import chain, registration, review, steps
 from components.registry.registry import NotFound, from_config
 from flows import retry
-from tests import fault_kit
 from tests.conftest import REPO
 from tests.fault_kit import (
     cli_args,
@@ -34,7 +33,6 @@ from tests.fault_kit import (
 )
 
 pytestmark = pytest.mark.faults
-ingested = fault_kit.ingested  # the module's workspace with t-a ingested (a fixture)
 
 
 # ---- the MLflow server killed during registration and restarted ---------------------------------------------
