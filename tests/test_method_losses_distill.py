@@ -62,6 +62,26 @@ def test_finetune_trains_everything_but_the_logit_scale_on_label_smoothed_ce(set
     assert losses["ce"].item() != pytest.approx(ce_ls(logits, Y, 0.0).item(), rel=1e-3)  # the smoothing counts
 
 
+@pytest.mark.parametrize("loss_classes,replay", [("task", False), ("seen", False), ("task", True)])
+def test_finetune_later_task_ce_ranges_over_the_documented_label_space(setting, loss_classes, replay):
+    """loss_classes task: the task's own classes; seen, or any replay memory: every class seen, old ones first."""
+    bench, data = setting
+    state = learned("finetune", bench.backbone, data["t-a"])
+    if replay:
+        state.method_meta["memory"] = [{"task_id": "t-a", "row": 0, "class_key": "toy/cat"}]
+    method = bench.begin("finetune", {"loss_classes": loss_classes, "label_smoothing": 0.0}, data["t-b"], state)
+    wide = loss_classes == "seen" or replay
+    names = ["cat", "dog", "emu", "owl"] if wide else ["emu", "owl"]
+    y = Y + 2 if wide else Y
+    backbone = bench.backbone
+    logits = (
+        backbone.model.logit_scale.exp()
+        * image_features(backbone.model, X)
+        @ text_features(backbone, [f"a photo of a {n}" for n in names]).T
+    )
+    assert method.training_step((X, y))["ce"].item() == pytest.approx(ce_ls(logits, y, 0.0).item(), rel=1e-5)
+
+
 def test_lwf_distils_the_task_start_model_both_ways_at_its_temperature(setting):
     bench, data = setting
     settings = {"temperature": 3.0, "distill_weight": 0.6, "label_smoothing": 0.1}
@@ -138,12 +158,12 @@ def test_wise_ft_interpolates_every_float_weight_with_the_task_start(setting):
 
 # ---- GNSP ---------------------------------------------------------------------------------------------------
 
-SPECTRUM = torch.tensor([5.0, 3.0, 1.0])  # tails 9/9, 4/9, 1/9: with rho 0.15 the first two are protected
+SPECTRUM = torch.tensor([5.0, 3.0, 1.0])  # tails 9/9, 4/9, 1/9: rho 0.5 protects the first (0.15 would two)
 
 
 def _gnsp_state(backbone, data):
     """A state after t-a whose Gram sum of every projected matrix is Q diag(5, 3, 1) Qᵀ (Q orthonormal, chosen
-    here): GNSP must protect exactly Q's first two columns, so its projector is I − Q₂Q₂ᵀ."""
+    here): with rho 0.5 GNSP must protect exactly Q's first column q₁, so its projector is I − q₁q₁ᵀ."""
     state = learned("gnsp", backbone, data["t-a"])
     protected = {}
     g = torch.Generator().manual_seed(5)
@@ -155,7 +175,7 @@ def _gnsp_state(backbone, data):
     for name, (width, inputs_last) in protected.items():
         q = torch.linalg.qr(torch.randn(width, 3, generator=g))[0]
         state.method_tensors[f"gnsp.gram.{name}"] = q @ torch.diag(SPECTRUM) @ q.T
-        kept[name] = (q[:, :2], inputs_last)
+        kept[name] = (q[:, :1], inputs_last)
     return state, kept
 
 
@@ -164,6 +184,7 @@ def _gnsp(setting, project):
     state, kept = _gnsp_state(bench.backbone, data)
     settings = {
         "project": project,
+        "rho": 0.5,
         "temperature": 3.0,
         "cd_weight": 0.6,
         "map_weight": 0.4,
@@ -195,7 +216,7 @@ def test_gnsp_later_task_trains_the_projected_matrices_on_ce_cd_and_map(setting)
 
 
 def test_gnsp_default_projection_writes_the_projected_gradient_back(setting):
-    """project: gradient (the default): after backward, G ← G(I − Q₂Q₂ᵀ) for (out, in) weights, (I − Q₂Q₂ᵀ)G for
+    """project: gradient (the default): after backward, G ← G(I − q₁q₁ᵀ) for (out, in) weights, (I − q₁q₁ᵀ)G for
     visual.proj, in the gradients the optimizer then reads."""
     method, backbone, _, kept, _ = _gnsp(setting, "gradient")
     params = dict(method.trainable_parameters())

@@ -76,11 +76,14 @@ def test_sg_first_task_trains_the_last_block_towards_columns_of_the_soft_labels(
     assert losses["rl"].item() == pytest.approx((0.3 * kl / (4 * 3)).item(), rel=1e-5)  # parity: / (B · K)
 
 
-def test_sg_later_task_distils_the_adjusted_old_logits_at_its_temperature(setting):
+@pytest.mark.parametrize("parity", [False, True])
+def test_sg_later_task_distils_the_adjusted_old_logits_at_its_temperature(setting, parity):
+    """parity (the official code's quirks): the RL sum divided by batch × classes, the name-to-prompt similarity
+    rounded to fp16; without: divided by the batch, the similarity as computed."""
     bench, data = setting
     backbone = bench.backbone
     old, new = data["t-a"], data["t-b"]
-    method = bench.begin("sg", {**SG, "parity": False}, new, learned("sg", backbone, old))
+    method = bench.begin("sg", {**SG, "parity": parity}, new, learned("sg", backbone, old))
     nudge([p for _, p in method.trainable_parameters()], seed=23)
     y = torch.tensor([2, 3, 0, 2])  # the label space: cat, dog (old), emu, owl (new)
     losses = method.training_step((X, y))
@@ -93,9 +96,11 @@ def test_sg_later_task_distils_the_adjusted_old_logits_at_its_temperature(settin
     q = _soft_labels(backbone, names, 5.0)
     targets = q[:, y].T
     kl = (targets * (targets.log() - log_softmax(sigma * v @ t.T))).sum()
-    assert losses["rl"].item() == pytest.approx((0.3 * kl / 4).item(), rel=1e-5)  # parity off: / B
+    assert losses["rl"].item() == pytest.approx((0.3 * kl / (16 if parity else 4)).item(), rel=1e-5)
     # SG-KD: r_ik = cos(bare name of y_i, old prompt k); the best old class is raised by m_i, the others lowered.
     r = n[y] @ t[:2].T
+    if parity:
+        r = r.half().float()
     m, best = r.max(1)
     z_old = sigma * v_old @ t[:2].T - m[:, None]
     z_old[torch.arange(4), best] += 2 * m
@@ -156,6 +161,10 @@ def test_cvm_scores_with_the_stored_projection_and_concepts(setting):
             got = method.scores(state, X, keys, names, ctx)
         assert torch.allclose(got, expected, atol=1e-5), d
         assert torch.allclose(method.scores(state, X, keys[::-1], names, ctx), expected.flip(1), atol=1e-5)
+        if d == 64:  # a class no task taught: its concept from the same prompt, for zero-shot scoring
+            emu = text_features(backbone, ["a photo of a emu"])
+            got = method.scores(state, X, [*keys, "toy/emu"], {**names, "toy/emu": "emu"}, ctx)
+            assert torch.allclose(got[:, 2], (unit((projection @ raw.T).T) @ emu.T)[:, 0], atol=1e-5)
 
 
 # ---- CTP --------------------------------------------------------------------------------------------------

@@ -161,6 +161,26 @@ def test_kmeans_l1_finds_separated_groups():
     assert sorted(c[0].item() for c in centroids) == pytest.approx([0.05, 10.05])
 
 
+def test_kmeans_assigns_by_l1_distance_and_keeps_an_empty_clusters_centroid():
+    """From (1, 1) and (1.8, 0) as initial centroids, the origin is nearer (1.8, 0) in L1 (1.8 < 2) but (1, 1) in
+    L2 (1.41 < 1.8): one L1 iteration gives centroids (1, 1) and (0.9, 0)."""
+    points = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.8, 0.0]])
+    seed = next(
+        s for s in range(100) if torch.randperm(3, generator=torch.Generator().manual_seed(s))[:2].tolist() == [1, 2]
+    )
+    centroids = kmeans_l1(points, 2, 1, torch.Generator().manual_seed(seed))  # initial: points 1 and 2, in order
+    assert torch.allclose(centroids, torch.tensor([[1.0, 1.0], [0.9, 0.0]]))
+    # k above the number of points: one centroid per point. A cluster no point joins keeps its centroid.
+    assert len(kmeans_l1(points[:2], 5, 3, torch.Generator().manual_seed(0))) == 2
+    # Two equal initial centroids: every point ties and joins the first; the second, empty, stays where it was.
+    twin = torch.tensor([[1.0, 1.0], [1.0, 1.0], [5.0, 1.0]])
+    seed = next(
+        s for s in range(100) if torch.randperm(3, generator=torch.Generator().manual_seed(s))[:2].tolist() == [0, 1]
+    )
+    centroids = kmeans_l1(twin, 2, 1, torch.Generator().manual_seed(seed))
+    assert torch.allclose(centroids, torch.tensor([[7 / 3, 1.0], [1.0, 1.0]]))
+
+
 def test_lvp_it_scalars_start_at_the_code_defaults_and_learn():
     pool, e, labels = _random_task("t", ["d/a", "d/b", "d/c"], 10, seed=6)
     untrained = train_it_scalars(e, labels, pool.text, pool.image_means(), PoolConfig(it_epochs=0))
@@ -282,6 +302,25 @@ def test_merge_refuses_pools_from_different_backbones_and_bad_settings():
     b.meta = {**b.meta, "backbone": {"name": "other"}}
     with pytest.raises(PoolError, match="different backbone"):
         merge([a, b], PoolConfig())
+    b, _, _ = _random_task("b", ["d/b"], 3, seed=2)
+    b.meta = {**b.meta, "prompt_templates": "ensemble"}
+    with pytest.raises(PoolError, match="different prompt_templates"):
+        merge([a, b], PoolConfig())
+    with pytest.raises(PoolError, match="the same task id"):
+        merge([a, _random_task("a", ["d/c"], 3, seed=3)[0]], PoolConfig())
+    wide = build_task_pool(
+        "w", torch.eye(2, D + 1), torch.tensor([0, 0]), ["d/w"], ["w"], torch.eye(1, D + 1), PoolConfig(), META
+    )
+    with pytest.raises(PoolError, match=f"a \\(d={D}\\) and w \\(d={D + 1}\\) differ in dimension"):
+        merge([a, wide], PoolConfig())
+    with pytest.raises(PoolError, match="no LVP-IT scalars"):
+        merge([a], PoolConfig(variant="lvp-it"))
+    with pytest.raises(PoolError, match="no centroids"):
+        merge([a], PoolConfig(mode="cluster"))
+    with pytest.raises(PoolError, match="no pools"):
+        merge([], PoolConfig())
+    with pytest.raises(PoolError, match="3 embeddings but 2 labels"):
+        build_task_pool("x", torch.eye(3, D), torch.tensor([0, 0]), ["d/x"], ["x"], torch.eye(1, D), PoolConfig(), META)
     with pytest.raises(PoolError, match="no bank"):
         merge([a], PoolConfig(mode="bank"))
     with pytest.raises(ValueError, match="needs mode 'mean'"):
@@ -291,45 +330,16 @@ def test_merge_refuses_pools_from_different_backbones_and_bad_settings():
     assert isinstance(merge([a], PoolConfig()), MergedPool)
 
 
-# ---- a pool built elsewhere -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def built(tiny_backbone, tmp_path_factory):
-    from components.methods.base import Context
-    from components.methods.lvp import build_pool
-    from components.model.data import load_task
-    from tests.drops import make_task
-
-    task = load_task(make_task(tmp_path_factory.mktemp("prebuilt"), "t-a", ["cat", "dog"], train=2, test=1))
-    pool, _ = build_pool(task, Context(tiny_backbone), PoolConfig(clusters=3))
-    return task, pool
-
-
-CHANGES = {  # what another run may have built a pool with, and how the pool records it
-    "config": lambda pool: None,  # the pool as built; the run asks for other settings (below)
-    "backbone": lambda pool: pool.meta.update(backbone={**pool.meta["backbone"], "sha256": "0" * 64}),
-    "decoder": lambda pool: pool.meta.update(decoder="pillow"),
-    "reduce": lambda pool: pool.meta.update(reduce="arrival order"),
-    "classes": lambda pool: pool.class_keys.reverse(),
-    "task": lambda pool: pool.meta.update(task={**pool.meta["task"], "n_train": 5}),
-}
-
-
-@pytest.mark.parametrize("field", CHANGES)
-def test_a_prebuilt_pool_is_used_only_when_everything_it_was_built_from_matches(field, built, tiny_backbone, tmp_path):
-    import copy
-
-    from components.methods.base import Context
-    from components.methods.lvp import LVP
-
-    task, pool = built
-    ctx = Context(tiny_backbone, prebuilt_pools={"t-a": str(tmp_path)})
-    pool.save(tmp_path)
-    assert LVP(PoolConfig(clusters=3)).prebuilt(task, ctx).class_keys == pool.class_keys
-    changed = copy.deepcopy(pool)
-    CHANGES[field](changed)
-    changed.save(tmp_path)
-    settings = PoolConfig(clusters=4) if field == "config" else PoolConfig(clusters=3)
-    with pytest.raises(PoolError, match=f"prebuilt pool of t-a in .*: its {field} does not match this run's"):
-        LVP(settings).prebuilt(task, ctx)
+@pytest.mark.parametrize("variant", ["lvp-i", "lvp-it", "lvp-t"])
+def test_a_class_without_training_images_gets_no_image_entry(variant):
+    """A class a task declares but has no training image of: no image entry (mean or LVP-IT), only its text
+    (LVP-T); its score is then -inf unless another task taught it."""
+    cfg = PoolConfig(variant=variant, it_epochs=1)
+    e = torch.nn.functional.normalize(torch.randn(4, D, generator=torch.Generator().manual_seed(9)), dim=-1)
+    text = torch.eye(3, D)
+    pool = build_task_pool("t", e, torch.tensor([0, 0, 2, 2]), ["d/a", "d/b", "d/c"], ["a", "b", "c"], text, cfg, META)
+    merged = merge([pool], cfg)
+    owners = merged.entry_class.tolist()
+    assert owners == ([0, 1, 2] if variant == "lvp-t" else [0, 2])
+    scores = merged.scores(e)
+    assert torch.isfinite(scores[:, 1]).all() == (variant == "lvp-t")
