@@ -13,8 +13,6 @@ import io
 import shutil
 import time
 
-import pytest
-
 from components.registry import review_page
 from components.support import progress
 from flows.console import review_wait_text
@@ -82,18 +80,6 @@ def test_the_version_page_says_how_to_decide_in_mlflow():
     assert "set this version's tag `cliploop.review` to `approved`" in here
     assert "add the alias `champion` to it" in here and "to `rejected`" in here
     assert "`cliploop.reviewer` (your name)" in here and "cliploop approve 2 --reviewer NAME" in here
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A real Prefect API for the paused flow run (Prefect's test harness: a temporary server)."""
-    import os
-
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_a_paused_review_tells_the_console_and_shows_the_time_waited(tmp_path, prefect_api):
