@@ -82,22 +82,16 @@ def nightly(
                         outcome["task_id"] or location,
                         outcome["message"].splitlines()[0],
                     )
-        for waiting in chain.awaiting_review(cfg):
-            if waiting["gate"] != "pass":
-                continue
-            outcome = await_review(cfg, waiting["version"], waiting["task_id"])
-            summary["updates"].append(
-                {
-                    "task_id": waiting["task_id"],
-                    "version": waiting["version"],
-                    "gate": waiting["gate"],
-                    "outcome": outcome,
-                    "resumed_review": True,
-                }
-            )
-            if outcome != "promoted":
-                summary["stopped"] = f"version {waiting['version']} ({waiting['task_id']}) is {outcome}"
-                return summary
+        waiting = {w["task_id"]: w for w in chain.awaiting_review(cfg) if w["gate"] == "pass"}
+
+        def resume(task_id: str) -> dict[str, Any]:
+            version = waiting[task_id]["version"]
+            outcome = await_review(cfg, version, task_id)
+            return {"task_id": task_id, "version": version, "gate": "pass", "outcome": outcome, "resumed_review": True}
+
+        summary["stopped"] = chain.run_in_order(list(waiting), resume, summary["updates"])
+        if summary["stopped"]:
+            return summary
         todo = step(chain.pending_tasks, cfg)(cfg)
         pools: dict[str, str] = {}
         if todo and steps.builds_pools(cfg):
@@ -106,20 +100,20 @@ def nightly(
                 pooled.advance(len(built))
             summary["pools"] = built
             pools = {b["task_id"]: b["pool_dir"] for b in built}
-        for task_id in todo:
+
+        def update(task_id: str) -> dict[str, Any]:
             try:
-                result = continual_update(task_id, doc, pools)
+                return continual_update(task_id, doc, pools)
             except Exception as exc:
                 summary["updates"].append(
                     {"task_id": task_id, "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"}
                 )
                 summary["stopped"] = f"task {task_id} failed: {exc}"
                 raise NightFailed(summary["stopped"], summary) from exc
-            summary["updates"].append(result)
-            if result["outcome"] != "promoted":
-                summary["stopped"] = f"version {result['version']} ({task_id}) is {result['outcome']}"
-                log.info("stopping the chain: %s; later tasks wait for the next night", summary["stopped"])
-                break
+
+        summary["stopped"] = chain.run_in_order(todo, update, summary["updates"])
+        if summary["stopped"]:
+            log.info("stopping the chain: %s; later tasks wait for the next night", summary["stopped"])
     return summary
 
 

@@ -21,7 +21,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,21 @@ def pending_tasks(config: Config) -> list[str]:
     """Tasks to learn tonight, in arrival order: validated ones, and failed ones (tried again)."""
     with ledger_of(config) as ledger:
         return [r.task_id for r in sorted(ledger.all(), key=lambda r: r.seq) if r.state in ("validated", "failed")]
+
+
+def run_in_order(
+    task_ids: list[str], update: Callable[[str], dict[str, Any]], updates: list[dict[str, Any]]
+) -> str | None:
+    """Take ``task_ids`` one at a time with ``update`` (a task id -> its result: ``version``, ``outcome``), adding
+    each result to ``updates``, and stop at the first that does not end ``promoted``: the next task must build on
+    a reviewed champion. Returns why it stopped (None: every one was promoted); an exception from ``update``
+    stops it too, and is the caller's."""
+    for task_id in task_ids:
+        result = update(task_id)
+        updates.append(result)
+        if result["outcome"] != "promoted":
+            return f"version {result['version']} ({task_id}) is {result['outcome']}"
+    return None
 
 
 def head(config: Config) -> dict[str, Any]:
