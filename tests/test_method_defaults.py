@@ -30,8 +30,14 @@ SHARED = {  # docs/methods/README.md
     "memory_size": 0,
     "classifier": "text",
 }
-MTIL = {"lr": 1e-5, "iterations": 1000, "batch_size": 64, "warmup_steps": 100, "label_smoothing": 0.2}  # finetune.md
-REFERENCE = {  # docs/methods/README.md, "The reference set"
+MTIL = {
+    "lr": 1e-5,
+    "iterations": 1000,
+    "batch_size": 64,
+    "warmup_steps": 100,
+    "label_smoothing": 0.2,
+}  # docs/methods/finetune.md
+REFERENCE = {  # docs/methods/README.md, "What every fine-tuning method shares"
     "reference_set": None,
     "reference_size": 1000,
     "reference_batch_size": 64,

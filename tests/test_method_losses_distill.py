@@ -1,8 +1,9 @@
 """The fine-tuning baselines' and the reference-distillation methods' loss terms on a fixed tiny batch, against
-the formulas of docs/methods/ (finetune.md, lwf.md, zscl.md, gnsp.md, wise-ft.md) computed in the test from the
-model's own forward passes: fine-tune, LwF, ZSCL (and its L2 gradient through ``after_backward``), WiSE-FT's
-interpolation, and GNSP's losses and gradient projection in both ``project`` modes. Settings are set off their
-defaults where a default would hide a dropped setting (a temperature of 2 hard-coded passes at the default)."""
+the formulas of docs/methods/finetune.md, docs/methods/lwf.md, docs/methods/zscl.md, docs/methods/gnsp.md and
+docs/methods/wise-ft.md computed in the test from the model's own forward passes: fine-tune, LwF, ZSCL (and its
+L2 gradient through ``after_backward``), WiSE-FT's interpolation, and GNSP's losses and gradient projection in
+both ``project`` modes. Settings are set off their defaults where a default would hide a dropped setting (a
+temperature of 2 hard-coded passes at the default)."""
 
 from __future__ import annotations
 

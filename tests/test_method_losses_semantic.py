@@ -1,6 +1,6 @@
-"""SG-RL + SG-KD, CVM and CTP: their loss terms on a fixed tiny batch against the formulas of docs/methods/
-(sg.md, cvm.md, ctp.md) computed in the test from the model's own forward passes, on a first task and on a later
-one. Settings are set off their defaults where a default would hide a dropped setting."""
+"""SG-RL + SG-KD, CVM and CTP: their loss terms on a fixed tiny batch against the formulas of docs/methods/sg.md,
+docs/methods/cvm.md and docs/methods/ctp.md computed in the test from the model's own forward passes, on a first
+task and on a later one. Settings are set off their defaults where a default would hide a dropped setting."""
 
 from __future__ import annotations
 
