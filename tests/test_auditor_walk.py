@@ -154,7 +154,8 @@ def test_an_older_workspace_keeps_its_remote_and_a_moved_one_pushes_into_its_own
     """A workspace set up before this change names its remote ``../.cliploop/dvc-remote`` in the committed config
     only. Set up again with ``dvc.remote`` unset (what every ingest does), it keeps that very folder and gains an
     absolute spelling in the committed config, so a clone pulls. Moved to another folder, it keeps pushing into
-    the remote it carries, never into the old place, and the committed path follows it."""
+    the remote it carries, never into the old place, and the committed path follows it. Pointed at a remote
+    outside, nothing of the old one is left for DVC to read."""
     ws = tmp_path / "ws"
     remote = ws / ".cliploop" / "dvc-remote"
     default = versioning.RemoteSpec(url=versioning.default_remote(ws), configured=False)
@@ -192,3 +193,7 @@ def test_an_older_workspace_keeps_its_remote_and_a_moved_one_pushes_into_its_own
     assert set(before) < after and len(after) == 4  # one more file, one more listing
     versioning.configure_remote(moved, versioning.RemoteSpec(versioning.default_remote(moved), configured=False))
     assert _remote_urls(moved) == (str(moved / ".cliploop" / "dvc-remote"), "../.cliploop/dvc-remote")
+    # dvc.remote set to a folder outside: the inside spelling leaves config.local too, or DVC would still read it.
+    outside = tmp_path / "shared-remote"
+    versioning.configure_remote(moved, versioning.RemoteSpec(url=str(outside)))
+    assert _remote_urls(moved) == (str(outside), None) and versioning.remote_url(moved) == str(outside)
