@@ -39,16 +39,25 @@ def prefect_api(tmp_path_factory):
         yield
 
 
-def _champion_predicts(registry, images):
-    """The champion loads as an MLflow pyfunc and names one of the learned labels for each image."""
+def _champion_predicts(cfg, registry, images, folder):
+    """The champion loads as an MLflow pyfunc and names, for each image, the label its learner state's prediction
+    rule gives (tests/expected_predictions.py, worked out here from the registered state, not by the served code)."""
     import mlflow
     import pandas as pd
 
+    from components.model.state import LearnerState
+    from tests.expected_predictions import expected_labels
+
+    blobs = [p.read_bytes() for p in images]
+    # The verified download first: MLflow's own load of a models:/ URI leaves a registered_model_meta file beside
+    # the model that the pins (rightly) call an addition.
+    state = LearnerState.load(registry.download_state(registry.alias("champion"), folder))
+    expected = expected_labels(cfg, state, blobs)
     mlflow.set_tracking_uri(registry.tracking_uri)
     mlflow.set_registry_uri(registry.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/cliploop@champion")
-    predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
-    assert len(predicted) == len(images) and set(predicted["label"]) <= {"cat", "dog", "emu", "owl"}
+    predicted = mlflow.pyfunc.load_model("models:/cliploop@champion").predict(pd.DataFrame({"image": blobs}))
+    assert list(predicted["label"]) == expected
+    assert list(predicted["class_key"]) == [f"toy/{label}" for label in expected]
     return predicted
 
 
@@ -96,8 +105,10 @@ def test_clean_night_of_two_tasks(tmp_path, tiny_checkpoint):
     assert {"eval", "config.resolved.yaml", "validation", "lineage.json"} <= artifacts
     assert "perf.peak_mem_mb" in run.data.metrics
 
-    # The version loads as a pyfunc and predicts one of the learned labels per image.
-    predicted = _champion_predicts(registry, sorted((tmp_path / "incoming" / "t-a" / "img").glob("*.png"))[:4])
+    # The version loads as a pyfunc and predicts, image by image, what its pools say (both tasks' test images).
+    tests = [p for t in ("t-a", "t-b") for p in sorted((tmp_path / "incoming" / t / "img").glob("test-*.png"))]
+    predicted = _champion_predicts(cfg, registry, tests, tmp_path / "served")
+    assert len(set(predicted["label"])) > 1  # these images tell a constant answer from the pools' answers
     assert predicted["score"].between(0, 1).all()
 
     # Lineage of the champion verifies; a second night finds nothing to do and registers nothing.
@@ -140,7 +151,7 @@ def test_a_fine_tuning_method_runs_the_night_and_its_version_serves(tmp_path, ti
     assert state.method == "gnsp" and state.task_ids == ["t-a", "t-b"] and state.weights is not None
     assert any(k.startswith("gnsp.gram.") for k in state.method_tensors)
 
-    _champion_predicts(registry, sorted((tmp_path / "incoming" / "t-b" / "img").glob("*.png"))[:3])
+    _champion_predicts(cfg, registry, sorted((tmp_path / "incoming" / "t-b" / "img").glob("*.png"))[:3], tmp_path / "v")
 
 
 def test_quarantined_task_and_failing_gate_leave_the_champion_alone(tmp_path, tiny_checkpoint):
