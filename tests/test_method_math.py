@@ -190,6 +190,11 @@ def test_enqueue_is_a_fifo_ring():
     assert pointer == 3 and queue[0].tolist() == [1, 2, 3, 0]
     pointer = ctp.enqueue(queue, pointer, torch.tensor([[4.0, 4.0], [5.0, 5.0]]))
     assert pointer == 1 and queue[0].tolist() == [5, 2, 3, 4]
+    # A batch larger than the queue: only its last four keys stay, and the next write replaces the oldest.
+    pointer = ctp.enqueue(queue, pointer, torch.arange(6.0)[:, None].repeat(1, 2))
+    assert sorted(queue[0].tolist()) == [2, 3, 4, 5]
+    ctp.enqueue(queue, pointer, torch.tensor([[9.0, 9.0]]))
+    assert sorted(queue[0].tolist()) == [3, 4, 5, 9]
 
 
 def test_topology_loss_on_a_hand_made_case():

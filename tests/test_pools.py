@@ -17,6 +17,7 @@ from components.model.pools import (
     build_task_pool,
     class_sums,
     kmeans_l1,
+    pool_from_sums,
     train_it_scalars,
 )
 from tests import pool_reference
@@ -294,6 +295,8 @@ def test_save_load_round_trip_and_tamper_detection(tmp_path):
     blob.write_bytes(bytes(data))
     with pytest.raises(PoolError, match="does not match"):
         TaskPool.load(tmp_path, "t-1")
+    with pytest.raises(PoolError, match="no pool for task 't-2'"):
+        TaskPool.load(tmp_path, "t-2")
 
 
 def test_merge_refuses_pools_from_different_backbones_and_bad_settings():
@@ -319,6 +322,8 @@ def test_merge_refuses_pools_from_different_backbones_and_bad_settings():
         merge([a], PoolConfig(mode="cluster"))
     with pytest.raises(PoolError, match="no pools"):
         merge([], PoolConfig())
+    with pytest.raises(PoolError, match="mode 'bank' / variant 'lvp-i' needs the embeddings"):
+        pool_from_sums("x", a.sums, a.counts, None, None, a.class_keys, a.class_names, a.text, PoolConfig(mode="bank"))
     with pytest.raises(PoolError, match="3 embeddings but 2 labels"):
         build_task_pool("x", torch.eye(3, D), torch.tensor([0, 0]), ["d/x"], ["x"], torch.eye(1, D), PoolConfig(), META)
     with pytest.raises(PoolError, match="no bank"):
@@ -343,3 +348,4 @@ def test_a_class_without_training_images_gets_no_image_entry(variant):
     assert owners == ([0, 1, 2] if variant == "lvp-t" else [0, 2])
     scores = merged.scores(e)
     assert torch.isfinite(scores[:, 1]).all() == (variant == "lvp-t")
+    assert torch.isfinite(scores[:, [0, 2]]).all() and torch.isfinite(merged.vectors).all()
