@@ -124,38 +124,28 @@ def _wide_jpeg(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def test_the_decoder_is_part_of_the_pool_key_and_checked_on_prebuilt_pools(tmp_path, tiny_checkpoint, monkeypatch):
-    from components.intake.ledger import TaskRecord
+def test_a_pool_records_its_decoder_and_a_prebuilt_pool_decoded_otherwise_is_refused(tmp_path, tiny_backbone):
+    """The decoder a pool was built with is in its meta and in its key (every input of the key:
+    tests/test_pool_key.py), and a prebuilt pool is checked against this run's decoder, whichever way the two
+    differ; the other fields a prebuilt pool is checked on: tests/test_pools.py."""
     from components.methods.base import Context
     from components.methods.lvp import LVP, build_pool
     from components.model import data
-    from components.model.backbones import load_backbone
     from components.model.pools import PoolError
-    from components.pipeline import steps
-    from components.settings.config_loading import load_config
-    from tests.conftest import tiny_overrides
     from tests.drops import make_task
-
-    config = load_config(overrides=tiny_overrides(tiny_checkpoint, f"workspace={tmp_path / 'ws'}"), env={})
-    record = TaskRecord("t-a", "learned", "digest", dvc_md5="md5")
-    key = steps.pool_key(config, record)
-    assert steps.pool_key(config, record) == key
-    monkeypatch.setattr(data, "DECODER", "pillow")
-    assert steps.pool_key(config, record) != key  # a pool decoded otherwise is never reused
-    monkeypatch.undo()
 
     task = data.load_task(make_task(tmp_path, "t-a", ["cat", "dog"], train=2, test=1, image_format="jpg"))
     method = LVP()
-    ctx = Context(load_backbone(config.model))
-    pool, _ = build_pool(task, ctx, method.settings)
-    assert pool.meta["decoder"] == "pillow-draft2x"
+    pool, _ = build_pool(task, Context(tiny_backbone), method.settings)
+    assert pool.meta["decoder"] == data.DECODER == "pillow-draft2x"
     pool.save(tmp_path / "pools")
-    prebuilt = Context(ctx.backbone, prebuilt_pools={"t-a": str(tmp_path / "pools")})
-    assert method.prebuilt(task, prebuilt).meta == pool.meta
-    pool.meta["decoder"] = "pillow"  # built by an older cliploop, every image decoded in full
-    pool.save(tmp_path / "pools")
-    with pytest.raises(PoolError, match="its decoder does not match"):
-        method.prebuilt(task, prebuilt)
+    for run_decoder in ("pillow-draft2x", "pillow", "torch-jpeg"):
+        ctx = Context(tiny_backbone, decoder=run_decoder, prebuilt_pools={"t-a": str(tmp_path / "pools")})
+        if run_decoder == pool.meta["decoder"]:
+            assert method.prebuilt(task, ctx).meta == pool.meta
+            continue
+        with pytest.raises(PoolError, match="its decoder does not match"):
+            method.prebuilt(task, ctx)  # a pool decoded in full (an older cliploop) is not this run's pixels
 
 
 def test_a_prebuilt_pool_is_accepted_for_a_copy_of_its_task_in_another_folder(tmp_path, tiny_checkpoint):
