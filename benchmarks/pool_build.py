@@ -143,10 +143,13 @@ def compare_engines(overrides: list[str], args, task, ctx, settings, backbone, t
     same = torch.equal(pools["local"].sums, pools["ray"].sums) and torch.equal(
         pools["local"].counts, pools["ray"].counts
     )
+    # Each pool's file digest, as `cliploop pool` prints it: a reader can compare them without trusting `same`.
+    saved = {name: pool.save(Path(tmp) / f"pool-{name}")[f"{pool.task_id}.safetensors"] for name, pool in pools.items()}
     return {
         "img_per_s": {"local": round(args.images / local_s, 1), "ray": round(args.images / ray_s, 1)},
         "ray_vs_local": round(local_s / ray_s, 3),
         "identical_pools": bool(same),
+        "tensors_sha256": saved,
         "parts": len(parts),
         "ray_actors": engine.actors(engine.actor_gpus(backbone), len(parts)),
         "ray_resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
