@@ -80,6 +80,40 @@ def test_a_registered_version_is_pinned_and_loads_verified(registered, tmp_path,
     assert main(_cli(cfg, "lineage", "champion", "--verify")) == 0
 
 
+def test_a_version_loaded_through_mlflow_still_loads_verified(registered, tmp_path, capsys):
+    """``mlflow.pyfunc.load_model("models:/NAME@champion")``, the call docs/pipeline.md shows, writes MLflow's
+    ``registered_model_meta`` note into a local store's own model folder. The pin then saw an added file and every
+    verified loader refused a clean version; the note (name and version, never loaded) is left out of the copy."""
+    import mlflow
+
+    from flows.cli import main
+
+    cfg, folder, root = registered
+    registry = from_config(cfg)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    try:
+        mlflow.pyfunc.load_model(f"models:/{registry.model_name}@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    note = folder / model_pins.MLFLOW_LOAD_NOTE
+    try:
+        assert note.is_file()  # what MLflow does to the store: the reason for this test
+        image = next((root / "incoming" / "t-a").rglob("*.png"))
+        capsys.readouterr()
+        assert main(_cli(cfg, "predict", "champion", str(image), "--json")) == 0
+        assert main(_cli(cfg, "export-model", "1", str(tmp_path / "export"))) == 0
+        assert not (tmp_path / "export" / model_pins.MLFLOW_LOAD_NOTE).exists()
+        assert model_pins.file_digests(tmp_path / "export") == {
+            k: v for k, v in model_pins.file_digests(folder).items() if k != model_pins.MLFLOW_LOAD_NOTE
+        }
+        assert main(_cli(cfg, "lineage", "champion", "--verify")) == 0
+        note.write_text("planted: still never loaded, still left out\n")
+        assert model_pins.verify_version(registry, 1) == []
+    finally:
+        note.unlink(missing_ok=True)
+
+
 def test_planted_code_in_the_stored_model_is_never_run(registered, tmp_path, capsys):
     """A line appended to the packaged ``code/components/model/state.py`` (which ``load_context`` imports): the
     verified loaders refuse before importing it; the mark it would write never appears."""

@@ -37,6 +37,7 @@ CONFIG_IN_MODEL = "artifacts/config.resolved.yaml"
 CONFIG_PIN_TAG = "config_file_sha256"
 # Formats that execute code when read: a model of cliploop's never holds one (safetensors + JSON + code).
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth", ".bin")
+MLFLOW_LOAD_NOTE = "registered_model_meta"  # see fetch_verified
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of a "model from code" (imports a .py file)
 
 
@@ -165,6 +166,11 @@ def fetch_verified(registry, version: int, dest: Path) -> Path:
         expected, mv = _manifest(registry, version, tmp)
         root = _download(registry, model_location(registry, mv.model_id, mv.source), tmp / "model")
         found = file_digests(root)
+        if MLFLOW_LOAD_NOTE in found and MLFLOW_LOAD_NOTE not in expected:
+            # MLflow writes this note (the model's name and version) into a local store's own model folder
+            # whenever the version is loaded by a models:/ URI; nothing loads it. Not pinned: left out of the copy.
+            (root / MLFLOW_LOAD_NOTE).unlink()
+            del found[MLFLOW_LOAD_NOTE]
         problems = differences(expected, found)
         if problems:
             raise ArtifactsTampered(
