@@ -354,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         with console_progress():  # long work shows its progress on stderr (flows/progress.py)
             return args.run(args)
     except KeyboardInterrupt as exc:  # Ctrl-C, or a night stopped by SIGTERM/SIGINT (flows/lifeline.py)
-        signum = getattr(exc, "signum", 2)
-        print(
-            f"cliploop: interrupted ({signal.Signals(signum).name}); re-running the same command is safe",
-            file=sys.stderr,
-        )
+        from flows.lifeline import end_within, interrupted_line
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(interrupted_line(signum), file=sys.stderr)
+        if argv is None:  # the process's own command line, not a caller's: its exit must not hang on exit hooks
+            end_within(128 + signum)
         return 128 + signum
     except Exception as exc:
         known = user_error(exc)

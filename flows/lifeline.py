@@ -34,6 +34,7 @@ from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_S = 2.0  # while a night unwinds, how often the interruption is raised again (it can be swallowed)
+EXIT_GRACE_S = 5.0  # once an interruption is reported, how long the process may take to exit before it is ended
 
 
 class NightInterrupted(KeyboardInterrupt):
@@ -203,7 +204,9 @@ def supervised(fn: Callable[[], Any], on_hard_stop: Callable[[int], None], grace
                 if thread.is_alive():  # did not unwind: end it from here
                     on_hard_stop(received[0])
                     terminate({p for p in descendants(os.getpid()) - baseline if p[0] != reaper.pid}, wait_s=2.0)
-                    os._exit(128 + received[0])
+                    note = f": the night did not stop within {grace_s:g} s and was ended"
+                    print(interrupted_line(received[0], note), file=sys.stderr)
+                    _exit_now(128 + received[0])
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -215,6 +218,36 @@ def supervised(fn: Callable[[], Any], on_hard_stop: Callable[[int], None], grace
     if received:
         raise NightInterrupted(received[0])
     return result.get("value")
+
+
+def interrupted_line(signum: int, note: str = "") -> str:
+    """What a command stopped by a signal says, the same for SIGTERM and Ctrl-C, whether the night unwound or had to
+    be ended: its work is in content-addressed, resumable steps and the ledger moved its task to failed."""
+    return f"cliploop: interrupted ({signal.Signals(signum).name}){note}; re-running the same command is safe"
+
+
+def end_within(code: int, grace_s: float = EXIT_GRACE_S) -> None:
+    """After an interruption has been reported: the process exits with ``code`` within ``grace_s`` seconds, whatever
+    its exit hooks do. Ctrl-C signals the whole foreground process group, so Prefect's temporary server dies with
+    the night, and Prefect's exit hook then waits minutes for its log and event workers to reach it. A second
+    Ctrl-C or SIGTERM meanwhile ends the process at once, with the same code. What the night started and is still
+    running is the reaper's (it acts when this process ends)."""
+
+    def now(*_: Any) -> None:
+        _exit_now(code)
+
+    for s in SIGNALS:
+        signal.signal(s, now)
+    timer = threading.Timer(grace_s, now)
+    timer.daemon = True  # the interpreter's shutdown does not wait for it: it waits for the shutdown
+    timer.start()
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _raise_in(thread: threading.Thread, signum: int) -> None:
