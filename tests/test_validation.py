@@ -1,26 +1,25 @@
-"""Every bad input is quarantined with a message naming the row/file and the rule, and nothing else changes.
+"""Every validation rule fails on a drop that breaks it, alone, with a message naming the row and the rule
+(the cases: tests/bad_drops.py), and a bad drop is quarantined with nothing else changed.
 
-Real git, real DVC (local remote), real Great Expectations. One workspace with an accepted earlier task
-is built per module and copied for each test.
+Real git, real DVC (local remote), real Great Expectations. One workspace with an accepted earlier task is built
+per module: the rule cases validate against it as `cliploop validate` does (it only reads; no data docs are
+rendered, which is most of what an ingest's validation costs), and each quarantine test ingests into a copy of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
-import yaml
 
 from components.intake import ingestion, workspace
 from components.settings.config_loading import load_config
 from flows.cli import main
-from tests.drops import append_rows, make_task, png_bytes, read_manifest, write_manifest
+from tests.bad_drops import ALSO_FAILS, BAD_ROWS, CASES, GX_RULES, NOT_ROWS, image_of, undeclared_label
+from tests.drops import make_task, read_manifest, write_manifest
 
 
 def _config(ws: Path, *overrides: str):
@@ -76,210 +75,64 @@ def snapshot(ws: Path) -> dict:
     }
 
 
-def crafted_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width×height but whose pixel data is a few bytes: a decompression bomb."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
+def _bad_drop(case: str, tmp_path: Path, base_workspace) -> tuple[Path, dict]:
+    drop = make_task(tmp_path / "drops", "toy-b", ["bird", "fish"])
+    ctx = {"earlier": base_workspace[1]}
+    CASES[case][0](drop, ctx)
+    return drop, ctx
 
 
-def tiff_bytes() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="TIFF")
-    return buf.getvalue()
+def _expected_text(text: str, drop: Path, ctx: dict) -> str:
+    if "{row}" in text:
+        line = next(i for i, r in enumerate(read_manifest(drop), start=1) if r and r[0] == ctx["row"])
+        text = text.replace("{row}", f"manifest.csv line {line} ({ctx['row']})")
+    return text.replace("{line}", str(ctx.get("line")))
 
 
-# Each case: a mutation of a valid drop "toy-b" (classes bird, fish), the rule that must fail, and text the
-# message must contain. "{row}" stands for "manifest.csv line N (path)" of the offending row.
+def test_every_rule_has_a_case_of_its_own():
+    """label-doubt needs a model's scores: its cases are in tests/test_label_doubt.py."""
+    from components.intake.validation_report import RULES
 
-
-def _drop_column(d: Path, ctx):
-    rows = read_manifest(d)
-    write_manifest(d, [r[:2] for r in rows[1:]], header=["path", "label"])
-
-
-def _extra_column(d: Path, ctx):
-    rows = read_manifest(d)
-    write_manifest(d, [r + ["0.5"] for r in rows[1:]], header=["path", "label", "split", "weight"])
-
-
-def _only_split(keep: str):
-    def mutate(d: Path, ctx):
-        rows = read_manifest(d)
-        write_manifest(d, [r for r in rows[1:] if r[2] == keep])
-
-    return mutate
-
-
-def _undeclared_label(d: Path, ctx):
-    (d / "img" / "zebra.png").write_bytes(png_bytes(9001))
-    append_rows(d, [["img/zebra.png", "zebra", "train"]])
-    ctx["row"] = "img/zebra.png"
-
-
-def _truncate(d: Path, ctx):
-    target = d / "img" / "train-bird-0.png"
-    data = target.read_bytes()
-    target.write_bytes(data[: len(data) // 2])
-    ctx["row"] = "img/train-bird-0.png"
-
-
-def _garbage(d: Path, ctx):
-    (d / "img" / "train-fish-1.png").write_bytes(os.urandom(300))
-    ctx["row"] = "img/train-fish-1.png"
-
-
-def _missing_file(d: Path, ctx):
-    append_rows(d, [["img/not-there.png", "bird", "train"]])
-    ctx["row"] = "img/not-there.png"
-
-
-def _bomb(d: Path, ctx):
-    (d / "img" / "bomb.png").write_bytes(crafted_png(100_000, 100_000))
-    append_rows(d, [["img/bomb.png", "bird", "train"]])
-    ctx["row"] = "img/bomb.png"
-
-
-def _dotdot(d: Path, ctx):
-    (d.parent / "outside.png").write_bytes(png_bytes(77))
-    append_rows(d, [["../outside.png", "bird", "train"]])
-    ctx["row"] = "../outside.png"
-
-
-def _absolute(d: Path, ctx):
-    (d.parent / "abs.png").write_bytes(png_bytes(78))
-    append_rows(d, [[str(d.parent / "abs.png"), "bird", "train"]])
-    ctx["row"] = str(d.parent / "abs.png")
-
-
-def _symlink(d: Path, ctx):
-    (d.parent / "secret.png").write_bytes(png_bytes(79))
-    os.symlink(d.parent / "secret.png", d / "img" / "link.png")
-    append_rows(d, [["img/link.png", "bird", "train"]])
-    ctx["row"] = "img/link.png"
-
-
-def _duplicate_row(d: Path, ctx):
-    rows = read_manifest(d)
-    append_rows(d, [rows[1]])
-    ctx["row"] = rows[1][0]
-
-
-def _leak(d: Path, ctx):
-    shutil.copyfile(d / "img" / "train-bird-0.png", d / "img" / "copy.png")
-    append_rows(d, [["img/copy.png", "bird", "test"]])
-    ctx["row"] = "img/copy.png"
-
-
-def _seen_before(d: Path, ctx):
-    shutil.copyfile(ctx["earlier"] / "img" / "train-cat-0.png", d / "img" / "old.png")
-    append_rows(d, [["img/old.png", "bird", "train"]])
-    ctx["row"] = "img/old.png"
-
-
-def _tiff(d: Path, ctx):
-    (d / "img" / "train-bird-1.png").write_bytes(tiff_bytes())
-    ctx["row"] = "img/train-bird-1.png"
-
-
-def _animated(fmt: str, suffix: str):
-    """A three-frame animation: which frame would be the labelled picture?"""
-
-    def mutate(d: Path, ctx):
-        from PIL import Image
-
-        frames = [Image.new("RGB", (16, 16), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
-        rel = f"img/animated.{suffix}"
-        frames[0].save(d / rel, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
-        append_rows(d, [[rel, "bird", "train"]])
-        ctx["row"] = rel
-
-    return mutate
-
-
-def _respec(**changes):
-    def mutate(d: Path, ctx):
-        spec = yaml.safe_load((d / "task.yaml").read_text())
-        spec.update(changes)
-        (d / "task.yaml").write_text(yaml.safe_dump(spec))
-
-    return mutate
-
-
-def _no_manifest(d: Path, ctx):
-    (d / "manifest.csv").unlink()
-
-
-def _declared_without_train(d: Path, ctx):
-    spec = yaml.safe_load((d / "task.yaml").read_text())
-    spec["classes"].append("owl")
-    (d / "task.yaml").write_text(yaml.safe_dump(spec))
-
-
-CASES = {
-    "missing-column": (_drop_column, "columns", ["missing column(s): split"], []),
-    "extra-column": (_extra_column, "columns", ["unexpected column(s): weight"], []),
-    "empty-test-split": (_only_split("train"), "split-nonempty", ["the test split is empty"], []),
-    "empty-train-split": (_only_split("test"), "split-nonempty", ["the train split is empty"], []),
-    "undeclared-label": (_undeclared_label, "label-declared", ["{row}", "label 'zebra' is not declared"], []),
-    "truncated-image": (_truncate, "image-readable", ["{row}", "cannot be decoded"], []),
-    "unreadable-bytes": (_garbage, "image-format", ["{row}", "content is unknown"], []),
-    "missing-file": (_missing_file, "image-readable", ["{row}", "not in the drop"], []),
-    "decompression-bomb": (_bomb, "pixel-limit", ["{row}", "100000×100000", "over the limit"], []),
-    "over-configured-pixels": (
-        lambda d, c: c.update(row="img/train-bird-0.png"),
-        "pixel-limit",
-        ["{row}", "16×16", "validation.max_pixels"],
-        ["validation.max_pixels=200"],
-    ),
-    "path-dotdot": (_dotdot, "path-safe", ["{row}", "contains '..'"], []),
-    "path-absolute": (_absolute, "path-safe", ["{row}", "absolute"], []),
-    "path-symlink": (_symlink, "path-safe", ["{row}", "symbolic link"], []),
-    "duplicate-row": (_duplicate_row, "duplicate-rows", ["{row}", "also listed on line"], []),
-    "train-test-leak": (_leak, "train-test-leak", ["{row}", "same image content as line"], []),
-    "seen-in-earlier-task": (_seen_before, "seen-before", ["{row}", "already ingested in task toy-a"], []),
-    "tiff-renamed": (_tiff, "image-format", ["{row}", "content is TIFF"], []),
-    "animated-webp": (_animated("WEBP", "webp"), "image-readable", ["{row}", "is animated (3 frames)"], []),
-    "animated-png": (_animated("PNG", "png"), "image-readable", ["{row}", "is animated (3 frames)"], []),
-    "class-overlap": (
-        _respec(classes=["bird", "cat"]),
-        "scenario-classes",
-        ["'cat'", "already learned in task toy-a"],
-        [],
-    ),
-    "domain-class-mismatch": (
-        _respec(scenario="domain-incremental", classes=["bird", "fish"]),
-        "scenario-classes",
-        ["unknown to dataset 'toy': bird, fish", "lacks known class(es)"],
-        [],
-    ),
-    "class-without-train": (_declared_without_train, "class-has-train", ["class 'owl' has 0 training image(s)"], []),
-    "bad-task-yaml": (_respec(scenario="sideways"), "task-yaml", ["scenario"], []),
-    "task-yaml-not-yaml": (
-        lambda d, c: (d / "task.yaml").write_text("task_id: toy-b\nclasses: [bird\n"),
-        "task-yaml",
-        ["task.yaml, line 3, column 1: not valid YAML: expected ',' or ']'"],
-        [],
-    ),
-    "no-manifest": (_no_manifest, "manifest-readable", ["manifest.csv is missing"], []),
-}
+    assert {rule for _, rule, _, _ in CASES.values()} == set(RULES) - {"label-doubt"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_each_rule_fails_on_its_own_case_and_nothing_else_fails(case, base_workspace, tmp_path):
+    """Each case breaks one rule, and the report fails exactly that rule (and those its definition drags along),
+    with a message naming the row; a rule that Great Expectations decides is there as a failed expectation. So
+    removing any one rule from the suite, or making one fire where it should not, fails a case. Checked with
+    `cliploop validate`'s function, which runs the same validation as an ingest but writes nothing (the
+    quarantine itself: the next test)."""
+    from components.intake.drop_check import validate_location
+
+    _, rule, expected, overrides = CASES[case]
+    drop, ctx = _bad_drop(case, tmp_path, base_workspace)
+    report = validate_location(str(drop), _config(base_workspace[0], *overrides)).to_dict()
+
+    assert report["success"] is False
+    failed = {r["rule"]: r for r in report["rules"] if not r["success"]}
+    assert set(failed) == {rule} | ALSO_FAILS.get(case, set()), sorted(failed)
+    messages = [f["message"] for f in failed[rule]["failures"]]
+    for text in expected:
+        text = _expected_text(text, drop, ctx)
+        assert any(text in m for m in messages), f"{text!r} not in {messages}"
+    if rule in GX_RULES:
+        (exp,) = [e for e in report["expectations"] if e["rule"] == rule and not e["success"]]
+        if rule not in NOT_ROWS:
+            assert exp["unexpected_count"] == BAD_ROWS.get(case, 1) == failed[rule]["count"]
+    # Every other expectation ran and passed.
+    assert all(e["success"] for e in report["expectations"] if e["rule"] != rule)
+
+
+# One case down each road a bad drop takes through an ingest: refused before validation (task.yaml, manifest), a
+# manifest rule, an image rule (the drop's good images already staged into shards), and a check across tasks.
+QUARANTINED = ["bad-task-yaml", "no-manifest", "undeclared-label", "seen-in-earlier-task", "class-overlap"]
+
+
+@pytest.mark.parametrize("case", QUARANTINED)
 def test_bad_input_is_quarantined_and_nothing_else_changes(case, ws, base_workspace, tmp_path):
-    mutate, rule, expected, overrides = CASES[case]
-    drop = make_task(tmp_path / "drops", "toy-b", ["bird", "fish"])
-    ctx = {"earlier": base_workspace[1]}
-    mutate(drop, ctx)
+    _, rule, expected, overrides = CASES[case]
+    drop, ctx = _bad_drop(case, tmp_path, base_workspace)
     cfg = _config(ws, *overrides)
     before = snapshot(ws)
 
@@ -290,24 +143,38 @@ def test_bad_input_is_quarantined_and_nothing_else_changes(case, ws, base_worksp
     report = json.loads(Path(outcome.report_path).read_text())
     assert report["success"] is False
     failed = {r["rule"]: r for r in report["rules"] if not r["success"]}
-    assert rule in failed, f"expected rule {rule}, failed: {sorted(failed)}"
+    assert set(failed) == {rule} | ALSO_FAILS.get(case, set()), sorted(failed)
     messages = [f["message"] for f in failed[rule]["failures"]]
     for text in expected:
-        if "{row}" in text:
-            line = next(i for i, r in enumerate(read_manifest(drop), start=1) if r and r[0] == ctx["row"])
-            text = text.replace("{row}", f"manifest.csv line {line} ({ctx['row']})")
+        text = _expected_text(text, drop, ctx)
         assert any(text in m for m in messages), f"{text!r} not in {messages}"
     assert Path(outcome.report_path).is_relative_to(ws / ".cliploop" / "quarantine")
-    if report.get("data_docs"):
+    if rule not in ("task-yaml", "manifest-readable"):  # the suites ran: their data docs are kept with the report
         assert Path(report["data_docs"]).is_file()
     with workspace.open_ledger(cfg) as ledger:
         task_id = "toy-b" if rule not in ("task-yaml",) else drop.name
         assert ledger.get(task_id).state == "quarantined"
 
 
+def test_the_size_rules_hold_at_their_bounds(base_workspace, tmp_path):
+    """image-min-side: "at least the minimum width and height", so a side of exactly min_side passes; pixel-limit:
+    "within the limit", so exactly max_pixels passes (16×16 = 256 pixels here), one pixel less fails."""
+    from components.intake.drop_check import validate_location
+
+    ws = base_workspace[0]
+    drop = make_task(tmp_path / "drops", "toy-b", ["bird", "fish"])
+    image_of(8, 40)(drop, {})
+    report = validate_location(str(drop), _config(ws, "validation.max_pixels=320"))  # 8×40 = 320
+    assert report.success, report.to_dict()
+    failed = {r.rule for r in validate_location(str(drop), _config(ws, "validation.min_side=9")).failed_rules}
+    assert failed == {"image-min-side"}
+    failed = {r.rule for r in validate_location(str(drop), _config(ws, "validation.max_pixels=319")).failed_rules}
+    assert failed == {"pixel-limit"}
+
+
 def test_cli_exit_code_and_message_for_quarantine(ws, tmp_path, capsys):
     drop = make_task(tmp_path / "drops", "toy-c", ["owl"])
-    _undeclared_label(drop, {})
+    undeclared_label(drop, {})
     assert main(["ingest", str(drop), "-w", str(ws)]) == 1
     out = capsys.readouterr().out
     assert "QUARANTINED toy-c" in out and "[label-declared]" in out and "label 'zebra'" in out
@@ -326,13 +193,19 @@ def test_accepted_task_revalidates_from_its_shards(base_workspace, capsys):
     assert "task toy-a: valid" in capsys.readouterr().out
 
 
-def test_gx_all_null_column_does_not_pass_silently(ws, tmp_path):
+def test_gx_all_null_column_does_not_pass_silently(base_workspace, tmp_path):
     """GX range/set checks pass on nulls; our suite pairs them with not-null checks (docs/reliability.md,
-    "Great Expectations")."""
+    "Great Expectations"): every label empty fails required-values on every row, and leaves the class without
+    training images, though label-declared (a set check) passes them."""
+    from components.intake.drop_check import validate_location
+
     drop = make_task(tmp_path / "drops", "toy-e", ["owl"])
     rows = read_manifest(drop)
     write_manifest(drop, [[r[0], "", r[2]] for r in rows[1:]])
-    outcome = ingestion.ingest(str(drop), _config(ws))
-    assert outcome.status == "quarantined"
-    failed = {r.rule for r in outcome.report.failed_rules}
-    assert "required-values" in failed
+    report = validate_location(str(drop), _config(base_workspace[0]))
+    assert {r.rule for r in report.failed_rules} == {"required-values", "class-has-train"}
+    (required,) = [r for r in report.failed_rules if r.rule == "required-values"]
+    assert required.count == len(rows) - 1 == 5  # 3 train and 2 test rows
+    assert {e["column"] for e in report.expectations if e["rule"] == "required-values" and not e["success"]} == {
+        "label"
+    }
