@@ -6,6 +6,7 @@ so every DVC command, and every module of ours that uses DVC's API, runs in a ch
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +93,22 @@ def dvc(
         env={"CLIPLOOP_DVC_PARENT": str(os.getpid()), "CLIPLOOP_DVC_MODULE": module, **(env or {})},
         shown=["dvc" if module == "dvc" else f"python -m {module}", *args],
         timeout_s=timeout_s,
+    )
+
+
+def dvc_batch(commands: list[list[str]], ws: Path) -> None:
+    """DVC commands one after another in one child process (:mod:`components.intake.dvc_batch`), stopping at
+    the first that fails: set-up commands are quick, and each child of its own costs a second of start-up."""
+    if not commands:
+        return
+    if len(commands) == 1:
+        dvc(commands[0], ws)
+        return
+    _run(
+        [sys.executable, "-c", _DVC_LAUNCHER, json.dumps(commands)],
+        ws,
+        env={"CLIPLOOP_DVC_PARENT": str(os.getpid()), "CLIPLOOP_DVC_MODULE": "components.intake.dvc_batch"},
+        shown=[" && ".join("dvc " + " ".join(args) for args in commands)],
     )
 
 

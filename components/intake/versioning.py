@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from components.intake.git_dvc import VersioningError, dvc, git, shorten
+from components.intake.git_dvc import VersioningError, dvc, dvc_batch, git, shorten
 from components.support import storage
 
 DATA_DIR = "data"
@@ -71,8 +71,7 @@ def init_workspace(ws: Path, remote: RemoteSpec) -> list[str]:
         git(["init", "-q"], ws)
         done.append("git repository initialised")
     if not (ws / ".dvc").exists():
-        dvc(["init", "-q"], ws)
-        dvc(["config", "core.autostage", "false"], ws)
+        dvc_batch([["init", "-q"], ["config", "core.autostage", "false"]], ws)
         done.append("DVC initialised")
     gitignore = ws / ".gitignore"
     lines = gitignore.read_text().splitlines() if gitignore.exists() else []
@@ -114,12 +113,13 @@ def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
         url = str(target)
         own = os.path.relpath(target, ws / ".dvc") if target.is_relative_to(ws) else None
     done: list[str] = []
+    commands: list[list[str]] = []
     if committed != url:
-        dvc(["remote", "add", "--force", "--default", remote.name, url], ws)
+        commands.append(["remote", "add", "--force", "--default", remote.name, url])
         done.append(f"DVC remote '{remote.name}' -> {url}")
     if local != own:  # `dvc remote modify` takes a path relative to the cwd and stores it relative to .dvc/
         change = ["url", os.path.relpath(url, ws)] if own else ["--unset", "url"]
-        dvc(["remote", "modify", "--local", remote.name, *change], ws)
+        commands.append(["remote", "modify", "--local", remote.name, *change])
     if storage.is_s3(url):
         # Endpoint and region are per-machine settings: keep them out of the committed .dvc/config.
         settings = _remote_section(_dvc_config(ws, local=True), remote.name)
@@ -130,7 +130,8 @@ def configure_remote(ws: Path, remote: RemoteSpec) -> list[str]:
             ("read_timeout", _number(remote.read_timeout)),
         ):
             if value and settings.get(key) != value:
-                dvc(["remote", "modify", "--local", remote.name, key, value], ws)
+                commands.append(["remote", "modify", "--local", remote.name, key, value])
+    dvc_batch(commands, ws)
     return done
 
 
