@@ -49,7 +49,7 @@ def test_score_is_killed_over_killed_and_survived_with_timeouts_killed_and_equiv
 
 
 def test_equivalents_are_the_backquoted_mutant_names_of_the_note(tmp_path):
-    note = tmp_path / "equivalents.md"
+    note = tmp_path / "equivalents.txt"
     note.write_text(
         "| mutant | why |\n|---|---|\n"
         "| `components.model.pools.x_kmeans_l1__mutmut_3` | same centroids |\n"
@@ -60,7 +60,7 @@ def test_equivalents_are_the_backquoted_mutant_names_of_the_note(tmp_path):
         "components.model.pools.x_kmeans_l1__mutmut_3",
         "components.registry.gate.xǁVerdictǁmarkdown__mutmut_12",
     }
-    assert mutation_scores.equivalent_names(tmp_path / "absent.md") == set()
+    assert mutation_scores.equivalent_names(tmp_path / "absent.txt") == set()
 
 
 def test_no_results_is_one_line_not_a_traceback(tmp_path, capsys):
