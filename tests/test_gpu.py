@@ -28,43 +28,15 @@ def test_auto_precision_on_cuda_is_bf16_autocast_and_close_to_fp32(tmp_path):
     assert cosine.min() > 0.99  # bf16 autocast changes bits, not meaning
 
 
-@pytest.mark.parametrize("name", ["finetune", "lwf", "wise-ft", "zscl", "sg", "gnsp", "ctp", "cvm"])
+FINE_TUNING = ["finetune", "lwf", "wise-ft", "zscl", "sg", "gnsp", "ctp", "cvm"]
+
+
+@pytest.mark.parametrize("name", FINE_TUNING)
 def test_every_fine_tuning_method_trains_on_cuda_with_bf16_autocast(name, tmp_path):
-    """Two tiny tasks on the GPU (bf16 autocast, fp32 master weights): finite losses, weights moved."""
-    import open_clip
+    """Two tiny tasks on the GPU (bf16 autocast, fp32 master weights): finite losses, weights moved.
+    Its CPU twin, in the fast suite: tests/test_trains_on_cpu.py."""
+    from tests.method_training import assert_trained, learn_two_tasks
 
-    from components.methods import get_method
-    from components.settings.config_loading import load_config
-    from components.training.learn_sequence import learn
-    from tests.drops import make_task
-
-    register_builtin_configs()
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.safetensors"
-    save_weights(open_clip.create_model("cliploop-tiny", pretrained=None), path)
-    drops = [
-        make_task(tmp_path, "t-a", ["cat", "dog"], train=4, test=2),
-        make_task(tmp_path, "t-b", ["emu", "owl"], train=4, test=2),
-    ]
-    config = load_config(
-        overrides=[
-            f"workspace={tmp_path / 'ws'}",
-            "model.name=cliploop-tiny",
-            "model.pretrained=null",
-            f"model.checkpoint={path}",
-            f"method.name={name}",
-            "method.settings.iterations=3",
-            "method.settings.batch_size=4",
-            "method.settings.warmup_steps=0",
-            *(
-                ["method.settings.ensemble_every=2"]
-                if "ensemble_every" in get_method(name).Settings.model_fields
-                else []
-            ),
-        ],
-        env={},
-        cwd=tmp_path,
-    )
-    result = learn([str(d) for d in drops], config, validate_first=False)
-    assert result.state.weights is not None and all(t.device.type == "cpu" for t in result.state.weights.values())
-    assert all(v is not None for v in result.matrix.matrix[-1])
+    result, initial = learn_two_tasks(name, tmp_path)
+    assert all(step.report.train.peak_mem_mb for step in result.steps)  # measured on CUDA only: it ran there
+    assert_trained(name, result, initial)

@@ -123,7 +123,14 @@ def test_init_with_the_demo_model_starts_an_offline_workspace(tmp_path, capsys):
     assert sha256_file(Path(model.checkpoint)) == model.sha256
     assert config.drop_zone == "drops" and (ws / "drops").is_dir()
     assert "# open_clip pretrained tag" in (ws / "cliploop.yaml").read_text()  # still the commented file
-    assert load_backbone(model) is not None
+    # The workspace's config loads exactly the demo's weights: the file it names, every tensor as saved.
+    import torch
+    from safetensors.torch import load_file
+
+    backbone = load_backbone(model)
+    assert backbone.reference["sha256"] == model.sha256 == sha256_file(demo.base_model_path(cache_dir() / "demo"))
+    saved, loaded = load_file(model.checkpoint), backbone.model.state_dict()
+    assert set(saved) <= set(loaded) and all(torch.equal(loaded[k].cpu(), v) for k, v in saved.items())
     capsys.readouterr()
     assert main(["init", str(ws), "--model", "demo"]) == 0
     assert "its model is unchanged" in capsys.readouterr().out
