@@ -32,6 +32,7 @@ SERVER_MODULES = {
     "test_faults_s3_dvc",
     "test_faults_storage",
     "test_flows",
+    "test_flows_review",
     "test_gc",
     "test_portable",
     "test_ray_pools",
