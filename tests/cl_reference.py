@@ -32,7 +32,7 @@ def _array(values) -> np.ndarray:
 
 
 def expected_metrics(doc: dict[str, Any]) -> dict[str, float | None]:
-    """Every metric of an accuracy-matrix document (the JSON of contracts.md, "The accuracy-matrix file")."""
+    """Every metric of an accuracy-matrix document (the JSON of docs/contracts.md, "The accuracy-matrix file")."""
     n = len(doc["tasks"])
     acc = _array(doc["matrix"]) if doc["matrix"] else np.zeros((0, n))
     T = acc.shape[0]
