@@ -189,3 +189,57 @@ def test_a_drop_is_one_part(drops):
     task = load_task(str(drops[0]))
     assert split_parts(task, "train") == [Part(0, None, 0, len(task.train))]
     assert split_parts(task, "test") == [Part(0, None, 0, len(task.test))]
+
+
+def test_each_parts_partial_holds_the_sums_and_counts_of_its_own_rows(tmp_path, tiny_backbone):
+    """encode_parts, from its definition: one partial per part, in part order; a part's counts are its rows' labels
+    counted, its sums their embeddings (each image encoded alone here) added per class in fp64, its gathered rows
+    the part's own in manifest order; and every image is counted once (benchmarks read the counter). Batches of 2
+    over parts of 3, 1 and 2 rows: a batch that crossed a part would show in the sums."""
+    from components.model import pool_engine
+    from components.model.backbones import encode_batch
+    from components.model.pool_engine import encode_parts
+
+    folder = tmp_path / "t"
+    writer = ShardWriter(folder / "shards", 1)
+    images = [png_bytes(900 + i) for i in range(3)]
+    digests = [hashlib.sha256(data).hexdigest() for data in images]
+    for sha, data in zip(digests, images):
+        writer.add(sha, ".png", data)
+    located = writer.close()
+    layout = [(0, "cat"), (0, "dog"), (0, "cat"), (1, "dog"), (2, "dog"), (2, "dog")]  # (image, label) per row
+    rows = []
+    for i, (image, label) in enumerate(layout):
+        where = located[digests[image] + ".png"]
+        rows.append({"path": f"i/{i}.png", "label": label, "split": "train", "sha256": digests[image], "format": "PNG",
+                     "shard": where.shard, "offset": where.offset, "size": where.size})  # fmt: skip
+    write_index(folder / "index.csv", rows)
+    spec = {"task_id": "t", "scenario": "class-incremental", "dataset": "toy", "classes": ["cat", "dog"]}
+    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
+    manifest = "".join(f"{r['path']},{r['label']},train\n" for r in rows)
+    (folder / "manifest.csv").write_text("path,label,split\n" + manifest)
+    task = load_task(str(folder))
+    try:
+        dataset = task.dataset_for("train", tiny_backbone.preprocess, "pillow", tiny_backbone.device)
+        parts = split_parts(task, "train")
+        assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 4), (4, 6)]
+        before = pool_engine.encoded_images
+        partials = encode_parts(tiny_backbone, dataset, parts, 2, batch_size=2, workers=0, gather=True)
+        assert pool_engine.encoded_images - before == 6
+        alone = torch.cat([encode_batch(tiny_backbone, dataset[i][0][None]) for i in range(6)])
+        plain = encode_parts(tiny_backbone, dataset, parts, 2, batch_size=2, workers=0, gather=False)
+    finally:
+        task.source.close()
+    labels = [0 if label == "cat" else 1 for _, label in layout]
+    assert [p.part for p in partials] == [0, 1, 2]
+    for part, partial in zip(parts, partials):
+        own = range(part.start, part.stop)
+        assert partial.labels.tolist() == [labels[i] for i in own]
+        assert torch.allclose(partial.embeddings, alone[part.start : part.stop], atol=1e-6)
+        assert partial.counts.tolist() == [sum(labels[i] == c for i in own) for c in (0, 1)]
+        assert partial.sums.dtype == torch.float64 and partial.counts.dtype == torch.int64
+        for c in (0, 1):
+            expected = sum((alone[i].double() for i in own if labels[i] == c), torch.zeros(alone.shape[1]).double())
+            assert torch.allclose(partial.sums[c], expected, atol=1e-6), (part, c)
+    assert all(p.embeddings is None and p.labels is None for p in plain)
+    assert all(torch.equal(a.sums, b.sums) for a, b in zip(plain, partials))
