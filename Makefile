@@ -52,7 +52,7 @@ check: install-test
 .PHONY: mutate
 MUTANTS ?=
 mutate: install-test
-	CLIPLOOP_TEST_NO_SERVERS=1 OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)/mutants $(VENV)/bin/mutmut run $(MUTANTS)
+	CLIPLOOP_TEST_NO_SERVERS=1 OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS)
 	$(VENV)/bin/python -m tests.mutation_scores --survivors
 
 # Fix what ruff can fix and format the tree (the same rules `make test` checks).
