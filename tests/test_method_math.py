@@ -253,6 +253,9 @@ def test_herding_picks_the_sample_closest_to_the_mean_first_and_never_twice():
     # By hand: mean (0.533, 0.6). Alone, c = (0.6, 0.8) is nearest (0.21; a 0.76, b 0.67); then the running mean
     # with a, (0.8, 0.4), is nearer (0.33) than with b, (0.3, 0.9) (0.38); b comes last.
     assert herding(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), 3) == [2, 0, 1]
+    # Mean (0.4, 0): (1, 0) is nearest (0.6); then the running mean with (-1, 0) is the origin, 0.4 from the mean,
+    # nearer than with (0.8, ±0.6), (0.9, ±0.3), 0.58: the far sample is picked second, to pull the mean back.
+    assert herding(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.8, 0.6], [0.8, -0.6]]), 2) == [0, 1]
 
 
 def test_info_nce_and_cvm_concept_logits():
