@@ -84,6 +84,21 @@ def test_errors_are_one_line_naming_the_file(tmp_path, capsys):
     assert str(raised.value) == f"{bad}: matrix[0][0]: 101.0 is outside 0..100 (accuracies are percentages)"
 
 
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"tasks": ["a", "a"], "matrix": []}, "tasks: task ids must be unique"),
+        ([], "an accuracy matrix file holds a JSON object with 'tasks' and 'matrix'"),
+        ({"tasks": [], "matrix": [], "size": 1, "colour": 2}, "unknown keys: colour, size"),
+        ({"tasks": [], "matrix": [], "zero_shot": 5}, "zero_shot: expected {name, initial, after: [...]}"),
+    ],
+)
+def test_a_refused_file_gets_exactly_its_reason(doc, message):
+    with pytest.raises(MatrixError) as raised:
+        AccuracyMatrix.from_dict(doc)
+    assert str(raised.value) == message
+
+
 def test_the_usage_names_the_command_and_what_it_does(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
