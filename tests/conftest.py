@@ -167,6 +167,38 @@ def ingested(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_base_model(tmp_path_factory) -> Path:
+    """The demo's base model, built for real (``demo.build_base_model``: a warm-up training of its own, the
+    slowest set-up of the suite) once per test run: under pytest-xdist the workers share one cache folder, the
+    first builds while the others wait on a file lock, then they all find it cached by recipe."""
+    import fcntl
+
+    from components.scenarios import demo
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by its workers (each has its own below it)
+    cache = root / "demo-cache"
+    cache.mkdir(exist_ok=True)
+    with open(root / "demo-cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return demo.build_base_model(cache, progress=None)
+
+
+@pytest.fixture
+def demo_cache(demo_base_model) -> Path:
+    """This test's cache (``CLIPLOOP_CACHE``) holds the demo's base model already, a copy of the one built for
+    this run, so ``cliploop demo`` finds it cached by recipe instead of training it again."""
+    from components.scenarios import demo
+    from components.support.storage import cache_dir
+
+    target = demo.base_model_path(cache_dir() / "demo")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(demo_base_model, target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Fixed random weights of the tiny model config, saved once per session as (path, sha256), so every
     test and every child process loads the same model without a download."""

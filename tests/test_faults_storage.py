@@ -26,8 +26,8 @@ from components.support import storage
 from components.support.artifact_store import ArtifactStore
 from tests.conftest import REPO, S3_REGION
 from tests.drops import make_task
+from tests.s3_fault_kit import assert_remote_holds_workspace, ledger, stored_objects
 from tests.s3_fault_proxy import S3FaultProxy
-from tests.test_faults_s3 import _assert_remote_holds_workspace, _ledger, _objects
 
 pytestmark = pytest.mark.faults
 
@@ -80,18 +80,18 @@ def test_a_swallowed_upload_ends_the_push_with_exit_4_and_the_rerun_completes(tm
 
     code, err, seconds = _cliploop(args, proxy)
     swallowed = proxy.snapshot().get("blackhole", 0)
-    objects = _objects(direct, s3_bucket, "dvc/")
+    objects = stored_objects(direct, s3_bucket, "dvc/")
 
     assert code == 4 and "re-run" in err and "Traceback" not in err, err
     assert "timeout" in err.lower(), err  # it says why: the store did not answer
     assert swallowed >= 2  # at least one upload, with its retry, went into the black hole
-    assert _ledger(ws)["bh-push"]["state"] == "ingested"  # committed, not accepted: accepting includes the push
+    assert ledger(ws)["bh-push"]["state"] == "ingested"  # committed, not accepted: accepting includes the push
     assert not any(key.endswith(".dir") for key in objects)  # nothing published half
     proxy.clear()
     code_again, err_again, _ = _cliploop(args, proxy)
     assert code_again == 0, err_again
-    assert _ledger(ws)["bh-push"]["state"] == "validated"
-    _assert_remote_holds_workspace(direct, s3_bucket, "dvc/", ws)
+    assert ledger(ws)["bh-push"]["state"] == "validated"
+    assert_remote_holds_workspace(direct, s3_bucket, "dvc/", ws)
     print(f"\nROW dvc push, every PUT black-holed | exit {code} in {seconds:.1f} s | swallowed {swallowed} | rerun 0")
 
 
@@ -104,12 +104,12 @@ def test_a_push_that_outlives_its_deadline_is_stopped_with_exit_4(tmp_path, s3_b
     code, err, seconds = _cliploop(args, proxy)
 
     assert code == 4 and "did not finish within 3 s" in err and "re-run" in err, err
-    assert _ledger(ws)["slow-push"]["state"] == "ingested"
-    assert not any(key.endswith(".dir") for key in _objects(direct, s3_bucket, "dvc/"))
+    assert ledger(ws)["slow-push"]["state"] == "ingested"
+    assert not any(key.endswith(".dir") for key in stored_objects(direct, s3_bucket, "dvc/"))
     proxy.clear()
     code_again, err_again, _ = _cliploop(args, proxy)
     assert code_again == 0, err_again
-    _assert_remote_holds_workspace(direct, s3_bucket, "dvc/", ws)
+    assert_remote_holds_workspace(direct, s3_bucket, "dvc/", ws)
     print(f"\nROW dvc push past dvc.transfer_timeout_s=3 | exit {code} in {seconds:.1f} s | rerun 0")
 
 

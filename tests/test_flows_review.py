@@ -222,8 +222,9 @@ def test_one_night_per_chain_at_a_time(tmp_path, tiny_checkpoint):
         pass
 
 
-def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys):
-    """`cliploop demo` end to end (its base model is built here: ~10 s), then the auditor's check."""
+def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys, demo_cache):
+    """`cliploop demo` end to end (its base model, built once for the test run, already in the cache), then the
+    auditor's check."""
     from flows.cli import main
 
     assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0

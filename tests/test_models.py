@@ -161,15 +161,18 @@ def test_prompt_templates_and_text_embeddings(tiny_weights):
     )
 
 
-def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path):
+def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path, demo_base_model):
     """The demo's base model: a tiny image tower warmed up against the real pretrained MiniLM text tower
-    (shipped in a package) on a base split disjoint from the demo tasks."""
+    (shipped in a package) on a base split disjoint from the demo tasks. Built for real once per test run
+    (``demo_base_model`` in tests/conftest.py); asked again, it is found by its recipe, not trained again."""
     from components.scenarios import demo
     from components.settings.config_loading import load_config
     from components.training.learn_sequence import learn
 
-    checkpoint = demo.build_base_model(tmp_path / "cache", progress=None)
-    assert demo.build_base_model(tmp_path / "cache", progress=None) == checkpoint  # cached by recipe
+    checkpoint = demo_base_model
+    built = checkpoint.stat().st_mtime_ns
+    assert demo.build_base_model(checkpoint.parent, progress=None) == checkpoint  # cached by recipe
+    assert checkpoint.stat().st_mtime_ns == built
     drops = demo.build_drop_zone(tmp_path / "drops", include_bad=False)
     cfg = load_config(
         overrides=[
