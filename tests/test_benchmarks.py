@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,7 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_method_step_reports_paired_ratios_for_every_requested_method():
     report = _run("method_step.py", "--steps", "3", "--warmup", "1", "--methods", "gnsp,zscl,ctp-recompute")
     assert set(report["results"]) == {
@@ -112,6 +115,7 @@ def test_scoring_reports_ms_per_batch_for_each_class_count(tmp_path):
     assert report["target"] == {"ms_per_batch_at_16000": 20, "meets": None}  # docs' 20 ms; 16k classes not measured
 
 
+@pytest.mark.server  # starts a local Ray
 def test_pool_build_with_ray_reports_local_and_ray_side_by_side(tmp_path):
     """`--engine ray`: the same pool built locally and on a local Ray (one encoder actor), img/s of both."""
     args = ("--images", "24", "--repeat", "1", "--engine", "ray", "--shard-mb", "0.02", "--actors", "1")
@@ -125,6 +129,7 @@ def test_pool_build_with_ray_reports_local_and_ray_side_by_side(tmp_path):
     assert report["img_per_s"]["pool_build"] > 0  # the existing figures are still there
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_chain_eval_counts_each_image_once_with_the_cache(tmp_path):
     out = tmp_path / "chain.json"
     report = _run("chain_eval.py", "--tasks", "3", "--train", "1", "--test", "2", "--out", str(out))
@@ -143,6 +148,7 @@ def test_chain_eval_counts_each_image_once_with_the_cache(tmp_path):
     assert all(a * 4 / 100 == round(a * 4 / 100) for row in matrix for a in row if a is not None)
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_validation_scale_reports_time_memory_and_growth_per_size(tmp_path):
     out = tmp_path / "validation.json"
     report = _run("validation_scale.py", "--sizes", "40,80", "--out", str(out))

@@ -203,6 +203,7 @@ def test_init_writes_a_commented_config_and_a_workspace(tmp_path, capsys):
     assert "kept the existing" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # init, ingest and status through the CLI, twice
 def test_ingest_with_w_reads_that_workspaces_config_and_keeps_its_remote(tmp_path, monkeypatch, capsys):
     """``cliploop ingest DROP -w WS`` run from another workspace's folder: WS's own cliploop.yaml is the one
     read (its remote, not the current folder's default), and no ingest repoints WS's DVC remote, even one run

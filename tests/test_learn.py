@@ -61,6 +61,7 @@ def test_merged_pools_and_predictions_do_not_depend_on_task_order(tmp_path, tiny
     assert all(f == finals[0] for f in finals)
 
 
+@pytest.mark.slow  # two ingestions and two learn runs
 def test_order_invariance_through_real_ingestion(tmp_path, tiny_checkpoint, drops):
     """Two workspaces ingest the class-incremental tasks in opposite orders; their stored tasks give
     bit-identical pools."""
@@ -80,6 +81,7 @@ def test_order_invariance_through_real_ingestion(tmp_path, tiny_checkpoint, drop
     assert torch.equal(a.scores(probe), b.scores(probe))
 
 
+@pytest.mark.slow  # a pool built in a child process
 def test_pool_built_in_another_process_equals_inline(tmp_path, tiny_checkpoint, drops):
     from components.methods.lvp import build_pool
     from components.model.backbones import load_backbone
@@ -127,6 +129,7 @@ def test_learner_state_round_trip_and_integrity(tmp_path, tiny_checkpoint, drops
         LearnerState.load(tampered)
 
 
+@pytest.mark.slow  # a learn run, then a fresh process
 def test_cli_learn_writes_matrix_metrics_plots_and_a_state_a_fresh_process_can_use(
     tmp_path, tiny_checkpoint, drops, capsys
 ):

@@ -16,6 +16,7 @@ from components.settings.config_loading import load_config
 from tests.drops import make_task
 
 
+@pytest.mark.slow  # three tasks ingested and registered
 def test_chain_back_to_the_first_task_and_verification(tmp_path):
     cfg = load_config(overrides=[f"workspace={tmp_path / 'ws'}"], env={}, cwd=tmp_path)
     for task_id, classes in (("t-a", ["cat", "dog"]), ("t-b", ["emu", "owl"])):

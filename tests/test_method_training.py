@@ -24,6 +24,7 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # two trainings per method
 @pytest.mark.parametrize(
     "name,extra",
     [

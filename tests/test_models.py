@@ -161,6 +161,7 @@ def test_prompt_templates_and_text_embeddings(tiny_weights):
     )
 
 
+@pytest.mark.slow  # trains the demo's base model (once per run)
 def test_demo_base_model_gives_zero_shot_accuracy_well_above_chance(tmp_path, demo_base_model):
     """The demo's base model: a tiny image tower warmed up against the real pretrained MiniLM text tower
     (shipped in a package) on a base split disjoint from the demo tasks. Built for real once per test run

@@ -51,6 +51,7 @@ def test_status_outside_a_workspace_points_to_init(tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # init and ingest through the CLI
 def test_init_then_ingest_in_the_same_folder(tmp_path, monkeypatch, capsys):
     """The explicit path: `cliploop init` makes the folder a workspace; then ingest works there."""
     drop = make_task(tmp_path / "drops", "t-a", ["cat"])

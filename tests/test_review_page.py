@@ -202,6 +202,7 @@ def test_the_champion_has_a_signature_and_an_input_example_that_predicts(workspa
     assert not [w for w in caught if "requires_grad" in str(w.message)]
 
 
+@pytest.mark.server  # starts `mlflow models serve`
 def test_mlflow_models_serve_answers_a_png_with_a_label(workspace, tmp_path):
     _, registry = workspace
     port = _free_port()

@@ -46,6 +46,7 @@ class _LearningRates(Callback):
         self.rates.append(run.optimizer.param_groups[0]["lr"])
 
 
+@pytest.mark.slow  # the demo's 60 iterations
 def test_a_demo_run_of_60_iterations_leaves_warmup_and_decays(tmp_path, tiny_checkpoint, drops):
     """The demo's finetune: the optimizer reaches the peak lr after a tenth of the run, then the cosine
     takes it down (with the official 100 warmup steps it would still be climbing at step 60)."""
@@ -62,6 +63,7 @@ def test_a_demo_run_of_60_iterations_leaves_warmup_and_decays(tmp_path, tiny_che
     assert all(a >= b for a, b in zip(tail, tail[1:])) and tail[-1] < 0.01 * peak  # cosine, to the floor
 
 
+@pytest.mark.slow  # the demo's 60 iterations with ZSCL's reference set
 def test_zscl_ensemble_interval_follows_the_demo_schedule(tmp_path, tiny_checkpoint, drops):
     """A tenth of the run, as the official 100 of 1000: merges after steps 0, 6, ..., 54, plus the start and
     the final weights (with the official interval of 100 it would be three points)."""
