@@ -203,6 +203,11 @@ def _ingest(
     return _warned(_finish_accept(record, config, ledger, paths, facts), report)
 
 
+def _page(report_json: str | None) -> str | None:
+    """The report a reviewer opens: report.html beside report.json (it renders offline)."""
+    return str(Path(report_json).with_name("report.html")) if report_json else None
+
+
 def _warned(outcome: Outcome, report: Report) -> Outcome:
     """An accepted task's warnings (label-doubt) in its message: named on the first line, which the night's
     summary shows, and said in full after it."""
@@ -211,7 +216,7 @@ def _warned(outcome: Outcome, report: Report) -> Outcome:
         first, _, rest = outcome.message.partition("\n")
         names = ", ".join(r.rule for r in warned)
         lines = [
-            f"{first}; WARNING {names} (report: {outcome.report_path})",
+            f"{first}; WARNING {names} (report: {_page(outcome.report_path)})",
             *[f"  ! [{r.rule}] {r.warning}" for r in warned],
         ]
         outcome.message = "\n".join([*lines, rest] if rest else lines)

@@ -85,7 +85,7 @@ class ValidationConfig(Section):
         0.9, gt=0, le=1, description="a label is doubted when the model gives another class at least this probability"
     )
     label_doubt_max_share: float = Field(
-        0.05, ge=0, lt=1, description="share of the scored training labels that may be doubted before the check fails"
+        0.1, ge=0, lt=1, description="share of the scored training labels that may be doubted before the check fails"
     )
     label_doubt_max_images: int = Field(
         5000, gt=0, description="training images scored at most per drop (evenly spread over the manifest)"
