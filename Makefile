@@ -32,11 +32,12 @@ demo: install
 	@$(VENV)/bin/cliploop demo
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the whole suite in two processes
-# (pytest-xdist, one test file per process at a time: a file's module fixtures are made once).
+# (pytest-xdist, one test file per process at a time: a file's module fixtures are made once; the longest files
+# first, tests/conftest.py).
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The edit-test loop: lint, then every test that starts no server (S3, Prefect, MLflow, Ray: the `server` marker,
 # set in tests/conftest.py) and is not `slow` (a whole training run or a benchmark script: tests/README.md lists

@@ -44,11 +44,22 @@ SERVER_MODULES = {
 NO_SERVERS = os.environ.get("CLIPLOOP_TEST_NO_SERVERS") == "1"
 
 
+# The longest files first (measured: `pytest --durations`): `make test` hands whole files to its two processes in
+# collection order (--dist loadfile --no-loadscope-reorder), and a long file handed out last is the run's tail (the
+# stack's night, started last, ran alone for minutes at the end).
+LONGEST_FIRST = ["test_stack", "test_flows_review", "test_faults", "test_secrets", "test_flows", "test_ingest"]
+
+
+def _module(item) -> str:
+    return item.module.__name__.rpartition(".")[2] if item.module else ""
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in SERVER_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if _module(item) in SERVER_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_module(item), len(rank)))  # stable: each file keeps its own order
 
 
 @pytest.fixture(autouse=True)
