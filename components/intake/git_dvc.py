@@ -104,12 +104,7 @@ def dvc_batch(commands: list[list[str]], ws: Path) -> None:
     if len(commands) == 1:
         dvc(commands[0], ws)
         return
-    _run(
-        [sys.executable, "-c", _DVC_LAUNCHER, json.dumps(commands)],
-        ws,
-        env={"CLIPLOOP_DVC_PARENT": str(os.getpid()), "CLIPLOOP_DVC_MODULE": "components.intake.dvc_batch"},
-        shown=[" && ".join("dvc " + " ".join(args) for args in commands)],
-    )
+    dvc([json.dumps(commands)], ws, module="components.intake.dvc_batch")  # it names the command that failed
 
 
 def bound_s3_requests() -> None:
