@@ -2,7 +2,9 @@
 tiny model's two blocks, "the last block" and "the second block" are the same one, so a method that trained,
 scored or copied the wrong block would pass there. Here only block 2 trains, the student's features are the
 whole tower's, the SG-KD teacher is the whole tower at the task's start, and a weight of 0 turns SG-KD off.
-Expected values from the page's formulas, computed from the model's own forward passes."""
+Also the split forward (the frozen trunk once, the last block for student and teacher) on the layouts the tiny
+model does not use: tokens sequence-first and a tower without an output projection. Expected values from the
+page's formulas and from the tower's own forward pass."""
 
 from __future__ import annotations
 
@@ -90,3 +92,45 @@ def test_the_sg_kd_teacher_is_the_whole_tower_at_the_tasks_start_and_a_zero_weig
 
     off = bench.begin("sg", {**SG, "kd_weight": 0.0}, new, learned("sg", backbone, old))
     assert set(off.training_step((X, y))) == {"con", "rl"}  # no SG-KD term, not even a zero one
+
+
+# ---- the split forward (trunk once, last block twice) on the other layouts open_clip builds ---------------
+
+
+def _tiny_tower(seed: int):
+    import open_clip
+
+    from components.model.backbones import register_builtin_configs
+
+    register_builtin_configs()
+    torch.manual_seed(seed)
+    return open_clip.create_model("cliploop-tiny", pretrained=None).eval().visual
+
+
+def _split(visual, x):
+    from components.methods.sg import head_features, trunk_features
+
+    return head_features(visual, trunk_features(visual, x, 1), [visual.transformer.resblocks[1]])
+
+
+def test_the_split_forward_equals_the_tower_when_tokens_run_sequence_first():
+    """open_clip can build its transformer sequence-first (``batch_first=False``, (tokens, batch, width)); the
+    same weights must give the same features through the split forward as through the tower itself."""
+    from open_clip.transformer import Transformer
+
+    visual = _tiny_tower(seed=34)
+    seq_first = Transformer(width=64, layers=2, heads=2, batch_first=False)
+    seq_first.load_state_dict(visual.transformer.state_dict())
+    visual.transformer = seq_first.eval()
+    x = torch.randn(3, 3, 32, 32)  # three images: attention over the wrong axis would mix them
+    with torch.no_grad():
+        assert torch.allclose(_split(visual, x), visual(x), atol=1e-5)
+
+
+def test_the_split_forward_of_a_tower_without_a_projection_is_the_pooled_state():
+    visual = _tiny_tower(seed=35)
+    visual.proj = None  # open_clip's towers without an output projection
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = visual(x)
+        assert full.shape == (2, 64) and torch.allclose(_split(visual, x), full, atol=1e-5)
