@@ -2,7 +2,8 @@
 definitions in docs/methods/: ZSCL's L2 anchor away from a zero start (docs/methods/zscl.md), CVM's mean
 pooling over masks of different lengths and its scoring from a fresh process (no language model loaded yet,
 an untaught class) or before any task with ``classifier: pool``, its prompts per dataset, and what its set-up
-keeps, adds and draws (docs/methods/cvm.md)."""
+keeps, adds and draws (docs/methods/cvm.md); and CTP's and LwF's frozen teacher under augmentation, which must
+see each step's own images (docs/methods/ctp.md, docs/methods/lwf.md)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,34 @@ def test_a_separate_language_models_map_starts_orthonormal_and_the_same_for_the_
     assert first.shape == (384, 64)
     assert torch.allclose(first.T @ first, torch.eye(64), atol=1e-5)
     assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_checkpoint, tmp_path_factory):
+    from components.settings.config_loading import load_config
+    from tests.conftest import tiny_overrides
+    from tests.method_harness import Bench
+
+    return Bench(load_config(overrides=tiny_overrides(tiny_checkpoint), env={}, cwd=tmp_path_factory.mktemp("b")))
+
+
+@pytest.mark.parametrize(
+    "name, switch, terms",
+    [("ctp", "cache_reference", ("tp_cross", "tp_intra")), ("lwf", "cache_teacher", ("lwf",))],
+)
+def test_with_augmentation_the_frozen_teacher_sees_each_steps_own_images(bench, toy, name, switch, terms):
+    """docs/methods/ctp.md and lwf.md: a frozen model's image features (CTP's task-start model, LwF's teacher)
+    may be computed once per task only when images are not augmented; with augmentation each step's
+    (augmented) images go through it, so its terms are the same whether or not the batch carries its samples'
+    dataset indices."""
+    from tests.method_harness import learned, nudge
+
+    old, new = toy["t-a"], toy["t-b"]
+    settings = {"augment": True, switch: True, **({"queue_size": 6} if name == "ctp" else {})}
+    method = bench.begin(name, settings, new, learned(name, bench.backbone, old))
+    nudge([p for _, p in method.trainable_parameters()], seed=44)
+    y, rows = torch.tensor([0, 1, 1]), torch.tensor([0, 5, 2])
+    with torch.no_grad():
+        indexed, plain = method.training_step((X, y, rows)), method.training_step((X, y))
+    for term in terms:
+        assert indexed[term].item() == pytest.approx(plain[term].item(), rel=1e-6), term
