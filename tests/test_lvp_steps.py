@@ -1,0 +1,113 @@
+"""LVP's task steps on the tiny model (docs/methods/lvp.md): a task's pool is encoded by the configured compute
+engine and reported, or taken prebuilt (from a copy of the task elsewhere too) and then not reported as built;
+the task's classes and the settings are recorded in the state; and one LVP scoring several states (a champion
+and a challenger) scores each by its own pools. Expected scores by hand: cosine to each taught class's mean
+training embedding (lvp-i), the text prompt for the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.methods.base import Context
+from components.methods.lvp import LVP
+from components.model.data import load_task
+from components.model.pool_engine import LocalEngine
+from components.model.pools import PoolConfig
+from components.model.state import LearnerState
+from tests.drops import make_task
+
+
+class RecordingEngine(LocalEngine):
+    """The real in-process engine, noting which splits it was asked to encode."""
+
+    def __init__(self):
+        self.asked: list[tuple[str, str]] = []
+
+    def partials(self, task, split, ctx, gather):
+        self.asked.append((task.task_id, split))
+        return super().partials(task, split, ctx, gather)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lvp-steps")
+    return {
+        tid: load_task(make_task(root, tid, classes, train=2, test=1))
+        for tid, classes in (("t-a", ["cat", "dog"]), ("t-b", ["emu", "owl"]))
+    }
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _learn(backbone, tasks, ctx=None, settings=None) -> LearnerState:
+    state = LearnerState(method="lvp", backbone=backbone.reference)
+    for task in tasks:
+        method = LVP(settings)
+        method.begin_task(state, task, ctx or Context(backbone))
+        state = method.end_task()
+    return state
+
+
+def test_a_tasks_pool_is_encoded_by_the_configured_engine_and_reported(tiny_backbone, toy):
+    engine = RecordingEngine()
+    method = LVP(PoolConfig(clusters=3))
+    state = LearnerState(method="lvp", backbone=tiny_backbone.reference)
+    method.begin_task(state, toy["t-a"], Context(tiny_backbone, pool_engine=engine))
+    assert engine.asked == [("t-a", "train")]
+    built = method.report().pools
+    assert len(built) == 1 and built[0].images == 4  # two classes, two training images each
+    state = method.end_task()
+    entries = [(c.index, c.key, c.name, c.dataset, c.task_id) for c in state.classes]
+    assert entries == [(0, "toy/cat", "cat", "toy", "t-a"), (1, "toy/dog", "dog", "toy", "t-a")]
+    assert state.method_settings["clusters"] == 3 and state.method_settings["variant"] == "lvp-i"
+
+
+def test_a_prebuilt_pool_of_a_copy_of_the_task_elsewhere_is_used_and_not_reported_as_built(
+    tiny_backbone, toy, tmp_path
+):
+    from components.methods.lvp import build_pool
+
+    task = toy["t-a"]
+    pool, _ = build_pool(task, Context(tiny_backbone), PoolConfig())
+    pool.meta["task"] = {**pool.meta["task"], "location": "/another/worker/cache/t-a"}  # the same task elsewhere
+    pool.save(tmp_path)
+    engine = RecordingEngine()
+    method = LVP()
+    state = LearnerState(method="lvp", backbone=tiny_backbone.reference)
+    ctx = Context(tiny_backbone, prebuilt_pools={"t-a": str(tmp_path)}, pool_engine=engine)
+    method.begin_task(state, task, ctx)
+    assert engine.asked == [] and method.report().pools == ()
+    state = method.end_task()
+    assert torch.equal(state.pools["t-a"].sums, pool.sums) and state.pools["t-a"].meta == pool.meta
+
+
+def test_one_lvp_scores_each_state_by_its_own_pools(tiny_backbone, toy):
+    """A champion that learned t-a and a challenger that learned t-a then t-b, scored by one LVP in turn."""
+    backbone, model = tiny_backbone, tiny_backbone.model
+    champion = _learn(backbone, [toy["t-a"]])
+    challenger = _learn(backbone, [toy["t-a"], toy["t-b"]])
+    keys = ["toy/cat", "toy/dog", "toy/emu", "toy/owl"]
+    names = {k: k.split("/")[1] for k in keys}
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(51))
+    with torch.no_grad():
+        image = _unit(model.encode_image(x))
+        text = _unit(model.encode_text(backbone.tokenizer([f"a photo of a {n}" for n in names.values()])))
+        means = []
+        for task in (toy["t-a"], toy["t-b"]):
+            data = task.dataset_for("train", backbone.preprocess)
+            train = _unit(model.encode_image(torch.stack([data[i][0] for i in range(len(data))])))
+            labels = torch.tensor([data[i][1] for i in range(len(data))])
+            means += [train[labels == c].mean(0) for c in range(2)]
+        by_pools = image @ _unit(torch.stack(means)).T
+        expected = {
+            "champion": torch.cat([by_pools[:, :2], image @ text[2:].T], dim=1),  # emu, owl: not taught yet
+            "challenger": by_pools,
+        }
+        method, ctx = LVP(), Context(backbone)
+        for _ in range(2):  # and back again
+            for name, state in (("champion", champion), ("challenger", challenger)):
+                got = method.scores(state, x, keys, names, ctx)
+                assert torch.allclose(got, expected[name], atol=1e-5), name
