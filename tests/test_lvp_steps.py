@@ -85,16 +85,21 @@ def test_a_prebuilt_pool_of_a_copy_of_the_task_elsewhere_is_used_and_not_reporte
 
 
 def test_one_lvp_scores_each_state_by_its_own_pools(tiny_backbone, toy):
-    """A champion that learned t-a and a challenger that learned t-a then t-b, scored by one LVP in turn."""
+    """A champion that learned t-a, another learner that learned only t-b (as many classes, other ones) and a
+    challenger that learned both, scored by one LVP in turn: taught classes by their pools, the others by
+    their text."""
     backbone, model = tiny_backbone, tiny_backbone.model
-    champion = _learn(backbone, [toy["t-a"]])
-    challenger = _learn(backbone, [toy["t-a"], toy["t-b"]])
+    states = {
+        "champion": _learn(backbone, [toy["t-a"]]),
+        "other": _learn(backbone, [toy["t-b"]]),
+        "challenger": _learn(backbone, [toy["t-a"], toy["t-b"]]),
+    }
+    taught = {"champion": [0, 1], "other": [2, 3], "challenger": [0, 1, 2, 3]}
     keys = ["toy/cat", "toy/dog", "toy/emu", "toy/owl"]
     names = {k: k.split("/")[1] for k in keys}
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(51))
     with torch.no_grad():
         image = _unit(model.encode_image(x))
-        text = _unit(model.encode_text(backbone.tokenizer([f"a photo of a {n}" for n in names.values()])))
         means = []
         for task in (toy["t-a"], toy["t-b"]):
             data = task.dataset_for("train", backbone.preprocess)
@@ -102,12 +107,10 @@ def test_one_lvp_scores_each_state_by_its_own_pools(tiny_backbone, toy):
             labels = torch.tensor([data[i][1] for i in range(len(data))])
             means += [train[labels == c].mean(0) for c in range(2)]
         by_pools = image @ _unit(torch.stack(means)).T
-        expected = {
-            "champion": torch.cat([by_pools[:, :2], image @ text[2:].T], dim=1),  # emu, owl: not taught yet
-            "challenger": by_pools,
-        }
+        prompts = [f"a photo of a {n}" for n in names.values()]
+        by_text = image @ _unit(model.encode_text(backbone.tokenizer(prompts))).T
         method, ctx = LVP(), Context(backbone)
         for _ in range(2):  # and back again
-            for name, state in (("champion", champion), ("challenger", challenger)):
-                got = method.scores(state, x, keys, names, ctx)
-                assert torch.allclose(got, expected[name], atol=1e-5), name
+            for name, state in states.items():
+                expected = torch.stack([(by_pools if c in taught[name] else by_text)[:, c] for c in range(4)], dim=1)
+                assert torch.allclose(method.scores(state, x, keys, names, ctx), expected, atol=1e-5), name
