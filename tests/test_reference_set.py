@@ -50,3 +50,6 @@ def test_a_named_reference_set_is_drawn_with_its_seed_kept_in_order_and_captione
     assert [reference.distinct[i] for i in reference.caption_index] == captions
     other = reference_for(settings.model_copy(update={"reference_seed": 8}), stream, ctx)
     assert not torch.equal(other.images, reference.images)  # another seed draws other images
+    # A plain path, in a context with no resolver (a library caller's): the same set.
+    plain = settings.model_copy(update={"reference_set": str(elsewhere)})
+    assert torch.equal(reference_for(plain, stream, Context(tiny_backbone)).images, reference.images)
