@@ -53,3 +53,22 @@ def test_a_named_reference_set_is_drawn_with_its_seed_kept_in_order_and_captione
     # A plain path, in a context with no resolver (a library caller's): the same set.
     plain = settings.model_copy(update={"reference_set": str(elsewhere)})
     assert torch.equal(reference_for(plain, stream, Context(tiny_backbone)).images, reference.images)
+
+
+def test_a_reference_set_without_training_images_is_refused_naming_it(tiny_backbone, tmp_path):
+    import pytest
+
+    from components.methods.base import MethodError
+
+    empty = load_task(make_task(tmp_path, "t-empty", ["cat", "dog"], train=0, test=1))
+    with pytest.raises(MethodError, match="^reference set t-empty has no training images$"):
+        ReferenceSet(empty, Context(tiny_backbone), size=10, batch_size=2, seed=0)
+
+
+def test_reference_captions_use_the_prompts_the_run_knows_for_the_sets_dataset(tiny_backbone, tmp_path):
+    """With ``templates: task`` the captions take the first prompt of the reference set's dataset as the run
+    knows it (from the first task of that dataset that brings prompts), even when this copy brings none."""
+    task = load_task(make_task(tmp_path, "t-a", ["cat", "dog"], train=2, test=1))
+    assert not task.prompts
+    ctx = Context(tiny_backbone, templates="task", task_prompts={"toy": ["art of a {}.", "a {}."]})
+    assert ReferenceSet(task, ctx, size=10, batch_size=2, seed=0).distinct == ["art of a cat.", "art of a dog."]
