@@ -29,12 +29,25 @@ def test_a_class_seen_once_has_its_one_embedding_as_mean():
     assert torch.allclose(_pool().image_means(), torch.tensor([[0.5, 0.25], [1.0, 2.0]]))
 
 
-def test_a_pool_saved_into_a_new_nested_folder_loads_back_with_its_domain(tmp_path):
+def test_a_pool_saved_into_a_new_nested_folder_loads_back_whole(tmp_path):
+    """Every part a mode or variant adds (bank, centroids, LVP-IT scalars) and the domain come back."""
     folder = tmp_path / "state" / "pools" / "new"
-    _pool(domain="sketch").save(folder)
+    pool = _pool(domain="sketch")
+    extras = {
+        "bank": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]),
+        "bank_labels": torch.tensor([0, 1, 1]),
+        "centroids": torch.tensor([[0.8, 0.6]]),
+        "centroid_labels": torch.tensor([1]),
+        "it_ab": torch.tensor([[0.5, 1.0], [0.4, 1.1]]),
+    }
+    for name, value in extras.items():
+        setattr(pool, name, value)
+    pool.save(folder)
     loaded = TaskPool.load(folder, "t-a")
     assert loaded.domain == "sketch" and loaded.class_keys == ["toy/cat", "toy/dog"]
-    assert torch.equal(loaded.sums, _pool().sums) and torch.equal(loaded.counts, _pool().counts)
+    assert torch.equal(loaded.sums, pool.sums) and torch.equal(loaded.counts, pool.counts)
+    for name, value in extras.items():
+        assert torch.equal(getattr(loaded, name), value), name
 
 
 def test_the_same_pool_is_the_same_bytes_whatever_order_its_description_was_assembled_in(tmp_path):
