@@ -34,3 +34,13 @@ def test_a_single_centroid_per_class_is_that_class_mean():
     assert torch.equal(pool.centroid_labels, torch.tensor([0, 1]))
     expected = torch.tensor([[2.8 / 3, 0.6 / 3], [0.3, 0.9]])
     assert torch.allclose(pool.centroids, expected)
+
+
+def test_a_task_without_embeddings_gives_a_cluster_pool_without_entries():
+    """No training image: no centroid at all, with the pool's width, and no owner."""
+    cfg = PoolConfig(mode="cluster", clusters=2)
+    pool = build_task_pool(
+        "t-a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), ["toy/cat"], ["cat"], torch.eye(3)[:1], cfg
+    )
+    assert pool.centroids.shape == (0, 3) and pool.centroid_labels.shape == (0,)
+    assert pool.centroid_labels.dtype == torch.long
