@@ -1,6 +1,6 @@
 """Building one task's pool (components/model/pools.py; docs/methods/lvp.md): which settings need every training
-embedding rather than per-class sums, and cluster mode's centroids belonging to their own class. Expected
-values by hand."""
+embedding rather than per-class sums, and cluster mode's centroids belonging to their own class, or none for
+a task without embeddings. Expected values by hand."""
 
 from __future__ import annotations
 
