@@ -187,7 +187,10 @@ class Stack:
         return state
 
     def _start(self, names, wanted, running, started, auth, timeout, progress) -> None:
-        """Start ``names`` in order, each healthy before the next; ``started`` gets each one as it is launched."""
+        """Launch ``names`` together, then wait until each is healthy: the servers start in parallel (each takes
+        seconds, mostly its own imports and migrations), and none needs another to start. ``started`` gets each
+        one as it is launched, so a failure stops them all."""
+        launched = []
         for name in names:
             port = wanted[name]
             if _port_busy(port):  # taken since the check in `up`
@@ -207,9 +210,11 @@ class Stack:
             running[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
             started.append(name)
             self.write({"ports": wanted, "services": running, "auth": auth})
+            launched.append((name, proc, url))
+        for name, proc, url in launched:
             _wait_healthy(name, url + HEALTH[name], proc, timeout, self.root / "logs" / f"{name}.log")
             progress(f"{name}: started (pid {proc.pid}, {url}{', auth on' if auth and name != 's3' else ''})")
-            if name == "s3":
+            if name == "s3":  # before anything is stored: MLflow only reaches its artifact root on a request
                 self._make_bucket(url)
 
     def _make_bucket(self, url: str) -> None:
@@ -227,19 +232,28 @@ class Stack:
             client.create_bucket(Bucket=BUCKET)
 
     def _work_pools(self, ports: dict[str, int], progress) -> None:
-        """Process work pools ``cpu`` and ``gpu`` (``--overwrite`` keeps a second ``up`` harmless)."""
-        env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api"}
-        prefect = str(Path(sys.executable).parent / "prefect")
-        for pool in ("cpu", "gpu"):
-            found = subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True, text=True)
-            if found.returncode == 0:
-                continue
-            made = subprocess.run(
-                [prefect, "work-pool", "create", pool, "--type", "process"], env=env, capture_output=True, text=True
-            )
-            if made.returncode != 0:
-                raise StackError(f"could not create work pool {pool}: {made.stdout}{made.stderr}")
-            progress(f"prefect: work pool {pool!r} (process) created")
+        """Process work pools ``cpu`` and ``gpu``, made through Prefect's client in this process (a second ``up``
+        finds them and leaves them alone). The client reads the auth string from the environment, as the CLI does."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectNotFound
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.workers.process import ProcessWorker
+
+        url = f"http://127.0.0.1:{ports['prefect']}/api"
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+                for pool in ("cpu", "gpu"):
+                    try:
+                        client.read_work_pool(pool)
+                        continue
+                    except ObjectNotFound:
+                        pass
+                    template = ProcessWorker.get_default_base_job_template()
+                    client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+                    progress(f"prefect: work pool {pool!r} (process) created")
+        except Exception as exc:  # the server answered health but not this (e.g. a wrong auth string)
+            raise StackError(f"could not create the work pools on {url}: {type(exc).__name__}: {exc}") from None
 
     def status(self) -> list[dict[str, Any]]:
         state = self.read()
@@ -263,13 +277,13 @@ class Stack:
         return rows
 
     def down(self, timeout: float = 20, progress=print) -> None:
+        """Stop every service (SIGTERM to all at once, then SIGKILL to what is left after ``timeout``)."""
         state = self.read()
-        for name in ("prefect", "mlflow", "s3"):
-            found = (state.get("services") or {}).get(name)
-            if not found or not _alive(found["pid"]):
-                continue
-            _stop(found["pid"], timeout)
-            progress(f"{name}: stopped (pid {found['pid']})")
+        found = [(name, (state.get("services") or {}).get(name)) for name in ("prefect", "mlflow", "s3")]
+        stopping = [(name, row["pid"]) for name, row in found if row and _alive(row["pid"])]
+        _stop_all([pid for _, pid in stopping], timeout)
+        for name, pid in stopping:
+            progress(f"{name}: stopped (pid {pid})")
         if self.state_file.exists():
             self.write({"ports": state.get("ports", {}), "services": {}})
 
@@ -320,17 +334,25 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _stop(pid: int, timeout: float) -> None:
-    """SIGTERM the service's process group (servers spawn children), then SIGKILL what is left."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.2)
-    if _alive(pid):
+    _stop_all([pid], timeout)
+
+
+def _stop_all(pids: list[int], timeout: float) -> None:
+    """SIGTERM each service's process group (servers spawn children), then SIGKILL what is left."""
+    groups = []
+    for pid in pids:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            groups.append((pid, os.getpgid(pid)))
         except ProcessLookupError:
-            pass
+            continue
+    for _, pgid in groups:
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(pid) for pid, _ in groups):
+        time.sleep(0.2)
+    for pid, pgid in groups:
+        if _alive(pid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
