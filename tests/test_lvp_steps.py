@@ -114,3 +114,22 @@ def test_one_lvp_scores_each_state_by_its_own_pools(tiny_backbone, toy):
             for name, state in states.items():
                 expected = torch.stack([(by_pools if c in taught[name] else by_text)[:, c] for c in range(4)], dim=1)
                 assert torch.allclose(method.scores(state, x, keys, names, ctx), expected, atol=1e-5), name
+
+
+def test_lvp_c_scores_through_the_head_trained_on_its_merged_pool(tiny_backbone, toy):
+    """docs/methods/lvp.md: LVP-C predicts with a linear head trained (with the method's settings) on the merged
+    pool's LVP-IT vectors, not by the nearest vector; checked against the merged-pool functions themselves."""
+    from components.model.backbones import encode_batch
+    from components.model.merged_pool import merge, train_head
+
+    cfg = PoolConfig(variant="lvp-c", it_epochs=2, c_epochs=7, c_lr=0.05, seed=3)
+    state = _learn(tiny_backbone, [toy["t-a"], toy["t-b"]], settings=cfg)
+    keys = ["toy/cat", "toy/dog", "toy/emu", "toy/owl"]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(52))
+    with torch.no_grad():
+        got = LVP(cfg).scores(state, x, keys, {k: k.split("/")[1] for k in keys}, Context(tiny_backbone))
+        embeddings = encode_batch(tiny_backbone, x)
+        nearest = merge(list(state.pools.values()), cfg).scores(embeddings, keys)
+    expected = train_head(merge(list(state.pools.values()), cfg), cfg).scores(embeddings, keys)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, nearest, atol=1e-3)
