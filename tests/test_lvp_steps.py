@@ -1,8 +1,9 @@
 """LVP's task steps on the tiny model (docs/methods/lvp.md): a task's pool is encoded by the configured compute
 engine and reported, or taken prebuilt (from a copy of the task elsewhere too) and then not reported as built;
 the task's classes and the settings are recorded in the state; and one LVP scoring several states (a champion
-and a challenger) scores each by its own pools. Expected scores by hand: cosine to each taught class's mean
-training embedding (lvp-i), the text prompt for the others."""
+and a challenger) scores each by its own pools; LVP-C scores through its head; a pool records what it was built
+from. Expected scores by hand: cosine to each taught class's mean training embedding (lvp-i), the text prompt
+for the others."""
 
 from __future__ import annotations
 
@@ -133,3 +134,34 @@ def test_lvp_c_scores_through_the_head_trained_on_its_merged_pool(tiny_backbone,
     expected = train_head(merge(list(state.pools.values()), cfg), cfg).scores(embeddings, keys)
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, nearest, atol=1e-3)
+
+
+def test_a_pool_records_what_it_was_built_from_and_uses_the_datasets_own_prompts(tiny_backbone, tmp_path):
+    """docs/contracts.md ("pools/<task_id>"): a pool's file names its preprocess, prompts, metric and variant; with
+    ``templates: task`` its text vectors come from its dataset's own prompts; a bank-mode pool holds every
+    training embedding in manifest order; the build is timed."""
+    import time
+
+    from components.methods.lvp import build_pool
+
+    task = load_task(make_task(tmp_path, "t-s", ["cat", "dog"], train=2, test=1, domain="sketch"))
+    prompts = ["a drawing of a {}."]
+    ctx = Context(tiny_backbone, templates="task", task_prompts={"toy": prompts})
+    cfg = PoolConfig(mode="bank", metric="l1")
+    started = time.perf_counter()
+    pool, stats = build_pool(task, ctx, cfg)
+    assert 0 <= stats.seconds <= time.perf_counter() - started and stats.images == 4
+    model = tiny_backbone.model
+    with torch.no_grad():
+        text = _unit(model.encode_text(tiny_backbone.tokenizer(["a drawing of a cat.", "a drawing of a dog."])))
+        data = task.dataset_for("train", tiny_backbone.preprocess)
+        train = _unit(model.encode_image(torch.stack([data[i][0] for i in range(len(data))])))
+    assert torch.allclose(pool.text, text, atol=1e-5)
+    assert torch.allclose(pool.bank, train, atol=1e-5)
+    assert torch.equal(pool.bank_labels, torch.tensor([data[i][1] for i in range(len(data))]))
+    assert pool.domain == "sketch"
+    assert pool.meta["preprocess"] == repr(tiny_backbone.preprocess)
+    assert pool.meta["prompt_templates"] == prompts
+    assert (pool.meta["metric"], pool.meta["variant"]) == ("l1", "lvp-i")
+    # With a named template set, the pool names the set.
+    assert build_pool(task, Context(tiny_backbone), PoolConfig())[0].meta["prompt_templates"] == Context.templates
