@@ -32,3 +32,13 @@ def test_each_asked_untaught_class_is_scored_by_its_own_text_vector():
         vectors = torch.stack([{"toy/cat": torch.eye(3)[0], "toy/dog": torch.eye(3)[1], **fallback}[k] for k in asked])
         expected = images @ _unit(vectors).T
         assert torch.allclose(merged.scores(images, asked, fallback_text=fallback), expected, atol=1e-6), asked
+
+
+def test_an_unknown_metric_is_refused_naming_it():
+    import pytest
+
+    from components.model.merged_pool import similarity
+    from components.model.pools import PoolError
+
+    with pytest.raises(PoolError, match="^unknown metric 'l2'$"):
+        similarity(torch.eye(2), torch.eye(2), "l2")
