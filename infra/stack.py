@@ -232,28 +232,15 @@ class Stack:
             client.create_bucket(Bucket=BUCKET)
 
     def _work_pools(self, ports: dict[str, int], progress) -> None:
-        """Process work pools ``cpu`` and ``gpu``, made through Prefect's client in this process (a second ``up``
-        finds them and leaves them alone). The client reads the auth string from the environment, as the CLI does."""
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.actions import WorkPoolCreate
-        from prefect.exceptions import ObjectNotFound
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-        from prefect.workers.process import ProcessWorker
-
-        url = f"http://127.0.0.1:{ports['prefect']}/api"
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-                for pool in ("cpu", "gpu"):
-                    try:
-                        client.read_work_pool(pool)
-                        continue
-                    except ObjectNotFound:
-                        pass
-                    template = ProcessWorker.get_default_base_job_template()
-                    client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-                    progress(f"prefect: work pool {pool!r} (process) created")
-        except Exception as exc:  # the server answered health but not this (e.g. a wrong auth string)
-            raise StackError(f"could not create the work pools on {url}: {type(exc).__name__}: {exc}") from None
+        """Process work pools ``cpu`` and ``gpu``, made by one child through Prefect's client (this process keeps
+        no Prefect settings of the server's: a library caller's own Prefect set-up stays as it was). A second ``up``
+        finds them and leaves them alone; the client reads the auth string from the environment."""
+        env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api"}
+        made = subprocess.run([sys.executable, "-m", "infra.stack"], env=env, capture_output=True, text=True)
+        if made.returncode != 0:
+            raise StackError(f"could not create the work pools: {(made.stdout + made.stderr).strip()[-500:]}")
+        for pool in made.stdout.split():
+            progress(f"prefect: work pool {pool!r} (process) created")
 
     def status(self) -> list[dict[str, Any]]:
         state = self.read()
@@ -356,3 +343,31 @@ def _stop_all(pids: list[int], timeout: float) -> None:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _make_work_pools() -> list[str]:
+    """The pools missing on the Prefect API the environment names, made; their names returned."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    made = []
+    with get_client(sync_client=True) as client:
+        for pool in ("cpu", "gpu"):
+            try:
+                client.read_work_pool(pool)
+                continue
+            except ObjectNotFound:
+                pass
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+            made.append(pool)
+    return made
+
+
+if __name__ == "__main__":  # `up`'s child that makes the work pools
+    try:
+        print(" ".join(_make_work_pools()))
+    except Exception as exc:  # the server answered its health check but not this (e.g. a wrong auth string)
+        sys.exit(f"{type(exc).__name__}: {exc}")
