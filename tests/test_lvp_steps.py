@@ -163,5 +163,6 @@ def test_a_pool_records_what_it_was_built_from_and_uses_the_datasets_own_prompts
     assert pool.meta["preprocess"] == repr(tiny_backbone.preprocess)
     assert pool.meta["prompt_templates"] == prompts
     assert (pool.meta["metric"], pool.meta["variant"]) == ("l1", "lvp-i")
-    # With a named template set, the pool names the set.
-    assert build_pool(task, Context(tiny_backbone), PoolConfig())[0].meta["prompt_templates"] == Context.templates
+    # With a named template set, the pool names the set, whatever prompts the datasets bring.
+    named = Context(tiny_backbone, task_prompts={"toy": prompts})
+    assert build_pool(task, named, PoolConfig())[0].meta["prompt_templates"] == Context.templates
