@@ -137,9 +137,9 @@ def test_lvp_c_scores_through_the_head_trained_on_its_merged_pool(tiny_backbone,
 
 
 def test_a_pool_records_what_it_was_built_from_and_uses_the_datasets_own_prompts(tiny_backbone, tmp_path):
-    """docs/contracts.md ("pools/<task_id>"): a pool's file names its preprocess, prompts, metric and variant; with
-    ``templates: task`` its text vectors come from its dataset's own prompts; a bank-mode pool holds every
-    training embedding in manifest order; the build is timed."""
+    """docs/contracts.md, "The learner-state bundle": a pool's file names its preprocess, prompts, metric and
+    variant; with ``templates: task`` its text vectors come from its dataset's own prompts; a bank-mode pool
+    holds every training embedding in manifest order; the build is timed."""
     import time
 
     from components.methods.lvp import build_pool

@@ -166,8 +166,8 @@ def bench(tiny_checkpoint, tmp_path_factory):
     [("ctp", "cache_reference", ("tp_cross", "tp_intra")), ("lwf", "cache_teacher", ("lwf",))],
 )
 def test_with_augmentation_the_frozen_teacher_sees_each_steps_own_images(bench, toy, name, switch, terms):
-    """docs/methods/ctp.md and lwf.md: a frozen model's image features (CTP's task-start model, LwF's teacher)
-    may be computed once per task only when images are not augmented; with augmentation each step's
+    """docs/methods/ctp.md and docs/methods/lwf.md: a frozen model's image features (CTP's task-start model,
+    LwF's teacher) may be computed once per task only when images are not augmented; with augmentation each step's
     (augmented) images go through it, so its terms are the same whether or not the batch carries its samples'
     dataset indices."""
     from tests.method_harness import learned, nudge

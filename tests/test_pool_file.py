@@ -1,7 +1,8 @@
-"""One task's pool as a value and as a file (components/model/pools.py; docs/contracts.md, "pools/<task_id>"): the
-class means at a count of one, a pool saved into a folder that does not exist yet, its domain kept through the
-file, the same pool written to the same bytes whatever order its description was assembled in, and a pool
-folder missing a file or of another format refused in one line. Expected values by hand."""
+"""One task's pool as a value and as a file (components/model/pools.py; its files in docs/contracts.md,
+"The learner-state bundle"): the class means at a count of one, a pool saved into a folder that does not exist
+yet, its domain kept through the file, the same pool written to the same bytes whatever order its description
+was assembled in, and a pool folder missing a file or of another format refused in one line. Expected values
+by hand."""
 
 from __future__ import annotations
 

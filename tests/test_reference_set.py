@@ -1,5 +1,5 @@
 """The reference set ZSCL and GNSP distil on (docs/methods/README.md, "What every fine-tuning method shares";
-docs/methods/gnsp.md, "Reference batch"): another task drop named by ``reference_set`` (through the run's
+docs/methods/gnsp.md, "Losses for one step"): another task drop named by ``reference_set`` (through the run's
 resolver), ``reference_size`` of its training images drawn with ``reference_seed`` and kept in manifest order,
 captioned with ``reference_caption``, and served in batches of ``reference_batch_size`` in order, wrapping
 around. Expected rows and batches worked out by hand."""
