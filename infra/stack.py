@@ -40,11 +40,14 @@ HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}  # answered 
 # client auth string (the server's own is set to it).
 AUTH_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 # The basic-auth app's settings: its user database in the stack's folder (MLflow's default is the working
-# folder), and no access for a user the admin has not granted any.
+# folder), and no access for a user the admin has not granted any. A night makes hundreds of requests and each
+# checks the password against its slow hash: a check that passed is remembered for a minute by the server's one
+# worker (a password changed through MLflow's API is seen at once; one changed in the database by hand, within 60 s).
 MLFLOW_AUTH_INI = """[mlflow]
 default_permission = NO_PERMISSIONS
 database_uri = sqlite:///{db}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 60
 """
 
 
