@@ -152,13 +152,34 @@ def s3_bucket(s3_env, request):
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """One temporary Prefect API (Prefect's test harness: its own database) for every test of this process that
-    asks for one: starting one costs seconds on 2 cores, so the suite pays for it once per process."""
-    from prefect.testing.utilities import prefect_test_harness
+    """One temporary Prefect API (a server in its own process, with its own SQLite database) for every test of this
+    process that asks for one: starting one costs seconds on 2 cores, so the suite pays for it once per process.
 
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    What Prefect's ``prefect_test_harness`` does, but for the way out: the harness waits without a limit for the
+    client's log and event workers to drain before it stops its server, and on a loaded machine that wait once never
+    ended (the session hung after its last test, in a futex wait). Here the drain has a limit, and the server is
+    stopped whatever happens."""
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    folder = Path(tempfile.mkdtemp(prefix="cliploop-prefect-api-"))
+    database = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: database}):
+        server = SubprocessASGIServer(port=_free_port())  # the server's process takes the database from these
+        server.start(timeout=120)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            # Threads that did not copy this context (a flow run from a plain thread) see the same API.
+            with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+                yield server.api_url
+                for worker in (APILogWorker, EventsWorker):
+                    worker.drain_all(timeout=20)
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
