@@ -256,6 +256,10 @@ def test_herding_picks_the_sample_closest_to_the_mean_first_and_never_twice():
     # Mean (0.4, 0): (1, 0) is nearest (0.6); then the running mean with (-1, 0) is the origin, 0.4 from the mean,
     # nearer than with (0.8, ±0.6), (0.9, ±0.3), 0.58: the far sample is picked second, to pull the mean back.
     assert herding(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.8, 0.6], [0.8, -0.6]]), 2) == [0, 1]
+    # The running mean after k picks is the SUM of the k picks over k (rows as plain numbers; mean 6). k=1: 7 is
+    # nearest (1). k=2: (7+x)/2 gives 3.5, 5, 7.5, 9.5: 3 (at 5, 1 from 6). k=3: (7+3+x)/3 gives 3.33, 6, 7.33: 8
+    # (at 6, exactly the mean). Means taken as (sum+x)*k, or over the last pick only, would pick 0 or 12.
+    assert herding(torch.tensor([[0.0], [3.0], [7.0], [8.0], [12.0]]), 3) == [2, 1, 3]
 
 
 def test_info_nce_and_cvm_concept_logits():
