@@ -15,6 +15,7 @@ No credential is written to the stack's folder or printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -174,9 +175,7 @@ class Stack:
         except BaseException as exc:
             # What this call started goes again (a port taken meanwhile, a server that did not come up, Ctrl-C):
             # the stack is as it was before, and a second `up` starts from there.
-            for name in started:
-                _stop(running[name]["pid"], 10)
-                running.pop(name)
+            _stop_all([running.pop(name)["pid"] for name in started], 10)
             self.write({"ports": wanted, "services": running, "auth": auth})
             if isinstance(exc, StackError) and started:
                 raise StackError(f"{exc}; stopped what this `up` had started: {', '.join(started)}") from None
@@ -323,10 +322,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _stop(pid: int, timeout: float) -> None:
-    _stop_all([pid], timeout)
-
-
 def _stop_all(pids: list[int], timeout: float) -> None:
     """SIGTERM each service's process group (servers spawn children), then SIGKILL what is left."""
     groups = []
@@ -336,16 +331,15 @@ def _stop_all(pids: list[int], timeout: float) -> None:
         except ProcessLookupError:
             continue
     for _, pgid in groups:
-        os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # gone since its group was read
+            os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(pid) for pid, _ in groups):
         time.sleep(0.2)
     for pid, pgid in groups:
         if _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _make_work_pools() -> list[str]:
