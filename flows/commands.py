@@ -249,6 +249,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
+    from flows.embedded_prefect import start_early
+
+    start_early()  # Prefect's server boots while the rest is imported (flows/embedded_prefect.py)
     from components.pipeline import chain, chain_method
     from flows.console import night_text
     from flows.nightly import NightFailed, run_night
@@ -308,9 +311,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.embedded_prefect import start_early
+
+    start_early()  # Prefect's server boots while the demo builds its data (flows/embedded_prefect.py)
     from components.methods import MethodError, get_method
-    from flows.console import demo_text
     from flows.demo import run_demo
+    from flows.demo_report import demo_text
 
     try:
         get_method(args.method)

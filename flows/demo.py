@@ -2,7 +2,7 @@
 
 The data and the base model come from :mod:`components.scenarios.demo`; this module decides how the demo's night
 is configured (promotion by rule, gate rules, a short schedule) and runs it. What it prints at the end
-is :func:`flows.console.demo_text`.
+is :func:`flows.demo_report.demo_text`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from components.pipeline import chain, step_io, steps
 from components.settings.config import Config
 from components.settings.config_loading import config_from_doc
 from components.support import progress
+from flows import night_clock
 from flows.progress import PrefectProgress
 
 BUILD_POOL = "cliploop-build-pool"
@@ -67,8 +68,9 @@ def dispatch_many(config: Config, flow_name: str, calls: list[dict[str, Any]]) -
     if not config.orchestration.gpu_pool:
         return [local(config, **call) for call in calls]
     calls = _handed(config, flow_name, calls)
-    started = [_start(config, flow_name, call) for call in calls]
-    return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
+    with night_clock.prefect_call():  # run and timed on the pool's workers; here, waiting on Prefect's API
+        started = [_start(config, flow_name, call) for call in calls]
+        return [_wait_and_read(config, flow_name, run, call) for run, call in zip(started, calls)]
 
 
 def dispatch(config: Config, flow_name: str, **call: Any) -> dict[str, Any]:

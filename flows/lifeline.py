@@ -135,7 +135,7 @@ def _reap(parent: int, fd: int, baseline: set[tuple[int, int]]) -> None:
 _REAPER: list[tuple[int, subprocess.Popen]] = []  # one per process, for the life of the process
 
 
-def _ensure_reaper() -> subprocess.Popen:
+def ensure_reaper() -> subprocess.Popen:
     """Start this process's reaper once. It outlives every night run here and acts only when the process
     ends: what the nights started and is still running then (at a normal exit, Prefect's atexit hook has
     stopped its temporary server already, so nothing) is terminated."""
@@ -168,7 +168,7 @@ def supervised(fn: Callable[[], Any], on_hard_stop: Callable[[int], None], grace
     if threading.current_thread() is not threading.main_thread():
         return fn()
     baseline = descendants(os.getpid())
-    reaper = _ensure_reaper()
+    reaper = ensure_reaper()
     result: dict[str, Any] = {}
     ctx = contextvars.copy_context()
 

@@ -9,14 +9,16 @@ enter the chain. One nightly run per chain at a time (``chain.chain_lock``): a s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.settings import get_current_settings, temporary_settings
 
 from components.pipeline import chain, chain_method, review, steps
 from components.settings.config_loading import config_from_doc, load_config
 from components.support import progress
-from flows import gpu
+from flows import gpu, night_clock
 from flows.progress import PrefectProgress
 from flows.retry import step
 from flows.update import apply_left_decisions, await_review, continual_update
@@ -41,6 +43,11 @@ def nightly(
 
     ``method``: a registered method name (`cliploop methods`) instead of the config's ``method.name``.
     """
+    with night_clock.ours("nightly"):
+        return _night(config_path, overrides, config, method)
+
+
+def _night(config_path, overrides, config, method) -> dict[str, Any]:
     cfg = config_from_doc(config) if config else load_config(config_path, overrides or [])
     if method is not None and method != cfg.method.name:
         from components.methods import get_method
@@ -60,7 +67,8 @@ def nightly(
         "stopped": None,
     }
     with chain.chain_lock(cfg), progress.reporting(PrefectProgress()):
-        summary["swept"] = sweep_abandoned_runs(cfg, summary["reconciled"])
+        with night_clock.prefect_call():  # queries and state changes in Prefect's API
+            summary["swept"] = sweep_abandoned_runs(cfg, summary["reconciled"])
         for run in summary["swept"]:
             log.warning("flow run %s was left Running or Paused by a process that died: marked Crashed", run)
         summary["reconciled"] += step(chain.reconcile, cfg)(cfg)
@@ -103,7 +111,8 @@ def nightly(
 
         def update(task_id: str) -> dict[str, Any]:
             try:
-                return continual_update(task_id, doc, pools)
+                with night_clock.prefect_call(), _no_heartbeat():
+                    return continual_update(task_id, doc, pools)  # a subflow: its body times itself
             except Exception as exc:
                 summary["updates"].append(
                     {"task_id": task_id, "outcome": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -115,6 +124,14 @@ def nightly(
         if summary["stopped"]:
             log.info("stopping the chain: %s; later tasks wait for the next night", summary["stopped"])
     return summary
+
+
+def _no_heartbeat():
+    """For a subflow run in the night's process, whose flow run sends heartbeats already: its own would add a wait
+    of up to a second as it ends (Prefect joins a heartbeat thread that sleeps in 1 s steps)."""
+    if get_current_settings().flows.heartbeat_frequency is None:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={"flows.heartbeat_frequency": None})
 
 
 def sweep_abandoned_runs(cfg, decisions: list[str] | None = None) -> list[str]:
@@ -185,16 +202,23 @@ def run_night(config, **flow_options) -> dict[str, Any]:
 
     SIGTERM/SIGINT end it within seconds (``NightInterrupted``), and no process it started outlives it,
     even on SIGKILL (``flows/lifeline.py``)."""
+    from flows.embedded_prefect import api_for_night
     from flows.lifeline import supervised
 
     flow_fn = nightly.with_options(**flow_options) if flow_options else nightly
     # The whole night as one piece of work: what no finer piece covers (Prefect's temporary server starting, the
     # reconcile, a registration) still shows on the console as time going by.
-    with progress.tracked(1, "night", unit="night") as night:
-        summary = supervised(
-            lambda: flow_fn(config=config.portable()),
-            on_hard_stop=lambda signum: chain.interrupted(config, signum),
-            grace_s=SHUTDOWN_GRACE_S,
-        )
+    with progress.tracked(1, "night", unit="night") as night, night_clock.night() as clock:
+        try:
+            with api_for_night() as waited:
+                clock.server_wait_s = waited
+                summary = supervised(
+                    lambda: flow_fn(config=config.portable()),
+                    on_hard_stop=lambda signum: chain.interrupted(config, signum),
+                    grace_s=SHUTDOWN_GRACE_S,
+                )
+        except NightFailed as exc:
+            exc.summary["clock"] = clock.report()
+            raise
         night.advance(1)
-    return summary
+    return {**summary, "clock": clock.report()}

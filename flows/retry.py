@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from components.settings.config import Config
+from flows.night_clock import body, called
 
 
 def _retry_transient(task_, task_run, state) -> bool:
@@ -23,9 +24,11 @@ def _retry_transient(task_, task_run, state) -> bool:
 def step(fn, config: Config, name: str | None = None):
     """``fn`` as a Prefect task with the configured retries; no Prefect result persistence or caching."""
     o = config.orchestration
-    return task(
-        fn,
-        name=name or fn.__name__.replace("_", "-"),
+    name = name or fn.__name__.replace("_", "-")
+    # The body is timed as our code, the call around it as Prefect's (flows/night_clock.py).
+    prefect_task = task(
+        body(fn, name),
+        name=name,
         cache_policy=NO_CACHE,
         persist_result=False,
         retries=o.retries,
@@ -33,6 +36,7 @@ def step(fn, config: Config, name: str | None = None):
         retry_jitter_factor=0.5 if o.retry_delay_s else None,
         retry_condition_fn=_retry_transient,
     )
+    return called(prefect_task)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ from components.pipeline import chain, registration, review, steps
 from components.settings.config import Config
 from components.settings.config_loading import config_from_doc
 from components.support import progress
-from flows import gpu
+from flows import gpu, night_clock
 from flows.console import review_wait_text
 from flows.progress import WAIT_UNIT, say
 from flows.retry import step
@@ -61,21 +61,22 @@ def await_review(config: Config, version: int, task_id: str) -> str:
         review.review_timed_out(config, version)
         return "awaiting-review"
     if answer is None:
-        create_markdown_artifact(
-            key=f"review-v{version}",
-            markdown=(
-                f"# Review version {version} (task `{task_id}`)\n\nThis run is paused for "
-                f"{config.approval.timeout_s} s. Answer here (Resume, with decision/reviewer/note), from a "
-                f"shell:\n\n"
-                f"    cliploop approve {version} --reviewer NAME --note '...'\n"
-                f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
-                f"or in MLflow: move the `champion` alias of `{config.mlflow.registered_model}` to version "
-                f"{version}, or set its tags `cliploop.reviewer`, `cliploop.review_note` and then "
-                f"`cliploop.review` = `approved` or `rejected`.\n\n"
-                f"`cliploop lineage {version}` shows what it was made from."
-            ),
-            description=f"approval request for version {version}",
-        )
+        with night_clock.prefect_call():
+            create_markdown_artifact(
+                key=f"review-v{version}",
+                markdown=(
+                    f"# Review version {version} (task `{task_id}`)\n\nThis run is paused for "
+                    f"{config.approval.timeout_s} s. Answer here (Resume, with decision/reviewer/note), from a "
+                    f"shell:\n\n"
+                    f"    cliploop approve {version} --reviewer NAME --note '...'\n"
+                    f"    cliploop reject {version} --reviewer NAME --reason '...'\n\n"
+                    f"or in MLflow: move the `champion` alias of `{config.mlflow.registered_model}` to version "
+                    f"{version}, or set its tags `cliploop.reviewer`, `cliploop.review_note` and then "
+                    f"`cliploop.review` = `approved` or `rejected`.\n\n"
+                    f"`cliploop lineage {version}` shows what it was made from."
+                ),
+                description=f"approval request for version {version}",
+            )
         review.review_requested(config, version)
         text = review_wait_text(version, task_id, config.mlflow.registered_model, config.approval.timeout_s)
         log.info("%s", text)
@@ -163,6 +164,11 @@ def _resume(run_id: str, key: str, answer: dict[str, str]) -> bool:
 @flow(name="continual-update", flow_run_name="update-{task_id}", persist_result=False)
 def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str] | None = None) -> dict[str, Any]:
     """Learn one validated task on top of the champion, register it, gate it, and get it reviewed."""
+    with night_clock.ours("continual-update"):
+        return _update(task_id, config, pools)
+
+
+def _update(task_id: str, config: dict[str, Any], pools: dict[str, str] | None) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
 
     cfg = config_from_doc(config)
@@ -190,9 +196,10 @@ def continual_update(task_id: str, config: dict[str, Any], pools: dict[str, str]
         ", ".join(f"{k}={v:.2f}" for k, v in update["metrics"].items() if isinstance(v, float)),
     )
     verdict = step(review.apply_gate, cfg)(cfg, version, update)
-    create_markdown_artifact(
-        key=f"gate-v{version}", markdown=verdict["markdown"], description=f"promotion gate of version {version}"
-    )
+    with night_clock.prefect_call():
+        create_markdown_artifact(
+            key=f"gate-v{version}", markdown=verdict["markdown"], description=f"promotion gate of version {version}"
+        )
     outcome = "rejected" if verdict["verdict"] != "pass" else await_review(cfg, version, task_id)
     return {
         "task_id": task_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import threading
 import time
 
@@ -230,6 +231,11 @@ def test_demo_runs_the_night_and_its_lineage_verifies(tmp_path, capsys, demo_cac
     assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "quarantined digits-mislabeled" in out and "orchestration" in out
+    # Where the night's time went: five parts, measured apart (flows/night_clock.py), that add up to the night.
+    split = re.search(r"The night took ([\d.]+) s: (.*?) = (\d+)%", out)
+    parts = [float(x) for x in re.findall(r"([\d.]+) s(?:,|$)", split.group(2))]
+    assert len(parts) == 5 and abs(sum(parts) - float(split.group(1))) <= 5 * 0.05 + 1e-9, split.group(0)
+    assert abs(int(split.group(3)) - 100 * parts[-1] / float(split.group(1))) <= 1, split.group(0)
     ws = tmp_path / "demo" / "workspace"
     cfg = load_config(overrides=[f"workspace={ws}"], env={}, cwd=tmp_path)
     assert flow_states(cfg) == {

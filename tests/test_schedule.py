@@ -191,8 +191,8 @@ def test_a_methods_demo_sets_it_beside_fine_tuning_on_a_matched_schedule():
     method's own settings, such as a reference set, are not fine-tuning's); its figures print beside the method's."""
     from types import SimpleNamespace
 
-    from flows.console import baseline_text
     from flows.demo import DEMO_ADAMW_LR, DEMO_ITERATIONS, baseline_overrides
+    from flows.demo_report import baseline_text
 
     default = baseline_overrides([])
     assert default[0] == "method.name=finetune" and f"method.settings.iterations={DEMO_ITERATIONS}" in default
