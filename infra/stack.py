@@ -1,5 +1,7 @@
-"""The local stack on 127.0.0.1: a Prefect server, an MLflow server (SQLite backend, artifacts in S3) and an
-S3-compatible object store, for trying the server setup on one machine (`cliploop stack up|down|status`).
+"""The local stack on 127.0.0.1: a Prefect server, an MLflow server (artifacts in S3) and an S3-compatible object
+store, for trying the server setup on one machine (`cliploop stack up|down|status`). MLflow and Prefect store in
+SQLite files by default; ``up --db postgres`` starts a local PostgreSQL first and runs both on it
+(``infra/postgres.py``), as a platform with many workers and reviewers would.
 
 State lives in ``<workspace>/.cliploop/stack/``: ``stack.json`` (pids, ports, URLs), ``logs/<service>.log``
 and ``env`` (the variables that point cliploop, Prefect, MLflow and boto3 at the stack; ``source`` it).
@@ -15,21 +17,21 @@ No credential is written to the stack's folder or printed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}
+from infra.postgres import LocalPostgres, PostgresUnavailable, uri
+from infra.processes import StackError, alive, healthy, port_busy, stop_all, wait_healthy
+
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200, "postgres": 5432}
+DATABASES = ("sqlite", "postgres")  # what MLflow and Prefect store in: SQLite files, or one local PostgreSQL
 BUCKET = "cliploop"
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "cliploop",
@@ -52,10 +54,6 @@ auth_cache_ttl_seconds = 60
 """
 
 
-class StackError(RuntimeError):
-    pass
-
-
 @dataclass
 class Stack:
     root: Path  # <workspace>/.cliploop/stack
@@ -73,12 +71,29 @@ class Stack:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.state_file)
 
+    @property
+    def postgres(self) -> LocalPostgres:
+        return LocalPostgres(self.root)
+
     # ---- services --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def services(db: str | None) -> tuple[str, ...]:
+        """In start order: the database first (the servers migrate it as they start), then the object store
+        (MLflow's artifact root lives in S3)."""
+        return ("postgres", "s3", "mlflow", "prefect") if db == "postgres" else ("s3", "mlflow", "prefect")
+
+    def _healthy(self, name: str, found: dict[str, Any]) -> bool:
+        if name == "postgres":
+            return self.postgres.ready(found["port"])
+        return healthy(found["url"] + HEALTH[name])
 
     def _command(self, name: str, port: int, ports: dict[str, int], auth: bool = False) -> list[str]:
         bin_dir = Path(sys.executable).parent
         if name == "s3":
             return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        if name == "postgres":
+            return self.postgres.command(port)
         if name == "mlflow":
             return [
                 str(bin_dir / "mlflow"),
@@ -88,7 +103,9 @@ class Stack:
                 "--port",
                 str(port),
                 "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
+                uri(ports["postgres"], "mlflow", "postgresql+psycopg2")
+                if "postgres" in ports
+                else f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination",
                 f"s3://{BUCKET}/mlflow",
                 "--workers",
@@ -125,6 +142,10 @@ class Stack:
                 # The key of the app's CSRF tokens (the UI's forms), which it refuses to start without: this one
                 # server's own unless the shell sets one.
                 env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+        if "postgres" in ports and name in ("mlflow", "prefect"):
+            env.update(self.postgres.client_env())  # the password comes from the stack's pgpass file
+            if name == "prefect":
+                env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = uri(ports["postgres"], "prefect", "postgresql+asyncpg")
         if name == "prefect":
             env["PREFECT_HOME"] = str(self.root / "prefect")
             env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -134,9 +155,17 @@ class Stack:
         return env
 
     def up(
-        self, ports: dict[str, int] | None = None, timeout: float = 120, progress=print, auth: bool = False
+        self,
+        ports: dict[str, int] | None = None,
+        timeout: float = 120,
+        progress=print,
+        auth: bool = False,
+        db: str = "sqlite",
     ) -> dict[str, Any]:
-        """Start what is not running yet; ``auth``: behind credentials from the environment (``AUTH_VARIABLES``)."""
+        """Start what is not running yet; ``auth``: behind credentials from the environment (``AUTH_VARIABLES``);
+        ``db``: what MLflow and Prefect store in (``DATABASES``)."""
+        if db not in DATABASES:
+            raise StackError(f"--db must be one of {', '.join(DATABASES)}, not {db!r}")
         try:
             import moto  # noqa: F401
         except ImportError:
@@ -147,75 +176,100 @@ class Stack:
         if missing:
             raise StackError(f"--auth takes the credentials from the environment: set {', '.join(missing)}")
         state = self.read()
-        wanted = {**DEFAULT_PORTS, **(state.get("ports") or {}), **(ports or {})}
+        names = self.services(db)
+        wanted = {
+            k: v for k, v in {**DEFAULT_PORTS, **(state.get("ports") or {}), **(ports or {})}.items() if k in names
+        }
         running = state.get("services", {})
-        if running and bool(state.get("auth")) != auth and any(_alive(s["pid"]) for s in running.values()):
-            raise StackError(
-                f"the stack runs {'with' if state.get('auth') else 'without'} auth: `cliploop stack down` first"
-            )
+        if running and any(alive(s["pid"]) for s in running.values()):
+            if bool(state.get("auth")) != auth:
+                raise StackError(
+                    f"the stack runs {'with' if state.get('auth') else 'without'} auth: `cliploop stack down` first"
+                )
+            if state.get("db", "sqlite") != db:
+                raise StackError(f"the stack runs on {state.get('db', 'sqlite')}: `cliploop stack down` first")
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         to_start = []
-        for name in ("s3", "mlflow", "prefect"):  # MLflow's artifact root lives in S3: the store comes first
+        for name in names:
             found = running.get(name)
-            if found and _alive(found["pid"]) and _healthy(found["url"] + HEALTH[name]):
+            if found and alive(found["pid"]) and self._healthy(name, found):
                 progress(f"{name}: already running (pid {found['pid']}, {found['url']})")
             else:
                 to_start.append(name)
         # Every port is checked before anything starts: a busy third port must not leave the first server running.
         for name in to_start:
-            if _port_busy(wanted[name]):
+            if port_busy(wanted[name]):
                 raise StackError(
                     f"{name}: port {wanted[name]} on 127.0.0.1 is taken by another program; "
                     f"choose another with --port-{name} (nothing was started)"
                 )
         started: list[str] = []
         try:
-            self._start(to_start, wanted, running, started, auth, timeout, progress)
+            if "postgres" in to_start:
+                self.postgres.prepare()  # the cluster and its password, made once
+                self._start(["postgres"], wanted, running, started, auth, timeout, progress, db)
+                to_start.remove("postgres")
+            if "postgres" in wanted:
+                self.postgres.create_databases(wanted["postgres"])
+            self._start(to_start, wanted, running, started, auth, timeout, progress, db)
             self._work_pools(wanted, progress)
         except BaseException as exc:
             # What this call started goes again (a port taken meanwhile, a server that did not come up, Ctrl-C):
             # the stack is as it was before, and a second `up` starts from there.
-            _stop_all([running.pop(name)["pid"] for name in started], 10)
-            self.write({"ports": wanted, "services": running, "auth": auth})
+            stop_all([running.pop(name)["pid"] for name in started], 10)
+            self.write({"ports": wanted, "services": running, "auth": auth, "db": db})
+            if isinstance(exc, PostgresUnavailable):
+                raise StackError(f"postgres: {exc}" + (f"; stopped {', '.join(started)}" if started else "")) from None
             if isinstance(exc, StackError) and started:
                 raise StackError(f"{exc}; stopped what this `up` had started: {', '.join(started)}") from None
             raise
         env = self.env(wanted)
         # Names only: the values stay in the shell that started the stack.
         needs = f"# auth on: set {', '.join(AUTH_VARIABLES)} in the shell too\n" if auth else ""
+        if db == "postgres":  # where the servers keep their state (the password is in pgpass, not here)
+            needs += (
+                f"# databases: PostgreSQL on 127.0.0.1:{wanted['postgres']}, {uri(wanted['postgres'], 'mlflow')} "
+                f"(MLflow) and {uri(wanted['postgres'], 'prefect')} (Prefect); password in {self.postgres.pgpass}\n"
+            )
+        else:
+            needs += f"# databases: SQLite files, {self.root / 'mlflow.db'} and {self.root / 'prefect'}\n"
         (self.root / "env").write_text(needs + "".join(f"export {k}={v}\n" for k, v in env.items()))
-        state = {"ports": wanted, "services": running, "env_file": str(self.root / "env"), "auth": auth}
+        state = {"ports": wanted, "services": running, "env_file": str(self.root / "env"), "auth": auth, "db": db}
         self.write(state)
         return state
 
-    def _start(self, names, wanted, running, started, auth, timeout, progress) -> None:
+    def _start(self, names, wanted, running, started, auth, timeout, progress, db) -> None:
         """Launch ``names`` together, then wait until each is healthy: the servers start in parallel (each takes
         seconds, mostly its own imports and migrations), and none needs another to start. ``started`` gets each
         one as it is launched, so a failure stops them all."""
         launched = []
         for name in names:
             port = wanted[name]
-            if _port_busy(port):  # taken since the check in `up`
+            if port_busy(port):  # taken since the check in `up`
                 raise StackError(
                     f"{name}: port {port} on 127.0.0.1 is taken by another program; choose another with --port-{name}"
                 )
             log = open(self.root / "logs" / f"{name}.log", "ab")
+            pg = name == "postgres"
             proc = subprocess.Popen(
                 self._command(name, port, wanted, auth),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._service_env(name, wanted, auth),
                 start_new_session=True,
-                cwd=self.root,
+                cwd=self.postgres.data_dir if pg else self.root,
+                **(self.postgres.run_as() if pg else {}),
             )
-            url = f"http://127.0.0.1:{port}"
+            url = f"{'postgresql' if pg else 'http'}://127.0.0.1:{port}"
             running[name] = {"pid": proc.pid, "port": port, "url": url, "log": str(self.root / "logs" / f"{name}.log")}
             started.append(name)
-            self.write({"ports": wanted, "services": running, "auth": auth})
+            self.write({"ports": wanted, "services": running, "auth": auth, "db": db})
             launched.append((name, proc, url))
         for name, proc, url in launched:
-            _wait_healthy(name, url + HEALTH[name], proc, timeout, self.root / "logs" / f"{name}.log")
-            progress(f"{name}: started (pid {proc.pid}, {url}{', auth on' if auth and name != 's3' else ''})")
+            check = (lambda: self.postgres.ready(wanted["postgres"])) if name == "postgres" else None
+            wait_healthy(name, url + HEALTH.get(name, ""), proc, timeout, self.root / "logs" / f"{name}.log", check)
+            behind = ", auth on" if auth and name in ("mlflow", "prefect") else ""
+            progress(f"{name}: started (pid {proc.pid}, {url}{behind})")
             if name == "s3":  # before anything is stored: MLflow only reaches its artifact root on a request
                 self._make_bucket(url)
 
@@ -247,17 +301,17 @@ class Stack:
     def status(self) -> list[dict[str, Any]]:
         state = self.read()
         rows = []
-        for name in ("s3", "mlflow", "prefect"):
+        for name in self.services(state.get("db")):
             found = (state.get("services") or {}).get(name)
             if not found:
                 rows.append({"service": name, "state": "not started"})
                 continue
-            alive = _alive(found["pid"])
-            healthy = alive and _healthy(found["url"] + HEALTH[name])
+            running = alive(found["pid"])
+            ok = running and self._healthy(name, found)
             rows.append(
                 {
                     "service": name,
-                    "state": "healthy" if healthy else ("unhealthy" if alive else "stopped"),
+                    "state": "healthy" if ok else ("unhealthy" if running else "stopped"),
                     "pid": found["pid"],
                     "url": found["url"],
                     "log": found["log"],
@@ -266,80 +320,19 @@ class Stack:
         return rows
 
     def down(self, timeout: float = 20, progress=print) -> None:
-        """Stop every service (SIGTERM to all at once, then SIGKILL to what is left after ``timeout``)."""
+        """Stop every service (SIGTERM to all at once, then SIGKILL to what is left after ``timeout``); the database
+        last, once its clients are gone, by PostgreSQL's fast shutdown (SIGINT: open sessions are ended, what was
+        committed is kept). Its data stays for the next ``up``."""
         state = self.read()
-        found = [(name, (state.get("services") or {}).get(name)) for name in ("prefect", "mlflow", "s3")]
-        stopping = [(name, row["pid"]) for name, row in found if row and _alive(row["pid"])]
-        _stop_all([pid for _, pid in stopping], timeout)
+        services = state.get("services") or {}
+        found = [(name, services.get(name)) for name in ("prefect", "mlflow", "s3", "postgres")]
+        stopping = [(name, row["pid"]) for name, row in found if row and alive(row["pid"])]
+        stop_all([pid for name, pid in stopping if name != "postgres"], timeout)
+        stop_all([pid for name, pid in stopping if name == "postgres"], timeout, signal.SIGINT)
         for name, pid in stopping:
             progress(f"{name}: stopped (pid {pid})")
         if self.state_file.exists():
-            self.write({"ports": state.get("ports", {}), "services": {}})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except OSError:
-        return True
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return 200 <= response.status < 500
-    except Exception:
-        return False
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait_healthy(name: str, url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log}:\n" + _tail(log))
-        if _healthy(url):
-            return
-        time.sleep(0.3)
-    raise StackError(f"{name} did not become healthy at {url} within {timeout:.0f} s; see {log}:\n" + _tail(log))
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _stop_all(pids: list[int], timeout: float) -> None:
-    """SIGTERM each service's process group (servers spawn children), then SIGKILL what is left."""
-    groups = []
-    for pid in pids:
-        try:
-            groups.append((pid, os.getpgid(pid)))
-        except ProcessLookupError:
-            continue
-    for _, pgid in groups:
-        with contextlib.suppress(ProcessLookupError):  # gone since its group was read
-            os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(pid) for pid, _ in groups):
-        time.sleep(0.2)
-    for pid, pgid in groups:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+            self.write({"ports": state.get("ports", {}), "services": {}, "db": state.get("db", "sqlite")})
 
 
 def _make_work_pools() -> list[str]:

@@ -47,7 +47,15 @@ NO_SERVERS = os.environ.get("CLIPLOOP_TEST_NO_SERVERS") == "1"
 # The longest files first (measured: `pytest --durations`): `make test` hands whole files to its two processes in
 # collection order (--dist loadfile --no-loadscope-reorder), and a long file handed out last is the run's tail (the
 # stack's night, started last, ran alone for minutes at the end).
-LONGEST_FIRST = ["test_stack", "test_flows_review", "test_faults", "test_secrets", "test_flows", "test_ingest"]
+LONGEST_FIRST = [
+    "test_stack",
+    "test_flows_review",
+    "test_faults",
+    "test_secrets",
+    "test_stack_postgres",
+    "test_flows",
+    "test_ingest",
+]
 
 
 def _module(item) -> str:

@@ -281,6 +281,6 @@ def _crashed_runs(api_url: str) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
-    from infra.stack import _alive as alive
+    from infra.processes import alive
 
     return alive(pid)
