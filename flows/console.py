@@ -336,6 +336,11 @@ def stack_up_text(state: dict[str, Any]) -> str:
         f"\nthe stack is up. Use it from a shell:  source {state['env_file']}\n"
         f"  Prefect UI: {state['services']['prefect']['url']}   "
         f"MLflow UI: {state['services']['mlflow']['url']}"
+        + (
+            f"\n  both store in PostgreSQL at {state['services']['postgres']['url']} (databases mlflow, prefect)"
+            if state.get("db") == "postgres"
+            else ""
+        )
     )
 
 
