@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from components.model.replicas import SINGLE, Replicas
+
 if TYPE_CHECKING:  # type names only: importing them here would load the data and pool modules with every method
     from components.model.backbones import Backbone
     from components.model.data import TaskData
@@ -95,6 +97,7 @@ class Context:
     decoder: str = (
         "pillow-draft2x"  # how frozen encoders' images are decoded (components/model/data.py, resolve_decoder)
     )
+    replicas: Replicas = SINGLE  # this worker among compute.train_workers data-parallel ones (model/replicas.py)
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -185,9 +188,14 @@ class Method:
     trained: ClassVar[frozenset[str]] = frozenset()
     trained_later: ClassVar[frozenset[str] | None] = None
     trained_note: ClassVar[str] = ""  # which part of a tower, when not all of it
+    # True: its loss is computed over the global batch on every data-parallel worker (components/model/replicas.py)
+    # and everything else it keeps is identical on every worker, so N workers train as one process does.
+    data_parallel: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "data_parallel" not in cls.__dict__:  # declared by each method, never inherited: a subclass adds losses
+            cls.data_parallel = False
         unknown = (cls.trained | (cls.trained_later or frozenset())) - set(PARTS)
         if unknown:
             raise TypeError(f"{cls.__name__} declares unknown trained parts {sorted(unknown)}; known: {sorted(PARTS)}")

@@ -25,3 +25,4 @@ class FineTuneSettings(TuneSettings):
 class FineTune(TunedCLIP):
     summary = "Continual full fine-tuning of both towers with the task loss only (the forgetting lower bound)"
     Settings = FineTuneSettings
+    data_parallel = True  # its one loss is TunedCLIP.task_loss, over the global batch

@@ -320,8 +320,12 @@ class TunedCLIP(Method):
     # ---- training -------------------------------------------------------------------------------------
 
     def task_loss(self, images: torch.Tensor, labels: torch.Tensor):
-        """CE with label smoothing over the label space; also returns the image and class-text features."""
-        features, text = self.encode_image(images), self.class_text()
+        """CE with label smoothing over the label space; also returns the image and class-text features.
+
+        Over the global batch: with data-parallel workers, every worker's features and labels (model/replicas.py)."""
+        replicas = self.ctx.replicas
+        features, text = replicas.gather(self.encode_image(images)), self.class_text()
+        labels = replicas.gather(labels)
         logits = self.scale * features @ text.T
         return F.cross_entropy(logits, labels, label_smoothing=self.settings.label_smoothing), features, text
 

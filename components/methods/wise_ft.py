@@ -33,6 +33,7 @@ class WiseFTSettings(FineTuneSettings):
 class WiseFT(FineTune):
     summary = "WiSE-FT: fine-tune, then interpolate weights with the task's starting model (alpha 0.8)"
     Settings = WiseFTSettings
+    data_parallel = True  # fine-tune's loss; the interpolation is the same arithmetic on every worker's same weights
 
     def setup(self) -> None:
         self.start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

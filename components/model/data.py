@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from components.intake.shards import StoredTask
 from components.intake.tasks import DropSource, normalise_class_name, open_drop, parse_manifest, parse_task_yaml
+from components.model.replicas import SINGLE, Replicas
 
 DECODERS = ("pillow", "pillow-draft2x", "torch-jpeg", "nvjpeg")
 DECODER = "pillow-draft2x"  # what a dataset decodes with unless told otherwise; part of every pool key
@@ -293,19 +294,41 @@ def finished_batches(loaded: Iterable[tuple], dataset: Any, ahead: int = 2) -> I
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    replicas: Replicas = SINGLE,
 ) -> DataLoader:
+    """Batches of ``dataset``; with several data-parallel ``replicas``, this worker's slice of each global batch (the
+    global batches in the order one process sees them: the same sampler, generator and seed)."""
     generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = _Slices(BatchSampler(sampler, batch_size, drop_last), replicas)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=batches,
         num_workers=workers,
         generator=generator,
-        drop_last=drop_last,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
         collate_fn=getattr(dataset, "collate", None),
     )
     return DecodedLoader(loader, dataset) if getattr(dataset, "tensor_spec", None) is not None else loader
+
+
+class _Slices:
+    """A batch sampler's batches, each cut to one replica's slice (all of it with one replica)."""
+
+    def __init__(self, batches: BatchSampler, replicas: Replicas):
+        self.batches, self.replicas = batches, replicas
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield self.replicas.take(batch)
+
+    def __len__(self) -> int:
+        return len(self.batches)

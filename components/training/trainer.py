@@ -156,12 +156,30 @@ def optimization_step(
         )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    ctx.replicas.mean_grads(p for _, p in named)  # every worker steps alike; before a method's gradient hook
     method.after_backward()
     if method.settings.grad_clip:
         torch.nn.utils.clip_grad_norm_([p for _, p in named], method.settings.grad_clip)
     optimizer.step()
     method.after_step(step)
     return losses
+
+
+def _check_split(method: Method, task: TaskData, batch_size: int, images: int, workers: int) -> None:
+    """Data-parallel training needs a method that declares it, and a slice of every batch for every worker."""
+    if workers == 1:
+        return
+    if not method.data_parallel:
+        raise TrainError(
+            f"{method.name} does not train data-parallel yet (compute.train_workers={workers}); "
+            "set compute.train_workers=1 (docs/methods/README.md lists the methods that do)"
+        )
+    smallest = min(batch_size, images % batch_size or batch_size)
+    if smallest < workers:
+        raise TrainError(
+            f"task {task.task_id}: a batch of {smallest} images cannot be split over {workers} workers "
+            f"({images} training images in batches of {batch_size}); use fewer workers or another batch size"
+        )
 
 
 def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] | None = None) -> TrainReport:
@@ -172,7 +190,9 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     dataset = method.train_dataset()
     if len(dataset) == 0:
         raise TrainError(f"{method.name}: task {task.task_id} has no training images")
-    loader = make_loader(dataset, min(settings.batch_size, len(dataset)), ctx.workers, shuffle=True, seed=ctx.seed)
+    batch_size = min(settings.batch_size, len(dataset))
+    _check_split(method, task, batch_size, len(dataset), ctx.replicas.world)
+    loader = make_loader(dataset, batch_size, ctx.workers, shuffle=True, seed=ctx.seed, replicas=ctx.replicas)
     named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
     if not named:
         raise TrainError(f"{method.name}: nothing to train on task {task.task_id} (every parameter is frozen)")
@@ -192,8 +212,9 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     start = 0
     if ctx.checkpoint_dir is not None and settings.checkpoint_every:
         folder = Path(ctx.checkpoint_dir) / task.task_id
-        start = load_checkpoint(folder, run)
-        callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved, ctx.fence))
+        start = load_checkpoint(folder, run)  # every worker resumes from it; the first one alone writes them
+        if ctx.replicas.rank == 0:
+            callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved, ctx.fence))
         if start:
             ctx.say(f"  resuming {task.task_id} at step {start + 1}/{total} from {folder}")
     steps_done = StepProgress(f"train {task.task_id} ({method.name})", first=start)
