@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -339,6 +340,8 @@ def _empty_mlflow_store() -> Path:
     (cliploop creates its experiment with the workspace's artifact location), so a copy works anywhere."""
     from mlflow import MlflowClient
 
-    path = Path(tempfile.mkdtemp(prefix="cliploop-mlflow-template-")) / "mlflow.db"
+    folder = Path(tempfile.mkdtemp(prefix="cliploop-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, True)  # one per test process: they piled up in /tmp run after run
+    path = folder / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
