@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +66,10 @@ class TemporaryServer:
         command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory"]
         command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--log-level", "error", "--lifespan", "on"]
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its error output goes to a file, read only if it dies: a pipe nobody reads would fill during a long night
+        # and block the server.
+        self._errors = tempfile.TemporaryFile()
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self._errors)
 
     def ready(self) -> float:
         """Wait until the API answers its health check (within Prefect's own start-up limit for its temporary
@@ -89,7 +93,8 @@ class TemporaryServer:
                     self.port = _free_port()
                     self.process = self._launch()
                 elif code is not None:
-                    err = (self.process.stderr.read() or b"").decode(errors="replace").strip().splitlines()[-5:]
+                    self._errors.seek(0)
+                    err = self._errors.read().decode(errors="replace").strip().splitlines()[-5:]
                     raise RuntimeError(f"Prefect's temporary server exited with code {code}: {' | '.join(err)}")
                 with contextlib.suppress(httpx.TransportError):
                     if client.get(f"{self.api_url}/health").status_code == 200:

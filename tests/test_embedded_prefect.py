@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.server
-
 REPO = Path(__file__).resolve().parents[1]
 
 # A command's life in small: start early, import and prepare, then a night (one flow with one task) on the API.
@@ -61,6 +59,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("end", ["exit", "kill"])
 def test_the_night_runs_on_the_early_server_and_the_server_ends_with_its_process(tmp_path, end):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # nothing configured: the embedded default
@@ -77,3 +76,17 @@ def test_the_night_runs_on_the_early_server_and_the_server_ends_with_its_process
     while _alive(seen["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(seen["pid"]), f"the server (pid {seen['pid']}) outlived its process ({end})"
+
+
+def test_a_server_that_dies_while_starting_says_why(tmp_path, monkeypatch):
+    """Its error output (kept in a file, not a pipe nobody reads) ends the wait, in one line with its last words;
+    the night then runs on Prefect's own temporary server (``api_for_night``)."""
+    from flows import embedded_prefect
+
+    dying = tmp_path / "python"
+    dying.write_text("#!/bin/sh\necho 'starting' >&2\necho 'no database here' >&2\nexit 2\n")
+    dying.chmod(0o755)
+    monkeypatch.setattr(embedded_prefect.sys, "executable", str(dying))
+    server = embedded_prefect.TemporaryServer()
+    with pytest.raises(RuntimeError, match=r"exited with code 2: starting \| no database here$"):
+        server.ready()
