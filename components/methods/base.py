@@ -97,7 +97,7 @@ class Context:
     decoder: str = (
         "pillow-draft2x"  # how frozen encoders' images are decoded (components/model/data.py, resolve_decoder)
     )
-    replicas: Replicas = SINGLE  # this worker among compute.train_workers data-parallel ones (model/replicas.py)
+    replicas: Replicas = SINGLE  # this worker among data-parallel ones training together (model/replicas.py)
 
     def say(self, message: str) -> None:
         if self.progress is not None:

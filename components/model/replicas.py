@@ -1,5 +1,5 @@
-"""Data-parallel replicas of one training run (``compute.train_workers``): what each of N workers does so that N of
-them compute what one process computes on the same global batch.
+"""Data-parallel replicas of one training run: what each of N workers does so that N of them compute what one
+process computes on the same global batch.
 
 - Each worker takes a contiguous slice of every global batch (``take``), in the one process's order, so the slices
   joined in rank order are that batch.
@@ -64,13 +64,17 @@ class Replicas:
 
     @torch.no_grad()
     def mean_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Average every parameter's gradient over the workers, in one all-reduce (a missing gradient counts 0)."""
+        """Average every parameter's gradient over the workers, in one all-reduce. A parameter with no gradient (one
+        the loss did not reach) has none on any worker, as the graph is the same on all: it stays without, so the
+        optimizer skips it as one process's does."""
         if self.single:
             return
         import torch.distributed as dist
 
-        params = list(params)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat)
         flat /= self.world
@@ -79,24 +83,6 @@ class Replicas:
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
             offset += n
-
-    @torch.no_grad()
-    def sum_(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` summed over the workers, in place (e.g. statistics each computed on its own rows)."""
-        if not self.single:
-            import torch.distributed as dist
-
-            dist.all_reduce(x)
-        return x
-
-    @torch.no_grad()
-    def broadcast_(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """``x`` as worker ``src`` has it, in place on every worker (what is drawn once, e.g. a replay sample)."""
-        if not self.single:
-            import torch.distributed as dist
-
-            dist.broadcast(x, src)
-        return x
 
 
 SINGLE = Replicas()

@@ -171,8 +171,8 @@ def _check_split(method: Method, task: TaskData, batch_size: int, images: int, w
         return
     if not method.data_parallel:
         raise TrainError(
-            f"{method.name} does not train data-parallel yet (compute.train_workers={workers}); "
-            "set compute.train_workers=1 (docs/methods/README.md lists the methods that do)"
+            f"{method.name} does not train data-parallel yet ({workers} workers); train it with one "
+            "(docs/methods/README.md, 'Training on several workers', lists the methods that do)"
         )
     smallest = min(batch_size, images % batch_size or batch_size)
     if smallest < workers:
