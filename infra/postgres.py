@@ -155,6 +155,10 @@ class LocalPostgres:
         return {"PGPASSFILE": str(self.pgpass)}
 
     def ready(self, port: int) -> bool:
+        try:
+            binaries()
+        except PostgresUnavailable:  # removed since the server started: `status` says it is not healthy
+            return False
         done = subprocess.run(
             [str(binaries() / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], capture_output=True
         )

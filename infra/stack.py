@@ -17,6 +17,7 @@ No credential is written to the stack's folder or printed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -172,6 +173,10 @@ class Stack:
             raise StackError(
                 "the local object store needs moto's server: pip install 'moto[server]' (or `pip install -e .[stack]`)"
             ) from None
+        if db == "postgres" and importlib.util.find_spec("psycopg2") is None:
+            raise StackError(
+                "MLflow reaches PostgreSQL through psycopg2: pip install psycopg2-binary (or `pip install -e .[stack]`)"
+            )
         missing = [name for name in AUTH_VARIABLES if auth and not os.environ.get(name)]
         if missing:
             raise StackError(f"--auth takes the credentials from the environment: set {', '.join(missing)}")
