@@ -15,7 +15,7 @@ import torch
 
 from components.model.replicas import Replicas
 from tests.conftest import tiny_overrides
-from tests.data_parallel_kit import train
+from tests.data_parallel_kit import collectives, train
 from tests.drops import make_task
 
 # fp32: the gathered logits and the averaged gradients sum in another order than one process's.
@@ -99,6 +99,17 @@ def test_workers_that_do_not_average_their_gradients_end_elsewhere(job, alone):
     one, _ = alone
     desynced, _ = _run(job, 2, "desynced", desync=True)
     assert any(not torch.allclose(desynced[k], one[k], atol=ATOL, rtol=RTOL) for k in one)
+
+
+@pytest.mark.slow
+def test_total_and_broadcast_give_every_worker_the_same_tensor(tmp_path):
+    """Worker r holds [1, 2] * (r + 1): the total is [1+2, 2+4] = [3, 6] on both, the broadcast the first's [1, 2]."""
+    torch.multiprocessing.spawn(collectives, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    found = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [f["total"] for f in found] == [[3.0, 6.0], [3.0, 6.0]]
+    assert [f["broadcast"] for f in found] == [[1.0, 2.0], [1.0, 2.0]]
+    assert [f["mine"] for f in found] == [[1.0, 2.0], [2.0, 4.0]]
+    assert Replicas().total(torch.ones(2)).tolist() == [1.0, 1.0]  # one worker: the tensor itself
 
 
 def test_a_method_that_does_not_declare_it_or_a_batch_too_small_to_split_is_refused():

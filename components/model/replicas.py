@@ -63,6 +63,30 @@ class Replicas:
         return _Gather.apply(x)
 
     @torch.no_grad()
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over the workers, the same tensor on every one (a statistic each worker took of its own
+        slice: the sum is one process's statistic of the whole batch). Not differentiable."""
+        if self.single:
+            return x
+        import torch.distributed as dist
+
+        out = x.detach().clone().contiguous()
+        dist.all_reduce(out)
+        return out
+
+    @torch.no_grad()
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """The first worker's ``x`` on every worker: what one of them decided (a sample drawn, a matrix computed
+        once) is what all of them use."""
+        if self.single:
+            return x
+        import torch.distributed as dist
+
+        out = x.detach().clone().contiguous()
+        dist.broadcast(out, src=0)
+        return out
+
+    @torch.no_grad()
     def mean_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Average every parameter's gradient over the workers, in one all-reduce. A parameter with no gradient (one
         the loss did not reach) has none on any worker, as the graph is the same on all: it stays without, so the
