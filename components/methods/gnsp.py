@@ -17,6 +17,11 @@ Two documented choices:
   exactly in the null space.
 - The first task trains both towers in full (no old task to protect); later tasks only the 2L+1
   image-tower matrices, so the text tower keeps its first-task state.
+
+Data-parallel workers (components/model/replicas.py): the losses are over the global batches (the joint forward
+of components.methods.reference); each worker runs the Gram pass over its own share of the task's Gram batches
+and the per-batch sums are added over the workers before the task's sum is normalised, so every worker stores one
+process's Grams; the projectors are the first worker's, broadcast, and act on the averaged gradients.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from components.methods import register_method
 from components.methods.base import MethodError
 from components.methods.reference import ReferenceDistillation, ReferenceSettings
 from components.methods.tuning import image_text_distill, visual_blocks
+from components.model.replicas import SINGLE, Replicas
 
 GRAM_PREFIX = "gnsp.gram."
 
@@ -155,10 +161,18 @@ def protected_layers_for_names(state_dict: dict) -> list[tuple[str, bool]]:
 
 
 @torch.no_grad()
-def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) -> dict[str, torch.Tensor]:
-    """One pass over a task: the per-task Gram sum of every protected layer's inputs (batch-normalised)."""
+def task_grams(
+    model: torch.nn.Module, batches, device: torch.device, autocast, replicas: Replicas = SINGLE
+) -> dict[str, torch.Tensor]:
+    """One pass over a task: the per-task Gram sum of every protected layer's inputs (batch-normalised).
+
+    With data-parallel ``replicas``, ``batches`` are this worker's share of the task's batches (whole batches: each
+    is normalised by its own norm); the sums are added over the workers before the task's sum is normalised, as one
+    process adds them. Empty when no worker saw a batch."""
     visual = model.visual
-    grams: dict[str, torch.Tensor | None] = {name: None for name, _ in protected_layers(model)}
+    layers = protected_layers(model)
+    grams: dict[str, torch.Tensor | None] = {name: None for name, _ in layers}
+    seen = 0
     hooks = []
 
     def keep(name):
@@ -181,10 +195,20 @@ def task_grams(model: torch.nn.Module, batches, device: torch.device, autocast) 
         for images, _ in batches:
             with autocast():
                 model.encode_image(images.to(device))
+            seen += 1
     finally:
         for h in hooks:
             h.remove()
-    return {name: frobenius_normalised(g) for name, g in grams.items() if g is not None}
+    if not replicas.total(torch.tensor([seen], device=device)).item():
+        return {}
+    params = dict(model.named_parameters())
+    summed = {}
+    for name, inputs_last in layers:  # the same order on every worker: each total is one collective
+        if grams[name] is None:  # a worker left without a batch adds nothing
+            width = params[name].shape[1 if inputs_last else 0]
+            grams[name] = torch.zeros(width, width, device=device)
+        summed[name] = frobenius_normalised(replicas.total(grams[name]))
+    return summed
 
 
 # ---- the method ---------------------------------------------------------------------------------------------
@@ -204,6 +228,7 @@ class GNSPSettings(ReferenceSettings):
 class GNSP(ReferenceDistillation):
     summary = "GNSP: gradients projected onto the null space of old tasks' features + contrastive distillation + MAP"
     Settings = GNSPSettings
+    data_parallel = True  # global batches through joint_forward; Grams summed over workers; one projector
     trained_later = frozenset({"image"})
     trained_note = "later tasks: only its MLP matrices and visual.proj, gradients projected"
 
@@ -224,7 +249,9 @@ class GNSP(ReferenceDistillation):
             if name not in grams:
                 raise MethodError(f"GNSP state has no Gram matrix for {name} (made by another model?)")
             proj, k = projector(grams[name].to(self.device), self.settings.rho)
-            self.projectors[name] = (proj, inputs_last)
+            # The first worker's projector on every worker: the Grams are the same everywhere, and the broadcast
+            # keeps one eigensolver's rounding from giving a worker another null space (its weights would drift).
+            self.projectors[name] = (self.ctx.replicas.broadcast(proj), inputs_last)
             if k == len(proj):
                 self.ctx.say(f"  gnsp: {name} has an empty null space (every direction protected): it will not move")
         self.setup_reference()
@@ -272,14 +299,22 @@ class GNSP(ReferenceDistillation):
         self.release_reference()
 
     def export(self, state) -> None:
-        """This task's Grams from the final model, added to the running sums in the state."""
+        """This task's Grams from the final model, added to the running sums in the state.
+
+        Data-parallel workers share the pass: each takes its block of whole Gram batches (the batches one process
+        makes), and ``task_grams`` adds the workers' sums."""
         from components.model.data import make_loader
 
-        backbone = self.ctx.backbone
+        backbone, replicas, size = self.ctx.backbone, self.ctx.replicas, self.settings.gram_batch_size
         augment = self.settings.augment and backbone.preprocess_train is not None  # the official pass augments
         dataset = self.task.dataset_for("train", backbone.preprocess_train if augment else backbone.preprocess)
-        loader = make_loader(dataset, self.settings.gram_batch_size, self.ctx.workers)
-        current = task_grams(self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False))
+        if not replicas.single:
+            mine = replicas.take(range(-(-len(dataset) // size)))  # this worker's batch numbers
+            dataset = torch.utils.data.Subset(dataset, range(mine.start * size, min(mine.stop * size, len(dataset))))
+        loader = make_loader(dataset, size, self.ctx.workers)
+        current = task_grams(
+            self.model, loader, self.device, lambda: torch.autocast(self.device.type, enabled=False), replicas
+        )
         previous = self.grams()
         sums = {
             name: accumulate(previous.get(name), gram.cpu(), renormalise_previous=name == "visual.proj")

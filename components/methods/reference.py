@@ -5,6 +5,11 @@ What they share lives here: the settings of the reference set and of the distill
 reference set itself, the teacher (the base model's features on it, computed once per task) and the
 training forward that runs the task's and the reference's images through the student together. Each
 method keeps only its own losses on top. This module registers no method itself.
+
+Data-parallel workers (components/model/replicas.py) split each global reference batch as they split the task
+batch: the same rows drawn in the same order on every worker (the cursor moves alike everywhere), each worker
+encoding its ``take`` of them; the features are gathered, so the methods' losses are over the global batches. The
+teacher's features are computed a block per worker and gathered: the same on every worker.
 """
 
 from __future__ import annotations
@@ -115,10 +120,10 @@ class Teacher:
 class JointForward:
     """One training step's images through the student: the task's and the next reference batch's."""
 
-    rows: torch.Tensor  # the reference rows of this step (on the device)
+    rows: torch.Tensor  # the reference rows of this step, the global batch's (on the device)
     captions: torch.Tensor  # their caption indices into ``reference.distinct`` (on the device)
-    features: torch.Tensor  # normalised image features of the task batch
-    reference: torch.Tensor  # normalised image features of the reference batch
+    features: torch.Tensor  # normalised image features of the global task batch
+    reference: torch.Tensor  # normalised image features of the global reference batch, in ``rows`` order
     ce: torch.Tensor  # the task loss: label-smoothed cross-entropy against the class prompts
 
 
@@ -134,25 +139,41 @@ class ReferenceDistillation(FineTune):
         self.teacher: Teacher | None = None
 
     def setup_reference(self) -> None:
-        base = self.ctx.base_backbone
+        replicas = self.ctx.replicas
         self.reference = reference_for(self.settings, self.task, self.ctx)
+        batch = min(self.reference.batch_size, len(self.reference))
+        if batch < replicas.world:  # a worker without a reference image would have nothing to encode
+            raise MethodError(
+                f"{self.name}: a reference batch of {batch} images cannot be split over {replicas.world} workers "
+                f"({len(self.reference)} reference images, reference_batch_size {self.reference.batch_size}); "
+                "use fewer workers or a larger reference batch"
+            )
+        base = self.ctx.base_backbone
         with torch.no_grad(), base.autocast():
             image = torch.cat(
                 [
                     normalize(base.model.encode_image(chunk.to(self.device, base.weights_dtype)).float())
-                    for chunk in self.reference.images.split(256)
+                    for chunk in replicas.take(self.reference.images).split(256)  # this worker's block
                 ]
             )
             text = normalize(base.model.encode_text(base.tokenizer(self.reference.distinct).to(self.device)).float())
-        self.teacher = Teacher(image=image, text=text)
+        # Every worker's block in rank order: the whole reference set's features, the same tensor on every worker.
+        self.teacher = Teacher(image=replicas.gather(image), text=text)
 
     def joint_forward(self, images: torch.Tensor, labels: torch.Tensor) -> JointForward:
-        rows = self.reference.next_rows()
+        """The step's forward over the global batches: ``images`` and ``labels`` are this worker's slice of the
+        task batch; the reference batch is drawn whole and this worker encodes its slice of it. The features come
+        back gathered from every worker (the gather's backward returns each worker its rows' gradient)."""
+        replicas = self.ctx.replicas
+        rows = self.reference.next_rows()  # the global reference batch: the same rows on every worker
+        mine = replicas.take(rows)
         # Task and reference images in one forward: one larger batch runs faster than two on a GPU.
-        both = self.encode_image(torch.cat([images, self.reference.images[rows].to(self.device, images.dtype)]))
-        features, reference = both[: len(images)], both[len(images) :]
+        both = self.encode_image(torch.cat([images, self.reference.images[mine].to(self.device, images.dtype)]))
+        features, reference = replicas.gather(both[: len(images)]), replicas.gather(both[len(images) :])
         ce = F.cross_entropy(
-            self.scale * features @ self.class_text().T, labels, label_smoothing=self.settings.label_smoothing
+            self.scale * features @ self.class_text().T,
+            replicas.gather(labels),
+            label_smoothing=self.settings.label_smoothing,
         )
         return JointForward(
             rows=rows.to(self.device),

@@ -10,6 +10,10 @@ rate of 0 under its cosine schedule, so its last merge is of the same final weig
 The distilled logits use the base model's text features on both sides (only the image tower feels the
 distillation). The reference set, the base model as teacher and the joint forward are shared with GNSP
 (components.methods.reference).
+
+Data-parallel workers: the task and reference losses are over the global batches (the joint forward gathers
+them); the L2 term's gradient is added after the gradients are averaged, from start weights that are the same
+on every worker, so every worker's weights, and the ensemble merged from them, stay the same.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class ZSCLSettings(ReferenceSettings):
 class ZSCL(ReferenceDistillation):
     summary = "ZSCL: distil the base CLIP on a reference set, L2 to the start weights, periodic weight ensemble"
     Settings = ZSCLSettings
+    data_parallel = True  # global batches through joint_forward; L2 and the ensemble from the same weights
 
     def setup(self) -> None:
         self.setup_reference()
