@@ -118,10 +118,13 @@ def test_a_method_that_does_not_declare_it_or_a_batch_too_small_to_split_is_refu
     from components.methods import get_method
     from components.training.trainer import TrainError, _check_split
 
+    class Undeclared(get_method("finetune")):  # a subclass that adds a loss does not inherit the declaration
+        name = "undeclared"
+
     task = SimpleNamespace(task_id="t-a")
-    _check_split(get_method("lwf")(), task, 4, 8, 1)  # one worker: any method, any batch
-    with pytest.raises(TrainError, match="lwf does not train data-parallel yet \\(2 workers\\)"):
-        _check_split(get_method("lwf")(), task, 4, 8, 2)
+    _check_split(Undeclared(), task, 4, 8, 1)  # one worker: any method, any batch
+    with pytest.raises(TrainError, match="undeclared does not train data-parallel yet \\(2 workers\\)"):
+        _check_split(Undeclared(), task, 4, 8, 2)
     _check_split(get_method("finetune")(), task, 5, 8, 2)  # batches of 5 and 3: 3 + 2, 2 + 1
     with pytest.raises(TrainError, match="a batch of 1 images cannot be split over 2 workers"):
         _check_split(get_method("finetune")(), task, 4, 9, 2)  # the epoch's last batch holds 1
