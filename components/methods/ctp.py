@@ -168,6 +168,9 @@ class CTPSettings(TuneSettings):
 class CTP(TunedCLIP):
     summary = "CTP: compatible momentum contrast (momentum model + persistent queues) and topology preservation"
     Settings = CTPSettings
+    # Its losses and queue writes are the global batch's (training_step); the momentum model follows the live
+    # weights, the same on every worker after every step, and the queues start from the seed (docs/methods/ctp.md).
+    data_parallel = True
 
     def setup(self) -> None:
         s, dim = self.settings, self.ctx.backbone.embed_dim
@@ -220,12 +223,16 @@ class CTP(TunedCLIP):
             momentum_update(self._momentum, self._live, self._start, s.momentum, s.alpha)
 
     def training_step(self, batch):
+        # Every term is over the global batch: each worker's features, labels and momentum keys are gathered in
+        # rank order (model/replicas.py), so every worker computes one process's loss and enqueues its keys.
+        replicas = self.ctx.replicas
         images, labels = batch[:2]
         s = self.settings
-        image = self.encode_image(images)
+        image = replicas.gather(self.encode_image(images))
+        labels = replicas.gather(labels)
         text = self.class_text()[labels]
         with torch.no_grad():
-            m_image = self.encode_image(images, self.momentum_model)
+            m_image = replicas.gather(self.encode_image(images, self.momentum_model))
             m_text = self.encode_text(self.label_tokens, self.momentum_model)[labels]
         losses = {
             "ita": symmetric_info_nce(image, text, 1 / s.tau),
@@ -237,7 +244,7 @@ class CTP(TunedCLIP):
                     r_image = self.reference_image[batch[2]]
                 else:
                     r_image = self.encode_image(images, self.reference)
-                r_text = self.reference_text[labels]
+                r_image, r_text = replicas.gather(r_image), self.reference_text[labels]
             cross, intra = topology_loss(image, text, r_image, r_text, s.tau)
             losses["tp_cross"] = s.tp_cross_weight * cross
             losses["tp_intra"] = s.tp_intra_weight * intra

@@ -125,6 +125,9 @@ class CVM(TunedCLIP):
     Settings = CVMSettings
     trained = frozenset({"image", "head"})
     trained_note = "the head maps images into the language model's concept space"
+    # Its loss is the global batch's (training_step); the concept rows are the first worker's, the map starts from
+    # the seed (or the state) and steps on averaged gradients (docs/methods/cvm.md).
+    data_parallel = True
 
     def __init__(self, settings=None):
         super().__init__(settings)
@@ -162,6 +165,8 @@ class CVM(TunedCLIP):
         new = [k for k in self.label_keys if k not in table.keys]
         if new:  # appended once, never updated: old classes' targets cannot drift
             rows = encoder([self.prompt_for(k, self.class_names[k], self.ctx) for k in new])
+            if not self.ctx.replicas.single:  # the first worker's rows on every worker: one table, fixed for good
+                rows = self.ctx.replicas.broadcast(rows.to(self.device)).cpu()
             table = ConceptTable(table.keys + new, torch.cat([table.concepts, rows]), table.projection)
         self.table = table
         self.projection = torch.nn.Parameter(table.projection.clone().to(self.device))
@@ -172,8 +177,12 @@ class CVM(TunedCLIP):
         return self.trainable + [("cvm.projection", self.projection)]
 
     def training_step(self, batch):
+        # Over the global batch: each worker's mapped features and labels are gathered in rank order
+        # (model/replicas.py), so every worker computes one process's loss.
+        replicas = self.ctx.replicas
         images, labels = batch[:2]
-        mapped = self.model.encode_image(images).float() @ self.projection.T
+        mapped = replicas.gather(self.model.encode_image(images).float() @ self.projection.T)
+        labels = replicas.gather(labels)
         return {
             "ce": F.cross_entropy(
                 concept_logits(mapped, self.targets, self.settings.tau),

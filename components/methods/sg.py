@@ -120,6 +120,9 @@ class SG(TunedCLIP):
     Settings = SGSettings
     trained = frozenset({"image"})
     trained_note = "its last block only"
+    # Its three losses are the global batch's (training_step); the teacher block, the soft labels and the name
+    # similarities come from identical weights, the exemplar memory is the first worker's (docs/methods/sg.md).
+    data_parallel = True
 
     def select_trainable(self):
         blocks = visual_blocks(self.model)
@@ -142,11 +145,15 @@ class SG(TunedCLIP):
         self.blocks = len(visual_blocks(self.model))
 
     def training_step(self, batch):
+        # Every term is over the global batch: each worker's student and teacher features and labels are gathered
+        # in rank order (model/replicas.py), so every worker computes one process's loss.
+        replicas = self.ctx.replicas
         images, labels = batch[:2]
         visual = self.model.visual
         with torch.no_grad():
             tokens = trunk_features(visual, images, self.blocks - 1)
-        student = normalize(head_features(visual, tokens, [visual_blocks(self.model)[-1]]).float())
+        student = replicas.gather(normalize(head_features(visual, tokens, [visual_blocks(self.model)[-1]]).float()))
+        labels = replicas.gather(labels)
         text = self.prompt_text
         losses = {
             "con": symmetric_info_nce(student, text[labels], self.scale),
@@ -155,7 +162,7 @@ class SG(TunedCLIP):
         }
         if self.teacher_block is not None and self.settings.kd_weight > 0:
             with torch.no_grad():
-                teacher = normalize(head_features(visual, tokens, [self.teacher_block]).float())
+                teacher = replicas.gather(normalize(head_features(visual, tokens, [self.teacher_block]).float()))
                 teacher_logits = adjust_teacher(
                     self.scale * teacher @ text[: self.old_count].T, self.old_similarity[labels]
                 )

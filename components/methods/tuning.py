@@ -337,7 +337,11 @@ class TunedCLIP(Method):
 
     @torch.no_grad()
     def select_exemplars(self) -> list[dict]:
-        """Herding on the fine-tuned model's normalised image embeddings, per class of this task."""
+        """Herding on the fine-tuned model's normalised image embeddings, per class of this task.
+
+        With data-parallel workers, the first worker's choice is every worker's: each picks as many rows per class
+        (the labels are the same everywhere), and which ones is broadcast, so a rounding difference in one worker's
+        embeddings cannot give it another memory (and so other batches in the next task)."""
         features, labels = self.ctx.image_embeddings(self.task, "train")
         chosen = []
         for local, key in enumerate(self.task.class_keys):
@@ -345,6 +349,10 @@ class TunedCLIP(Method):
             if rows:
                 for pick in herding(features[rows], self.settings.memory_per_class):
                     chosen.append({"task_id": self.task.task_id, "row": rows[pick], "class_key": key})
+        if chosen and not self.ctx.replicas.single:
+            picked = torch.tensor([c["row"] for c in chosen], dtype=torch.long, device=self.device)
+            for item, row in zip(chosen, self.ctx.replicas.broadcast(picked).tolist()):
+                item["row"] = row
         return chosen
 
     def rebuild_pools(self, state) -> None:
