@@ -1,5 +1,6 @@
 """LwF, ZSCL and GNSP trained by two data-parallel workers (components/model/replicas.py) end where one process ends
-on the same global batches (docs/methods/lwf.md, zscl.md, gnsp.md, "Training on several workers"):
+on the same global batches (docs/methods/lwf.md, docs/methods/zscl.md, docs/methods/gnsp.md, each "Training on
+several workers"):
 
 - LwF distils the global batch: the teacher's features are gathered with the student's;
 - ZSCL and GNSP split every global reference batch as they split the task batch and distil over the whole of it;
