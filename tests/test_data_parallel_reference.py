@@ -9,8 +9,9 @@ several workers"):
   the workers), and its projector acts on the second task.
 
 Both workers end with the very same tensors (weights and Grams), and a planted fault per method, each a function
-below that patches the method in the worker processes, ends elsewhere. The slices are uneven: global task batches
-of 5 and 3 (8 images) cut 3 + 2 and 2 + 1, reference batches of 3 cut 2 + 1, Gram batches 3, 3, 2 shared 2 + 1.
+below that patches the method in the worker processes, ends elsewhere. The slices are uneven: global task batches of
+5 and 3 (8 images) cut 3 + 2 and 2 + 1, reference batches of 3 cut 2 + 1, Gram batches 3, 3, 2 shared 2 + 1 (and one
+batch, the second worker without).
 
 Every two-worker run shares one pair of processes (``_workers`` runs the jobs one after another, each on a
 process group of its own): starting the processes is most of a run's time on this machine."""
@@ -165,18 +166,25 @@ def jobs(tiny_checkpoint, tmp_path_factory) -> dict[str, dict]:
             "drops": [str(first)],
             "settings": {**referenced, "iterations": 4, "ensemble_every": 2},
         },
-        # Two tasks: the projector acts from the second on. Gram batches of 3 over 8 images: 3, 3, 2. SGD, not
-        # AdamW: the tiny model's Gram spectra have eigenvalues close together at the protected rank, so rounding
-        # in the Grams turns the projector slightly, and AdamW, dividing each element by its own size, turns an
-        # element the projection left near zero into an lr-sized step of either sign. One process with AdamW, its
-        # first task's Grams perturbed by 1e-7 (what two workers' sums differ by), ended its second task up to
-        # 2.6e-4 away from itself; with SGD two workers end within 1.2e-7 of one process, after moving the weights
-        # by 1e-2.
+        # Two tasks: the projector acts from the second on. Gram batches of 3 over the first task's 8 images (3,
+        # 3, 2: the workers take 2 + 1), one of 8 over the second's (the second worker has none and adds zeros).
+        # SGD, not AdamW: the tiny model's Gram spectra have eigenvalues close together at the protected rank,
+        # so rounding in the Grams turns the projector slightly, and AdamW, dividing each element by its own
+        # size, turns an element the projection left near zero into an lr-sized step of either sign. One process
+        # with AdamW, its first task's Grams perturbed by 1e-7 (what two workers' sums differ by), ended its
+        # second task up to 2.6e-4 away from itself; with SGD two workers end within 1.2e-7 of one process,
+        # after moving the weights by 1e-2.
         "gnsp": {
             **job,
             "method": "gnsp",
             "drops": [str(first), str(second)],
-            "settings": {**referenced, "gram_batch_size": 3, "optimizer": "sgd", "lr": 0.1},
+            "settings": {
+                **referenced,
+                "gram_batch_size": 3,
+                "per_task": {"t-b": {"gram_batch_size": 8}},
+                "optimizer": "sgd",
+                "lr": 0.1,
+            },
         },
         "root": root,
     }
