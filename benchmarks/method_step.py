@@ -29,6 +29,12 @@ Targets: methods without a teacher forward (gnsp, sg-rl, cvm) <= 1.10 x finetune
 (lwf, sg = SG-RL + SG-KD, zscl, ctp) <= 1.10 x finetune+forward. ``vs_floor`` is a method's cost over
 what its own definition requires (``floor``), which for gnsp and zscl is above those targets.
 
+``--workers 1,2`` times instead each method that trains data-parallel with 1 and 2 workers on the same global
+batch and reports the scaling efficiency (benchmarks/step_scaling.py). On a machine with 2 GPUs:
+
+    .venv/bin/python benchmarks/method_step.py --model ViT-B-16 --pretrained openai --batch 256 \
+        --device cuda --precision bf16 --steps 20 --workers 1,2
+
 ``--model cliploop-small`` (a 4-layer, 256-wide pair of towers at 64 px) weighs compute against per-parameter
 work (optimizer, EMA, projections) more like a ViT-B than ``cliploop-tiny`` does, whose 3.4 M parameters
 are 93% text-token embedding: on the tiny model, fixed and per-parameter costs dominate every ratio.
@@ -37,18 +43,19 @@ are 93% text-token embedding: on the tiny model, fixed and per-parameter costs d
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.step_scaling import scaling  # noqa: E402  (the repository's root on the path first)
+from benchmarks.step_setup import config_for, prepare  # noqa: E402
 
 NO_TEACHER = ("gnsp", "sg-rl", "cvm")
 WITH_TEACHER = ("lwf", "lwf-recompute", "sg", "zscl", "ctp", "ctp-recompute")
@@ -61,74 +68,22 @@ VARIANTS = {
 }
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def _scaling(args, task_paths: list[str], tmp: Path) -> int:
 
-
-def _config(args, workspace: Path):
-    from components.settings.config_loading import load_config
-
-    overrides = [
-        f"workspace={workspace}",
-        f"model.name={args.model}",
-        f"model.device={args.device}",
-        f"model.precision={args.precision}",
-        f"evaluation.batch_size={args.batch}",
-    ]
-    overrides.append(f"model.pretrained={args.pretrained}" if args.pretrained else "model.pretrained=null")
-    if args.checkpoint:
-        overrides.append(f"model.checkpoint={args.checkpoint}")
-    return load_config(overrides=overrides, env={}, cwd=workspace)
-
-
-def prepare(name: str, settings: dict, tasks, config, args, teacher_forwards: int = 0, double_batch: bool = False):
-    """A method set up on task 2 (after task 1's end-of-task state), and a function doing one timed step."""
-    from components.methods import get_method
-    from components.model.backbones import load_backbone
-    from components.model.data import make_loader
-    from components.model.state import LearnerState
-    from components.training.run_context import context_for
-    from components.training.trainer import make_optimizer, optimization_step
-
-    torch.manual_seed(0)
-    backbone = load_backbone(config.model)
-    ctx = context_for(config, backbone, locate_task={t.task_id: t for t in tasks}.get)
-    fields = get_method(name).Settings.model_fields
-    if "reference_batch_size" in fields:  # the official codes draw reference batches as large as task batches
-        settings = {"reference_batch_size": args.batch, **settings}
-    method = get_method(name)({"batch_size": args.batch, "augment": False, **settings})
-    state = LearnerState(method=name, backbone=backbone.reference)
-    first, second = tasks
-    method.begin_task(state, first, ctx)  # task 1 "learned" without training: its end-of-task state only
-    state = method.end_task()
-    method.begin_task(state, second, ctx)
-    loader = make_loader(method.train_dataset(), args.batch, 0, shuffle=True, seed=0, drop_last=False)
-    images, labels, indices = next(iter(loader))
-    if double_batch:  # the same images twice: the work of a second batch through the trained model
-        images, labels, indices = (
-            torch.cat([images, images]),
-            torch.cat([labels, labels]),
-            torch.cat([indices, indices]),
-        )
-    named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
-    optimizer = make_optimizer([p for _, p in named], method.settings)
-    teachers = [copy.deepcopy(backbone.model).eval().requires_grad_(False) for _ in range(teacher_forwards)]
-    device = backbone.device
-    counter = iter(range(10**9))
-
-    def step() -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        optimization_step(method, optimizer, named, images, labels, ctx, next(counter), indices)
-        for teacher in teachers:
-            with torch.no_grad(), backbone.autocast():
-                teacher.encode_image(images.to(device, dtype=backbone.weights_dtype))
-                teacher.encode_text(method.label_tokens)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    return step, {"batch": len(images), "trainable_params": sum(p.numel() for _, p in named)}
+    counts = sorted({int(n) for n in args.workers.split(",")})
+    methods = ["finetune", *[VARIANTS.get(m, (m, {}))[0] for m in args.methods.split(",") if m and m not in VARIANTS]]
+    report = {
+        "benchmark": "method_step --workers",
+        "model": args.model,
+        "device": args.device,
+        "precision": args.precision,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        **scaling(args, task_paths, tmp, counts, list(dict.fromkeys(methods))),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, list[float]]:
@@ -151,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--methods", default=",".join(NO_TEACHER + WITH_TEACHER))
+    parser.add_argument(
+        "--workers",
+        default=None,
+        help="e.g. 1,2: instead of the ratios, the step time of each data-parallel method with that many workers "
+        "(benchmarks/step_scaling.py); on CUDA one GPU per worker",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint = str(tmp / "weights.safetensors")
             save_weights(open_clip.create_model(args.model, pretrained=None), Path(args.checkpoint))
         drops = build_drop_zone(tmp / "drops", include_bad=False)
+        if args.workers:
+            return _scaling(args, [str(d) for d in drops[:2]], tmp)
         tasks = [load_task(str(d)) for d in drops[:2]]
-        config = _config(args, tmp / "ws")
+        config = config_for(args, tmp / "ws")
         runners = {
             "finetune": prepare("finetune", {}, tasks, config, args),
             "finetune+forward": prepare("finetune", {}, tasks, config, args, teacher_forwards=1),

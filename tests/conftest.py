@@ -37,6 +37,7 @@ SERVER_MODULES = {
     "test_gc",
     "test_portable",
     "test_ray_pools",
+    "test_ray_train",
     "test_secrets",
     "test_stack",
 }

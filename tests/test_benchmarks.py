@@ -70,6 +70,20 @@ def test_a_paired_ratio_is_the_median_and_quartiles_of_per_round_ratios():
     assert module.paired_ratio([3.0], [2.0]) == (1.5, [1.5, 1.5])  # one round: its ratio is every quartile
 
 
+@pytest.mark.slow  # starts worker processes
+def test_method_step_with_workers_reports_the_step_time_and_efficiency_per_worker_count():
+    report = _run(
+        "method_step.py", "--workers", "1,2", "--steps", "2", "--warmup", "1", "--batch", "8", "--methods", ""
+    )
+    assert report["workers"] == [1, 2] and report["global_batch"] == 8
+    rows = report["results"]["finetune"]
+    one, two = rows["1"]["median_ms"], rows["2"]["median_ms"]
+    assert one > 0 and two > 0 and rows["1"]["efficiency"] == 1.0
+    # t(1) / (2 t(2)) from the printed medians, to their rounding; images per second = the global batch / t(N)
+    assert abs(rows["2"]["efficiency"] - one / (2 * two)) <= 0.0015
+    assert abs(rows["2"]["img_per_s"] - 8 / (two / 1000)) <= 0.1 + 8 / (two / 1000) * 0.001
+
+
 def test_pool_build_reports_throughput_and_ratios(tmp_path):
     out = tmp_path / "pool.json"
     report = _run("pool_build.py", "--images", "64", "--repeat", "1", "--out", str(out))

@@ -86,7 +86,8 @@ class Context:
     resolve: Callable[[str], str] | None = None  # a configured location ("demo:...", relative path) -> a loadable one
     progress: Callable[[str], None] | None = None  # where the trainer reports progress
     checkpoint_dir: Path | None = None  # folder for resumable training checkpoints (None: no checkpoints)
-    checkpoint_saved: Callable[[Path], None] | None = None  # told each checkpoint's folder (e.g. to mirror it)
+    # Told each checkpoint's folder (e.g. to mirror it); None on a data-parallel worker that does not write them.
+    checkpoint_saved: Callable[[Path | None], None] | None = None
     fence: Callable[[], None] | None = None  # raises when the run may no longer write its checkpoints (superseded)
     pool_engine: Any = (
         None  # compute.engine: encodes shards for pools of the base encoder (components/model/pool_engine.py)

@@ -254,6 +254,7 @@ def run_update(
             checkpoint_saved=(lambda folder: store.push_checkpoint(key, folder, held)) if store.remote else None,
             fence=held.check,
             locate=locate,
+            addresses=addresses,
         )
     except BaseException:  # the attempt's own folder: no other attempt finishes it
         shutil.rmtree(work, ignore_errors=True)

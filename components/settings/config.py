@@ -268,6 +268,22 @@ class ComputeConfig(Section):
         None, ge=0, description="GPUs each encoder actor asks Ray for; null = 1 when the model runs on CUDA, else 0"
     )
     actor_cpus: float = Field(1.0, gt=0, description="CPUs each encoder actor asks Ray for")
+    train_workers: int = Field(
+        1,
+        ge=1,
+        description="data-parallel workers that train one task together on Ray Train; 1 = this process, no Ray. "
+        "method.settings.batch_size stays the global batch (components/model/replicas.py)",
+    )
+    train_worker_cpus: float = Field(1.0, gt=0, description="CPUs each training worker asks Ray for")
+    train_storage: str | None = Field(
+        None,
+        description="where Ray Train keeps the training workers' checkpoints and result: null = a folder beside "
+        "the step's checkpoints (one machine, or nodes sharing that folder); an s3:// prefix for a cluster whose "
+        "nodes share only object storage",
+    )
+    train_retries: int = Field(
+        2, ge=0, description="times Ray Train restarts the training workers from their last checkpoint after one died"
+    )
 
 
 class Config(Section):

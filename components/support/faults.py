@@ -9,7 +9,9 @@ that point, the action happens there, for real:
 - ``stop``: SIGSTOP to this process (a hung machine or process: it goes on where it was once sent SIGCONT);
 - ``raise``: an ``InjectedFault`` exception (a bug at that point);
 - ``sleep=SECONDS``: a pause there (widens a race window for a test);
-- ``mark=PATH``: create the file PATH (tells a test the process got there).
+- ``mark=PATH``: create the file PATH (tells a test the process got there);
+- ``kill_once=PATH``: ``kill``, by the first process to get there only (it creates PATH; any later one, a
+  restarted worker or another worker of the same group, goes on).
 
 The variable is read at each call, in this one place, so a test sets it for a child process only.
 """
@@ -51,9 +53,15 @@ def fault_point(point: str) -> None:
             raise InjectedFault(f"fault injected at {point} ({ENV})")
         elif action.startswith("sleep="):
             time.sleep(float(action.split("=", 1)[1]))
+        elif action.startswith("kill_once="):
+            try:
+                os.close(os.open(action.split("=", 1)[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.kill(os.getpid(), signal.SIGKILL)
         elif action.startswith("mark="):
             with open(action.split("=", 1)[1], "w") as fh:
                 fh.write(str(os.getpid()))
         else:
-            known = "kill, term, stop, raise, sleep=S, mark=PATH"
+            known = "kill, kill_once=PATH, term, stop, raise, sleep=S, mark=PATH"
             raise ValueError(f"{ENV}: unknown action {action!r} at {point!r} ({known})")

@@ -110,19 +110,23 @@ class Checkpoint(Callback):
     attempt of the same step took the folder over (``components/support/fencing.py``).
     """
 
-    def __init__(self, folder: Path, every: int, saved=None, fence=None) -> None:
+    def __init__(self, folder: Path, every: int, saved=None, fence=None, writes: bool = True) -> None:
         self.folder, self.every, self.saved, self.fence = Path(folder), every, saved, fence
+        self.writes = writes  # data-parallel workers: the first writes; every one is told, as each reports it
 
     def on_step_end(self, run, step, losses, seconds):
         if (step + 1) % self.every == 0 and step + 1 < run.total:
-            if self.fence is not None:
-                self.fence()
-            save_checkpoint(self.folder, run, step + 1)
+            if self.writes:
+                if self.fence is not None:
+                    self.fence()
+                save_checkpoint(self.folder, run, step + 1)
             if self.saved is not None:  # e.g. mirrored to the artifact store, for another worker to resume
-                self.saved(self.folder)
+                self.saved(self.folder if self.writes else None)
             fault_point("after_checkpoint")
 
     def on_fit_end(self, run):
+        if not self.writes:
+            return
         if self.fence is not None:
             self.fence()
         for name in ("checkpoint.safetensors", "checkpoint.json"):

@@ -116,6 +116,7 @@ def learn_step(
     out_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
     embeddings: EmbeddingCache | None = None,
+    addresses: dict[str, dict] | None = None,
 ) -> StepResult:
     """Learn one task (a drop, a stored task or a loaded one) on top of ``parent``.
 
@@ -127,7 +128,8 @@ def learn_step(
     finds a matching checkpoint there resumes from it. ``fence``: called before each checkpoint write; raises
     when this attempt of the step was superseded (``components/support/fencing.py``).
     ``embeddings``: the embedding cache to read and fill (default: the configured one, ``for_config``); used only
-    when the method's image encoder is frozen (``Method.encodes_frozen``).
+    when the method's image encoder is frozen (``Method.encodes_frozen``). ``addresses``: task id -> DVC content
+    address, handed to data-parallel training workers (``compute.train_workers``) that share only object storage.
     """
     from components.model.backbones import load_backbone
     from components.model.embedding_cache import for_config
@@ -201,7 +203,11 @@ def learn_step(
 
     say(f"learning {task.task_id} ({len(task.train)} train images) with {method.name}")
     t0 = time.perf_counter()
-    state, report = run_task(method, state, task, ctx)
+    if method.trains and config.compute.train_workers > 1:
+        state, report = _train_on_workers(config, name, task, parent, known, ctx, addresses)
+        method = make_method(config, name)  # evaluated afresh, with no cache of the parent's weights
+    else:
+        state, report = run_task(method, state, task, ctx)
     learn_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -249,6 +255,26 @@ def learn_step(
             report.train.to_dict() if report.train else None,
         )
     return StepResult(task.task_id, state, matrix, metrics, report, timings, Path(out_dir) if out_dir else None)
+
+
+def _train_on_workers(config, name, task, parent, known, ctx, addresses):
+    """The task trained by ``compute.train_workers`` data-parallel workers on Ray Train
+    (components/training/ray_train.py), from the random state one process would start from; the learned weights
+    then go into this process's model, which evaluates them."""
+    from components.methods.base import MethodError
+    from components.training.ray_train import make_job, train_on_workers
+    from components.training.trainer import _check_split
+
+    method = make_method(config, name)
+    if not method.data_parallel:  # refused here, before Ray starts
+        _check_split(method, task, 1, 1, config.compute.train_workers)
+    job = make_job(config, name, task, parent, known, dict(ctx.task_prompts), addresses)
+    state, report = train_on_workers(job, config, ctx.checkpoint_dir, ctx.say)
+    if state.weights is not None:
+        missing = ctx.backbone.model.load_state_dict(state.weights, strict=True)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise MethodError(f"the workers' weights do not fit the model: {missing}")
+    return state, report
 
 
 def write_outputs(

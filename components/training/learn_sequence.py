@@ -189,6 +189,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from components.model.state import LearnerState, StateError
     from components.settings.config import ConfigError
     from components.training.metrics import format_table
+    from components.training.ray_train import TrainWorkersError
+    from components.training.trainer import TrainError
 
     try:
         config = load_config(args.config, args.overrides)
@@ -200,7 +202,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         parent = LearnerState.load(Path(args.parent)) if getattr(args, "parent", None) else None
         result = learn(args.tasks, config, args.method, out_dir=out, progress=progress, parent=parent)
-    except (LearnError, MethodError, StateError, FileNotFoundError) as exc:
+    except (LearnError, MethodError, StateError, TrainError, TrainWorkersError, FileNotFoundError) as exc:
         print(f"cliploop learn: {exc}", file=sys.stderr)
         return 1
     if args.json:

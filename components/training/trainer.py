@@ -213,8 +213,8 @@ def fit(method: Method, task: TaskData, ctx: Context, callbacks: list[Callback] 
     if ctx.checkpoint_dir is not None and settings.checkpoint_every:
         folder = Path(ctx.checkpoint_dir) / task.task_id
         start = load_checkpoint(folder, run)  # every worker resumes from it; the first one alone writes them
-        if ctx.replicas.rank == 0:
-            callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved, ctx.fence))
+        writes = ctx.replicas.rank == 0
+        callbacks.append(Checkpoint(folder, settings.checkpoint_every, ctx.checkpoint_saved, ctx.fence, writes))
         if start:
             ctx.say(f"  resuming {task.task_id} at step {start + 1}/{total} from {folder}")
     steps_done = StepProgress(f"train {task.task_id} ({method.name})", first=start)
