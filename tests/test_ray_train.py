@@ -100,3 +100,36 @@ def test_a_worker_killed_after_a_checkpoint_is_restarted_there_and_one_version_i
     training = json.loads((Path(update["out_dir"]) / "eval" / "training.json").read_text())
     assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
     assert version == 1 and [int(v.version) for v in from_config(cfg).versions()] == [1]
+
+
+@pytest.mark.faults
+def test_workers_out_of_restarts_fail_in_one_line_and_one_process_resumes_from_their_checkpoint(
+    tmp_path, tiny_checkpoint, ingested, monkeypatch
+):
+    """With no restart allowed, the kill ends the step with one line; the step run again with one process (the
+    same run key: the number of workers is not part of a result) resumes from the workers' step-2 checkpoint."""
+    from components.training.ray_train import TrainWorkersError
+
+    killed = tmp_path / "killed"
+    settings = [
+        "method.name=finetune",
+        "method.settings.iterations=4",
+        "method.settings.batch_size=2",
+        "method.settings.checkpoint_every=2",
+        "method.settings.warmup_steps=0",
+        "compute.ray_cpus=2",
+    ]
+    cfg = fault_cfg(
+        tmp_path, tiny_checkpoint, *settings, "compute.train_workers=2", "compute.train_retries=0", start=ingested
+    )
+    monkeypatch.setenv("CLIPLOOP_FAULT", f"after_checkpoint:sleep=6,after_checkpoint:kill_once={killed}")
+    with pytest.raises(TrainWorkersError) as failed:
+        learn_steps(cfg, "t-a")
+    assert killed.is_file() and "\n" not in str(failed.value)
+    assert str(failed.value).startswith("task t-a: training on 2 workers failed: ")
+
+    monkeypatch.delenv("CLIPLOOP_FAULT")
+    version, update = learn_steps(fault_cfg(tmp_path, tiny_checkpoint, *settings), "t-a")
+    training = json.loads((Path(update["out_dir"]) / "eval" / "training.json").read_text())
+    assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
+    assert version == 1 and [int(v.version) for v in from_config(cfg).versions()] == [1]

@@ -201,6 +201,10 @@ def learn_step(
         zs_initial = round(evaluate(fresh, empty, [zero_shot], base_ctx)[zero_shot.task_id], 6)
     evaluate_before_s = time.perf_counter() - t0
 
+    if checkpoint_dir is not None and method.trains:  # a data-parallel training's checkpoint, for any N to resume
+        from components.training.train_storage import adopt_latest, place_of
+
+        adopt_latest(place_of(config, checkpoint_dir, task.task_id), Path(checkpoint_dir) / task.task_id)
     say(f"learning {task.task_id} ({len(task.train)} train images) with {method.name}")
     t0 = time.perf_counter()
     if method.trains and config.compute.train_workers > 1:

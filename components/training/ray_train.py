@@ -10,9 +10,10 @@ its ``Replicas`` (components/model/replicas.py), under the process group Ray Tra
 CUDA).
 
 Checkpoints: the first worker writes the trainer's checkpoints to a folder of its own and every worker reports it to
-Ray Train together (``ray.train.report``), so Ray keeps them in ``compute.train_storage``. When a worker dies, Ray
-Train restarts the whole group (``compute.train_retries`` times) and each worker resumes from the last one; a step
-retried after its driver died hands the checkpoint it finds beside the step's own checkpoints back to Ray Train.
+Ray Train together (``ray.train.report``), so Ray keeps them in ``compute.train_storage``
+(components/training/train_storage.py). When a worker dies, Ray Train restarts the whole group
+(``compute.train_retries`` times) and each worker resumes from the last one; a step run again after its driver died
+resumes from it too, with any number of workers.
 The learned state comes back the same way: the first worker reports it as the run's last checkpoint, with the
 trainer's report beside it as JSON.
 """
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from components.methods.base import MethodReport, PoolStats
+from components.training.train_storage import TrainPlace, place_of, remove
 
 if TYPE_CHECKING:
     from components.model.data import TaskData
@@ -123,21 +125,25 @@ def train_on_workers(
     use_gpu = pick_device(config.model.device).startswith("cuda")
     start_ray(compute)
     own = None if checkpoint_dir is not None or compute.train_storage else tempfile.mkdtemp(prefix="cliploop-train-")
+    place = place_of(config, Path(own) if own else checkpoint_dir, job.task_id)
     try:
-        storage, filesystem = _storage(config, Path(own or checkpoint_dir or "."))
-        return _fit(job, config, compute, use_gpu, storage, filesystem, checkpoint_dir, say)
+        learned = _fit(job, compute, use_gpu, place, checkpoint_dir, say)
+        remove(place)  # the result is in: its checkpoints (whole models) are not needed again
+        return learned
     finally:
-        if own is not None:  # nothing to resume from later: the checkpoints had no home of their own
+        if own is not None:
             shutil.rmtree(own, ignore_errors=True)
 
 
-def _fit(job, config, compute, use_gpu, storage, filesystem, checkpoint_dir, say):
+def _fit(job: TrainJob, compute, use_gpu: bool, place: TrainPlace, checkpoint_dir: Path | None, say):
     from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train resumes a run of the same name and place by itself; what the step holds of its own (one process's
+    # checkpoints, or an earlier attempt's pulled from the artifact store) is handed over too.
     resume = None
     if checkpoint_dir is not None and (Path(checkpoint_dir) / job.task_id / "checkpoint.json").is_file():
-        resume = Checkpoint.from_directory(str(Path(checkpoint_dir) / job.task_id))  # an earlier attempt's
+        resume = Checkpoint.from_directory(str(Path(checkpoint_dir) / job.task_id))
     say(f"  training {job.task_id} on {compute.train_workers} data-parallel workers (Ray Train)")
     trainer = TorchTrainer(
         train_worker,
@@ -149,9 +155,9 @@ def _fit(job, config, compute, use_gpu, storage, filesystem, checkpoint_dir, say
             resources_per_worker={"CPU": compute.train_worker_cpus} | ({"GPU": 1} if use_gpu else {}),
         ),
         run_config=RunConfig(
-            name=f"train-{job.task_id}",
-            storage_path=storage,
-            storage_filesystem=filesystem,
+            name=place.name,
+            storage_path=place.storage,
+            storage_filesystem=place.filesystem,
             failure_config=FailureConfig(max_failures=compute.train_retries),
             worker_runtime_env=_fault_env(),
         ),
@@ -175,27 +181,12 @@ def _fault_env() -> dict | None:
     return {"env_vars": {ENV: os.environ[ENV]}} if os.environ.get(ENV) else None
 
 
-def _storage(config: Config, checkpoint_dir: Path):
-    """Ray Train's storage: ``compute.train_storage`` (s3:// through pyarrow, at the configured endpoint), else a
-    folder in the step's checkpoints."""
-    place = config.compute.train_storage
-    if place and place.startswith("s3://"):
-        from pyarrow import fs
-
-        s3 = config.s3
-        kwargs = {"endpoint_override": s3.endpoint_url} if s3.endpoint_url else {}
-        if s3.endpoint_url and s3.endpoint_url.startswith("http://"):
-            kwargs["scheme"] = "http"
-        return place[len("s3://") :], fs.S3FileSystem(region=s3.region or "us-east-1", **kwargs)
-    if place:
-        return str(config.path(place)), None
-    return str((Path(checkpoint_dir) / "ray-train").resolve()), None
-
-
 def _cause(exc: BaseException) -> str:
+    """The error at the root, in one line (Ray Train's own wrappers carry every worker's traceback)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:2])[:300]}"
 
 
 def _learned(checkpoint, job: TrainJob) -> tuple[LearnerState, TaskReport]:
