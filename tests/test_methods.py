@@ -120,6 +120,10 @@ def _expected_scores(name, state, backbone, images, drops) -> torch.Tensor:
         projection = state.method_tensors["cvm.projection"]
         assert not torch.allclose(projection, torch.eye(64), atol=1e-4)  # the map trained
         return _unit(image @ projection.T) @ prompts.T
+    if name == "diki":  # the official forward: the chosen task's prefixes, weighted by its Gaussian's likelihood
+        from tests.diki_reference import reference_scores
+
+        return reference_scores(state, backbone, images, names, "a photo of a {}")
     if name == "zeroshot" or cls.scores is TunedCLIP.scores:  # the text classifier, no logit scale
         return image @ prompts.T
     pytest.fail(f"{name}: say in _expected_scores how the method scores")
@@ -133,13 +137,15 @@ def test_method_learns_two_tasks_and_scores_by_its_rule(name, enrolled):
     assert [c.key for c in state.classes] == ["toy/cat", "toy/dog", "toy/emu", "toy/owl"]
     assert len(run.result.matrix.matrix) == 2 and all(v is not None for v in run.result.matrix.matrix[-1])
     out = run.folder / "out"
-    if get_method(name).trains:  # the fine-tuned weights are in the bundle, as safetensors; every step's losses
+    cls = get_method(name)
+    if cls.trains and cls.trained & {"image", "text"}:  # the fine-tuned weights are in the bundle, as safetensors
         assert state.weights is not None and (out / "state" / "backbone.safetensors").is_file()
         assert any(not torch.equal(state.weights[k], v) for k, v in _base_weights(run.overrides).items())
+    else:  # a frozen backbone (DIKI's prefixes are its own tensors) is never written again
+        assert state.weights is None and not (out / "state" / "backbone.safetensors").exists()
+    if cls.trains:  # every step's losses
         training = json.loads((out / "eval" / "training.json").read_text())
         assert list(training) == ["t-a", "t-b"] and [r["step"] for r in training["t-b"]["losses"]] == [0, 1, 2]
-    else:
-        assert state.weights is None
     assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
     assert run.scores.shape == (8, 4)
     assert torch.allclose(run.scores, run.expected, atol=1e-5)
