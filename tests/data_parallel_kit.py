@@ -66,7 +66,8 @@ def train(rank: int, world: int, port: int, job: dict) -> None:
             out = Path(job["out"])
             out.mkdir(parents=True, exist_ok=True)
             state.save(out / "state")
-            save_file({k: v.contiguous() for k, v in state.weights.items()}, out / "weights.safetensors")
+            weights = state.weights or {}  # none for a method that keeps the backbone frozen (DIKI)
+            save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
             (out / "losses.json").write_text(json.dumps(losses[-1] if "drop" in job else losses))
     finally:
         if world > 1:
