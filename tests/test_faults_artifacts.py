@@ -184,13 +184,55 @@ def _rewrite(state: Path, path: Path, data: bytes) -> None:
 def _swap_pool_and_rehash(state: Path) -> None:
     """What an attacker who read the bundle's format would do: change a tensor file and recompute every
     checksum the bundle keeps of itself, so that it checks out against itself."""
+    if not list(state.rglob("*.safetensors")):  # its tensors stand as manifests of blobs (docs/storage.md)
+        return _swap_blob_and_rehash(state)
     pool = sorted(state.rglob("*.safetensors"))[0]
     before = pool.read_bytes()
     _rewrite(state, pool, before[:-4] + bytes(b ^ 0xFF for b in before[-4:]))  # last tensor bytes, header kept
     assert "manifest.json" in {p.name for p in state.rglob("*.json")}
 
 
-def test_swapped_weights_with_recomputed_bundle_hashes_are_refused_as_a_parent(registered):
+def _swap_blob_and_rehash(state: Path) -> None:
+    """The same attack on a bundle whose tensor files stand as manifests: the file's last tensor changed as above,
+    planted as a blob of its own (under its true digest) in the store, and every checksum that named the old blob
+    or the old file recomputed."""
+    from components.registry import tensor_store
+    from components.registry.blob_store import BlobStore
+
+    path = sorted(state.rglob(f"*{tensor_store.SUFFIX}"))[0]
+    doc = json.loads(path.read_text())
+    store = BlobStore(doc["store"])
+    before = tensor_store.rebuild(doc, [store], None, path.name)
+    after = before[:-4] + bytes(b ^ 0xFF for b in before[-4:])
+    _, header, start = tensor_store.read_header(after, path.name)
+    name, lo, hi = tensor_store.layout(header, len(after) - start, path.name)[-1]
+    blob = tensor_store.encode_blob(header[name]["dtype"], header[name]["shape"], after[start + lo : start + hi])
+    store.put(hashlib.sha256(blob).hexdigest(), blob)
+    swaps = {doc["tensors"][name]["digest"]: hashlib.sha256(blob).hexdigest(), doc["sha256"]: _sha(after)}
+    for json_file in sorted(state.rglob("*.json")):
+        text = json_file.read_text()
+        for old, new in swaps.items():
+            text = text.replace(old, new)
+        if text != json_file.read_text():
+            _rewrite(state, json_file, text.encode())
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _loads_alone(state: Path, tmp: Path):
+    """The bundle loaded on its own checks, its tensors written back from the blobs its manifests name."""
+    from components.model.state import LearnerState
+    from components.registry import tensor_store
+
+    copy = tmp / "alone"
+    shutil.copytree(state, copy)
+    tensor_store.materialize(copy, [])
+    return LearnerState.load(copy)
+
+
+def test_swapped_weights_with_recomputed_bundle_hashes_are_refused_as_a_parent(registered, tmp_path):
     """Pool tensors swapped in the stored state and the bundle's own checksums recomputed (the bundle alone
     would load them): the next night's parent state refuses them, naming the files, and so does a parent
     kept from an earlier night when the kept copy is changed."""
@@ -201,9 +243,7 @@ def test_swapped_weights_with_recomputed_bundle_hashes_are_refused_as_a_parent(r
     shutil.rmtree(cache, ignore_errors=True)
     try:
         _swap_pool_and_rehash(state)
-        from components.model.state import LearnerState
-
-        LearnerState.load(state)  # the bundle checks itself and is fooled: the pin is what catches it
+        _loads_alone(state, tmp_path)  # the bundle checks itself and is fooled: the pin is what catches it
         with pytest.raises(model_pins.ArtifactsTampered, match=r"artifacts/state/manifest\.json: changed"):
             steps.parent_state(cfg, 1)
         assert not (cache / "v1").exists()

@@ -221,7 +221,7 @@ def run_update(
     A worker is handed the ``key``, the DVC ``addresses`` of this task and every learned one, and the
     ``attempt`` that its dispatcher made the key's owner (none: this call takes the key over itself). Every
     checkpoint and result file is written only while the attempt owns the key (else ``fencing.Superseded``)."""
-    from components.model.state import LearnerState
+    from components.registry import version_tensors
     from components.training import learn
 
     store = step_io.store_of(config)
@@ -231,7 +231,7 @@ def run_update(
     if held is None:  # complete, perhaps by the attempt that this one just found done
         done = done or store.result("runs", key)
         if not store.remote:
-            LearnerState.load(Path(store.root) / "runs" / key / "state")  # verifies every checksum of the state
+            version_tensors.check_step(config, Path(store.root) / "runs" / key / "state")  # every checksum, blobs too
         return done | {"out_dir": step_io.place(store, "runs", key), "cached": True}  # here, wherever it was made
     fault_point("after_claim")
     work = store.staging("runs", key, held)
@@ -256,6 +256,7 @@ def run_update(
             locate=locate,
             addresses=addresses,
         )
+        version_tensors.externalize_step(config, work / "state")  # tensors stored once, as blobs (docs/storage.md)
     except BaseException:  # the attempt's own folder: no other attempt finishes it
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -103,12 +103,57 @@ def kept_commits(config: Config) -> dict[str, str]:
 
 
 def collect(config: Config, delete: bool) -> Collection:
-    """What the local cache and the DVC remote hold that nothing kept uses; with ``delete``, remove it."""
+    """What the local cache and the DVC remote hold that nothing kept uses; with ``delete``, remove it. Then the
+    same for the artifact store's tensor blobs (:func:`collect_tensors`)."""
     kept = kept_commits(config)
     answer = _ask_dvc(config.workspace_path, {"collect": {"revs": sorted(kept), "delete": delete}}, config)
     if "refused" in answer:
         raise CollectRefused(answer["refused"])
-    return Collection(kept=kept, stores=answer["stores"], deleted=delete)
+    tensors = collect_tensors(config, delete)
+    return Collection(kept=kept, stores=answer["stores"] + ([tensors] if tensors["objects"] else []), deleted=delete)
+
+
+def collect_tensors(config: Config, delete: bool, grace_s: float | None = None) -> dict[str, Any]:
+    """The tensor blobs of the artifact store that no registered version's model and no step result in the store
+    names (docs/storage.md, "Tensors stored once"), older than ``grace_s`` (a day: a step writes its blobs
+    before it publishes the manifests naming them); with ``delete``, removed."""
+    from components.registry.blob_store import GRACE_S
+    from components.registry.blob_store import collect as collect_blobs
+    from components.registry.version_tensors import blob_store
+
+    store = blob_store(config)
+    if not store.listing():
+        return collect_blobs(store, set(), False)
+    try:
+        keep = referenced_blobs(config, store)
+    except Exception as exc:  # noqa: BLE001 - without every reference, no blob may be deleted
+        raise CollectRefused(f"the tensor manifests cannot all be read ({_first_line(exc)})", unavailable=True) from exc
+    return collect_blobs(store, keep, delete, GRACE_S if grace_s is None else grace_s)
+
+
+def referenced_blobs(config: Config, store) -> set[str]:
+    """Every blob digest a tensor manifest names: in each registered version's model (read as pinned), and in each
+    step result under the store's ``runs/`` (published, or an attempt's, not yet registered)."""
+    from components.registry.model_pins import version_tensor_manifests
+    from components.registry.tensor_store import SUFFIX, referenced
+    from components.support import storage
+
+    docs = []
+    if config.mlflow.tracking_uri is not None or (config.workspace_path / ".cliploop" / "mlflow.db").is_file():
+        from components.registry.registry import from_config
+
+        registry = from_config(config)
+        for mv in registry.versions():
+            docs += version_tensor_manifests(registry, int(mv.version))
+    if not store.remote:
+        runs = Path(store.root) / "runs"
+        docs += [json.loads(p.read_text()) for p in sorted(runs.rglob(f"*{SUFFIX}"))] if runs.is_dir() else []
+    else:
+        client, prefix = store.client(), storage.S3Uri.parse(f"{store.root}/runs").as_prefix()
+        for key, _ in list(storage.list_keys(prefix, client)):
+            if key.endswith(SUFFIX):
+                docs.append(json.loads(storage.get_bytes(storage.S3Uri(prefix.bucket, key), client)))
+    return referenced(docs)
 
 
 def remote_problems(ws: Path, links: list[tuple[str, str | None, str | None]]) -> list[str]:

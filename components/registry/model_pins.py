@@ -34,6 +34,7 @@ PIN_TAG = "artifacts_sha256"  # on the model version, with the registry's ``clip
 MANIFEST_PATH = "cliploop/pins.json"  # in the version's run
 # The config the version ran with, as its model carries it, and the version tag that pins its SHA-256 (lineage_config)
 CONFIG_IN_MODEL = "artifacts/config.resolved.yaml"
+STATE_IN_MODEL = "artifacts/state"  # the learner-state bundle, as the model carries it
 CONFIG_PIN_TAG = "config_file_sha256"
 # Formats that execute code when read: a model of cliploop's never holds one (safetensors + JSON + code).
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth", ".bin")
@@ -184,22 +185,73 @@ def fetch_verified(registry, version: int, dest: Path) -> Path:
 
 
 def verify_version(registry, version: int) -> list[str]:
-    """For ``lineage --verify``: what differs between the version's stored artifacts and its pin (empty: none)."""
+    """For ``lineage --verify``: what differs between the version's stored artifacts and its pin, and which of
+    the tensor blobs its bundle names are missing or changed in the artifact store (empty: none)."""
+    from components.registry.blob_store import candidates
+    from components.registry.tensor_store import blob_problems
+
     with tempfile.TemporaryDirectory(prefix="cliploop-verify-") as t:
         try:
-            fetch_verified(registry, version, Path(t) / "model")
+            model = fetch_verified(registry, version, Path(t) / "model")
         except ArtifactsTampered as exc:
             return [f"model artifacts of version {version}: {line.strip()}" for line in str(exc).splitlines()]
-    return []
+        problems = blob_problems(model / STATE_IN_MODEL, candidates(registry.tensor_blobs))
+    return [f"tensor blobs of version {version}: {line}" for line in problems]
+
+
+def version_tensor_manifests(registry, version: int) -> list[dict[str, Any]]:
+    """The tensor manifests of a version's model (none for a version without a pin), each checked against it."""
+    from components.registry.tensor_store import SUFFIX
+
+    try:
+        _, mv = pinned(registry, version)
+    except ArtifactsTampered:
+        return []  # registered before pins: its bundle is whole, it names no blob
+    with tempfile.TemporaryDirectory(prefix="cliploop-tensors-") as t:
+        expected, mv = _manifest(registry, version, Path(t))
+        location = model_location(registry, mv.model_id, mv.source)
+        docs = []
+        for i, rel in enumerate(sorted(r for r in expected if r.endswith(SUFFIX))):
+            data = _download(registry, f"{location}/{rel}", Path(t) / str(i)).read_bytes()
+            if hashlib.sha256(data).hexdigest() != expected[rel]:
+                raise ArtifactsTampered(f"version {version}: {rel}: changed")
+            docs.append(json.loads(data))
+    return docs
+
+
+def download_state(registry, version: int, dest: Path) -> Path:
+    """The version's learner-state bundle in ``dest/state``, from a copy of its model checked file by file against
+    the pin, its tensor files written back from blobs checked against their digests (``tensor_store``)."""
+    from components.registry.blob_store import candidates
+    from components.registry.version_tensors import make_whole
+    from components.settings.config_loading import load_config
+
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cliploop-state-", dir=dest) as tmp:
+        model = fetch_verified(registry, version, Path(tmp) / "model")
+        if (model / CONFIG_IN_MODEL).is_file():  # it names the base model, whose own tensors are not blobs
+            config = load_config(model / CONFIG_IN_MODEL, env={})
+            make_whole(model / STATE_IN_MODEL, config, candidates(registry.tensor_blobs))
+        shutil.move(str(model / STATE_IN_MODEL), str(Path(dest) / "state"))
+    return Path(dest) / "state"
 
 
 def verify_state(registry, version: int, state_dir: Path) -> None:
-    """A learner-state folder kept from an earlier verified fetch (the parent cache) still matches the pin."""
+    """A learner-state folder kept from an earlier verified fetch (the parent cache) still matches the pin: its
+    files as pinned, and each file written back from blobs with the SHA-256 its pinned tensor manifest records."""
+    from components.registry.tensor_store import SUFFIX
+
     with tempfile.TemporaryDirectory(prefix="cliploop-pins-") as t:
         expected, _ = _manifest(registry, version, Path(t))
-    prefix = "artifacts/state/"
+    prefix = STATE_IN_MODEL + "/"
     pinned_state = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
-    problems = differences(pinned_state, file_digests(state_dir))
+    found = file_digests(state_dir)
+    for rel in [r.removesuffix(SUFFIX) for r in pinned_state if r.endswith(SUFFIX)]:
+        manifest = Path(state_dir) / (rel + SUFFIX)
+        if rel in found and found.get(rel + SUFFIX) == pinned_state[rel + SUFFIX]:
+            if json.loads(manifest.read_text())["sha256"] == found[rel]:
+                del found[rel]  # written back from its blobs, and still those bytes
+    problems = differences(pinned_state, found)
     if problems:
         raise ArtifactsTampered(
             f"version {version}: the kept learner state {state_dir} differs:\n  " + "\n  ".join(problems)

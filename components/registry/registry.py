@@ -24,14 +24,13 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from components.registry.model_pins import fetch_verified, pin_run_model
+from components.registry.model_pins import download_state, pin_run_model
 from components.registry.registry_runs import TAG, RegistryError, RunLog
 from components.support.faults import fault_point
 
@@ -59,6 +58,8 @@ def is_absent(exc: BaseException) -> bool:
 
 def from_config(config) -> Registry:
     """The registry a configuration names (MLflow on a SQLite file in the workspace by default)."""
+    from components.registry.version_tensors import blob_store
+
     ws = config.workspace_path
     uri = config.mlflow.tracking_uri or f"sqlite:///{ws / '.cliploop' / 'mlflow.db'}"
     # With a tracking server, the server's own artifact destination is the default (e.g. S3 behind it).
@@ -73,6 +74,7 @@ def from_config(config) -> Registry:
         experiment=config.mlflow.experiment,
         artifact_root=root,
         lock_dir=ws / ".cliploop" / "locks",
+        tensor_blobs=blob_store(config),
     )
 
 
@@ -117,6 +119,7 @@ class Registry(RunLog):
     experiment: str = "cliploop"
     artifact_root: str | None = None
     lock_dir: Path | None = None
+    tensor_blobs: Any = None  # the configuration's tensor store (a blob_store.BlobStore), looked in before others
 
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -382,16 +385,10 @@ class Registry(RunLog):
             return True
 
     def download_state(self, version: int, dest: Path) -> Path:
-        """The version's learner-state bundle in ``dest``, from a copy of its model checked file by file against
-        the digests pinned at registration (``components/registry/model_pins.py``); callers load it with the bundle's
-        own checksums verified too."""
-        import tempfile
-
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="cliploop-state-", dir=dest) as tmp:
-            model = fetch_verified(self, version, Path(tmp) / "model")
-            shutil.move(str(model / "artifacts" / "state"), str(Path(dest) / "state"))
-        return Path(dest) / "state"
+        """The version's learner-state bundle in ``dest``, checked against the digests pinned at registration, its
+        tensors against their blobs' (``model_pins.download_state``); callers load it with the bundle's own
+        checksums verified too."""
+        return download_state(self, version, dest)
 
     def versions(self) -> list:
         """Every version of the registered model (none before the first registration)."""

@@ -13,7 +13,10 @@ The logged model's signature says so (``registry_runs.model_signature``: a binar
 (``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}}``), decoded to bytes by the signature.
 
 The backbone's base weights are resolved from the config (pretrained tag, local path or ``s3://`` URI,
-SHA-256 checked); a method that changed the weights stores them in the bundle.
+SHA-256 checked); a method that changed the weights stores them in the bundle, whose tensor files stand in the
+model as manifests of blobs kept once in the artifact store (``components/registry/tensor_store.py``): they are
+found through ``$CLIPLOOP_TENSOR_STORE``, the config's ``artifacts.root`` or where they were written, and each
+blob is checked against its digest before it is used.
 """
 
 from __future__ import annotations
@@ -59,14 +62,15 @@ class _CliploopModel:
         import torch  # noqa: F401  (imported before components so that thread settings apply)
 
         from components.model.backbones import load_backbone
-        from components.model.state import LearnerState
+        from components.registry.version_tensors import load_state
         from components.settings.config_loading import load_config
         from components.training.learn import make_method
         from components.training.run_context import context_for
 
         config = load_config(context.artifacts["config"], env={})
         self.max_pixels = config.validation.max_pixels
-        self.state = LearnerState.load(Path(context.artifacts["state"]))
+        # Its tensors may stand as manifests of blobs in the artifact store: made whole first, every blob checked.
+        self.state = load_state(Path(context.artifacts["state"]), config)
         self.method = make_method(config, self.state.method)
         self.method.settings = self.method.Settings.model_validate(self.state.method_settings or {})
         backbone = load_backbone(config.model, weights=self.state.weights)
