@@ -133,3 +133,33 @@ def test_workers_out_of_restarts_fail_in_one_line_and_one_process_resumes_from_t
     training = json.loads((Path(update["out_dir"]) / "eval" / "training.json").read_text())
     assert training["resumed_from"] == 2 and [r["step"] for r in training["losses"]] == [2, 3]
     assert version == 1 and [int(v.version) for v in from_config(cfg).versions()] == [1]
+
+
+def test_workers_handed_dvc_addresses_fetch_the_tasks_themselves(tmp_path, tiny_checkpoint, ingested, monkeypatch):
+    """A step handed the tasks' DVC content addresses (as a GPU worker is) hands the training workers the addresses,
+    never a folder of this machine's: with the workspace's task folder gone, the step still trains and evaluates."""
+    import shutil
+
+    from components.model.data import load_task
+    from components.pipeline import chain, step_io, steps
+    from components.training.ray_train import make_job
+
+    cfg = fault_cfg(
+        tmp_path,
+        tiny_checkpoint,
+        "method.name=finetune",
+        "method.settings.iterations=2",
+        "method.settings.batch_size=2",
+        "method.settings.warmup_steps=0",
+        "compute.train_workers=2",
+        "compute.ray_cpus=2",
+        start=ingested,
+    )
+    chain.start_learning(cfg, "t-a")
+    addresses = step_io.addresses(cfg, ["t-a"])
+    task = load_task(step_io.locator(cfg, addresses)("t-a"))  # fetched by address, as the step's driver does
+    job = make_job(cfg, "finetune", task, None, {"t-a": task}, {}, addresses)
+    assert job.tasks == {"t-a": {"address": addresses["t-a"]}}
+    shutil.move(cfg.workspace_path / "data" / "tasks" / "t-a", tmp_path / "elsewhere")
+    update = steps.run_update(cfg, "t-a", None, {}, None, addresses)
+    assert update["final_row"]["t-a"] is not None and update["cached"] is False

@@ -182,9 +182,17 @@ def _fault_env() -> dict | None:
 
 
 def _cause(exc: BaseException) -> str:
-    """The error at the root, in one line (Ray Train's own wrappers carry every worker's traceback)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
+    """The error at the root, in one line (Ray Train's own wrappers carry every worker's traceback): the first
+    failed worker's own error where Ray Train names the workers' failures."""
+    for _ in range(20):  # a chain of causes, never a loop
+        failures = getattr(exc, "worker_failures", None)
+        if failures:
+            rank = min(failures)
+            return f"worker {rank}: {_cause(failures[rank])}"
+        inner = exc.__cause__ or getattr(exc, "cause", None)  # a worker's error as Ray hands it back
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {' '.join(lines[:2])[:300]}"
 
