@@ -51,6 +51,7 @@ NO_SERVERS = os.environ.get("CLIPLOOP_TEST_NO_SERVERS") == "1"
 # stack's night, started last, ran alone for minutes at the end).
 LONGEST_FIRST = [
     "test_stack",
+    "test_ray_train",
     "test_flows_review",
     "test_faults",
     "test_secrets",
