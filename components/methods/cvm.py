@@ -3,7 +3,10 @@
 A small visual model (the configured backbone's image tower) and a linear map P are trained so that
 normalize(P g(x)) lands on its class's concept: the normalised embedding of the class prompt by a frozen
 language model. Concepts are computed once, when a class first appears, and never change, so old classes'
-targets cannot drift. The loss is cross-entropy over scaled cosines against every concept seen so far.
+targets cannot drift. The loss is cross-entropy over scaled cosines against every concept seen so far, plus
+concept anchoring (each mapped image pulled to its concept, and its similarities to the old concepts kept
+where the task's start put them), on the task's images and a small herding memory of earlier ones. With the
+anchoring weights and the memory at 0 it is the first design, written from the abstract alone.
 
 The language model defaults to the backbone's own text tower (then P starts as the identity and the
 first step starts from zero-shot CLIP); any Hugging Face sentence-embedding model folder can be plugged
@@ -21,7 +24,7 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.base import Context, MethodError
-from components.methods.tuning import TunedCLIP, TuneSettings, normalize
+from components.methods.tuning import TunedCLIP, TuneSettings, frozen_copy, normalize
 from components.model.prompts import PromptTemplate
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
@@ -30,6 +33,17 @@ from components.model.prompts import PromptTemplate
 def concept_logits(mapped: torch.Tensor, concepts: torch.Tensor, tau: float) -> torch.Tensor:
     """cos(normalize(mapped), concept_k) / tau for every concept row."""
     return normalize(mapped.float()) @ normalize(concepts.float()).T / tau
+
+
+def concept_pull(mapped: torch.Tensor, own_concepts: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - cos(mapped_i, own_concepts_i): how far each mapped image is from its class's concept."""
+    return (1 - (normalize(mapped.float()) * normalize(own_concepts.float())).sum(dim=-1)).mean()
+
+
+def concept_drift(mapped: torch.Tensor, start: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and concepts of (cos(mapped_i, c_k) - cos(start_i, c_k))²: how far an image moved relative
+    to the fixed concepts since the task's start (``start``: the same images mapped by the start model)."""
+    return (concept_logits(mapped, concepts, 1.0) - concept_logits(start, concepts, 1.0)).pow(2).mean()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,6 +128,18 @@ class CVMSettings(TuneSettings):
     )
     tau: float = Field(0.07, gt=0)
     loss_classes: Literal["task", "seen"] = Field("seen")
+    pull_weight: float = Field(
+        1.0, ge=0, description="concept anchoring: weight of 1 - cos(z(x), c_y), each mapped image to its concept"
+    )
+    drift_weight: float = Field(
+        1.0,
+        ge=0,
+        description="concept anchoring: weight of the squared change of an image's cosines to the old concepts "
+        "since the task's start (from the second task on)",
+    )
+    memory_per_class: int = Field(
+        5, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks; 0: no replay"
+    )
     lr: float = Field(1e-4, gt=0)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -172,6 +198,12 @@ class CVM(TunedCLIP):
         self.projection = torch.nn.Parameter(table.projection.clone().to(self.device))
         index = {k: i for i, k in enumerate(table.keys)}
         self.targets = table.concepts[[index[k] for k in self.label_keys]].to(self.device)
+        # Concept anchoring's second term: the old concepts, and the image tower and map the task starts from.
+        self.start = None
+        old = [index[k] for k in self.old_keys]
+        if self.settings.drift_weight and old:
+            self.old_concepts = table.concepts[old].to(self.device)
+            self.start = (frozen_copy(self.model), table.projection.clone().to(self.device))
 
     def trainable_parameters(self):
         return self.trainable + [("cvm.projection", self.projection)]
@@ -180,16 +212,28 @@ class CVM(TunedCLIP):
         # Over the global batch: each worker's mapped features and labels are gathered in rank order
         # (model/replicas.py), so every worker computes one process's loss.
         replicas = self.ctx.replicas
+        settings = self.settings
         images, labels = batch[:2]
         mapped = replicas.gather(self.model.encode_image(images).float() @ self.projection.T)
         labels = replicas.gather(labels)
-        return {
+        losses = {
             "ce": F.cross_entropy(
-                concept_logits(mapped, self.targets, self.settings.tau),
-                labels,
-                label_smoothing=self.settings.label_smoothing,
+                concept_logits(mapped, self.targets, settings.tau), labels, label_smoothing=settings.label_smoothing
             )
         }
+        # Terms at weight 0 are left out, so the first design's loss (and its log) is exactly what it was.
+        if settings.pull_weight:
+            losses["pull"] = settings.pull_weight * concept_pull(mapped, self.targets[labels])
+        if self.start is not None:
+            model, projection = self.start
+            with torch.no_grad():
+                start = replicas.gather(model.encode_image(images).float() @ projection.T)
+            losses["drift"] = settings.drift_weight * concept_drift(mapped, start, self.old_concepts)
+        return losses
+
+    def end_task(self):
+        self.start = None  # the frozen start model is the task's only
+        return super().end_task()
 
     def export(self, state) -> None:
         ConceptTable(self.table.keys, self.table.concepts, self.projection.detach().cpu()).to_bundle(state)
