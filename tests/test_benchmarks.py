@@ -177,3 +177,36 @@ def test_validation_scale_reports_time_memory_and_growth_per_size(tmp_path):
     growth = report["growth"]["bad"]["80_vs_40"]
     assert growth["rows_ratio"] == 2.0 and abs(growth["seconds_vs_linear"] - growth["seconds_ratio"] / 2) < 0.01
     assert report["target"]["under_limit_at_1m"] is None  # 1M rows not measured
+
+
+@pytest.mark.slow  # runs the benchmark script: two methods learn two demo tasks each, through registration
+def test_version_storage_reports_per_version_bytes_by_its_definition(demo_cache, tmp_path):
+    """docs/benchmarks.md, "Bytes stored per version": per version, the blob bytes it added, the bytes of the
+    tensors whose digest differs from the parent's, their ratio (target 1.05), JSON and the rest apart. SG trains
+    the image tower's last block only (docs/methods/sg.md), so its versions store a part of what fine-tuning's do."""
+    out = tmp_path / "storage.json"
+    report = _run(
+        "version_storage.py", "--methods", "finetune,sg", "--tasks", "2", "--iterations", "2", "--out", str(out)
+    )
+    assert json.loads(out.read_text()) == report and set(report["methods"]) == {"finetune", "sg"}
+    for method in report["methods"].values():
+        rows = method["versions"]
+        assert [r["version"] for r in rows] == [1, 2] and [r["task_id"] for r in rows] == ["digits-0-4", "digits-5-9"]
+        for r in rows:
+            assert r["changed_bytes"] > 0 and r["ratio"] == round(r["blob_bytes"] / r["changed_bytes"], 4)
+            assert r["meets_target"] == (r["ratio"] <= 1.05)
+            # A new blob is one tensor and its header (under 256 bytes): never more than the tensors plus headers.
+            assert r["blob_bytes"] <= r["changed_bytes"] + 256 * r["blobs_added"]
+            assert r["json_bytes"]["tensor_manifests"] > 0 and r["other_bytes"] > 0
+        assert method["blob_bytes"] == sum(r["blob_bytes"] for r in rows)
+        assert method["changed_bytes"] == sum(r["changed_bytes"] for r in rows)
+        assert method["whole_bundle_bytes_twice"] == 2 * sum(r["whole_bundle_bytes"] for r in rows)
+        assert method["meets_target"] == all(r["meets_target"] for r in rows)
+        assert method["no_tensor_stored_twice"] is True and method["stored_twice"] == []
+    finetune, sg = (report["methods"][m]["versions"] for m in ("finetune", "sg"))
+    for tuned, partial in zip(finetune, sg):
+        assert partial["whole_bundle_bytes"] == tuned["whole_bundle_bytes"]  # the same backbone in the bundle
+        assert partial["blob_bytes"] < tuned["blob_bytes"] / 4  # only its last image block is stored
+    assert report["all_meet_target"] == all(
+        m["meets_target"] and m["no_tensor_stored_twice"] for m in report["methods"].values()
+    )
