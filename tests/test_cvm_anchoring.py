@@ -1,7 +1,7 @@
-"""CVM's concept anchoring (docs/methods/cvm.md, "Loss"): the pull of each mapped image to its concept and the
+"""CVM's concept anchoring (docs/methods/cvm.md, "Our design"): the pull of each mapped image to its concept and the
 drift of its cosines to the old concepts, against hand computations on small tensors and on the tiny model's own
-forward passes; and the first design (anchoring weights and memory at 0) giving exactly the loss it gave before
-the anchoring existed."""
+forward passes; balanced and mixed replay; and the first design (anchoring weights and memory at 0) giving exactly
+the loss it gave before the anchoring existed."""
 
 from __future__ import annotations
 
@@ -120,3 +120,25 @@ def test_by_default_cvm_keeps_a_herding_memory_of_every_class(setting):
     state = bench.begin("cvm", {"memory_per_class": 3}, data["t-a"]).end_task()
     assert [m["class_key"] for m in state.method_meta["memory"]] == ["toy/cat"] * 3 + ["toy/dog"] * 3
     assert cvm.CVMSettings().memory_per_class > 0 and cvm.CVMSettings().pull_weight > 0
+
+
+def test_balanced_replay_repeats_the_memory_to_the_tasks_size_and_mixed_keeps_each_row_once(setting):
+    """replay: balanced draws as many old samples as new ones on average (the memory repeated, round(8 / 4) = 2
+    times here); mixed puts each stored sample once among the task's."""
+    from components.methods import get_method
+    from components.methods.base import Context
+
+    bench, data = setting
+    first = bench.begin("cvm", {"memory_per_class": 2}, data["t-a"])
+    state = first.end_task()
+    memory = [(m["task_id"], m["row"]) for m in state.method_meta["memory"]]
+    assert len(memory) == 4
+    ctx = Context(bench.backbone, batch_size=16, locate_task={"t-a": data["t-a"]}.__getitem__)
+    for replay, times in (("balanced", 2), ("mixed", 1)):
+        method = get_method("cvm")({"memory_per_class": 2, "replay": replay})
+        method.begin_task(state, data["t-b"], ctx)
+        parts = method.train_dataset().dataset.datasets
+        assert len(parts[0]) == 8  # the task's own images, once
+        assert sorted(("t-a", r) for p in parts[1:] for r in p.rows) == sorted(memory * times)
+        labels = [method.label_keys[p.mapping[p.dataset[r][1]]] for p in parts[1:] for r in p.rows]
+        assert sorted(labels) == sorted([m["class_key"] for m in state.method_meta["memory"]] * times)

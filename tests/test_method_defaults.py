@@ -115,6 +115,7 @@ DOCUMENTED = {
         "pull_weight": 1.0,
         "drift_weight": 1.0,
         "memory_per_class": 5,
+        "replay": "balanced",
         "lr": 1e-4,
         "weight_decay": 0.0,
         "epochs": 5,

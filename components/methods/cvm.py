@@ -24,7 +24,7 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.base import Context, MethodError
-from components.methods.tuning import TunedCLIP, TuneSettings, frozen_copy, normalize
+from components.methods.tuning import Indexed, Relabelled, TunedCLIP, TuneSettings, frozen_copy, normalize
 from components.model.prompts import PromptTemplate
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
@@ -140,6 +140,11 @@ class CVMSettings(TuneSettings):
     memory_per_class: int = Field(
         5, ge=0, description="replay exemplars kept per class (herding), mixed into later tasks; 0: no replay"
     )
+    replay: Literal["balanced", "mixed"] = Field(
+        "balanced",
+        description="how the memory is sampled: balanced = repeated to as many samples as the task's images, so a "
+        "batch is half old, half new on average; mixed = each stored sample once among the task's",
+    )
     lr: float = Field(1e-4, gt=0)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -204,6 +209,16 @@ class CVM(TunedCLIP):
         if self.settings.drift_weight and old:
             self.old_concepts = table.concepts[old].to(self.device)
             self.start = (frozen_copy(self.model), table.projection.clone().to(self.device))
+
+    def train_dataset(self):
+        data = super().train_dataset()
+        parts = getattr(data.dataset, "datasets", None)  # the task's images, then each old task's memory rows
+        if self.settings.replay != "balanced" or not parts:
+            return data
+        task, memory = parts[0], parts[1:]
+        times = max(1, round(len(task) / sum(len(m) for m in memory)))
+        repeated = [Relabelled(m.dataset, m.mapping, m.rows * times) for m in memory]
+        return Indexed(torch.utils.data.ConcatDataset([task, *repeated]))
 
     def trainable_parameters(self):
         return self.trainable + [("cvm.projection", self.projection)]
