@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["methods"][method] = {
                     "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 }
+            if args.out:  # what is measured so far, in case a long run is stopped
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     report["all_meet_target"] = all(
         m.get("meets_target") and m.get("no_tensor_stored_twice") for m in report["methods"].values()
     )
