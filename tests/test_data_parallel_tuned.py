@@ -1,9 +1,9 @@
 """Data-parallel training of CTP, SG and CVM (components/model/replicas.py): two workers, each a process on a gloo
 process group with its slice of every global batch, learn two tasks and end where one process ends on the same
 global batches: the weights, the state each method carries to the next task (CTP's queues and its reservoir, SG's
-exemplar memory, CVM's concepts and map) and the logged losses. For each method a planted desynchronisation (CTP
-enqueueing only its own keys, SG distilling its own slice, CVM's loss over its own slice) ends elsewhere, so the
-check can fail.
+and CVM's exemplar memories, CVM's concepts and map) and the logged losses (CVM's concept anchoring included). For
+each method a planted desynchronisation (CTP enqueueing only its own keys, SG distilling its own slice, CVM's loss
+over its own slice) ends elsewhere, so the check can fail.
 
 The workers are processes started here (``torch.multiprocessing``), as in tests/test_data_parallel.py; each spawn
 runs several jobs in turn (a process group each), since starting the processes costs more than training the tiny
@@ -38,17 +38,30 @@ SETTINGS = {
     "ctp": {**COMMON, "optimizer": "sgd", "lr": 0.05, "queue_size": 8, "memory_size": 4},
     # Herding keeps 2 of each class's 4 images; the second task distils the first's classes (SG-KD).
     "sg": {**COMMON, "lr": 0.05, "memory_per_class": 2},
-    "cvm": {**COMMON, "optimizer": "sgd", "lr": 0.05},
+    # Herding keeps 2 of each class's 4 images, replayed balanced (twice: 8 + 8 images in task 2, in batches of 7 cut
+    # 4 + 3, 4 + 3, 1 + 1); both anchoring terms on, off their defaults (the drift from task 2, weighted so that its
+    # gradient over 3 small steps from the start is not lost in the tolerance).
+    "cvm": {
+        **COMMON,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "memory_per_class": 2,
+        "replay": "balanced",
+        "pull_weight": 0.5,
+        "drift_weight": 20.0,
+        "per_task": {"t-b": {"batch_size": 7}},
+    },
 }
-PLANTS = {  # each method's desynchronised variant (functions below)
+PLANTS = {  # each method's desynchronised variant, CVM's two (functions below)
     "ctp": "tests.test_data_parallel_tuned:ctp_enqueues_only_its_own_keys",
     "sg": "tests.test_data_parallel_tuned:sg_distils_its_own_slice",
     "cvm": "tests.test_data_parallel_tuned:cvm_loss_over_its_own_slice",
+    "cvm drift": "tests.test_data_parallel_tuned:cvm_drift_over_its_own_slice",  # the rest over the global batch
 }
 # What every worker must take from the first one, not compute itself: the second worker computes it otherwise here.
 BROADCAST = {
     "sg": "tests.test_data_parallel_tuned:second_worker_embeds_otherwise",
-    "cvm": "tests.test_data_parallel_tuned:second_worker_encodes_concepts_otherwise",
+    "cvm": "tests.test_data_parallel_tuned:second_worker_encodes_concepts_and_embeds_otherwise",
 }
 
 
@@ -77,18 +90,31 @@ def sg_distils_its_own_slice() -> None:
 
 
 def cvm_loss_over_its_own_slice() -> None:
-    """CVM's training step as it was before it trained data-parallel: its own slice's mean cross-entropy."""
+    """CVM's training step on one process's terms: each worker's cross-entropy and anchoring over its own slice."""
     import torch.nn.functional as F
 
-    from components.methods.cvm import CVM, concept_logits
+    from components.methods.cvm import CVM, concept_drift, concept_logits, concept_pull
 
     def training_step(self, batch):
         images, labels = batch[:2]
         mapped = self.model.encode_image(images).float() @ self.projection.T
         logits = concept_logits(mapped, self.targets, self.settings.tau)
-        return {"ce": F.cross_entropy(logits, labels, label_smoothing=self.settings.label_smoothing)}
+        losses = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.settings.label_smoothing)}
+        losses["pull"] = self.settings.pull_weight * concept_pull(mapped, self.targets[labels])
+        if self.start is not None:
+            with torch.no_grad():
+                start = self.start[0].encode_image(images).float() @ self.start[1].T
+            losses["drift"] = self.settings.drift_weight * concept_drift(mapped, start, self.old_concepts)
+        return losses
 
     CVM.training_step = training_step
+
+
+def cvm_drift_over_its_own_slice() -> None:
+    from components.methods import cvm
+
+    original = cvm.concept_drift
+    cvm.concept_drift = lambda mapped, start, concepts: original(_own(mapped), _own(start), concepts)
 
 
 def _second_worker_noise(like: torch.Tensor) -> torch.Tensor:
@@ -113,11 +139,13 @@ def second_worker_embeds_otherwise() -> None:
     Context.image_embeddings = image_embeddings
 
 
-def second_worker_encodes_concepts_otherwise() -> None:
+def second_worker_encodes_concepts_and_embeds_otherwise() -> None:
+    """CVM: the second worker's concepts and its embeddings for herding are noise."""
     from components.methods.cvm import ConceptEncoder
 
     original = ConceptEncoder.__call__
     ConceptEncoder.__call__ = lambda self, texts: _second_worker_noise(original(self, texts))
+    second_worker_embeds_otherwise()
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------
@@ -175,7 +203,7 @@ def alone(base):
 @pytest.fixture(scope="module")
 def together(base):
     """Two workers, each method over both tasks; SG and CVM with their second worker computing otherwise what the
-    first one broadcasts (its herding embeddings, its concepts)."""
+    first one broadcasts (its herding embeddings; CVM's also its concepts)."""
     jobs = {m: _job(base, m, "two", BROADCAST.get(m)) for m in SETTINGS}
     _spawn(list(jobs.values()))
     return {m: _outcome(job) for m, job in jobs.items()}
@@ -183,7 +211,7 @@ def together(base):
 
 @pytest.fixture(scope="module")
 def planted(base):
-    jobs = {m: _job(base, m, "planted", PLANTS[m]) for m in SETTINGS}
+    jobs = {m: _job(base, m.split()[0], m.replace(" ", "-") + "-planted", plant) for m, plant in PLANTS.items()}
     _spawn(list(jobs.values()))
     return {m: _outcome(job) for m, job in jobs.items()}
 
@@ -224,6 +252,11 @@ def test_what_the_states_carry_to_the_second_task_is_there(alone):
         *["toy/owl"] * 2,
     ]
     assert alone["cvm"]["meta"]["cvm.concept_keys"] == ["toy/cat", "toy/dog", "toy/emu", "toy/owl"]
+    assert [m["class_key"] for m in alone["cvm"]["meta"]["memory"]] == [
+        m["class_key"] for m in alone["sg"]["meta"]["memory"]
+    ]
+    first, second = (set(task[0]) for task in alone["cvm"]["losses"])
+    assert {"ce", "pull"} <= first and "drift" not in first and {"ce", "pull", "drift"} <= second
     assert {"kd", "rl", "con"} <= set(alone["sg"]["losses"][1][0])  # the second task distils the first
 
 
@@ -231,5 +264,5 @@ def test_what_the_states_carry_to_the_second_task_is_there(alone):
 @pytest.mark.parametrize("method", list(PLANTS))
 def test_a_desynchronised_variant_ends_elsewhere(alone, planted, method):
     """The check can fail: CTP enqueueing only its own keys, SG distilling its own slice, CVM's loss over its own
-    slice, each ends away from one process."""
-    assert _differences(alone[method], planted[method]) != []
+    slice (all of it, or its drift term alone), each ends away from one process."""
+    assert _differences(alone[method.split()[0]], planted[method]) != []
