@@ -156,8 +156,9 @@ class CVM(TunedCLIP):
     Settings = CVMSettings
     trained = frozenset({"image", "head"})
     trained_note = "the head maps images into the language model's concept space"
-    # Its loss is the global batch's (training_step); the concept rows are the first worker's, the map starts from
-    # the seed (or the state) and steps on averaged gradients (docs/methods/cvm.md).
+    # Its loss, anchoring included, is the global batch's (training_step); the concept rows and the herding memory
+    # are the first worker's, the map starts from the seed (or the state) and steps on averaged gradients
+    # (docs/methods/cvm.md).
     data_parallel = True
 
     def __init__(self, settings=None):
@@ -224,8 +225,8 @@ class CVM(TunedCLIP):
         return self.trainable + [("cvm.projection", self.projection)]
 
     def training_step(self, batch):
-        # Over the global batch: each worker's mapped features and labels are gathered in rank order
-        # (model/replicas.py), so every worker computes one process's loss.
+        # Over the global batch: each worker's mapped features, labels and start features are gathered in rank
+        # order (model/replicas.py), so every worker computes one process's loss.
         replicas = self.ctx.replicas
         settings = self.settings
         images, labels = batch[:2]
