@@ -23,7 +23,7 @@ S3_REGION = "us-east-1"
 
 # What starts a server: the fixtures of the S3-compatible server and of a Prefect API, and the modules whose tests
 # run flows (a flow run without an API starts Prefect's temporary server), a Ray cluster or an MLflow server.
-SERVER_FIXTURES = {"s3_endpoint", "s3_env", "s3_bucket", "prefect_api"}
+SERVER_FIXTURES = {"s3_endpoint", "s3_env", "s3_bucket", "prefect_api", "local_ray"}
 SERVER_MODULES = {
     "test_faults",
     "test_faults_artifacts",
@@ -99,6 +99,27 @@ def _isolated_env(tmp_path_factory, monkeypatch):
             monkeypatch.delenv(name, raising=False)
     if NO_SERVERS:  # port 9 (discard): nothing answers there
         monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+
+
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory):
+    """One local Ray per test process (2 CPUs, 2 logical GPUs), shared by every module that uses one and stopped at
+    the end: Ray keeps its cluster token for the life of the process, so a second cluster started in the same
+    process after a shutdown, under another test's HOME, fails its token check. Its HOME for the start is a folder
+    of its own (the token file goes there, not in the user's home)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        home = os.environ.get("HOME")
+        os.environ["HOME"] = str(tmp_path_factory.mktemp("ray-home"))
+        try:
+            ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        finally:
+            if home is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = home
+    yield ray
+    ray.shutdown()
 
 
 def _free_port() -> int:

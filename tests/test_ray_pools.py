@@ -28,13 +28,6 @@ ray = pytest.importorskip("ray")
 CLASSES = ["cat", "dog", "emu"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def store_task(root: Path, task_id: str, target_bytes: int = 6000) -> Path:
     """A stored task (task.yaml, manifest.csv, index.csv, shards) as ingestion lays it out, with small shards:
     images of mixed sizes make shards of uneven row counts, and test rows sit between train rows."""

@@ -24,19 +24,12 @@ from tests.fault_steps import learn_steps
 from tests.test_data_parallel import _comparable
 
 pytest.importorskip("ray.train")
-pytestmark = pytest.mark.slow  # each training starts a group of Ray workers (make test runs them; make check does not)
+# Each training starts a group of Ray workers (make test runs them; make check does not), on the test process's one
+# local Ray (tests/conftest.py, local_ray).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 # fp32: the gathered logits and the averaged gradients sum in another order than one process's.
 ATOL, RTOL = 1e-5, 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_ray():
-    """One local Ray for the module (its start takes seconds): the first training starts it, the end stops it."""
-    import ray
-
-    yield
-    ray.shutdown()
 
 
 def _learn(tmp: Path, drops: list[Path], overrides: list[str], workers: int, capsys) -> dict:
