@@ -20,6 +20,15 @@ from tests.conftest import REPO, pipeline_config
 from tests.drops import make_task
 from tests.fault_steps import learn_steps
 
+# Fine-tuning for 4 steps of 2 images with a checkpoint after step 2: the rows that kill a training mid-way.
+CHECKPOINTED_FINETUNE = (
+    "method.name=finetune",
+    "method.settings.iterations=4",
+    "method.settings.batch_size=2",
+    "method.settings.checkpoint_every=2",
+    "method.settings.warmup_steps=0",
+)
+
 
 def fault_cfg(tmp_path, ckpt, *extra, start: Path | None = None):
     """The test's config; with ``start``, its workspace begins as a copy of that one (``ingested``, conftest)."""

@@ -23,6 +23,7 @@ from components.registry.registry import from_config
 from flows import retry
 from tests.conftest import REPO
 from tests.fault_kit import (
+    CHECKPOINTED_FINETUNE,
     cli_args,
     env_with_prefect_api,
     fault_cfg,
@@ -124,16 +125,7 @@ def test_a_kill_after_a_training_checkpoint_resumes_there_and_registers_one_vers
 ):
     import json
 
-    cfg = fault_cfg(
-        tmp_path,
-        tiny_checkpoint,
-        "method.name=finetune",
-        "method.settings.iterations=4",
-        "method.settings.batch_size=2",
-        "method.settings.checkpoint_every=2",
-        "method.settings.warmup_steps=0",
-        start=ingested,
-    )
+    cfg = fault_cfg(tmp_path, tiny_checkpoint, *CHECKPOINTED_FINETUNE, start=ingested)
     assert steps_in_child(cfg, "t-a", "after_checkpoint:kill").returncode == -9
     assert list((cfg.workspace_path / ".cliploop" / "checkpoints").rglob("checkpoint.json"))
 

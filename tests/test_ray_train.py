@@ -19,7 +19,7 @@ from components.registry.registry import from_config
 from flows.cli import main
 from tests.conftest import tiny_overrides
 from tests.drops import make_task
-from tests.fault_kit import fault_cfg
+from tests.fault_kit import CHECKPOINTED_FINETUNE, fault_cfg
 from tests.fault_steps import learn_steps
 from tests.test_data_parallel import _comparable
 
@@ -76,11 +76,7 @@ def test_a_worker_killed_after_a_checkpoint_is_restarted_there_and_one_version_i
     cfg = fault_cfg(
         tmp_path,
         tiny_checkpoint,
-        "method.name=finetune",
-        "method.settings.iterations=4",
-        "method.settings.batch_size=2",
-        "method.settings.checkpoint_every=2",
-        "method.settings.warmup_steps=0",
+        *CHECKPOINTED_FINETUNE,
         "compute.train_workers=2",
         "compute.ray_cpus=2",
         start=ingested,
@@ -104,14 +100,7 @@ def test_workers_out_of_restarts_fail_in_one_line_and_one_process_resumes_from_t
     from components.training.ray_train import TrainWorkersError
 
     killed = tmp_path / "killed"
-    settings = [
-        "method.name=finetune",
-        "method.settings.iterations=4",
-        "method.settings.batch_size=2",
-        "method.settings.checkpoint_every=2",
-        "method.settings.warmup_steps=0",
-        "compute.ray_cpus=2",
-    ]
+    settings = [*CHECKPOINTED_FINETUNE, "compute.ray_cpus=2"]
     cfg = fault_cfg(
         tmp_path, tiny_checkpoint, *settings, "compute.train_workers=2", "compute.train_retries=0", start=ingested
     )

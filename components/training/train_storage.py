@@ -66,6 +66,8 @@ def _filesystem(place: TrainPlace):
 
 def latest(place: TrainPlace) -> tuple[str, int] | None:
     """The run's checkpoint folder that resumes furthest, and its next step; None when it has none."""
+    if place.filesystem is None and not Path(place.run).is_dir():
+        return None  # the common case, every step of one process: no need to load pyarrow to say so
     from pyarrow import fs
 
     filesystem = _filesystem(place)
