@@ -34,7 +34,8 @@ def loss_over_its_own_slice() -> None:
     """DIKI's training step with nothing gathered: each worker's mean cross-entropy over its own slice."""
     import torch.nn.functional as F
 
-    from components.methods.diki import DIKI, injected
+    from components.methods.diki import DIKI
+    from components.methods.prefix_injection import injected
     from components.methods.tuning import normalize
 
     def training_step(self, batch):

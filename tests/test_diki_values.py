@@ -18,11 +18,9 @@ from components.methods.diki import (
     choose_tasks,
     gaussian_fit,
     gaussian_log_prob,
-    injected,
     new_slot,
-    prefix_attention,
-    text_blocks,
 )
+from components.methods.prefix_injection import injected, prefix_attention, text_blocks
 from components.methods.tuning import visual_blocks
 from components.model.state import LearnerState
 from components.training.trainer import lr_factor

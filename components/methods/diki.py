@@ -1,8 +1,9 @@
 """DIKI, distribution-aware interference-free knowledge integration (docs/methods/diki.md; Tang et al., ECCV 2024).
 
 CLIP stays frozen. Each task adds a slot of key-value prefix tokens to the self-attention of the first blocks of
-both towers; a prefix is attended separately from the block's own tokens and its result added to the attention's
-output (residual injection), so with its values at zero (their start) the model is exactly the frozen CLIP. A task
+both towers (open_clip blocks or a Hugging Face BERT-style text encoder: components/methods/prefix_injection.py);
+a prefix is attended separately from the block's own tokens and its result added to the attention's output
+(residual injection), so with its values at zero (their start) the model is exactly the frozen CLIP. A task
 trains only its own slot, with cross-entropy over its own classes. After it, the frozen image embeddings of its
 training images are summarised as a Gaussian (mean and covariance). At prediction the frozen embedding picks the
 task whose Gaussian gives it the highest log-likelihood, and that likelihood scales the injected prefix:
@@ -18,7 +19,6 @@ broadcast; a new slot starts from a generator seeded by the run's seed and the t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 from typing import ClassVar, Literal
@@ -29,50 +29,13 @@ from pydantic import Field
 
 from components.methods import register_method
 from components.methods.base import Context, MethodError
+from components.methods.prefix_injection import block_width, injected, text_blocks
 from components.methods.settings import WARMUP, StepInterval, TrainSettings, TuneSettings
 from components.methods.tuning import TunedCLIP, normalize, visual_blocks
 
 KINDS = ("image", "text", "mean", "covariance")  # the tensors a task adds, ``diki.<kind>.<task id>``
 
 # ---- mathematics (pure) ----------------------------------------------------------------------------------
-
-
-def prefix_attention(
-    attn: torch.nn.MultiheadAttention,
-    x: torch.Tensor,
-    prefix: torch.Tensor | None,
-    weight: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Self-attention of ``x`` through ``attn``'s projections, plus the weighted attention over a prefix:
-
-        out = W_o [ softmax(q kᵀ/√h + mask) v + w · softmax(q p_kᵀ/√h) p_v ]  (per head; no mask on the prefix)
-
-    ``prefix``: [2, P, D] (keys, values: raw head-split rows, not projected by ``attn``); ``weight``: [B], [1] or
-    None (1). ``x`` in ``attn``'s layout (batch first or not)."""
-    batch_first = attn.batch_first
-    x = x if batch_first else x.transpose(0, 1)
-    b, length, width = x.shape
-    h = attn.num_heads
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0], t.shape[1], h, width // h).transpose(1, 2)
-
-    q = heads(q)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:  # nn.MultiheadAttention's reading: True = may not attend
-            attn_mask = torch.zeros(attn_mask.shape, device=x.device).masked_fill(attn_mask, float("-inf"))
-        attn_mask = attn_mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=attn_mask)
-    if prefix is not None:
-        keys, values = (p.to(q.dtype).unsqueeze(0).expand(b, -1, -1) for p in prefix)
-        extra = F.scaled_dot_product_attention(q, heads(keys), heads(values))
-        if weight is not None:
-            extra = extra * weight.to(extra.dtype).reshape(-1, 1, 1, 1)
-        out = out + extra
-    out = F.linear(out.transpose(1, 2).reshape(b, length, width), attn.out_proj.weight, attn.out_proj.bias)
-    return out if batch_first else out.transpose(0, 1)
 
 
 def gaussian_fit(features: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,44 +69,6 @@ def choose_tasks(log_probs: torch.Tensor, width: float, batchwise: bool) -> tupl
         counts = torch.bincount(chosen, minlength=log_probs.shape[1])
         chosen = torch.full_like(chosen, int(counts.argmax()))  # argmax: the first of equal counts
     return chosen, weight.float()
-
-
-# ---- the frozen model with one slot's prefixes injected ------------------------------------------------------
-
-
-class _Injected(torch.nn.Module):
-    """Stands in for one block's attention while a forward runs: the block calls it as it calls its own."""
-
-    def __init__(self, attn: torch.nn.MultiheadAttention, prefix: torch.Tensor, weight: torch.Tensor | None):
-        super().__init__()
-        self.attn, self.prefix, self.weight = attn, prefix, weight
-
-    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **_):
-        return prefix_attention(self.attn, query, self.prefix, self.weight, attn_mask), None
-
-
-def text_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    tower = getattr(model, "transformer", None) or getattr(getattr(model, "text", None), "transformer", None)
-    if tower is None or not hasattr(tower, "resblocks"):
-        raise MethodError("DIKI needs open_clip's text transformer (its blocks take the prefixes)")
-    return list(tower.resblocks)
-
-
-@contextlib.contextmanager
-def injected(blocks: list[torch.nn.Module], prefix: torch.Tensor, weight: torch.Tensor | None):
-    """The first len(prefix) blocks attend to their prefix ([depth, 2, P, width]) during the ``with``; the blocks'
-    own attention modules are back in place afterwards (the backbone's weights and state dict never change)."""
-    own = [block.attn for block in blocks[: len(prefix)]]
-    for attn in own:
-        if not isinstance(attn, torch.nn.MultiheadAttention):
-            raise MethodError(f"DIKI injects into nn.MultiheadAttention blocks, not {type(attn).__name__}")
-    try:
-        for block, attn, layer in zip(blocks, own, prefix):
-            block.attn = _Injected(attn, layer, weight)
-        yield
-    finally:
-        for block, attn in zip(blocks, own):
-            block.attn = attn
 
 
 def new_slot(depth: int, length: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -210,9 +135,7 @@ class DIKI(TunedCLIP):
         }
         blocks = {"image": self.image_blocks, "text": self.text_blocks}
         self.slot = {
-            tower: torch.nn.Parameter(
-                new_slot(depth, length, blocks[tower][0].attn.embed_dim, generator).to(self.device)
-            )
+            tower: torch.nn.Parameter(new_slot(depth, length, block_width(blocks[tower][0]), generator).to(self.device))
             for tower, (depth, length) in shapes.items()
         }
         return [(f"diki.{tower}", p) for tower, p in self.slot.items()]
