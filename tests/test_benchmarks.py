@@ -210,3 +210,14 @@ def test_version_storage_reports_per_version_bytes_by_its_definition(demo_cache,
     assert report["all_meet_target"] == all(
         m["meets_target"] and m["no_tensor_stored_twice"] for m in report["methods"].values()
     )
+
+
+def test_the_selection_auroc_is_the_share_of_pairs_ranked_right_ties_half():
+    """benchmarks/diki_selection.py: tasks' scores [1, 2, 3] against held-out [0, 2]: pairs (1,0) (2,0) (3,0) (3,2)
+    above, (2,2) a tie, (1,2) below: (4 + 0.5) / 6 = 0.75; all below: 0; all tied: 0.5."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.diki_selection import auroc
+
+    assert auroc([1.0, 2.0, 3.0], [0.0, 2.0]) == 0.75
+    assert auroc([0.0, 1.0], [2.0, 3.0]) == 0.0
+    assert auroc([5.0], [5.0, 5.0]) == 0.5
