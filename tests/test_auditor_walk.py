@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from components.intake import versioning
@@ -90,6 +91,7 @@ def _register(ws: Path, task_id: str) -> int:
     return version
 
 
+@pytest.mark.slow  # init, ingest, a registration, a clone and a pull through the CLI: 25 s alone
 def test_the_auditor_walk_from_a_clone(tmp_path, capsys):
     import mlflow
 

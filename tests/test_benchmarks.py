@@ -84,6 +84,7 @@ def test_method_step_with_workers_reports_the_step_time_and_efficiency_per_worke
     assert abs(rows["2"]["img_per_s"] - 8 / (two / 1000)) <= 0.1 + 8 / (two / 1000) * 0.001
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_pool_build_reports_throughput_and_ratios(tmp_path):
     out = tmp_path / "pool.json"
     report = _run("pool_build.py", "--images", "64", "--repeat", "1", "--out", str(out))
@@ -99,6 +100,7 @@ def test_pool_build_reports_throughput_and_ratios(tmp_path):
     assert abs(report["ratios"]["pool_vs_encoder"] - ratio) <= slack
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_shard_read_reports_the_checksum_cost_against_decoding(tmp_path):
     out = tmp_path / "shard.json"
     report = _run("shard_read.py", "--images", "16", "--rounds", "1", "--out", str(out))
@@ -109,6 +111,7 @@ def test_shard_read_reports_the_checksum_cost_against_decoding(tmp_path):
     assert abs(report["check_vs_decode"] - expected) < 0.01
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_scoring_reports_ms_per_batch_for_each_class_count(tmp_path):
     out = tmp_path / "scoring.json"
     args = ("--classes", "20,80", "--dim", "16", "--batch", "8", "--repeat", "2", "--per-key", "--out", str(out))
