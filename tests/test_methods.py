@@ -151,6 +151,7 @@ def test_method_learns_two_tasks_and_scores_by_its_rule(name, enrolled):
     assert torch.allclose(run.scores, run.expected, atol=1e-5)
 
 
+@pytest.mark.slow  # every method's state loaded in a fresh process (torch, open_clip and the methods imported again)
 def test_a_fresh_process_predicts_what_the_learning_process_predicted(enrolled, tiny):
     """Every method's state loaded in one new process (nothing carried over in memory) scores the same."""
     runs = {name: enrolled(name) for name in METHODS}

@@ -126,22 +126,22 @@ def test_the_cut_vocabulary_tokenises_like_clips_and_the_base_model_is_cached_by
     assert backbone.reference["sha256"] == overrides["model.sha256"] and backbone.embed_dim == 128
 
 
-def test_a_setting_a_method_cannot_take_is_refused_in_one_line_before_anything_is_built(tmp_path):
+def test_a_setting_a_method_cannot_take_is_refused_in_one_line_before_anything_is_built(tmp_path, capsys):
+    """The script's own ``main`` (in this process: the refusal comes before anything that a fresh process would
+    change is loaded)."""
+    from benchmarks.proving_ground import main
+
     cases = {
         ("--methods", "nope"): "unknown method 'nope'",
         ("--methods", "finetune", "--set", "method.settings.alpha=0.5"): "method.settings.alpha: unknown key",
         ("--methods", "cvm", "--set", "method.settings.prompt=bad"): "needs a {} where the class name goes",
     }
     for args, message in cases.items():
-        done = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "proving_ground.py"), "--work", str(tmp_path / "w"), *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr[-1000:]
+        capsys.readouterr()
+        code = main(["--work", str(tmp_path / "w"), *args])
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0] and not out, err[-1000:]
         assert not (tmp_path / "w").exists()  # no drops written, no base model pretrained
 
 
