@@ -224,3 +224,34 @@ def test_the_selection_auroc_is_the_share_of_pairs_ranked_right_ties_half():
     assert auroc([1.0, 2.0, 3.0], [0.0, 2.0]) == 0.75
     assert auroc([0.0, 1.0], [2.0, 3.0]) == 0.0
     assert auroc([5.0], [5.0, 5.0]) == 0.5
+
+
+def test_suite_cpu_charges_a_worker_and_its_child_to_the_test_the_worker_names():
+    """benchmarks/suite_cpu.py on real processes: a process titled as a pytest-xdist worker running a test uses
+    1.0 s of CPU and its child 0.6 s (each then idles, so a reading sees its last ticks); 1.6 s is charged to that
+    test (within the tick and the last interval), and a busy process outside the suite's tree is not counted."""
+    import time
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.suite_cpu import Charges
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\ntime.sleep(0.6)\n"
+    worker = (
+        "import setproctitle, subprocess, sys\n"
+        "setproctitle.setproctitle('[pytest-xdist ' + 'running] tests/x.py::test_y')\n"  # not in its own argv
+        f"child = subprocess.Popen([sys.executable, '-c', {busy.format(s=0.6)!r}])\n"
+        + busy.format(s=1.0)
+        + "child.wait()\n"
+    )
+    charges = Charges()
+    charges.read(baseline=True)
+    outsider = subprocess.Popen([sys.executable, "-c", busy.format(s=1.0)])
+    suite = subprocess.Popen([sys.executable, "-c", worker])
+    charges.ours.add(suite.pid)
+    while suite.poll() is None:
+        charges.read()
+        time.sleep(0.1)
+    outsider.wait()
+    assert set(charges.seconds) <= {"tests/x.py::test_y", "unattributed"}
+    assert 1.5 <= charges.seconds["tests/x.py::test_y"] <= 2.0  # both processes' CPU, and Python's start-up
+    assert charges.seconds["unattributed"] < 0.3  # the worker before its title: not the outsider's 1.0 s
