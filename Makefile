@@ -43,11 +43,12 @@ test: install-test
 # set in tests/conftest.py) and is not `slow` (a whole training run or a benchmark script: tests/README.md lists
 # them; `make test` runs them); a test that reaches for a Prefect API there fails at once instead of starting one.
 # Whole files to a process, as `make test`: a module's fixtures (the methods' trained states, the validation
-# drops) are then made once, not once in each process.
+# drops) are then made once, not once in each process; the longest files first (tests/conftest.py).
 check: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	CLIPLOOP_TEST_NO_SERVERS=1 $(VENV)/bin/python -m pytest -m "not server and not slow" -n 2 --dist loadfile
+	CLIPLOOP_TEST_NO_SERVERS=1 $(VENV)/bin/python -m pytest -m "not server and not slow" -n 2 --dist loadfile \
+		--no-loadscope-reorder
 
 # Mutation testing of the core modules ([tool.mutmut] in pyproject.toml; tests/README.md, "Mutation testing"): mutmut
 # copies the packages into mutants/ (git-ignored), mutates the core there, and runs for each mutant the fast suite's

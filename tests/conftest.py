@@ -58,6 +58,11 @@ LONGEST_FIRST = [
     "test_stack_postgres",
     "test_flows",
     "test_ingest",
+    # the longest files of `make check` (no server), after those: there they come first
+    "test_validation",
+    "test_methods",
+    "test_cli",
+    "test_label_doubt",
 ]
 
 
