@@ -5,14 +5,15 @@
 DIKI (docs/methods/diki.md) scales each image's injected prefixes by a calibrated function of its best
 log-likelihood under the learned tasks' Gaussians, so an image unlike every task should get a weight near zero and
 keep the frozen CLIP's prediction. That can only work where the likelihood ranks unseen images below the tasks' own
-images. This script learns the quick proving-ground sequence of ``--seed`` with ``diki`` (the schedule and the
-cached base model of ``benchmarks/proving_ground.py``), then computes, on the frozen model's embeddings, each test
-image's best log-likelihood under the last state's Gaussians, for every task's test split and for the held-out set
-(classes no task or pretraining used). Printed per task and for all tasks together: the mean log-likelihood per
-dimension, the median calibrated weight (with the state's own calibration width) and ``auroc_vs_heldout``, the
-chance that a task's test image scores above a held-out image (ties count half). 1.0: every calibration threshold
-that keeps the tasks' images can switch the held-out ones off; 0.5 or below: no increasing function of the
-likelihood (no calibration at all) gives the held-out images less weight than the tasks' own.
+images. This script learns the quick proving-ground sequence of ``--seed`` with ``diki`` (the schedule, the cached
+base model and the shared config of ``benchmarks/proving_ground.py``), then computes, on the frozen model's
+embeddings, each test image's best log-likelihood under the last state's Gaussians, for every task's test split
+and for the held-out set (classes no task or pretraining used). Printed per task and for all tasks together: the
+mean log-likelihood per dimension, the median calibrated weight (with the state's own calibration width) and
+``auroc_vs_heldout``, the chance that a task's test image scores above a held-out image (ties count half). 1.0:
+every calibration threshold that keeps the tasks' images can switch the held-out ones off; 0.5 or below: no
+increasing function of the likelihood (no calibration at all) gives the held-out images less weight than the tasks'
+own.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.proving_ground import QUICK, method_overrides
+    from benchmarks.proving_ground import QUICK, method_overrides, sequence_overrides
     from components.methods.base import Context
     from components.methods.diki import DIKI, gaussian_log_prob
     from components.model.backbones import load_backbone
     from components.model.data import load_task
     from components.scenarios.glyph_bench import GlyphBench, write_bench
-    from components.scenarios.glyph_model import build_base_model, model_overrides
+    from components.scenarios.glyph_model import build_base_model
     from components.settings.config_loading import load_config
     from components.support.storage import cache_dir
     from components.training.learn import learn_step
@@ -66,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = write_bench(bench, work / "drops", say=lambda _: None)
     base_path = build_base_model(bench, cache_dir() / "glyph", progress=lambda m: print(m, file=sys.stderr))
     overrides = [
-        *model_overrides(base_path),
-        f"workspace={work / 'workspace'}",
-        f"evaluation.seed={args.seed}",
-        "evaluation.batch_size=256",
-        "model.device=cpu",
+        *sequence_overrides(base_path, work, work / "drops", layout, args.seed),
         "method.name=diki",
         *method_overrides("diki", args.iterations or QUICK["iterations"], 1e-3, work / "drops" / layout["reference"]),
     ]

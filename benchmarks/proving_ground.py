@@ -155,6 +155,20 @@ def run_method(name: str, config, tasks, base, heldout=None) -> dict:
     }
 
 
+def sequence_overrides(base_path: Path, work: Path, drops: Path, layout: dict, seed: int) -> list[str]:
+    """The config every method's run of one sequence shares: the base model, the workspace, the evaluation."""
+    from components.scenarios.glyph_model import model_overrides
+
+    return [
+        *model_overrides(base_path),
+        f"workspace={work / 'workspace'}",
+        f"evaluation.zero_shot_set={drops / layout['heldout']}",
+        f"evaluation.seed={seed}",
+        "evaluation.batch_size=256",
+        "model.device=cpu",
+    ]
+
+
 def settings_problem(names: list[str], iterations: int, lr: float, overrides: list[str]) -> str | None:
     """Why a method's configuration (its name, the matched schedule, the --set overrides) would be refused."""
     from components.methods import MethodError
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.model.backbones import load_backbone
     from components.model.data import load_task
     from components.scenarios.glyph_bench import GlyphBench, write_bench
-    from components.scenarios.glyph_model import build_base_model, model_overrides, zero_shot
+    from components.scenarios.glyph_model import build_base_model, zero_shot
     from components.settings.config_loading import load_config
     from components.support.storage import cache_dir
 
@@ -258,14 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     base_started = time.perf_counter()
     path = build_base_model(bench, cache_dir() / "glyph", progress=say, **changes)
     base_s = time.perf_counter() - base_started
-    common = [
-        *model_overrides(path),
-        f"workspace={work / 'workspace'}",
-        f"evaluation.zero_shot_set={drops / layout['heldout']}",
-        f"evaluation.seed={args.seed}",
-        "evaluation.batch_size=256",
-        "model.device=cpu",
-    ]
+    common = sequence_overrides(path, work, drops, layout, args.seed)
     config = load_config(overrides=common, env={}, cwd=work)
     base = load_backbone(config.model)
     heldout = zero_shot(base, load_task(drops / layout["heldout"]), seed=args.seed)

@@ -114,7 +114,15 @@ def test_the_demo_models_minilm_text_tower_takes_a_slot_and_zero_values_change_n
 def test_a_text_tower_of_no_attention_blocks_is_refused_in_one_line():
     holder = torch.nn.Module()
     holder.text = torch.nn.Module()
-    holder.text.transformer = torch.nn.Linear(2, 2)
-    with pytest.raises(MethodError, match="^DIKI needs a text tower of attention blocks") as refused:
-        text_blocks(holder)
-    assert "\n" not in str(refused.value)
+    for tower in (torch.nn.Linear(2, 2), _encoder_of(torch.nn.Linear(2, 2))):  # no encoder; layers of no attention
+        holder.text.transformer = tower
+        with pytest.raises(MethodError, match="^DIKI needs a text tower of attention blocks") as refused:
+            text_blocks(holder)
+        assert "\n" not in str(refused.value)
+
+
+def _encoder_of(layer: torch.nn.Module) -> torch.nn.Module:
+    tower = torch.nn.Module()
+    tower.encoder = torch.nn.Module()
+    tower.encoder.layer = torch.nn.ModuleList([layer])
+    return tower

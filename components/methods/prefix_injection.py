@@ -126,7 +126,8 @@ def text_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     if tower is not None and hasattr(tower, "resblocks"):
         return list(tower.resblocks)
     layers = getattr(getattr(tower, "encoder", None), "layer", None)
-    if layers is not None and len(layers) and _is_hf_self_attention(getattr(layers[0].attention, "self", None)):
+    first = getattr(layers[0], "attention", None) if layers is not None and len(layers) else None
+    if first is not None and _is_hf_self_attention(getattr(first, "self", None)):
         return list(layers)
     raise MethodError(
         "DIKI needs a text tower of attention blocks (open_clip's transformer or a BERT-style Hugging Face "
