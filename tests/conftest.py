@@ -17,6 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Hugging Face's hub client reads these once, when it is first imported, and the test modules import it (through
+# open_clip) at collection, before any fixture runs: set at the fixture only, they were read as unset, and a test
+# loading a pretrained tag retried the hub for a minute or more instead of failing at once (no test may download).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 S3_KEY = "testing"
 S3_REGION = "us-east-1"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import huggingface_hub.constants  # at collection, before any fixture runs, as the other test modules import it
 import pytest
 import torch
 
@@ -95,6 +96,17 @@ def test_an_unknown_pretrained_tag_is_a_clear_error():
     """The tag path is open_clip's own (it downloads when the network allows); a bad tag fails before any download."""
     with pytest.raises(CheckpointError, match="pretrained='no-such-tag'"):
         load_backbone(_cfg(pretrained="no-such-tag"))
+
+
+def test_a_known_tag_missing_from_the_cache_fails_offline_in_one_clear_error(tmp_path, monkeypatch):
+    """No test may download. The hub's client reads HF_HUB_OFFLINE once, at its first import, and collecting the
+    test modules makes that import before any fixture runs: set only by a fixture, it was read as unset, and a test
+    that loaded a pretrained tag (an ingest with no config scores labels with the default model) waited out the
+    hub's retries, a minute or more each time. tests/conftest.py sets it at its own import."""
+    assert huggingface_hub.constants.is_offline_mode()
+    monkeypatch.setenv("CLIPLOOP_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match="pretrained='openai'"):
+        load_backbone(_cfg(name="ViT-B-32", pretrained="openai"))
 
 
 def test_s3_uri_is_downloaded_verified_and_cached(tiny_weights, s3_bucket, tmp_path, monkeypatch):
