@@ -133,6 +133,9 @@ class Stack:
         env.update(S3_CREDENTIALS)
         if name == "mlflow":
             env["MLFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{ports['s3']}"
+            # MLflow's job runner (its GenAI jobs; cliploop starts none) is three more Python processes beside the
+            # server: off, the server starts on about a third of the CPU and stops within a second.
+            env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
             if auth:
                 ini = self.root / "mlflow-auth.ini"
                 ini.write_text(MLFLOW_AUTH_INI.format(db=self.root / "mlflow-auth.db"))

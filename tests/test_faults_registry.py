@@ -60,6 +60,7 @@ def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as the stack runs it (infra/stack.py)
     )
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -127,6 +127,21 @@ def test_workloads_take_passwords_and_keys_from_secrets_only():
             assert not _uri_credentials(json.dumps(obj.get("data", {}))), name
 
 
+def test_the_mlflow_server_runs_without_mlflows_job_runner_as_the_local_stack_does():
+    """cliploop starts no MLflow job (MLflow's GenAI jobs); the runner would be three more processes per pod."""
+    servers = [
+        container
+        for _, obj in objects()
+        if obj["kind"] in WORKLOADS
+        for container in containers(obj)
+        if container.get("command", [])[:2] == ["mlflow", "server"]
+    ]
+    assert servers
+    for container in servers:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false", container["name"]
+
+
 def test_every_secret_the_manifests_read_is_created_in_the_readme():
     created: dict[str, set[str]] = {}
     for block in code_blocks("bash"):

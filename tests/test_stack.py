@@ -65,6 +65,9 @@ def test_a_night_on_the_local_stack(tmp_path, tiny_checkpoint, monkeypatch):
         assert main(["stack", "up", *flags]) == 0  # a second `up` is harmless
         assert main(["stack", "status", "-w", str(ws)]) == 0
         service_pids = [row["pid"] for row in stack.status()]
+        assert not [c for c in _commands_below(service_pids) if "mlflow.server.jobs" in c or "huey" in c], (
+            "MLflow's job runner started: cliploop runs no MLflow job, and it is three processes"
+        )
         env = stack.env(ports)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -278,6 +281,17 @@ def _crashed_runs(api_url: str) -> list[str]:
     flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])))
     with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         return [run.state.message or "" for run in client.read_flow_runs(flow_run_filter=flt)]
+
+
+def _commands_below(pids: list[int]) -> list[str]:
+    """The command lines of every process below ``pids``."""
+    from flows.lifeline import descendants
+
+    found = []
+    for child, _ in set().union(*(descendants(pid) for pid in pids)):
+        with contextlib.suppress(OSError):
+            found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return found
 
 
 def _alive(pid: int) -> bool:
