@@ -6,8 +6,10 @@ Starts each server alone on 127.0.0.1 (a fresh SQLite database and folder each t
 answers, lets it settle ``--settle`` seconds, then reads the CPU time (user + system, from /proc: Linux only) of the
 server and of every process below it, living or already reaped, and stops it (SIGTERM to its process group), timing
 the stop. Servers: ``mlflow`` as ``cliploop stack up`` runs it (MLflow's job runner off), ``mlflow-jobs`` with the
-job runner on (MLflow's own default), and ``prefect`` (``prefect server start``). Printed per server: the medians of
-the seconds until healthy, the CPU-seconds by then and the seconds to stop, and how many processes were below it.
+job runner on (MLflow's own default), ``prefect`` (``prefect server start`` on a new database, which it migrates
+first) and ``prefect-migrated`` (the same on a database Prefect migrated beforehand, unmeasured). Printed per
+server: the medians of the seconds until healthy, the CPU-seconds by then and the seconds to stop, and how many
+processes were below it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def _command(server: str, folder: Path, port: int) -> tuple[list[str], dict[str,
         argv += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
         return argv, env, f"http://127.0.0.1:{port}/health"
     env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
+    if server == "prefect-migrated":  # the database made beforehand, not measured
+        upgrade = [str(BIN / "prefect"), "server", "database", "upgrade", "-y"]
+        subprocess.run(upgrade, env=env, check=True, capture_output=True)
     argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return argv, env, f"http://127.0.0.1:{port}/api/health"
 
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2, help="starts of each server (medians printed)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds between healthy and the CPU reading")
-    parser.add_argument("--servers", default="mlflow,mlflow-jobs,prefect")
+    parser.add_argument("--servers", default="mlflow,mlflow-jobs,prefect,prefect-migrated")
     args = parser.parse_args(argv)
     if not Path("/proc/self/stat").exists():
         print("server_start: needs Linux's /proc", file=sys.stderr)

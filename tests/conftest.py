@@ -85,9 +85,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory, monkeypatch):
+def _isolated_env(tmp_path_factory, monkeypatch, request):
     """No test reads or writes the user's real config, caches or cloud credentials."""
     home = tmp_path_factory.mktemp("home")
+    if not NO_SERVERS and (request.node.get_closest_marker("server") or request.node.get_closest_marker("slow")):
+        # Prefect's database in this home already has Prefect's schema, as on any machine that ran Prefect once: a
+        # Prefect server started here (a night's temporary one, a CLI's in a child process) skips the migrations.
+        (home / ".prefect").mkdir()
+        shutil.copyfile(_migrated_prefect_database(), home / ".prefect" / "prefect.db")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.setenv("CLIPLOOP_CACHE", str(home / ".cache" / "cliploop"))
@@ -209,6 +214,7 @@ def prefect_api():
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
     folder = Path(tempfile.mkdtemp(prefix="cliploop-prefect-api-"))
+    shutil.copyfile(_migrated_prefect_database(), folder / "prefect.db")
     database = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
     with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: database}):
         server = SubprocessASGIServer(port=_free_port())  # the server's process takes the database from these
@@ -365,6 +371,25 @@ def pipeline_config(tmp_path, ckpt, *extra):
     if cfg.mlflow.tracking_uri is None and not store.exists():
         shutil.copyfile(_empty_mlflow_store(), store)
     return cfg
+
+
+@functools.cache
+def _migrated_prefect_database() -> Path:
+    """An empty Prefect SQLite database with Prefect's schema, made by Prefect once per test process. A Prefect
+    server started on a new database migrates it first: 13 CPU-s to healthy instead of about 4 on 2 cores (docs/
+    benchmarks.md, "The test suite's CPU"), and most tests that run a night start one in a fresh home. The stack's
+    own servers (tests/test_stack*.py, tests/test_secrets.py) still start from nothing: that is what they test."""
+    folder = Path(tempfile.mkdtemp(prefix="cliploop-prefect-template-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "prefect.db"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{path}",
+    }
+    prefect = str(Path(sys.executable).parent / "prefect")
+    subprocess.run([prefect, "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
+    return path
 
 
 @functools.cache
