@@ -376,8 +376,8 @@ def pipeline_config(tmp_path, ckpt, *extra):
 @functools.cache
 def _migrated_prefect_database() -> Path:
     """An empty Prefect SQLite database with Prefect's schema, made by Prefect once per test process. A Prefect
-    server started on a new database migrates it first: 13 CPU-s to healthy instead of about 4 on 2 cores (docs/
-    benchmarks.md, "The test suite's CPU"), and most tests that run a night start one in a fresh home. The stack's
+    server started on a new database migrates it first: 13 CPU-s to healthy instead of about 4 on 2 cores
+    (docs/benchmarks.md, "The test suite's CPU"), and most tests that run a night start one in a fresh home. The stack's
     own servers (tests/test_stack*.py, tests/test_secrets.py) still start from nothing: that is what they test."""
     folder = Path(tempfile.mkdtemp(prefix="cliploop-prefect-template-"))
     atexit.register(shutil.rmtree, folder, True)
