@@ -224,8 +224,10 @@ def prefect_api():
             # Threads that did not copy this context (a flow run from a plain thread) see the same API.
             with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
                 yield server.api_url
+                # A second or less for this server's workers; the rest of the limit went to the workers of servers
+                # already gone (a stack test's), which only ever time out: 20 s at the end of a session, now 5.
                 for worker in (APILogWorker, EventsWorker):
-                    worker.drain_all(timeout=20)
+                    worker.drain_all(timeout=5)
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
