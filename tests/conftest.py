@@ -378,7 +378,7 @@ def pipeline_config(tmp_path, ckpt, *extra):
 @functools.cache
 def _migrated_prefect_database() -> Path:
     """An empty Prefect SQLite database with Prefect's schema, made by Prefect once per test process. A Prefect
-    server started on a new database migrates it first: 13 CPU-s to healthy instead of about 4 on 2 cores
+    server started on a new database migrates it first: 13.9 CPU-s instead of 6.2 on 2 cores (healthy + 3 s)
     (docs/benchmarks.md, "The test suite's CPU"), and most tests that run a night start one in a fresh home. The stack's
     own servers (tests/test_stack*.py, tests/test_secrets.py) still start from nothing: that is what they test."""
     folder = Path(tempfile.mkdtemp(prefix="cliploop-prefect-template-"))
