@@ -262,24 +262,23 @@ def test_suite_cpu_charges_a_worker_and_its_child_to_the_test_the_worker_names()
 def test_server_start_counts_the_cpu_of_a_server_and_of_the_processes_below_it():
     """benchmarks/server_start.py's reading on a real tree: a parent that uses 0.5 s of CPU, a live child 0.4 s
     and a child it has already reaped 0.3 s (then all idle): about 1.2 s in all (plus Python's start-ups), with one
-    process below the parent."""
-    import time
-
+    process below the parent. Each says when its loop is done, so a loaded machine only makes it slower."""
     sys.path.insert(0, str(REPO))
     from benchmarks.server_start import _tree_cpu
 
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+    live = busy.format(s=0.4) + "print('done', flush=True)\ntime.sleep(60)\n"
     parent = (
         "import subprocess, sys, time\n"
         f"subprocess.run([sys.executable, '-c', {busy.format(s=0.3)!r}])\n"
-        f"child = subprocess.Popen([sys.executable, '-c', {(busy.format(s=0.4) + 'time.sleep(30)')!r}])\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {live!r}], stdout=subprocess.PIPE, text=True)\n"
         + busy.format(s=0.5)
-        + "print('ready', flush=True)\ntime.sleep(30)\n"
+        + "assert child.stdout.readline().strip() == 'done'\n"
+        + "print('ready', flush=True)\ntime.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(1.0)  # the live child's busy 0.4 s is over by then
         cpu_s, below = _tree_cpu(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the child too
