@@ -29,6 +29,7 @@ from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BIN = Path(sys.executable).parent
+SERVERS = ("mlflow", "mlflow-jobs", "prefect", "prefect-migrated")
 
 
 def _free_port() -> int:
@@ -109,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2, help="starts of each server (medians printed)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds between healthy and the CPU reading")
-    parser.add_argument("--servers", default="mlflow,mlflow-jobs,prefect,prefect-migrated")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"some of {', '.join(SERVERS)}")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.servers.split(",") if name not in SERVERS]
+    if unknown or args.repeat < 1:  # checked before any server starts
+        parser.error(f"unknown server {unknown[0]!r}" if unknown else "--repeat must be at least 1")
     if not Path("/proc/self/stat").exists():
         print("server_start: needs Linux's /proc", file=sys.stderr)
         return 2

@@ -97,8 +97,6 @@ def _isolated_env(tmp_path_factory, monkeypatch, request):
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.setenv("CLIPLOOP_CACHE", str(home / ".cache" / "cliploop"))
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("PREFECT_HOME", str(home / ".prefect"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -378,9 +376,9 @@ def pipeline_config(tmp_path, ckpt, *extra):
 @functools.cache
 def _migrated_prefect_database() -> Path:
     """An empty Prefect SQLite database with Prefect's schema, made by Prefect once per test process. A Prefect
-    server started on a new database migrates it first: 13.9 CPU-s instead of 6.2 on 2 cores (healthy + 3 s)
-    (docs/benchmarks.md, "The test suite's CPU"), and most tests that run a night start one in a fresh home. The stack's
-    own servers (tests/test_stack*.py, tests/test_secrets.py) still start from nothing: that is what they test."""
+    server started on a new database migrates it first, 13.9 CPU-s instead of 6.2 on 2 cores (docs/benchmarks.md,
+    "The test suite's CPU"), and most tests that run a night start one in a fresh home. The stack's own servers
+    (tests/test_stack*.py, tests/test_secrets.py) still start from nothing: that is what they test."""
     folder = Path(tempfile.mkdtemp(prefix="cliploop-prefect-template-"))
     atexit.register(shutil.rmtree, folder, True)
     path = folder / "prefect.db"

@@ -285,3 +285,17 @@ def test_server_start_counts_the_cpu_of_a_server_and_of_the_processes_below_it()
         proc.wait()
     assert below == 1
     assert 1.2 <= cpu_s <= 2.5  # 1.2 s of loops, and three Python start-ups on top
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"), [(["--servers", "mlflow,nope"], "unknown server 'nope'"), (["--repeat", "0"], "--repeat")]
+)
+def test_server_start_refuses_an_unknown_server_or_no_repeat_in_one_line_before_starting_any(argv, said, capsys):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.server_start import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)  # a server started first would take seconds and leave a process: the refusal comes before
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and said in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
