@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 # loading a pretrained tag retried the hub for a minute or more instead of failing at once (no test may download).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Ray Train's controller collects its workers' reports every 2 s (Ray's default), and a tiny training of a few steps
+# spent most of its time waiting for the next collection. Ray's processes take it from the environment of the process
+# that starts Ray, whichever test that is; tests/test_ray_train.py times its kills by it.
+RAY_TRAIN_POLL_S = 0.25
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(RAY_TRAIN_POLL_S)
 
 S3_KEY = "testing"
 S3_REGION = "us-east-1"

@@ -17,7 +17,7 @@ import torch
 
 from components.registry.registry import from_config
 from flows.cli import main
-from tests.conftest import tiny_overrides
+from tests.conftest import RAY_TRAIN_POLL_S, tiny_overrides
 from tests.drops import make_task
 from tests.fault_kit import CHECKPOINTED_FINETUNE, fault_cfg
 from tests.fault_steps import learn_steps
@@ -27,6 +27,9 @@ pytest.importorskip("ray.train")
 # Each training starts a group of Ray workers (make test runs them; make check does not), on the test process's one
 # local Ray (tests/conftest.py, local_ray).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+# A worker is killed this long after its checkpoint: a dozen of the controller's collections (tests/conftest.py).
+KILL_AFTER_S = 12 * RAY_TRAIN_POLL_S
 
 # fp32: the gathered logits and the averaged gradients sum in another order than one process's.
 ATOL, RTOL = 1e-5, 1e-4
@@ -81,9 +84,9 @@ def test_a_worker_killed_after_a_checkpoint_is_restarted_there_and_one_version_i
         "compute.ray_cpus=2",
         start=ingested,
     )
-    # Ray Train's controller collects the workers' reports every 2 s (a checkpoint counts once every worker's report
-    # of it was collected): the kill comes after that, as a crash long after the checkpoint would.
-    monkeypatch.setenv("CLIPLOOP_FAULT", f"after_checkpoint:sleep=6,after_checkpoint:kill_once={killed}")
+    # Ray Train's controller collects the workers' reports every RAY_TRAIN_POLL_S (a checkpoint counts once every
+    # worker's report of it was collected): the kill comes well after that, as a crash long after the checkpoint would.
+    monkeypatch.setenv("CLIPLOOP_FAULT", f"after_checkpoint:sleep={KILL_AFTER_S},after_checkpoint:kill_once={killed}")
     version, update = learn_steps(cfg, "t-a")
     assert killed.is_file()  # a worker was killed for real
     training = json.loads((Path(update["out_dir"]) / "eval" / "training.json").read_text())
@@ -104,7 +107,7 @@ def test_workers_out_of_restarts_fail_in_one_line_and_one_process_resumes_from_t
     cfg = fault_cfg(
         tmp_path, tiny_checkpoint, *settings, "compute.train_workers=2", "compute.train_retries=0", start=ingested
     )
-    monkeypatch.setenv("CLIPLOOP_FAULT", f"after_checkpoint:sleep=6,after_checkpoint:kill_once={killed}")
+    monkeypatch.setenv("CLIPLOOP_FAULT", f"after_checkpoint:sleep={KILL_AFTER_S},after_checkpoint:kill_once={killed}")
     with pytest.raises(TrainWorkersError) as failed:
         learn_steps(cfg, "t-a")
     assert killed.is_file() and "\n" not in str(failed.value)
