@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 # loading a pretrained tag retried the hub for a minute or more instead of failing at once (no test may download).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Two test processes share the machine's cores (make test, make check: -n 2), and every process that trains
+# starts more: one thread each, not one per core, or their OpenMP threads wait for cores spinning (the fast suite's
+# training files took a fifth more CPU and a sixth more time at two threads). The processes a test starts
+# (servers, workers, Ray) inherit it; a benchmark script that measures threads sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray Train's controller collects its workers' reports every 2 s (Ray's default), and a tiny training of a few steps
 # spent most of its time waiting for the next collection. Ray's processes take it from the environment of the process
 # that starts Ray, whichever test that is; tests/test_ray_train.py times its kills by it.
