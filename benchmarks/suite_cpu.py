@@ -11,7 +11,10 @@ when setproctitle is installed): servers, Ray processes and subprocesses a test 
 process that starts and ends between two readings is missed, and one of the suite's whose worker is unknown (the
 pytest process itself, a process first seen after its parent was gone) is charged to ``unattributed``, so the
 per-test figures are lower bounds. Other processes of the machine are not counted. Printed: the wall
-time, pytest's exit code, the CPU charged in all, per file and per test (seconds, largest first, ``--top`` of each).
+time, pytest's exit code, the CPU charged in all, per file and per test (seconds, largest first, ``--top`` of each),
+and per program: every process of the suite's tree, the pytest process included, by what it runs (``programs``:
+the test processes themselves, ``python -m uvicorn``, ``python default_worker.py`` for Ray's workers, ``raylet``...),
+with the CPU-seconds and the number of processes seen.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 RUNNING = "[pytest-xdist running] "
+TEST_PROCESS = "pytest-xdist worker (the tests' own process)"
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -36,6 +40,38 @@ def _stat(pid: int) -> tuple[int, int] | None:
     except (OSError, IndexError):
         return None
     return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def program(args: list[str]) -> str:
+    """What a process runs, from its argument list, for the per-program totals: the program's name, and for Python
+    the module (``-m``), the script with its first argument, or the first line of ``-c``'s code."""
+    if not args:
+        return "?"
+    name = os.path.basename(args[0])
+    if not name.startswith("python"):
+        return name
+    rest = args[1:]
+    while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+        rest = rest[1:]  # the interpreter's own flags
+    if not rest:
+        return "python"
+    if rest[0] == "-m":
+        return " ".join(["python -m", *rest[1:2]])
+    if rest[0] == "-c":
+        lines = rest[1].strip().splitlines() if len(rest) > 1 else []
+        return f"python -c {lines[0][:40]}" if lines else "python -c"
+    script = os.path.basename(rest[0])
+    if script.endswith(".py"):
+        return f"python {script}"
+    return " ".join(["python", script, *rest[1:2]])  # an entry point: `prefect server`, `mlflow server`
+
+
+def _args(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
 
 
 def _title(pid: int) -> str:
@@ -54,6 +90,8 @@ class Charges:
         self.seen: dict[int, list] = {}  # pid -> [worker pid or None, ticks at the last reading]
         self.ours: set[int] = set()  # the suite's processes: the pytest child and what descends from it
         self.seconds: collections.Counter[str] = collections.Counter()
+        self.programs: collections.Counter[str] = collections.Counter()  # CPU-seconds per program()
+        self.processes: dict[str, set[int]] = collections.defaultdict(set)  # the pids seen running each
 
     def read(self, baseline: bool = False) -> None:
         """One reading; ``baseline``: the processes alive before the suite, whose CPU so far is not its."""
@@ -81,6 +119,10 @@ class Charges:
             title = _title(record[0]) if record[0] is not None else ""
             test = title.split(RUNNING, 1)[1] if RUNNING in title else "unattributed"
             self.seconds[test] += used / TICKS
+            # Read at every charge, not once: a child seen between its fork and its exec still shows its parent's.
+            label = TEST_PROCESS if pid == record[0] else program(_args(pid))
+            self.programs[label] += used / TICKS
+            self.processes[label].add(pid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "unattributed_cpu_s": round(charges.seconds.get("unattributed", 0.0), 1),
         "files": [[f, round(s, 1)] for f, s in files.most_common(args.top)],
         "tests": [[t, round(s, 1)] for t, s in collections.Counter(tests).most_common(args.top)],
+        "programs": [
+            [name, round(s, 1), len(charges.processes[name])] for name, s in charges.programs.most_common(args.top)
+        ],
     }
     print(json.dumps(doc, indent=1))
     return 0

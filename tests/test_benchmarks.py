@@ -235,7 +235,7 @@ def test_suite_cpu_charges_a_worker_and_its_child_to_the_test_the_worker_names()
     import time
 
     sys.path.insert(0, str(REPO))
-    from benchmarks.suite_cpu import Charges
+    from benchmarks.suite_cpu import TEST_PROCESS, Charges
 
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\ntime.sleep(0.6)\n"
     worker = (
@@ -257,6 +257,35 @@ def test_suite_cpu_charges_a_worker_and_its_child_to_the_test_the_worker_names()
     assert set(charges.seconds) <= {"tests/x.py::test_y", "unattributed"}
     assert 1.5 <= charges.seconds["tests/x.py::test_y"] <= 2.0  # both processes' CPU, and Python's start-up
     assert charges.seconds["unattributed"] < 0.3  # the worker before its title: not the outsider's 1.0 s
+    # Per program: the worker's own loop under the test processes' name, its child under its code's first line
+    # (which the outsider shares: had it been counted, that would be 1.6 s, from two processes).
+    assert 0.9 <= charges.programs[TEST_PROCESS] <= 1.3 and len(charges.processes[TEST_PROCESS]) == 1
+    assert 0.5 <= charges.programs["python -c import time"] <= 0.8
+    assert len(charges.processes["python -c import time"]) == 1
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["/v/bin/python", "-u", "-m", "uvicorn", "--app-dir", "x"], "python -m uvicorn"),
+        (["/v/bin/python3", "/v/bin/prefect", "server", "start"], "python prefect server"),
+        (
+            ["/v/bin/python", "/v/ray/_private/workers/default_worker.py", "--node-ip-address=1"],
+            "python default_worker.py",
+        ),
+        (["/v/bin/python", "-B", "-c", "\nfrom a import b; c()\nd()"], "python -c from a import b; c()"),
+        (["/v/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=x"], "raylet"),
+        (["/v/bin/python"], "python"),
+        ([], "?"),
+    ],
+)
+def test_suite_cpu_names_a_process_by_what_it_runs(args, expected):
+    """The per-program totals' names, from argument lists as /proc gives them: Python by module, script (an entry
+    point with its first argument) or the first line of its code; anything else by its program's name."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.suite_cpu import program
+
+    assert program(args) == expected
 
 
 def test_server_start_counts_the_cpu_of_a_server_and_of_the_processes_below_it():
