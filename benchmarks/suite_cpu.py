@@ -67,19 +67,17 @@ def program(args: list[str]) -> str:
 
 
 def _args(pid: int) -> list[str]:
+    """A process's arguments (a title set with setproctitle may come without the closing NUL)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+            raw = f.read()
     except OSError:
         return []
+    return [a.decode(errors="replace") for a in raw.removesuffix(b"\0").split(b"\0")] if raw else []
 
 
 def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
+    return " ".join(_args(pid)).strip()
 
 
 class Charges:

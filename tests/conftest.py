@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Two test processes share the machine's cores (make test, make check: -n 2), and every process that trains
-# starts more: one thread each, not one per core, or their OpenMP threads wait for cores spinning (the fast suite's
-# training files took a fifth more CPU and a sixth more time at two threads). The processes a test starts
+# starts more: one thread each, not one per core, or their OpenMP threads wait for cores spinning (the training
+# files took a quarter more CPU and a fifth more time at two threads). The processes a test starts
 # (servers, workers, Ray) inherit it; a benchmark script that measures threads sets its own.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray Train's controller collects its workers' reports every 2 s (Ray's default), and a tiny training of a few steps
